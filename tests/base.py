@@ -1,0 +1,39 @@
+"""Test bases shared by unit and functional tests."""
+import os
+
+import fixtures
+import testtools
+from oslo_config import fixture as config_fixture
+
+import vmcloud.conf
+
+
+class TestCase(testtools.TestCase):
+    """A test with a private configuration and a private state directory."""
+
+    def setUp(self):
+        super().setUp()
+        self.conf = self.useFixture(config_fixture.Config(vmcloud.conf.CONF)).conf
+        self.tmp = self.useFixture(fixtures.TempDir()).path
+        self.state_path = os.path.join(self.tmp, 'state')
+        self.conf.set_override('state_path', self.state_path)
+
+    def assertBytesEqual(self, expected: bytes, actual: bytes) -> None:
+        """Compare large byte strings without dumping them into the failure message."""
+        if expected == actual:
+            return
+        first = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b),
+                     min(len(expected), len(actual)))
+        self.fail(f'bytes differ: lengths {len(expected)} vs {len(actual)}, '
+                  f'first difference at offset {first}')
+
+    def write_config(self, **sections) -> str:
+        """A config file for a child process: write_config(DEFAULT={'state_path': ...})."""
+        path = os.path.join(self.tmp, 'vmcloud.conf')
+        sections.setdefault('DEFAULT', {}).setdefault('state_path', self.state_path)
+        with open(path, 'w') as f:
+            for section, options in sections.items():
+                f.write(f'[{section}]\n')
+                for key, value in options.items():
+                    f.write(f'{key} = {value}\n')
+        return path

@@ -1,0 +1,1 @@
+"""vmcloud: deploy and snapshot many virtual machines at once from one image."""

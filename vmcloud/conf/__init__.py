@@ -1,0 +1,13 @@
+"""Configuration options, one module per option group.
+
+Importing this package registers every group on the global ``cfg.CONF``.
+"""
+from oslo_config import cfg
+
+from vmcloud.conf import paths
+from vmcloud.conf import storage
+
+CONF = cfg.CONF
+
+paths.register_opts(CONF)
+storage.register_opts(CONF)

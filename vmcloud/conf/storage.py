@@ -1,0 +1,35 @@
+from oslo_config import cfg
+
+storage_group = cfg.OptGroup(
+    'storage', title='Image warehouse',
+    help='Where images are stored and how untrusted image files are imported.')
+
+storage_opts = [
+    cfg.StrOpt('backend', default='file',
+               help='Name of the warehouse backend plugin '
+                    '(entry point in the vmcloud.storage.backends namespace).'),
+    cfg.IntOpt('chunk_size', default=256 * 1024, min=4096,
+               help='Chunk size in bytes for newly imported images. Snapshots '
+                    'keep the chunk size of their parent.'),
+    cfg.IntOpt('max_virtual_size', default=4 * 1024 ** 4, min=1,
+               help='Largest virtual size in bytes an imported image may declare. '
+                    'Larger images are refused as absurd before they are read.'),
+    cfg.IntOpt('qemu_img_address_space', default=1024 ** 3, min=64 * 1024 ** 2,
+               help='Address-space limit in bytes for qemu-img when it inspects '
+                    'or converts an untrusted image.'),
+    cfg.IntOpt('qemu_img_cpu_seconds', default=600, min=1,
+               help='CPU-time limit in seconds for one qemu-img run on an '
+                    'untrusted image.'),
+    cfg.IntOpt('gc_lock_timeout', default=60, min=0,
+               help='Seconds gc waits for in-progress writes to finish before it '
+                    'gives up.'),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    conf.register_group(storage_group)
+    conf.register_opts(storage_opts, group=storage_group)
+
+
+def list_opts() -> dict:
+    return {storage_group: storage_opts}

@@ -1,0 +1,81 @@
+"""The error hierarchy. Every error vmcloud raises on purpose is a VmcloudError.
+
+Errors keep their cause: raise them with ``raise X(...) from exc`` so that the
+original exception stays reachable as ``__cause__``.
+"""
+
+
+class VmcloudError(Exception):
+    """Root of every error raised by vmcloud."""
+
+
+class ConfigError(VmcloudError):
+    """The configuration is invalid or names something that does not exist."""
+
+
+class PluginNotFound(ConfigError):
+    """A configured plugin name is not installed."""
+
+    def __init__(self, namespace: str, name: str, available: list[str]):
+        self.namespace = namespace
+        self.name = name
+        self.available = available
+        super().__init__(
+            f"unknown {namespace} plugin {name!r}; installed: {', '.join(available) or 'none'}")
+
+
+# -- storage ---------------------------------------------------------------
+
+class StorageError(VmcloudError):
+    """Base class of warehouse errors."""
+
+
+class ImageNotFound(StorageError):
+    def __init__(self, image: str, version: int | None = None):
+        self.image = image
+        self.version = version
+        what = f"{image}:{version}" if version is not None else image
+        super().__init__(f"image {what} not found")
+
+
+class ImageExists(StorageError):
+    def __init__(self, image: str):
+        self.image = image
+        super().__init__(f"image {image} already exists")
+
+
+class ImageInUse(StorageError):
+    """The image or version has dependent snapshots and cannot be deleted."""
+
+    def __init__(self, what: str, dependents: list[str]):
+        self.dependents = dependents
+        super().__init__(
+            f"{what} has dependent snapshots: {', '.join(dependents)}; delete them first")
+
+
+class ChunkNotFound(StorageError):
+    def __init__(self, chunk_id: str):
+        self.chunk_id = chunk_id
+        super().__init__(f"chunk {chunk_id} is missing from the warehouse")
+
+
+class CorruptManifest(StorageError):
+    """A stored manifest cannot be parsed or fails its checksum."""
+
+
+class UnsafeImage(StorageError):
+    """An image file was refused by inspection before it was imported."""
+
+
+class InvalidRange(StorageError):
+    """A byte range lies outside an image version."""
+
+
+class WarehouseBusy(StorageError):
+    """An operation needs the warehouse to itself and could not get it in time."""
+
+
+class ImageFileNotFound(StorageError):
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f'image file {path} does not exist')

@@ -1,0 +1,55 @@
+"""qemu-img, run under resource limits because the files it opens are untrusted."""
+import json
+import shutil
+import subprocess
+from typing import Any
+
+from oslo_config import cfg
+
+from vmcloud import exception
+
+
+def _command(conf: cfg.ConfigOpts, args: list[str]) -> list[str]:
+    qemu_img = shutil.which('qemu-img')
+    if qemu_img is None:
+        raise exception.StorageError('qemu-img is not installed (Debian package qemu-utils)')
+    return ['prlimit', f'--as={conf.storage.qemu_img_address_space}',
+            f'--cpu={conf.storage.qemu_img_cpu_seconds}', '--', qemu_img, *args]
+
+
+def run(conf: cfg.ConfigOpts, args: list[str],
+        ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+    """Run ``qemu-img ARGS``.
+
+    :raises: StorageError with qemu-img's own message on an unexpected exit code.
+    """
+    command = _command(conf, args)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True,
+                                timeout=conf.storage.qemu_img_cpu_seconds * 2)
+    except subprocess.TimeoutExpired as exc:
+        raise exception.StorageError(f'qemu-img {args[0]} timed out') from exc
+    if result.returncode not in ok_codes:
+        message = (result.stderr or result.stdout).strip().splitlines()
+        raise exception.StorageError(
+            f"qemu-img {args[0]} failed (exit {result.returncode}): "
+            f"{message[-1] if message else 'no output'}")
+    return result
+
+
+def info(conf: cfg.ConfigOpts, path: str, fmt: str | None = None) -> dict[str, Any]:
+    """qemu-img info; with ``fmt`` None, qemu-img probes the format itself."""
+    args = ['info', '--output=json']
+    if fmt is not None:
+        args += ['-f', fmt]
+    return json.loads(run(conf, args + [path]).stdout)
+
+
+def check(conf: cfg.ConfigOpts, path: str, fmt: str) -> dict[str, Any]:
+    # Exit 2 means corruptions and 3 leaked clusters; both still print a report.
+    result = run(conf, ['check', '--output=json', '-f', fmt, path], ok_codes=(0, 2, 3))
+    return json.loads(result.stdout)
+
+
+def convert(conf: cfg.ConfigOpts, src: str, src_fmt: str, dst: str, dst_fmt: str) -> None:
+    run(conf, ['convert', '-W', '-f', src_fmt, '-O', dst_fmt, src, dst])

@@ -1,0 +1,60 @@
+"""Streaming, seekable reads of one image version."""
+import io
+
+from vmcloud.storage import backend as backend_mod
+from vmcloud.storage.manifest import Manifest
+
+
+class VersionReader(io.RawIOBase):
+    """A read-only file over a version's bytes; holes read as zeros.
+
+    Keeps the last chunk it read, so sequential reads smaller than a chunk
+    fetch each chunk once.
+    """
+
+    def __init__(self, backend: backend_mod.Backend, manifest: Manifest):
+        super().__init__()
+        self._backend = backend
+        self._manifest = manifest
+        self._position = 0
+        self._cached_index = -1
+        self._cached = b''
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position,
+                io.SEEK_END: self._manifest.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f'negative seek position {base + offset}')
+        self._position = base + offset
+        return self._position
+
+    def _chunk(self, index: int) -> bytes:
+        if index != self._cached_index:
+            chunk_id = self._manifest.chunks[index]
+            if chunk_id is None:
+                self._cached = bytes(self._manifest.chunk_length(index))
+            else:
+                self._cached = self._backend.read_chunk(chunk_id)
+            self._cached_index = index
+        return self._cached
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast('B')
+        chunk_size = self._manifest.chunk_size
+        written = 0
+        while written < len(view) and self._position < self._manifest.size:
+            index, within = divmod(self._position, chunk_size)
+            piece = self._chunk(index)[within:within + len(view) - written]
+            view[written:written + len(piece)] = piece
+            written += len(piece)
+            self._position += len(piece)
+        return written

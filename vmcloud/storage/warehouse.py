@@ -1,0 +1,395 @@
+"""The warehouse: versioned images made of content-addressed chunks.
+
+An image is a sequence of versions; a version is a Manifest. A snapshot is a
+version that names its parent and shares every chunk it did not change. A
+version becomes visible only when its manifest is stored, and its manifest is
+stored only after all its chunks are durable.
+"""
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import tempfile
+from typing import Callable, Iterable, Iterator, Mapping
+
+from oslo_config import cfg
+
+from vmcloud import exception
+from vmcloud.storage import backend as backend_mod
+from vmcloud.storage import chunker
+from vmcloud.storage import durable
+from vmcloud.storage import inspect as inspect_mod
+from vmcloud.storage import manifest as manifest_mod
+from vmcloud.storage import qemu_img
+from vmcloud.storage.manifest import Manifest
+from vmcloud.storage.manifest import VersionRef
+from vmcloud.storage.reader import VersionReader
+
+Progress = Callable[[int, int], None]
+EXPORT_FORMATS = ('raw', 'qcow2')
+
+
+@dataclasses.dataclass
+class WriteResult:
+    manifest: Manifest
+    new_bytes: int
+    """Chunk bytes this write added to the store, after deduplication."""
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    versions: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclasses.dataclass
+class GcReport:
+    removed_chunks: int = 0
+    freed_bytes: int = 0
+    kept_chunks: int = 0
+    purged_files: int = 0
+
+
+@dataclasses.dataclass
+class Stats:
+    images: int = 0
+    versions: int = 0
+    logical_bytes: int = 0
+    """Sum of the virtual sizes of all versions."""
+    referenced_bytes: int = 0
+    """Sum over all versions of their non-hole chunk bytes, as if nothing were shared."""
+    chunks: int = 0
+    chunk_bytes: int = 0
+    manifest_bytes: int = 0
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.chunk_bytes + self.manifest_bytes
+
+
+class Warehouse:
+    def __init__(self, conf: cfg.ConfigOpts, backend: backend_mod.Backend | None = None):
+        self.conf = conf
+        self.backend = backend if backend is not None else backend_mod.load(conf)
+
+    # -- reading manifests ---------------------------------------------------
+
+    def manifest(self, image: str, version: int | None = None) -> Manifest:
+        """The manifest of ``image:version``, or of its latest version.
+
+        :raises: ImageNotFound, CorruptManifest.
+        """
+        manifest_mod.validate_image_name(image)
+        if version is None:
+            versions = self.backend.list_versions(image)
+            if not versions:
+                raise exception.ImageNotFound(image)
+            version = versions[-1]
+        data = self.backend.read_manifest(image, version)
+        return Manifest.decode(data, f'{image}:{version}')
+
+    def lookup(self, spec: str) -> Manifest:
+        """The manifest named by ``image[:version]``."""
+        return self.manifest(*VersionRef.parse(spec))
+
+    def images(self) -> list[str]:
+        return self.backend.list_images()
+
+    def versions(self, image: str) -> list[Manifest]:
+        return [self.manifest(image, v) for v in self.backend.list_versions(image)]
+
+    def all_manifests(self) -> Iterator[Manifest]:
+        for image in self.backend.list_images():
+            yield from self.versions(image)
+
+    # -- writing -------------------------------------------------------------
+
+    def import_image(self, path: str, image: str, fmt: str | None = None,
+                     progress: Progress | None = None) -> WriteResult:
+        """Inspect, then import an untrusted raw or qcow2 file as version 1 of ``image``.
+
+        :raises: ImageExists, ImageFileNotFound, UnsafeImage, StorageError.
+        """
+        manifest_mod.validate_image_name(image)
+        if self.backend.list_versions(image):
+            raise exception.ImageExists(image)
+        with self._raw_view(path, fmt) as (raw_path, inspected):
+            chunks = chunker.read_chunks(raw_path, self.conf.storage.chunk_size, progress)
+            return self._write_version(
+                image, parent=None, size=inspected.virtual_size,
+                chunk_size=self.conf.storage.chunk_size, chunks=chunks,
+                source={'file': os.path.basename(path), 'format': inspected.format},
+                must_be_new=True)
+
+    def snapshot_file(self, parent: VersionRef, path: str, fmt: str | None = None,
+                      image: str | None = None,
+                      progress: Progress | None = None) -> WriteResult:
+        """Store the disk file ``path`` as a snapshot of ``parent``.
+
+        Every chunk equal to one already stored, the parent's included, is shared.
+        """
+        base = self.manifest(parent.image, parent.version)
+        with self._raw_view(path, fmt) as (raw_path, inspected):
+            chunks = chunker.read_chunks(raw_path, base.chunk_size, progress)
+            return self._write_version(
+                image or parent.image, parent=base.ref, size=inspected.virtual_size,
+                chunk_size=base.chunk_size, chunks=chunks,
+                source={'file': os.path.basename(path), 'format': inspected.format})
+
+    def snapshot_chunks(self, parent: VersionRef, changes: Mapping[int, bytes],
+                        image: str | None = None) -> WriteResult:
+        """Store a snapshot of ``parent`` where chunk ``i`` is replaced by ``changes[i]``.
+
+        This is what a mirror's dirty set turns into: only changed chunks are
+        passed, and everything else is the parent's.
+
+        :raises: InvalidRange if a change lies outside the image or has the wrong length.
+        """
+        base = self.manifest(parent.image, parent.version)
+        for index, data in changes.items():
+            if not 0 <= index < base.chunk_count or len(data) != base.chunk_length(index):
+                raise exception.InvalidRange(
+                    f'change to chunk {index} ({len(data)} bytes) does not fit {base.ref} '
+                    f'({base.chunk_count} chunks of {base.chunk_size} bytes)')
+
+        def chunks() -> Iterator[chunker.Chunk]:
+            for index, chunk_id in enumerate(base.chunks):
+                data = changes.get(index)
+                if data is None:
+                    yield index, None, chunk_id
+                elif chunker.is_zero(data):
+                    yield index, None, None
+                else:
+                    yield index, data, manifest_mod.chunk_id(data)
+
+        return self._write_version(
+            image or parent.image, parent=base.ref, size=base.size,
+            chunk_size=base.chunk_size, chunks=chunks(),
+            source={'changed_chunks': len(changes)})
+
+    @contextlib.contextmanager
+    def _raw_view(self, path: str, fmt: str | None):
+        """Inspect ``path`` and yield a raw file with its content (itself if already raw).
+
+        Holds the shared lock throughout: gc must not purge the scratch copy.
+        """
+        with self.backend.shared_lock():
+            inspected = inspect_mod.inspect(self.conf, path, fmt)
+            with self._raw_copy(path, inspected) as raw_path:
+                yield raw_path, inspected
+
+    @contextlib.contextmanager
+    def _raw_copy(self, path: str, inspected: inspect_mod.InspectedImage) -> Iterator[str]:
+        if inspected.format == 'raw':
+            if os.path.getsize(path) != inspected.virtual_size:
+                raise exception.UnsafeImage(f'refusing image {path}: its size changed')
+            yield path
+            return
+        with tempfile.TemporaryDirectory(dir=self._scratch_dir()) as scratch:
+            raw_path = os.path.join(scratch, 'image.raw')
+            qemu_img.convert(self.conf, path, inspected.format, raw_path, 'raw')
+            yield raw_path
+
+    def _scratch_dir(self) -> str | None:
+        # Convert next to the store when it is a directory, so scratch space is
+        # on the disk sized for images rather than in /tmp.
+        return getattr(self.backend, 'staging_dir', None)
+
+    def _write_version(self, image: str, parent: VersionRef | None, size: int,
+                       chunk_size: int, chunks: Iterable[chunker.Chunk], source: dict,
+                       must_be_new: bool = False) -> WriteResult:
+        manifest_mod.validate_image_name(image)
+        with self.backend.shared_lock():
+            session = self.backend.begin_write()
+            try:
+                chunk_ids = []
+                for index, data, chunk_id in chunks:
+                    if data is not None:
+                        session.put_chunk(chunk_id, data)
+                    chunk_ids.append(chunk_id)
+                session.commit()
+            except BaseException:
+                session.abort()
+                raise
+            locked = [image] if parent is None else [image, parent.image]
+            with backend_mod.image_locks(self.backend, *locked):
+                if parent is not None:
+                    # The parent may have been deleted while we were writing.
+                    self.manifest(parent.image, parent.version)
+                versions = self.backend.list_versions(image)
+                if must_be_new and versions:
+                    raise exception.ImageExists(image)
+                manifest = Manifest(
+                    image=image, version=(versions[-1] + 1) if versions else 1,
+                    size=size, chunk_size=chunk_size, chunks=tuple(chunk_ids),
+                    parent=parent, created_at=manifest_mod.now(), source=source)
+                self.backend.create_manifest(image, manifest.version, manifest.encode())
+        return WriteResult(manifest=manifest, new_bytes=session.stored_bytes)
+
+    # -- reading data --------------------------------------------------------
+
+    def open(self, manifest: Manifest) -> VersionReader:
+        """A seekable, read-only file object over the bytes of one version."""
+        return VersionReader(self.backend, manifest)
+
+    def read(self, manifest: Manifest, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of a version.
+
+        :raises: InvalidRange if the range is not inside the version.
+        """
+        if offset < 0 or length < 0 or offset + length > manifest.size:
+            raise exception.InvalidRange(
+                f'range {offset}+{length} is outside {manifest.ref} ({manifest.size} bytes)')
+        with self.open(manifest) as reader:
+            reader.seek(offset)
+            return reader.read(length)
+
+    def export(self, manifest: Manifest, dest: str, fmt: str = 'raw',
+               progress: Progress | None = None) -> None:
+        """Write a version to ``dest`` as a raw or qcow2 file; ``dest`` appears whole or not at all.
+
+        :raises: StorageError if ``fmt`` is unknown or ``dest`` cannot be written.
+        """
+        if fmt not in EXPORT_FORMATS:
+            raise exception.StorageError(
+                f'cannot export to {fmt!r}; formats: {", ".join(EXPORT_FORMATS)}')
+        dest = os.path.abspath(dest)
+        directory = os.path.dirname(dest)
+        if not os.path.isdir(directory):
+            raise exception.StorageError(f'cannot export to {dest}: {directory} does not exist')
+        raw_tmp = durable.temp_name(directory, '.vmcloud-export-')
+        final_tmp = raw_tmp + '.qcow2' if fmt == 'qcow2' else raw_tmp
+        try:
+            self._write_raw(manifest, raw_tmp, progress)
+            if fmt == 'qcow2':
+                qemu_img.convert(self.conf, raw_tmp, 'raw', final_tmp, 'qcow2')
+                with open(final_tmp, 'rb+') as f:
+                    os.fsync(f.fileno())
+            os.rename(final_tmp, dest)
+            durable.fsync_dir(directory)
+        except OSError as exc:
+            raise exception.StorageError(f'cannot export {manifest.ref} to {dest}: {exc}') from exc
+        finally:
+            for tmp in {raw_tmp, final_tmp}:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def _write_raw(self, manifest: Manifest, path: str, progress: Progress | None) -> None:
+        with open(path, 'wb') as out:
+            for index, chunk_id in enumerate(manifest.chunks):
+                if chunk_id is not None:
+                    out.seek(index * manifest.chunk_size)
+                    out.write(self.backend.read_chunk(chunk_id))
+                if progress is not None:
+                    progress(min(manifest.size, (index + 1) * manifest.chunk_size), manifest.size)
+            out.truncate(manifest.size)
+            out.flush()
+            os.fsync(out.fileno())
+
+    # -- maintenance ---------------------------------------------------------
+
+    def delete(self, image: str, version: int | None = None) -> list[VersionRef]:
+        """Delete one version, or every version of ``image``. Chunks are freed by gc().
+
+        :raises: ImageNotFound; ImageInUse if another version names one of them as parent.
+        """
+        with backend_mod.image_locks(self.backend, image):
+            versions = self.backend.list_versions(image)
+            if version is not None:
+                if version not in versions:
+                    raise exception.ImageNotFound(image, version)
+                versions = [version]
+            if not versions:
+                raise exception.ImageNotFound(image)
+            doomed = {VersionRef(image, v) for v in versions}
+            dependents = sorted(str(m.ref) for m in self.all_manifests()
+                                if m.parent in doomed and m.ref not in doomed)
+            if dependents:
+                what = f'{image}:{version}' if version is not None else f'image {image}'
+                raise exception.ImageInUse(what, dependents)
+            # Children before parents: a crash part-way never leaves an orphan.
+            for ref in sorted(doomed, reverse=True):
+                self.backend.delete_manifest(ref.image, ref.version)
+        return sorted(doomed)
+
+    def verify(self, progress: Progress | None = None) -> VerifyReport:
+        """Re-read and re-hash every chunk of every version."""
+        report = VerifyReport()
+        users: dict[str, list[str]] = {}
+        for image in self.backend.list_images():
+            for version in self.backend.list_versions(image):
+                try:
+                    manifest = self.manifest(image, version)
+                except exception.CorruptManifest as exc:
+                    report.problems.append(str(exc))
+                    continue
+                report.versions += 1
+                for chunk_id in manifest.data_chunk_ids():
+                    users.setdefault(chunk_id, []).append(str(manifest.ref))
+
+        def check(chunk_id: str) -> tuple[str, int, str | None]:
+            try:
+                data = self.backend.read_chunk(chunk_id)
+            except exception.ChunkNotFound:
+                return chunk_id, 0, 'is missing'
+            actual = manifest_mod.chunk_id(data)
+            if actual != chunk_id:
+                return chunk_id, len(data), f'is corrupt (its content hashes to {actual})'
+            return chunk_id, len(data), None
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            for chunk_id, size, problem in pool.map(check, users):
+                report.chunks += 1
+                report.bytes += size
+                if problem:
+                    report.problems.append(
+                        f"chunk {chunk_id} {problem}; used by {', '.join(users[chunk_id])}")
+                if progress is not None:
+                    progress(report.chunks, len(users))
+        return report
+
+    def gc(self, timeout: float | None = None) -> GcReport:
+        """Remove chunks no version references, and what crashed writers left behind.
+
+        Waits for writes in progress (they may be about to reference a chunk that
+        looks unused now) and refuses to run if any manifest is unreadable, since
+        the chunks it names cannot be known.
+
+        :raises: WarehouseBusy, CorruptManifest.
+        """
+        report = GcReport()
+        if timeout is None:
+            timeout = self.conf.storage.gc_lock_timeout
+        with self.backend.exclusive_lock(timeout):
+            referenced = set()
+            for manifest in self.all_manifests():
+                referenced |= manifest.data_chunk_ids()
+            report.purged_files = self.backend.purge_abandoned()
+            for chunk_id, size in list(self.backend.iter_chunks()):
+                if chunk_id in referenced:
+                    report.kept_chunks += 1
+                else:
+                    self.backend.delete_chunk(chunk_id)
+                    report.removed_chunks += 1
+                    report.freed_bytes += size
+        return report
+
+    def stats(self) -> Stats:
+        stats = Stats()
+        for manifest in self.all_manifests():
+            stats.versions += 1
+            stats.logical_bytes += manifest.size
+            stats.referenced_bytes += sum(manifest.chunk_length(i)
+                                          for i, c in enumerate(manifest.chunks) if c)
+        stats.images = len(self.backend.list_images())
+        for _, size in self.backend.iter_chunks():
+            stats.chunks += 1
+            stats.chunk_bytes += size
+        stats.manifest_bytes = self.backend.manifests_stored_bytes()
+        return stats

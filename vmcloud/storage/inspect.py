@@ -24,7 +24,42 @@ QCOW2_MAGIC = b'QFI\xfb'
 _QCOW2_INCOMPAT_CORRUPT = 1 << 1
 _QCOW2_INCOMPAT_DATA_FILE = 1 << 2
 _QCOW2_INCOMPAT_KNOWN = 0x1f
-_QCOW2_MAX_HEADER_READ = 4096
+_HEADER_READ = 4096
+
+
+# Formats recognised by their first bytes, so that qemu-img never gets to
+# open them: several (vmdk extents, qed backing files) name other files.
+_MAGICS = (
+    (b'KDMV', 'vmdk'), (b'COWD', 'vmdk'), (b'vhdxfile', 'vhdx'), (b'QFI\x00', 'qed'),
+    (b'LUKS\xba\xbe', 'luks'), (b'conectix', 'vpc'), (b'WithoutFreeSpace', 'parallels'),
+    (b'WithouFreSpacExt', 'parallels'), (b'Bochs Virtual HD Image', 'bochs'),
+    (b'#!/bin/sh\n#V2.0 Format', 'cloop'),
+)
+_VDI_SIGNATURE = b'\x7f\x10\xda\xbe'
+
+
+def _is_vmdk_descriptor(header: bytes) -> bool:
+    """A text descriptor: comment and blank lines, then ``version=`` (as qemu probes it)."""
+    for line in header.split(b'\n'):
+        stripped = line.strip(b' \r')
+        if stripped.startswith(b'#') or not stripped:
+            continue
+        return stripped.startswith(b'version=')
+    return False
+
+
+def detect_format(header: bytes) -> str:
+    """The format of an image from its first bytes; 'raw' if nothing else matches."""
+    if header.startswith(QCOW2_MAGIC):
+        return 'qcow2'
+    for magic, name in _MAGICS:
+        if header.startswith(magic):
+            return name
+    if header[0x40:0x44] == _VDI_SIGNATURE:
+        return 'vdi'
+    if _is_vmdk_descriptor(header):
+        return 'vmdk'
+    return 'raw'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +71,10 @@ class InspectedImage:
 
 def _refuse(path: str, problem: str) -> exception.UnsafeImage:
     return exception.UnsafeImage(f'refusing image {path}: {problem}')
+
+
+def _unsupported(path: str, fmt: str) -> exception.UnsafeImage:
+    return _refuse(path, f'unsupported format {fmt!r} (supported: {", ".join(SUPPORTED_FORMATS)})')
 
 
 def _check_qcow2_header(path: str, header: bytes, max_size: int) -> None:
@@ -78,8 +117,7 @@ def inspect(conf: cfg.ConfigOpts, path: str, declared_format: str | None = None)
         corruption, or an absurd virtual size.
     """
     if declared_format is not None and declared_format not in SUPPORTED_FORMATS:
-        raise _refuse(path, f'unsupported format {declared_format!r} '
-                            f'(supported: {", ".join(SUPPORTED_FORMATS)})')
+        raise _unsupported(path, declared_format)
     try:
         st = os.stat(path)
     except FileNotFoundError as exc:
@@ -88,20 +126,23 @@ def inspect(conf: cfg.ConfigOpts, path: str, declared_format: str | None = None)
         raise _refuse(path, 'not a regular file')
     max_size = conf.storage.max_virtual_size
     with open(path, 'rb') as f:
-        header = f.read(_QCOW2_MAX_HEADER_READ)
-    if header.startswith(QCOW2_MAGIC):
+        header = f.read(_HEADER_READ)
+    detected = detect_format(header)
+    if declared_format is not None and detected != declared_format:
+        raise _refuse(path, f'declared format {declared_format} but the file is {detected}')
+    if detected not in SUPPORTED_FORMATS:
+        raise _unsupported(path, detected)
+    if detected == 'qcow2':
         _check_qcow2_header(path, header, max_size)
 
+    # Only now is the file safe for qemu-img to open. It probes the format
+    # again, a second opinion on formats the magic table above does not know.
     try:
         probed = qemu_img.info(conf, path)
     except exception.StorageError as exc:
         raise _refuse(path, f'qemu-img cannot read it: {exc}') from exc
-    detected = probed.get('format')
-    if declared_format is not None and detected != declared_format:
-        raise _refuse(path, f'declared format {declared_format} but the file is {detected}')
-    if detected not in SUPPORTED_FORMATS:
-        raise _refuse(path, f'unsupported format {detected!r} '
-                            f'(supported: {", ".join(SUPPORTED_FORMATS)})')
+    if probed.get('format') != detected:
+        raise _refuse(path, f"qemu-img detects format {probed.get('format')!r}, not {detected}")
     if 'backing-filename' in probed or 'full-backing-filename' in probed:
         raise _refuse(path, f"it has a backing file ({probed.get('backing-filename')!r})")
     specific = probed.get('format-specific', {}).get('data', {})

@@ -92,7 +92,11 @@ class Warehouse:
                 raise exception.ImageNotFound(image)
             version = versions[-1]
         data = self.backend.read_manifest(image, version)
-        return Manifest.decode(data, f'{image}:{version}')
+        manifest = Manifest.decode(data, f'{image}:{version}')
+        if manifest.ref != VersionRef(image, version):
+            raise exception.CorruptManifest(
+                f'manifest {image}:{version} is corrupt: it describes {manifest.ref}')
+        return manifest
 
     def lookup(self, spec: str) -> Manifest:
         """The manifest named by ``image[:version]``."""

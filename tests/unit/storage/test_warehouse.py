@@ -184,7 +184,7 @@ class ReadExportTest(WarehouseTestCase):
             offset = self.rng.randrange(len(self.data))
             length = self.rng.randrange(len(self.data) - offset + 1)
             self.assertBytesEqual(self.data[offset:offset + length],
-                             self.warehouse.read(self.manifest, offset, length))
+                                  self.warehouse.read(self.manifest, offset, length))
 
     def test_range_outside_the_image(self):
         for offset, length in ((-1, 1), (len(self.data), 1), (0, len(self.data) + 1)):
@@ -266,6 +266,12 @@ class MaintenanceTest(WarehouseTestCase):
         self.assertTrue(any('is missing; used by img:2' in p for p in problems))
         self.assertTrue(any('img:1 is corrupt' in p for p in problems))
         self.assertRaises(exception.CorruptManifest, self.warehouse.gc)
+
+    def test_manifest_stored_under_wrong_name_is_corrupt(self):
+        images = self.backend.images_dir
+        os.rename(os.path.join(images, 'img', '2.json'), os.path.join(images, 'img', '3.json'))
+        error = self.assertRaises(exception.CorruptManifest, self.warehouse.manifest, 'img', 3)
+        self.assertIn('describes img:2', str(error))
 
     def test_delete_with_dependents_is_refused(self):
         error = self.assertRaises(exception.ImageInUse, self.warehouse.delete, 'img', 1)

@@ -72,8 +72,15 @@ class Backend(abc.ABC):
         """Every stored chunk as (chunk id, stored size in bytes)."""
 
     @abc.abstractmethod
-    def delete_chunk(self, chunk_id: str) -> None:
-        """Remove a chunk; only gc calls this, holding exclusive_lock()."""
+    def retain(self, referenced: set[str]) -> tuple[int, int]:
+        """Remove every chunk not in ``referenced``; only gc calls this, holding exclusive_lock().
+
+        :returns: (chunks removed, bytes freed).
+        """
+
+    @abc.abstractmethod
+    def stored_chunk_bytes(self) -> int:
+        """Bytes the stored chunks occupy, with any space not yet reclaimed."""
 
     @abc.abstractmethod
     def begin_write(self) -> WriteSession:

@@ -9,14 +9,14 @@ from vmcloud import exception
 from vmcloud.storage import manifest as manifest_mod
 
 # A chunk as read from a file: (index, data, chunk id); data and id are None for a hole.
-Chunk = tuple[int, bytes | None, str | None]
+Chunk = tuple[int, bytes | memoryview | None, str | None]
 Progress = Callable[[int, int], None]
 
 _WINDOW = 16
 _zero_cache: dict[int, bytes] = {}
 
 
-def is_zero(data: bytes) -> bool:
+def is_zero(data: bytes | bytearray) -> bool:
     zero = _zero_cache.get(len(data))
     if zero is None:
         zero = _zero_cache.setdefault(len(data), bytes(len(data)))
@@ -44,7 +44,10 @@ def read_chunks(path: str, chunk_size: int, progress: Progress | None = None) ->
     """Yield every chunk of the raw file at ``path`` in order.
 
     Reading and hashing run on a small thread pool (both release the GIL), a
-    bounded window ahead of the consumer, which does the writing.
+    bounded window ahead of the consumer, which does the writing. Chunks are
+    read into a ring of reused buffers, because faulting in fresh memory for
+    every chunk costs more than reading it: a chunk's data is valid only until
+    the consumer asks for the next one.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -56,18 +59,22 @@ def read_chunks(path: str, chunk_size: int, progress: Progress | None = None) ->
             i = bisect.bisect_right(starts, offset + length - 1) - 1
             return i >= 0 and extents[i][1] > offset
 
+        buffers = [bytearray(chunk_size) for _ in range(_WINDOW + 1)]
+
         def load(index: int) -> Chunk:
             offset = index * chunk_size
             length = min(chunk_size, size - offset)
             if not may_hold_data(offset, length):
                 return index, None, None
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
+            buffer = buffers[index % len(buffers)]
+            if length < chunk_size:
+                buffer = bytearray(length)
+            if os.preadv(fd, [buffer], offset) != length:
                 raise exception.StorageError(
                     f'{path} shrank while being read (short read at offset {offset})')
-            if is_zero(data):
+            if is_zero(buffer):
                 return index, None, None
-            return index, data, manifest_mod.chunk_id(data)
+            return index, memoryview(buffer), manifest_mod.chunk_id(buffer)
 
         count = -(-size // chunk_size)
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

@@ -1,11 +1,6 @@
 """Primitives for writes that survive a crash: temp file, fsync, rename, fsync the directory."""
-import ctypes
-import ctypes.util
 import os
 import uuid
-
-_libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
-_syncfs = getattr(_libc, 'syncfs', None)
 
 
 def fsync_dir(path: str) -> None:
@@ -16,58 +11,27 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def sync_filesystem(path: str) -> None:
-    """Make every write to the filesystem holding ``path`` durable.
-
-    One syncfs() is far cheaper than an fsync() per file when a write session
-    staged thousands of chunk files.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _syncfs is None or _syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
-
-
 def temp_name(directory: str, prefix: str = '.tmp-') -> str:
     return os.path.join(directory, f'{prefix}{uuid.uuid4().hex}')
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
 
-def write_file(path: str, data: bytes) -> None:
-    """Write ``data`` to a new file at ``path``, failing if it exists. Not yet durable."""
+def write_synced(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file at ``path`` and fsync it; FileExistsError if it exists."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        _write_all(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _synced_temp(directory: str, data: bytes) -> str:
-    tmp = temp_name(directory)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_all(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
-        os.unlink(tmp)
+        os.unlink(path)
         raise
     finally:
         os.close(fd)
-    return tmp
-
-
-def atomic_write(path: str, data: bytes, tmp_dir: str | None = None) -> None:
-    """Durably replace ``path`` with ``data``: readers see the old or the new bytes, never a mix."""
-    directory = os.path.dirname(path)
-    os.replace(_synced_temp(tmp_dir or directory, data), path)
-    fsync_dir(directory)
 
 
 def atomic_create(path: str, data: bytes, tmp_dir: str | None = None) -> None:
@@ -76,7 +40,8 @@ def atomic_create(path: str, data: bytes, tmp_dir: str | None = None) -> None:
     link() refuses an existing name, which rename() would silently replace.
     """
     directory = os.path.dirname(path)
-    tmp = _synced_temp(tmp_dir or directory, data)
+    tmp = temp_name(tmp_dir or directory)
+    write_synced(tmp, data)
     try:
         os.link(tmp, path)
     finally:

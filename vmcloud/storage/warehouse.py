@@ -375,13 +375,8 @@ class Warehouse:
             for manifest in self.all_manifests():
                 referenced |= manifest.data_chunk_ids()
             report.purged_files = self.backend.purge_abandoned()
-            for chunk_id, size in list(self.backend.iter_chunks()):
-                if chunk_id in referenced:
-                    report.kept_chunks += 1
-                else:
-                    self.backend.delete_chunk(chunk_id)
-                    report.removed_chunks += 1
-                    report.freed_bytes += size
+            report.removed_chunks, report.freed_bytes = self.backend.retain(referenced)
+            report.kept_chunks = len(referenced)
         return report
 
     def stats(self) -> Stats:
@@ -392,8 +387,7 @@ class Warehouse:
             stats.referenced_bytes += sum(manifest.chunk_length(i)
                                           for i, c in enumerate(manifest.chunks) if c)
         stats.images = len(self.backend.list_images())
-        for _, size in self.backend.iter_chunks():
-            stats.chunks += 1
-            stats.chunk_bytes += size
+        stats.chunks = sum(1 for _ in self.backend.iter_chunks())
+        stats.chunk_bytes = self.backend.stored_chunk_bytes()
         stats.manifest_bytes = self.backend.manifests_stored_bytes()
         return stats

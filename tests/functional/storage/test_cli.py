@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from tests import base
+from tests import damage
 
 
 class ImageCliTest(base.TestCase):
@@ -67,15 +68,13 @@ class ImageCliTest(base.TestCase):
 
     def test_verify_exits_nonzero_on_corruption(self):
         self.json_of('image', 'import', self.raw, 'disk')
-        chunks = os.path.join(self.state_path, 'warehouse', 'chunks')
-        victim = next(os.path.join(root, name) for root, _, names in os.walk(chunks)
-                      for name in names)
-        with open(victim, 'r+b') as f:
-            f.write(b'\xff')
+        packs = os.path.join(self.state_path, 'warehouse', 'packs')
+        [pack] = [name for name in os.listdir(packs) if name.endswith('.pack')]
+        damage.flip_bit(os.path.join(packs, pack), 1000)
         result = self.vmcloud('image', 'verify')
         self.assertEqual(1, result.returncode)
-        self.assertIn(os.path.basename(victim).encode(), result.stderr)
         self.assertIn(b'is corrupt', result.stderr)
+        self.assertIn(b'used by disk:1', result.stderr)
 
     def test_clear_errors(self):
         cases = [

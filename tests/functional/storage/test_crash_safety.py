@@ -129,13 +129,13 @@ class CrashSafetyTest(base.TestCase):
         store = warehouse.Warehouse(self.conf)
         store.import_image(self.new_raw, 'new')
         store.snapshot_chunks(store.manifest('base').ref, {3: b'x' * CHUNK, 20: b'y' * CHUNK})
-        store.delete('new')
-        store.delete('base', 2)
+        # base:1's pack keeps the 16 chunks 'new' shares: gc must rewrite it.
+        store.delete('base')
         # An abandoned write session, as a crashed import leaves it.
         store.backend.begin_write().put_chunk('e' * 64, b'abandoned')
         shutil.rmtree(self.template)
         shutil.copytree(self.state_path, self.template)
-        expected = self._expected(('base', self.base_raw))
+        expected = self._expected(('new', self.new_raw))
         total = self._count_calls('gc')
         for kill_at in self._kill_points(total):
             self._reset_state()
@@ -145,6 +145,9 @@ class CrashSafetyTest(base.TestCase):
             self._assert_consistent(store, expected)
             store.gc()
             self._assert_consistent(store, expected)
-            # Only base:1's 32 chunks survive, however far the killed gc got.
-            self.assertEqual(32, len(list(store.backend.iter_chunks())))
+            # Only new:1's 16 + 40 chunks survive, however far the killed gc got.
+            self.assertEqual(56, len(list(store.backend.iter_chunks())))
+            self.assertEqual(56 * CHUNK, sum(
+                os.path.getsize(os.path.join(store.backend.packs_dir, name))
+                for name in os.listdir(store.backend.packs_dir) if name.endswith('.pack')))
             self.assertEqual([], os.listdir(store.backend.staging_dir))

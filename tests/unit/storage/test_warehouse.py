@@ -8,6 +8,7 @@ from vmcloud.storage import backend as backend_mod
 from vmcloud.storage import warehouse
 from vmcloud.storage.manifest import VersionRef
 from tests import base
+from tests import damage
 
 CHUNK = 64 * 1024
 
@@ -41,6 +42,11 @@ class WarehouseTestCase(base.TestCase):
 
     def stored_chunk_files(self) -> set[str]:
         return {chunk_id for chunk_id, _ in self.backend.iter_chunks()}
+
+    def pack_bytes(self) -> int:
+        packs = self.backend.packs_dir
+        return sum(os.path.getsize(os.path.join(packs, name))
+                   for name in os.listdir(packs) if name.endswith('.pack'))
 
     def read_all(self, manifest) -> bytes:
         return self.warehouse.read(manifest, 0, manifest.size)
@@ -219,7 +225,7 @@ class ReadExportTest(WarehouseTestCase):
         self.assertIn('does not exist', str(error))
 
     def test_export_failure_leaves_no_partial_file(self):
-        os.unlink(self.backend.chunk_path(self.manifest.chunks[2]))
+        damage.lose_pack_of(self.backend, self.manifest.chunks[2])
         self.assertRaises(exception.ChunkNotFound, self.warehouse.export,
                           self.manifest, os.path.join(self.tmp, 'out.raw'))
         self.assertEqual(['base.raw', 'state'], sorted(os.listdir(self.tmp)))
@@ -242,12 +248,7 @@ class MaintenanceTest(WarehouseTestCase):
 
     def test_verify_finds_flipped_bit(self):
         chunk_id = self.base.chunks[1]
-        path = self.backend.chunk_path(chunk_id)
-        with open(path, 'r+b') as f:
-            f.seek(1234)
-            byte = f.read(1)[0]
-            f.seek(1234)
-            f.write(bytes([byte ^ 0x10]))
+        damage.corrupt_chunk(self.backend, chunk_id)
         report = self.warehouse.verify()
         self.assertFalse(report.ok)
         self.assertEqual(1, len(report.problems))
@@ -256,7 +257,7 @@ class MaintenanceTest(WarehouseTestCase):
         self.assertIn('img:1, img:2', report.problems[0])
 
     def test_verify_finds_missing_chunk_and_corrupt_manifest(self):
-        os.unlink(self.backend.chunk_path(self.snap.chunks[0]))
+        damage.lose_pack_of(self.backend, self.snap.chunks[0])
         manifest_path = os.path.join(self.backend.images_dir, 'img', '1.json')
         with open(manifest_path, 'r+b') as f:
             f.seek(40)
@@ -301,6 +302,26 @@ class MaintenanceTest(WarehouseTestCase):
         self.assertEqual(1, self.warehouse.gc().removed_chunks)
         self.assertTrue(self.warehouse.verify().ok)
 
+    def test_gc_rewrites_a_partly_used_pack(self):
+        # 'copy' shares chunks 1 and 3 with img:1 without being its snapshot,
+        # so deleting img leaves img:1's pack half used.
+        with open(os.path.join(self.tmp, 'a.raw'), 'rb') as f:
+            data = bytearray(f.read())
+        data[0:CHUNK] = b'c' * CHUNK
+        data[2 * CHUNK:3 * CHUNK] = b'd' * CHUNK
+        copy_path = os.path.join(self.tmp, 'copy.raw')
+        with open(copy_path, 'wb') as f:
+            f.write(data)
+        copy = self.warehouse.import_image(copy_path, 'copy').manifest
+        self.warehouse.delete('img')
+        before = self.pack_bytes()
+        report = self.warehouse.gc()
+        self.assertEqual((3, 3 * CHUNK), (report.removed_chunks, report.freed_bytes))
+        self.assertEqual(before - 3 * CHUNK, self.pack_bytes())
+        self.assertBytesEqual(bytes(data), self.read_all(copy))
+        self.assertTrue(self.warehouse.verify().ok)
+        self.assertEqual(4, len(self.stored_chunk_files()))
+
     def test_gc_waits_for_writes_in_progress(self):
         with self.backend.shared_lock():
             self.assertRaises(exception.WarehouseBusy, self.warehouse.gc, 0.2)
@@ -312,11 +333,15 @@ class MaintenanceTest(WarehouseTestCase):
         self.assertEqual(1, self.warehouse.gc().purged_files)
         self.assertEqual([], os.listdir(self.backend.staging_dir))
         self.assertFalse(self.backend.has_chunk('f' * 64))
+        self.assertEqual([], [n for n in os.listdir(self.backend.packs_dir)
+                              if n.endswith('.pack') and n[:-5] not in
+                              {i[:-4] for i in os.listdir(self.backend.packs_dir)}])
 
     def test_stats(self):
         stats = self.warehouse.stats()
         self.assertEqual((1, 2, 5), (stats.images, stats.versions, stats.chunks))
-        self.assertEqual(5 * CHUNK, stats.chunk_bytes)
+        self.assertEqual(5 * CHUNK, sum(size for _, size in self.backend.iter_chunks()))
+        self.assertGreater(stats.chunk_bytes, 5 * CHUNK)  # with the pack indexes
         self.assertEqual(8 * CHUNK, stats.referenced_bytes)
         self.assertGreater(stats.manifest_bytes, 0)
 

@@ -59,6 +59,12 @@ class ChunkNotFound(StorageError):
         super().__init__(f"chunk {chunk_id} is missing from the warehouse")
 
 
+class CorruptChunk(StorageError):
+    def __init__(self, chunk_id: str, actual: str):
+        self.chunk_id = chunk_id
+        super().__init__(f'chunk {chunk_id} is corrupt: its content hashes to {actual}')
+
+
 class CorruptManifest(StorageError):
     """A stored manifest cannot be parsed or fails its checksum."""
 

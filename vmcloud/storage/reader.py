@@ -1,7 +1,7 @@
 """Streaming, seekable reads of one image version."""
 import io
+from typing import Callable
 
-from vmcloud.storage import backend as backend_mod
 from vmcloud.storage.manifest import Manifest
 
 
@@ -12,9 +12,9 @@ class VersionReader(io.RawIOBase):
     fetch each chunk once.
     """
 
-    def __init__(self, backend: backend_mod.Backend, manifest: Manifest):
+    def __init__(self, read_chunk: Callable[[str], bytes], manifest: Manifest):
         super().__init__()
-        self._backend = backend
+        self._read_chunk = read_chunk
         self._manifest = manifest
         self._position = 0
         self._cached_index = -1
@@ -43,7 +43,7 @@ class VersionReader(io.RawIOBase):
             if chunk_id is None:
                 self._cached = bytes(self._manifest.chunk_length(index))
             else:
-                self._cached = self._backend.read_chunk(chunk_id)
+                self._cached = self._read_chunk(chunk_id)
             self._cached_index = index
         return self._cached
 

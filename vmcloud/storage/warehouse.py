@@ -238,9 +238,20 @@ class Warehouse:
 
     # -- reading data --------------------------------------------------------
 
+    def read_chunk(self, chunk_id: str) -> bytes:
+        """A stored chunk, checked against its id: corrupt data is never served.
+
+        :raises: ChunkNotFound, CorruptChunk.
+        """
+        data = self.backend.read_chunk(chunk_id)
+        actual = manifest_mod.chunk_id(data)
+        if actual != chunk_id:
+            raise exception.CorruptChunk(chunk_id, actual)
+        return data
+
     def open(self, manifest: Manifest) -> VersionReader:
         """A seekable, read-only file object over the bytes of one version."""
-        return VersionReader(self.backend, manifest)
+        return VersionReader(self.read_chunk, manifest)
 
     def read(self, manifest: Manifest, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset + length)`` of a version.
@@ -289,7 +300,7 @@ class Warehouse:
             for index, chunk_id in enumerate(manifest.chunks):
                 if chunk_id is not None:
                     out.seek(index * manifest.chunk_size)
-                    out.write(self.backend.read_chunk(chunk_id))
+                    out.write(self.read_chunk(chunk_id))
                 if progress is not None:
                     progress(min(manifest.size, (index + 1) * manifest.chunk_size), manifest.size)
             out.truncate(manifest.size)
@@ -339,21 +350,16 @@ class Warehouse:
 
         def check(chunk_id: str) -> tuple[str, int, str | None]:
             try:
-                data = self.backend.read_chunk(chunk_id)
-            except exception.ChunkNotFound:
-                return chunk_id, 0, 'is missing'
-            actual = manifest_mod.chunk_id(data)
-            if actual != chunk_id:
-                return chunk_id, len(data), f'is corrupt (its content hashes to {actual})'
-            return chunk_id, len(data), None
+                return chunk_id, len(self.read_chunk(chunk_id)), None
+            except (exception.ChunkNotFound, exception.CorruptChunk) as exc:
+                return chunk_id, 0, str(exc)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             for chunk_id, size, problem in pool.map(check, users):
                 report.chunks += 1
                 report.bytes += size
                 if problem:
-                    report.problems.append(
-                        f"chunk {chunk_id} {problem}; used by {', '.join(users[chunk_id])}")
+                    report.problems.append(f"{problem}; used by {', '.join(users[chunk_id])}")
                 if progress is not None:
                     progress(report.chunks, len(users))
         return report

@@ -256,6 +256,15 @@ class MaintenanceTest(WarehouseTestCase):
         self.assertIn('corrupt', report.problems[0])
         self.assertIn('img:1, img:2', report.problems[0])
 
+    def test_corrupt_chunk_is_never_served(self):
+        damage.corrupt_chunk(self.backend, self.base.chunks[2])
+        error = self.assertRaises(exception.CorruptChunk, self.warehouse.read,
+                                  self.base, 0, self.base.size)
+        self.assertIn(self.base.chunks[2], str(error))
+        self.assertRaises(exception.CorruptChunk, self.warehouse.export,
+                          self.base, os.path.join(self.tmp, 'out.raw'))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, 'out.raw')))
+
     def test_verify_finds_missing_chunk_and_corrupt_manifest(self):
         damage.lose_pack_of(self.backend, self.snap.chunks[0])
         manifest_path = os.path.join(self.backend.images_dir, 'img', '1.json')
@@ -264,7 +273,7 @@ class MaintenanceTest(WarehouseTestCase):
             f.write(b'#')
         problems = self.warehouse.verify().problems
         self.assertEqual(2, len(problems))
-        self.assertTrue(any('is missing; used by img:2' in p for p in problems))
+        self.assertTrue(any('is missing from the warehouse; used by img:2' in p for p in problems))
         self.assertTrue(any('img:1 is corrupt' in p for p in problems))
         self.assertRaises(exception.CorruptManifest, self.warehouse.gc)
 

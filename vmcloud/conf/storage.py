@@ -14,7 +14,7 @@ storage_opts = [
     cfg.IntOpt('max_virtual_size', default=4 * 1024 ** 4, min=1,
                help='Largest virtual size in bytes an imported image may declare. '
                     'Larger images are refused as absurd before they are read.'),
-    cfg.IntOpt('qemu_img_address_space', default=1024 ** 3, min=64 * 1024 ** 2,
+    cfg.IntOpt('qemu_img_address_space', default=1024 ** 3, min=16 * 1024 ** 2,
                help='Address-space limit in bytes for qemu-img when it inspects '
                     'or converts an untrusted image.'),
     cfg.IntOpt('qemu_img_cpu_seconds', default=600, min=1,

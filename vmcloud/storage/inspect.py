@@ -30,7 +30,7 @@ _HEADER_READ = 4096
 # Formats recognised by their first bytes, so that qemu-img never gets to
 # open them: several (vmdk extents, qed backing files) name other files.
 _MAGICS = (
-    (b'KDMV', 'vmdk'), (b'COWD', 'vmdk'), (b'vhdxfile', 'vhdx'), (b'QFI\x00', 'qed'),
+    (b'KDMV', 'vmdk'), (b'COWD', 'vmdk'), (b'vhdxfile', 'vhdx'), (b'QED\x00', 'qed'),
     (b'LUKS\xba\xbe', 'luks'), (b'conectix', 'vpc'), (b'WithoutFreeSpace', 'parallels'),
     (b'WithouFreSpacExt', 'parallels'), (b'Bochs Virtual HD Image', 'bochs'),
     (b'#!/bin/sh\n#V2.0 Format', 'cloop'),

@@ -283,7 +283,7 @@ class Warehouse:
         try:
             self._write_raw(manifest, raw_tmp, progress)
             if fmt == 'qcow2':
-                qemu_img.convert(self.conf, raw_tmp, 'raw', final_tmp, 'qcow2')
+                qemu_img.convert(self.conf, raw_tmp, 'raw', final_tmp, 'qcow2', untrusted=False)
                 with open(final_tmp, 'rb+') as f:
                     os.fsync(f.fileno())
             os.rename(final_tmp, dest)

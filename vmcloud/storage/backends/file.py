@@ -155,6 +155,7 @@ class FileBackend(backend.Backend):
                 f'cannot use warehouse directory {self.root}: {exc}') from exc
         self._index: dict[str, Location] = {}
         self._loaded_packs: set[str] = set()
+        self._index_loaded = False
         self._index_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -181,6 +182,7 @@ class FileBackend(backend.Backend):
                 for chunk_id, offset, length in entries:
                     self._index.setdefault(chunk_id, Location(pack_id, offset, length))
             self._loaded_packs = published
+            self._index_loaded = True
 
     def publish_pack(self, pack_id: str, pack: str, index: str,
                      entries: list[tuple[str, int, int]]) -> None:
@@ -206,7 +208,7 @@ class FileBackend(backend.Backend):
     # -- chunks --------------------------------------------------------------
 
     def has_chunk(self, chunk_id: str) -> bool:
-        if not self._loaded_packs:
+        if not self._index_loaded:
             self.refresh()
         return chunk_id in self._index
 

@@ -1,0 +1,91 @@
+"""Shared pieces of the benchmark scripts: fair timing, machine facts, result tables.
+
+Every number a benchmark reports is a ratio against a baseline measured side by
+side in the same run; absolute times are printed only to make the ratios checkable.
+"""
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, 'doc', 'benchmarks')
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache so every contender starts cold; False if not allowed."""
+    os.sync()
+    try:
+        with open('/proc/sys/vm/drop_caches', 'w') as f:
+            f.write('3\n')
+        return True
+    except OSError:
+        return False
+
+
+def measure(contenders: dict[str, Callable[[], None]], repeat: int = 3,
+            prepare: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median wall time of each contender, run in rotating order, caches dropped before each.
+
+    Every contender's time includes a final sync(), so a contender that leaves its
+    output in the page cache pays for it like one that fsyncs.
+    """
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for round_number in range(repeat):
+        order = names[round_number % len(names):] + names[:round_number % len(names)]
+        for name in order:
+            if prepare is not None:
+                prepare()
+            drop_caches()
+            start = time.perf_counter()
+            contenders[name]()
+            os.sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True)
+
+
+def machine() -> dict[str, str]:
+    qemu = subprocess.run(['qemu-img', '--version'], capture_output=True, text=True)
+    return {
+        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'cpus': str(os.cpu_count()),
+        'python': platform.python_version(),
+        'kernel': platform.release(),
+        'qemu-img': qemu.stdout.splitlines()[0] if qemu.returncode == 0 else 'missing',
+        'page cache dropped between runs': 'yes' if drop_caches() else 'no (not permitted)',
+    }
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table, which also reads well on a terminal."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+
+    def line(values):
+        return '| ' + ' | '.join(v.ljust(w) for v, w in zip(values, widths)) + ' |'
+    return '\n'.join([line(columns), line(['-' * w for w in widths])] + [line(r) for r in cells])
+
+
+def write_results(name: str, title: str, sections: Sequence[tuple[str, str]],
+                  facts: dict[str, str]) -> str:
+    """Write doc/benchmarks/NAME.md: the machine facts, then each (heading, body) section."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f'{name}.md')
+    with open(path, 'w') as f:
+        f.write(f'# {title}\n\nWritten by `benchmarks/{name}.py`.\n\n')
+        f.write(table(('fact', 'value'), list(facts.items())) + '\n')
+        for heading, body in sections:
+            f.write(f'\n## {heading}\n\n{body}\n')
+    return path
+
+
+def mib(n: float) -> str:
+    return f'{n / 1024 ** 2:.1f} MiB'

@@ -10,7 +10,7 @@ PACKAGES=(
     # Images and hypervisors
     qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-clients util-linux
     # The test guests
-    busybox-static cpio e2fsprogs debootstrap xz-utils zstd
+    busybox-static cpio e2fsprogs debootstrap xz-utils zstd kmod
     # NBD servers and clients
     nbdkit nbdkit-plugin-python libnbd-bin
 )

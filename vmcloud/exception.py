@@ -85,3 +85,37 @@ class ImageFileNotFound(StorageError):
     def __init__(self, path: str):
         self.path = path
         super().__init__(f'image file {path} does not exist')
+
+
+# -- hypervisor drivers ----------------------------------------------------
+
+class DriverError(VmcloudError):
+    """Base class of hypervisor driver errors."""
+
+
+class HypervisorUnavailable(DriverError):
+    """The hypervisor (qemu binary, libvirtd) is missing or not answering."""
+
+
+class InstanceNotFound(DriverError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f'instance {name} not found')
+
+
+class InstanceExists(DriverError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f'instance {name} already exists')
+
+
+class DiskNotFound(DriverError):
+    """The disk to boot from does not exist or its server cannot be reached."""
+
+
+class SpawnFailed(DriverError):
+    """The hypervisor refused to start the instance."""
+
+
+class GuestTimeout(DriverError):
+    """A guest did not reach an expected point in time."""

@@ -4,10 +4,12 @@ Importing this package registers every group on the global ``cfg.CONF``.
 """
 from oslo_config import cfg
 
+from vmcloud.conf import compute
 from vmcloud.conf import paths
 from vmcloud.conf import storage
 
 CONF = cfg.CONF
 
+compute.register_opts(CONF)
 paths.register_opts(CONF)
 storage.register_opts(CONF)

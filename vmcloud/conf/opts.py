@@ -1,10 +1,11 @@
 """Entry point for oslo-config-generator: every option vmcloud and its plugins declare."""
 from stevedore import extension
 
+from vmcloud.conf import compute
 from vmcloud.conf import paths
 from vmcloud.conf import storage
 
-_CONF_MODULES = (paths, storage)
+_CONF_MODULES = (paths, storage, compute)
 
 # Plugin namespaces whose classes declare their own options as
 # ``OPTION_GROUP`` and ``OPTIONS`` class attributes.

@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${VMCLOUD_GUEST_DIR:-$PWD/.cache/guest}
-[ -f "$OUT/ready" ] && exit 0
+# Rebuilt whenever this script or the guest's init changes.
+stamp=$(cat "$0" tools/guest/init | sha256sum | cut -d' ' -f1)
+[ "$(cat "$OUT/ready" 2>/dev/null)" = "$stamp" ] && exit 0
 MODULES=(virtio_blk virtio_pci button evdev)
 
 mkdir -p "$OUT/debs"
@@ -39,7 +41,7 @@ root=$work/initramfs
 mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 for applet in sh mount umount insmod sleep cat echo md5sum sync poweroff dd mknod \
-              grep sed tr ls date head; do
+              grep sed tr ls date head seq mkdir switch_root; do
     ln -s busybox "$root/bin/$applet"
 done
 : > "$root/lib/modules/load-order"
@@ -66,5 +68,5 @@ cp "$work/kernel/boot/vmlinuz-$version" "$OUT/vmlinuz"
 cp "$work/initrd.img" "$OUT/initrd.img"
 cp "$work/disk.img" "$OUT/disk.img"
 md5sum "$work/disk/data.txt" | cut -d' ' -f1 > "$OUT/data.md5"
-echo "$version" > "$OUT/ready"
+echo "$stamp" > "$OUT/ready"
 echo "build-test-guest: kernel $version, modules: $(tr '\n' ' ' < "$root/lib/modules/load-order")"

@@ -13,6 +13,8 @@ import abc
 import dataclasses
 import enum
 import os
+import time
+import typing
 
 from oslo_config import cfg
 
@@ -25,6 +27,10 @@ BOOT_DONE = 'boot-done'
 APP_RUNNING = 'app-running'
 SHUTDOWN_STARTED = 'shutdown-started'
 PHASES = (BOOT_DONE, APP_RUNNING, SHUTDOWN_STARTED)
+
+# A guest may miss a press (too early in its boot, or while busy), so stop()
+# presses again at this interval until its timeout, as a person would.
+POWER_BUTTON_INTERVAL = 5.0
 
 
 class PowerState(enum.Enum):
@@ -169,3 +175,21 @@ def check_disk(spec: InstanceSpec) -> None:
         nbd_uri.check_reachable(spec.disk)
     elif not os.path.isfile(spec.disk):
         raise exception.DiskNotFound(f'disk {spec.disk} of instance {spec.name} does not exist')
+
+
+def press_power_button_until_off(press: typing.Callable[[], None],
+                                 is_off: typing.Callable[[], bool], timeout: float) -> bool:
+    """Press the power button every POWER_BUTTON_INTERVAL seconds until the guest is off.
+
+    :returns: True if it went off within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    next_press = 0.0
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_press:
+            press()
+            next_press = time.monotonic() + POWER_BUTTON_INTERVAL
+        if is_off():
+            return True
+        time.sleep(0.05)
+    return is_off()

@@ -1,6 +1,8 @@
 """How specs become hypervisor configuration (no hypervisor needed)."""
 import xml.etree.ElementTree as ET
 
+import fixtures
+
 from vmcloud import exception
 from vmcloud.drivers import base as driver_base
 from vmcloud.drivers import nbd_uri
@@ -68,3 +70,27 @@ class DriverLoadingTest(base.TestCase):
         error = self.assertRaises(exception.PluginNotFound, driver_base.load, self.conf, 'xen')
         self.assertIn("'xen'", str(error))
         self.assertIn('fake, libvirt, qemu', str(error))
+
+
+class PowerButtonTest(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.useFixture(
+            fixtures.MonkeyPatch('vmcloud.drivers.base.POWER_BUTTON_INTERVAL', 0.1))
+        self.presses = 0
+
+    def press(self):
+        self.presses += 1
+
+    def test_a_missed_press_is_repeated(self):
+        # The guest only hears the third press.
+        went_off = driver_base.press_power_button_until_off(
+            self.press, lambda: self.presses >= 3, timeout=30)
+        self.assertTrue(went_off)
+        self.assertEqual(3, self.presses)
+
+    def test_a_guest_that_never_listens(self):
+        went_off = driver_base.press_power_button_until_off(
+            self.press, lambda: False, timeout=0.35)
+        self.assertFalse(went_off)
+        self.assertGreaterEqual(self.presses, 3)

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import threading
-import time
 
 import libvirt
 
@@ -137,15 +136,15 @@ class LibvirtDriver(base.Driver):
         if domain is None:
             return False
         timeout = self.conf.compute.stop_timeout if timeout is None else timeout
-        try:
-            domain.shutdown()
-        except libvirt.libvirtError:
-            pass  # a paused guest refuses; the forced stop below still ends it
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._domain(name) is None:
-                return False
-            time.sleep(0.05)
+
+        def press():
+            try:
+                domain.shutdown()
+            except libvirt.libvirtError:
+                pass  # a paused or vanished guest refuses; the forced stop still ends it
+
+        if base.press_power_button_until_off(press, lambda: self._domain(name) is None, timeout):
+            return False
         self._destroy_domain(name)
         return True
 

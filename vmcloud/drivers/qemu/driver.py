@@ -186,16 +186,14 @@ class QemuDriver(base.Driver):
         if not self._alive(name):
             return False
         timeout = self.conf.compute.stop_timeout if timeout is None else timeout
-        with contextlib.suppress(exception.DriverError):
-            self._qmp(name, 'system_powerdown')
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._alive(name):
-                self._kill(name)  # reaps it
-                return False
-            time.sleep(0.05)
-        self._kill(name)
-        return True
+
+        def press():
+            with contextlib.suppress(exception.DriverError):  # it may have just gone
+                self._qmp(name, 'system_powerdown')
+
+        went_off = base.press_power_button_until_off(press, lambda: not self._alive(name), timeout)
+        self._kill(name)  # reaps it, or forces it off
+        return not went_off
 
     def destroy(self, name: str) -> None:
         self._require(name)

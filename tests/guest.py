@@ -60,3 +60,22 @@ def qemu_processes_named(name: str) -> list[int]:
         if args and b'qemu-system' in args[0] and any(name.encode() in a for a in args):
             pids.append(int(pid))
     return pids
+
+
+def realistic_disk() -> str:
+    """The realistic guest's root filesystem (tools/guest/build-realistic-guest.sh)."""
+    disk = os.path.join(GUEST_DIR, 'realistic', 'root.img')
+    if not os.path.exists(os.path.join(GUEST_DIR, 'realistic', 'ready')):
+        raise AssertionError(f'no realistic guest in {GUEST_DIR}: '
+                             'run tools/guest/build-realistic-guest.sh')
+    return disk
+
+
+def realistic_spec(name: str, disk: str, disk_format: str = 'qcow2',
+                   memory_mib: int = 512) -> base.InstanceSpec:
+    """An instance of the realistic guest: systemd on a Debian root filesystem."""
+    with open(os.path.join(GUEST_DIR, 'realistic', 'cmdline')) as f:
+        cmdline = f.read().strip()
+    return base.InstanceSpec(name=name, disk=disk, disk_format=disk_format,
+                             memory_mib=memory_mib, kernel=path('vmlinuz'),
+                             initrd=path('initrd.img'), cmdline=cmdline)

@@ -119,3 +119,39 @@ class SpawnFailed(DriverError):
 
 class GuestTimeout(DriverError):
     """A guest did not reach an expected point in time."""
+
+
+# -- mirrors ---------------------------------------------------------------
+
+class MirrorError(VmcloudError):
+    """Base class of mirror errors."""
+
+
+class MirrorNotFound(MirrorError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f'mirror {name} not found')
+
+
+class MirrorExists(MirrorError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f'mirror {name} already exists')
+
+
+class CorruptMirrorState(MirrorError):
+    """A mirror's persistent dirty map cannot be trusted."""
+
+
+class FetchFailed(MirrorError):
+    """A chunk could not be fetched from the warehouse, even after retries."""
+
+    def __init__(self, chunk_id: str, attempts: int, cause: Exception):
+        self.chunk_id = chunk_id
+        super().__init__(f'cannot fetch chunk {chunk_id} after {attempts} attempts: {cause}')
+
+
+# -- NBD server ------------------------------------------------------------
+
+class NbdError(VmcloudError):
+    """The NBD server cannot do what was asked: listen, serve an export, or run at all."""

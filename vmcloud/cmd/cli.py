@@ -7,6 +7,7 @@ from oslo_config import cfg
 import vmcloud.conf
 from vmcloud import exception
 from vmcloud.cmd import image
+from vmcloud.cmd import mirror
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='directory of *.conf files read after --config-file')
     groups = parser.add_subparsers(dest='group', required=True, metavar='COMMAND')
     image.add_parser(groups)
+    mirror.add_parser(groups)
     return parser
 
 

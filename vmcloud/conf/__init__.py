@@ -5,11 +5,13 @@ Importing this package registers every group on the global ``cfg.CONF``.
 from oslo_config import cfg
 
 from vmcloud.conf import compute
+from vmcloud.conf import mirror
 from vmcloud.conf import paths
 from vmcloud.conf import storage
 
 CONF = cfg.CONF
 
 compute.register_opts(CONF)
+mirror.register_opts(CONF)
 paths.register_opts(CONF)
 storage.register_opts(CONF)

@@ -21,6 +21,22 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def write_all_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def replace(path: str, data: bytes) -> None:
+    """Durably replace the content of ``path`` (temp file, fsync, rename, fsync the directory)."""
+    directory = os.path.dirname(path)
+    tmp = temp_name(directory)
+    write_synced(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+
+
 def write_synced(path: str, data: bytes) -> None:
     """Write ``data`` to a new file at ``path`` and fsync it; FileExistsError if it exists."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

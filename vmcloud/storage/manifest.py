@@ -18,10 +18,10 @@ HASH_NAME = 'sha256'
 _IMAGE_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
 
 
-def validate_image_name(name: str) -> str:
+def validate_image_name(name: str, what: str = 'image') -> str:
     if not isinstance(name, str) or not _IMAGE_NAME.match(name):
         raise exception.StorageError(
-            f"invalid image name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            f"invalid {what} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
     return name
 

@@ -1,0 +1,1 @@
+"""The NBD server against real NBD clients."""

@@ -1,0 +1,242 @@
+"""The mirror's disk, cache, dirty map and profiles, without NBD."""
+import os
+import random
+import threading
+import time
+
+from vmcloud import exception
+from vmcloud.mirror import cache as cache_mod
+from vmcloud.mirror import disk as disk_mod
+from vmcloud.mirror import profile as profile_mod
+from vmcloud.nbd import device
+from vmcloud.storage import warehouse
+from tests import base
+
+CHUNK = 64 * 1024
+
+
+class MirrorTestCase(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.conf.set_override('chunk_size', CHUNK, 'storage')
+        self.warehouse = warehouse.Warehouse(self.conf)
+        rng = random.Random(7)
+        # r: random data, h: hole, A: a chunk repeated twice, s: a short tail
+        parts = {'r': lambda: rng.randbytes(CHUNK), 'h': lambda: bytes(CHUNK),
+                 'A': lambda: b'A' * CHUNK, 's': lambda: rng.randbytes(CHUNK // 3)}
+        self.image = b''.join(parts[kind]() for kind in 'rrhArAhrs')
+        path = os.path.join(self.tmp, 'image.raw')
+        with open(path, 'wb') as f:
+            f.write(self.image)
+        self.manifest = self.warehouse.import_image(path, 'img').manifest
+        self.fetches: list[str] = []
+        self.cache = self.new_cache()
+
+    def fetch(self, chunk_id: str) -> bytes:
+        self.fetches.append(chunk_id)
+        return self.warehouse.read_chunk(chunk_id)
+
+    def new_cache(self, capacity: int = 1 << 30, fetch=None) -> cache_mod.ChunkCache:
+        cache = cache_mod.ChunkCache(os.path.join(self.tmp, 'cache'), capacity,
+                                     fetch or self.fetch, attempts=3, retry_wait=0.01)
+        self.addCleanup(cache.close)
+        return cache
+
+    def new_disk(self, cache=None) -> disk_mod.MirrorDisk:
+        disk = disk_mod.MirrorDisk(os.path.join(self.tmp, 'mirror'), self.manifest,
+                                   cache or self.cache)
+        return disk
+
+    def fetched_bytes_for(self, indexes) -> int:
+        ids = {self.manifest.chunks[i] for i in indexes} - {None}
+        return sum(len(self.warehouse.read_chunk(c)) for c in ids)
+
+
+class ReadTest(MirrorTestCase):
+    def test_reads_the_image_and_fetches_each_chunk_once(self):
+        disk = self.new_disk()
+        self.assertBytesEqual(self.image, disk.read(0, len(self.image)))
+        distinct = self.manifest.data_chunk_ids()
+        self.assertEqual(sorted(distinct), sorted(self.fetches))  # holes and repeats: no fetch
+        self.assertEqual(self.fetched_bytes_for(range(self.manifest.chunk_count)),
+                         self.cache.stats.fetched_bytes)
+        # Present now: a second read is served locally.
+        self.assertBytesEqual(self.image[1000:300000], disk.read(1000, 299000))
+        self.assertEqual(len(distinct), len(self.fetches))
+        disk.close()
+
+    def test_second_mirror_on_the_node_fetches_nothing(self):
+        self.new_disk().read(0, len(self.image))
+        other = disk_mod.MirrorDisk(os.path.join(self.tmp, 'other'), self.manifest, self.cache)
+        before = len(self.fetches)
+        self.assertBytesEqual(self.image, other.read(0, len(self.image)))
+        self.assertEqual(before, len(self.fetches))
+
+    def test_concurrent_reads_of_a_missing_chunk_fetch_it_once(self):
+        gate = threading.Event()
+
+        def slow_fetch(chunk_id):
+            gate.wait(5)
+            return self.fetch(chunk_id)
+
+        disk = self.new_disk(self.new_cache(fetch=slow_fetch))
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(disk.read(CHUNK + 10, 100)))
+                   for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        gate.set()
+        for thread in threads:
+            thread.join()
+        self.assertEqual([self.image[CHUNK + 10:CHUNK + 110]] * 8, results)
+        self.assertEqual([self.manifest.chunks[1]], self.fetches)
+
+    def test_out_of_range(self):
+        disk = self.new_disk()
+        self.assertRaises(exception.InvalidRange, disk.read, len(self.image) - 1, 2)
+
+    def test_block_status_keeps_holes(self):
+        disk = self.new_disk()
+        hole = device.STATE_HOLE | device.STATE_ZERO
+        self.assertEqual([device.Extent(2 * CHUNK, 0), device.Extent(CHUNK, hole),
+                          device.Extent(3 * CHUNK, 0), device.Extent(CHUNK, hole),
+                          device.Extent(CHUNK + CHUNK // 3, 0)],
+                         disk.block_status(0, len(self.image)))
+        self.assertEqual([], self.fetches)  # status needs no data
+
+
+class WriteTest(MirrorTestCase):
+    def test_partial_write_fills_the_chunk(self):
+        disk = self.new_disk()
+        disk.write(CHUNK + 100, b'x' * 10)
+        expected = bytearray(self.image)
+        expected[CHUNK + 100:CHUNK + 110] = b'x' * 10
+        self.assertBytesEqual(bytes(expected), disk.read(0, len(expected)))
+        self.assertEqual({1}, disk.dirty.indexes())
+        self.assertEqual([self.manifest.chunks[1]], self.fetches[:1])
+
+    def test_whole_chunk_write_fetches_nothing(self):
+        disk = self.new_disk()
+        disk.write(0, b'y' * (2 * CHUNK))
+        self.assertEqual([], self.fetches)
+        self.assertEqual({0, 1}, disk.dirty.indexes())
+
+    def test_flushed_writes_survive_a_restart_with_an_empty_cache(self):
+        disk = self.new_disk()
+        disk.write(3 * CHUNK - 5, b'z' * 10, fua=True)
+        disk.write(8 * CHUNK, b'q' * 7)
+        disk.flush()
+        expected = bytearray(self.image)
+        expected[3 * CHUNK - 5:3 * CHUNK + 5] = b'z' * 10
+        expected[8 * CHUNK:8 * CHUNK + 7] = b'q' * 7
+        # no close(): as if the process had been killed after the flush
+        self.cache.close()
+        fresh = cache_mod.ChunkCache(os.path.join(self.tmp, 'cache2'), 1 << 30, self.fetch)
+        self.addCleanup(fresh.close)
+        reopened = self.new_disk(fresh)
+        self.assertEqual({2, 3, 8}, reopened.dirty.indexes())
+        self.assertBytesEqual(bytes(expected), reopened.read(0, len(expected)))
+
+    def test_unflushed_marks_are_not_on_disk(self):
+        disk = self.new_disk()
+        disk.write(0, b'a' * CHUNK)
+        self.assertEqual(set(), self.new_disk().dirty.indexes())
+        disk.flush()
+        self.assertEqual({0}, self.new_disk().dirty.indexes())
+
+    def test_write_zeroes_makes_holes(self):
+        disk = self.new_disk()
+        disk.write_zeroes(0, CHUNK + 10)
+        hole = device.STATE_HOLE | device.STATE_ZERO
+        self.assertEqual(device.Extent(CHUNK, hole), disk.block_status(0, CHUNK)[0])
+        self.assertBytesEqual(bytes(CHUNK + 10) + self.image[CHUNK + 10:2 * CHUNK],
+                              disk.read(0, 2 * CHUNK))
+
+    def test_corrupt_dirty_map_is_refused(self):
+        disk = self.new_disk()
+        disk.write(0, b'a' * CHUNK, fua=True)
+        with open(os.path.join(self.tmp, 'mirror', 'dirty'), 'r+b') as f:
+            f.seek(16)
+            f.write(b'\xff')
+        self.assertRaises(exception.CorruptMirrorState, self.new_disk)
+
+
+class BarrierTest(MirrorTestCase):
+    def test_copy_before_overwrite(self):
+        disk = self.new_disk()
+        disk.write(0, b'1' * CHUNK)
+        disk.write(CHUNK, b'2' * CHUNK)
+        with disk.barrier() as barrier:
+            self.assertEqual({0, 1}, barrier.indexes)
+            barrier.uploaded(1)
+            disk.write(10, b'new')          # chunk 0 is copied aside first
+            disk.write(CHUNK + 10, b'new')  # chunk 1 was uploaded: no copy
+            disk.write(2 * CHUNK, b'3')     # not dirty at the barrier
+            self.assertEqual(b'1' * CHUNK, barrier.read_chunk(0))
+            self.assertEqual(CHUNK, barrier.copied_bytes)
+            self.assertRaises(KeyError, barrier.read_chunk, 2)
+            self.assertRaises(exception.MirrorError, disk.barrier)
+        self.assertEqual(b'1' * 10 + b'new', disk.read(0, 13))
+        disk.barrier().close()  # a new barrier once the last one closed
+
+
+class CacheTest(MirrorTestCase):
+    def test_a_vanished_warehouse_fails_after_bounded_retries_then_recovers(self):
+        broken = [True]
+
+        def fetch(chunk_id):
+            if broken[0]:
+                raise OSError(107, 'warehouse unreachable')
+            return self.fetch(chunk_id)
+
+        disk = self.new_disk(self.new_cache(fetch=fetch))
+        error = self.assertRaises(exception.FetchFailed, disk.read, 0, 10)
+        self.assertIn('after 3 attempts', str(error))
+        broken[0] = False
+        self.assertEqual(self.image[:10], disk.read(0, 10))
+
+    def test_survives_a_restart_and_refetches_a_damaged_slot(self):
+        self.new_disk().read(0, len(self.image))
+        self.cache.close()
+        slots = [n for n in os.listdir(os.path.join(self.tmp, 'cache')) if n.startswith('slots')]
+        with open(os.path.join(self.tmp, 'cache', slots[0]), 'r+b') as f:
+            f.write(b'garbage')  # slot 0: the first chunk fetched
+        before = len(self.fetches)
+        reopened = self.new_cache()
+        self.assertBytesEqual(self.image, self.new_disk(reopened).read(0, len(self.image)))
+        self.assertEqual([self.manifest.chunks[0]], self.fetches[before:])
+
+    def test_least_recently_used_chunks_are_evicted(self):
+        cache = self.new_cache(capacity=2 * CHUNK)
+        disk = self.new_disk(cache)
+        self.assertBytesEqual(self.image, disk.read(0, len(self.image)))
+        self.assertNotIn(self.manifest.chunks[0], cache)
+        self.assertIn(self.manifest.chunks[8], cache)
+
+
+class ProfileTest(MirrorTestCase):
+    def test_first_touches_by_phase_then_prefetch(self):
+        disk = self.new_disk()
+        disk.read(4 * CHUNK, 10)
+        disk.read(0, 10)
+        disk.recorder.set_phase(profile_mod.APPLICATION)
+        disk.read(0, 2 * CHUNK)
+        disk.write(7 * CHUNK, b'w')
+        disk.recorder.set_phase(profile_mod.SHUTDOWN)
+        disk.read(8 * CHUNK, 1)
+        profile = disk.recorder.profile()
+        self.assertEqual({'boot': [4, 0], 'application': [1, 7], 'shutdown': [8]}, profile)
+        store = profile_mod.ProfileStore(os.path.join(self.tmp, 'profiles'))
+        store.save('img', profile)
+        self.assertEqual(profile, store.load('img'))
+
+        cache = cache_mod.ChunkCache(os.path.join(self.tmp, 'cache2'), 1 << 30, self.fetch)
+        self.addCleanup(cache.close)
+        other = disk_mod.MirrorDisk(os.path.join(self.tmp, 'other'), self.manifest, cache)
+        before = len(self.fetches)
+        profile_mod.Prefetcher(profile, other.prefetch, threads=2).start().wait()
+        ids = [self.manifest.chunks[i] for i in (4, 0, 1, 7, 8)]
+        self.assertEqual(sorted(set(ids)), sorted(self.fetches[before:]))
+        other.read(0, len(self.image))
+        self.assertEqual(len(self.manifest.data_chunk_ids()), len(self.fetches) - before)

@@ -1,0 +1,40 @@
+"""``vmcloud mirror serve``: serve instance disks over NBD from this node."""
+import argparse
+import signal
+import threading
+
+from oslo_config import cfg
+
+from vmcloud import exception
+from vmcloud.mirror import manager as manager_mod
+
+
+def do_serve(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with manager_mod.MirrorManager(conf) as manager:
+        for name in args.names:
+            if args.image:
+                try:
+                    mirror = manager.create(name, args.image)
+                except exception.MirrorExists:
+                    mirror = manager.open(name)
+            else:
+                mirror = manager.open(name)
+            print(mirror.uri, flush=True)
+        print('serving', flush=True)
+        stop.wait()
+    return 0
+
+
+def add_parser(groups: argparse._SubParsersAction) -> None:
+    parser = groups.add_parser('mirror', help="serve instances' disks over NBD")
+    commands = parser.add_subparsers(dest='command', required=True, metavar='ACTION')
+    sub = commands.add_parser(
+        'serve', help='serve mirrors until SIGTERM; prints one NBD URI per mirror, then "serving"')
+    sub.set_defaults(handler=do_serve)
+    sub.add_argument('names', nargs='+', metavar='NAME')
+    sub.add_argument('--image', metavar='IMAGE[:VERSION]',
+                     help='create the mirrors that do not exist yet from this image; '
+                          'without it, only existing mirrors are served')

@@ -1,0 +1,1 @@
+"""Copy-on-reference local disks: one mirror per instance over one image version."""

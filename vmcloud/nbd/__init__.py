@@ -1,0 +1,1 @@
+"""An NBD server (fixed newstyle) for the disks vmcloud serves to hypervisors."""

@@ -3,6 +3,7 @@
 Every number a benchmark reports is a ratio against a baseline measured side by
 side in the same run; absolute times are printed only to make the ratios checkable.
 """
+import argparse
 import datetime
 import os
 import platform
@@ -46,6 +47,20 @@ def measure(contenders: dict[str, Callable[[], None]], repeat: int = 3,
             os.sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def size_arguments(description: str) -> argparse.Namespace:
+    """--size MIB, --repeat N, --quick (128 MiB, one run) and --workdir, parsed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--size', type=int, default=1024, help='image size in MiB')
+    parser.add_argument('--repeat', type=int, default=3, help='runs per contender (median)')
+    parser.add_argument('--quick', action='store_true', help='128 MiB, one run each')
+    parser.add_argument('--workdir', default=os.path.join(REPO, '.cache', 'bench'))
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.repeat = 128, 1
+    os.makedirs(args.workdir, exist_ok=True)
+    return args
 
 
 def run(*command: str) -> None:

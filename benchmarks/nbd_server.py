@@ -16,7 +16,6 @@ default connections (one per CPU when the server allows multi-conn) and with
 one connection, and ``qemu-img convert`` to a null-co target. Rounds alternate
 the order of the servers; the file is read into the page cache before each run.
 """
-import argparse
 import os
 import shutil
 import statistics
@@ -168,15 +167,7 @@ def throughput(work: str, size: int, repeat: int) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--size', type=int, default=1024, help='image size in MiB')
-    parser.add_argument('--repeat', type=int, default=3, help='rounds (median)')
-    parser.add_argument('--quick', action='store_true', help='128 MiB, one round')
-    parser.add_argument('--workdir', default=os.path.join(common.REPO, '.cache', 'bench'))
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.repeat = 128, 1
-    os.makedirs(args.workdir, exist_ok=True)
+    args = common.size_arguments(__doc__.splitlines()[0])
     work = tempfile.mkdtemp(dir=args.workdir)
     try:
         build_image(os.path.join(work, 'image.raw'), args.size)

@@ -6,7 +6,6 @@ Import and export are timed against `cp` and `qemu-img convert` of the same imag
 (speed ratio = baseline time / our time: above 1 means we are faster). Snapshot cost
 is the stored bytes a snapshot adds, against the bytes it actually changed.
 """
-import argparse
 import os
 import random
 import shutil
@@ -183,16 +182,8 @@ def _apply_changes(data: bytearray, rng: random.Random, workload: str, chunk_siz
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--size', type=int, default=1024, help='image size in MiB')
-    parser.add_argument('--repeat', type=int, default=3, help='runs per contender (median)')
-    parser.add_argument('--quick', action='store_true', help='128 MiB, one run each')
-    parser.add_argument('--workdir', default=os.path.join(common.REPO, '.cache', 'bench'))
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.repeat = 128, 1
+    args = common.size_arguments(__doc__.splitlines()[0])
     CONF([], project='vmcloud', default_config_files=[])
-    os.makedirs(args.workdir, exist_ok=True)
     work = tempfile.mkdtemp(dir=args.workdir)
     try:
         size = args.size * MIB

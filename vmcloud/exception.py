@@ -155,3 +155,53 @@ class FetchFailed(MirrorError):
 
 class NbdError(VmcloudError):
     """The NBD server cannot do what was asked: listen, serve an export, or run at all."""
+
+
+# -- scheduler -------------------------------------------------------------
+
+class NoValidHost(VmcloudError):
+    """Fewer instances fit on the hosts than the request needs at least."""
+
+    def __init__(self, requested: int, required: int, placed: int, hosts: int,
+                 filter_name: str | None = None, eliminated: int = 0):
+        self.requested = requested
+        self.required = required
+        self.placed = placed
+        self.hosts = hosts
+        self.filter_name = filter_name
+        self.eliminated = eliminated
+        asked = f'{requested} instance' + ('' if requested == 1 else 's')
+        if required != requested:
+            asked += f' (at least {required})'
+        if filter_name is None:
+            why = f'{hosts} candidate host' + ('' if hosts == 1 else 's')
+        else:
+            why = (f'filter {filter_name!r} eliminated the most hosts: '
+                   f'{eliminated} of {hosts}')
+        super().__init__(f'no valid host: asked for {asked}, only {placed} fit; {why}')
+
+
+# -- services --------------------------------------------------------------
+
+class DatabaseError(VmcloudError):
+    """The database cannot be reached or refused the work."""
+
+
+class MessagingError(VmcloudError):
+    """The message bus (RabbitMQ) cannot be reached, or a service did not answer."""
+
+
+class DeploymentNotFound(VmcloudError):
+    def __init__(self, deployment_id: str):
+        self.deployment_id = deployment_id
+        super().__init__(f'deployment {deployment_id} not found')
+
+
+class HostNotFound(VmcloudError):
+    def __init__(self, host: str):
+        self.host = host
+        super().__init__(f'compute host {host} is unknown')
+
+
+class InvalidRequest(VmcloudError):
+    """A request to the dispatcher makes no sense (a count below 1, min above max...)."""

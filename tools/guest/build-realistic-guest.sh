@@ -40,7 +40,7 @@ rm -rf "$rootfs/var/cache/apt/archives"/*.deb
 truncate -s 2G "$work/root.img"
 /sbin/mkfs.ext4 -q -F -L vmcloud-root -d "$rootfs" "$work/root.img"
 mv "$work/root.img" "$OUT/root.img"
-echo "console=ttyS0 quiet vmcloud.root=/dev/vda" > "$OUT/cmdline"
+echo "console=ttyS0 quiet no_timer_check vmcloud.root=/dev/vda" > "$OUT/cmdline"
 date -u +%FT%TZ > "$OUT/ready"
 echo "build-realistic-guest: $(du -sh --apparent-size "$OUT/root.img" | cut -f1) image, \
 $(du -sh "$OUT/root.img" | cut -f1) allocated"

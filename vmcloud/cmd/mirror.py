@@ -1,6 +1,7 @@
 """``vmcloud mirror serve``: serve instance disks over NBD from this node."""
 import argparse
 import signal
+import sys
 import threading
 
 from oslo_config import cfg
@@ -25,6 +26,10 @@ def do_serve(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             print(mirror.uri, flush=True)
         print('serving', flush=True)
         stop.wait()
+        stats = manager.cache.stats
+    print(f'fetched {stats.fetched_bytes} bytes ({stats.fetched_chunks} chunks) from the '
+          f'warehouse; {stats.hits} chunk reads served from this node, {stats.misses} waited '
+          'for a fetch', file=sys.stderr)
     return 0
 
 

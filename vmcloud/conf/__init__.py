@@ -7,6 +7,8 @@ from oslo_config import cfg
 from vmcloud.conf import compute
 from vmcloud.conf import mirror
 from vmcloud.conf import paths
+from vmcloud.conf import scheduler
+from vmcloud.conf import service
 from vmcloud.conf import storage
 
 CONF = cfg.CONF
@@ -14,4 +16,6 @@ CONF = cfg.CONF
 compute.register_opts(CONF)
 mirror.register_opts(CONF)
 paths.register_opts(CONF)
+scheduler.register_opts(CONF)
+service.register_opts(CONF)
 storage.register_opts(CONF)

@@ -4,9 +4,11 @@ from stevedore import extension
 from vmcloud.conf import compute
 from vmcloud.conf import mirror
 from vmcloud.conf import paths
+from vmcloud.conf import scheduler
+from vmcloud.conf import service
 from vmcloud.conf import storage
 
-_CONF_MODULES = (paths, storage, compute, mirror)
+_CONF_MODULES = (paths, storage, compute, mirror, scheduler, service)
 
 # Plugin namespaces whose classes declare their own options as
 # ``OPTION_GROUP`` and ``OPTIONS`` class attributes.

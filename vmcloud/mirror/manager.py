@@ -33,15 +33,19 @@ class Mirror:
 
 
 class MirrorManager:
-    def __init__(self, conf: cfg.ConfigOpts, warehouse: warehouse_mod.Warehouse | None = None):
+    def __init__(self, conf: cfg.ConfigOpts, warehouse: warehouse_mod.Warehouse | None = None,
+                 root: str | None = None):
+        """``root``, if given, holds this node's mirrors, cache and socket instead of the
+        configured paths: several nodes in one process (the all-in-one mode) each get one."""
         self.conf = conf
         self.warehouse = warehouse or warehouse_mod.Warehouse(conf)
         options = conf.mirror
-        self.cache = cache_mod.ChunkCache(options.cache_path, options.cache_size,
-                                          self.warehouse.read_chunk, options.fetch_attempts,
-                                          options.fetch_retry_wait)
+        self.mirrors_path = options.mirrors_path if root is None else f'{root}/mirrors'
+        self.cache = cache_mod.ChunkCache(
+            options.cache_path if root is None else f'{root}/chunk-cache', options.cache_size,
+            self.warehouse.read_chunk, options.fetch_attempts, options.fetch_retry_wait)
         self.profiles = profile_mod.ProfileStore(options.profiles_path)
-        self.socket = options.nbd_socket
+        self.socket = options.nbd_socket if root is None else f'{root}/nbd.sock'
         self._lock = threading.Lock()
         self._mirrors: dict[str, Mirror] = {}
         os.makedirs(os.path.dirname(self.socket), exist_ok=True)
@@ -51,7 +55,7 @@ class MirrorManager:
 
     def _directory(self, name: str) -> str:
         manifest_mod.validate_image_name(name, 'mirror')
-        return os.path.join(self.conf.mirror.mirrors_path, name)
+        return os.path.join(self.mirrors_path, name)
 
     def create(self, name: str, image: str) -> Mirror:
         """A new mirror of ``image`` (``NAME`` or ``NAME:VERSION``), served at once.
@@ -60,7 +64,7 @@ class MirrorManager:
         """
         directory = self._directory(name)
         manifest = self.warehouse.lookup(image)
-        os.makedirs(self.conf.mirror.mirrors_path, exist_ok=True)
+        os.makedirs(self.mirrors_path, exist_ok=True)
         try:
             os.mkdir(directory)
         except FileExistsError:
@@ -134,6 +138,10 @@ class MirrorManager:
 
     def _close(self, mirror: Mirror) -> None:
         self.server.remove_export(mirror.name)
+        needed = mirror.disk.fetched_indexes()
+        LOG.info('mirror %s: needed %d chunks of %s from the node cache; the node has fetched '
+                 '%d bytes from the warehouse', mirror.name, len(needed),
+                 mirror.disk.manifest.ref, self.cache.stats.fetched_bytes)
         if mirror.prefetcher is not None:
             mirror.prefetcher.stop()
         if mirror.records_profile and any(mirror.disk.recorder.profile().values()):

@@ -1,0 +1,1 @@
+"""Placement: filters and weighers run in a configured order, and consolidation policies."""

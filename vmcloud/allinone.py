@@ -1,0 +1,62 @@
+"""The whole cloud in one process: a dispatcher and compute managers on the fake:// transport."""
+import time
+
+from oslo_config import cfg
+
+from vmcloud import exception
+from vmcloud import rpc
+from vmcloud.compute import manager as compute_manager
+from vmcloud.dispatcher import manager as dispatcher_manager
+from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
+from vmcloud.storage import warehouse as warehouse_mod
+
+
+class AllInOne:
+    """``with AllInOne(conf, hosts=2) as cloud: cloud.api.deploy(...)``."""
+
+    def __init__(self, conf: cfg.ConfigOpts, hosts: int = 2, driver: str | None = None):
+        rpc.register_opts(conf)
+        conf.set_override('transport_url', 'fake://')
+        if driver is not None:
+            conf.set_override('driver', driver, 'compute')
+        self.conf = conf
+        self.warehouse = warehouse_mod.Warehouse(conf)
+        self.dispatcher = dispatcher_manager.Dispatcher(conf, self.warehouse)
+        self.computes = [compute_manager.ComputeManager(conf, f'node{i + 1}',
+                                                        warehouse=self.warehouse)
+                         for i in range(hosts)]
+        self.api = dispatcher_rpcapi.DispatcherAPI(conf)
+
+    def start(self, timeout: float = 30) -> 'AllInOne':
+        self.dispatcher.start()
+        for compute in self.computes:
+            compute.start()
+        deadline = time.monotonic() + timeout
+        while len([h for h in self.api.list_hosts() if h['up']]) < len(self.computes):
+            if time.monotonic() > deadline:
+                raise exception.MessagingError('compute managers did not report in time')
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        for compute in self.computes:
+            compute.stop(destroy_instances=True)
+        self.dispatcher.stop()
+
+    def __enter__(self) -> 'AllInOne':
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def wait(poll, done, timeout: float, what: str, interval: float = 0.2):
+    """Poll until ``done(result)``. :raises: GuestTimeout-like VmcloudError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = poll()
+        if done(result):
+            return result
+        if time.monotonic() > deadline:
+            raise exception.VmcloudError(f'{what} did not finish in {timeout:.0f} s')
+        time.sleep(interval)

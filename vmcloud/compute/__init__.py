@@ -1,0 +1,1 @@
+"""The compute manager: one per node, running instances on mirrors with a driver."""

@@ -1,0 +1,188 @@
+"""The compute manager: builds instances on mirrors, snapshots them, reports to the dispatcher."""
+import collections.abc
+import logging
+import os
+import threading
+import time
+
+from oslo_config import cfg
+
+from vmcloud import exception
+from vmcloud import rpc
+from vmcloud.compute import rpcapi as compute_rpcapi
+from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
+from vmcloud.drivers import base as driver_base
+from vmcloud.mirror import disk as disk_mod
+from vmcloud.mirror import manager as mirror_manager
+from vmcloud.storage import warehouse as warehouse_mod
+
+LOG = logging.getLogger(__name__)
+
+
+class _BarrierChanges(collections.abc.Mapping):
+    """A barrier's chunks as the warehouse's snapshot_chunks wants them, read on demand."""
+
+    def __init__(self, barrier: disk_mod.Barrier):
+        self._barrier = barrier
+
+    def __getitem__(self, index: int) -> bytes:
+        if index not in self._barrier.indexes:
+            raise KeyError(index)
+        return self._barrier.read_chunk(index)
+
+    def __iter__(self):
+        return iter(sorted(self._barrier.indexes))
+
+    def __len__(self) -> int:
+        return len(self._barrier.indexes)
+
+
+class ComputeManager:
+    """One node. Several can live in one process (all-in-one), each with its own ``host``."""
+
+    def __init__(self, conf: cfg.ConfigOpts, host: str | None = None,
+                 driver: driver_base.Driver | None = None,
+                 warehouse: warehouse_mod.Warehouse | None = None):
+        self.conf = conf
+        self.host = host or conf.host
+        self.warehouse = warehouse or warehouse_mod.Warehouse(conf)
+        self.driver = driver or driver_base.load(conf)
+        self.mirrors = mirror_manager.MirrorManager(
+            conf, self.warehouse, root=os.path.join(conf.state_path, 'nodes', self.host))
+        self.dispatcher = dispatcher_rpcapi.DispatcherAPI(conf)
+        self._frozen: dict[str, float] = {}
+        self._stopping = threading.Event()
+        self._server = rpc.server(conf, compute_rpcapi.TOPIC, self.host, [self])
+        self._heartbeat = threading.Thread(target=self._beat, daemon=True,
+                                           name=f'heartbeat-{self.host}')
+
+    def start(self) -> 'ComputeManager':
+        self._server.start()
+        self._heartbeat.start()
+        return self
+
+    def stop(self, destroy_instances: bool = False) -> None:
+        """Stop serving. The mirrors stop with this process, so running guests lose their disks."""
+        self._stopping.set()
+        self._server.stop()
+        self._server.wait()
+        if destroy_instances:
+            for name in self.driver.list_instances():
+                self._destroy(name)
+        self.mirrors.close()
+
+    # -- heartbeat ---------------------------------------------------------------
+
+    def capacity(self) -> dict:
+        capacity = self.driver.host_capacity()
+        return {'vcpus': capacity.cpus, 'memory_mib': capacity.memory_mib,
+                'disk_bytes_free': capacity.free_disk_bytes,
+                'fetched_bytes': self.mirrors.cache.stats.fetched_bytes}
+
+    def _beat(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.dispatcher.report_heartbeat(self.host, self.capacity())
+            except exception.VmcloudError as exc:
+                LOG.warning('heartbeat of %s not sent: %s', self.host, exc)
+            self._stopping.wait(self.conf.heartbeat_interval)
+
+    # -- building ----------------------------------------------------------------
+
+    @rpc.expose
+    def build_instance(self, ctxt: dict, instance: dict) -> None:
+        name = instance['name']
+        started = time.monotonic()
+        try:
+            mirror = self.mirrors.create(name, instance['image'])
+            boot = instance.get('boot') or {}
+            spec = driver_base.InstanceSpec(
+                name=name, disk=mirror.uri, disk_format='raw',
+                memory_mib=instance['memory_mib'], vcpus=instance['vcpus'],
+                kernel=boot.get('kernel'), initrd=boot.get('initrd'),
+                cmdline=boot.get('cmdline', '').replace('{name}', name))
+            self.driver.boot(spec, self.conf.compute.boot_timeout)
+            self.mirrors.follow_phases(self.driver, name)
+        except Exception as exc:  # every failure goes back to the dispatcher, named
+            LOG.warning('building %s on %s failed: %s', name, self.host, exc)
+            self._destroy(name)
+            self._report(self.dispatcher.build_failed, instance['id'], self.host,
+                         f'{type(exc).__name__}: {exc}')
+            return
+        disk = mirror.disk
+        needed = sum(disk.manifest.chunk_length(i) for i in disk.fetched_indexes())
+        self._report(self.dispatcher.instance_built, instance['id'], self.host,
+                     time.monotonic() - started, needed)
+
+    def _report(self, method, *args) -> None:
+        try:
+            method(*args)
+        except exception.VmcloudError as exc:
+            LOG.error('cannot report to the dispatcher: %s', exc)
+
+    @rpc.expose
+    def destroy_instance(self, ctxt: dict, name: str) -> None:
+        self._destroy(name)
+
+    def _destroy(self, name: str) -> None:
+        if name in self.driver.list_instances():
+            self.driver.destroy(name)
+        try:
+            self.mirrors.remove(name)
+        except exception.MirrorNotFound:
+            pass
+
+    # -- snapshots ---------------------------------------------------------------
+
+    @rpc.expose
+    def freeze(self, ctxt: dict, names: list[str]) -> dict:
+        errors = {}
+        for name in names:
+            try:
+                self.driver.freeze_io(name)
+                self._frozen[name] = time.monotonic()
+                errors[name] = ''
+            except exception.VmcloudError as exc:
+                errors[name] = str(exc)
+        return errors
+
+    @rpc.expose
+    def barrier_and_thaw(self, ctxt: dict, snapshot_id: str, items: list[dict]) -> dict:
+        results = {}
+        for item in items:
+            name = item['name']
+            try:
+                disk = self.mirrors.get(name).disk
+                barrier = disk.barrier()
+            except exception.VmcloudError as exc:
+                results[name] = {'error': str(exc)}
+                barrier = None
+            finally:
+                try:
+                    self.driver.thaw_io(name)
+                except exception.VmcloudError as exc:
+                    LOG.error('cannot resume %s after its snapshot barrier: %s', name, exc)
+            frozen_at = self._frozen.pop(name, None)
+            if barrier is None:
+                continue
+            pause_ms = (time.monotonic() - frozen_at) * 1000 if frozen_at else 0.0
+            results[name] = {'pause_ms': pause_ms, 'dirty_bytes': sum(
+                disk.manifest.chunk_length(i) for i in barrier.indexes)}
+            threading.Thread(target=self._upload, args=(snapshot_id, item, disk, barrier),
+                             daemon=True, name=f'upload-{name}').start()
+        return results
+
+    def _upload(self, snapshot_id: str, item: dict, disk: disk_mod.MirrorDisk,
+                barrier: disk_mod.Barrier) -> None:
+        try:
+            with barrier:
+                result = self.warehouse.snapshot_chunks(disk.manifest.ref,
+                                                        _BarrierChanges(barrier))
+            version, uploaded, error = str(result.manifest.ref), result.new_bytes, ''
+            LOG.info('snapshot of %s stored as %s: %d bytes new', item['name'], version,
+                     uploaded)
+        except Exception as exc:  # reported, not lost in a thread
+            LOG.error('snapshot of %s failed: %s', item['name'], exc)
+            version, uploaded, error = '', 0, f'{type(exc).__name__}: {exc}'
+        self._report(self.dispatcher.snapshot_item_done, snapshot_id, item['instance_id'],
+                     version, uploaded, error)

@@ -1,0 +1,35 @@
+import socket
+
+from oslo_config import cfg
+
+service_opts = [
+    cfg.StrOpt('host', default=socket.gethostname(), sample_default='<hostname>',
+               help='Name of this compute node, unique in the cloud; its RPC server '
+                    'listens on this name.'),
+    cfg.IntOpt('heartbeat_interval', default=5, min=1,
+               help='Seconds between two heartbeats a compute manager sends the dispatcher.'),
+    cfg.IntOpt('service_down_time', default=20, min=2,
+               help='Seconds without a heartbeat after which the dispatcher marks a compute '
+                    'node down, and its instances with it.'),
+    cfg.IntOpt('rpc_call_timeout', default=120, min=1,
+               help='Seconds an RPC call waits for its answer.'),
+]
+
+database_group = cfg.OptGroup('database', title='Database',
+                              help='Where the dispatcher keeps the state of the cloud.')
+
+database_opts = [
+    cfg.StrOpt('connection', default='sqlite:///$state_path/vmcloud.sqlite', secret=True,
+               help='SQLAlchemy URL: sqlite:///PATH (the default) or '
+                    'postgresql+psycopg://USER:PASSWORD@HOST/DB.'),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    conf.register_opts(service_opts)
+    conf.register_group(database_group)
+    conf.register_opts(database_opts, group=database_group)
+
+
+def list_opts() -> dict:
+    return {'DEFAULT': service_opts, database_group: database_opts}

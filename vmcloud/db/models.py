@@ -1,0 +1,86 @@
+"""Tables. Schema changes go through an alembic migration in vmcloud/db/migrations."""
+import datetime
+
+from sqlalchemy import BigInteger
+from sqlalchemy import ForeignKey
+from sqlalchemy import String
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import Mapped
+from sqlalchemy.orm import mapped_column
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Host(Base):
+    __tablename__ = 'hosts'
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    up: Mapped[bool]
+    vcpus: Mapped[int]
+    memory_mib: Mapped[int]
+    disk_bytes_free: Mapped[int] = mapped_column(BigInteger)
+    last_heartbeat: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+
+
+class Deployment(Base):
+    __tablename__ = 'deployments'
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    image: Mapped[str] = mapped_column(String(255))  # IMAGE:VERSION
+    count: Mapped[int]
+    min_count: Mapped[int]
+    vcpus: Mapped[int]
+    memory_mib: Mapped[int]
+    # How instances boot (kernel, initrd, cmdline), as JSON; kept for rebuilds on retry.
+    boot: Mapped[str] = mapped_column(String(4000), default='{}')
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(2000), default='')
+    created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+
+
+class Instance(Base):
+    __tablename__ = 'instances'
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey('deployments.id'), index=True)
+    image: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str | None] = mapped_column(String(255), index=True)
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(2000), default='')
+    attempts: Mapped[int] = mapped_column(default=0)
+    # Hosts a build already failed on, comma separated: a retry goes elsewhere.
+    failed_hosts: Mapped[str] = mapped_column(String(2000), default='')
+    boot_seconds: Mapped[float | None]
+    fetched_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Snapshot(Base):
+    __tablename__ = 'snapshots'
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey('deployments.id'), index=True)
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(2000), default='')
+    created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+
+
+class SnapshotItem(Base):
+    __tablename__ = 'snapshot_items'
+
+    snapshot_id: Mapped[str] = mapped_column(ForeignKey('snapshots.id'), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(ForeignKey('instances.id'), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32))
+    version: Mapped[str] = mapped_column(String(255), default='')  # IMAGE:VERSION once stored
+    reason: Mapped[str] = mapped_column(String(2000), default='')
+    pause_ms: Mapped[float | None]
+    dirty_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    uploaded_bytes: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,0 +1,1 @@
+"""The dispatcher: API entry, scheduler and global manager of the cloud."""

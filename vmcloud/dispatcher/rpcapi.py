@@ -1,0 +1,67 @@
+"""How clients (the CLI, compute managers, middleware) talk to the dispatcher."""
+from oslo_config import cfg
+
+from vmcloud import rpc
+
+TOPIC = 'vmcloud-dispatcher'
+
+
+class DispatcherAPI:
+    def __init__(self, conf: cfg.ConfigOpts):
+        self._client = rpc.Client(conf, TOPIC, 'dispatcher')
+
+    # -- for clients -------------------------------------------------------------
+
+    def deploy(self, image: str, count: int, min_count: int | None = None, vcpus: int = 1,
+               memory_mib: int = 256, boot: dict | None = None) -> dict:
+        """Deploy ``count`` instances of ``image`` (all or at least ``min_count``).
+
+        ``boot`` may name a ``kernel``, ``initrd`` and ``cmdline`` (``{name}`` in
+        it becomes the instance's name).
+
+        :raises: ImageNotFound, NoValidHost, InvalidRequest, MessagingError.
+        """
+        return self._client.call('deploy', image=image, count=count, min_count=min_count,
+                                 vcpus=vcpus, memory_mib=memory_mib, boot=boot or {})
+
+    def deploy_snapshot(self, snapshot_id: str, boot: dict | None = None) -> dict:
+        """One instance per instance of a finished snapshot, each from its own version."""
+        return self._client.call('deploy_snapshot', snapshot_id=snapshot_id, boot=boot or {})
+
+    def list_deployments(self) -> list[dict]:
+        return self._client.call('list_deployments')
+
+    def show_deployment(self, deployment_id: str) -> dict:
+        return self._client.call('show_deployment', deployment_id=deployment_id)
+
+    def delete_deployment(self, deployment_id: str) -> dict:
+        return self._client.call('delete_deployment', deployment_id=deployment_id)
+
+    def snapshot(self, deployment_id: str) -> dict:
+        """Snapshot every active instance of a deployment at one barrier."""
+        return self._client.call('snapshot', deployment_id=deployment_id)
+
+    def show_snapshot(self, snapshot_id: str) -> dict:
+        return self._client.call('show_snapshot', snapshot_id=snapshot_id)
+
+    def list_hosts(self) -> list[dict]:
+        return self._client.call('list_hosts')
+
+    # -- for compute managers ------------------------------------------------------
+
+    def report_heartbeat(self, host: str, capacity: dict) -> None:
+        self._client.cast('report_heartbeat', host=host, capacity=capacity)
+
+    def instance_built(self, instance_id: str, host: str, boot_seconds: float,
+                       fetched_bytes: int) -> None:
+        self._client.cast('instance_built', instance_id=instance_id, host=host,
+                          boot_seconds=boot_seconds, fetched_bytes=fetched_bytes)
+
+    def build_failed(self, instance_id: str, host: str, reason: str) -> None:
+        self._client.cast('build_failed', instance_id=instance_id, host=host, reason=reason)
+
+    def snapshot_item_done(self, snapshot_id: str, instance_id: str, version: str,
+                           uploaded_bytes: int, error: str = '') -> None:
+        self._client.cast('snapshot_item_done', snapshot_id=snapshot_id,
+                          instance_id=instance_id, version=version,
+                          uploaded_bytes=uploaded_bytes, error=error)

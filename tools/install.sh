@@ -13,6 +13,8 @@ PACKAGES=(
     busybox-static cpio e2fsprogs debootstrap xz-utils zstd kmod
     # NBD servers and clients
     nbdkit nbdkit-plugin-python libnbd-bin
+    # The services' message bus and database (multi-process mode)
+    rabbitmq-server postgresql
 )
 
 missing=()

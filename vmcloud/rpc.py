@@ -46,6 +46,15 @@ def transport(conf: cfg.ConfigOpts) -> messaging.Transport:
         return _transports[url]
 
 
+def cleanup() -> None:
+    """Close every transport this process opened (their connections and threads)."""
+    with _lock:
+        transports = list(_transports.values())
+        _transports.clear()
+    for each in transports:
+        each.cleanup()
+
+
 def notifier(conf: cfg.ConfigOpts, publisher: str) -> messaging.Notifier:
     """Notifications go where ``[oslo_messaging_notifications]`` says (nowhere by default)."""
     return messaging.Notifier(messaging.get_notification_transport(conf),

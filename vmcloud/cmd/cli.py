@@ -6,8 +6,12 @@ from oslo_config import cfg
 
 import vmcloud.conf
 from vmcloud import exception
+from vmcloud.cmd import cloud
+from vmcloud.cmd import demo
 from vmcloud.cmd import image
 from vmcloud.cmd import mirror
+from vmcloud.cmd import service
+from vmcloud.cmd import simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest='group', required=True, metavar='COMMAND')
     image.add_parser(groups)
     mirror.add_parser(groups)
+    cloud.add_parsers(groups)
+    service.add_parsers(groups)
+    demo.add_parser(groups)
+    simulate.add_parser(groups)
     return parser
 
 
@@ -40,6 +48,9 @@ def load_config(args: argparse.Namespace) -> cfg.ConfigOpts:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    cloud.check(args, parser)
+    if getattr(args, 'log', False):
+        service.setup_logging()
     try:
         conf = load_config(args)
         return args.handler(conf, args) or 0

@@ -219,3 +219,8 @@ class LibvirtDriverTest(RealGuestConformance, base.TestCase):
         error = self.assertRaises(exception.HypervisorUnavailable, self.driver.spawn,
                                   self.make_spec())
         self.assertIn('no-such-host.invalid', str(error))
+
+
+class SimDriverTest(DriverConformance, base.TestCase):
+    driver_name = 'sim'
+    boots_real_guest = False

@@ -1,0 +1,156 @@
+"""The dispatcher and two compute managers as separate processes on RabbitMQ and PostgreSQL.
+
+tools/start-services.sh starts both (the README's test command runs it). Each
+test gets its own RabbitMQ virtual host and its own database.
+"""
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import testtools.content
+
+from vmcloud import allinone
+from vmcloud import exception
+from vmcloud import rpc
+from vmcloud.dispatcher import rpcapi
+from vmcloud.drivers import base as driver_base
+from vmcloud.storage import warehouse
+from tests import base
+from tests import guest
+
+TIMEOUT = 180
+
+
+def admin(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=60)
+
+
+class MultiProcessTest(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        tag = uuid.uuid4().hex[:10]
+        vhost, database = f'vmcloud-{tag}', f'vmcloud_{tag}'
+        admin('rabbitmqctl', '-q', 'add_vhost', vhost)
+        self.addCleanup(admin, 'rabbitmqctl', '-q', 'delete_vhost', vhost)
+        self.addCleanup(rpc.cleanup)  # before the vhost goes: no reconnecting to it
+        admin('rabbitmqctl', '-q', 'set_permissions', '-p', vhost, 'guest', '.*', '.*', '.*')
+        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
+        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
+        self.options = {
+            'DEFAULT': {'transport_url': f'rabbit://guest:guest@127.0.0.1:5672/{vhost}',
+                        'heartbeat_interval': 1, 'service_down_time': 5,
+                        'rpc_call_timeout': 60},
+            'database': {'connection':
+                         f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}'},
+        }
+        self.config = self.write_config(**self.options)
+        rpc.register_opts(self.conf)
+        for group, values in self.options.items():
+            for key, value in values.items():
+                self.conf.set_override(key, value, None if group == 'DEFAULT' else group)
+        warehouse.Warehouse(self.conf).import_image(guest.path('disk.img'), 'guest')
+        self.api = rpcapi.DispatcherAPI(self.conf)
+        self.driver = driver_base.load(self.conf, 'qemu')  # reads the computes' console logs
+        self.services = {}
+        self.start('dispatcher', 'dispatcher')
+        for host in ('node1', 'node2'):
+            self.start(host, 'compute', '--host', host)
+        allinone.wait(self.api.list_hosts, lambda hosts: len([h for h in hosts if h['up']]) == 2,
+                      TIMEOUT, 'two compute hosts up')
+        self.boot = {'kernel': guest.path('vmlinuz'), 'initrd': guest.path('initrd.img'),
+                     'cmdline': guest.CMDLINE + ' vmcloud.id={name}'}
+
+    def start(self, name: str, *args: str) -> None:
+        path = os.path.join(self.tmp, f'{name}.log')
+        log = open(path, 'w')
+        self.addCleanup(log.close)
+        self.addOnException(lambda _: self.addDetail(
+            f'{name}.log', testtools.content.content_from_file(path, buffer_now=True)))
+        process = subprocess.Popen([sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file',
+                                    self.config, *args], stdout=log, stderr=subprocess.STDOUT)
+        self.services[name] = process
+        self.addCleanup(self.stop, process)
+
+        # A call sent before the service's queue exists is lost and waits for its timeout.
+        def started():
+            with open(path) as f:
+                return process.poll() is not None or 'running\n' in f.read()
+        allinone.wait(lambda: None, lambda _: started(), TIMEOUT, f'{name} to start')
+        self.assertIsNone(process.poll(), f'{name} exited')
+
+    def stop(self, process: subprocess.Popen) -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def settle(self, deployment: dict) -> dict:
+        return allinone.wait(lambda: self.api.show_deployment(deployment['id']),
+                             lambda d: d['state'] != 'building', TIMEOUT, 'deployment')
+
+    def running(self, deployment: dict) -> dict:
+        deployment = self.settle(deployment)
+        self.assertEqual('active', deployment['state'], deployment)
+        for instance in deployment['instances']:
+            self.driver.wait_for_event(instance['name'], driver_base.APP_RUNNING, TIMEOUT)
+        return deployment
+
+    def test_deploy_8_snapshot_redeploy(self):
+        first = self.running(self.api.deploy('guest', 8, boot=self.boot))
+        self.assertEqual({'node1', 'node2'}, {i['host'] for i in first['instances']})
+        snapshot = self.api.snapshot(first['id'])
+        snapshot = allinone.wait(lambda: self.api.show_snapshot(snapshot['id']),
+                                 lambda s: s['state'] != 'uploading', TIMEOUT, 'snapshot')
+        self.assertEqual('available', snapshot['state'], snapshot)
+        names = {i['id']: i['name'] for i in first['instances']}
+        origin = {item['version']: names[item['instance_id']] for item in snapshot['items']}
+        self.api.delete_deployment(first['id'])
+        second = self.running(self.api.deploy_snapshot(snapshot['id']))
+        for instance in second['instances']:
+            self.assertIn(f'VMCLOUD-PREVIOUS {origin[instance["image"]]}',
+                          self.driver.console_log(instance['name']))
+
+    def test_a_compute_manager_killed_mid_deploy(self):
+        deployment = self.api.deploy('guest', 6, boot=self.boot)
+        self.services['node2'].send_signal(signal.SIGKILL)
+        self.services['node2'].wait()
+        victims = [i['name'] for i in deployment['instances'] if i['host'] == 'node2']
+        self.addCleanup(self.kill_orphans, victims)
+        deployment = self.settle(deployment)
+        for instance in deployment['instances']:
+            self.assertIn(instance['state'], ('active', 'error'), instance)
+            if instance['state'] == 'error':
+                self.assertTrue(instance['reason'])
+            else:
+                self.assertEqual('node1', instance['host'])
+        hosts = {h['name']: h['up'] for h in self.api.list_hosts()}
+        self.assertEqual({'node1': True, 'node2': False}, hosts)
+
+    def kill_orphans(self, names: list[str]) -> None:
+        # The killed manager's qemu processes outlive it: a real node would reboot.
+        for name in names:
+            for pid in guest.qemu_processes_named(name):
+                os.kill(pid, signal.SIGKILL)
+
+    def test_bad_requests_change_nothing(self):
+        self.assertRaises(exception.ImageNotFound, self.api.deploy, 'nosuch', 1)
+        error = self.assertRaises(exception.NoValidHost, self.api.deploy, 'guest', 500)
+        self.assertIn('500', str(error))
+        self.assertRaises(exception.InvalidRequest, self.api.deploy, 'guest', 0)
+        self.assertEqual([], self.api.list_deployments())
+        cli = [sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file', self.config]
+        result = subprocess.run(cli + ['deploy', 'nosuch', '-n', '2'], capture_output=True,
+                                text=True, timeout=120)
+        self.assertEqual(1, result.returncode)
+        self.assertIn('image nosuch not found', result.stderr)
+        bad = self.write_config(**dict(self.options, compute={'driver': 'nosuch'}))
+        result = subprocess.run([sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file', bad,
+                                 'compute', '--host', 'node3'], capture_output=True, text=True,
+                                timeout=120)
+        self.assertEqual(1, result.returncode)
+        self.assertIn("unknown vmcloud.drivers plugin 'nosuch'", result.stderr)

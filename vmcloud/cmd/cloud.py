@@ -1,0 +1,138 @@
+"""``vmcloud deploy|list|show|snapshot|delete|hosts``: requests to the dispatcher."""
+import argparse
+
+from oslo_config import cfg
+
+from vmcloud import allinone
+from vmcloud.cmd import output
+from vmcloud.dispatcher import rpcapi
+
+INSTANCE_COLUMNS = ('name', 'host', 'state', 'image', 'boot_seconds', 'reason')
+
+
+def _api(conf: cfg.ConfigOpts) -> rpcapi.DispatcherAPI:
+    return rpcapi.DispatcherAPI(conf)
+
+
+def _boot(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (('kernel', args.kernel), ('initrd', args.initrd),
+                              ('cmdline', args.cmdline)) if v}
+
+
+def _wait_deployment(api: rpcapi.DispatcherAPI, deployment: dict, args) -> dict:
+    bar = output.ProgressBar(f'deploying {deployment["id"][:8]}', unit='instances',
+                             enabled=args.progress)
+
+    def poll():
+        current = api.show_deployment(deployment['id'])
+        bar(sum(1 for i in current['instances'] if i['state'] != 'building'),
+            len(current['instances']))
+        return current
+    try:
+        return allinone.wait(poll, lambda d: d['state'] != 'building', args.timeout,
+                             f'deployment {deployment["id"]}')
+    finally:
+        bar.close()
+
+
+def _show(deployment: dict, fmt: str) -> None:
+    if fmt == 'json':
+        output.emit_record(deployment, fmt)
+        return
+    output.emit_record({k: v for k, v in deployment.items() if k != 'instances'}, fmt)
+    output.emit(deployment['instances'], INSTANCE_COLUMNS, fmt)
+
+
+def do_deploy(conf, args) -> int:
+    api = _api(conf)
+    if args.from_snapshot:
+        deployment = api.deploy_snapshot(args.from_snapshot, _boot(args))
+    else:
+        deployment = api.deploy(args.image, args.count, args.min_count, args.vcpus,
+                                args.memory, _boot(args))
+    if args.wait:
+        deployment = _wait_deployment(api, deployment, args)
+    _show(deployment, args.fmt)
+    return 0 if deployment['state'] in ('active', 'building') else 1
+
+
+def do_list(conf, args) -> int:
+    output.emit(_api(conf).list_deployments(),
+                ('id', 'image', 'count', 'state', 'created_at', 'reason'), args.fmt)
+    return 0
+
+
+def do_show(conf, args) -> int:
+    _show(_api(conf).show_deployment(args.deployment), args.fmt)
+    return 0
+
+
+def do_snapshot(conf, args) -> int:
+    api = _api(conf)
+    snapshot = api.snapshot(args.deployment)
+    if args.wait:
+        snapshot = allinone.wait(lambda: api.show_snapshot(snapshot['id']),
+                                 lambda s: s['state'] != 'uploading', args.timeout,
+                                 f'snapshot {snapshot["id"]}')
+    if args.fmt == 'json':
+        output.emit_record(snapshot, args.fmt)
+    else:
+        output.emit_record({k: v for k, v in snapshot.items() if k != 'items'}, args.fmt)
+        output.emit(snapshot['items'], ('instance_id', 'state', 'version', 'pause_ms',
+                                        'dirty_bytes', 'uploaded_bytes', 'reason'), args.fmt)
+    return 0 if snapshot['state'] in ('available', 'uploading') else 1
+
+
+def do_delete(conf, args) -> int:
+    _show(_api(conf).delete_deployment(args.deployment), args.fmt)
+    return 0
+
+
+def do_hosts(conf, args) -> int:
+    output.emit(_api(conf).list_hosts(), ('name', 'up', 'vcpus', 'vcpus_used', 'memory_mib',
+                                          'memory_mib_used', 'instances', 'last_heartbeat'),
+                args.fmt)
+    return 0
+
+
+def add_parsers(groups: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('-f', dest='fmt', choices=('table', 'json'), default='table')
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument('--wait', action='store_true', help='wait until it is done')
+    waiting.add_argument('--timeout', type=float, default=600, help='seconds --wait waits')
+    waiting.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None)
+
+    sub = groups.add_parser('deploy', parents=[common, waiting],
+                            help='deploy N instances of an image, or redeploy a snapshot')
+    sub.set_defaults(handler=do_deploy)
+    sub.add_argument('image', nargs='?', metavar='IMAGE[:VERSION]')
+    sub.add_argument('-n', '--count', type=int, default=1)
+    sub.add_argument('--min-count', type=int, help='deploy if at least this many fit')
+    sub.add_argument('--vcpus', type=int, default=1)
+    sub.add_argument('--memory', type=int, default=256, help='MiB per instance')
+    sub.add_argument('--kernel', help='boot this kernel directly (a path on the compute nodes)')
+    sub.add_argument('--initrd')
+    sub.add_argument('--cmdline', help="kernel command line; '{name}' is the instance name")
+    sub.add_argument('--from-snapshot', metavar='SNAPSHOT',
+                     help='one instance per instance of this snapshot, from its version')
+
+    groups.add_parser('list', parents=[common], help='list deployments').set_defaults(
+        handler=do_list)
+    sub = groups.add_parser('show', parents=[common], help='show a deployment')
+    sub.set_defaults(handler=do_show)
+    sub.add_argument('deployment')
+    sub = groups.add_parser('snapshot', parents=[common, waiting],
+                            help='snapshot every instance of a deployment at once')
+    sub.set_defaults(handler=do_snapshot)
+    sub.add_argument('deployment')
+    sub = groups.add_parser('delete', parents=[common], help='delete a deployment')
+    sub.set_defaults(handler=do_delete)
+    sub.add_argument('deployment')
+    groups.add_parser('hosts', parents=[common], help='list compute hosts').set_defaults(
+        handler=do_hosts)
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if getattr(args, 'handler', None) is do_deploy and not (args.image or args.from_snapshot):
+        parser.error('deploy needs an IMAGE or --from-snapshot')

@@ -1,0 +1,116 @@
+"""``vmcloud demo``: the all-in-one cloud deploys, snapshots and redeploys real guests."""
+import argparse
+import os
+import time
+
+from oslo_config import cfg
+
+from vmcloud import allinone
+from vmcloud import exception
+from vmcloud.cmd import output
+from vmcloud.drivers import base as driver_base
+
+
+class _Demo:
+    def __init__(self, conf: cfg.ConfigOpts, args: argparse.Namespace):
+        self.args = args
+        self.cloud = allinone.AllInOne(conf, hosts=args.hosts, driver=args.driver)
+        self.api = self.cloud.api
+        self.rows: list[dict] = []
+
+    def step(self, what: str, started: float, **facts) -> None:
+        row = {'step': what, 'seconds': f'{time.monotonic() - started:.2f}'}
+        row.update(facts)
+        self.rows.append(row)
+        print(f'{what}: {row["seconds"]} s', flush=True)
+
+    def fetched(self) -> int:
+        return sum(c.mirrors.cache.stats.fetched_bytes for c in self.cloud.computes)
+
+    def settle(self, deployment: dict) -> dict:
+        deployment = allinone.wait(lambda: self.api.show_deployment(deployment['id']),
+                                   lambda d: d['state'] != 'building', self.args.timeout,
+                                   'deployment')
+        if deployment['state'] != 'active':
+            raise exception.VmcloudError(f'deployment ended {deployment["state"]}: '
+                                         f'{deployment["reason"]}')
+        for instance in deployment['instances']:
+            compute = next(c for c in self.cloud.computes if c.host == instance['host'])
+            compute.driver.wait_for_event(instance['name'], driver_base.APP_RUNNING,
+                                          self.args.timeout)
+        return deployment
+
+    def run(self) -> None:
+        warehouse = self.cloud.warehouse
+        if 'guest' not in warehouse.images():
+            warehouse.import_image(os.path.join(self.args.guest, 'disk.img'), 'guest')
+        image = warehouse.lookup('guest')
+        boot = {'kernel': os.path.join(self.args.guest, 'vmlinuz'),
+                'initrd': os.path.join(self.args.guest, 'initrd.img'),
+                'cmdline': 'console=ttyS0 quiet no_timer_check vmcloud.id={name}'}
+        count = self.args.count
+
+        started = time.monotonic()
+        first = self.settle(self.api.deploy('guest', count, boot=boot))
+        self.step(f'deploy {count} on {self.args.hosts} nodes', started,
+                  fetched_bytes=self.fetched(), stored_bytes='',
+                  image_bytes=image.size)
+
+        started = time.monotonic()
+        stored_before = warehouse.stats().stored_bytes
+        snapshot = self.api.snapshot(first['id'])
+        pause = max(item['pause_ms'] or 0 for item in snapshot['items'])
+        snapshot = allinone.wait(lambda: self.api.show_snapshot(snapshot['id']),
+                                 lambda s: s['state'] != 'uploading', self.args.timeout,
+                                 'snapshot')
+        if snapshot['state'] != 'available':
+            raise exception.VmcloudError(f'snapshot ended {snapshot["state"]}: '
+                                         f'{snapshot["reason"]}')
+        dirty = sum(item['dirty_bytes'] for item in snapshot['items'])
+        self.step(f'snapshot {count} (longest pause {pause:.0f} ms)', started,
+                  fetched_bytes='', stored_bytes=warehouse.stats().stored_bytes - stored_before,
+                  dirty_bytes=dirty)
+
+        self.api.delete_deployment(first['id'])
+        fetched_before = self.fetched()
+        started = time.monotonic()
+        second = self.settle(self.api.deploy_snapshot(snapshot['id']))
+        self.step(f'deploy {count} from the snapshots', started,
+                  fetched_bytes=self.fetched() - fetched_before, stored_bytes='')
+        inherited = 0
+        names = {i['id']: i['name'] for i in first['instances']}
+        origin = {item['version']: names[item['instance_id']] for item in snapshot['items']}
+        for instance in second['instances']:
+            compute = next(c for c in self.cloud.computes if c.host == instance['host'])
+            log = compute.driver.console_log(instance['name'])
+            inherited += f'VMCLOUD-PREVIOUS {origin[instance["image"]]}' in log
+        print(f'{inherited} of {count} redeployed guests found the file their snapshot '
+              'source wrote', flush=True)
+        if inherited != count:
+            raise exception.VmcloudError('a snapshot lost what its guest wrote')
+
+    def report(self) -> None:
+        output.emit(self.rows, ('step', 'seconds', 'fetched_bytes', 'stored_bytes',
+                                'dirty_bytes', 'image_bytes'), 'table')
+
+
+def do_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    demo = _Demo(conf, args)
+    demo.cloud.start()
+    try:
+        demo.run()
+    finally:
+        demo.cloud.stop()
+    demo.report()
+    return 0
+
+
+def add_parser(groups: argparse._SubParsersAction) -> None:
+    sub = groups.add_parser('demo', help='all-in-one: deploy, snapshot and redeploy N guests')
+    sub.set_defaults(handler=do_demo, log=False)
+    sub.add_argument('--guest', required=True,
+                     help='directory of the test guest (vmlinuz, initrd.img, disk.img)')
+    sub.add_argument('-n', '--count', type=int, default=8)
+    sub.add_argument('--hosts', type=int, default=2)
+    sub.add_argument('--driver', default='qemu', choices=('qemu', 'libvirt'))
+    sub.add_argument('--timeout', type=float, default=300)

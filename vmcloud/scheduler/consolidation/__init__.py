@@ -1,0 +1,120 @@
+"""Dynamic VM consolidation: find overloaded and underloaded hosts, and plan migrations.
+
+A policy is three plugins: an overload detector (``vmcloud.consolidation.overload``:
+thr, iqr, mad, lr, lrr), a VM selector (``vmcloud.consolidation.selection``: mmt,
+mc, mu, rs) and a placement (``vmcloud.consolidation.placement``: pabfd,
+first-fit). They work on a :class:`vmcloud.sim.cluster.Cluster` view, so the same
+objects plan for simulated hosts and for real ones described the same way.
+
+The planning follows Beloglazov & Buyya (CCPE 2012) as CloudSim 3.0.3 implements
+it (PowerVmAllocationPolicyMigrationAbstract.optimizeAllocation).
+"""
+import dataclasses
+
+import numpy as np
+
+from vmcloud import plugins
+
+OVERLOAD_NAMESPACE = 'vmcloud.consolidation.overload'
+SELECTION_NAMESPACE = 'vmcloud.consolidation.selection'
+PLACEMENT_NAMESPACE = 'vmcloud.consolidation.placement'
+
+
+@dataclasses.dataclass
+class Policy:
+    detector: object
+    selector: object
+    placement: object
+    name: str = ''
+
+    def plan(self, cluster) -> list[tuple[int, int]]:
+        """Migrations (vm, target host), in the order they should start.
+
+        The cluster's VM lists are changed while planning and put back at the end.
+        """
+        saved = cluster.snapshot()
+        try:
+            return self._plan(cluster)
+        finally:
+            cluster.restore(saved)
+
+    def _plan(self, cluster):
+        n = cluster.n_hosts
+        all_hosts = np.arange(n)
+        over = self.detector.overloaded(cluster, all_hosts)
+        to_move = []
+        for h in np.flatnonzero(over):
+            h = int(h)
+            while True:
+                vm = self.selector.select(cluster, h)
+                if vm is None:
+                    break
+                to_move.append(vm)
+                cluster.detach(vm, h)
+                if not self.detector.overloaded(cluster, np.array([h]))[0]:
+                    break
+        # hosts that were overloaded take nothing; place the busiest VMs first
+        to_move.sort(key=lambda v: -cluster.vm_req[v])
+        migrations = []
+        for vm in to_move:
+            target = self.placement.find_host(cluster, vm, over)
+            if target >= 0:
+                cluster.attach(vm, target)
+                migrations.append((vm, target))
+        migrations += self._empty_underloaded(cluster, over)
+        return migrations
+
+    def _empty_underloaded(self, cluster, over):
+        util = cluster.utilization()
+        off = cluster.util_mips == 0
+        skip = over | off              # never chosen as underloaded
+        closed = over | off            # never a target
+        moves = []
+        n = cluster.n_hosts
+        candidates = (util > 0) & (util < 1)
+        while skip.sum() != n:
+            open_ = candidates & ~skip
+            if not open_.any():
+                break
+            idx = np.flatnonzero(open_)
+            host = int(idx[np.argmin(util[idx])])
+            skip[host] = closed[host] = True
+            vms = cluster.migratable(host)
+            if not vms:
+                continue
+            vms.sort(key=lambda v: -cluster.vm_req[v])
+            placed = []
+            for vm in vms:
+                target = self.placement.find_host(cluster, vm, closed)
+                if target < 0:
+                    for v2, t2 in placed:
+                        cluster.detach(v2, t2)
+                    placed = []
+                    break
+                cluster.attach(vm, target)
+                placed.append((vm, target))
+            for _, t in placed:
+                skip[t] = True
+            moves += placed
+        return moves
+
+
+def load(name: str, param: float | None = None) -> Policy:
+    """A policy from its name, ``DETECTOR-SELECTOR[-PLACEMENT]`` (e.g. ``lr-mmt``).
+
+    :raises: PluginNotFound for an unknown part; ValueError for a malformed name.
+    """
+    parts = name.lower().split('-', 2)
+    if len(parts) not in (2, 3):
+        raise ValueError(f'policy {name!r} is not DETECTOR-SELECTOR[-PLACEMENT]')
+    detector = plugins.load(OVERLOAD_NAMESPACE, parts[0], param)
+    selector = plugins.load(SELECTION_NAMESPACE, parts[1])
+    placement = plugins.load(PLACEMENT_NAMESPACE, parts[2] if len(parts) == 3 else 'pabfd',
+                             detector)
+    return Policy(detector, selector, placement, name.lower())
+
+
+def available() -> dict[str, list[str]]:
+    return {'overload': plugins.available(OVERLOAD_NAMESPACE),
+            'selection': plugins.available(SELECTION_NAMESPACE),
+            'placement': plugins.available(PLACEMENT_NAMESPACE)}

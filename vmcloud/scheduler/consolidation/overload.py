@@ -1,0 +1,172 @@
+"""Host overload detection: static threshold (THR), IQR, MAD, local regression (LR, LRR).
+
+Each detector answers for the hosts' current VM lists (``overloaded``) and for the
+lists with one more VM (``overloaded_after``), which power-aware placement uses to
+refuse a target that the VM would overload.
+"""
+import abc
+import math
+
+import numpy as np
+
+from vmcloud.scheduler.consolidation import stats
+
+
+class OverloadDetector(abc.ABC):
+    """``param`` is the policy's one parameter (a threshold or a safety factor)."""
+
+    default_param: float = 0.0
+    uses_history = False
+
+    def __init__(self, param: float | None = None):
+        self.param = self.default_param if param is None else float(param)
+        if self.param < 0:
+            raise ValueError(f'{type(self).__name__} parameter must not be negative')
+
+    @abc.abstractmethod
+    def overloaded(self, cluster, hosts: np.ndarray) -> np.ndarray:
+        """A bool per host of ``hosts``."""
+
+    @abc.abstractmethod
+    def overloaded_after(self, cluster, hosts: np.ndarray, vm: int) -> np.ndarray:
+        """A bool per host of ``hosts``, as if ``vm`` were added to it."""
+
+
+class StaticThreshold(OverloadDetector):
+    """Overloaded when the requested MIPS exceed ``param`` of the host's capacity."""
+
+    default_param = 0.9
+
+    def overloaded(self, cluster, hosts):
+        hosts = np.asarray(hosts)
+        return cluster.req_sum[hosts] / cluster.host_mips[hosts] > self.param
+
+    def overloaded_after(self, cluster, hosts, vm):
+        return ((cluster.req_sum[hosts] + cluster.vm_req[vm]) / cluster.host_mips[hosts]
+                > self.param)
+
+
+class _HistoryDetector(OverloadDetector):
+    """A detector on the host's utilisation history, falling back to THR 0.7 on a short one."""
+
+    uses_history = True
+    min_history = 12
+    fallback_threshold = 0.7
+
+    def __init__(self, param=None):
+        super().__init__(param)
+        self.fallback = StaticThreshold(self.fallback_threshold)
+
+    def _lengths(self, hist: np.ndarray) -> np.ndarray:
+        nz = hist != 0
+        last = hist.shape[1] - np.argmax(nz[:, ::-1], axis=1)
+        return np.where(nz.any(axis=1), last, 1)
+
+    def overloaded(self, cluster, hosts):
+        hosts = np.asarray(hosts)
+        return self._decide(cluster, hosts, cluster.hist[hosts], cluster.req_sum[hosts],
+                            cluster.ram_max[hosts])
+
+    def overloaded_after(self, cluster, hosts, vm):
+        hist = cluster.hist[hosts] + (cluster.vm_hist[vm] * cluster.vm_mips[vm]
+                                      / cluster.host_mips[hosts][:, None])
+        return self._decide(cluster, hosts, hist, cluster.req_sum[hosts] + cluster.vm_req[vm],
+                            np.maximum(cluster.ram_max[hosts], cluster.vm_ram[vm]))
+
+    def _decide(self, cluster, hosts, hist, req, ram_max):
+        lengths = self._lengths(hist)
+        enough = lengths >= self.min_history
+        result = req / cluster.host_mips[hosts] > self.fallback.param
+        if enough.any():
+            idx = np.flatnonzero(enough)
+            result[idx] = self._history_decision(cluster, hosts[idx], hist[idx], lengths[idx],
+                                                 req[idx], ram_max[idx])
+        return result
+
+    @abc.abstractmethod
+    def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
+        """Decide for hosts with enough history (rows of ``hist``, newest first)."""
+
+
+class _DispersionDetector(_HistoryDetector):
+    """Overloaded when utilisation exceeds 1 - param * dispersion(history)."""
+
+    def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
+        out = np.empty(len(hosts), dtype=bool)
+        for i in range(len(hosts)):
+            threshold = 1 - self.param * self.dispersion(hist[i, :lengths[i]])
+            out[i] = req[i] / cluster.host_mips[hosts[i]] > threshold
+        return out
+
+    @staticmethod
+    @abc.abstractmethod
+    def dispersion(data: np.ndarray) -> float:
+        ...
+
+
+class InterQuartileRange(_DispersionDetector):
+    default_param = 1.5
+    dispersion = staticmethod(stats.iqr)
+
+
+class MedianAbsoluteDeviation(_DispersionDetector):
+    default_param = 2.5
+    dispersion = staticmethod(stats.mad)
+
+
+class LocalRegression(_HistoryDetector):
+    """Overloaded when param x the utilisation predicted one migration ahead reaches 1.
+
+    The prediction is a least-squares line over the last 10 history values,
+    evaluated ceil(longest migration of the host's VMs / interval) steps ahead.
+    """
+
+    default_param = 1.2
+    min_history = 10
+    window = 10
+
+    def __init__(self, param=None):
+        super().__init__(param)
+        self._weights = {}
+
+    def _ahead(self, cluster, hosts, ram_max):
+        seconds = ram_max / cluster.host_migration_rate[hosts]
+        return np.ceil(seconds / cluster.interval).astype(np.int64)
+
+    def predict(self, series_oldest_first: np.ndarray, ahead: int) -> float:
+        a, b = stats.loess_estimates(series_oldest_first)
+        return a + b * (len(series_oldest_first) + ahead)
+
+    def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
+        ahead = self._ahead(cluster, hosts, ram_max)
+        window = hist[:, :self.window][:, ::-1]
+        k0 = int(ahead[0])
+        if (ahead == k0).all():
+            return (window @ self._coefficients(k0)) * self.param >= 1
+        out = np.empty(len(hosts), dtype=bool)
+        for k in np.unique(ahead):
+            sel = ahead == k
+            out[sel] = (window[sel] @ self._coefficients(int(k))) * self.param >= 1
+        return out
+
+    def _coefficients(self, ahead: int) -> np.ndarray:
+        w = self._weights.get(ahead)
+        if w is None:
+            w = self._weights[ahead] = stats.prediction_weights(self.window, ahead)
+        return w
+
+
+class LocalRegressionRobust(LocalRegression):
+    """LR with CloudSim's robust (bisquare re-weighted) fit."""
+
+    def predict(self, series_oldest_first, ahead):
+        a, b = stats.robust_loess_estimates(series_oldest_first)
+        return a + b * (len(series_oldest_first) + ahead)
+
+    def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
+        ahead = self._ahead(cluster, hosts, ram_max)
+        out = np.empty(len(hosts), dtype=bool)
+        for i in range(len(hosts)):
+            p = self.predict(hist[i, :self.window][::-1], int(ahead[i]))
+            out[i] = not math.isnan(p) and p * self.param >= 1
+        return out

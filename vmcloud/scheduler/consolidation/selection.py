@@ -1,0 +1,82 @@
+"""Which VM to move off an overloaded host: MMT, MC, MU, RS."""
+import abc
+
+import numpy as np
+
+from vmcloud.scheduler.consolidation import stats
+
+
+class VmSelector(abc.ABC):
+    @abc.abstractmethod
+    def select(self, cluster, host: int) -> int | None:
+        """A VM of ``host`` that is not migrating already, or None if there is none."""
+
+
+class MinimumMigrationTime(VmSelector):
+    """The VM with the least RAM (the first such in the host's list)."""
+
+    def select(self, cluster, host):
+        best, best_ram = None, float('inf')
+        for v in cluster.migratable(host):
+            if cluster.vm_ram[v] < best_ram:
+                best, best_ram = v, cluster.vm_ram[v]
+        return best
+
+
+class MinimumUtilization(VmSelector):
+    """The VM requesting the smallest fraction of its MIPS."""
+
+    def select(self, cluster, host):
+        best, best_u = None, float('inf')
+        for v in cluster.migratable(host):
+            if cluster.vm_util[v] < best_u:
+                best, best_u = v, cluster.vm_util[v]
+        return best
+
+
+class RandomSelection(VmSelector):
+    """A VM drawn with the cluster's seeded random generator."""
+
+    def select(self, cluster, host):
+        vms = cluster.migratable(host)
+        if not vms:
+            return None
+        return vms[cluster.rng.randrange(len(vms))]
+
+
+class MaximumCorrelation(VmSelector):
+    """The VM whose utilisation history the others' histories explain best (largest R^2).
+
+    Falls back to MMT when the regression cannot be made (fewer history values than
+    VMs, a single VM, or linearly dependent histories).
+    """
+
+    def __init__(self, fallback: VmSelector | None = None):
+        self.fallback = fallback or MinimumMigrationTime()
+
+    def select(self, cluster, host):
+        vms = cluster.migratable(host)
+        if not vms:
+            return None
+        try:
+            metrics = self.correlations(cluster, vms)
+        except ValueError:
+            return self.fallback.select(cluster, host)
+        best, best_metric = 0, 5e-324  # Java's Double.MIN_VALUE: only positive R^2 wins
+        for i, m in enumerate(metrics):
+            if m > best_metric:
+                best, best_metric = i, m
+        return vms[best]
+
+    @staticmethod
+    def correlations(cluster, vms: list[int]) -> list[float]:
+        m = int(min(cluster.vm_hist_len[v] for v in vms))
+        data = cluster.vm_hist[vms, :m]
+        n = len(vms)
+        if n < 2:
+            raise ValueError('one VM has nothing to correlate with')
+        out = []
+        for i in range(n):
+            others = np.delete(data, i, axis=0).T
+            out.append(stats.r_squared(data[i], others))
+        return out

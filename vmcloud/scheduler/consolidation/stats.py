@@ -1,0 +1,138 @@
+"""The statistics the consolidation policies use, computed as CloudSim 3.0.3's MathUtil does."""
+import math
+
+import numpy as np
+
+MAX_DOUBLE = 1.7976931348623157e308
+
+
+def count_nonzero_beginning(data) -> int:
+    """Length of ``data`` without its trailing zeros, at least 1 (countNonZeroBeginning)."""
+    nz = np.flatnonzero(np.asarray(data))
+    return int(nz[-1]) + 1 if len(nz) else 1
+
+
+def trim_zero_tail(data) -> np.ndarray:
+    data = np.asarray(data, dtype=float)
+    n = count_nonzero_beginning(data)
+    if len(data) < n:
+        return np.zeros(n)
+    return data[:n]
+
+
+def median(data) -> float:
+    return float(np.median(np.asarray(data, dtype=float)))
+
+
+def mad(data) -> float:
+    """Median absolute deviation from the median."""
+    data = np.asarray(data, dtype=float)
+    if not len(data):
+        return 0.0
+    return median(np.abs(median(data) - data))
+
+
+def java_round(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def iqr(data) -> float:
+    """Interquartile range with CloudSim's quartile positions round(p (n + 1)) - 1."""
+    s = np.sort(np.asarray(data, dtype=float))
+    n = len(s)
+    q1 = java_round(0.25 * (n + 1)) - 1
+    q3 = java_round(0.75 * (n + 1)) - 1
+    return float(s[q3] - s[q1])
+
+
+def tricube_weights(n: int) -> np.ndarray:
+    """MathUtil.getTricubeWeigts: the inverse tricube kernel, first three equal."""
+    w = np.zeros(n)
+    top = spread = n - 1
+    for i in range(2, n):
+        k = (1 - ((top - i) / spread) ** 3) ** 3
+        w[i] = 1 / k if k > 0 else MAX_DOUBLE
+    w[0] = w[1] = w[2]
+    return w
+
+
+def tricube_bisquare_weights(residuals: np.ndarray) -> np.ndarray:
+    n = len(residuals)
+    w = tricube_weights(n)
+    w2 = np.zeros(n)
+    s6 = median(np.abs(residuals)) * 6
+    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
+        for i in range(2, n):
+            if s6:
+                r = residuals[i] / s6
+            else:
+                r = math.copysign(math.inf, residuals[i]) if residuals[i] else math.nan
+            k = (1 - r * r) ** 2
+            w2[i] = (1 / k) * w[i] if k > 0 else MAX_DOUBLE
+    w2[0] = w2[1] = w2[2]
+    return w2
+
+
+def simple_regression(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Ordinary least squares ``y = a + b x``: returns (a, b)."""
+    xm, ym = x.mean(), y.mean()
+    dx = x - xm
+    sxx = float(dx @ dx)
+    if sxx == 0:
+        return float('nan'), float('nan')
+    b = float(dx @ (y - ym)) / sxx
+    return float(ym - b * xm), b
+
+
+def weighted_regression(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """MathUtil.createWeigthedLinearRegression: weights apply only if >= 40% of them are zero."""
+    if np.count_nonzero(w <= 0) >= 0.4 * len(w):
+        with np.errstate(over='ignore', invalid='ignore'):
+            sw = np.sqrt(w)
+            return simple_regression(sw * x, sw * y)
+    return simple_regression(x, y)
+
+
+def loess_estimates(y) -> tuple[float, float]:
+    """Intercept and slope of the local regression over y[0] (oldest) .. y[-1] (newest)."""
+    y = np.asarray(y, dtype=float)
+    x = np.arange(1, len(y) + 1, dtype=float)
+    return weighted_regression(x, y, tricube_weights(len(y)))
+
+
+def robust_loess_estimates(y) -> tuple[float, float]:
+    """The robust variant: a second fit reweighted by the bisquare of the first fit's residuals."""
+    y = np.asarray(y, dtype=float)
+    n = len(y)
+    x = np.arange(1, n + 1, dtype=float)
+    a, b = weighted_regression(x, y, tricube_weights(n))
+    residuals = y - (a + b * x)
+    return weighted_regression(x, y, tricube_bisquare_weights(residuals))
+
+
+def prediction_weights(n: int, ahead: int) -> np.ndarray:
+    """c such that c @ y is the least-squares line over x = 1..n evaluated at x = n + ahead."""
+    x = np.arange(1, n + 1, dtype=float)
+    xm = x.mean()
+    dx = x - xm
+    return 1 / n + dx * (n + ahead - xm) / (dx @ dx)
+
+
+def r_squared(y: np.ndarray, x: np.ndarray) -> float:
+    """Coefficient of determination of y regressed on the columns of x, with an intercept.
+
+    :raises: ValueError where CloudSim's OLS refuses: no predictors, too few rows, or
+        linearly dependent columns.
+    """
+    m, p = x.shape
+    if p == 0 or m == 0 or p + 1 > m:
+        raise ValueError('not enough data for the regression')
+    design = np.hstack([np.ones((m, 1)), x])
+    beta, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
+    if rank < p + 1:
+        raise ValueError('singular design matrix')
+    residual = y - design @ beta
+    sst = float(((y - y.mean()) ** 2).sum())
+    if sst == 0:
+        return float('nan')
+    return 1 - float(residual @ residual) / sst

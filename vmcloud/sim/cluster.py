@@ -1,0 +1,196 @@
+"""The placement that consolidation policies see: hosts, the VMs on each, demands and histories.
+
+It mirrors what CloudSim's policies read during ``optimizeAllocation``: the VM lists
+(which the policies change freely while they plan, then put back), the MIPS each VM
+requests now, the MIPS each host's scheduler still has free, and each host's
+utilisation as measured at the last update (which planning does not change).
+"""
+import random
+
+import numpy as np
+
+HISTORY_LENGTH = 30
+
+
+class Cluster:
+    def __init__(self, hosts, vms, seed: int = 0, interval: float = 300.0):
+        self.interval = interval
+        self.n_hosts = len(hosts)
+        self.n_vms = len(vms)
+        self.host_types = sorted(set(hosts), key=hosts.index)
+        self.host_type = np.array([self.host_types.index(h) for h in hosts], dtype=np.int64)
+        self.host_mips = np.array([h.mips for h in hosts], dtype=float)
+        self.host_pe_mips = np.array([h.pe_mips for h in hosts], dtype=float)
+        self.host_ram = np.array([h.ram_mb for h in hosts], dtype=float)
+        self.host_bw = np.array([h.bw_kbps for h in hosts], dtype=float)
+        self.vm_mips = np.array([v.mips for v in vms], dtype=float)
+        self.vm_ram = np.array([v.ram_mb for v in vms], dtype=float)
+        self.vm_bw = np.array([v.bw_kbps for v in vms], dtype=float)
+        # RAM and bandwidth a VM holds on its host (its size is vm_ram either way)
+        self.vm_ram_req = self.vm_ram.copy()
+        self.vm_bw_req = self.vm_bw.copy()
+        # per host: a VM's migration takes RAM / (BW / 2) (half the link is left to the guests)
+        self.host_migration_rate = self.host_bw / (2 * 8000)  # MB/s
+        self.vm_host = np.full(self.n_vms, -1, dtype=np.int64)
+        self.host_vms: list[list[int]] = [[] for _ in range(self.n_hosts)]
+        self.vm_util = np.zeros(self.n_vms)       # fraction of its MIPS requested now
+        self.vm_req = np.zeros(self.n_vms)        # MIPS requested now
+        self.vm_hist = np.zeros((self.n_vms, HISTORY_LENGTH))  # newest first
+        self.vm_hist_len = np.zeros(self.n_vms, dtype=np.int64)
+        self.in_migration = np.zeros(self.n_vms, dtype=bool)
+        self.util_mips = np.zeros(self.n_hosts)   # measured at the last update
+        self.req_sum = np.zeros(self.n_hosts)
+        self.avail = self.host_mips.copy()
+        self.ram_used = np.zeros(self.n_hosts)
+        self.bw_used = np.zeros(self.n_hosts)
+        self.ram_max = np.zeros(self.n_hosts)
+        self.hist = np.zeros((self.n_hosts, HISTORY_LENGTH))
+        self.track_history = True
+        self.rng = random.Random(seed)
+        self.watts = np.array([self.host_types[t].power.watts for t in self.host_type])
+        self._rows = np.arange(self.n_hosts)
+        self.measured(self.util_mips)
+
+    def measured(self, util_mips: np.ndarray) -> None:
+        """Set the hosts' utilisation measured at an update (fixed while planning)."""
+        self.util_mips = util_mips
+        u = util_mips / self.host_mips
+        self.util_now = np.where((u > 1) & (u < 1.01), 1.0, u)
+        self.power_now = self.power(np.minimum(self.util_now, 1.0))
+        self.on = np.flatnonzero(util_mips != 0)
+        self._touched_off: set[int] = set()
+        self._candidates = None
+
+    # -- what the policies read ---------------------------------------------------------
+
+    def utilization(self) -> np.ndarray:
+        """Host CPU utilisation at the last update (CloudSim's getUtilizationOfCpu)."""
+        return self.util_now
+
+    def power(self, utilization: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
+        """Watts of ``hosts`` (default: all) at ``utilization`` (clipped to [0, 1])."""
+        rows = self._rows if hosts is None else hosts
+        u10 = np.clip(utilization, 0.0, 1.0) * 10
+        low = np.minimum(u10.astype(np.int64), 9)
+        w0 = self.watts[rows, low]
+        return w0 + (self.watts[rows, low + 1] - w0) * (u10 - low)
+
+    def candidates(self) -> np.ndarray:
+        """Hosts a placement must consider, in list order.
+
+        Hosts that were idle at the last update and have taken nothing since are
+        interchangeable within a host type, so only the first of each type is kept.
+        """
+        if self._candidates is None:
+            idle = np.ones(self.n_hosts, dtype=bool)
+            idle[self.on] = False
+            if self._touched_off:
+                idle[list(self._touched_off)] = False
+            keep = ~idle
+            for t in range(len(self.host_types)):
+                first = np.flatnonzero(idle & (self.host_type == t))
+                if len(first):
+                    keep[first[0]] = True
+            self._candidates = np.flatnonzero(keep)
+        return self._candidates
+
+    def suitable(self, vm: int) -> np.ndarray:
+        """Hosts that can take ``vm`` now: a PE, free MIPS, RAM and bandwidth for its request."""
+        r = self.vm_req[vm]
+        return ((self.host_pe_mips >= r) & (self.avail >= r)
+                & (self.host_ram - self.ram_used >= self.vm_ram_req[vm])
+                & (self.host_bw - self.bw_used >= self.vm_bw_req[vm]))
+
+    def host_history(self, host: int) -> np.ndarray:
+        """The host's utilisation history, newest first, without its zero tail."""
+        from vmcloud.scheduler.consolidation import stats
+        return stats.trim_zero_tail(self.hist[host])
+
+    def migration_time(self, vm: int, host: int) -> float:
+        return self.vm_ram[vm] / self.host_migration_rate[host]
+
+    def migratable(self, host: int) -> list[int]:
+        return [v for v in self.host_vms[host] if not self.in_migration[v]]
+
+    # -- what planning changes ------------------------------------------------------------
+
+    def attach(self, vm: int, host: int) -> None:
+        """Create ``vm`` on ``host`` (CloudSim's Host.vmCreate)."""
+        self.host_vms[host].append(vm)
+        r = self.vm_req[vm]
+        self.req_sum[host] += r
+        pe = self.host_pe_mips[host]
+        c = r if r < pe else pe
+        free = self.avail[host]
+        self.avail[host] = free - c if free >= c else 0.0
+        self.ram_used[host] += self.vm_ram_req[vm]
+        self.bw_used[host] += self.vm_bw_req[vm]
+        if self.vm_ram[vm] > self.ram_max[host]:
+            self.ram_max[host] = self.vm_ram[vm]
+        if self.track_history:
+            self.hist[host] += self.vm_hist[vm] * self.vm_mips[vm] / self.host_mips[host]
+        if self.util_mips[host] == 0 and host not in self._touched_off:
+            self._touched_off.add(host)
+            self._candidates = None
+
+    def detach(self, vm: int, host: int) -> None:
+        """Destroy ``vm`` on ``host`` (CloudSim's Host.vmDestroy): the rest is allocated anew."""
+        vms = self.host_vms[host]
+        vms.remove(vm)
+        req = self.vm_req
+        pe = self.host_pe_mips[host]
+        s = 0.0
+        free = self.host_mips[host]
+        ram = bw = ram_max = 0.0
+        for v in vms:
+            r = req[v]
+            s += r
+            c = r if r < pe else pe
+            free = free - c if free >= c else 0.0
+            ram += self.vm_ram_req[v]
+            bw += self.vm_bw_req[v]
+            if self.vm_ram[v] > ram_max:
+                ram_max = self.vm_ram[v]
+        self.req_sum[host] = s
+        self.avail[host] = free
+        self.ram_used[host] = ram
+        self.bw_used[host] = bw
+        self.ram_max[host] = ram_max
+        if self.track_history:
+            if vms:
+                self.hist[host] = (self.vm_hist[vms] * (self.vm_mips[vms] / self.host_mips[host])
+                                   [:, None]).sum(axis=0)
+            else:
+                self.hist[host] = 0.0
+
+    def recompute(self) -> None:
+        """Recompute every host's sums from the VM lists at once."""
+        placed = self.vm_host >= 0
+        vms = np.flatnonzero(placed)
+        hosts = self.vm_host[vms]
+        n = self.n_hosts
+        req = self.vm_req[vms]
+        cap = np.minimum(req, self.host_pe_mips[hosts])
+        self.req_sum = np.bincount(hosts, req, minlength=n)
+        cap_sum = np.bincount(hosts, cap, minlength=n)
+        self.avail = np.where(cap_sum <= self.host_mips, self.host_mips - cap_sum, 0.0)
+        self.ram_used = np.bincount(hosts, self.vm_ram_req[vms], minlength=n)
+        self.bw_used = np.bincount(hosts, self.vm_bw_req[vms], minlength=n)
+        ram_max = np.zeros(n)
+        np.maximum.at(ram_max, hosts, self.vm_ram[vms])
+        self.ram_max = ram_max
+        if self.track_history:
+            w = self.vm_hist[vms] * (self.vm_mips[vms] / self.host_mips[hosts])[:, None]
+            idx = (hosts[:, None] * HISTORY_LENGTH + np.arange(HISTORY_LENGTH)).ravel()
+            self.hist = np.bincount(idx, w.ravel(), minlength=n * HISTORY_LENGTH).reshape(
+                n, HISTORY_LENGTH)
+
+    def snapshot(self):
+        return ([list(v) for v in self.host_vms], self.req_sum.copy(), self.avail.copy(),
+                self.ram_used.copy(), self.bw_used.copy(), self.ram_max.copy(),
+                self.hist.copy(), set(self._touched_off))
+
+    def restore(self, saved) -> None:
+        (self.host_vms, self.req_sum, self.avail, self.ram_used, self.bw_used, self.ram_max,
+         self.hist, self._touched_off) = saved
+        self._candidates = None

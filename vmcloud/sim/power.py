@@ -1,0 +1,54 @@
+"""Host power models from SPECpower measurements: watts at 0%, 10%, ... 100% CPU, linear between."""
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecPowerModel:
+    """Power as a function of CPU utilisation (0..1), from eleven measured points."""
+
+    name: str
+    watts: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.watts) != 11:
+            raise ValueError(f'power model {self.name} needs 11 points, got {len(self.watts)}')
+
+    @property
+    def idle(self) -> float:
+        return self.watts[0]
+
+    @property
+    def max(self) -> float:
+        return self.watts[-1]
+
+    def power(self, utilization: float) -> float:
+        """Watts at ``utilization``, interpolated between the 10% steps.
+
+        :raises: ValueError outside [0, 1].
+        """
+        if utilization < 0 or utilization > 1:
+            raise ValueError(f'utilization {utilization} is outside [0, 1]')
+        low = int(utilization * 10)
+        if low == 10:
+            return self.watts[10]
+        w0, w1 = self.watts[low], self.watts[low + 1]
+        return w0 + (w1 - w0) * (utilization - low / 10) * 10
+
+    def power_array(self, utilization: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`power`; values are clipped to [0, 1] first."""
+        u = np.clip(utilization, 0.0, 1.0)
+        low = np.minimum((u * 10).astype(np.int64), 9)
+        w = np.asarray(self.watts)
+        return w[low] + (w[low + 1] - w[low]) * (u - low / 10) * 10
+
+
+# HP ProLiant ML110 G4 (1 x Xeon 3040 1860 MHz, 2 cores, 4 GB): SPECpower_ssj2008 2011-01-27.
+HP_PROLIANT_ML110_G4 = SpecPowerModel(
+    'hp-proliant-ml110-g4', (86, 89.4, 92.6, 96, 99.5, 102, 106, 108, 112, 114, 117))
+# HP ProLiant ML110 G5 (1 x Xeon 3075 2660 MHz, 2 cores, 4 GB): SPECpower_ssj2008 2011-01-24.
+HP_PROLIANT_ML110_G5 = SpecPowerModel(
+    'hp-proliant-ml110-g5', (93.7, 97, 101, 105, 110, 116, 121, 125, 129, 133, 135))
+
+MODELS = {m.name: m for m in (HP_PROLIANT_ML110_G4, HP_PROLIANT_ML110_G5)}

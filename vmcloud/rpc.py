@@ -20,7 +20,15 @@ with warnings.catch_warnings():
 
 from vmcloud import exception
 
-expose = messaging.expose
+
+def expose(method):
+    """Make an endpoint method callable over RPC.
+
+    A VmcloudError it raises is an answer (an unknown image, a full cloud) that goes
+    back to the caller, not a server fault to log with a traceback.
+    """
+    return messaging.expose(messaging.expected_exceptions(exception.VmcloudError)(method))
+
 
 _transports: dict[str, messaging.Transport] = {}
 _lock = threading.Lock()

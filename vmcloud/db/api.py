@@ -22,7 +22,8 @@ class Database:
         if url.startswith('sqlite:///'):
             os.makedirs(os.path.dirname(os.path.abspath(url[len('sqlite:///'):])), exist_ok=True)
         try:
-            self.engine = sqlalchemy.create_engine(url)
+            # pre_ping: a connection that died with a database restart is replaced.
+            self.engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
         except (sqlalchemy.exc.ArgumentError, ImportError) as exc:
             raise exception.ConfigError(f'bad [database] connection: {exc}') from exc
         if self.engine.dialect.name == 'sqlite':

@@ -141,6 +141,7 @@ class Dispatcher:
                     else:
                         instance.state = ERROR
                         instance.reason = f'compute host {host.name} stopped sending heartbeats'
+                        self._update_deployment(session, instance.deployment_id)
         for instance_id, host in failed_builds:
             self.build_failed({}, instance_id, host, f'compute host {host} went down')
 
@@ -218,7 +219,7 @@ class Dispatcher:
     def instance_built(self, ctxt: dict, instance_id: str, host: str, boot_seconds: float,
                        fetched_bytes: int) -> None:
         with self.db.session() as session:
-            instance = session.get(models.Instance, instance_id)
+            instance = self._lock_instance(session, instance_id)
             if instance is None or instance.host != host or instance.state != BUILDING:
                 # Built too late (on a host given up on, or a deleted deployment): undo it.
                 LOG.warning('instance %s built on %s, no longer wanted there', instance_id, host)
@@ -235,7 +236,7 @@ class Dispatcher:
         """Retry on another host, up to [scheduler] max_attempts; then ERROR with the reason."""
         retry = None
         with self._claims, self.db.session() as session:
-            instance = session.get(models.Instance, instance_id)
+            instance = self._lock_instance(session, instance_id)
             if instance is None or instance.state != BUILDING or instance.host != host:
                 return
             failed = [h for h in instance.failed_hosts.split(',') if h] + [host]
@@ -265,6 +266,16 @@ class Dispatcher:
             self._cast_build(retry)
         else:
             self._notify('instance.create.error', {'id': instance_id, 'reason': reason})
+
+    @staticmethod
+    def _lock_instance(session, instance_id: str) -> models.Instance | None:
+        """The instance, with its deployment locked first: the deployment's state is
+        computed from all its instances, so their updates must not interleave."""
+        instance = session.get(models.Instance, instance_id)
+        if instance is not None:
+            session.get(models.Deployment, instance.deployment_id, with_for_update=True)
+            session.refresh(instance, with_for_update=True)
+        return instance
 
     def _update_deployment(self, session, deployment_id: str) -> None:
         session.flush()
@@ -357,6 +368,8 @@ class Dispatcher:
                                                'name': instance.name})
         outcome = self._barrier(snapshot_id, by_host)
         with self.db.session() as session:
+            # Uploads may already be reporting: their updates queue behind this lock.
+            session.get(models.Snapshot, snapshot_id, with_for_update=True)
             for items in by_host.values():
                 for item in items:
                     row = session.get(models.SnapshotItem, (snapshot_id, item['instance_id']))
@@ -403,7 +416,10 @@ class Dispatcher:
     def snapshot_item_done(self, ctxt: dict, snapshot_id: str, instance_id: str, version: str,
                            uploaded_bytes: int, error: str) -> None:
         with self.db.session() as session:
-            row = session.get(models.SnapshotItem, (snapshot_id, instance_id))
+            if session.get(models.Snapshot, snapshot_id, with_for_update=True) is None:
+                return
+            row = session.get(models.SnapshotItem, (snapshot_id, instance_id),
+                              with_for_update=True)
             if row is None:
                 return
             row.state = ERROR if error else 'available'

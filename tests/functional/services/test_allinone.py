@@ -1,6 +1,9 @@
 """The dispatcher and two compute managers in one process, on the fake:// transport."""
 import os
 
+from oslo_messaging.notify import _impl_test as notifications_test_driver
+from oslo_messaging.notify import notifier
+
 from vmcloud import allinone
 from vmcloud import exception
 from tests import base
@@ -16,6 +19,9 @@ def settled(deployment: dict) -> bool:
 class AllInOneFakeDriverTest(base.TestCase):
     def setUp(self):
         super().setUp()
+        self.conf.register_opts(notifier._notifier_opts, group='oslo_messaging_notifications')
+        self.conf.set_override('driver', ['test'], 'oslo_messaging_notifications')
+        notifications_test_driver.reset()
         self.conf.set_override('heartbeat_interval', 1)
         self.conf.set_override('max_instances_per_host', 3, 'scheduler')
         self.cloud = allinone.AllInOne(self.conf, hosts=2, driver='fake')
@@ -50,6 +56,10 @@ class AllInOneFakeDriverTest(base.TestCase):
                               TIMEOUT, 'redeployment')
         self.assertEqual('active', again['state'])
         self.assertEqual(versions, {i['image'] for i in again['instances']})
+        events = [n[1]['event_type'] for n in notifications_test_driver.NOTIFICATIONS]
+        self.assertEqual(12, events.count('instance.create.end'))
+        self.assertEqual(6, events.count('snapshot.upload.end'))
+        self.assertIn('deployment.delete.end', events)
 
     def test_bad_requests_change_nothing(self):
         self.assertRaises(exception.ImageNotFound, self.api.deploy, 'nosuch', 1)

@@ -1,6 +1,7 @@
 """Engine, sessions and schema upgrades."""
 import contextlib
 import os
+import threading
 from typing import Iterator
 
 import alembic.command
@@ -21,12 +22,18 @@ class Database:
         url = conf.database.connection
         if url.startswith('sqlite:///'):
             os.makedirs(os.path.dirname(os.path.abspath(url[len('sqlite:///'):])), exist_ok=True)
+        sqlite = url.startswith('sqlite')
+        # Every RPC handler thread (oslo.messaging runs up to 64) may want a connection.
+        pool = {} if sqlite else {'pool_size': 10, 'max_overflow': 64}
         try:
             # pre_ping: a connection that died with a database restart is replaced.
-            self.engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
+            self.engine = sqlalchemy.create_engine(url, pool_pre_ping=True, **pool)
         except (sqlalchemy.exc.ArgumentError, ImportError) as exc:
             raise exception.ConfigError(f'bad [database] connection: {exc}') from exc
-        if self.engine.dialect.name == 'sqlite':
+        # SQLite has one writer at a time: threads queue here rather than each holding a
+        # pooled connection while it waits for the file lock.
+        self._writer = threading.RLock() if sqlite else contextlib.nullcontext()
+        if sqlite:
             sqlalchemy.event.listen(self.engine, 'connect', _sqlite_pragmas)
             sqlalchemy.event.listen(self.engine, 'begin', _sqlite_begin)
         self._sessions = orm.sessionmaker(self.engine, expire_on_commit=False)
@@ -42,16 +49,18 @@ class Database:
     @contextlib.contextmanager
     def session(self) -> Iterator[orm.Session]:
         """:raises: DatabaseError if the database cannot be reached or refuses the work."""
-        with self._errors('use the database'), self._sessions.begin() as session:
+        with self._writer, self._errors('use the database'), \
+                self._sessions.begin() as session:
             yield session
 
     @contextlib.contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except sqlalchemy.exc.OperationalError as exc:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError) as exc:
             raise exception.DatabaseError(
-                f'cannot {doing} at {self.engine.url.render_as_string()}: {exc.orig}') from exc
+                f'cannot {doing} at {self.engine.url.render_as_string()}: '
+                f'{getattr(exc, "orig", None) or exc}') from exc
 
     def dispose(self) -> None:
         self.engine.dispose()

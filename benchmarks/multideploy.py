@@ -208,6 +208,8 @@ def main() -> None:
     CONF.set_override('state_path', root)
     CONF.set_override('profiles_path', os.path.join(root, 'no-profiles'), 'mirror')
     CONF.set_override('prefetch_threads', 0, 'mirror')
+    # One node runs all N: let the scheduler put 16 single-vCPU guests on 2 cores.
+    CONF.set_override('cpu_allocation_ratio', 16.0, 'scheduler')
     try:
         warehouse = warehouse_mod.Warehouse(CONF)  # registers [storage_file]
         # Each contender gets its own state_path; the warehouse stays where it is.

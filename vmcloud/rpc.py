@@ -5,6 +5,7 @@ and the explicit access policy: only methods marked with ``expose`` are
 callable. Arguments and results are plain JSON-able data.
 """
 import inspect
+import socket
 import threading
 import warnings
 
@@ -48,10 +49,33 @@ def transport(conf: cfg.ConfigOpts) -> messaging.Transport:
     with _lock:
         if url not in _transports:
             try:
-                _transports[url] = messaging.get_rpc_transport(conf, url=url)
+                parsed = messaging.TransportURL.parse(conf, url)
             except messaging.InvalidTransportURL as exc:
                 raise exception.ConfigError(f'bad transport_url {url!r}: {exc}') from exc
+            _check_reachable(parsed)
+            _transports[url] = messaging.get_rpc_transport(conf, url=url)
         return _transports[url]
+
+
+def _check_reachable(url: messaging.TransportURL) -> None:
+    """Fail at once, by name, on a bus no one can reach.
+
+    oslo.messaging retries a first connection forever, so a mistyped host would
+    hang every command instead of failing.
+
+    :raises: MessagingError naming the hosts and why.
+    """
+    if url.transport == 'fake' or not url.hosts:
+        return
+    problems = []
+    for host in url.hosts:
+        address = (host.hostname or 'localhost', host.port or 5672)
+        try:
+            socket.create_connection(address, timeout=5).close()
+            return
+        except OSError as exc:
+            problems.append(f'{address[0]}:{address[1]} ({exc.strerror or exc})')
+    raise exception.MessagingError(f'cannot reach the message bus at {", ".join(problems)}')
 
 
 def cleanup() -> None:
@@ -78,11 +102,15 @@ def server(conf: cfg.ConfigOpts, topic: str, name: str, endpoints: list):
 class Client:
     """Calls one service's topic; errors come back as vmcloud errors."""
 
-    def __init__(self, conf: cfg.ConfigOpts, topic: str, service: str):
+    def __init__(self, conf: cfg.ConfigOpts, topic: str, service: str,
+                 retry: int | None = None):
+        """``retry``: connection attempts before giving up; None: [DEFAULT]
+        rpc_connect_retries; -1: forever (a service's own reports)."""
         self.service = service
         self.timeout = conf.rpc_call_timeout
-        self._client = messaging.get_rpc_client(transport(conf), messaging.Target(topic=topic),
-                                                timeout=self.timeout)
+        self._client = messaging.get_rpc_client(
+            transport(conf), messaging.Target(topic=topic), timeout=self.timeout,
+            retry=conf.rpc_connect_retries if retry is None else retry)
 
     def call(self, method: str, server: str | None = None, timeout: float | None = None,
              **kwargs):

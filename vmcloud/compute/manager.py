@@ -50,7 +50,7 @@ class ComputeManager:
         self.driver = driver or driver_base.load(conf)
         self.mirrors = mirror_manager.MirrorManager(
             conf, self.warehouse, root=os.path.join(conf.state_path, 'nodes', self.host))
-        self.dispatcher = dispatcher_rpcapi.DispatcherAPI(conf)
+        self.dispatcher = dispatcher_rpcapi.DispatcherAPI(conf, retry=-1)
         self._frozen: dict[str, float] = {}
         self._stopping = threading.Event()
         self._server = rpc.server(conf, compute_rpcapi.TOPIC, self.host, [self])

@@ -8,7 +8,7 @@ TOPIC = 'vmcloud-compute'
 
 class ComputeAPI:
     def __init__(self, conf: cfg.ConfigOpts):
-        self._client = rpc.Client(conf, TOPIC, 'compute manager')
+        self._client = rpc.Client(conf, TOPIC, 'compute manager', retry=-1)
 
     def build_instance(self, host: str, instance: dict) -> None:
         """Start building; the result comes back as instance_built or build_failed."""

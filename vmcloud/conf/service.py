@@ -13,6 +13,10 @@ service_opts = [
                     'node down, and its instances with it.'),
     cfg.IntOpt('rpc_call_timeout', default=120, min=1,
                help='Seconds an RPC call waits for its answer.'),
+    cfg.IntOpt('rpc_connect_retries', default=3, min=0,
+               help='Times a client (the CLI, middleware) retries connecting to the '
+                    'message bus before it gives up with an error. Services retry for as '
+                    'long as it takes.'),
 ]
 
 database_group = cfg.OptGroup('database', title='Database',

@@ -7,8 +7,9 @@ TOPIC = 'vmcloud-dispatcher'
 
 
 class DispatcherAPI:
-    def __init__(self, conf: cfg.ConfigOpts):
-        self._client = rpc.Client(conf, TOPIC, 'dispatcher')
+    def __init__(self, conf: cfg.ConfigOpts, retry: int | None = None):
+        """``retry=-1`` for services, whose reports must wait out a bus outage."""
+        self._client = rpc.Client(conf, TOPIC, 'dispatcher', retry)
 
     # -- for clients -------------------------------------------------------------
 

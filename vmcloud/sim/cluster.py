@@ -54,6 +54,9 @@ class Cluster:
     def measured(self, util_mips: np.ndarray) -> None:
         """Set the hosts' utilisation measured at an update (fixed while planning)."""
         self.util_mips = util_mips
+        # MIPS the hosts' schedulers hand out to the VMs on their lists: what CloudSim's
+        # policy reads as a host's utilisation while planning (getUtilizationOfCpuMips)
+        self.alloc_mips = util_mips.copy()
         u = util_mips / self.host_mips
         self.util_now = np.where((u > 1) & (u < 1.01), 1.0, u)
         self.power_now = self.power(np.minimum(self.util_now, 1.0))
@@ -122,7 +125,12 @@ class Cluster:
         pe = self.host_pe_mips[host]
         c = r if r < pe else pe
         free = self.avail[host]
-        self.avail[host] = free - c if free >= c else 0.0
+        if free >= c:
+            self.avail[host] = free - c
+            self.alloc_mips[host] += c
+        else:
+            self.avail[host] = 0.0
+            self._oversubscribed(host)
         self.ram_used[host] += self.vm_ram_req[vm]
         self.bw_used[host] += self.vm_bw_req[vm]
         if self.vm_ram[vm] > self.ram_max[host]:
@@ -153,6 +161,7 @@ class Cluster:
                 ram_max = self.vm_ram[v]
         self.req_sum[host] = s
         self.avail[host] = free
+        self._oversubscribed(host)
         self.ram_used[host] = ram
         self.bw_used[host] = bw
         self.ram_max[host] = ram_max
@@ -162,6 +171,16 @@ class Cluster:
                                    [:, None]).sum(axis=0)
             else:
                 self.hist[host] = 0.0
+
+    def _oversubscribed(self, host: int) -> None:
+        """The scheduler's allocation after (de)allocating: requests, scaled down if too many."""
+        vms = self.host_vms[host]
+        cap = np.minimum(self.vm_req[vms], self.host_pe_mips[host])
+        total = float(cap.sum())
+        if total <= self.host_mips[host]:
+            self.alloc_mips[host] = total
+        else:
+            self.alloc_mips[host] = float(np.floor(cap * (self.host_mips[host] / total)).sum())
 
     def recompute(self) -> None:
         """Recompute every host's sums from the VM lists at once."""
@@ -188,9 +207,9 @@ class Cluster:
     def snapshot(self):
         return ([list(v) for v in self.host_vms], self.req_sum.copy(), self.avail.copy(),
                 self.ram_used.copy(), self.bw_used.copy(), self.ram_max.copy(),
-                self.hist.copy(), set(self._touched_off))
+                self.hist.copy(), set(self._touched_off), self.alloc_mips.copy())
 
     def restore(self, saved) -> None:
         (self.host_vms, self.req_sum, self.avail, self.ram_used, self.bw_used, self.ram_max,
-         self.hist, self._touched_off) = saved
+         self.hist, self._touched_off, self.alloc_mips) = saved
         self._candidates = None

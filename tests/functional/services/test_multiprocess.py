@@ -1,8 +1,10 @@
 """The dispatcher and two compute managers as separate processes on RabbitMQ and PostgreSQL.
 
 tools/start-services.sh starts both (the README's test command runs it). Each
-test gets its own RabbitMQ virtual host and its own database.
+test gets its own RabbitMQ virtual host and its own database. One test stops and
+restarts RabbitMQ and PostgreSQL, so .stestr.conf runs this module's tests on one worker.
 """
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +23,7 @@ from tests import base
 from tests import guest
 
 TIMEOUT = 180
+POSTGRES_VERSION = sorted(os.listdir('/etc/postgresql'), key=int)[-1]
 
 
 def admin(*args: str) -> None:
@@ -41,7 +44,7 @@ class MultiProcessTest(base.TestCase):
         self.options = {
             'DEFAULT': {'transport_url': f'rabbit://guest:guest@127.0.0.1:5672/{vhost}',
                         'heartbeat_interval': 1, 'service_down_time': 5,
-                        'rpc_call_timeout': 60},
+                        'rpc_call_timeout': 30},
             'database': {'connection':
                          f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}'},
         }
@@ -154,3 +157,59 @@ class MultiProcessTest(base.TestCase):
                                 timeout=120)
         self.assertEqual(1, result.returncode)
         self.assertIn("unknown vmcloud.drivers plugin 'nosuch'", result.stderr)
+
+    def vmcloud(self, *args: str, config: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file',
+                               config or self.config, *args], capture_output=True, text=True,
+                              timeout=TIMEOUT)
+
+    def test_the_command_line(self):
+        boot = ['--kernel', self.boot['kernel'], '--initrd', self.boot['initrd'],
+                '--cmdline', self.boot['cmdline']]
+        result = self.vmcloud('deploy', 'guest', '-n', '2', *boot, '--wait', '-f', 'json')
+        self.assertEqual(0, result.returncode, result.stderr)
+        deployment = json.loads(result.stdout)
+        self.assertEqual(['active', 'active'], [i['state'] for i in deployment['instances']])
+        result = self.vmcloud('snapshot', deployment['id'], '--wait', '-f', 'json')
+        self.assertEqual(0, result.returncode, result.stderr)
+        self.assertEqual('available', json.loads(result.stdout)['state'])
+        listed = json.loads(self.vmcloud('list', '-f', 'json').stdout)
+        self.assertEqual([deployment['id']], [d['id'] for d in listed])
+        hosts = json.loads(self.vmcloud('hosts', '-f', 'json').stdout)
+        self.assertEqual({'node1': 1, 'node2': 1}, {h['name']: h['instances'] for h in hosts})
+        result = self.vmcloud('delete', deployment['id'], '-f', 'json')
+        self.assertEqual('deleted', json.loads(result.stdout)['state'])
+
+        unknown = self.write_config(DEFAULT={
+            'transport_url': 'rabbit://guest:guest@no-such-host.invalid:5672/'})
+        result = self.vmcloud('list', config=unknown)
+        self.assertEqual(1, result.returncode)
+        self.assertIn('cannot reach the message bus at no-such-host.invalid:5672',
+                      result.stderr)
+
+    def wait_hosts_up(self, after: str) -> None:
+        def hosts_up():
+            try:
+                return all(h['up'] for h in self.api.list_hosts())
+            except (exception.MessagingError, exception.DatabaseError):
+                return False  # a call sent while the services reconnect may be lost
+        allinone.wait(hosts_up, bool, 2 * TIMEOUT, f'compute hosts up after {after}')
+
+    def test_the_bus_and_the_database_go_away_and_come_back(self):
+        admin('rabbitmqctl', '-q', 'stop_app')
+        try:
+            error = self.assertRaises(exception.MessagingError, self.api.list_deployments)
+            self.assertIn('dispatcher', str(error))
+        finally:
+            admin('rabbitmqctl', '-q', 'start_app')
+        self.wait_hosts_up('RabbitMQ came back')
+
+        cluster = ['pg_ctlcluster', POSTGRES_VERSION, 'main']
+        admin(*cluster, 'stop', '-m', 'fast')
+        try:
+            error = self.assertRaises(exception.DatabaseError, self.api.list_deployments)
+            self.assertIn('cannot use the database', str(error))
+        finally:
+            admin(*cluster, 'start')
+        self.wait_hosts_up('PostgreSQL came back')
+        self.running(self.api.deploy('guest', 2, boot=self.boot))

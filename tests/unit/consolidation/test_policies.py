@@ -145,6 +145,32 @@ class PlacementTest(testtools.TestCase):
             c, 0, np.zeros(2, dtype=bool)))
         self.assertEqual(1, placement.FirstFit().find_host(c, 0, np.zeros(2, dtype=bool)))
 
+    def test_pabfd_sees_vms_placed_earlier_in_the_same_round(self):
+        # CloudSim's getUtilizationOfCpuMips: the MIPS allocated to the VMs on the host's
+        # list, which planning changes. Host 0 idle, host 1 at 10%, host 2 excluded.
+        vms = [helpers.vm(), helpers.vm(), helpers.vm()]
+        c = helpers.make([H] * 3, vms, [1, 2, 2], [100, 500, 400])
+        excluded = np.array([False, False, True])
+        pabfd = placement.PowerAwareBestFit(overload.StaticThreshold(0.8))
+        # linear power: +50 W either way, the tie goes to the idle host 0
+        self.assertEqual(0, pabfd.find_host(c, 1, excluded))
+        c.attach(1, 0)
+        self.assertEqual(500, c.alloc_mips[0])
+        self.assertEqual(0, c.util_mips[0])      # still idle as measured
+        # host 0 now holds 500 MIPS: checked for overload, 900 > 800 refuses it
+        self.assertEqual(1, pabfd.find_host(c, 2, excluded))
+        c.detach(1, 0)
+        self.assertEqual(0, c.alloc_mips[0])
+        self.assertEqual(0, pabfd.find_host(c, 2, excluded))
+
+    def test_allocation_is_scaled_down_when_oversubscribed(self):
+        vms = [helpers.vm(), helpers.vm(), helpers.vm()]
+        c = helpers.make([H, H], vms, [0, 0, 1], [700, 300, 600], util_mips=[1000, 600])
+        c.attach(2, 0)      # 1600 asked of 1000: each VM gets floor(r * 1000 / 1600)
+        self.assertEqual(437 + 187 + 375, c.alloc_mips[0])
+        c.detach(2, 0)
+        self.assertEqual(1000, c.alloc_mips[0])
+
 
 class PolicyTest(testtools.TestCase):
     def test_load_by_name(self):

@@ -21,6 +21,17 @@ class StatsTest(testtools.TestCase):
         # n = 5: positions round(1.5) - 1 = 1 and round(4.5) - 1 = 4 (Java rounds half up)
         self.assertEqual(40.0, stats.iqr([10, 20, 30, 40, 60]))
 
+    def test_batched_dispersion_matches_the_scalar_one(self):
+        rng = np.random.default_rng(3)
+        hist = rng.random((6, 30))
+        lengths = np.array([30, 12, 30, 17, 12, 5])
+        for rows_fn, fn in ((stats.mad_rows, stats.mad), (stats.iqr_rows, stats.iqr)):
+            got = stats.dispersion_rows(hist, lengths, rows_fn)
+            want = [fn(hist[i, :n]) for i, n in enumerate(lengths)]
+            np.testing.assert_allclose(want, got)
+        same = stats.dispersion_rows(hist[:2], np.array([30, 30]), stats.mad_rows)
+        np.testing.assert_allclose([stats.mad(hist[0]), stats.mad(hist[1])], same)
+
     def test_loess_on_a_line_is_exact(self):
         y = 0.1 + 0.05 * np.arange(1, 11)
         a, b = stats.loess_estimates(y)

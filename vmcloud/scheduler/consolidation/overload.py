@@ -74,8 +74,11 @@ class _HistoryDetector(OverloadDetector):
                             np.maximum(cluster.ram_max[hosts], cluster.vm_ram[vm]))
 
     def _decide(self, cluster, hosts, hist, req, ram_max):
+        # enough history: a non-zero value at position min_history - 1 or later
+        enough = (hist[:, self.min_history - 1:] != 0).any(axis=1)
+        if enough.all():
+            return self._history_decision(cluster, hosts, hist, None, req, ram_max)
         lengths = self._lengths(hist)
-        enough = lengths >= self.min_history
         result = req / cluster.host_mips[hosts] > self.fallback.param
         if enough.any():
             idx = np.flatnonzero(enough)
@@ -85,33 +88,42 @@ class _HistoryDetector(OverloadDetector):
 
     @abc.abstractmethod
     def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
-        """Decide for hosts with enough history (rows of ``hist``, newest first)."""
+        """Decide for hosts with enough history (rows of ``hist``, newest first).
+
+        ``lengths`` (the rows without their zero tails) may be None: computed on demand.
+        """
 
 
 class _DispersionDetector(_HistoryDetector):
     """Overloaded when utilisation exceeds 1 - param * dispersion(history)."""
 
     def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
-        out = np.empty(len(hosts), dtype=bool)
-        for i in range(len(hosts)):
-            threshold = 1 - self.param * self.dispersion(hist[i, :lengths[i]])
-            out[i] = req[i] / cluster.host_mips[hosts[i]] > threshold
-        return out
+        if lengths is None:
+            lengths = self._lengths(hist)
+        spread = stats.dispersion_rows(hist, lengths, self.dispersion_rows)
+        return req / cluster.host_mips[hosts] > 1 - self.param * spread
 
     @staticmethod
     @abc.abstractmethod
     def dispersion(data: np.ndarray) -> float:
         ...
 
+    @staticmethod
+    @abc.abstractmethod
+    def dispersion_rows(rows: np.ndarray) -> np.ndarray:
+        """:meth:`dispersion` of each row of a 2-D array."""
+
 
 class InterQuartileRange(_DispersionDetector):
     default_param = 1.5
     dispersion = staticmethod(stats.iqr)
+    dispersion_rows = staticmethod(stats.iqr_rows)
 
 
 class MedianAbsoluteDeviation(_DispersionDetector):
     default_param = 2.5
     dispersion = staticmethod(stats.mad)
+    dispersion_rows = staticmethod(stats.mad_rows)
 
 
 class LocalRegression(_HistoryDetector):

@@ -16,9 +16,10 @@ class Placement(abc.ABC):
 class PowerAwareBestFit(Placement):
     """The host whose power draw grows least, among those with room that the VM would not overload.
 
-    Power is compared at the host's utilisation measured at the last update plus the
-    VM's request; a host that was idle at that update is not checked for overload.
-    Ties go to the first host in the list.
+    As CloudSim 3.0.3: the increase is power(MIPS allocated to the host's VMs now + the
+    VM's request) - power(utilisation measured at the last update). The allocation
+    includes VMs placed earlier in the same planning round (``Cluster.alloc_mips``); a
+    host with nothing allocated is not checked for overload. Ties go to the first host.
     """
 
     def find_host(self, cluster, vm, excluded):
@@ -32,7 +33,7 @@ class PowerAwareBestFit(Placement):
         hosts = hosts[ok]
         if not len(hosts):
             return -1
-        after = (cluster.util_mips[hosts] + r) / cluster.host_mips[hosts]
+        after = (cluster.alloc_mips[hosts] + r) / cluster.host_mips[hosts]
         fits = after <= 1.0 + 1e-9
         if not fits.all():
             hosts, after = hosts[fits], after[fits]
@@ -43,7 +44,7 @@ class PowerAwareBestFit(Placement):
         hosts = hosts[order]
         if self.detector is None:
             return int(hosts[0])
-        busy = cluster.util_mips[hosts] != 0
+        busy = cluster.alloc_mips[hosts] != 0
         if not busy[0]:
             return int(hosts[0])
         # check a few in order first: usually the best one is fine

@@ -45,6 +45,35 @@ def iqr(data) -> float:
     return float(s[q3] - s[q1])
 
 
+def mad_rows(rows: np.ndarray) -> np.ndarray:
+    """:func:`mad` of each row of a 2-D array (rows of one length)."""
+    med = np.median(rows, axis=1)
+    return np.median(np.abs(rows - med[:, None]), axis=1)
+
+
+def iqr_rows(rows: np.ndarray) -> np.ndarray:
+    """:func:`iqr` of each row of a 2-D array (rows of one length)."""
+    s = np.sort(rows, axis=1)
+    n = rows.shape[1]
+    q1 = java_round(0.25 * (n + 1)) - 1
+    q3 = java_round(0.75 * (n + 1)) - 1
+    return s[:, q3] - s[:, q1]
+
+
+def dispersion_rows(hist: np.ndarray, lengths: np.ndarray, rows_fn) -> np.ndarray:
+    """``rows_fn`` of hist[i, :lengths[i]] for every row, batched by length."""
+    out = np.empty(len(hist))
+    first = int(lengths[0]) if len(lengths) else 0
+    if (lengths == first).all():
+        if len(hist):
+            out[:] = rows_fn(hist[:, :first])
+        return out
+    for n in np.unique(lengths):
+        sel = lengths == n
+        out[sel] = rows_fn(hist[sel, :int(n)])
+    return out
+
+
 def tricube_weights(n: int) -> np.ndarray:
     """MathUtil.getTricubeWeigts: the inverse tricube kernel, first three equal."""
     w = np.zeros(n)

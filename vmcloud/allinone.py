@@ -38,6 +38,13 @@ class AllInOne:
             time.sleep(0.05)
         return self
 
+    def node(self, host: str) -> compute_manager.ComputeManager:
+        """The compute manager called ``host``. :raises: HostNotFound."""
+        for compute in self.computes:
+            if compute.host == host:
+                return compute
+        raise exception.HostNotFound(host)
+
     def stop(self) -> None:
         for compute in self.computes:
             compute.stop(destroy_instances=True)

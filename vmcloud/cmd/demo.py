@@ -35,9 +35,8 @@ class _Demo:
             raise exception.VmcloudError(f'deployment ended {deployment["state"]}: '
                                          f'{deployment["reason"]}')
         for instance in deployment['instances']:
-            compute = next(c for c in self.cloud.computes if c.host == instance['host'])
-            compute.driver.wait_for_event(instance['name'], driver_base.APP_RUNNING,
-                                          self.args.timeout)
+            driver = self.cloud.node(instance['host']).driver
+            driver.wait_for_event(instance['name'], driver_base.APP_RUNNING, self.args.timeout)
         return deployment
 
     def run(self) -> None:
@@ -81,8 +80,7 @@ class _Demo:
         names = {i['id']: i['name'] for i in first['instances']}
         origin = {item['version']: names[item['instance_id']] for item in snapshot['items']}
         for instance in second['instances']:
-            compute = next(c for c in self.cloud.computes if c.host == instance['host'])
-            log = compute.driver.console_log(instance['name'])
+            log = self.cloud.node(instance['host']).driver.console_log(instance['name'])
             inherited += f'VMCLOUD-PREVIOUS {origin[instance["image"]]}' in log
         print(f'{inherited} of {count} redeployed guests found the file their snapshot '
               'source wrote', flush=True)

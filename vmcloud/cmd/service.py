@@ -10,23 +10,26 @@ from vmcloud.compute import manager as compute_manager
 from vmcloud.dispatcher import manager as dispatcher_manager
 
 
-def _run(service) -> int:
+def _run(service, stop_service) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     service.start()
     print('running', flush=True)
     stop.wait()
-    service.stop()
+    stop_service()
     return 0
 
 
 def do_dispatcher(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
-    return _run(dispatcher_manager.Dispatcher(conf))
+    dispatcher = dispatcher_manager.Dispatcher(conf)
+    return _run(dispatcher, dispatcher.stop)
 
 
 def do_compute(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
-    return _run(compute_manager.ComputeManager(conf, host=args.host))
+    compute = compute_manager.ComputeManager(conf, host=args.host)
+    # The instances' disks are served by this process: they cannot outlive it.
+    return _run(compute, lambda: compute.stop(destroy_instances=True))
 
 
 def add_parsers(groups: argparse._SubParsersAction) -> None:

@@ -5,6 +5,7 @@ import logging
 import os
 import threading
 import time
+from typing import Optional
 
 from oslo_config import cfg
 
@@ -63,13 +64,17 @@ class ComputeManager:
         return self
 
     def stop(self, destroy_instances: bool = False) -> None:
-        """Stop serving. The mirrors stop with this process, so running guests lose their disks."""
+        """Stop serving. The mirrors stop with it, so guests left running lose their disks:
+        the ``vmcloud compute`` service destroys them (a library user may hand them over)."""
         self._stopping.set()
         self._server.stop()
         self._server.wait()
         if destroy_instances:
-            for name in self.driver.list_instances():
-                self._destroy(name)
+            for name in self.mirrors.names():  # this node's, even if nodes share a driver
+                try:
+                    self._destroy(name)
+                except exception.VmcloudError as exc:
+                    LOG.error('cannot destroy %s while stopping: %s', name, exc)
         self.mirrors.close()
 
     # -- heartbeat ---------------------------------------------------------------
@@ -151,17 +156,25 @@ class ComputeManager:
 
     @rpc.expose
     def barrier_and_thaw(self, ctxt: dict, snapshot_id: str, items: list[dict]) -> dict:
-        results = self._each(lambda item: self._barrier_and_thaw(snapshot_id, item), items)
-        return {item['name']: result for item, result in zip(items, results)}
+        taken = self._each(self._barrier_and_thaw, items)
+        # Uploads start once every guest here runs again: they compete for the CPU.
+        results = {}
+        for item, (result, disk, barrier) in zip(items, taken):
+            results[item['name']] = result
+            if barrier is not None:
+                threading.Thread(target=self._upload, args=(snapshot_id, item, disk, barrier),
+                                 daemon=True, name=f'upload-{item["name"]}').start()
+        return results
 
     @staticmethod
     def _each(work, things: list) -> list:
         with concurrent.futures.ThreadPoolExecutor(max(1, len(things))) as pool:
             return list(pool.map(work, things))
 
-    def _barrier_and_thaw(self, snapshot_id: str, item: dict) -> dict:
+    def _barrier_and_thaw(self, item: dict) -> tuple[dict, Optional[disk_mod.MirrorDisk],
+                                                     Optional[disk_mod.Barrier]]:
         name = item['name']
-        barrier = None
+        disk = barrier = None
         try:
             disk = self.mirrors.get(name).disk
             barrier = disk.barrier()
@@ -174,12 +187,10 @@ class ComputeManager:
                 LOG.error('cannot resume %s after its snapshot barrier: %s', name, exc)
         frozen_at = self._frozen.pop(name, None)
         if barrier is None:
-            return {'error': error}
+            return {'error': error}, None, None
         pause_ms = (time.monotonic() - frozen_at) * 1000 if frozen_at else 0.0
-        threading.Thread(target=self._upload, args=(snapshot_id, item, disk, barrier),
-                         daemon=True, name=f'upload-{name}').start()
-        return {'pause_ms': pause_ms,
-                'dirty_bytes': sum(disk.manifest.chunk_length(i) for i in barrier.indexes)}
+        return {'pause_ms': pause_ms, 'dirty_bytes': sum(
+            disk.manifest.chunk_length(i) for i in barrier.indexes)}, disk, barrier
 
     def _upload(self, snapshot_id: str, item: dict, disk: disk_mod.MirrorDisk,
                 barrier: disk_mod.Barrier) -> None:

@@ -36,12 +36,19 @@ class FakeDriver(base.Driver):
     def _print(self, instance: FakeInstance, event: str) -> None:
         instance.console.append(f'{console.MARKER} {event}')
 
+    def _admit(self, spec: base.InstanceSpec) -> None:
+        """Called with the lock held before an instance is created; may refuse it.
+
+        :raises: SpawnFailed.
+        """
+
     def spawn(self, spec: base.InstanceSpec) -> None:
         base.check_disk(spec)
         with self._lock:
             existing = self.instances.get(spec.name)
             if existing is not None and existing.state != base.PowerState.SHUTDOWN:
                 raise exception.InstanceExists(spec.name)
+            self._admit(spec)
             instance = FakeInstance(spec)
             self.instances[spec.name] = instance
         self._print(instance, base.BOOT_DONE)

@@ -46,31 +46,22 @@ class SimDriver(fake.FakeDriver):
         return (sum(requested_mips(i.spec) * i.spec.vcpus for i in held),
                 sum(i.spec.memory_mib for i in held))
 
-    def spawn(self, spec: base.InstanceSpec) -> None:
-        base.check_disk(spec)
-        with self._lock:
-            existing = self.instances.get(spec.name)
-            if existing is not None and existing.state != base.PowerState.SHUTDOWN:
-                raise exception.InstanceExists(spec.name)
-            per_cpu = requested_mips(spec)
-            want = per_cpu * spec.vcpus
-            mips, ram = self.used()
-            if per_cpu > self.host.pe_mips or spec.vcpus > self.host.pes:
-                raise exception.SpawnFailed(
-                    f'instance {spec.name} asks for {spec.vcpus} x {per_cpu:g} MIPS; host '
-                    f'{self.host.name} has {self.host.pes} PEs of {self.host.pe_mips:g} MIPS')
-            if mips + want > self.host.mips:
-                raise exception.SpawnFailed(
-                    f'instance {spec.name} asks for {want:g} MIPS; host {self.host.name} has '
-                    f'{self.host.mips - mips:g} of {self.host.mips:g} MIPS free')
-            if ram + spec.memory_mib > self.host.ram_mb:
-                raise exception.SpawnFailed(
-                    f'instance {spec.name} asks for {spec.memory_mib} MiB; host '
-                    f'{self.host.name} has {self.host.ram_mb - ram} of {self.host.ram_mb} MiB free')
-            instance = fake.FakeInstance(spec)
-            self.instances[spec.name] = instance
-        self._print(instance, base.BOOT_DONE)
-        self._print(instance, base.APP_RUNNING)
+    def _admit(self, spec: base.InstanceSpec) -> None:
+        per_cpu = requested_mips(spec)
+        want = per_cpu * spec.vcpus
+        mips, ram = self.used()
+        if per_cpu > self.host.pe_mips or spec.vcpus > self.host.pes:
+            raise exception.SpawnFailed(
+                f'instance {spec.name} asks for {spec.vcpus} x {per_cpu:g} MIPS; host '
+                f'{self.host.name} has {self.host.pes} PEs of {self.host.pe_mips:g} MIPS')
+        if mips + want > self.host.mips:
+            raise exception.SpawnFailed(
+                f'instance {spec.name} asks for {want:g} MIPS; host {self.host.name} has '
+                f'{self.host.mips - mips:g} of {self.host.mips:g} MIPS free')
+        if ram + spec.memory_mib > self.host.ram_mb:
+            raise exception.SpawnFailed(
+                f'instance {spec.name} asks for {spec.memory_mib} MiB; host '
+                f'{self.host.name} has {self.host.ram_mb - ram} of {self.host.ram_mb} MiB free')
 
     def host_capacity(self) -> SimHostCapacity:
         mips, _ = self.used()

@@ -111,6 +111,10 @@ class MirrorManager:
     def uri(self, name: str) -> str:
         return f'nbd+unix:///{name}?socket={urllib.parse.quote(self.socket)}'
 
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._mirrors)
+
     def get(self, name: str) -> Mirror:
         with self._lock:
             try:

@@ -94,7 +94,7 @@ class AllInOneQemuTest(base.TestCase):
                      'cmdline': guest.CMDLINE + ' vmcloud.id={name}'}
 
     def driver_of(self, instance: dict):
-        return next(c.driver for c in self.cloud.computes if c.host == instance['host'])
+        return self.cloud.node(instance['host']).driver
 
     def wait_running(self, deployment: dict) -> dict:
         deployment = allinone.wait(lambda: self.api.show_deployment(deployment['id']), settled,

@@ -33,6 +33,7 @@ def admin(*args: str) -> None:
 class MultiProcessTest(base.TestCase):
     def setUp(self):
         super().setUp()
+        self.addCleanup(self.nothing_left_running)  # runs last, after the services stop
         tag = uuid.uuid4().hex[:10]
         vhost, database = f'vmcloud-{tag}', f'vmcloud_{tag}'
         admin('rabbitmqctl', '-q', 'add_vhost', vhost)
@@ -133,6 +134,12 @@ class MultiProcessTest(base.TestCase):
                 self.assertEqual('node1', instance['host'])
         hosts = {h['name']: h['up'] for h in self.api.list_hosts()}
         self.assertEqual({'node1': True, 'node2': False}, hosts)
+
+    def nothing_left_running(self) -> None:
+        leftovers = guest.qemu_processes_named(self.tmp)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        self.assertEqual([], leftovers, 'guests outlived the compute managers')
 
     def kill_orphans(self, names: list[str]) -> None:
         # The killed manager's qemu processes outlive it: a real node would reboot.

@@ -35,5 +35,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
     | grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true
-.venv/bin/python -c 'import vmcloud, libvirt, qemu.qmp, oslo_messaging' \
+.venv/bin/python -W ignore -c 'import vmcloud, libvirt, qemu.qmp, oslo_messaging' \
     || { echo 'install: the virtualenv is incomplete' >&2; exit 1; }

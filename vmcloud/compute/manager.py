@@ -151,6 +151,7 @@ class ComputeManager:
             except exception.VmcloudError as exc:
                 return str(exc)
             self._frozen[name] = started
+            LOG.info('%s frozen in %.1f ms', name, (time.monotonic() - started) * 1000)
             return ''
         return dict(zip(names, self._each(freeze_one, names)))
 

@@ -155,8 +155,7 @@ def mirrors(work: str, workload: Workload, count: int) -> tuple[float, int, int]
         started = time.perf_counter()
         deployment = cloud.api.deploy(workload.image, count, memory_mib=probe.memory_mib,
                                       boot=boot)
-        deployment = allinone.wait(lambda: cloud.api.show_deployment(deployment['id']),
-                                   lambda d: d['state'] != 'building', TIMEOUT, 'deployment')
+        deployment = cloud.api.wait_deployment(deployment['id'], TIMEOUT)
         elapsed = time.perf_counter() - started
         if deployment['state'] != 'active':
             raise RuntimeError(f'deployment failed: {deployment}')

@@ -79,8 +79,7 @@ def one_size(root: str, count: int, write_mib: int) -> tuple:
             boot = {'kernel': guest.path('vmlinuz'), 'initrd': guest.path('initrd.img'),
                     'cmdline': f'{guest.CMDLINE} vmcloud.id={{name}} vmcloud.write_mib={write_mib}'}
             deployment = cloud.api.deploy('guest', count, boot=boot)
-            deployment = allinone.wait(lambda: cloud.api.show_deployment(deployment['id']),
-                                       lambda d: d['state'] != 'building', TIMEOUT, 'deploy')
+            deployment = cloud.api.wait_deployment(deployment['id'], TIMEOUT)
             names = [i['name'] for i in deployment['instances']]
             for name in names:
                 node.driver.wait_for_event(name, driver_base.APP_RUNNING, TIMEOUT)
@@ -89,8 +88,7 @@ def one_size(root: str, count: int, write_mib: int) -> tuple:
             stored_before = cloud.warehouse.stats().stored_bytes
             started = time.perf_counter()
             snapshot = cloud.api.snapshot(deployment['id'])
-            snapshot = allinone.wait(lambda: cloud.api.show_snapshot(snapshot['id']),
-                                     lambda s: s['state'] != 'uploading', TIMEOUT, 'snapshot')
+            snapshot = cloud.api.wait_snapshot(snapshot['id'], TIMEOUT)
             took = time.perf_counter() - started
             if snapshot['state'] != 'available':
                 raise RuntimeError(f'snapshot failed: {snapshot}')

@@ -1,9 +1,8 @@
 """The whole cloud in one process: a dispatcher and compute managers on the fake:// transport."""
-import time
-
 from oslo_config import cfg
 
 from vmcloud import exception
+from vmcloud import polling
 from vmcloud import rpc
 from vmcloud.compute import manager as compute_manager
 from vmcloud.dispatcher import manager as dispatcher_manager
@@ -31,11 +30,14 @@ class AllInOne:
         self.dispatcher.start()
         for compute in self.computes:
             compute.start()
-        deadline = time.monotonic() + timeout
-        while len([h for h in self.api.list_hosts() if h['up']]) < len(self.computes):
-            if time.monotonic() > deadline:
-                raise exception.MessagingError('compute managers did not report in time')
-            time.sleep(0.05)
+        try:
+            polling.wait(self.api.list_hosts,
+                         lambda hosts: len([h for h in hosts if h['up']]) == len(self.computes),
+                         timeout, 'the compute managers reporting', interval=0.05)
+        except exception.MessagingError:
+            raise
+        except exception.VmcloudError as exc:
+            raise exception.MessagingError('compute managers did not report in time') from exc
         return self
 
     def node(self, host: str) -> compute_manager.ComputeManager:
@@ -55,15 +57,3 @@ class AllInOne:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-
-def wait(poll, done, timeout: float, what: str, interval: float = 0.2):
-    """Poll until ``done(result)``. :raises: GuestTimeout-like VmcloudError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = poll()
-        if done(result):
-            return result
-        if time.monotonic() > deadline:
-            raise exception.VmcloudError(f'{what} did not finish in {timeout:.0f} s')
-        time.sleep(interval)

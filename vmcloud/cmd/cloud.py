@@ -3,9 +3,9 @@ import argparse
 
 from oslo_config import cfg
 
-from vmcloud import allinone
 from vmcloud.cmd import output
 from vmcloud.dispatcher import rpcapi
+from vmcloud.dispatcher import states
 
 INSTANCE_COLUMNS = ('name', 'host', 'state', 'image', 'boot_seconds', 'reason')
 
@@ -23,14 +23,11 @@ def _wait_deployment(api: rpcapi.DispatcherAPI, deployment: dict, args) -> dict:
     bar = output.ProgressBar(f'deploying {deployment["id"][:8]}', unit='instances',
                              enabled=args.progress)
 
-    def poll():
-        current = api.show_deployment(deployment['id'])
-        bar(sum(1 for i in current['instances'] if i['state'] != 'building'),
+    def progress(current: dict) -> None:
+        bar(sum(1 for i in current['instances'] if i['state'] != states.BUILDING),
             len(current['instances']))
-        return current
     try:
-        return allinone.wait(poll, lambda d: d['state'] != 'building', args.timeout,
-                             f'deployment {deployment["id"]}')
+        return api.wait_deployment(deployment['id'], args.timeout, progress)
     finally:
         bar.close()
 
@@ -53,7 +50,7 @@ def do_deploy(conf, args) -> int:
     if args.wait:
         deployment = _wait_deployment(api, deployment, args)
     _show(deployment, args.fmt)
-    return 0 if deployment['state'] in ('active', 'building') else 1
+    return 0 if deployment['state'] in states.RUNNING_STATES else 1
 
 
 def do_list(conf, args) -> int:
@@ -71,16 +68,14 @@ def do_snapshot(conf, args) -> int:
     api = _api(conf)
     snapshot = api.snapshot(args.deployment)
     if args.wait:
-        snapshot = allinone.wait(lambda: api.show_snapshot(snapshot['id']),
-                                 lambda s: s['state'] != 'uploading', args.timeout,
-                                 f'snapshot {snapshot["id"]}')
+        snapshot = api.wait_snapshot(snapshot['id'], args.timeout)
     if args.fmt == 'json':
         output.emit_record(snapshot, args.fmt)
     else:
         output.emit_record({k: v for k, v in snapshot.items() if k != 'items'}, args.fmt)
         output.emit(snapshot['items'], ('instance_id', 'state', 'version', 'pause_ms',
                                         'dirty_bytes', 'uploaded_bytes', 'reason'), args.fmt)
-    return 0 if snapshot['state'] in ('available', 'uploading') else 1
+    return 0 if snapshot['state'] in (states.AVAILABLE, states.UPLOADING) else 1
 
 
 def do_delete(conf, args) -> int:

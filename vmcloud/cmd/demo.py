@@ -8,6 +8,7 @@ from oslo_config import cfg
 from vmcloud import allinone
 from vmcloud import exception
 from vmcloud.cmd import output
+from vmcloud.dispatcher import states
 from vmcloud.drivers import base as driver_base
 
 
@@ -28,10 +29,8 @@ class _Demo:
         return sum(c.mirrors.cache.stats.fetched_bytes for c in self.cloud.computes)
 
     def settle(self, deployment: dict) -> dict:
-        deployment = allinone.wait(lambda: self.api.show_deployment(deployment['id']),
-                                   lambda d: d['state'] != 'building', self.args.timeout,
-                                   'deployment')
-        if deployment['state'] != 'active':
+        deployment = self.api.wait_deployment(deployment['id'], self.args.timeout)
+        if deployment['state'] != states.ACTIVE:
             raise exception.VmcloudError(f'deployment ended {deployment["state"]}: '
                                          f'{deployment["reason"]}')
         for instance in deployment['instances']:
@@ -59,10 +58,8 @@ class _Demo:
         stored_before = warehouse.stats().stored_bytes
         snapshot = self.api.snapshot(first['id'])
         pause = max(item['pause_ms'] or 0 for item in snapshot['items'])
-        snapshot = allinone.wait(lambda: self.api.show_snapshot(snapshot['id']),
-                                 lambda s: s['state'] != 'uploading', self.args.timeout,
-                                 'snapshot')
-        if snapshot['state'] != 'available':
+        snapshot = self.api.wait_snapshot(snapshot['id'], self.args.timeout)
+        if snapshot['state'] != states.AVAILABLE:
             raise exception.VmcloudError(f'snapshot ended {snapshot["state"]}: '
                                          f'{snapshot["reason"]}')
         dirty = sum(item['dirty_bytes'] for item in snapshot['items'])

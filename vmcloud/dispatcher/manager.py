@@ -16,6 +16,7 @@ from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
 from vmcloud.db import models
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
+from vmcloud.dispatcher import states
 from vmcloud.scheduler import handler
 from vmcloud.scheduler.host_state import HostState
 from vmcloud.scheduler.host_state import InstanceRequest
@@ -23,8 +24,11 @@ from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
 
-BUILDING, ACTIVE, ERROR, DELETED = 'building', 'active', 'error', 'deleted'
-RUNNING_STATES = (BUILDING, ACTIVE)
+BUILDING, ACTIVE, ERROR, DELETED = (states.BUILDING, states.ACTIVE, states.ERROR,
+                                    states.DELETED)
+RUNNING_STATES = states.RUNNING_STATES
+FREEZING, UPLOADING, AVAILABLE, PARTIAL = (states.FREEZING, states.UPLOADING,
+                                           states.AVAILABLE, states.PARTIAL)
 
 
 def _row(obj) -> dict:
@@ -89,25 +93,24 @@ class Dispatcher:
     @rpc.expose
     def list_hosts(self, ctxt: dict) -> list[dict]:
         with self.db.session() as session:
-            states = {s.name: s for s in self._host_states(session)}
-            return [dict(_row(h), instances=states[h.name].instance_count,
-                         vcpus_used=states[h.name].vcpus_used,
-                         memory_mib_used=states[h.name].memory_mib_used)
+            usage = {s.name: s for s in self._host_states(session)}
+            return [dict(_row(h), instances=usage[h.name].instance_count,
+                         vcpus_used=usage[h.name].vcpus_used,
+                         memory_mib_used=usage[h.name].memory_mib_used)
                     for h in session.scalars(sqlalchemy.select(models.Host)
                                              .order_by(models.Host.name))]
 
     def _host_states(self, session) -> list[HostState]:
         used = collections.defaultdict(lambda: [0, 0, 0])
-        running = session.scalars(sqlalchemy.select(models.Instance).where(
-            models.Instance.state.in_(RUNNING_STATES), models.Instance.host.is_not(None)))
-        deployments = {}
-        for instance in running:
-            deployment = deployments.get(instance.deployment_id) or session.get(
-                models.Deployment, instance.deployment_id)
-            deployments[instance.deployment_id] = deployment
-            totals = used[instance.host]
-            totals[0] += deployment.vcpus
-            totals[1] += deployment.memory_mib
+        running = session.execute(
+            sqlalchemy.select(models.Instance.host, models.Deployment.vcpus,
+                              models.Deployment.memory_mib)
+            .join(models.Deployment, models.Instance.deployment_id == models.Deployment.id)
+            .where(models.Instance.state.in_(RUNNING_STATES), models.Instance.host.is_not(None)))
+        for host, vcpus, memory_mib in running:
+            totals = used[host]
+            totals[0] += vcpus
+            totals[1] += memory_mib
             totals[2] += 1
         return [HostState(name=h.name, up=h.up, vcpus_total=h.vcpus,
                           vcpus_used=used[h.name][0], memory_mib_total=h.memory_mib,
@@ -282,16 +285,16 @@ class Dispatcher:
         deployment = session.get(models.Deployment, deployment_id)
         if deployment.state == DELETED:
             return
-        states = collections.Counter(session.scalars(sqlalchemy.select(
+        counts = collections.Counter(session.scalars(sqlalchemy.select(
             models.Instance.state).where(models.Instance.deployment_id == deployment_id)))
-        if states[BUILDING]:
+        if counts[BUILDING]:
             deployment.state = BUILDING
-        elif states[ACTIVE] >= deployment.min_count:
+        elif counts[ACTIVE] >= deployment.min_count:
             deployment.state = ACTIVE
-            deployment.reason = '' if not states[ERROR] else f'{states[ERROR]} instances failed'
+            deployment.reason = '' if not counts[ERROR] else f'{counts[ERROR]} instances failed'
         else:
             deployment.state = ERROR
-            deployment.reason = (f'only {states[ACTIVE]} of {deployment.count} instances '
+            deployment.reason = (f'only {counts[ACTIVE]} of {deployment.count} instances '
                                  f'became active, {deployment.min_count} needed')
 
     # -- reading -----------------------------------------------------------------
@@ -358,12 +361,12 @@ class Dispatcher:
                 raise exception.InvalidRequest(
                     f'deployment {deployment_id} has no active instance to snapshot')
             session.add(models.Snapshot(id=snapshot_id, deployment_id=deployment_id,
-                                        state='uploading'))
+                                        state=UPLOADING))
             session.flush()
             by_host = collections.defaultdict(list)
             for instance in active:
                 session.add(models.SnapshotItem(snapshot_id=snapshot_id,
-                                                instance_id=instance.id, state='freezing'))
+                                                instance_id=instance.id, state=FREEZING))
                 by_host[instance.host].append({'instance_id': instance.id,
                                                'name': instance.name})
         outcome = self._barrier(snapshot_id, by_host)
@@ -379,8 +382,8 @@ class Dispatcher:
                         continue
                     row.pause_ms = result['pause_ms']
                     row.dirty_bytes = result['dirty_bytes']
-                    if row.state == 'freezing':  # its upload may have finished already
-                        row.state = 'uploading'
+                    if row.state == FREEZING:  # its upload may have finished already
+                        row.state = UPLOADING
             self._update_snapshot(session, snapshot_id)
         return self.show_snapshot({}, snapshot_id)
 
@@ -422,7 +425,7 @@ class Dispatcher:
                               with_for_update=True)
             if row is None:
                 return
-            row.state = ERROR if error else 'available'
+            row.state = ERROR if error else AVAILABLE
             row.reason, row.version, row.uploaded_bytes = error, version, uploaded_bytes
             self._update_snapshot(session, snapshot_id)
         self._notify('snapshot.upload.end', {'snapshot': snapshot_id, 'instance': instance_id,
@@ -430,16 +433,16 @@ class Dispatcher:
 
     def _update_snapshot(self, session, snapshot_id: str) -> None:
         session.flush()
-        states = collections.Counter(session.scalars(sqlalchemy.select(
+        counts = collections.Counter(session.scalars(sqlalchemy.select(
             models.SnapshotItem.state).where(models.SnapshotItem.snapshot_id == snapshot_id)))
         snapshot = session.get(models.Snapshot, snapshot_id)
-        if states['freezing'] or states['uploading']:
-            snapshot.state = 'uploading'
-        elif states[ERROR]:
-            snapshot.state = ERROR if not states['available'] else 'partial'
-            snapshot.reason = f'{states[ERROR]} instances could not be snapshotted'
+        if counts[FREEZING] or counts[UPLOADING]:
+            snapshot.state = UPLOADING
+        elif counts[ERROR]:
+            snapshot.state = ERROR if not counts[AVAILABLE] else PARTIAL
+            snapshot.reason = f'{counts[ERROR]} instances could not be snapshotted'
         else:
-            snapshot.state = 'available'
+            snapshot.state = AVAILABLE
 
     @rpc.expose
     def show_snapshot(self, ctxt: dict, snapshot_id: str) -> dict:

@@ -1,7 +1,11 @@
 """How clients (the CLI, compute managers, middleware) talk to the dispatcher."""
+from typing import Callable
+
 from oslo_config import cfg
 
+from vmcloud import polling
 from vmcloud import rpc
+from vmcloud.dispatcher import states
 
 TOPIC = 'vmcloud-dispatcher'
 
@@ -44,6 +48,26 @@ class DispatcherAPI:
 
     def show_snapshot(self, snapshot_id: str) -> dict:
         return self._client.call('show_snapshot', snapshot_id=snapshot_id)
+
+    def wait_deployment(self, deployment_id: str, timeout: float,
+                        on_poll: Callable[[dict], None] | None = None) -> dict:
+        """The deployment once no instance of it is building; ``on_poll`` sees each look.
+
+        :raises: VmcloudError naming the deployment if that takes over ``timeout`` s.
+        """
+        def poll() -> dict:
+            deployment = self.show_deployment(deployment_id)
+            if on_poll is not None:
+                on_poll(deployment)
+            return deployment
+        return polling.wait(poll, lambda d: d['state'] != states.BUILDING, timeout,
+                            f'deployment {deployment_id}')
+
+    def wait_snapshot(self, snapshot_id: str, timeout: float) -> dict:
+        """The snapshot once every upload ended. :raises: VmcloudError on timeout."""
+        return polling.wait(lambda: self.show_snapshot(snapshot_id),
+                            lambda s: s['state'] != states.UPLOADING, timeout,
+                            f'snapshot {snapshot_id}')
 
     def list_hosts(self) -> list[dict]:
         return self._client.call('list_hosts')

@@ -12,10 +12,6 @@ from tests import guest
 TIMEOUT = 120
 
 
-def settled(deployment: dict) -> bool:
-    return deployment['state'] != 'building'
-
-
 class AllInOneFakeDriverTest(base.TestCase):
     def setUp(self):
         super().setUp()
@@ -32,8 +28,7 @@ class AllInOneFakeDriverTest(base.TestCase):
 
     def deploy_and_wait(self, **kwargs) -> dict:
         deployment = self.api.deploy('guest', **kwargs)
-        return allinone.wait(lambda: self.api.show_deployment(deployment['id']), settled,
-                             TIMEOUT, 'deployment')
+        return self.api.wait_deployment(deployment['id'], TIMEOUT)
 
     def test_deploy_spreads_snapshot_and_redeploy(self):
         deployment = self.deploy_and_wait(count=6)
@@ -41,8 +36,7 @@ class AllInOneFakeDriverTest(base.TestCase):
         hosts = [i['host'] for i in deployment['instances']]
         self.assertEqual({'node1': 3, 'node2': 3}, {h: hosts.count(h) for h in set(hosts)})
         snapshot = self.api.snapshot(deployment['id'])
-        snapshot = allinone.wait(lambda: self.api.show_snapshot(snapshot['id']),
-                                 lambda s: s['state'] != 'uploading', TIMEOUT, 'snapshot')
+        snapshot = self.api.wait_snapshot(snapshot['id'], TIMEOUT)
         self.assertEqual('available', snapshot['state'])
         versions = {item['version'] for item in snapshot['items']}
         self.assertEqual(6, len(versions))
@@ -52,8 +46,7 @@ class AllInOneFakeDriverTest(base.TestCase):
         self.api.delete_deployment(deployment['id'])
         self.assertEqual('deleted', self.api.show_deployment(deployment['id'])['state'])
         again = self.api.deploy_snapshot(snapshot['id'])
-        again = allinone.wait(lambda: self.api.show_deployment(again['id']), settled,
-                              TIMEOUT, 'redeployment')
+        again = self.api.wait_deployment(again['id'], TIMEOUT)
         self.assertEqual('active', again['state'])
         self.assertEqual(versions, {i['image'] for i in again['instances']})
         events = [n[1]['event_type'] for n in notifications_test_driver.NOTIFICATIONS]
@@ -97,8 +90,7 @@ class AllInOneQemuTest(base.TestCase):
         return self.cloud.node(instance['host']).driver
 
     def wait_running(self, deployment: dict) -> dict:
-        deployment = allinone.wait(lambda: self.api.show_deployment(deployment['id']), settled,
-                                   TIMEOUT, 'deployment')
+        deployment = self.api.wait_deployment(deployment['id'], TIMEOUT)
         self.assertEqual('active', deployment['state'], deployment)
         for instance in deployment['instances']:
             self.driver_of(instance).wait_for_event(instance['name'], 'app-running', TIMEOUT)
@@ -108,8 +100,7 @@ class AllInOneQemuTest(base.TestCase):
         first = self.wait_running(self.api.deploy('guest', count=8, boot=self.boot))
         self.assertEqual({'node1', 'node2'}, {i['host'] for i in first['instances']})
         snapshot = self.api.snapshot(first['id'])
-        snapshot = allinone.wait(lambda: self.api.show_snapshot(snapshot['id']),
-                                 lambda s: s['state'] != 'uploading', TIMEOUT, 'snapshot')
+        snapshot = self.api.wait_snapshot(snapshot['id'], TIMEOUT)
         self.assertEqual('available', snapshot['state'], snapshot)
         for item in snapshot['items']:
             self.assertGreater(item['dirty_bytes'], 0)

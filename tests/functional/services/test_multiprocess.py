@@ -13,8 +13,8 @@ import uuid
 
 import testtools.content
 
-from vmcloud import allinone
 from vmcloud import exception
+from vmcloud import polling
 from vmcloud import rpc
 from vmcloud.dispatcher import rpcapi
 from vmcloud.drivers import base as driver_base
@@ -61,8 +61,8 @@ class MultiProcessTest(base.TestCase):
         self.start('dispatcher', 'dispatcher')
         for host in ('node1', 'node2'):
             self.start(host, 'compute', '--host', host)
-        allinone.wait(self.api.list_hosts, lambda hosts: len([h for h in hosts if h['up']]) == 2,
-                      TIMEOUT, 'two compute hosts up')
+        polling.wait(self.api.list_hosts, lambda hosts: len([h for h in hosts if h['up']]) == 2,
+                     TIMEOUT, 'two compute hosts up')
         self.boot = {'kernel': guest.path('vmlinuz'), 'initrd': guest.path('initrd.img'),
                      'cmdline': guest.CMDLINE + ' vmcloud.id={name}'}
 
@@ -81,7 +81,7 @@ class MultiProcessTest(base.TestCase):
         def started():
             with open(path) as f:
                 return process.poll() is not None or 'running\n' in f.read()
-        allinone.wait(lambda: None, lambda _: started(), TIMEOUT, f'{name} to start')
+        polling.wait(started, bool, TIMEOUT, f'{name} to start')
         self.assertIsNone(process.poll(), f'{name} exited')
 
     def stop(self, process: subprocess.Popen) -> None:
@@ -94,8 +94,7 @@ class MultiProcessTest(base.TestCase):
                 process.wait()
 
     def settle(self, deployment: dict) -> dict:
-        return allinone.wait(lambda: self.api.show_deployment(deployment['id']),
-                             lambda d: d['state'] != 'building', TIMEOUT, 'deployment')
+        return self.api.wait_deployment(deployment['id'], TIMEOUT)
 
     def running(self, deployment: dict) -> dict:
         deployment = self.settle(deployment)
@@ -108,8 +107,7 @@ class MultiProcessTest(base.TestCase):
         first = self.running(self.api.deploy('guest', 8, boot=self.boot))
         self.assertEqual({'node1', 'node2'}, {i['host'] for i in first['instances']})
         snapshot = self.api.snapshot(first['id'])
-        snapshot = allinone.wait(lambda: self.api.show_snapshot(snapshot['id']),
-                                 lambda s: s['state'] != 'uploading', TIMEOUT, 'snapshot')
+        snapshot = self.api.wait_snapshot(snapshot['id'], TIMEOUT)
         self.assertEqual('available', snapshot['state'], snapshot)
         names = {i['id']: i['name'] for i in first['instances']}
         origin = {item['version']: names[item['instance_id']] for item in snapshot['items']}
@@ -200,7 +198,7 @@ class MultiProcessTest(base.TestCase):
                 return all(h['up'] for h in self.api.list_hosts())
             except (exception.MessagingError, exception.DatabaseError):
                 return False  # a call sent while the services reconnect may be lost
-        allinone.wait(hosts_up, bool, 2 * TIMEOUT, f'compute hosts up after {after}')
+        polling.wait(hosts_up, bool, 2 * TIMEOUT, f'compute hosts up after {after}')
 
     def test_the_bus_and_the_database_go_away_and_come_back(self):
         admin('rabbitmqctl', '-q', 'stop_app')

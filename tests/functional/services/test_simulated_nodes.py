@@ -24,8 +24,7 @@ class SimulatedNodesTest(base.TestCase):
     def deploy(self, count: int, mips: int, **kwargs) -> dict:
         deployment = self.api.deploy('guest', count, memory_mib=512,
                                      boot={'cmdline': f'mips={mips}'}, **kwargs)
-        return allinone.wait(lambda: self.api.show_deployment(deployment['id']),
-                             lambda d: d['state'] != 'building', TIMEOUT, 'deployment')
+        return self.api.wait_deployment(deployment['id'], TIMEOUT)
 
     def test_spread_over_100_nodes_then_full(self):
         deployment = self.deploy(250, 500)

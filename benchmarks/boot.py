@@ -101,14 +101,15 @@ def main() -> None:
         }
         rows = []
         for count in [int(c) for c in args.counts.split(',')]:
-            times = {name: [] for name in contenders}
             names = list(contenders)
-            for round_number in range(args.repeat):
-                shift = round_number % len(names)
-                for name in names[shift:] + names[:shift]:
-                    work = tempfile.mkdtemp(dir=root)
-                    times[name].append(contenders[name](work, count))
+
+            def run(name: str) -> float:
+                work = tempfile.mkdtemp(dir=root)
+                try:
+                    return contenders[name](work, count)
+                finally:
                     shutil.rmtree(work)
+            times = common.rotate(names, args.repeat, run)
             baseline = statistics.median(times['bare qemu-system'])
             for name in names:
                 median = statistics.median(times[name])

@@ -27,6 +27,23 @@ def drop_caches() -> bool:
         return False
 
 
+def rotate(names: Sequence[str], repeat: int, run: Callable[[str], float]) -> dict[str, list]:
+    """``run(name)`` for every name in each of ``repeat`` rounds; each round starts one
+    name later, so no contender always goes first. :returns: name -> what each run returned."""
+    results: dict[str, list] = {name: [] for name in names}
+    for round_number in range(repeat):
+        shift = round_number % len(names)
+        for name in list(names[shift:]) + list(names[:shift]):
+            results[name].append(run(name))
+    return results
+
+
+def timed(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
 def measure(contenders: dict[str, Callable[[], None]], repeat: int = 3,
             prepare: Callable[[], None] | None = None) -> dict[str, float]:
     """Median wall time of each contender, run in rotating order, caches dropped before each.
@@ -34,18 +51,17 @@ def measure(contenders: dict[str, Callable[[], None]], repeat: int = 3,
     Every contender's time includes a final sync(), so a contender that leaves its
     output in the page cache pays for it like one that fsyncs.
     """
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_number in range(repeat):
-        order = names[round_number % len(names):] + names[:round_number % len(names)]
-        for name in order:
-            if prepare is not None:
-                prepare()
-            drop_caches()
-            start = time.perf_counter()
+    def run(name: str) -> float:
+        if prepare is not None:
+            prepare()
+        drop_caches()
+
+        def work_and_sync() -> None:
             contenders[name]()
             os.sync()
-            times[name].append(time.perf_counter() - start)
+        return timed(work_and_sync)
+
+    times = rotate(list(contenders), repeat, run)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

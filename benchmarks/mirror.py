@@ -37,22 +37,12 @@ CONF = cfg.CONF
 MIB = 1024 * 1024
 
 
-def timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
-
-
 def rotate(contenders: dict, repeat: int, prepare=None) -> dict[str, list[float]]:
-    times = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_number in range(repeat):
-        shift = round_number % len(names)
-        for name in names[shift:] + names[:shift]:
-            if prepare is not None:
-                prepare(name)
-            times[name].append(timed(contenders[name]))
-    return times
+    def run(name: str) -> float:
+        if prepare is not None:
+            prepare(name)
+        return common.timed(contenders[name])
+    return common.rotate(list(contenders), repeat, run)
 
 
 def nbdcopy(uri: str) -> None:

@@ -113,15 +113,12 @@ def clients(size: int) -> dict[str, Callable[[str], list[str]]]:
 
 def measure_warm(commands: dict[str, list[str]], image: str, repeat: int) -> dict[str, float]:
     """Median wall time of each command, rounds rotating the order, page cache warm."""
-    times: dict[str, list[float]] = {name: [] for name in commands}
-    names = list(commands)
-    for round_number in range(repeat):
-        shift = round_number % len(names)
-        for name in names[shift:] + names[:shift]:
-            warm(image)
-            start = time.perf_counter()
-            subprocess.run(commands[name], check=True, capture_output=True)
-            times[name].append(time.perf_counter() - start)
+    def run(name: str) -> float:
+        warm(image)
+        return common.timed(lambda: subprocess.run(commands[name], check=True,
+                                                   capture_output=True))
+
+    times = common.rotate(list(commands), repeat, run)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -37,6 +37,7 @@ from vmcloud.drivers import base as driver_base  # noqa: E402
 from vmcloud.drivers.qemu import accel  # noqa: E402
 from vmcloud.nbd import device  # noqa: E402
 from vmcloud.nbd import server as nbd_server  # noqa: E402
+from vmcloud.storage import reader  # noqa: E402
 from vmcloud.storage import warehouse as warehouse_mod  # noqa: E402
 from vmcloud.storage.manifest import Manifest  # noqa: E402
 
@@ -61,21 +62,15 @@ class WarehouseDevice(device.BlockDevice):
         return True
 
     def read(self, offset: int, length: int) -> bytes:
-        parts, position, end = [], offset, offset + length
-        size = self.manifest.chunk_size
-        while position < end:
-            index = position // size
-            start, stop = position - index * size, min(size, end - index * size)
-            chunk_id = self.manifest.chunks[index]
-            if chunk_id is None:
-                parts.append(bytes(stop - start))
-            else:
-                data = self.warehouse.read_chunk(chunk_id)
-                with self._lock:
-                    self.bytes_read += len(data)
-                parts.append(data[start:stop])
-            position = index * size + stop
-        return b''.join(parts)
+        with reader.VersionReader(self._read_chunk, self.manifest) as version:
+            version.seek(offset)
+            return version.read(length)
+
+    def _read_chunk(self, chunk_id: str) -> bytes:
+        data = self.warehouse.read_chunk(chunk_id)
+        with self._lock:
+            self.bytes_read += len(data)
+        return data
 
     def write(self, offset, data, fua=False):
         raise OSError(1, 'read-only')

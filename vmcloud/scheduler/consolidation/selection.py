@@ -16,22 +16,14 @@ class MinimumMigrationTime(VmSelector):
     """The VM with the least RAM (the first such in the host's list)."""
 
     def select(self, cluster, host):
-        best, best_ram = None, float('inf')
-        for v in cluster.migratable(host):
-            if cluster.vm_ram[v] < best_ram:
-                best, best_ram = v, cluster.vm_ram[v]
-        return best
+        return min(cluster.migratable(host), key=lambda v: cluster.vm_ram[v], default=None)
 
 
 class MinimumUtilization(VmSelector):
     """The VM requesting the smallest fraction of its MIPS."""
 
     def select(self, cluster, host):
-        best, best_u = None, float('inf')
-        for v in cluster.migratable(host):
-            if cluster.vm_util[v] < best_u:
-                best, best_u = v, cluster.vm_util[v]
-        return best
+        return min(cluster.migratable(host), key=lambda v: cluster.vm_util[v], default=None)
 
 
 class RandomSelection(VmSelector):

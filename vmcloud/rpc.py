@@ -4,10 +4,12 @@ One RPC version, no compatibility shims. Servers use the threading executor
 and the explicit access policy: only methods marked with ``expose`` are
 callable. Arguments and results are plain JSON-able data.
 """
+import contextlib
 import inspect
 import socket
 import threading
 import warnings
+from typing import Iterator
 
 from oslo_config import cfg
 
@@ -124,30 +126,19 @@ class Client:
         with self._errors(method, server):
             self._client.prepare(server=server).cast({}, method, **kwargs)
 
-    def _errors(self, method: str, server: str | None):
-        return _RemoteErrors(self.service if server is None else f'{self.service} {server}',
-                             method)
-
-
-class _RemoteErrors:
-    def __init__(self, who: str, method: str):
-        self.who, self.method = who, method
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, _tb) -> bool:
-        if exc is None:
-            return False
-        if isinstance(exc, messaging.RemoteError):
+    @contextlib.contextmanager
+    def _errors(self, method: str, server: str | None) -> Iterator[None]:
+        who = self.service if server is None else f'{self.service} {server}'
+        try:
+            yield
+        except messaging.RemoteError as exc:
             raise _local_error(exc) from exc
-        if isinstance(exc, messaging.MessagingTimeout):
+        except messaging.MessagingTimeout as exc:
             raise exception.MessagingError(
-                f'the {self.who} did not answer {self.method} in time: is it running?') from exc
-        if isinstance(exc, messaging.MessagingException):
+                f'the {who} did not answer {method} in time: is it running?') from exc
+        except messaging.MessagingException as exc:
             raise exception.MessagingError(
-                f'cannot reach the {self.who} for {self.method}: {exc}') from exc
-        return False
+                f'cannot reach the {who} for {method}: {exc}') from exc
 
 
 def _local_error(remote: messaging.RemoteError) -> exception.VmcloudError:

@@ -156,17 +156,26 @@ class Warehouse:
         :raises: InvalidRange if a change lies outside the image or has the wrong length.
         """
         base = self.manifest(parent.image, parent.version)
-        for index, data in changes.items():
-            if not 0 <= index < base.chunk_count or len(data) != base.chunk_length(index):
-                raise exception.InvalidRange(
-                    f'change to chunk {index} ({len(data)} bytes) does not fit {base.ref} '
-                    f'({base.chunk_count} chunks of {base.chunk_size} bytes)')
 
+        def misfit(index: int, length: int | None) -> exception.InvalidRange:
+            size = '' if length is None else f' ({length} bytes)'
+            return exception.InvalidRange(
+                f'change to chunk {index}{size} does not fit {base.ref} '
+                f'({base.chunk_count} chunks of {base.chunk_size} bytes)')
+
+        for index in changes:
+            if not 0 <= index < base.chunk_count:
+                raise misfit(index, None)
+
+        # Each change is read once, here (a mirror's barrier reads it from disk); a
+        # wrong length aborts the write session, so nothing of it becomes visible.
         def chunks() -> Iterator[chunker.Chunk]:
             for index, chunk_id in enumerate(base.chunks):
                 data = changes.get(index)
                 if data is None:
                     yield index, None, chunk_id
+                elif len(data) != base.chunk_length(index):
+                    raise misfit(index, len(data))
                 elif chunker.is_zero(data):
                     yield index, None, None
                 else:

@@ -154,10 +154,13 @@ class SnapshotTest(WarehouseTestCase):
         self.assertEqual(b'x' * CHUNK, self.warehouse.read(other, 0, CHUNK))
 
     def test_changes_must_fit(self):
-        for changes in ({9: b'x' * CHUNK}, {0: b'short'}, {5: b'x' * CHUNK}):
+        stored = self.stored_chunk_files()
+        for changes in ({9: b'x' * CHUNK}, {0: b'short'}, {5: b'x' * CHUNK},
+                        {1: b'y' * CHUNK, 2: b'short'}):
             self.assertRaises(exception.InvalidRange, self.warehouse.snapshot_chunks,
                               self.base.ref, changes)
         self.assertEqual([1], self.backend.list_versions('img'))
+        self.assertEqual(stored, self.stored_chunk_files())  # not even the chunk that fit
 
     def test_snapshot_from_modified_file_stores_only_changes(self):
         modified = os.path.join(self.tmp, 'modified.raw')

@@ -90,7 +90,6 @@ class Prefetcher:
         self._next = 0
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self.failures = 0
         self._threads = [threading.Thread(target=self._run, daemon=True,
                                           name='vmcloud-prefetch') for _ in range(threads)]
 
@@ -110,7 +109,6 @@ class Prefetcher:
                 self._fetch(index)
             except exception.VmcloudError as exc:
                 # Prefetch is a hint: the read that needs the chunk will retry and report.
-                self.failures += 1
                 LOG.debug('prefetch of chunk %d failed: %s', index, exc)
 
     def stop(self) -> None:

@@ -123,6 +123,9 @@ class Simulation:
             if host >= 0:
                 c.attach(vm, host)
                 c.vm_host[vm] = host
+                # Created, it keeps its MIPS allocated but asks for nothing until its
+                # workload starts: overload checks of later placements do not count it.
+                c.req_sum[host] -= c.vm_req[vm]
         self.placed = np.flatnonzero(c.vm_host >= 0)
         self.all_placed = len(self.placed) == c.n_vms
         if not self.scenario.reserve_ram:

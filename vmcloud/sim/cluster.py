@@ -9,6 +9,8 @@ import random
 
 import numpy as np
 
+from vmcloud.sim import power as power_models
+
 HISTORY_LENGTH = 30
 
 
@@ -72,17 +74,21 @@ class Cluster:
 
     def power(self, utilization: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
         """Watts of ``hosts`` (default: all) at ``utilization`` (clipped to [0, 1])."""
-        rows = self._rows if hosts is None else hosts
-        u10 = np.clip(utilization, 0.0, 1.0) * 10
-        low = np.minimum(u10.astype(np.int64), 9)
-        w0 = self.watts[rows, low]
-        return w0 + (self.watts[rows, low + 1] - w0) * (u10 - low)
+        watts = self.watts if hosts is None else self.watts[hosts]
+        return power_models.interpolate(watts, np.clip(utilization, 0.0, 1.0))
 
     def candidates(self) -> np.ndarray:
         """Hosts a placement must consider, in list order.
 
         Hosts that were idle at the last update and have taken nothing since are
         interchangeable within a host type, so only the first of each type is kept.
+        """
+        return self.candidate_view()[0]
+
+    def candidate_view(self) -> tuple[np.ndarray, ...]:
+        """:meth:`candidates` with their PE MIPS, MIPS, power model rows and power now.
+
+        Cached until the candidates change: a placement reads them for every VM.
         """
         if self._candidates is None:
             idle = np.ones(self.n_hosts, dtype=bool)
@@ -94,7 +100,9 @@ class Cluster:
                 first = np.flatnonzero(idle & (self.host_type == t))
                 if len(first):
                     keep[first[0]] = True
-            self._candidates = np.flatnonzero(keep)
+            hosts = np.flatnonzero(keep)
+            self._candidates = (hosts, self.host_pe_mips[hosts], self.host_mips[hosts],
+                                self.watts[hosts], self.power_now[hosts])
         return self._candidates
 
     def suitable(self, vm: int) -> np.ndarray:

@@ -30,18 +30,31 @@ class SpecPowerModel:
         """
         if utilization < 0 or utilization > 1:
             raise ValueError(f'utilization {utilization} is outside [0, 1]')
-        low = int(utilization * 10)
-        if low == 10:
-            return self.watts[10]
-        w0, w1 = self.watts[low], self.watts[low + 1]
-        return w0 + (w1 - w0) * (utilization - low / 10) * 10
+        return float(interpolate(np.asarray([self.watts], dtype=float),
+                                 np.asarray([utilization], dtype=float))[0])
 
     def power_array(self, utilization: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`power`; values are clipped to [0, 1] first."""
-        u = np.clip(utilization, 0.0, 1.0)
-        low = np.minimum((u * 10).astype(np.int64), 9)
-        w = np.asarray(self.watts)
-        return w[low] + (w[low + 1] - w[low]) * (u - low / 10) * 10
+        u = np.clip(np.asarray(utilization, dtype=float), 0.0, 1.0)
+        return interpolate(np.asarray([self.watts], dtype=float)[np.zeros(len(u), dtype=int)], u)
+
+
+def interpolate(watts: np.ndarray, utilization: np.ndarray) -> np.ndarray:
+    """Watts of each row of ``watts`` (11 points) at the matching utilisation in [0, 1].
+
+    The arithmetic is CloudSim's PowerModelSpecPower, operation for operation: the
+    power-aware placement picks the smallest increase and ties go to the first host,
+    so the last bit decides between hosts whose increases differ only by rounding.
+    (CloudSim returns the table value when the utilisation is a multiple of 0.1; the
+    formula gives the same there, since floor and ceil then agree.)
+    """
+    u10 = utilization * 10
+    low = u10.astype(np.int64)
+    base = np.arange(0, watts.size, watts.shape[1])
+    flat = watts.ravel()
+    p1 = flat[base + low]
+    p2 = flat[base + np.ceil(u10).astype(np.int64)]
+    return p1 + (p2 - p1) / 10 * (utilization - low / 10) * 100
 
 
 # HP ProLiant ML110 G4 (1 x Xeon 3040 1860 MHz, 2 cores, 4 GB): SPECpower_ssj2008 2011-01-27.

@@ -67,6 +67,9 @@ class OverloadTest(testtools.TestCase):
         c = self._history_cluster(values, 800)
         lrr = overload.LocalRegressionRobust(1.25)
         self.assertAlmostEqual(0.82667, lrr.predict(np.array(values[::-1]), 1), places=4)
+        # CloudSim never applies the robust weights: the plain fit, to the last bits
+        self.assertAlmostEqual(overload.LocalRegression().predict(np.array(values[::-1]), 1),
+                               lrr.predict(np.array(values[::-1]), 1), places=12)
         self.assertEqual([True], list(lrr.overloaded(c, np.array([0]))))
         self.assertEqual([False], list(overload.LocalRegressionRobust(1.2).overloaded(
             c, np.array([0]))))

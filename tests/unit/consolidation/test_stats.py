@@ -48,5 +48,20 @@ class StatsTest(testtools.TestCase):
         x = np.array([[1.0], [2.0], [3.0], [4.0]])
         self.assertAlmostEqual(1.0, stats.r_squared(2 * x[:, 0] + 1, x))
         self.assertRaises(ValueError, stats.r_squared, np.ones(1), np.ones((1, 1)))
-        self.assertRaises(ValueError, stats.r_squared, np.arange(4.0),
-                          np.hstack([x, 2 * x]))
+        # dependent columns are fitted all the same, as CloudSim's QR does
+        self.assertAlmostEqual(1.0, stats.r_squared(np.arange(4.0), np.hstack([x, 2 * x])))
+
+    def test_r_squared_each_row_on_the_others(self):
+        rng = np.random.default_rng(3)
+        rows = rng.random((5, 12))
+        rows[4] = 0.5 * rows[0] + 0.2 * rows[1] + 0.01 * rng.random(12)
+
+        def one_by_one():
+            return [stats.r_squared(rows[i], np.delete(rows, i, axis=0).T) for i in range(5)]
+        np.testing.assert_allclose(one_by_one(), stats.r_squared_each(rows), rtol=1e-9)
+        self.assertRaises(ValueError, stats.r_squared_each, rows[:, :4])    # 5 rows, 4 values
+        rows[2] = rows[0] + rows[1]                 # a dependent row: fitted one by one
+        np.testing.assert_allclose(one_by_one(), stats.r_squared_each(rows))
+        self.assertAlmostEqual(1.0, stats.r_squared_each(rows)[2])
+        rows[2] = 0.3                               # a constant row explains nothing
+        self.assertTrue(np.isnan(stats.r_squared_each(rows)[2]))

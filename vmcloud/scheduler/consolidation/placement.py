@@ -3,6 +3,8 @@ import abc
 
 import numpy as np
 
+from vmcloud.sim import power as power_models
+
 
 class Placement(abc.ABC):
     def __init__(self, detector=None):
@@ -22,43 +24,38 @@ class PowerAwareBestFit(Placement):
     host with nothing allocated is not checked for overload. Ties go to the first host.
     """
 
+    CHUNKS = ((0, 8), (8, 40), (40, None))
+
     def find_host(self, cluster, vm, excluded):
-        hosts = cluster.candidates()
+        hosts, pe_mips, mips, watts, power_now = cluster.candidate_view()
         r = cluster.vm_req[vm]
-        ok = ((cluster.host_pe_mips[hosts] >= r) & (cluster.avail[hosts] >= r)
-              & ~excluded[hosts])
+        alloc = cluster.alloc_mips[hosts]
+        after = (alloc + r) / mips
+        ok = (pe_mips >= r) & (cluster.avail[hosts] >= r) & (after <= 1.0 + 1e-9)
+        ok &= ~excluded[hosts]
         if cluster.vm_ram_req[vm] or cluster.vm_bw_req[vm]:
             ok &= ((cluster.host_ram[hosts] - cluster.ram_used[hosts] >= cluster.vm_ram_req[vm])
                    & (cluster.host_bw[hosts] - cluster.bw_used[hosts] >= cluster.vm_bw_req[vm]))
-        hosts = hosts[ok]
-        if not len(hosts):
+        idx = ok.nonzero()[0]
+        if not idx.size:
             return -1
-        after = (cluster.alloc_mips[hosts] + r) / cluster.host_mips[hosts]
-        fits = after <= 1.0 + 1e-9
-        if not fits.all():
-            hosts, after = hosts[fits], after[fits]
-            if not len(hosts):
-                return -1
-        diff = cluster.power(after, hosts) - cluster.power_now[hosts]
-        order = np.argsort(diff, kind='stable')
-        hosts = hosts[order]
+        diff = power_models.interpolate(watts[idx], after[idx]) - power_now[idx]
         if self.detector is None:
-            return int(hosts[0])
-        busy = cluster.alloc_mips[hosts] != 0
-        if not busy[0]:
-            return int(hosts[0])
-        # check a few in order first: usually the best one is fine
-        head = hosts[:4]
-        bad = self.detector.overloaded_after(cluster, head, vm) & busy[:4]
-        ok = np.flatnonzero(~bad)
-        if len(ok):
-            return int(head[ok[0]])
-        rest = hosts[4:]
-        if not len(rest):
-            return -1
-        bad = self.detector.overloaded_after(cluster, rest, vm) & busy[4:]
-        ok = np.flatnonzero(~bad)
-        return int(rest[ok[0]]) if len(ok) else -1
+            return int(hosts[idx[diff.argmin()]])
+        order = idx[diff.argsort(kind='stable')]
+        busy = alloc[order] != 0
+        # In order of increase, a few at a time: the VM often overloads the first hosts.
+        # A host with nothing allocated is not checked.
+        for first, last in self.CHUNKS:
+            part = order[first:last]
+            if not part.size:
+                break
+            bad = busy[first:last].copy()
+            if bad.any():
+                bad[bad] = self.detector.overloaded_after(cluster, hosts[part[bad]], vm)
+            if not bad.all():
+                return int(hosts[part[bad.argmin()]])
+        return -1
 
 
 class FirstFit(Placement):

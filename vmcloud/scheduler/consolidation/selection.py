@@ -39,8 +39,8 @@ class RandomSelection(VmSelector):
 class MaximumCorrelation(VmSelector):
     """The VM whose utilisation history the others' histories explain best (largest R^2).
 
-    Falls back to MMT when the regression cannot be made (fewer history values than
-    VMs, a single VM, or linearly dependent histories).
+    Falls back to MMT when the regression cannot be made (a single VM, or fewer
+    history values than VMs).
     """
 
     def __init__(self, fallback: VmSelector | None = None):
@@ -61,14 +61,6 @@ class MaximumCorrelation(VmSelector):
         return vms[best]
 
     @staticmethod
-    def correlations(cluster, vms: list[int]) -> list[float]:
+    def correlations(cluster, vms: list[int]) -> np.ndarray:
         m = int(min(cluster.vm_hist_len[v] for v in vms))
-        data = cluster.vm_hist[vms, :m]
-        n = len(vms)
-        if n < 2:
-            raise ValueError('one VM has nothing to correlate with')
-        out = []
-        for i in range(n):
-            others = np.delete(data, i, axis=0).T
-            out.append(stats.r_squared(data[i], others))
-        return out
+        return stats.r_squared_each(cluster.vm_hist[vms, :m])

@@ -21,7 +21,22 @@ def trim_zero_tail(data) -> np.ndarray:
 
 
 def median(data) -> float:
-    return float(np.median(np.asarray(data, dtype=float)))
+    return float(median_rows(np.asarray(data, dtype=float)[None, :])[0])
+
+
+def median_rows(rows: np.ndarray) -> np.ndarray:
+    """The median of each row, as commons-math's legacy percentile computes it.
+
+    For an even length that is lower + 0.5 (upper - lower), which can differ in the
+    last bit from (lower + upper) / 2; a threshold compare can turn on that bit.
+    """
+    n = rows.shape[1]
+    k = n // 2
+    ordered = np.sort(rows, axis=1)     # faster than a partition for rows this short
+    if n % 2:
+        return ordered[:, k]
+    lower = ordered[:, k - 1]
+    return lower + 0.5 * (ordered[:, k] - lower)
 
 
 def mad(data) -> float:
@@ -47,8 +62,8 @@ def iqr(data) -> float:
 
 def mad_rows(rows: np.ndarray) -> np.ndarray:
     """:func:`mad` of each row of a 2-D array (rows of one length)."""
-    med = np.median(rows, axis=1)
-    return np.median(np.abs(rows - med[:, None]), axis=1)
+    med = median_rows(rows)
+    return median_rows(np.abs(rows - med[:, None]))
 
 
 def iqr_rows(rows: np.ndarray) -> np.ndarray:
@@ -150,18 +165,45 @@ def prediction_weights(n: int, ahead: int) -> np.ndarray:
 def r_squared(y: np.ndarray, x: np.ndarray) -> float:
     """Coefficient of determination of y regressed on the columns of x, with an intercept.
 
-    :raises: ValueError where CloudSim's OLS refuses: no predictors, too few rows, or
-        linearly dependent columns.
+    Linearly dependent columns are fitted all the same (least squares projects y on
+    the space they span), as CloudSim's QR-based OLS does: it refuses only a pivot
+    that is exactly zero, which rounding all but rules out. A constant y gives NaN.
+
+    :raises: ValueError where CloudSim's OLS refuses: no predictors or too few rows.
     """
     m, p = x.shape
     if p == 0 or m == 0 or p + 1 > m:
         raise ValueError('not enough data for the regression')
+    if y.min() == y.max():
+        return float('nan')     # CloudSim: 1 - SSR / 0, never the largest
     design = np.hstack([np.ones((m, 1)), x])
-    beta, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
-    if rank < p + 1:
-        raise ValueError('singular design matrix')
+    beta = np.linalg.lstsq(design, y, rcond=None)[0]
     residual = y - design @ beta
     sst = float(((y - y.mean()) ** 2).sum())
-    if sst == 0:
-        return float('nan')
     return 1 - float(residual @ residual) / sst
+
+
+def r_squared_each(rows: np.ndarray) -> np.ndarray:
+    """:func:`r_squared` of each row on all the other rows (as columns) at once.
+
+    With S the Gram matrix of the centred rows, the residual sum of squares of row i
+    on the others is 1 / (S^-1)_ii and its total sum of squares S_ii: one
+    eigendecomposition instead of a fit per row. Rows that are (nearly) linearly
+    dependent make S ill-conditioned; they are fitted one by one instead.
+
+    :raises: ValueError for fewer than two rows or fewer columns than rows.
+    """
+    n, m = rows.shape
+    if n < 2 or n > m:
+        raise ValueError('not enough data for the regression')
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    gram = centred @ centred.T
+    eigenvalues, vectors = np.linalg.eigh(gram)
+    if eigenvalues[0] > eigenvalues[-1] * WELL_CONDITIONED:
+        return 1 - 1 / (np.diag(gram) * ((vectors ** 2) @ (1 / eigenvalues)))
+    return np.array([r_squared(rows[i], np.delete(rows, i, axis=0).T) for i in range(n)])
+
+
+# smallest / largest eigenvalue of the Gram matrix above which its inverse is accurate
+# to about 1e-7 relative (its condition number is the square of the data's)
+WELL_CONDITIONED = 1e-9

@@ -5,6 +5,7 @@ It mirrors what CloudSim's policies read during ``optimizeAllocation``: the VM l
 requests now, the MIPS each host's scheduler still has free, and each host's
 utilisation as measured at the last update (which planning does not change).
 """
+import math
 import random
 
 import numpy as np
@@ -116,6 +117,18 @@ class Cluster:
         """The host's utilisation history, newest first, without its zero tail."""
         from vmcloud.scheduler.consolidation import stats
         return stats.trim_zero_tail(self.hist[host])
+
+    def migration_intervals(self) -> int | None:
+        """ceil(migration time / interval) if it is the same for any VM to any host, else None."""
+        if not hasattr(self, '_migration_intervals'):
+            steps = None
+            if self.n_vms and self.n_hosts:
+                longest = self.vm_ram.max() / self.host_migration_rate.min()
+                shortest = self.vm_ram.min() / self.host_migration_rate.max()
+                if math.ceil(longest / self.interval) == math.ceil(shortest / self.interval):
+                    steps = math.ceil(longest / self.interval)
+            self._migration_intervals = steps
+        return self._migration_intervals
 
     def migration_time(self, vm: int, host: int) -> float:
         return self.vm_ram[vm] / self.host_migration_rate[host]

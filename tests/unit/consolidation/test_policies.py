@@ -61,6 +61,27 @@ class OverloadTest(testtools.TestCase):
         self.assertEqual([False], list(lr.overloaded(c, np.array([0]))))  # 0.913 < 1
         self.assertAlmostEqual(0.83, lr.predict(np.array(values[::-1]), 1))
 
+    def test_lr_after_allocation_splits_host_and_vm_parts(self):
+        # the linear shortcut (host prediction + VM prediction) decides as the prediction
+        # of the summed history, also where a short history falls back to THR 0.7
+        rng = np.random.default_rng(11)
+        vms = [helpers.vm(mips=m) for m in (500, 1000, 250, 500, 1000, 250, 750)]
+        # newest first: rising or falling at different rates, with noise
+        hist = [0.8 + rng.uniform(-0.02, 0.02) * np.arange(30) + rng.normal(0, 0.03, 30)
+                for _ in vms]
+        hist[2][8:] = 0.0           # host 2's only VM: a history of 8 values
+        c = helpers.make([H] * 6, vms, [0, 1, 2, 3, 4, 5, 0],
+                         rng.uniform(100, 400, len(vms)), hist=hist)
+        seen = set()
+        for param in (0.6, 1.0, 1.4):
+            lr = overload.LocalRegression(param)
+            for vm in range(len(vms)):
+                everywhere = np.arange(6)
+                expected = overload._HistoryDetector.overloaded_after(lr, c, everywhere, vm)
+                self.assertEqual(list(expected), list(lr.overloaded_after(c, everywhere, vm)))
+                seen.update(expected.tolist())
+        self.assertEqual({True, False}, seen)
+
     def test_lrr_on_a_noisy_line(self):
         # the line of test_lr_prediction, +-0.01 in turn: both fits predict 0.8267
         values = [0.80 - 0.03 * i + (0.01 if i % 2 else -0.01) for i in range(10)]

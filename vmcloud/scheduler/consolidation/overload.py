@@ -16,6 +16,8 @@ class OverloadDetector(abc.ABC):
 
     default_param: float = 0.0
     uses_history = False
+    # overloaded_after costs little per host: a placement may ask about every host at once
+    cheap_after = True
 
     def __init__(self, param: float | None = None):
         self.param = self.default_param if param is None else float(param)
@@ -96,10 +98,15 @@ class _HistoryDetector(OverloadDetector):
 class _DispersionDetector(_HistoryDetector):
     """Overloaded when utilisation exceeds 1 - param * dispersion(history)."""
 
+    cheap_after = False         # two sorts of a 30-value history per host
+
     def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
-        if lengths is None:
-            lengths = self._lengths(hist)
-        spread = stats.dispersion_rows(hist, lengths, self.dispersion_rows)
+        if lengths is None and hist[:, -1].all():
+            spread = self.dispersion_rows(hist)      # full histories, the usual case
+        else:
+            if lengths is None:
+                lengths = self._lengths(hist)
+            spread = stats.dispersion_rows(hist, lengths, self.dispersion_rows)
         return req / cluster.host_mips[hosts] > 1 - self.param * spread
 
     @staticmethod
@@ -142,21 +149,22 @@ class LocalRegression(_HistoryDetector):
 
     def overloaded_after(self, cluster, hosts, vm):
         # The prediction is linear in the history: the host's part plus the VM's part.
+        ahead = cluster.migration_intervals()
+        if ahead is None:
+            return super().overloaded_after(cluster, hosts, vm)
         host_hist = cluster.hist[hosts]
         vm_hist = cluster.vm_hist[vm]
-        enough = host_hist[:, self.min_history - 1] != 0
-        if not enough.all() or not vm_hist[self.min_history - 1]:
-            return super().overloaded_after(cluster, hosts, vm)
         host_mips = cluster.host_mips[hosts]
-        ahead = self._ahead(cluster, hosts, np.maximum(cluster.ram_max[hosts], cluster.vm_ram[vm]))
-        k0 = int(ahead[0])
-        if not (ahead == k0).all():
-            return super().overloaded_after(cluster, hosts, vm)
-        c = self._coefficients(k0)[::-1]
-        window = self.window
-        vm_part = (vm_hist[:window] @ c) * cluster.vm_mips[vm] / host_mips
-        predicted = host_hist[:, :window] @ c + vm_part
-        return predicted * self.param >= 1
+        c = self._coefficients(ahead)[::-1]
+        vm_part = (vm_hist[:self.window] @ c) * cluster.vm_mips[vm] / host_mips
+        over = (host_hist[:, :self.window] @ c + vm_part) * self.param >= 1
+        if vm_hist[self.min_history - 1:].any():
+            return over
+        enough = host_hist[:, self.min_history - 1:].any(axis=1)
+        if enough.all():
+            return over
+        short = (cluster.req_sum[hosts] + cluster.vm_req[vm]) / host_mips > self.fallback.param
+        return np.where(enough, over, short)
 
     def _ahead(self, cluster, hosts, ram_max):
         seconds = ram_max / cluster.host_migration_rate[hosts]

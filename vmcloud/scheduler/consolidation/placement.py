@@ -24,6 +24,7 @@ class PowerAwareBestFit(Placement):
     host with nothing allocated is not checked for overload. Ties go to the first host.
     """
 
+    # detectors whose overloaded_after is costly check hosts in order, this many at a time
     CHUNKS = ((0, 8), (8, 40), (40, None))
 
     def find_host(self, cluster, vm, excluded):
@@ -42,12 +43,21 @@ class PowerAwareBestFit(Placement):
         diff = power_models.interpolate(watts[idx], after[idx]) - power_now[idx]
         if self.detector is None:
             return int(hosts[idx[diff.argmin()]])
-        order = idx[diff.argsort(kind='stable')]
-        busy = alloc[order] != 0
+        busy = alloc[idx] != 0
+        if not busy.any():
+            return int(hosts[idx[diff.argmin()]])
+        if self.detector.cheap_after:
+            bad = busy
+            bad[busy] = self.detector.overloaded_after(cluster, hosts[idx[busy]], vm)
+            if bad.all():
+                return -1
+            diff[bad] = np.inf
+            return int(hosts[idx[diff.argmin()]])
+        order = diff.argsort(kind='stable')
+        idx, busy = idx[order], busy[order]
         # In order of increase, a few at a time: the VM often overloads the first hosts.
-        # A host with nothing allocated is not checked.
         for first, last in self.CHUNKS:
-            part = order[first:last]
+            part = idx[first:last]
             if not part.size:
                 break
             bad = busy[first:last].copy()

@@ -50,7 +50,8 @@ class Cluster:
         self.hist = np.zeros((self.n_hosts, HISTORY_LENGTH))
         self.track_history = True
         self.rng = random.Random(seed)
-        self.watts = np.array([self.host_types[t].power.watts for t in self.host_type])
+        self.power_table = power_models.PowerTable([self.host_types[t].power
+                                                    for t in self.host_type])
         self._rows = np.arange(self.n_hosts)
         self.measured(self.util_mips)
 
@@ -64,6 +65,8 @@ class Cluster:
         self.util_now = np.where((u > 1) & (u < 1.01), 1.0, u)
         self.power_now = self.power(np.minimum(self.util_now, 1.0))
         self.on = np.flatnonzero(util_mips != 0)
+        self._idle_by_type = [np.flatnonzero((util_mips == 0) & (self.host_type == t)).tolist()
+                              for t in range(len(self.host_types))]
         self._touched_off: set[int] = set()
         self._candidates = None
 
@@ -75,8 +78,8 @@ class Cluster:
 
     def power(self, utilization: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
         """Watts of ``hosts`` (default: all) at ``utilization`` (clipped to [0, 1])."""
-        watts = self.watts if hosts is None else self.watts[hosts]
-        return power_models.interpolate(watts, np.clip(utilization, 0.0, 1.0))
+        return self.power_table.at(self._rows if hosts is None else hosts,
+                                   np.clip(utilization, 0.0, 1.0))
 
     def candidates(self) -> np.ndarray:
         """Hosts a placement must consider, in list order.
@@ -87,23 +90,19 @@ class Cluster:
         return self.candidate_view()[0]
 
     def candidate_view(self) -> tuple[np.ndarray, ...]:
-        """:meth:`candidates` with their PE MIPS, MIPS, power model rows and power now.
+        """:meth:`candidates` with their PE MIPS, MIPS and power now.
 
         Cached until the candidates change: a placement reads them for every VM.
         """
         if self._candidates is None:
-            idle = np.ones(self.n_hosts, dtype=bool)
-            idle[self.on] = False
-            if self._touched_off:
-                idle[list(self._touched_off)] = False
-            keep = ~idle
-            for t in range(len(self.host_types)):
-                first = np.flatnonzero(idle & (self.host_type == t))
-                if len(first):
-                    keep[first[0]] = True
-            hosts = np.flatnonzero(keep)
+            touched = self._touched_off
+            first_idle = [next((h for h in idle if h not in touched), None)
+                          for idle in self._idle_by_type]
+            hosts = np.sort(np.concatenate([
+                self.on, np.fromiter(touched, dtype=np.int64, count=len(touched)),
+                np.array([h for h in first_idle if h is not None], dtype=np.int64)]))
             self._candidates = (hosts, self.host_pe_mips[hosts], self.host_mips[hosts],
-                                self.watts[hosts], self.power_now[hosts])
+                                self.power_now[hosts])
         return self._candidates
 
     def suitable(self, vm: int) -> np.ndarray:

@@ -30,31 +30,39 @@ class SpecPowerModel:
         """
         if utilization < 0 or utilization > 1:
             raise ValueError(f'utilization {utilization} is outside [0, 1]')
-        return float(interpolate(np.asarray([self.watts], dtype=float),
-                                 np.asarray([utilization], dtype=float))[0])
+        return float(PowerTable([self]).at(np.zeros(1, dtype=np.int64),
+                                           np.asarray([utilization], dtype=float))[0])
 
     def power_array(self, utilization: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`power`; values are clipped to [0, 1] first."""
         u = np.clip(np.asarray(utilization, dtype=float), 0.0, 1.0)
-        return interpolate(np.asarray([self.watts], dtype=float)[np.zeros(len(u), dtype=int)], u)
+        return PowerTable([self]).at(np.zeros(len(u), dtype=np.int64), u)
 
 
-def interpolate(watts: np.ndarray, utilization: np.ndarray) -> np.ndarray:
-    """Watts of each row of ``watts`` (11 points) at the matching utilisation in [0, 1].
+class PowerTable:
+    """Power models of many hosts (one row each), evaluated for many at once.
 
     The arithmetic is CloudSim's PowerModelSpecPower, operation for operation: the
     power-aware placement picks the smallest increase and ties go to the first host,
     so the last bit decides between hosts whose increases differ only by rounding.
-    (CloudSim returns the table value when the utilisation is a multiple of 0.1; the
-    formula gives the same there, since floor and ceil then agree.)
     """
-    u10 = utilization * 10
-    low = u10.astype(np.int64)
-    base = np.arange(0, watts.size, watts.shape[1])
-    flat = watts.ravel()
-    p1 = flat[base + low]
-    p2 = flat[base + np.ceil(u10).astype(np.int64)]
-    return p1 + (p2 - p1) / 10 * (utilization - low / 10) * 100
+
+    def __init__(self, models):
+        watts = np.array([m.watts for m in models], dtype=float)
+        self.width = watts.shape[1]
+        self.watts = watts.ravel()
+        # (p2 - p1) / 10 for each 10% step, as CloudSim computes it; none past 100%
+        self.steps = np.hstack([np.diff(watts, axis=1) / 10,
+                                np.zeros((len(watts), 1))]).ravel()
+
+    def at(self, rows: np.ndarray, utilization: np.ndarray) -> np.ndarray:
+        """Watts of model ``rows[i]`` at ``utilization[i]`` (in [0, 1])."""
+        u10 = utilization * 10
+        low = u10.astype(np.int64)
+        i = rows * self.width + low
+        # on a 10% point CloudSim's floor and ceil agree: its step is 0, not the next one
+        step = np.where(u10 == low, 0.0, self.steps[i])
+        return self.watts[i] + step * (utilization - low / 10) * 100
 
 
 # HP ProLiant ML110 G4 (1 x Xeon 3040 1860 MHz, 2 cores, 4 GB): SPECpower_ssj2008 2011-01-27.

@@ -70,14 +70,11 @@ class Policy:
         skip = over | off              # never chosen as underloaded
         closed = over | off            # never a target
         moves = []
-        n = cluster.n_hosts
-        candidates = (util > 0) & (util < 1)
-        while skip.sum() != n:
-            open_ = candidates & ~skip
-            if not open_.any():
-                break
-            idx = np.flatnonzero(open_)
-            host = int(idx[np.argmin(util[idx])])
+        # least utilised first (ties to the first host); a host that takes VMs is skipped
+        open_ = np.flatnonzero((util > 0) & (util < 1) & ~skip)
+        for host in open_[np.argsort(util[open_], kind='stable')].tolist():
+            if skip[host]:
+                continue
             skip[host] = closed[host] = True
             vms = cluster.migratable(host)
             if not vms:

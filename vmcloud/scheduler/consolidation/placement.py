@@ -3,8 +3,6 @@ import abc
 
 import numpy as np
 
-from vmcloud.sim import power as power_models
-
 
 class Placement(abc.ABC):
     def __init__(self, detector=None):
@@ -28,7 +26,7 @@ class PowerAwareBestFit(Placement):
     CHUNKS = ((0, 8), (8, 40), (40, None))
 
     def find_host(self, cluster, vm, excluded):
-        hosts, pe_mips, mips, watts, power_now = cluster.candidate_view()
+        hosts, pe_mips, mips, power_now = cluster.candidate_view()
         r = cluster.vm_req[vm]
         alloc = cluster.alloc_mips[hosts]
         after = (alloc + r) / mips
@@ -40,7 +38,7 @@ class PowerAwareBestFit(Placement):
         idx = ok.nonzero()[0]
         if not idx.size:
             return -1
-        diff = power_models.interpolate(watts[idx], after[idx]) - power_now[idx]
+        diff = cluster.power_table.at(hosts[idx], after[idx]) - power_now[idx]
         if self.detector is None:
             return int(hosts[idx[diff.argmin()]])
         busy = alloc[idx] != 0

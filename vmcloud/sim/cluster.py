@@ -81,18 +81,13 @@ class Cluster:
         return self.power_table.at(self._rows if hosts is None else hosts,
                                    np.clip(utilization, 0.0, 1.0))
 
-    def candidates(self) -> np.ndarray:
-        """Hosts a placement must consider, in list order.
+    def candidate_view(self) -> tuple[np.ndarray, ...]:
+        """The hosts a placement must consider, in list order, with their PE MIPS,
+        MIPS and power now.
 
         Hosts that were idle at the last update and have taken nothing since are
         interchangeable within a host type, so only the first of each type is kept.
-        """
-        return self.candidate_view()[0]
-
-    def candidate_view(self) -> tuple[np.ndarray, ...]:
-        """:meth:`candidates` with their PE MIPS, MIPS and power now.
-
-        Cached until the candidates change: a placement reads them for every VM.
+        Cached until that changes: a placement reads them for every VM.
         """
         if self._candidates is None:
             touched = self._touched_off

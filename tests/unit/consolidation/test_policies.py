@@ -187,6 +187,46 @@ class PlacementTest(testtools.TestCase):
         self.assertEqual(0, c.alloc_mips[0])
         self.assertEqual(0, pabfd.find_host(c, 2, excluded))
 
+    def test_pabfd_answers_host_ids_with_idle_hosts_among_the_candidates(self):
+        # 12 hosts, G4 and G5 in turn; hosts 4-9 idle (one of each type is a candidate);
+        # the VMs to place sit on host 11, which is excluded. place() puts them where
+        # find_host says, one after the other, and some go to an idle host.
+        rng = np.random.default_rng(5)
+        hosts = [model.HOST_TYPES[i % 2] for i in range(12)]
+        on = [0, 1, 2, 3, 10] * 4
+        moving = list(range(len(on), len(on) + 10))
+        vms = [helpers.vm(int(m)) for m in rng.choice([500, 1000, 2000, 2500], len(on) + 10)]
+        req = [v.mips * rng.uniform(0.05, 0.5) for v in vms]
+        hist = [np.clip(rng.normal(0.4, 0.15, 30), 0.01, 1) for _ in vms]
+        excluded = np.zeros(12, dtype=bool)
+        excluded[11] = True
+        for detector in (None, overload.StaticThreshold(0.8), overload.LocalRegression(1.2),
+                         overload.MedianAbsoluteDeviation(2.5)):
+            def cluster():
+                return helpers.make(hosts, vms, on + [11] * 10, req, hist=hist)
+            pabfd = placement.PowerAwareBestFit(detector)
+            one_by_one, c = [], cluster()
+            for vm in moving:
+                host = pabfd.find_host(c, vm, excluded)
+                if host >= 0:
+                    self.assertFalse(excluded[host])
+                    self.assertIn(host, c.candidate_view()[0])
+                    c.attach(vm, host)
+                    one_by_one.append((vm, host))
+            self.assertEqual(one_by_one, pabfd.place(cluster(), moving, excluded))
+            self.assertTrue(any(4 <= h <= 9 for _, h in one_by_one))  # an idle host took one
+            self.assertGreater(len(one_by_one), 5)
+
+    def test_all_or_nothing_puts_back_what_it_placed(self):
+        # three 1000 MIPS VMs asking 600 each, one free 1000 MIPS host: the second fails
+        c = helpers.make([H, H, H], [helpers.vm()] * 4, [0, 2, 2, 2], [100, 600, 600, 600])
+        excluded = np.array([False, True, True])
+        pabfd = placement.PowerAwareBestFit(overload.StaticThreshold(1.0))
+        self.assertEqual([], pabfd.place(c, [1, 2, 3], excluded, all_or_nothing=True))
+        self.assertEqual([0], c.host_vms[0])
+        self.assertEqual(100, c.alloc_mips[0])
+        self.assertEqual([(1, 0)], pabfd.place(c, [1, 2, 3], excluded))
+
     def test_allocation_is_scaled_down_when_oversubscribed(self):
         vms = [helpers.vm(), helpers.vm(), helpers.vm()]
         c = helpers.make([H, H], vms, [0, 0, 1], [700, 300, 600], util_mips=[1000, 600])

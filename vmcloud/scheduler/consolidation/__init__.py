@@ -55,12 +55,7 @@ class Policy:
                     break
         # hosts that were overloaded take nothing; place the busiest VMs first
         to_move.sort(key=lambda v: -cluster.vm_req[v])
-        migrations = []
-        for vm in to_move:
-            target = self.placement.find_host(cluster, vm, over)
-            if target >= 0:
-                cluster.attach(vm, target)
-                migrations.append((vm, target))
+        migrations = self.placement.place(cluster, to_move, over)
         migrations += self._empty_underloaded(cluster, over)
         return migrations
 
@@ -80,16 +75,7 @@ class Policy:
             if not vms:
                 continue
             vms.sort(key=lambda v: -cluster.vm_req[v])
-            placed = []
-            for vm in vms:
-                target = self.placement.find_host(cluster, vm, closed)
-                if target < 0:
-                    for v2, t2 in placed:
-                        cluster.detach(v2, t2)
-                    placed = []
-                    break
-                cluster.attach(vm, target)
-                placed.append((vm, target))
+            placed = self.placement.place(cluster, vms, closed, all_or_nothing=True)
             for _, t in placed:
                 skip[t] = True
             moves += placed

@@ -12,6 +12,26 @@ class Placement(abc.ABC):
     def find_host(self, cluster, vm: int, excluded: np.ndarray) -> int:
         """The host for ``vm`` among those not ``excluded`` (a bool per host), or -1."""
 
+    def place(self, cluster, vms, excluded: np.ndarray,
+              all_or_nothing: bool = False) -> list[tuple[int, int]]:
+        """Place ``vms`` in this order, each where :meth:`find_host` says, attaching as it goes.
+
+        :returns: (vm, host) of those placed; with ``all_or_nothing``, [] as soon as
+            one has no host (the ones placed before it are detached again).
+        """
+        placed = []
+        for vm in vms:
+            host = self.find_host(cluster, vm, excluded)
+            if host < 0:
+                if all_or_nothing:
+                    for vm_placed, its_host in placed:
+                        cluster.detach(vm_placed, its_host)
+                    return []
+                continue
+            cluster.attach(vm, host)
+            placed.append((vm, host))
+        return placed
+
 
 class PowerAwareBestFit(Placement):
     """The host whose power draw grows least, among those with room that the VM would not overload.

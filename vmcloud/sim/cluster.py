@@ -34,6 +34,13 @@ class Cluster:
         self.vm_bw_req = self.vm_bw.copy()
         # per host: a VM's migration takes RAM / (BW / 2) (half the link is left to the guests)
         self.host_migration_rate = self.host_bw / (2 * 8000)  # MB/s
+        # ceil(migration time / interval) if it is the same for any VM to any host
+        self.migration_steps = None
+        if self.n_vms and self.n_hosts:
+            longest = self.vm_ram.max() / self.host_migration_rate.min()
+            shortest = self.vm_ram.min() / self.host_migration_rate.max()
+            if math.ceil(longest / interval) == math.ceil(shortest / interval):
+                self.migration_steps = math.ceil(longest / interval)
         self.vm_host = np.full(self.n_vms, -1, dtype=np.int64)
         self.host_vms: list[list[int]] = [[] for _ in range(self.n_hosts)]
         self.vm_util = np.zeros(self.n_vms)       # fraction of its MIPS requested now
@@ -111,18 +118,6 @@ class Cluster:
         """The host's utilisation history, newest first, without its zero tail."""
         from vmcloud.scheduler.consolidation import stats
         return stats.trim_zero_tail(self.hist[host])
-
-    def migration_intervals(self) -> int | None:
-        """ceil(migration time / interval) if it is the same for any VM to any host, else None."""
-        if not hasattr(self, '_migration_intervals'):
-            steps = None
-            if self.n_vms and self.n_hosts:
-                longest = self.vm_ram.max() / self.host_migration_rate.min()
-                shortest = self.vm_ram.min() / self.host_migration_rate.max()
-                if math.ceil(longest / self.interval) == math.ceil(shortest / self.interval):
-                    steps = math.ceil(longest / self.interval)
-            self._migration_intervals = steps
-        return self._migration_intervals
 
     def migration_time(self, vm: int, host: int) -> float:
         return self.vm_ram[vm] / self.host_migration_rate[host]

@@ -149,7 +149,7 @@ class LocalRegression(_HistoryDetector):
 
     def overloaded_after(self, cluster, hosts, vm):
         # The prediction is linear in the history: the host's part plus the VM's part.
-        ahead = cluster.migration_intervals()
+        ahead = cluster.migration_steps
         if ahead is None:
             return super().overloaded_after(cluster, hosts, vm)
         host_hist = cluster.hist[hosts]

@@ -183,6 +183,11 @@ def r_squared(y: np.ndarray, x: np.ndarray) -> float:
     return 1 - float(residual @ residual) / sst
 
 
+# smallest / largest eigenvalue of the Gram matrix above which its inverse is accurate
+# to about 1e-7 relative (its condition number is the square of the data's)
+WELL_CONDITIONED = 1e-9
+
+
 def r_squared_each(rows: np.ndarray) -> np.ndarray:
     """:func:`r_squared` of each row on all the other rows (as columns) at once.
 
@@ -202,8 +207,3 @@ def r_squared_each(rows: np.ndarray) -> np.ndarray:
     if eigenvalues[0] > eigenvalues[-1] * WELL_CONDITIONED:
         return 1 - 1 / (np.diag(gram) * ((vectors ** 2) @ (1 / eigenvalues)))
     return np.array([r_squared(rows[i], np.delete(rows, i, axis=0).T) for i in range(n)])
-
-
-# smallest / largest eigenvalue of the Gram matrix above which its inverse is accurate
-# to about 1e-7 relative (its condition number is the square of the data's)
-WELL_CONDITIONED = 1e-9

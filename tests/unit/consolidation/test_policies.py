@@ -218,7 +218,8 @@ class PlacementTest(testtools.TestCase):
             self.assertGreater(len(one_by_one), 5)
 
     def test_all_or_nothing_puts_back_what_it_placed(self):
-        # three 1000 MIPS VMs asking 600 each, one free 1000 MIPS host: the second fails
+        # three VMs asking 600 MIPS each, one open host of 1000 MIPS already giving 100:
+        # the first fits, the second does not
         c = helpers.make([H, H, H], [helpers.vm()] * 4, [0, 2, 2, 2], [100, 600, 600, 600])
         excluded = np.array([False, True, True])
         pabfd = placement.PowerAwareBestFit(overload.StaticThreshold(1.0))

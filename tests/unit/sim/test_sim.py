@@ -84,11 +84,11 @@ class EngineTest(base.TestCase):
         self.assertEqual([2, 1], result.series['active_hosts'])
 
     def test_created_vms_ask_nothing_until_their_workload_starts(self):
-        # One host of 2 x 1000 MIPS, three 500 MIPS VMs, LR (THR 0.7 without history).
+        # One host of 2 x 1000 MIPS, five 500 MIPS VMs, LR (THR 0.7 without history).
         # Counting the VMs created before it, the third would take the host to
         # 1500 / 2000 = 0.75 > 0.7; but a created VM asks for nothing until its
         # workload starts (CloudSim: no cloudlet yet), so only the new VM's 500 counts.
-        # Their MIPS stay allocated: a fourth VM does not fit (2000 of 2000 allocated).
+        # Their MIPS stay allocated: after four, the fifth finds no room.
         host = model.HostType('two-pe', 2, 1000, 4096, 160_000, LINEAR)
         vm = model.VmType('half', 500, 100, 0)
         sc = model.Scenario([host], [vm] * 5, np.full((5, 4), 0.2))

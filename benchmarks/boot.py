@@ -88,10 +88,7 @@ def main() -> None:
     parser.add_argument('--counts', default='1,4,8')
     parser.add_argument('--repeat', type=int, default=3)
     args = parser.parse_args()
-    CONF([], project='vmcloud', default_config_files=[])
-    root = tempfile.mkdtemp(dir=os.path.join(common.REPO, '.cache'))
-    CONF.set_override('state_path', root)
-    try:
+    with common.scratch_state(CONF) as root:
         accelerator = accel.choose(CONF, shutil.which('qemu-system-x86_64'),
                                    guest.spec('probe', guest.path('disk.img')))
         contenders = {
@@ -116,8 +113,6 @@ def main() -> None:
                 rows.append((count, name, f'{median:.2f}',
                              ' '.join(f'{t:.2f}' for t in times[name]),
                              f'{median / baseline:.3f}', f'{(median / baseline - 1) * 100:+.1f}%'))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     facts = common.machine()
     facts.update({'accelerator (probed)': accelerator, 'guest': 'test guest (busybox init, '
                   'Debian cloud kernel), 256 MiB, 1 vCPU, qcow2 overlay each',

@@ -4,11 +4,14 @@ Every number a benchmark reports is a ratio against a baseline measured side by
 side in the same run; absolute times are printed only to make the ratios checkable.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import platform
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -63,6 +66,33 @@ def measure(contenders: dict[str, Callable[[], None]], repeat: int = 3,
 
     times = rotate(list(contenders), repeat, run)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+@contextlib.contextmanager
+def scratch_state(conf):
+    """vmcloud configured from no files, its state_path a fresh directory under .cache.
+
+    :returns: (as a context) the directory, removed afterwards.
+    """
+    conf([], project='vmcloud', default_config_files=[])
+    root = tempfile.mkdtemp(dir=os.path.join(REPO, '.cache'))
+    conf.set_override('state_path', root)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def nested_state(conf, root: str):
+    """A fresh state_path inside ``root`` for one contender; ``root`` again afterwards."""
+    work = tempfile.mkdtemp(dir=root)
+    conf.set_override('state_path', work)
+    try:
+        yield work
+    finally:
+        conf.set_override('state_path', root)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def size_arguments(description: str) -> argparse.Namespace:

@@ -18,7 +18,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ''):
@@ -179,11 +178,8 @@ def main() -> None:
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--no-boot', action='store_true')
     args = parser.parse_args()
-    CONF([], project='vmcloud', default_config_files=[])
-    root = tempfile.mkdtemp(dir=os.path.join(common.REPO, '.cache'))
-    CONF.set_override('state_path', root)
-    sections = []
-    try:
+    with common.scratch_state(CONF) as root:
+        sections = []
         cached, cold = read_benchmarks(root, args.size_mib * MIB, args.repeat)
         sections += [
             ('Cached reads', 'nbdcopy to null: of a mirror whose chunks are all in the node '
@@ -205,8 +201,6 @@ def main() -> None:
                  'from an empty node cache; "reads local" counts the chunk reads until '
                  'boot-done that found the chunk on the node. Goal: >= 95% local with the '
                  'profile.\n\n' + replay)]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     facts = common.machine()
     facts['page cache dropped between runs'] = 'no: warm on purpose (see each section)'
     facts.update({'image': f'{args.size_mib} MiB, 80% random MiB blocks, 20% holes',

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -141,7 +140,6 @@ def shared_export(work: str, workload: Workload, count: int) -> tuple[float, int
 
 
 def mirrors(work: str, workload: Workload, count: int) -> tuple[float, int, int]:
-    CONF.set_override('state_path', work)
     probe = workload.spec('probe', 'x', 'raw')
     boot = {'kernel': probe.kernel, 'initrd': probe.initrd,
             'cmdline': probe.cmdline.replace('vmcloud.id=probe', 'vmcloud.id={name}')}
@@ -170,12 +168,8 @@ def run_counts(root: str, workload: Workload, counts: list[int]) -> list[tuple]:
         for name, contender in (('(a) full copy', full_copies),
                                 ('(b) overlay on shared NBD', shared_export),
                                 ('(c) vmcloud mirrors', mirrors)):
-            work = tempfile.mkdtemp(dir=root)
-            try:
+            with common.nested_state(CONF, root) as work:
                 results[name] = contender(work, workload, count)
-            finally:
-                CONF.set_override('state_path', root)
-                shutil.rmtree(work, ignore_errors=True)
         time_b, bytes_b = results['(b) overlay on shared NBD'][:2]
         touched = results['(c) vmcloud mirrors'][2]
         for name, result in results.items():
@@ -197,14 +191,11 @@ def main() -> None:
     parser.add_argument('--realistic', type=int, default=4,
                         help='N for the realistic guest (0: skip it)')
     args = parser.parse_args()
-    CONF([], project='vmcloud', default_config_files=[])
-    root = tempfile.mkdtemp(dir=os.path.join(common.REPO, '.cache'))
-    CONF.set_override('state_path', root)
-    CONF.set_override('profiles_path', os.path.join(root, 'no-profiles'), 'mirror')
-    CONF.set_override('prefetch_threads', 0, 'mirror')
-    # One node runs all N: let the scheduler put 16 single-vCPU guests on 2 cores.
-    CONF.set_override('cpu_allocation_ratio', 16.0, 'scheduler')
-    try:
+    with common.scratch_state(CONF) as root:
+        CONF.set_override('profiles_path', os.path.join(root, 'no-profiles'), 'mirror')
+        CONF.set_override('prefetch_threads', 0, 'mirror')
+        # One node runs all N: let the scheduler put 16 single-vCPU guests on 2 cores.
+        CONF.set_override('cpu_allocation_ratio', 16.0, 'scheduler')
         warehouse = warehouse_mod.Warehouse(CONF)  # registers [storage_file]
         # Each contender gets its own state_path; the warehouse stays where it is.
         CONF.set_override('path', warehouse.backend.root, 'storage_file')
@@ -218,8 +209,6 @@ def main() -> None:
             warehouse.import_image(guest.realistic_disk(), 'realistic')
             rows += run_counts(root, Workload('realistic (systemd)', 'realistic',
                                               guest.realistic_spec), [args.realistic])
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     result = common.table(COLUMNS, rows)
     facts = common.machine()
     facts['page cache dropped between runs'] = 'no (warehouse packs warm for all three)'

@@ -17,10 +17,8 @@ import argparse
 import concurrent.futures
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ''):
@@ -70,9 +68,7 @@ def qcow2_exports(node, names: list[str], work: str) -> tuple[float, int]:
 
 
 def one_size(root: str, count: int, write_mib: int) -> tuple:
-    work = tempfile.mkdtemp(dir=root)
-    CONF.set_override('state_path', work)
-    try:
+    with common.nested_state(CONF, root) as work:
         with allinone.AllInOne(CONF, hosts=1, driver='qemu') as cloud:
             node = cloud.computes[0]
             cloud.warehouse.import_image(guest.path('disk.img'), 'guest')
@@ -96,9 +92,6 @@ def one_size(root: str, count: int, write_mib: int) -> tuple:
             pause = max(item['pause_ms'] for item in snapshot['items'])
 
             export_pause, export_written = qcow2_exports(node, names, work)
-    finally:
-        CONF.set_override('state_path', root)
-        shutil.rmtree(work, ignore_errors=True)
     return [
         (count, write_mib, 'vmcloud snapshot', f'{pause:.0f}', f'{took:.2f}', common.mib(unique),
          common.mib(written), f'{written / unique:.3f}'),
@@ -117,16 +110,11 @@ def main() -> None:
     parser.add_argument('--count', type=int, default=8)
     parser.add_argument('--write-mib', default='1,8,32')
     args = parser.parse_args()
-    CONF([], project='vmcloud', default_config_files=[])
-    root = tempfile.mkdtemp(dir=os.path.join(common.REPO, '.cache'))
-    CONF.set_override('state_path', root)
-    rows = []
-    try:
+    with common.scratch_state(CONF) as root:
+        rows = []
         for write_mib in [int(w) for w in args.write_mib.split(',')]:
             rows += one_size(root, args.count, write_mib)
             print(common.table(COLUMNS, rows[-2:]), flush=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     result = common.table(COLUMNS, rows)
     facts = common.machine()
     facts['page cache dropped between runs'] = 'no'

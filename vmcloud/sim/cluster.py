@@ -114,11 +114,6 @@ class Cluster:
                 & (self.host_ram - self.ram_used >= self.vm_ram_req[vm])
                 & (self.host_bw - self.bw_used >= self.vm_bw_req[vm]))
 
-    def host_history(self, host: int) -> np.ndarray:
-        """The host's utilisation history, newest first, without its zero tail."""
-        from vmcloud.scheduler.consolidation import stats
-        return stats.trim_zero_tail(self.hist[host])
-
     def migration_time(self, vm: int, host: int) -> float:
         return self.vm_ram[vm] / self.host_migration_rate[host]
 

@@ -58,11 +58,6 @@ class _HistoryDetector(OverloadDetector):
         super().__init__(param)
         self.fallback = StaticThreshold(self.fallback_threshold)
 
-    def _lengths(self, hist: np.ndarray) -> np.ndarray:
-        nz = hist != 0
-        last = hist.shape[1] - np.argmax(nz[:, ::-1], axis=1)
-        return np.where(nz.any(axis=1), last, 1)
-
     def overloaded(self, cluster, hosts):
         hosts = np.asarray(hosts)
         return self._decide(cluster, hosts, cluster.hist[hosts], cluster.req_sum[hosts],
@@ -79,7 +74,7 @@ class _HistoryDetector(OverloadDetector):
         enough = (hist[:, self.min_history - 1:] != 0).any(axis=1)
         if enough.all():
             return self._history_decision(cluster, hosts, hist, None, req, ram_max)
-        lengths = self._lengths(hist)
+        lengths = stats.count_nonzero_beginning(hist)
         result = req / cluster.host_mips[hosts] > self.fallback.param
         if enough.any():
             idx = np.flatnonzero(enough)
@@ -105,30 +100,23 @@ class _DispersionDetector(_HistoryDetector):
             spread = self.dispersion_rows(hist)      # full histories, the usual case
         else:
             if lengths is None:
-                lengths = self._lengths(hist)
+                lengths = stats.count_nonzero_beginning(hist)
             spread = stats.dispersion_rows(hist, lengths, self.dispersion_rows)
         return req / cluster.host_mips[hosts] > 1 - self.param * spread
 
     @staticmethod
     @abc.abstractmethod
-    def dispersion(data: np.ndarray) -> float:
-        ...
-
-    @staticmethod
-    @abc.abstractmethod
     def dispersion_rows(rows: np.ndarray) -> np.ndarray:
-        """:meth:`dispersion` of each row of a 2-D array."""
+        """The dispersion of each row of a 2-D array (rows of one length)."""
 
 
 class InterQuartileRange(_DispersionDetector):
     default_param = 1.5
-    dispersion = staticmethod(stats.iqr)
     dispersion_rows = staticmethod(stats.iqr_rows)
 
 
 class MedianAbsoluteDeviation(_DispersionDetector):
     default_param = 2.5
-    dispersion = staticmethod(stats.mad)
     dispersion_rows = staticmethod(stats.mad_rows)
 
 

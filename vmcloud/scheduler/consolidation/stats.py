@@ -6,10 +6,15 @@ import numpy as np
 MAX_DOUBLE = 1.7976931348623157e308
 
 
-def count_nonzero_beginning(data) -> int:
-    """Length of ``data`` without its trailing zeros, at least 1 (countNonZeroBeginning)."""
-    nz = np.flatnonzero(np.asarray(data))
-    return int(nz[-1]) + 1 if len(nz) else 1
+def count_nonzero_beginning(data):
+    """Length of ``data`` without its trailing zeros, at least 1 (countNonZeroBeginning).
+
+    An int for a 1-D ``data``; for a 2-D one, an array of the length of each row.
+    """
+    rows = np.atleast_2d(np.asarray(data))
+    nz = rows != 0
+    lengths = np.where(nz.any(axis=1), rows.shape[1] - np.argmax(nz[:, ::-1], axis=1), 1)
+    return int(lengths[0]) if np.ndim(data) == 1 else lengths
 
 
 def trim_zero_tail(data) -> np.ndarray:

@@ -15,6 +15,11 @@ from vmcloud.sim import power as power_models
 HISTORY_LENGTH = 30
 
 
+def sum_by_host(hosts: np.ndarray, values: np.ndarray, n_hosts: int) -> np.ndarray:
+    """values summed per host (floats even when there are none: bincount gives ints then)."""
+    return np.bincount(hosts, values, minlength=n_hosts).astype(float, copy=False)
+
+
 class Cluster:
     def __init__(self, hosts, vms, seed: int = 0, interval: float = 300.0):
         self.interval = interval
@@ -195,19 +200,20 @@ class Cluster:
         n = self.n_hosts
         req = self.vm_req[vms]
         cap = np.minimum(req, self.host_pe_mips[hosts])
-        self.req_sum = np.bincount(hosts, req, minlength=n)
-        cap_sum = np.bincount(hosts, cap, minlength=n)
+        self.req_sum = sum_by_host(hosts, req, n)
+        cap_sum = sum_by_host(hosts, cap, n)
         self.avail = np.where(cap_sum <= self.host_mips, self.host_mips - cap_sum, 0.0)
-        self.ram_used = np.bincount(hosts, self.vm_ram_req[vms], minlength=n)
-        self.bw_used = np.bincount(hosts, self.vm_bw_req[vms], minlength=n)
+        self.ram_used = sum_by_host(hosts, self.vm_ram_req[vms], n)
+        self.bw_used = sum_by_host(hosts, self.vm_bw_req[vms], n)
         ram_max = np.zeros(n)
         np.maximum.at(ram_max, hosts, self.vm_ram[vms])
         self.ram_max = ram_max
         if self.track_history:
             w = self.vm_hist[vms] * (self.vm_mips[vms] / self.host_mips[hosts])[:, None]
             idx = (hosts[:, None] * HISTORY_LENGTH + np.arange(HISTORY_LENGTH)).ravel()
-            self.hist = np.bincount(idx, w.ravel(), minlength=n * HISTORY_LENGTH).reshape(
+            self.hist = sum_by_host(idx, w.ravel(), n * HISTORY_LENGTH).reshape(
                 n, HISTORY_LENGTH)
+        self._candidates = None
 
     def snapshot(self):
         return ([list(v) for v in self.host_vms], self.req_sum.copy(), self.avail.copy(),

@@ -117,9 +117,9 @@ class Simulation:
         c.vm_req = c.vm_mips.copy()      # a VM being created asks for all of its MIPS
         c.vm_util = np.ones(c.n_vms)
         c.measured(np.zeros(c.n_hosts))
-        none = np.zeros(c.n_hosts, dtype=bool)
+        find = place.searcher(c, np.zeros(c.n_hosts, dtype=bool))
         for vm in range(c.n_vms):
-            host = place.find_host(c, vm, none)
+            host = find(vm)
             if host >= 0:
                 c.attach(vm, host)
                 c.vm_host[vm] = host
@@ -162,13 +162,13 @@ class Simulation:
             mips = c.vm_mips[p]
         req = u * mips
         cap = np.minimum(req, c.host_pe_mips[h])
-        eff = np.bincount(h, cap, minlength=n)
+        eff = cluster_module.sum_by_host(h, cap, n)
         if self.migrating_in:
             mv = np.array([v for v, _ in self.migrating_in])
             mh = np.array([x for _, x in self.migrating_in])
             req_in = u_all[mv] * c.vm_mips[mv]
             cap_in = np.minimum(req_in, c.host_pe_mips[mh])
-            eff = eff + np.bincount(mh, cap_in * MIGRATING_IN_SHARE, minlength=n)
+            eff = eff + cluster_module.sum_by_host(mh, cap_in * MIGRATING_IN_SHARE, n)
         over = eff > c.host_mips
         share = np.ones(len(h))
         share[mig] = MIGRATING_OUT_SHARE
@@ -181,15 +181,15 @@ class Simulation:
             factor = None
             alloc = cap * share
         contrib = np.where(mig, alloc / MIGRATING_OUT_SHARE, alloc)
-        util_mips = np.bincount(h, contrib, minlength=n)
-        host_req = np.bincount(h, req, minlength=n)
+        util_mips = cluster_module.sum_by_host(h, contrib, n)
+        host_req = cluster_module.sum_by_host(h, req, n)
         if self.migrating_in:
             alloc_in = cap_in * MIGRATING_IN_SHARE
             if factor is not None:
                 alloc_in = alloc_in * factor[mh]
                 alloc_in = np.where(over[mh], np.floor(alloc_in), alloc_in)
-            util_mips += np.bincount(mh, alloc_in, minlength=n)
-            host_req += np.bincount(mh, req_in, minlength=n)
+            util_mips += cluster_module.sum_by_host(mh, alloc_in, n)
+            host_req += cluster_module.sum_by_host(mh, req_in, n)
         return u_all, req, alloc, mig.copy(), util_mips, host_req
 
     def _tick(self, t: float, step: bool = False, datacenter: bool = True) -> None:

@@ -10,6 +10,11 @@ import numpy as np
 
 from vmcloud.scheduler.consolidation import stats
 
+try:
+    from vmcloud.scheduler.consolidation import _pabfd
+except ImportError:     # built without a C compiler: placement takes its numpy path
+    _pabfd = None
+
 
 class OverloadDetector(abc.ABC):
     """``param`` is the policy's one parameter (a threshold or a safety factor)."""
@@ -32,6 +37,13 @@ class OverloadDetector(abc.ABC):
     def overloaded_after(self, cluster, hosts: np.ndarray, vm: int) -> np.ndarray:
         """A bool per host of ``hosts``, as if ``vm`` were added to it."""
 
+    def after_check(self, cluster):
+        """:meth:`overloaded_after` as a compiled check of one VM on one host (a
+        ``_pabfd.AfterCheck``), or None where there is none: placement then asks
+        :meth:`overloaded_after`. Valid while the cluster changes only by attach and detach.
+        """
+        return None
+
 
 class StaticThreshold(OverloadDetector):
     """Overloaded when the requested MIPS exceed ``param`` of the host's capacity."""
@@ -45,6 +57,11 @@ class StaticThreshold(OverloadDetector):
     def overloaded_after(self, cluster, hosts, vm):
         return ((cluster.req_sum[hosts] + cluster.vm_req[vm]) / cluster.host_mips[hosts]
                 > self.param)
+
+    def after_check(self, cluster):
+        if _pabfd is None:
+            return None
+        return _pabfd.Threshold(cluster.req_sum, cluster.host_mips, cluster.vm_req, self.param)
 
 
 class _HistoryDetector(OverloadDetector):
@@ -94,6 +111,7 @@ class _DispersionDetector(_HistoryDetector):
     """Overloaded when utilisation exceeds 1 - param * dispersion(history)."""
 
     cheap_after = False         # two sorts of a 30-value history per host
+    statistic = ''              # 'iqr' or 'mad': the compiled check's name of dispersion_rows
 
     def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
         if lengths is None and hist[:, -1].all():
@@ -104,6 +122,14 @@ class _DispersionDetector(_HistoryDetector):
             spread = stats.dispersion_rows(hist, lengths, self.dispersion_rows)
         return req / cluster.host_mips[hosts] > 1 - self.param * spread
 
+    def after_check(self, cluster):
+        if _pabfd is None:
+            return None
+        return _pabfd.Dispersion(
+            cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,
+            cluster.hist, cluster.vm_hist, cluster.vm_mips, self.min_history, self.param,
+            self.statistic)
+
     @staticmethod
     @abc.abstractmethod
     def dispersion_rows(rows: np.ndarray) -> np.ndarray:
@@ -112,11 +138,13 @@ class _DispersionDetector(_HistoryDetector):
 
 class InterQuartileRange(_DispersionDetector):
     default_param = 1.5
+    statistic = 'iqr'
     dispersion_rows = staticmethod(stats.iqr_rows)
 
 
 class MedianAbsoluteDeviation(_DispersionDetector):
     default_param = 2.5
+    statistic = 'mad'
     dispersion_rows = staticmethod(stats.mad_rows)
 
 
@@ -134,6 +162,7 @@ class LocalRegression(_HistoryDetector):
     def __init__(self, param=None):
         super().__init__(param)
         self._weights = {}
+        self._weights_newest_first = {}
 
     def overloaded_after(self, cluster, hosts, vm):
         # The prediction is linear in the history: the host's part plus the VM's part.
@@ -143,7 +172,7 @@ class LocalRegression(_HistoryDetector):
         host_hist = cluster.hist[hosts]
         vm_hist = cluster.vm_hist[vm]
         host_mips = cluster.host_mips[hosts]
-        c = self._coefficients(ahead)[::-1]
+        c = self._newest_first(ahead)
         vm_part = (vm_hist[:self.window] @ c) * cluster.vm_mips[vm] / host_mips
         over = (host_hist[:, :self.window] @ c + vm_part) * self.param >= 1
         if vm_hist[self.min_history - 1:].any():
@@ -153,6 +182,15 @@ class LocalRegression(_HistoryDetector):
             return over
         short = (cluster.req_sum[hosts] + cluster.vm_req[vm]) / host_mips > self.fallback.param
         return np.where(enough, over, short)
+
+    def after_check(self, cluster):
+        ahead = cluster.migration_steps
+        if _pabfd is None or ahead is None:
+            return None
+        return _pabfd.Prediction(
+            cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,
+            cluster.hist, cluster.vm_hist, cluster.vm_mips, self.min_history, self.param,
+            self._newest_first(ahead))
 
     def _ahead(self, cluster, hosts, ram_max):
         seconds = ram_max / cluster.host_migration_rate[hosts]
@@ -178,6 +216,14 @@ class LocalRegression(_HistoryDetector):
         w = self._weights.get(ahead)
         if w is None:
             w = self._weights[ahead] = stats.prediction_weights(self.window, ahead)
+        return w
+
+    def _newest_first(self, ahead: int) -> np.ndarray:
+        """The weights of a history stored newest first (contiguous, for the compiled check)."""
+        w = self._weights_newest_first.get(ahead)
+        if w is None:
+            w = self._weights_newest_first[ahead] = np.ascontiguousarray(
+                self._coefficients(ahead)[::-1])
         return w
 
 

@@ -3,6 +3,11 @@ import abc
 
 import numpy as np
 
+try:
+    from vmcloud.scheduler.consolidation import _pabfd
+except ImportError:     # built without a C compiler: the numpy path below decides
+    _pabfd = None
+
 
 class Placement(abc.ABC):
     def __init__(self, detector=None):
@@ -20,8 +25,9 @@ class Placement(abc.ABC):
             one has no host (the ones placed before it are detached again).
         """
         placed = []
+        find = self.searcher(cluster, excluded)
         for vm in vms:
-            host = self.find_host(cluster, vm, excluded)
+            host = find(vm)
             if host < 0:
                 if all_or_nothing:
                     for vm_placed, its_host in placed:
@@ -31,6 +37,11 @@ class Placement(abc.ABC):
             cluster.attach(vm, host)
             placed.append((vm, host))
         return placed
+
+    def searcher(self, cluster, excluded: np.ndarray):
+        """:meth:`find_host` as a function of the VM, for placements in a row (between
+        which the cluster changes only by attach and detach)."""
+        return lambda vm: self.find_host(cluster, vm, excluded)
 
 
 class PowerAwareBestFit(Placement):
@@ -46,6 +57,32 @@ class PowerAwareBestFit(Placement):
     CHUNKS = ((0, 8), (8, 40), (40, None))
 
     def find_host(self, cluster, vm, excluded):
+        return self.searcher(cluster, excluded)(vm)
+
+    def searcher(self, cluster, excluded):
+        check = None
+        if _pabfd is not None:
+            check = (_pabfd.AfterCheck() if self.detector is None
+                     else self.detector.after_check(cluster))
+        if check is None:
+            return lambda vm: self.find_host_numpy(cluster, vm, excluded)
+        excluded = excluded.view(np.uint8)
+        table = cluster.power_table
+        current = [None, None]      # the candidate view and its search
+
+        def find(vm):
+            view = cluster.candidate_view()
+            if view is not current[0]:
+                current[:] = view, _pabfd.Search(
+                    *view, cluster.alloc_mips, cluster.avail, excluded, cluster.host_ram,
+                    cluster.ram_used, cluster.host_bw, cluster.bw_used, table.watts,
+                    table.steps, table.width, check)
+            return current[1].best_host(vm, cluster.vm_req[vm], cluster.vm_ram_req[vm],
+                                        cluster.vm_bw_req[vm])
+        return find
+
+    def find_host_numpy(self, cluster, vm, excluded):
+        """The search as numpy calls: where the compiled one is missing, and its reference."""
         hosts, pe_mips, mips, power_now = cluster.candidate_view()
         r = cluster.vm_req[vm]
         alloc = cluster.alloc_mips[hosts]

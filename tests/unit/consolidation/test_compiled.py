@@ -1,0 +1,76 @@
+"""The compiled power-aware search decides as its numpy reference does."""
+import itertools
+
+import numpy as np
+import testtools
+
+from vmcloud.scheduler import consolidation
+from vmcloud.scheduler.consolidation import placement
+from vmcloud.sim import engine
+from vmcloud.sim import model
+
+POLICIES = [('thr-mmt', 0.8), ('lr-mmt', 1.2), ('iqr-mmt', 1.5), ('mad-mmt', 2.5)]
+
+
+def busy_cluster(policy, steps=40, seed=3):
+    """A cluster after ``steps`` updates of a random day: a few dozen hosts in use,
+    long and short histories, VMs of every type, a fraction of them retired."""
+    rng = np.random.default_rng(seed)
+    n_vms = 240
+    util = np.clip(rng.normal(0.3, 0.2, (n_vms, steps + 2)), 0, 1)
+    util[:n_vms // 10, steps // 2:] = 0.0         # some workloads end early
+    scenario = model.Scenario(model.alternating_hosts(80), model.assign_vm_types(n_vms), util)
+    sim = engine.Simulation(scenario, policy, limit=steps * scenario.sample_interval)
+    sim.run()
+    return sim.cluster
+
+
+class CompiledSearchTest(testtools.TestCase):
+    def test_the_extension_is_built(self):
+        # without it the placement still works, ten times slower: CI must notice
+        self.assertIsNotNone(placement._pabfd)
+
+    def test_the_after_checks_agree_with_overloaded_after(self):
+        # after 6 updates histories are short (the THR fallback), after 40 full
+        for (name, param), steps in itertools.product(POLICIES, (6, 40)):
+            policy = consolidation.load(name, param)
+            c = busy_cluster(policy, steps)
+            hosts = np.arange(c.n_hosts)
+            check = policy.detector.after_check(c)
+            seen = set()
+            for vm in range(0, c.n_vms, 3):
+                expected = policy.detector.overloaded_after(c, hosts, vm)
+                got = [check(vm, h) for h in hosts]
+                self.assertEqual(expected.tolist(), got, f'{name}, {steps} steps, VM {vm}')
+                seen.update(got)
+            self.assertEqual({True, False}, seen, f'{name}, {steps} steps')
+
+    def test_placements_in_a_row_agree_with_the_numpy_search(self):
+        rng = np.random.default_rng(7)
+        for name, param in POLICIES + [('none', None)]:
+            policy = consolidation.load('thr-mmt' if name == 'none' else name, param)
+            pabfd = placement.PowerAwareBestFit(None if name == 'none' else policy.detector)
+            c = busy_cluster(policy)
+            excluded = rng.random(c.n_hosts) < 0.2
+            find = pabfd.searcher(c, excluded)
+            found = set()
+            for vm in rng.permutation(c.n_vms)[:120].tolist():
+                host = find(vm)
+                self.assertEqual(pabfd.find_host_numpy(c, vm, excluded), host, f'{name}, VM {vm}')
+                found.add(host)
+                if host >= 0:
+                    # the next search sees the VM there, as in a planning round
+                    c.attach(vm, host)
+            self.assertGreater(len(found), 3, name)
+
+    def test_ram_and_bandwidth_limit_the_search(self):
+        policy = consolidation.load('thr-mmt', 0.8)
+        pabfd = policy.placement
+        c = busy_cluster(policy)
+        excluded = np.zeros(c.n_hosts, dtype=bool)
+        c.vm_ram_req[:] = c.vm_ram
+        c.ram_used[:] = c.host_ram - 1000         # room for a 613 or 870 MB VM only
+        for vm in (0, c.n_vms - 1, c.n_vms // 2):
+            expected = pabfd.find_host_numpy(c, vm, excluded)
+            self.assertEqual(expected, pabfd.find_host(c, vm, excluded))
+            self.assertEqual(c.vm_ram[vm] > 1000, expected == -1)

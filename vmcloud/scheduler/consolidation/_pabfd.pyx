@@ -1,0 +1,247 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The power-aware best-fit search (PowerAwareBestFit) in compiled code.
+
+The search runs once per VM to place, some 30,000 times a simulated day, over about
+a hundred candidate hosts: as numpy calls its cost is their overhead. Here one call
+scans the candidates once and asks the overload check only of a host that would be
+the best so far. The arithmetic is the numpy path's, operation for operation (built
+with -ffp-contract=off), except that dot products are summed in index order, which
+may differ in the last bit from BLAS.
+
+The objects hold views of the cluster's arrays, which attach and detach update in
+place: they are valid for a run of placements, not across a planning round.
+"""
+from libc.math cimport fabs, floor, INFINITY
+from libc.stdint cimport int64_t
+
+
+cdef class AfterCheck:
+    """Whether a host would be overloaded with the VM being placed (never, here)."""
+
+    cdef void prepare(self, Py_ssize_t vm) noexcept:
+        pass
+
+    cdef bint overloaded(self, Py_ssize_t host) noexcept:
+        return False
+
+    def __call__(self, Py_ssize_t vm, Py_ssize_t host) -> bool:
+        """The check of one VM on one host, from Python (tests compare it with numpy's)."""
+        self.prepare(vm)
+        return self.overloaded(host)
+
+
+cdef class Threshold(AfterCheck):
+    """Requested MIPS, with the VM's, above a fraction of the host's."""
+
+    cdef const double[::1] req_sum
+    cdef const double[::1] host_mips
+    cdef const double[::1] vm_req
+    cdef double threshold, req
+
+    def __init__(self, const double[::1] req_sum, const double[::1] host_mips,
+                 const double[::1] vm_req, double threshold):
+        self.req_sum, self.host_mips, self.vm_req = req_sum, host_mips, vm_req
+        self.threshold = threshold
+
+    cdef void prepare(self, Py_ssize_t vm) noexcept:
+        self.req = self.vm_req[vm]
+
+    cdef bint overloaded(self, Py_ssize_t host) noexcept:
+        return (self.req_sum[host] + self.req) / self.host_mips[host] > self.threshold
+
+
+cdef class _HistoryCheck(Threshold):
+    """A decision on the host's history with the VM's added; THR on a short history."""
+
+    cdef const double[:, ::1] hist
+    cdef const double[:, ::1] vm_hist
+    cdef const double[::1] vm_mips
+    cdef Py_ssize_t min_history
+    cdef double param
+
+    def __init__(self, req_sum, host_mips, vm_req, double fallback_threshold,
+                 const double[:, ::1] hist, const double[:, ::1] vm_hist,
+                 const double[::1] vm_mips, Py_ssize_t min_history, double param):
+        super().__init__(req_sum, host_mips, vm_req, fallback_threshold)
+        if hist.shape[1] != vm_hist.shape[1] or not 0 < min_history <= hist.shape[1]:
+            raise ValueError('host and VM histories differ in length or are too short')
+        self.hist, self.vm_hist, self.vm_mips = hist, vm_hist, vm_mips
+        self.min_history, self.param = min_history, param
+
+
+cdef class Prediction(_HistoryCheck):
+    """LR: ``param`` x the predicted utilisation reaches 1; ``coef`` weighs the newest
+    values of a history, the host's and the VM's (x its MIPS / the host's) alike."""
+
+    cdef const double[::1] coef
+    cdef double vm_part
+    cdef bint vm_has_history
+
+    def __init__(self, req_sum, host_mips, vm_req, fallback_threshold, hist, vm_hist, vm_mips,
+                 min_history, param, const double[::1] coef):
+        super().__init__(req_sum, host_mips, vm_req, fallback_threshold, hist, vm_hist, vm_mips,
+                         min_history, param)
+        if coef.shape[0] > hist.shape[1]:
+            raise ValueError('more weights than history values')
+        self.coef = coef
+
+    cdef void prepare(self, Py_ssize_t vm) noexcept:
+        Threshold.prepare(self, vm)
+        self.vm_part = _dot(self.vm_hist, vm, self.coef) * self.vm_mips[vm]
+        self.vm_has_history = _has_history(self.vm_hist, vm, self.min_history)
+
+    cdef bint overloaded(self, Py_ssize_t host) noexcept:
+        if not self.vm_has_history and not _has_history(self.hist, host, self.min_history):
+            return Threshold.overloaded(self, host)
+        return ((_dot(self.hist, host, self.coef) + self.vm_part / self.host_mips[host])
+                * self.param >= 1)
+
+
+cdef class Dispersion(_HistoryCheck):
+    """IQR or MAD (``statistic``): utilisation above 1 - param x the dispersion of the
+    history."""
+
+    cdef bint iqr
+    cdef double vm_row[64]
+    cdef double row[64]
+
+    def __init__(self, req_sum, host_mips, vm_req, fallback_threshold, hist, vm_hist, vm_mips,
+                 min_history, param, str statistic):
+        super().__init__(req_sum, host_mips, vm_req, fallback_threshold, hist, vm_hist, vm_mips,
+                         min_history, param)
+        if hist.shape[1] > 64:
+            raise ValueError('histories of more than 64 values')
+        if statistic not in ('iqr', 'mad'):
+            raise ValueError(f'unknown dispersion {statistic!r}')
+        self.iqr = statistic == 'iqr'
+
+    cdef void prepare(self, Py_ssize_t vm) noexcept:
+        cdef Py_ssize_t j
+        cdef double mips = self.vm_mips[vm]
+        Threshold.prepare(self, vm)
+        for j in range(self.vm_hist.shape[1]):
+            self.vm_row[j] = self.vm_hist[vm, j] * mips
+
+    cdef bint overloaded(self, Py_ssize_t host) noexcept:
+        cdef Py_ssize_t j, length = 1
+        cdef double mips = self.host_mips[host], spread
+        for j in range(self.hist.shape[1]):
+            self.row[j] = self.hist[host, j] + self.vm_row[j] / mips
+            if self.row[j] != 0:
+                length = j + 1
+        if length < self.min_history:
+            return Threshold.overloaded(self, host)
+        _sort(self.row, length)
+        if self.iqr:
+            spread = (self.row[<Py_ssize_t>floor(0.75 * (length + 1) + 0.5) - 1]
+                      - self.row[<Py_ssize_t>floor(0.25 * (length + 1) + 0.5) - 1])
+        else:
+            spread = _median_absolute_deviation(self.row, length)
+        return (self.req_sum[host] + self.req) / mips > 1 - self.param * spread
+
+
+cdef double _dot(const double[:, ::1] rows, Py_ssize_t i, const double[::1] coef) noexcept:
+    cdef Py_ssize_t j
+    cdef double s = 0.0
+    for j in range(coef.shape[0]):
+        s += rows[i, j] * coef[j]
+    return s
+
+
+cdef bint _has_history(const double[:, ::1] rows, Py_ssize_t i,
+                       Py_ssize_t min_history) noexcept:
+    """A non-zero value at position min_history - 1 or later."""
+    cdef Py_ssize_t j
+    for j in range(min_history - 1, rows.shape[1]):
+        if rows[i, j] != 0:
+            return True
+    return False
+
+
+cdef void _sort(double *a, Py_ssize_t n) noexcept:
+    """Insertion sort: the rows are at most a few dozen values."""
+    cdef Py_ssize_t i, j
+    cdef double x
+    for i in range(1, n):
+        x = a[i]
+        j = i - 1
+        while j >= 0 and a[j] > x:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = x
+
+
+cdef double _median_sorted(const double *a, Py_ssize_t n) noexcept:
+    # commons-math's legacy percentile: lower + 0.5 (upper - lower)
+    cdef Py_ssize_t k = n // 2
+    if n % 2:
+        return a[k]
+    return a[k - 1] + 0.5 * (a[k] - a[k - 1])
+
+
+cdef double _median_absolute_deviation(double *a, Py_ssize_t n) noexcept:
+    """Of the sorted ``a``, which it overwrites."""
+    cdef double med = _median_sorted(a, n)
+    cdef Py_ssize_t j
+    for j in range(n):
+        a[j] = fabs(a[j] - med)
+    _sort(a, n)
+    return _median_sorted(a, n)
+
+
+cdef class Search:
+    """The search over one candidate view (``hosts`` and the three arrays after it);
+    the other arrays are indexed by host id."""
+
+    cdef const int64_t[::1] hosts
+    cdef const double[::1] pe_mips, mips, power_now
+    cdef const double[::1] alloc_mips, avail, host_ram, ram_used, host_bw, bw_used
+    cdef const unsigned char[::1] excluded
+    cdef const double[::1] watts, steps
+    cdef Py_ssize_t width
+    cdef AfterCheck check
+
+    def __init__(self, const int64_t[::1] hosts, const double[::1] pe_mips,
+                 const double[::1] mips, const double[::1] power_now,
+                 const double[::1] alloc_mips, const double[::1] avail,
+                 const unsigned char[::1] excluded,
+                 const double[::1] host_ram, const double[::1] ram_used,
+                 const double[::1] host_bw, const double[::1] bw_used,
+                 const double[::1] watts, const double[::1] steps, Py_ssize_t width,
+                 AfterCheck check):
+        self.hosts, self.pe_mips, self.mips, self.power_now = hosts, pe_mips, mips, power_now
+        self.alloc_mips, self.avail, self.excluded = alloc_mips, avail, excluded
+        self.host_ram, self.ram_used = host_ram, ram_used
+        self.host_bw, self.bw_used = host_bw, bw_used
+        self.watts, self.steps, self.width = watts, steps, width
+        self.check = check
+
+    def best_host(self, Py_ssize_t vm, double req, double ram_req, double bw_req) -> int:
+        """The host (an id) whose power grows least with ``vm``, or -1.
+
+        A host that has MIPS allocated is taken only if the check says it stays
+        below overload; ties go to the first host.
+        """
+        cdef Py_ssize_t i, h, low, k
+        cdef Py_ssize_t best = -1
+        cdef double best_diff = INFINITY, after, u10, step, diff, alloc
+        self.check.prepare(vm)
+        for i in range(self.hosts.shape[0]):
+            h = self.hosts[i]
+            alloc = self.alloc_mips[h]
+            after = (alloc + req) / self.mips[i]
+            if not (self.pe_mips[i] >= req and self.avail[h] >= req and after <= 1.0 + 1e-9):
+                continue
+            if self.excluded[h] or ((ram_req or bw_req) and (
+                    self.host_ram[h] - self.ram_used[h] < ram_req
+                    or self.host_bw[h] - self.bw_used[h] < bw_req)):
+                continue
+            u10 = after * 10
+            low = <Py_ssize_t>u10
+            k = h * self.width + low
+            # CloudSim's power interpolation; on a 10% point its step is 0
+            step = 0.0 if u10 == <double>low else self.steps[k]
+            diff = (self.watts[k] + step * (after - low / 10.0) * 100) - self.power_now[i]
+            if diff < best_diff and not (alloc != 0 and self.check.overloaded(h)):
+                best, best_diff = h, diff
+        return best

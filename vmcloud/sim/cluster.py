@@ -61,6 +61,7 @@ class Cluster:
         self.ram_max = np.zeros(self.n_hosts)
         self.hist = np.zeros((self.n_hosts, HISTORY_LENGTH))
         self.track_history = True
+        self._saved_lists: dict[int, list[int]] | None = None   # see snapshot()
         self.rng = random.Random(seed)
         self.power_table = power_models.PowerTable([self.host_types[t].power
                                                     for t in self.host_type])
@@ -129,7 +130,7 @@ class Cluster:
 
     def attach(self, vm: int, host: int) -> None:
         """Create ``vm`` on ``host`` (CloudSim's Host.vmCreate)."""
-        self.host_vms[host].append(vm)
+        self._changing(host).append(vm)
         r = self.vm_req[vm]
         self.req_sum[host] += r
         pe = self.host_pe_mips[host]
@@ -153,7 +154,7 @@ class Cluster:
 
     def detach(self, vm: int, host: int) -> None:
         """Destroy ``vm`` on ``host`` (CloudSim's Host.vmDestroy): the rest is allocated anew."""
-        vms = self.host_vms[host]
+        vms = self._changing(host)
         vms.remove(vm)
         req = self.vm_req
         pe = self.host_pe_mips[host]
@@ -215,12 +216,25 @@ class Cluster:
                 n, HISTORY_LENGTH)
         self._candidates = None
 
+    def _changing(self, host: int) -> list[int]:
+        """The VM list of ``host``, about to change: kept first if a snapshot is open."""
+        vms = self.host_vms[host]
+        saved = self._saved_lists
+        if saved is not None and host not in saved:
+            saved[host] = list(vms)
+        return vms
+
     def snapshot(self):
-        return ([list(v) for v in self.host_vms], self.req_sum.copy(), self.avail.copy(),
+        """The state planning changes; VM lists are kept as they change (few do)."""
+        self._saved_lists = {}
+        return (self._saved_lists, self.req_sum.copy(), self.avail.copy(),
                 self.ram_used.copy(), self.bw_used.copy(), self.ram_max.copy(),
                 self.hist.copy(), set(self._touched_off), self.alloc_mips.copy())
 
     def restore(self, saved) -> None:
-        (self.host_vms, self.req_sum, self.avail, self.ram_used, self.bw_used, self.ram_max,
+        (lists, self.req_sum, self.avail, self.ram_used, self.bw_used, self.ram_max,
          self.hist, self._touched_off, self.alloc_mips) = saved
+        for host, vms in lists.items():
+            self.host_vms[host] = vms
+        self._saved_lists = None
         self._candidates = None

@@ -84,6 +84,8 @@ class Simulation:
                                                   self.interval)
         c.track_history = bool(policy is not None and policy.detector.uses_history)
         self.util_t = np.ascontiguousarray(scenario.utilization.T)
+        # (VM, target) in start order; a VM can be planned twice in a round (moved onto a host
+        # that is then emptied), and is then here twice
         self.migrating_in: list[tuple[int, int]] = []
         self.events: list = []
         self._seq = 0
@@ -164,8 +166,7 @@ class Simulation:
         cap = np.minimum(req, c.host_pe_mips[h])
         eff = cluster_module.sum_by_host(h, cap, n)
         if self.migrating_in:
-            mv = np.array([v for v, _ in self.migrating_in])
-            mh = np.array([x for _, x in self.migrating_in])
+            mv, mh = np.array(self.migrating_in, dtype=np.int64).T
             req_in = u_all[mv] * c.vm_mips[mv]
             cap_in = np.minimum(req_in, c.host_pe_mips[mh])
             eff = eff + cluster_module.sum_by_host(mh, cap_in * MIGRATING_IN_SHARE, n)

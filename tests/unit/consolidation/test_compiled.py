@@ -44,6 +44,14 @@ class CompiledSearchTest(testtools.TestCase):
                 self.assertEqual(expected.tolist(), got, f'{name}, {steps} steps, VM {vm}')
                 seen.update(got)
             self.assertEqual({True, False}, seen, f'{name}, {steps} steps')
+            # and with no VM added, the hosts as they are, some of them overloaded
+            c.vm_req *= 1.6
+            c.vm_hist *= 1.6
+            c.recompute()
+            check = policy.detector.after_check(c)
+            now = [check.now(h) for h in hosts]
+            self.assertEqual(policy.detector.overloaded(c, hosts).tolist(), now)
+            self.assertIn(True, now, f'{name}, {steps} steps')
 
     def test_placements_in_a_row_agree_with_the_numpy_search(self):
         rng = np.random.default_rng(7)

@@ -42,16 +42,21 @@ class Policy:
         n = cluster.n_hosts
         all_hosts = np.arange(n)
         over = self.detector.overloaded(cluster, all_hosts)
+        check = self.detector.after_check(cluster)
+        if check is not None:
+            still_overloaded = check.now
+        else:
+            def still_overloaded(host):
+                return self.detector.overloaded(cluster, np.array([host]))[0]
         to_move = []
-        for h in np.flatnonzero(over):
-            h = int(h)
+        for h in np.flatnonzero(over).tolist():
             while True:
                 vm = self.selector.select(cluster, h)
                 if vm is None:
                     break
                 to_move.append(vm)
                 cluster.detach(vm, h)
-                if not self.detector.overloaded(cluster, np.array([h]))[0]:
+                if not still_overloaded(h):
                     break
         # hosts that were overloaded take nothing; place the busiest VMs first
         to_move.sort(key=lambda v: -cluster.vm_req[v])

@@ -24,9 +24,17 @@ cdef class AfterCheck:
     cdef bint overloaded(self, Py_ssize_t host) noexcept:
         return False
 
+    cdef void prepare_none(self) noexcept:
+        pass
+
     def __call__(self, Py_ssize_t vm, Py_ssize_t host) -> bool:
         """The check of one VM on one host, from Python (tests compare it with numpy's)."""
         self.prepare(vm)
+        return self.overloaded(host)
+
+    def now(self, Py_ssize_t host) -> bool:
+        """The check of the host as it is, with no VM added."""
+        self.prepare_none()
         return self.overloaded(host)
 
 
@@ -45,6 +53,9 @@ cdef class Threshold(AfterCheck):
 
     cdef void prepare(self, Py_ssize_t vm) noexcept:
         self.req = self.vm_req[vm]
+
+    cdef void prepare_none(self) noexcept:
+        self.req = 0.0
 
     cdef bint overloaded(self, Py_ssize_t host) noexcept:
         return (self.req_sum[host] + self.req) / self.host_mips[host] > self.threshold
@@ -90,6 +101,11 @@ cdef class Prediction(_HistoryCheck):
         self.vm_part = _dot(self.vm_hist, vm, self.coef) * self.vm_mips[vm]
         self.vm_has_history = _has_history(self.vm_hist, vm, self.min_history)
 
+    cdef void prepare_none(self) noexcept:
+        Threshold.prepare_none(self)
+        self.vm_part = 0.0
+        self.vm_has_history = False
+
     cdef bint overloaded(self, Py_ssize_t host) noexcept:
         if not self.vm_has_history and not _has_history(self.hist, host, self.min_history):
             return Threshold.overloaded(self, host)
@@ -121,6 +137,12 @@ cdef class Dispersion(_HistoryCheck):
         Threshold.prepare(self, vm)
         for j in range(self.vm_hist.shape[1]):
             self.vm_row[j] = self.vm_hist[vm, j] * mips
+
+    cdef void prepare_none(self) noexcept:
+        cdef Py_ssize_t j
+        Threshold.prepare_none(self)
+        for j in range(self.vm_hist.shape[1]):
+            self.vm_row[j] = 0.0
 
     cdef bint overloaded(self, Py_ssize_t host) noexcept:
         cdef Py_ssize_t j, length = 1

@@ -9,9 +9,11 @@ CloudSim is not part of vmcloud: build 3.0.3 yourself and wrap its PlanetLab run
 Without it, 20110303 is compared with CloudSim's published numbers.
 
 Times: our wall and CPU time per 24 h run (the best of ``--repeat``), CloudSim's
-wall time and the CPU time of its JVM. Memory: the peak Python heap of one run
-(tracemalloc, in a separate run so it does not slow the timed one), and the maximum
-resident size of this process and of CloudSim's JVM.
+wall time and the CPU time of its JVM. On 20110303 each policy also runs on the
+numpy path alone (the compiled search left out), as the baseline of its gain.
+Memory: the peak Python heap of one run (tracemalloc, in a separate run so it does
+not slow the timed one), and the maximum resident size of this process and of
+CloudSim's JVM.
 
     .venv/bin/python benchmarks/consolidation.py [--quick] [--cloudsim CMD]
 """
@@ -32,6 +34,7 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+from vmcloud.scheduler.consolidation import compiled  # noqa: E402
 from vmcloud.sim import engine  # noqa: E402
 from vmcloud.sim import traces  # noqa: E402
 
@@ -127,6 +130,10 @@ def main():
                   + (f'; CloudSim {theirs[0]:.2f} kWh, {theirs[1]} migrations, '
                      f'{theirs[4]:.2f} s wall' if theirs else ''), flush=True)
             if day == ANCHOR:
+                with compiled.disabled():
+                    numpy_result, _, numpy_cpu = ours(day, policy, param, args.repeat)
+                same = (numpy_result.energy_kwh, numpy_result.migrations) == (
+                    result.energy_kwh, result.migrations)
                 published = PUBLISHED[policy]
                 reference = theirs or published
                 anchor_rows.append([
@@ -135,7 +142,8 @@ def main():
                     result.migrations, reference[1], published[1],
                     ratio(result.migrations, reference[1]),
                     pct(result.slatah), pct(reference[2]), pct(result.pdm), pct(reference[3]),
-                    f'{cpu:.2f}', common.mib(peak_heap(day, policy, param))])
+                    f'{cpu:.2f}', f'{numpy_cpu:.2f}', f'{numpy_cpu / cpu:.1f}x',
+                    'yes' if same else 'NO', common.mib(peak_heap(day, policy, param))])
             if theirs:
                 day_rows.append([
                     day, label, result.vms, f'{result.energy_kwh:.2f}', f'{theirs[0]:.2f}',
@@ -152,7 +160,7 @@ def main():
     anchor = common.table(
         ['policy', 'energy kWh', source, 'published', 'ratio', 'migrations', source,
          'published', 'ratio', 'SLATAH', 'CloudSim', 'PDM', 'CloudSim', 'our CPU s',
-         'peak heap'], anchor_rows)
+         'numpy path CPU s', 'compiled gain', 'same result', 'peak heap'], anchor_rows)
     if args.cloudsim:
         every = common.table(
             ['day', 'policy', 'VMs', 'energy kWh', 'CloudSim', 'ratio', 'migrations',
@@ -169,6 +177,7 @@ def main():
         'cpus': str(os.cpu_count()),
         'python': platform.python_version(),
         'hosts': '800 (HP ML110 G4 / G5 alternating)',
+        'compiled PABFD search': 'built' if compiled.kernels else 'missing (numpy path)',
         'CloudSim': args.cloudsim or 'not run (published numbers)',
         'our process max RSS': common.mib(ours_rss),
         'CloudSim JVM max RSS': common.mib(children_rss) if args.cloudsim else '-',

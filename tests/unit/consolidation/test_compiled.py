@@ -5,6 +5,7 @@ import numpy as np
 import testtools
 
 from vmcloud.scheduler import consolidation
+from vmcloud.scheduler.consolidation import compiled
 from vmcloud.scheduler.consolidation import placement
 from vmcloud.sim import engine
 from vmcloud.sim import model
@@ -12,14 +13,19 @@ from vmcloud.sim import model
 POLICIES = [('thr-mmt', 0.8), ('lr-mmt', 1.2), ('iqr-mmt', 1.5), ('mad-mmt', 2.5)]
 
 
-def busy_cluster(policy, steps=40, seed=3):
-    """A cluster after ``steps`` updates of a random day: a few dozen hosts in use,
-    long and short histories, VMs of every type, a fraction of them retired."""
+def random_day(steps, seed=3):
+    """240 VMs of every type on 80 hosts, a tenth of them ending halfway."""
     rng = np.random.default_rng(seed)
     n_vms = 240
     util = np.clip(rng.normal(0.3, 0.2, (n_vms, steps + 2)), 0, 1)
-    util[:n_vms // 10, steps // 2:] = 0.0         # some workloads end early
-    scenario = model.Scenario(model.alternating_hosts(80), model.assign_vm_types(n_vms), util)
+    util[:n_vms // 10, steps // 2:] = 0.0
+    return model.Scenario(model.alternating_hosts(80), model.assign_vm_types(n_vms), util)
+
+
+def busy_cluster(policy, steps=40):
+    """A cluster after ``steps`` updates: a few dozen hosts in use, long or short
+    histories, some VMs retired."""
+    scenario = random_day(steps)
     sim = engine.Simulation(scenario, policy, limit=steps * scenario.sample_interval)
     sim.run()
     return sim.cluster
@@ -27,8 +33,23 @@ def busy_cluster(policy, steps=40, seed=3):
 
 class CompiledSearchTest(testtools.TestCase):
     def test_the_extension_is_built(self):
-        # without it the placement still works, ten times slower: CI must notice
-        self.assertIsNotNone(placement._pabfd)
+        # without it the placement still works, twice as slowly: CI must notice
+        self.assertIsNotNone(compiled.kernels)
+
+    def test_a_whole_run_is_the_same_without_it(self):
+        for name, param in POLICIES + [('lr-mc', 1.2)]:
+            def run():
+                scenario = random_day(60)
+                policy = consolidation.load(name, param)
+                return engine.Simulation(scenario, policy).run()
+            fast = run()
+            with compiled.disabled():
+                reference = run()
+            self.assertIsNotNone(compiled.kernels)
+            self.assertGreater(fast.migrations, 50, name)
+            self.assertEqual(reference.migrations, fast.migrations, name)
+            self.assertEqual(reference.energy_kwh, fast.energy_kwh, name)
+            self.assertEqual(reference.series, fast.series, name)
 
     def test_the_after_checks_agree_with_overloaded_after(self):
         # after 6 updates histories are short (the THR fallback), after 40 full

@@ -8,12 +8,8 @@ import abc
 
 import numpy as np
 
+from vmcloud.scheduler.consolidation import compiled
 from vmcloud.scheduler.consolidation import stats
-
-try:
-    from vmcloud.scheduler.consolidation import _pabfd
-except ImportError:     # built without a C compiler: placement takes its numpy path
-    _pabfd = None
 
 
 class OverloadDetector(abc.ABC):
@@ -59,9 +55,10 @@ class StaticThreshold(OverloadDetector):
                 > self.param)
 
     def after_check(self, cluster):
-        if _pabfd is None:
+        kernels = compiled.kernels
+        if kernels is None:
             return None
-        return _pabfd.Threshold(cluster.req_sum, cluster.host_mips, cluster.vm_req, self.param)
+        return kernels.Threshold(cluster.req_sum, cluster.host_mips, cluster.vm_req, self.param)
 
 
 class _HistoryDetector(OverloadDetector):
@@ -123,9 +120,10 @@ class _DispersionDetector(_HistoryDetector):
         return req / cluster.host_mips[hosts] > 1 - self.param * spread
 
     def after_check(self, cluster):
-        if _pabfd is None:
+        kernels = compiled.kernels
+        if kernels is None:
             return None
-        return _pabfd.Dispersion(
+        return kernels.Dispersion(
             cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,
             cluster.hist, cluster.vm_hist, cluster.vm_mips, self.min_history, self.param,
             self.statistic)
@@ -185,9 +183,10 @@ class LocalRegression(_HistoryDetector):
 
     def after_check(self, cluster):
         ahead = cluster.migration_steps
-        if _pabfd is None or ahead is None:
+        kernels = compiled.kernels
+        if kernels is None or ahead is None:
             return None
-        return _pabfd.Prediction(
+        return kernels.Prediction(
             cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,
             cluster.hist, cluster.vm_hist, cluster.vm_mips, self.min_history, self.param,
             self._newest_first(ahead))

@@ -3,10 +3,7 @@ import abc
 
 import numpy as np
 
-try:
-    from vmcloud.scheduler.consolidation import _pabfd
-except ImportError:     # built without a C compiler: the numpy path below decides
-    _pabfd = None
+from vmcloud.scheduler.consolidation import compiled
 
 
 class Placement(abc.ABC):
@@ -60,9 +57,10 @@ class PowerAwareBestFit(Placement):
         return self.searcher(cluster, excluded)(vm)
 
     def searcher(self, cluster, excluded):
+        kernels = compiled.kernels
         check = None
-        if _pabfd is not None:
-            check = (_pabfd.AfterCheck() if self.detector is None
+        if kernels is not None:
+            check = (kernels.AfterCheck() if self.detector is None
                      else self.detector.after_check(cluster))
         if check is None:
             return lambda vm: self.find_host_numpy(cluster, vm, excluded)
@@ -73,7 +71,7 @@ class PowerAwareBestFit(Placement):
         def find(vm):
             view = cluster.candidate_view()
             if view is not current[0]:
-                current[:] = view, _pabfd.Search(
+                current[:] = view, kernels.Search(
                     *view, cluster.alloc_mips, cluster.avail, excluded, cluster.host_ram,
                     cluster.ram_used, cluster.host_bw, cluster.bw_used, table.watts,
                     table.steps, table.width, check)

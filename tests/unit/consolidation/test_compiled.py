@@ -1,4 +1,4 @@
-"""The compiled power-aware search decides as its numpy reference does."""
+"""The compiled search, checks and R^2 decide as their numpy references do."""
 import itertools
 
 import numpy as np
@@ -7,6 +7,7 @@ import testtools
 from vmcloud.scheduler import consolidation
 from vmcloud.scheduler.consolidation import compiled
 from vmcloud.scheduler.consolidation import placement
+from vmcloud.scheduler.consolidation import stats
 from vmcloud.sim import engine
 from vmcloud.sim import model
 
@@ -103,3 +104,26 @@ class CompiledSearchTest(testtools.TestCase):
             expected = pabfd.find_host_numpy(c, vm, excluded)
             self.assertEqual(expected, pabfd.find_host(c, vm, excluded))
             self.assertEqual(c.vm_ram[vm] > 1000, expected == -1)
+
+
+class CompiledRSquaredTest(testtools.TestCase):
+    def test_r_squared_each_agrees_with_numpy(self):
+        rng = np.random.default_rng(5)
+        cases = []
+        for n, m in ((2, 2), (3, 30), (12, 30), (25, 30), (24, 24)):   # 24 x 24: exact fits
+            rows = rng.random((n, m))
+            cases += [rows, rows.copy(), rows.copy()]
+            cases[-2][1] = cases[-2][0] * 3 + 0.5      # two dependent rows
+            cases[-1][-1] = 0.25                       # a constant row: NaN
+        for rows in cases:
+            expected = stats.r_squared_each(rows)
+            got = compiled.kernels.r_squared_each(rows)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+        dependent = rng.random((10, 30))
+        dependent[1] = dependent[0] * 3 + 0.5
+        # the dependent rows explain each other exactly
+        self.assertAlmostEqual(1.0, compiled.kernels.r_squared_each(dependent)[0], places=12)
+
+    def test_r_squared_each_refuses_what_cloudsim_refuses(self):
+        for shape in ((1, 5), (6, 5)):
+            self.assertRaises(ValueError, compiled.kernels.r_squared_each, np.ones(shape))

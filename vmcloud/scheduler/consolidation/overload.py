@@ -35,7 +35,7 @@ class OverloadDetector(abc.ABC):
 
     def after_check(self, cluster):
         """:meth:`overloaded_after` as a compiled check of one VM on one host (a
-        ``_pabfd.AfterCheck``), or None where there is none: placement then asks
+        ``_kernels.AfterCheck``), or None where there is none: placement then asks
         :meth:`overloaded_after`. Valid while the cluster changes only by attach and detach.
         """
         return None
@@ -108,7 +108,7 @@ class _DispersionDetector(_HistoryDetector):
     """Overloaded when utilisation exceeds 1 - param * dispersion(history)."""
 
     cheap_after = False         # two sorts of a 30-value history per host
-    statistic = ''              # 'iqr' or 'mad': the compiled check's name of dispersion_rows
+    statistic = ''              # 'iqr' or 'mad' for the compiled check; none for other rows
 
     def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
         if lengths is None and hist[:, -1].all():
@@ -121,7 +121,7 @@ class _DispersionDetector(_HistoryDetector):
 
     def after_check(self, cluster):
         kernels = compiled.kernels
-        if kernels is None:
+        if kernels is None or not self.statistic:
             return None
         return kernels.Dispersion(
             cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,

@@ -3,6 +3,7 @@ import abc
 
 import numpy as np
 
+from vmcloud.scheduler.consolidation import compiled
 from vmcloud.scheduler.consolidation import stats
 
 
@@ -63,4 +64,8 @@ class MaximumCorrelation(VmSelector):
     @staticmethod
     def correlations(cluster, vms: list[int]) -> np.ndarray:
         m = int(min(cluster.vm_hist_len[v] for v in vms))
-        return stats.r_squared_each(cluster.vm_hist[vms, :m])
+        rows = cluster.vm_hist[vms, :m]
+        kernels = compiled.kernels
+        if kernels is None:
+            return stats.r_squared_each(rows)
+        return kernels.r_squared_each(rows)

@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The power-aware best-fit search (PowerAwareBestFit) in compiled code.
+"""Consolidation's inner loops in compiled code: the power-aware best-fit search
+(PowerAwareBestFit) with the detectors' overload checks, and MC's R^2.
 
 The search runs once per VM to place, some 30,000 times a simulated day, over about
 a hundred candidate hosts: as numpy calls its cost is their overhead. Here one call
@@ -8,11 +9,14 @@ the best so far. The arithmetic is the numpy path's, operation for operation (bu
 with -ffp-contract=off), except that dot products are summed in index order, which
 may differ in the last bit from BLAS.
 
-The objects hold views of the cluster's arrays, which attach and detach update in
-place: they are valid for a run of placements, not across a planning round.
+The objects hold views of the cluster's arrays. Attach and detach update those in
+place; an update of the datacenter, or the end of a planning round, replaces them. So
+an object is made for a run of placements or for one planning round, and not kept.
 """
-from libc.math cimport fabs, floor, INFINITY
+from libc.math cimport fabs, floor, sqrt, INFINITY, NAN
 from libc.stdint cimport int64_t
+
+import numpy as np
 
 
 cdef class AfterCheck:
@@ -21,11 +25,11 @@ cdef class AfterCheck:
     cdef void prepare(self, Py_ssize_t vm) noexcept:
         pass
 
-    cdef bint overloaded(self, Py_ssize_t host) noexcept:
-        return False
-
     cdef void prepare_none(self) noexcept:
         pass
+
+    cdef bint overloaded(self, Py_ssize_t host) noexcept:
+        return False
 
     def __call__(self, Py_ssize_t vm, Py_ssize_t host) -> bool:
         """The check of one VM on one host, from Python (tests compare it with numpy's)."""
@@ -267,3 +271,132 @@ cdef class Search:
             if diff < best_diff and not (alloc != 0 and self.check.overloaded(h)):
                 best, best_diff = h, diff
         return best
+
+
+# a pivot of the Gram matrix's Cholesky factor below this x its largest diagonal value
+# means (nearly) dependent rows, where the inverse is inaccurate: fit row by row instead
+WELL_CONDITIONED = 1e-9
+
+
+def r_squared_each(const double[:, ::1] rows):
+    """R^2 of each row regressed on all the other rows (as columns) with an intercept.
+
+    As stats.r_squared_each, by another route: with S the Gram matrix of the centred
+    rows, row i's residual sum of squares is 1 / (S^-1)_ii, here from S's Cholesky
+    factor. If a pivot is (nearly) zero, each row is instead projected on an
+    orthonormal basis of the others, built by modified Gram-Schmidt, dropping what
+    they add (nearly) nothing with. A constant row gives NaN.
+
+    :raises: ValueError for fewer than two rows or fewer columns than rows.
+    """
+    cdef Py_ssize_t n = rows.shape[0], m = rows.shape[1], i, j, k
+    if n < 2 or n > m:
+        raise ValueError('not enough data for the regression')
+    centred_array = np.empty((n, m))
+    chol_array = np.zeros((n, n))
+    diag_array = np.empty(n)
+    out_array = np.empty(n)
+    cdef double[:, ::1] c = centred_array
+    cdef double[:, ::1] chol = chol_array
+    cdef double[::1] diag = diag_array
+    cdef double[::1] out = out_array
+    cdef double s, largest = 0.0
+    cdef bint dependent = False
+    for i in range(n):
+        s = 0.0
+        for j in range(m):
+            s += rows[i, j]
+        s /= m
+        for j in range(m):
+            c[i, j] = rows[i, j] - s
+    for i in range(n):
+        for k in range(i + 1):
+            s = 0.0
+            for j in range(m):
+                s += c[i, j] * c[k, j]
+            chol[i, k] = s
+        diag[i] = chol[i, i]
+        if diag[i] > largest:
+            largest = diag[i]
+    # Cholesky in place (lower triangle): S = L L^T
+    for k in range(n):
+        s = chol[k, k]
+        for j in range(k):
+            s -= chol[k, j] * chol[k, j]
+        if not s > largest * WELL_CONDITIONED:
+            dependent = True
+            break
+        chol[k, k] = sqrt(s)
+        for i in range(k + 1, n):
+            s = chol[i, k]
+            for j in range(k):
+                s -= chol[i, j] * chol[k, j]
+            chol[i, k] = s / chol[k, k]
+    if dependent:
+        _r_squared_by_projection(c, out)
+        return out_array
+    # L^-1 in place of L (lower triangular); (S^-1)_ii = sum over k >= i of (L^-1)_ki^2
+    for k in range(n):
+        chol[k, k] = 1.0 / chol[k, k]
+        for i in range(k + 1, n):
+            s = 0.0
+            for j in range(k, i):
+                s -= chol[i, j] * chol[j, k]
+            chol[i, k] = s / chol[i, i]
+    for i in range(n):
+        s = 0.0
+        for k in range(i, n):
+            s += chol[k, i] * chol[k, i]
+        out[i] = 1 - 1 / (diag[i] * s)
+    return out_array
+
+
+cdef void _r_squared_by_projection(double[:, ::1] c, double[::1] out):
+    """R^2 of each centred row projected on the span of the others, one row at a time."""
+    cdef Py_ssize_t n = c.shape[0], m = c.shape[1], i, j, k, size
+    basis_array = np.empty((n, m))
+    cdef double[:, ::1] basis = basis_array
+    cdef double total, before, norm, rss
+    for i in range(n):
+        total = _dot_rows(c, i, c, i)
+        if total == 0:
+            out[i] = NAN        # a constant row: CloudSim's 1 - SSR / 0
+            continue
+        size = 0
+        for k in range(n):
+            if k == i:
+                continue
+            before = _dot_rows(c, k, c, k)
+            basis[size, :] = c[k, :]
+            _remove_projection(basis, size, size)
+            _remove_projection(basis, size, size)     # twice: orthogonal to rounding
+            norm = _dot_rows(basis, size, basis, size)
+            if norm > before * 1e-20:       # it adds a direction: keep it, of unit length
+                norm = sqrt(norm)
+                for j in range(m):
+                    basis[size, j] /= norm
+                size += 1
+        basis[size, :] = c[i, :]
+        _remove_projection(basis, size, size)
+        rss = _dot_rows(basis, size, basis, size)
+        out[i] = 1 - rss / total
+
+
+cdef double _dot_rows(double[:, ::1] a, Py_ssize_t i, double[:, ::1] b,
+                      Py_ssize_t k) noexcept:
+    cdef Py_ssize_t j
+    cdef double s = 0.0
+    for j in range(a.shape[1]):
+        s += a[i, j] * b[k, j]
+    return s
+
+
+cdef void _remove_projection(double[:, ::1] basis, Py_ssize_t row,
+                             Py_ssize_t size) noexcept:
+    """Take from basis[row] its projection on the orthonormal basis[:size]."""
+    cdef Py_ssize_t q, j
+    cdef double s
+    for q in range(size):
+        s = _dot_rows(basis, q, basis, row)
+        for j in range(basis.shape[1]):
+            basis[row, j] -= s * basis[q, j]

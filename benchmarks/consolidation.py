@@ -10,7 +10,7 @@ Without it, 20110303 is compared with CloudSim's published numbers.
 
 Times: our wall and CPU time per 24 h run (the best of ``--repeat``), CloudSim's
 wall time and the CPU time of its JVM. On 20110303 each policy also runs on the
-numpy path alone (the compiled search left out), as the baseline of its gain.
+numpy paths alone (the compiled kernels left out), as the baseline of their gain.
 Memory: the peak Python heap of one run (tracemalloc, in a separate run so it does
 not slow the timed one), and the maximum resident size of this process and of
 CloudSim's JVM.
@@ -177,7 +177,7 @@ def main():
         'cpus': str(os.cpu_count()),
         'python': platform.python_version(),
         'hosts': '800 (HP ML110 G4 / G5 alternating)',
-        'compiled PABFD search': 'built' if compiled.kernels else 'missing (numpy path)',
+        'compiled kernels': 'built' if compiled.kernels else 'missing (numpy paths)',
         'CloudSim': args.cloudsim or 'not run (published numbers)',
         'our process max RSS': common.mib(ours_rss),
         'CloudSim JVM max RSS': common.mib(children_rss) if args.cloudsim else '-',

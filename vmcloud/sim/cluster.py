@@ -225,7 +225,8 @@ class Cluster:
         return vms
 
     def snapshot(self):
-        """The state planning changes; VM lists are kept as they change (few do)."""
+        """The state planning changes, for one :meth:`restore`; VM lists are kept as
+        they change (few do). One snapshot at a time."""
         self._saved_lists = {}
         return (self._saved_lists, self.req_sum.copy(), self.avail.copy(),
                 self.ram_used.copy(), self.bw_used.copy(), self.ram_max.copy(),

@@ -15,10 +15,12 @@ POLICIES = [('thr-mmt', 0.8), ('lr-mmt', 1.2), ('iqr-mmt', 1.5), ('mad-mmt', 2.5
 
 
 def random_day(steps, seed=3):
-    """240 VMs of every type on 80 hosts, a tenth of them ending halfway."""
+    """240 VMs of every type on 80 hosts, in whole percent as PlanetLab's traces: a
+    tenth of them end halfway, a fifth are steady (constant histories, for MC)."""
     rng = np.random.default_rng(seed)
     n_vms = 240
-    util = np.clip(rng.normal(0.3, 0.2, (n_vms, steps + 2)), 0, 1)
+    util = np.clip(rng.normal(0.3, 0.2, (n_vms, steps + 2)), 0, 1).round(2)
+    util[::5] = util[::5, :1]
     util[:n_vms // 10, steps // 2:] = 0.0
     return model.Scenario(model.alternating_hosts(80), model.assign_vm_types(n_vms), util)
 
@@ -104,6 +106,14 @@ class CompiledSearchTest(testtools.TestCase):
             expected = pabfd.find_host_numpy(c, vm, excluded)
             self.assertEqual(expected, pabfd.find_host(c, vm, excluded))
             self.assertEqual(c.vm_ram[vm] > 1000, expected == -1)
+        c.ram_used[:] = 0.0
+        c.vm_bw_req[:] = c.vm_bw
+        c.bw_used[:] = c.host_bw - c.vm_bw[0] / 2     # no room for any VM's bandwidth
+        c.bw_used[::3] = 0.0                          # but on every third host
+        for vm in (0, c.n_vms - 1, c.n_vms // 2):
+            host = pabfd.find_host(c, vm, excluded)
+            self.assertEqual(pabfd.find_host_numpy(c, vm, excluded), host)
+            self.assertEqual(0, host % 3)
 
 
 class CompiledRSquaredTest(testtools.TestCase):
@@ -115,10 +125,20 @@ class CompiledRSquaredTest(testtools.TestCase):
             cases += [rows, rows.copy(), rows.copy()]
             cases[-2][1] = cases[-2][0] * 3 + 0.5      # two dependent rows
             cases[-1][-1] = 0.25                       # a constant row: NaN
+        # constant rows whose mean is not exact in binary; two of them, of two values
+        steady = rng.random((6, 30))
+        steady[2], steady[4] = 0.03, 0.07
+        cases += [steady, np.vstack([rng.random(30), np.full(30, 0.07)])]
         for rows in cases:
             expected = stats.r_squared_each(rows)
             got = compiled.kernels.r_squared_each(rows)
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+        r2 = compiled.kernels.r_squared_each
+        self.assertEqual([False, False, True, False, True, False], np.isnan(r2(steady)).tolist())
+        self.assertEqual([0.0], r2(cases[-1])[:1].tolist())
+        two = rng.random((2, 30))
+        self.assertEqual(*r2(two))                  # equal: rounding picks neither
+        self.assertEqual(*stats.r_squared_each(two))
         dependent = rng.random((10, 30))
         dependent[1] = dependent[0] * 3 + 0.5
         # the dependent rows explain each other exactly

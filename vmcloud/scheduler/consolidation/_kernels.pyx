@@ -13,14 +13,21 @@ The objects hold views of the cluster's arrays. Attach and detach update those i
 place; an update of the datacenter, or the end of a planning round, replaces them. So
 an object is made for a run of placements or for one planning round, and not kept.
 """
-from libc.math cimport fabs, floor, sqrt, INFINITY, NAN
+from libc.math cimport fabs, floor, sqrt, INFINITY
 from libc.stdint cimport int64_t
 
 import numpy as np
 
 
 cdef class AfterCheck:
-    """Whether a host would be overloaded with the VM being placed (never, here)."""
+    """Whether a host would be overloaded with the VM being placed (never, here).
+
+    ``prepare`` takes the VM (``prepare_none``: none), then ``overloaded`` answers
+    for a host. Hosts and VMs are not bounds-checked there: the Python-facing
+    methods check them, and a Search checks its arrays' lengths once.
+    """
+
+    cdef Py_ssize_t n_hosts, n_vms
 
     cdef void prepare(self, Py_ssize_t vm) noexcept:
         pass
@@ -33,13 +40,28 @@ cdef class AfterCheck:
 
     def __call__(self, Py_ssize_t vm, Py_ssize_t host) -> bool:
         """The check of one VM on one host, from Python (tests compare it with numpy's)."""
+        _in_range(vm, self.n_vms, 'VM')
+        _in_range(host, self.n_hosts, 'host')
         self.prepare(vm)
         return self.overloaded(host)
 
     def now(self, Py_ssize_t host) -> bool:
         """The check of the host as it is, with no VM added."""
+        _in_range(host, self.n_hosts, 'host')
         self.prepare_none()
         return self.overloaded(host)
+
+
+cdef class NeverOverloaded(AfterCheck):
+    """For a placement without an overload detector."""
+
+    def __init__(self, Py_ssize_t n_hosts, Py_ssize_t n_vms):
+        self.n_hosts, self.n_vms = n_hosts, n_vms
+
+
+cdef inline void _in_range(Py_ssize_t i, Py_ssize_t n, str what) except *:
+    if not 0 <= i < n:
+        raise IndexError(f'{what} {i} is not in 0..{n - 1}')
 
 
 cdef class Threshold(AfterCheck):
@@ -52,7 +74,10 @@ cdef class Threshold(AfterCheck):
 
     def __init__(self, const double[::1] req_sum, const double[::1] host_mips,
                  const double[::1] vm_req, double threshold):
+        if req_sum.shape[0] != host_mips.shape[0]:
+            raise ValueError('one requested MIPS sum per host')
         self.req_sum, self.host_mips, self.vm_req = req_sum, host_mips, vm_req
+        self.n_hosts, self.n_vms = host_mips.shape[0], vm_req.shape[0]
         self.threshold = threshold
 
     cdef void prepare(self, Py_ssize_t vm) noexcept:
@@ -78,6 +103,9 @@ cdef class _HistoryCheck(Threshold):
                  const double[:, ::1] hist, const double[:, ::1] vm_hist,
                  const double[::1] vm_mips, Py_ssize_t min_history, double param):
         super().__init__(req_sum, host_mips, vm_req, fallback_threshold)
+        if (hist.shape[0] != self.n_hosts or vm_hist.shape[0] != self.n_vms
+                or vm_mips.shape[0] != self.n_vms):
+            raise ValueError('one history per host and one history and MIPS per VM')
         if hist.shape[1] != vm_hist.shape[1] or not 0 < min_history <= hist.shape[1]:
             raise ValueError('host and VM histories differ in length or are too short')
         self.hist, self.vm_hist, self.vm_mips = hist, vm_hist, vm_mips
@@ -234,7 +262,17 @@ cdef class Search:
                  const double[::1] host_ram, const double[::1] ram_used,
                  const double[::1] host_bw, const double[::1] bw_used,
                  const double[::1] watts, const double[::1] steps, Py_ssize_t width,
-                 AfterCheck check):
+                 AfterCheck check not None):
+        cdef Py_ssize_t n = alloc_mips.shape[0], i
+        if not (pe_mips.shape[0] == mips.shape[0] == power_now.shape[0] == hosts.shape[0]):
+            raise ValueError('the candidate view arrays differ in length')
+        if not (avail.shape[0] == excluded.shape[0] == host_ram.shape[0] == ram_used.shape[0]
+                == host_bw.shape[0] == bw_used.shape[0] == check.n_hosts == n):
+            raise ValueError('the per-host arrays differ in length')
+        if not (watts.shape[0] == steps.shape[0] == n * width) or width < 11:
+            raise ValueError('the power table needs n_hosts x width (>= 11) points')
+        for i in range(hosts.shape[0]):
+            _in_range(hosts[i], n, 'host')
         self.hosts, self.pe_mips, self.mips, self.power_now = hosts, pe_mips, mips, power_now
         self.alloc_mips, self.avail, self.excluded = alloc_mips, avail, excluded
         self.host_ram, self.ram_used = host_ram, ram_used
@@ -251,6 +289,7 @@ cdef class Search:
         cdef Py_ssize_t i, h, low, k
         cdef Py_ssize_t best = -1
         cdef double best_diff = INFINITY, after, u10, step, diff, alloc
+        _in_range(vm, self.check.n_vms, 'VM')
         self.check.prepare(vm)
         for i in range(self.hosts.shape[0]):
             h = self.hosts[i]
@@ -275,66 +314,87 @@ cdef class Search:
 
 # a pivot of the Gram matrix's Cholesky factor below this x its largest diagonal value
 # means (nearly) dependent rows, where the inverse is inaccurate: fit row by row instead
-WELL_CONDITIONED = 1e-9
+cdef double PIVOT_TOLERANCE = 1e-9
 
 
 def r_squared_each(const double[:, ::1] rows):
     """R^2 of each row regressed on all the other rows (as columns) with an intercept.
 
-    As stats.r_squared_each, by another route: with S the Gram matrix of the centred
-    rows, row i's residual sum of squares is 1 / (S^-1)_ii, here from S's Cholesky
-    factor. If a pivot is (nearly) zero, each row is instead projected on an
-    orthonormal basis of the others, built by modified Gram-Schmidt, dropping what
-    they add (nearly) nothing with. A constant row gives NaN.
+    As stats.r_squared_each (to about 1e-12), by another route. A constant row gets
+    NaN and, collinear with the intercept, explains nothing: the others are fitted
+    without it. Two rows get one value, their squared correlation. For more, with S
+    the Gram matrix of the centred rows, row i's residual sum of squares is
+    1 / (S^-1)_ii, here from S's Cholesky factor; if a pivot is (nearly) zero, each
+    row is instead projected on an orthonormal basis of the others, built by modified
+    Gram-Schmidt, dropping those that add (nearly) no direction.
 
     :raises: ValueError for fewer than two rows or fewer columns than rows.
     """
-    cdef Py_ssize_t n = rows.shape[0], m = rows.shape[1], i, j, k
+    cdef Py_ssize_t n = rows.shape[0], m = rows.shape[1], i, j, k = 0
     if n < 2 or n > m:
         raise ValueError('not enough data for the regression')
+    out_array = np.full(n, np.nan)
     centred_array = np.empty((n, m))
-    chol_array = np.zeros((n, n))
-    diag_array = np.empty(n)
-    out_array = np.empty(n)
+    kept_array = np.empty(n, dtype=np.intp)
+    cdef double[::1] out = out_array
     cdef double[:, ::1] c = centred_array
+    cdef Py_ssize_t[::1] kept = kept_array
+    cdef double mean, low, high
+    for i in range(n):
+        mean = low = high = rows[i, 0]
+        for j in range(1, m):
+            mean += rows[i, j]
+            low = min(low, rows[i, j])
+            high = max(high, rows[i, j])
+        if low == high:
+            continue
+        mean /= m
+        for j in range(m):
+            c[k, j] = rows[i, j] - mean
+        kept[k] = i
+        k += 1
+    if k == 0:
+        return out_array
+    fitted_array = np.empty(k)
+    cdef double[::1] fitted = fitted_array
+    if k == 1:
+        fitted[0] = 0.0
+    elif k == 2:
+        mean = _dot_rows(c, 0, c, 1)
+        fitted[0] = fitted[1] = mean * mean / (_dot_rows(c, 0, c, 0) * _dot_rows(c, 1, c, 1))
+    elif not _r_squared_by_cholesky(c[:k], fitted):
+        _r_squared_by_projection(c[:k], fitted)
+    for i in range(k):
+        out[kept[i]] = fitted[i]
+    return out_array
+
+
+cdef bint _r_squared_by_cholesky(double[:, ::1] c, double[::1] out):
+    """False, with ``out`` not set, if the rows are (nearly) dependent."""
+    cdef Py_ssize_t n = c.shape[0], i, j, k
+    chol_array = np.empty((n, n))
+    diag_array = np.empty(n)
     cdef double[:, ::1] chol = chol_array
     cdef double[::1] diag = diag_array
-    cdef double[::1] out = out_array
     cdef double s, largest = 0.0
-    cdef bint dependent = False
-    for i in range(n):
-        s = 0.0
-        for j in range(m):
-            s += rows[i, j]
-        s /= m
-        for j in range(m):
-            c[i, j] = rows[i, j] - s
     for i in range(n):
         for k in range(i + 1):
-            s = 0.0
-            for j in range(m):
-                s += c[i, j] * c[k, j]
-            chol[i, k] = s
+            chol[i, k] = _dot_rows(c, i, c, k)
         diag[i] = chol[i, i]
-        if diag[i] > largest:
-            largest = diag[i]
-    # Cholesky in place (lower triangle): S = L L^T
+        largest = max(largest, diag[i])
+    # in place (lower triangle): S = L L^T
     for k in range(n):
         s = chol[k, k]
         for j in range(k):
             s -= chol[k, j] * chol[k, j]
-        if not s > largest * WELL_CONDITIONED:
-            dependent = True
-            break
+        if not s > largest * PIVOT_TOLERANCE:
+            return False
         chol[k, k] = sqrt(s)
         for i in range(k + 1, n):
             s = chol[i, k]
             for j in range(k):
                 s -= chol[i, j] * chol[k, j]
             chol[i, k] = s / chol[k, k]
-    if dependent:
-        _r_squared_by_projection(c, out)
-        return out_array
     # L^-1 in place of L (lower triangular); (S^-1)_ii = sum over k >= i of (L^-1)_ki^2
     for k in range(n):
         chol[k, k] = 1.0 / chol[k, k]
@@ -348,7 +408,7 @@ def r_squared_each(const double[:, ::1] rows):
         for k in range(i, n):
             s += chol[k, i] * chol[k, i]
         out[i] = 1 - 1 / (diag[i] * s)
-    return out_array
+    return True
 
 
 cdef void _r_squared_by_projection(double[:, ::1] c, double[::1] out):
@@ -359,9 +419,6 @@ cdef void _r_squared_by_projection(double[:, ::1] c, double[::1] out):
     cdef double total, before, norm, rss
     for i in range(n):
         total = _dot_rows(c, i, c, i)
-        if total == 0:
-            out[i] = NAN        # a constant row: CloudSim's 1 - SSR / 0
-            continue
         size = 0
         for k in range(n):
             if k == i:

@@ -35,8 +35,9 @@ class OverloadDetector(abc.ABC):
 
     def after_check(self, cluster):
         """:meth:`overloaded_after` as a compiled check of one VM on one host (a
-        ``_kernels.AfterCheck``), or None where there is none: placement then asks
-        :meth:`overloaded_after`. Valid while the cluster changes only by attach and detach.
+        ``_kernels.AfterCheck``; its ``now`` is :meth:`overloaded`), or None where there
+        is none: placement then asks :meth:`overloaded_after`. Valid while the cluster
+        changes only by attach and detach.
         """
         return None
 
@@ -96,6 +97,11 @@ class _HistoryDetector(OverloadDetector):
                                                  req[idx], ram_max[idx])
         return result
 
+    def _check_args(self, cluster) -> tuple:
+        """What every compiled history check reads (_kernels._HistoryCheck)."""
+        return (cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,
+                cluster.hist, cluster.vm_hist, cluster.vm_mips, self.min_history, self.param)
+
     @abc.abstractmethod
     def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
         """Decide for hosts with enough history (rows of ``hist``, newest first).
@@ -108,7 +114,7 @@ class _DispersionDetector(_HistoryDetector):
     """Overloaded when utilisation exceeds 1 - param * dispersion(history)."""
 
     cheap_after = False         # two sorts of a 30-value history per host
-    statistic = ''              # 'iqr' or 'mad' for the compiled check; none for other rows
+    statistic = ''              # the compiled check's name for dispersion_rows: iqr or mad
 
     def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
         if lengths is None and hist[:, -1].all():
@@ -123,10 +129,7 @@ class _DispersionDetector(_HistoryDetector):
         kernels = compiled.kernels
         if kernels is None or not self.statistic:
             return None
-        return kernels.Dispersion(
-            cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,
-            cluster.hist, cluster.vm_hist, cluster.vm_mips, self.min_history, self.param,
-            self.statistic)
+        return kernels.Dispersion(*self._check_args(cluster), self.statistic)
 
     @staticmethod
     @abc.abstractmethod
@@ -186,10 +189,7 @@ class LocalRegression(_HistoryDetector):
         kernels = compiled.kernels
         if kernels is None or ahead is None:
             return None
-        return kernels.Prediction(
-            cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,
-            cluster.hist, cluster.vm_hist, cluster.vm_mips, self.min_history, self.param,
-            self._newest_first(ahead))
+        return kernels.Prediction(*self._check_args(cluster), self._newest_first(ahead))
 
     def _ahead(self, cluster, hosts, ram_max):
         seconds = ram_max / cluster.host_migration_rate[hosts]

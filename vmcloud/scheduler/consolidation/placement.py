@@ -57,27 +57,32 @@ class PowerAwareBestFit(Placement):
         return self.searcher(cluster, excluded)(vm)
 
     def searcher(self, cluster, excluded):
-        kernels = compiled.kernels
-        check = None
-        if kernels is not None:
-            check = (kernels.AfterCheck() if self.detector is None
-                     else self.detector.after_check(cluster))
-        if check is None:
+        if self._compiled_check(cluster) is None:
             return lambda vm: self.find_host_numpy(cluster, vm, excluded)
-        excluded = excluded.view(np.uint8)
+        excluded = np.asarray(excluded, dtype=bool).view(np.uint8)
         table = cluster.power_table
-        current = [None, None]      # the candidate view and its search
+        view = search = None
 
         def find(vm):
-            view = cluster.candidate_view()
-            if view is not current[0]:
-                current[:] = view, kernels.Search(
+            nonlocal view, search
+            if cluster.candidate_view() is not view:
+                view = cluster.candidate_view()
+                # a search and its check read the same arrays: made together
+                search = compiled.kernels.Search(
                     *view, cluster.alloc_mips, cluster.avail, excluded, cluster.host_ram,
                     cluster.ram_used, cluster.host_bw, cluster.bw_used, table.watts,
-                    table.steps, table.width, check)
-            return current[1].best_host(vm, cluster.vm_req[vm], cluster.vm_ram_req[vm],
-                                        cluster.vm_bw_req[vm])
+                    table.steps, table.width, self._compiled_check(cluster))
+            return search.best_host(vm, cluster.vm_req[vm], cluster.vm_ram_req[vm],
+                                    cluster.vm_bw_req[vm])
         return find
+
+    def _compiled_check(self, cluster):
+        kernels = compiled.kernels
+        if kernels is None:
+            return None
+        if self.detector is None:
+            return kernels.NeverOverloaded(cluster.n_hosts, cluster.n_vms)
+        return self.detector.after_check(cluster)
 
     def find_host_numpy(self, cluster, vm, excluded):
         """The search as numpy calls: where the compiled one is missing, and its reference."""

@@ -68,4 +68,5 @@ class MaximumCorrelation(VmSelector):
         kernels = compiled.kernels
         if kernels is None:
             return stats.r_squared_each(rows)
-        return kernels.r_squared_each(rows)
+        # contiguous floats: a buffer mismatch is a ValueError too, not a short history
+        return kernels.r_squared_each(np.ascontiguousarray(rows, dtype=float))

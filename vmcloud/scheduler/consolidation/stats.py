@@ -196,7 +196,10 @@ WELL_CONDITIONED = 1e-9
 def r_squared_each(rows: np.ndarray) -> np.ndarray:
     """:func:`r_squared` of each row on all the other rows (as columns) at once.
 
-    With S the Gram matrix of the centred rows, the residual sum of squares of row i
+    A constant row gets NaN and, collinear with the intercept, explains nothing: the
+    others are fitted without it. Two rows explain each other equally: both get their
+    squared correlation, computed once so that rounding does not pick one. For more,
+    with S the Gram matrix of the centred rows, the residual sum of squares of row i
     on the others is 1 / (S^-1)_ii and its total sum of squares S_ii: one
     eigendecomposition instead of a fit per row. Rows that are (nearly) linearly
     dependent make S ill-conditioned; they are fitted one by one instead.
@@ -206,7 +209,22 @@ def r_squared_each(rows: np.ndarray) -> np.ndarray:
     n, m = rows.shape
     if n < 2 or n > m:
         raise ValueError('not enough data for the regression')
+    varying = rows.min(axis=1) != rows.max(axis=1)
+    out = np.full(n, np.nan)
+    if varying.any():
+        out[varying] = _r_squared_of_varying(rows[varying])
+    return out
+
+
+def _r_squared_of_varying(rows: np.ndarray) -> np.ndarray:
+    n = len(rows)
     centred = rows - rows.mean(axis=1, keepdims=True)
+    if n == 1:
+        return np.zeros(1)
+    if n == 2:
+        c = float(centred[0] @ centred[1])
+        return np.full(2, c * c / (float(centred[0] @ centred[0])
+                                   * float(centred[1] @ centred[1])))
     gram = centred @ centred.T
     eigenvalues, vectors = np.linalg.eigh(gram)
     if eigenvalues[0] > eigenvalues[-1] * WELL_CONDITIONED:

@@ -115,6 +115,22 @@ class CompiledSearchTest(testtools.TestCase):
             self.assertEqual(pabfd.find_host_numpy(c, vm, excluded), host)
             self.assertEqual(0, host % 3)
 
+    def test_hosts_vms_and_arrays_out_of_shape_are_refused(self):
+        # the compiled loops do not check bounds: their entry points do
+        policy = consolidation.load('lr-mmt', 1.2)
+        c = busy_cluster(policy, 6)
+        check = policy.detector.after_check(c)
+        self.assertRaises(IndexError, check, c.n_vms, 0)
+        self.assertRaises(IndexError, check.now, -1)
+        table = c.power_table
+        arrays = [c.alloc_mips, c.avail, np.zeros(c.n_hosts, dtype=np.uint8), c.host_ram,
+                  c.ram_used, c.host_bw, c.bw_used, table.watts, table.steps]
+        search = compiled.kernels.Search(*c.candidate_view(), *arrays, table.width, check)
+        self.assertRaises(IndexError, search.best_host, -1, 100.0, 0.0, 0.0)
+        arrays[1] = c.avail[:-1]
+        self.assertRaises(ValueError, compiled.kernels.Search, *c.candidate_view(), *arrays,
+                          table.width, check)
+
 
 class CompiledRSquaredTest(testtools.TestCase):
     def test_r_squared_each_agrees_with_numpy(self):

@@ -30,14 +30,10 @@ class AllInOne:
         self.dispatcher.start()
         for compute in self.computes:
             compute.start()
-        try:
-            polling.wait(self.api.list_hosts,
-                         lambda hosts: len([h for h in hosts if h['up']]) == len(self.computes),
-                         timeout, 'the compute managers reporting', interval=0.05)
-        except exception.MessagingError:
-            raise
-        except exception.VmcloudError as exc:
-            raise exception.MessagingError('compute managers did not report in time') from exc
+        polling.wait(self.api.list_hosts,
+                     lambda hosts: len([h for h in hosts if h['up']]) == len(self.computes),
+                     timeout, 'the compute managers reporting in', interval=0.05,
+                     error=exception.MessagingError)
         return self
 
     def node(self, host: str) -> compute_manager.ComputeManager:

@@ -8,10 +8,11 @@ T = TypeVar('T')
 
 
 def wait(poll: Callable[[], T], done: Callable[[T], bool], timeout: float, what: str,
-         interval: float = 0.2) -> T:
+         interval: float = 0.2,
+         error: type[exception.VmcloudError] = exception.VmcloudError) -> T:
     """Call ``poll`` until ``done`` says yes to its result, and return that result.
 
-    :raises: VmcloudError naming ``what`` if it is not done within ``timeout`` seconds.
+    :raises: ``error`` naming ``what`` if it is not done within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -19,5 +20,5 @@ def wait(poll: Callable[[], T], done: Callable[[T], bool], timeout: float, what:
         if done(result):
             return result
         if time.monotonic() > deadline:
-            raise exception.VmcloudError(f'{what} did not finish in {timeout:.0f} s')
+            raise error(f'{what} did not finish in {timeout:.0f} s')
         time.sleep(interval)

@@ -44,6 +44,15 @@ class ImageExists(StorageError):
         super().__init__(f"image {image} already exists")
 
 
+class VersionExists(StorageError):
+    """A backend was asked to create a manifest for a version that is already stored."""
+
+    def __init__(self, image: str, version: int):
+        self.image = image
+        self.version = version
+        super().__init__(f"image {image}:{version} already exists")
+
+
 class ImageInUse(StorageError):
     """The image or version has dependent snapshots and cannot be deleted."""
 
@@ -81,10 +90,30 @@ class WarehouseBusy(StorageError):
     """An operation needs the warehouse to itself and could not get it in time."""
 
 
+class ScratchSpaceExhausted(StorageError):
+    """An operation would need more scratch or destination space than is free."""
+
+
+class InvalidName(StorageError):
+    """An image name or version reference is not of the allowed form."""
+
+
 class ImageFileNotFound(StorageError):
     def __init__(self, path: str):
         self.path = path
         super().__init__(f'image file {path} does not exist')
+
+
+# -- node state ------------------------------------------------------------
+
+class StateLocked(VmcloudError):
+    """A node's state (chunk cache, NBD socket, a mirror) is owned by another process."""
+
+    def __init__(self, what: str, path: str, holder: str):
+        self.what = what
+        self.path = path
+        self.holder = holder
+        super().__init__(f'{what} at {path} is in use by {holder}; one process owns it at a time')
 
 
 # -- hypervisor drivers ----------------------------------------------------

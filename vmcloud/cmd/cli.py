@@ -1,20 +1,52 @@
-"""The ``vmcloud`` command."""
+"""The ``vmcloud`` command.
+
+Subcommand modules are imported only when their command runs: the services'
+modules pull in oslo.messaging, SQLAlchemy and alembic (about a second), which
+``vmcloud --help`` or ``vmcloud image list`` have no use for.
+"""
 import argparse
+import importlib
 import sys
 
 from oslo_config import cfg
 
-import vmcloud.conf
 from vmcloud import exception
-from vmcloud.cmd import cloud
-from vmcloud.cmd import demo
-from vmcloud.cmd import image
-from vmcloud.cmd import mirror
-from vmcloud.cmd import service
-from vmcloud.cmd import simulate
+
+# command -> (module that adds its parser and handles it, one-line help)
+COMMANDS = {
+    'image': ('vmcloud.cmd.image', 'manage images in the warehouse'),
+    'mirror': ('vmcloud.cmd.mirror', "serve instances' disks over NBD"),
+    'deploy': ('vmcloud.cmd.cloud', 'deploy N instances of an image, or redeploy a snapshot'),
+    'list': ('vmcloud.cmd.cloud', 'list deployments'),
+    'show': ('vmcloud.cmd.cloud', 'show a deployment'),
+    'snapshot': ('vmcloud.cmd.cloud', 'snapshot every instance of a deployment at once'),
+    'delete': ('vmcloud.cmd.cloud', 'delete a deployment'),
+    'hosts': ('vmcloud.cmd.cloud', 'list compute hosts'),
+    'dispatcher': ('vmcloud.cmd.service', 'run the dispatcher service'),
+    'compute': ('vmcloud.cmd.service', 'run a compute manager service on this node'),
+    'demo': ('vmcloud.cmd.demo', 'all-in-one: deploy, snapshot and redeploy N guests'),
+    'simulate': ('vmcloud.cmd.simulate', 'simulate VM consolidation on a day of PlanetLab traces'),
+}
+
+_OPTIONS_WITH_VALUES = ('--config-file', '--config-dir')
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The command named in ``argv``: the first word that is not an option or its value."""
+    words = iter(argv)
+    for word in words:
+        if word in _OPTIONS_WITH_VALUES:
+            next(words, None)
+        elif not word.startswith('-'):
+            return word
+    return None
+
+
+def build_parser(argv: list[str] | None = None):
+    """The parser, with the full parser of the chosen command's module and one line for the others.
+
+    :returns: (parser, the chosen command's module or None).
+    """
     parser = argparse.ArgumentParser(
         prog='vmcloud', description='Deploy and snapshot many virtual machines at once.')
     parser.add_argument('--config-file', action='append', default=[], metavar='PATH',
@@ -22,16 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--config-dir', metavar='DIR',
                         help='directory of *.conf files read after --config-file')
     groups = parser.add_subparsers(dest='group', required=True, metavar='COMMAND')
-    image.add_parser(groups)
-    mirror.add_parser(groups)
-    cloud.add_parsers(groups)
-    service.add_parsers(groups)
-    demo.add_parser(groups)
-    simulate.add_parser(groups)
-    return parser
+    command = chosen_command(sys.argv[1:] if argv is None else argv)
+    module = importlib.import_module(COMMANDS[command][0]) if command in COMMANDS else None
+    module_added = False
+    for name, (module_name, help_text) in COMMANDS.items():
+        if module is None or module_name != module.__name__:
+            groups.add_parser(name, help=help_text)
+        elif not module_added:
+            # At its first command's place, so --help lists commands in the table's order.
+            _add_parsers(module, groups)
+            module_added = True
+    return parser, module
+
+
+def _add_parsers(module, groups: argparse._SubParsersAction) -> None:
+    add = getattr(module, 'add_parsers', None) or module.add_parser
+    add(groups)
 
 
 def load_config(args: argparse.Namespace) -> cfg.ConfigOpts:
+    """The configuration, every option registered so far checked.
+
+    oslo.config converts a value only when it is first read, so a bad value in
+    the file would surface as a traceback wherever that happens: read them all now.
+
+    :raises: ConfigError naming the file's problem or the option with a bad value.
+    """
+    import vmcloud.conf
+
     conf_args = []
     for path in args.config_file:
         conf_args += ['--config-file', path]
@@ -42,19 +92,48 @@ def load_config(args: argparse.Namespace) -> cfg.ConfigOpts:
         conf(conf_args, project='vmcloud', default_config_files=None if conf_args else [])
     except cfg.Error as exc:
         raise exception.ConfigError(f'bad configuration: {exc}') from exc
+    check_values(conf)
     return conf
 
 
+def check_values(conf: cfg.ConfigOpts) -> None:
+    """:raises: ConfigError naming the first option whose configured value does not convert."""
+    for key in conf:
+        try:
+            value = conf[key]
+        except cfg.ConfigFileValueError as exc:
+            raise _bad_value(key, exc) from exc
+        if isinstance(value, cfg.ConfigOpts.GroupAttr):
+            for name in value:
+                try:
+                    value[name]
+                except cfg.ConfigFileValueError as exc:
+                    raise _bad_value(f'[{key}] {name}', exc) from exc
+
+
+def _bad_value(where: str, exc: cfg.ConfigFileValueError) -> exception.ConfigError:
+    # oslo.config's text repeats the location's repr; the conversion's own error says enough.
+    reason = exc.__cause__ or exc.__context__ or exc
+    return exception.ConfigError(f'bad configuration: {where}: {reason}')
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser, module = build_parser(argv)
     args = parser.parse_args(argv)
-    cloud.check(args, parser)
+    if hasattr(module, 'check'):
+        module.check(args, parser)
     if getattr(args, 'log', False):
+        from vmcloud.cmd import service
         service.setup_logging()
     try:
         conf = load_config(args)
         return args.handler(conf, args) or 0
-    except exception.VmcloudError as exc:
+    except cfg.Error as exc:
+        # An option group registered after load_config (a plugin's own) read with a bad value.
+        print(f'vmcloud: error: bad configuration: {exc}', file=sys.stderr)
+        return 1
+    except (exception.VmcloudError, OSError) as exc:
+        # OSError's text names the path and the reason (a read-only state_path, a full disk).
         print(f'vmcloud: error: {exc}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -10,20 +10,21 @@ from vmcloud.cmd import output
 from vmcloud.storage import inspect as inspect_mod
 from vmcloud.storage import warehouse as warehouse_mod
 from vmcloud.storage.manifest import Manifest
+from vmcloud.storage.manifest import ManifestSummary
 from vmcloud.storage.manifest import VersionRef
 
 
-def _version_row(manifest: Manifest) -> dict:
-    data_chunks = sum(1 for c in manifest.chunks if c)
+def _version_row(manifest: Manifest | ManifestSummary) -> dict:
+    summary = manifest.summary() if isinstance(manifest, Manifest) else manifest
     return {
-        'image': manifest.image,
-        'version': manifest.version,
-        'parent': str(manifest.parent) if manifest.parent else '',
-        'size': manifest.size,
-        'chunk_size': manifest.chunk_size,
-        'data_chunks': data_chunks,
-        'holes': manifest.chunk_count - data_chunks,
-        'created_at': manifest.created_at,
+        'image': summary.image,
+        'version': summary.version,
+        'parent': str(summary.parent) if summary.parent else '',
+        'size': summary.size,
+        'chunk_size': summary.chunk_size,
+        'data_chunks': summary.data_chunks,
+        'holes': summary.chunk_count - summary.data_chunks,
+        'created_at': summary.created_at,
     }
 
 
@@ -62,9 +63,14 @@ def do_snapshot(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
 
 def do_list(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     warehouse = warehouse_mod.Warehouse(conf)
-    rows = [_version_row(m) for m in warehouse.all_manifests()]
+    listing = warehouse.listing()
+    rows = [_version_row(s) for s in listing.versions]
     output.emit(rows, ('image', 'version', 'parent', 'size', 'data_chunks', 'created_at'),
                 args.fmt)
+    # Damage stays local: the readable versions are listed, each unreadable one named.
+    for ref, problem in sorted(listing.damaged.items()):
+        print(f"vmcloud: warning: {ref} is not listed: {problem}; 'vmcloud image rm {ref}' "
+              'removes it', file=sys.stderr)
     return 0
 
 
@@ -73,9 +79,14 @@ def do_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     manifest = warehouse.lookup(args.image)
     record = _version_row(manifest)
     if manifest.parent is not None:
-        parent = warehouse.manifest(manifest.parent.image, manifest.parent.version)
-        shared = parent.data_chunk_ids()
-        record['chunks_shared_with_parent'] = sum(1 for c in manifest.chunks if c in shared)
+        try:
+            parent = warehouse.manifest(manifest.parent.image, manifest.parent.version)
+        except exception.StorageError as exc:
+            # A parent deleted or damaged since does not hide the version itself.
+            record['chunks_shared_with_parent'] = f'unknown: {exc}'
+        else:
+            shared = parent.data_chunk_ids()
+            record['chunks_shared_with_parent'] = sum(1 for c in manifest.chunks if c in shared)
     record['source'] = manifest.source
     output.emit_record(record, args.fmt)
     return 0
@@ -87,10 +98,15 @@ def do_export(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     if args.dest == '-':
         if args.format != 'raw':
             raise exception.StorageError('only raw can be streamed to standard output')
-        with warehouse.open(manifest) as reader:
-            while block := reader.read(4 * 1024 * 1024):
-                sys.stdout.buffer.write(block)
-        sys.stdout.buffer.flush()
+        try:
+            with warehouse.open(manifest) as reader:
+                while block := reader.read(4 * 1024 * 1024):
+                    sys.stdout.buffer.write(block)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError as exc:
+            raise exception.StorageError(
+                f'export of {manifest.ref} to standard output stopped: '
+                'the reading end of the pipe was closed') from exc
         return 0
     _run_with_progress(args, f'exporting {manifest.ref}',
                        lambda bar: warehouse.export(manifest, args.dest, args.format, bar))
@@ -103,7 +119,8 @@ def do_verify(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     warehouse = warehouse_mod.Warehouse(conf)
     report = _run_with_progress(args, 'verifying', warehouse.verify, unit='chunks')
     output.emit_record({'ok': report.ok, 'versions': report.versions, 'chunks': report.chunks,
-                        'bytes': report.bytes, 'problems': len(report.problems)}, args.fmt)
+                        'bytes': report.bytes, 'problems': len(report.problems),
+                        'damaged_versions': ' '.join(report.damaged_versions)}, args.fmt)
     for problem in report.problems:
         print(f'vmcloud: problem: {problem}', file=sys.stderr)
     return 0 if report.ok else 1

@@ -20,6 +20,13 @@ storage_opts = [
     cfg.IntOpt('qemu_img_cpu_seconds', default=600, min=1,
                help='CPU-time limit in seconds for one qemu-img run on an '
                     'untrusted image.'),
+    cfg.IntOpt('scratch_window', default=256 * 1024 ** 2, min=4096,
+               help='Largest scratch space in bytes one import or snapshot of a '
+                    'qcow2 file uses: the image is converted to raw this many '
+                    'bytes at a time (rounded down to whole chunks), and windows '
+                    'with no data are not converted at all. Import is refused if '
+                    'not even one window fits in the free space of the scratch '
+                    'directory.'),
     cfg.IntOpt('gc_lock_timeout', default=60, min=0,
                help='Seconds gc waits for in-progress writes to finish before it '
                     'gives up.'),

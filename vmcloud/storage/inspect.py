@@ -114,7 +114,7 @@ def inspect(conf: cfg.ConfigOpts, path: str, declared_format: str | None = None)
     :raises: UnsafeImage naming the problem: not a regular file, an unsupported
         format, a declared format that differs from the detected one, a backing
         file, an external data file, unknown incompatible features, encryption,
-        corruption, or an absurd virtual size.
+        corruption, an empty file or an absurd or zero virtual size.
     """
     if declared_format is not None and declared_format not in SUPPORTED_FORMATS:
         raise _unsupported(path, declared_format)
@@ -124,6 +124,8 @@ def inspect(conf: cfg.ConfigOpts, path: str, declared_format: str | None = None)
         raise exception.ImageFileNotFound(path) from exc
     if not stat.S_ISREG(st.st_mode):
         raise _refuse(path, 'not a regular file')
+    if st.st_size == 0:
+        raise _refuse(path, 'it is empty (0 bytes)')
     max_size = conf.storage.max_virtual_size
     with open(path, 'rb') as f:
         header = f.read(_HEADER_READ)
@@ -152,6 +154,8 @@ def inspect(conf: cfg.ConfigOpts, path: str, declared_format: str | None = None)
     virtual_size = st.st_size if detected == 'raw' else int(probed['virtual-size'])
     if virtual_size > max_size:
         raise _refuse(path, f'absurd virtual size {virtual_size} bytes (limit {max_size})')
+    if virtual_size == 0:
+        raise _refuse(path, 'its virtual size is 0 bytes')
 
     if detected == 'qcow2':
         report = qemu_img.check(conf, path, 'qcow2')

@@ -1,7 +1,12 @@
 """Image versions: a manifest lists the content hashes of an image's chunks.
 
-A manifest is stored as canonical JSON with a checksum over its body, so a
-flipped bit in a manifest is detected as surely as one in a chunk.
+A manifest is stored as canonical JSON with checksums, so a flipped bit in a
+manifest is detected as surely as one in a chunk. Format 2 (written since the
+hardening of issue 12) is two lines: a header of the fixed fields, with its own
+checksum and the sha256 of the body, then the body, the chunk list, where a run
+of holes is one integer. Listing reads only the header, and an all-hole 4 TiB
+image stores a few hundred bytes instead of 84 MB. Format 1 (one JSON object,
+no newline) stays readable.
 """
 import dataclasses
 import datetime
@@ -12,15 +17,24 @@ from typing import Any
 
 from vmcloud import exception
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 HASH_NAME = 'sha256'
+HEADER_LIMIT = 4096
+"""Bytes ``list`` reads of each manifest: enough for the header of any manifest we write."""
 
-_IMAGE_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
+# fullmatch: '$' would also accept a name ending in a newline.
+_IMAGE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
+# ASCII digits only: str.isdigit() accepts '²', which int() then refuses. 18 digits
+# keep int() far from its length limit and a version far from overflow anywhere.
+_VERSION = re.compile(r'[0-9]{1,18}')
+_CHUNK_ID = re.compile(r'[0-9a-f]{64}')
 
 
 def validate_image_name(name: str, what: str = 'image') -> str:
-    if not isinstance(name, str) or not _IMAGE_NAME.match(name):
-        raise exception.StorageError(
+    """:raises: InvalidName unless ``name`` is 1-128 ASCII letters, digits, '.', '_', '-'."""
+    if not isinstance(name, str) or not _IMAGE_NAME.fullmatch(name):
+        raise exception.InvalidName(
             f"invalid {what} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
     return name
@@ -28,6 +42,10 @@ def validate_image_name(name: str, what: str = 'image') -> str:
 
 def chunk_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(',', ':')).encode()
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -42,14 +60,41 @@ class VersionRef:
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, int | None]:
-        """Split ``image[:version]``; the version is None when omitted."""
+        """Split ``image[:version]``; the version is None when omitted.
+
+        :raises: InvalidName for a bad image name or a version that is not 1 or more
+            ASCII digits.
+        """
         image, sep, version = text.partition(':')
         validate_image_name(image)
         if not sep:
             return image, None
-        if not version.isdigit() or int(version) < 1:
-            raise exception.StorageError(f'invalid version {version!r} in {text!r}')
+        if not _VERSION.fullmatch(version) or int(version) < 1:
+            raise exception.InvalidName(
+                f'invalid version {version!r} in {text!r}: use a number from 1')
         return image, int(version)
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestSummary:
+    """The fixed fields of a manifest: what a listing shows, without the chunk list."""
+
+    image: str
+    version: int
+    size: int
+    chunk_size: int
+    data_chunks: int
+    parent: VersionRef | None = None
+    created_at: str = ''
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ref(self) -> VersionRef:
+        return VersionRef(self.image, self.version)
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.size // self.chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +124,14 @@ class Manifest:
     def data_chunk_ids(self) -> set[str]:
         return {c for c in self.chunks if c is not None}
 
-    def encode(self) -> bytes:
-        body = {
-            'format': FORMAT_VERSION,
+    def summary(self) -> ManifestSummary:
+        return ManifestSummary(
+            image=self.image, version=self.version, size=self.size,
+            chunk_size=self.chunk_size, data_chunks=sum(1 for c in self.chunks if c),
+            parent=self.parent, created_at=self.created_at, source=self.source)
+
+    def _fields(self) -> dict[str, Any]:
+        return {
             'hash': HASH_NAME,
             'image': self.image,
             'version': self.version,
@@ -91,40 +141,159 @@ class Manifest:
             'chunk_size': self.chunk_size,
             'created_at': self.created_at,
             'source': self.source,
-            'chunks': list(self.chunks),
         }
-        canonical = json.dumps(body, sort_keys=True, separators=(',', ':'))
-        body['checksum'] = hashlib.sha256(canonical.encode()).hexdigest()
-        return json.dumps(body, sort_keys=True, separators=(',', ':')).encode()
+
+    def encode(self) -> bytes:
+        """Format 2: a checksummed header line, then the chunk list with runs of holes."""
+        runs: list[str | int] = []
+        for entry in self.chunks:
+            if entry is not None:
+                runs.append(entry)
+            elif runs and isinstance(runs[-1], int):
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        body = _canonical(runs)
+        header = dict(self._fields(), format=FORMAT_VERSION,
+                      data_chunks=sum(1 for c in self.chunks if c),
+                      body=hashlib.sha256(body).hexdigest())
+        header['checksum'] = hashlib.sha256(_canonical(header)).hexdigest()
+        return _canonical(header) + b'\n' + body
+
+    def encode_v1(self) -> bytes:
+        """The format before issue 12, kept to test that old warehouses stay readable."""
+        body = dict(self._fields(), format=1, chunks=list(self.chunks))
+        body['checksum'] = hashlib.sha256(_canonical(body)).hexdigest()
+        return _canonical(body)
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> 'Manifest':
-        """Parse a stored manifest.
+        """Parse a stored manifest of either format.
 
-        :raises: CorruptManifest naming ``where`` if it is unreadable or fails its checksum.
+        :raises: CorruptManifest naming ``where`` if it is unreadable, fails a
+            checksum or holds fields of the wrong type or range.
         """
         try:
-            body = json.loads(data)
-            checksum = body.pop('checksum')
-            canonical = json.dumps(body, sort_keys=True, separators=(',', ':'))
-            if hashlib.sha256(canonical.encode()).hexdigest() != checksum:
-                raise ValueError('checksum mismatch')
-            if body['format'] != FORMAT_VERSION or body['hash'] != HASH_NAME:
-                raise ValueError(f"unsupported format {body['format']}/{body['hash']}")
-            parent = body['parent']
-            manifest = cls(
-                image=body['image'], version=body['version'], size=body['size'],
-                chunk_size=body['chunk_size'], chunks=tuple(body['chunks']),
-                parent=None if parent is None else VersionRef(parent['image'], parent['version']),
-                created_at=body['created_at'], source=body['source'])
-        except (ValueError, KeyError, TypeError) as exc:
+            header_line, newline, body_line = data.partition(b'\n')
+            if newline:
+                header = _checked(header_line, 2)
+                if hashlib.sha256(body_line).hexdigest() != header['body']:
+                    raise ValueError('body checksum mismatch')
+                chunks = _expand(json.loads(body_line), _expected_chunks(header))
+            else:
+                header = _checked(data, 1)
+                chunks = header['chunks']
+                if not isinstance(chunks, list):
+                    raise ValueError('chunks is not a list')
+                chunks = tuple(chunks)
+            fields = _fields_of(header)
+            for entry in chunks:
+                if entry is not None and not (isinstance(entry, str)
+                                              and _CHUNK_ID.fullmatch(entry)):
+                    raise ValueError(f'invalid chunk id {entry!r}')
+            manifest = cls(chunks=chunks, **fields)
+            if newline and header['data_chunks'] != sum(1 for c in chunks if c):
+                raise ValueError('data chunk count differs from the header')
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise exception.CorruptManifest(f'manifest {where} is corrupt: {exc}') from exc
-        expected = -(-manifest.size // manifest.chunk_size) if manifest.size else 0
+        expected = -(-manifest.size // manifest.chunk_size)
         if len(manifest.chunks) != expected:
             raise exception.CorruptManifest(
                 f'manifest {where} is corrupt: {len(manifest.chunks)} chunks for '
                 f'{manifest.size} bytes')
         return manifest
+
+    @staticmethod
+    def decode_summary(prefix: bytes, where: str, complete: bool) -> ManifestSummary | None:
+        """The fixed fields from the first bytes of a stored manifest.
+
+        ``complete`` says ``prefix`` is the whole manifest. Only the header's own
+        checksum is checked: the chunk list is not read.
+
+        :returns: None if ``prefix`` does not hold the whole header (a format 1
+            manifest, which has none, unless ``complete``): read it all then.
+        :raises: CorruptManifest naming ``where``.
+        """
+        header_line, newline, _ = prefix.partition(b'\n')
+        if not newline:
+            return Manifest.decode(prefix, where).summary() if complete else None
+        try:
+            header = _checked(header_line, 2)
+            data_chunks = header['data_chunks']
+            if not _is_count(data_chunks):
+                raise ValueError(f'invalid data chunk count {data_chunks!r}')
+            summary = ManifestSummary(data_chunks=data_chunks, **_fields_of(header))
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise exception.CorruptManifest(f'manifest {where} is corrupt: {exc}') from exc
+        if data_chunks > summary.chunk_count:
+            raise exception.CorruptManifest(
+                f'manifest {where} is corrupt: {data_chunks} data chunks for '
+                f'{summary.size} bytes')
+        return summary
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and _IMAGE_NAME.fullmatch(value) is not None
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return type(value) is int and value >= least
+
+
+def _checked(line: bytes, fmt: int) -> dict[str, Any]:
+    """A JSON object whose 'checksum' matches the rest of it, of format ``fmt``."""
+    body = json.loads(line)
+    if not isinstance(body, dict):
+        raise ValueError('not a JSON object')
+    checksum = body.pop('checksum')
+    if hashlib.sha256(_canonical(body)).hexdigest() != checksum:
+        raise ValueError('checksum mismatch')
+    if body['format'] != fmt or body['hash'] != HASH_NAME:
+        raise ValueError(f"unsupported format {body['format']}/{body['hash']}")
+    return body
+
+
+def _fields_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The fields both formats share, checked: a checksum proves integrity, not sense."""
+    parent = body['parent']
+    if parent is not None:
+        if not _is_name(parent['image']) or not _is_count(parent['version'], 1):
+            raise ValueError(f'invalid parent {parent!r}')
+        parent = VersionRef(parent['image'], parent['version'])
+    if not _is_name(body['image']):
+        raise ValueError(f"invalid image name {body['image']!r}")
+    for name, least in (('version', 1), ('size', 0), ('chunk_size', 1)):
+        if not _is_count(body[name], least):
+            raise ValueError(f'invalid {name} {body[name]!r}')
+    if not isinstance(body['created_at'], str) or not isinstance(body['source'], dict):
+        raise ValueError('invalid created_at or source')
+    return dict(image=body['image'], version=body['version'], size=body['size'],
+                chunk_size=body['chunk_size'], parent=parent,
+                created_at=body['created_at'], source=body['source'])
+
+
+def _expected_chunks(header: dict[str, Any]) -> int:
+    for name, least in (('size', 0), ('chunk_size', 1)):
+        if not _is_count(header[name], least):
+            raise ValueError(f'invalid {name} {header[name]!r}')
+    return -(-header['size'] // header['chunk_size'])
+
+
+def _expand(runs: Any, expected: int) -> tuple[str | None, ...]:
+    """The chunk list with its runs of holes expanded; never longer than ``expected``."""
+    if not isinstance(runs, list):
+        raise ValueError('chunk list is not a list')
+    chunks: list[str | None] = []
+    for entry in runs:
+        if _is_count(entry, 1):
+            if len(chunks) + entry > expected:
+                raise ValueError(f'more chunks than the {expected} of its size')
+            chunks.extend([None] * entry)
+        elif isinstance(entry, str):
+            chunks.append(entry)
+        else:
+            raise ValueError(f'invalid chunk list entry {entry!r}')
+    return tuple(chunks)
 
 
 def now() -> str:

@@ -3,7 +3,8 @@ import json
 import os
 import shutil
 import subprocess
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 from oslo_config import cfg
 
@@ -63,3 +64,55 @@ def convert(conf: cfg.ConfigOpts, src: str, src_fmt: str, dst: str, dst_fmt: str
     # Writing qcow2 starts enough threads to exceed the address-space limit;
     # callers pass untrusted=False only for raw files the warehouse wrote itself.
     run(conf, ['convert', '-W', '-f', src_fmt, '-O', dst_fmt, src, dst], untrusted=untrusted)
+
+
+def data_extents(conf: cfg.ConfigOpts, path: str, fmt: str) -> Iterator[tuple[int, int]]:
+    """The (offset, length) guest ranges of ``path`` that hold data, from ``qemu-img map``.
+
+    The map of a fragmented image can be far larger than the image file, so it
+    is read as qemu-img writes it, one extent per line, never held whole.
+
+    :raises: StorageError if qemu-img fails or writes something else.
+    """
+    command = _command(conf, ['map', '--output=json', '-f', fmt, path], untrusted=True)
+    # stderr goes to a file: a pipe nobody reads until the end could fill and stall it.
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors,
+                                   env=dict(os.environ, MALLOC_ARENA_MAX='2'))
+        try:
+            for line in process.stdout:
+                line = line.strip().lstrip(b'[').rstrip(b']').rstrip(b',')
+                if not line:
+                    continue
+                try:
+                    extent = json.loads(line)
+                    data = bool(extent.get('data'))
+                    start, length = int(extent['start']), int(extent['length'])
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise exception.StorageError(
+                        f'qemu-img map wrote something unexpected: {line[:200]!r}') from exc
+                if data:
+                    yield start, length
+            if process.wait() != 0:
+                errors.seek(0)
+                message = errors.read().decode('utf-8', 'replace').strip().splitlines()
+                raise exception.StorageError(
+                    f"qemu-img map failed (exit {process.returncode}): "
+                    f"{message[-1] if message else 'no output'}")
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            process.stdout.close()
+
+
+def convert_range(conf: cfg.ConfigOpts, src: str, src_fmt: str, offset: int, length: int,
+                  dst: str) -> None:
+    """Convert guest bytes ``[offset, offset + length)`` of an untrusted image to raw ``dst``.
+
+    A raw node with offset and size over the image node selects the window;
+    the json: filename names every driver, so qemu-img probes nothing.
+    """
+    spec = {'driver': 'raw', 'offset': offset, 'size': length,
+            'file': {'driver': src_fmt, 'file': {'driver': 'file', 'filename': src}}}
+    run(conf, ['convert', '-W', '-O', 'raw', 'json:' + json.dumps(spec), dst])

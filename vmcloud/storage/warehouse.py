@@ -9,6 +9,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
+import shutil
+import stat
 import tempfile
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -22,6 +24,7 @@ from vmcloud.storage import inspect as inspect_mod
 from vmcloud.storage import manifest as manifest_mod
 from vmcloud.storage import qemu_img
 from vmcloud.storage.manifest import Manifest
+from vmcloud.storage.manifest import ManifestSummary
 from vmcloud.storage.manifest import VersionRef
 from vmcloud.storage.reader import VersionReader
 
@@ -42,10 +45,20 @@ class VerifyReport:
     chunks: int = 0
     bytes: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
+    damaged_versions: list[str] = dataclasses.field(default_factory=list)
+    """Versions that cannot be read whole: an unreadable manifest, or a missing or
+    corrupt chunk."""
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclasses.dataclass
+class Listing:
+    versions: list[ManifestSummary] = dataclasses.field(default_factory=list)
+    damaged: dict[VersionRef, str] = dataclasses.field(default_factory=dict)
+    """Versions whose manifest cannot be read, with the reason."""
 
 
 @dataclasses.dataclass
@@ -67,6 +80,8 @@ class Stats:
     chunks: int = 0
     chunk_bytes: int = 0
     manifest_bytes: int = 0
+    damaged_versions: int = 0
+    """Versions whose manifest cannot be read, left out of the sums above."""
 
     @property
     def stored_bytes(self) -> int:
@@ -83,7 +98,7 @@ class Warehouse:
     def manifest(self, image: str, version: int | None = None) -> Manifest:
         """The manifest of ``image:version``, or of its latest version.
 
-        :raises: ImageNotFound, CorruptManifest.
+        :raises: InvalidName, ImageNotFound, CorruptManifest.
         """
         manifest_mod.validate_image_name(image)
         if version is None:
@@ -92,14 +107,36 @@ class Warehouse:
                 raise exception.ImageNotFound(image)
             version = versions[-1]
         data = self.backend.read_manifest(image, version)
-        manifest = Manifest.decode(data, f'{image}:{version}')
+        return self._named(Manifest.decode(data, f'{image}:{version}'), image, version)
+
+    @staticmethod
+    def _named(manifest: Manifest | ManifestSummary, image: str, version: int):
         if manifest.ref != VersionRef(image, version):
             raise exception.CorruptManifest(
                 f'manifest {image}:{version} is corrupt: it describes {manifest.ref}')
         return manifest
 
+    def summary(self, image: str, version: int) -> ManifestSummary:
+        """The fixed fields of ``image:version``, from the first bytes of its manifest.
+
+        Reads at most ``manifest.HEADER_LIMIT`` bytes of a format 2 manifest, however
+        many chunks it lists; the chunk list itself is not checked.
+
+        :raises: ImageNotFound, CorruptManifest.
+        """
+        limit = manifest_mod.HEADER_LIMIT
+        where = f'{image}:{version}'
+        prefix = self.backend.read_manifest_prefix(image, version, limit)
+        summary = Manifest.decode_summary(prefix, where, complete=len(prefix) < limit)
+        if summary is None:
+            return self._named(self.manifest(image, version).summary(), image, version)
+        return self._named(summary, image, version)
+
     def lookup(self, spec: str) -> Manifest:
-        """The manifest named by ``image[:version]``."""
+        """The manifest named by ``image[:version]``.
+
+        :raises: InvalidName, ImageNotFound, CorruptManifest.
+        """
         return self.manifest(*VersionRef.parse(spec))
 
     def images(self) -> list[str]:
@@ -109,8 +146,38 @@ class Warehouse:
         return [self.manifest(image, v) for v in self.backend.list_versions(image)]
 
     def all_manifests(self) -> Iterator[Manifest]:
+        """Every manifest. :raises: CorruptManifest on the first unreadable one."""
         for image in self.backend.list_images():
             yield from self.versions(image)
+
+    def listing(self) -> Listing:
+        """The summary of every readable version, and the reason each other one is not.
+
+        One damaged manifest does not hide the others.
+        """
+        listing = Listing()
+        for ref, summary, problem in self._each_version(self.summary):
+            if summary is not None:
+                listing.versions.append(summary)
+            else:
+                listing.damaged[ref] = problem
+        return listing
+
+    def _each_version(self, read: Callable[[str, int], object]) -> Iterator[tuple]:
+        """(ref, read(image, version), None) for each version, or (ref, None, problem).
+
+        A version deleted meanwhile is skipped; any other storage error is the
+        damage of that one version, not of the walk.
+        """
+        for image in self.backend.list_images():
+            for version in self.backend.list_versions(image):
+                ref = VersionRef(image, version)
+                try:
+                    yield ref, read(image, version), None
+                except exception.ImageNotFound:
+                    continue
+                except exception.StorageError as exc:
+                    yield ref, None, str(exc)
 
     # -- writing -------------------------------------------------------------
 
@@ -118,16 +185,17 @@ class Warehouse:
                      progress: Progress | None = None) -> WriteResult:
         """Inspect, then import an untrusted raw or qcow2 file as version 1 of ``image``.
 
-        :raises: ImageExists, ImageFileNotFound, UnsafeImage, StorageError.
+        :raises: InvalidName, ImageExists, ImageFileNotFound, UnsafeImage,
+            ScratchSpaceExhausted, StorageError.
         """
         manifest_mod.validate_image_name(image)
         if self.backend.list_versions(image):
             raise exception.ImageExists(image)
-        with self._raw_view(path, fmt) as (raw_path, inspected):
-            chunks = chunker.read_chunks(raw_path, self.conf.storage.chunk_size, progress)
+        chunk_size = self.conf.storage.chunk_size
+        with self._chunks_of(path, fmt, chunk_size, progress) as (inspected, chunks):
             return self._write_version(
                 image, parent=None, size=inspected.virtual_size,
-                chunk_size=self.conf.storage.chunk_size, chunks=chunks,
+                chunk_size=chunk_size, chunks=chunks,
                 source={'file': os.path.basename(path), 'format': inspected.format},
                 must_be_new=True)
 
@@ -139,8 +207,7 @@ class Warehouse:
         Every chunk equal to one already stored, the parent's included, is shared.
         """
         base = self.manifest(parent.image, parent.version)
-        with self._raw_view(path, fmt) as (raw_path, inspected):
-            chunks = chunker.read_chunks(raw_path, base.chunk_size, progress)
+        with self._chunks_of(path, fmt, base.chunk_size, progress) as (inspected, chunks):
             return self._write_version(
                 image or parent.image, parent=base.ref, size=inspected.virtual_size,
                 chunk_size=base.chunk_size, chunks=chunks,
@@ -187,32 +254,81 @@ class Warehouse:
             source={'changed_chunks': len(changes)})
 
     @contextlib.contextmanager
-    def _raw_view(self, path: str, fmt: str | None):
-        """Inspect ``path`` and yield a raw file with its content (itself if already raw).
+    def _chunks_of(self, path: str, fmt: str | None, chunk_size: int,
+                   progress: Progress | None):
+        """Inspect ``path`` and yield it with an iterator over its chunks.
 
-        Holds the shared lock throughout: gc must not purge the scratch copy.
+        Holds the shared lock throughout: gc must not purge the scratch space.
         """
         with self.backend.shared_lock():
             inspected = inspect_mod.inspect(self.conf, path, fmt)
-            with self._raw_copy(path, inspected) as raw_path:
-                yield raw_path, inspected
+            if inspected.format == 'raw':
+                if os.path.getsize(path) != inspected.virtual_size:
+                    raise exception.UnsafeImage(f'refusing image {path}: its size changed')
+                yield inspected, chunker.read_chunks(path, chunk_size, progress)
+                return
+            window = self._scratch_window(chunk_size, inspected.virtual_size)
+            with tempfile.TemporaryDirectory(dir=self._scratch_dir()) as scratch:
+                yield inspected, self._converted_chunks(inspected, chunk_size, window,
+                                                        scratch, progress)
 
-    @contextlib.contextmanager
-    def _raw_copy(self, path: str, inspected: inspect_mod.InspectedImage) -> Iterator[str]:
-        if inspected.format == 'raw':
-            if os.path.getsize(path) != inspected.virtual_size:
-                raise exception.UnsafeImage(f'refusing image {path}: its size changed')
-            yield path
-            return
-        with tempfile.TemporaryDirectory(dir=self._scratch_dir()) as scratch:
-            raw_path = os.path.join(scratch, 'image.raw')
-            qemu_img.convert(self.conf, path, inspected.format, raw_path, 'raw')
-            yield raw_path
+    def _scratch_window(self, chunk_size: int, virtual_size: int) -> int:
+        """Bytes of an image converted at a time: whole chunks, at most the option.
+
+        :raises: ScratchSpaceExhausted if not even one window fits where scratch goes.
+        """
+        window = max(chunk_size, self.conf.storage.scratch_window // chunk_size * chunk_size)
+        window = min(window, -(-virtual_size // chunk_size) * chunk_size)
+        where = self._scratch_dir() or tempfile.gettempdir()
+        free = shutil.disk_usage(where).free
+        if free < window:
+            raise exception.ScratchSpaceExhausted(
+                f'converting needs {window} bytes of scratch space in {where}, '
+                f'only {free} are free')
+        return window
+
+    def _converted_chunks(self, inspected: inspect_mod.InspectedImage, chunk_size: int,
+                          window: int, scratch: str,
+                          progress: Progress | None) -> Iterator[chunker.Chunk]:
+        """The chunks of a non-raw image, converted to raw one window at a time.
+
+        A window where qemu-img maps no data is all holes and is not converted at
+        all, so a sparse image costs one process per window of data, and scratch
+        use never exceeds one window, however large the image expands.
+        """
+        size = inspected.virtual_size
+        data_windows = set()
+        for start, length in qemu_img.data_extents(self.conf, inspected.path,
+                                                   inspected.format):
+            data_windows.update(range(start // window, (start + length - 1) // window + 1))
+        raw_path = os.path.join(scratch, 'window.raw')
+        for number in range(-(-size // window)):
+            offset = number * window
+            length = min(window, size - offset)
+            first = offset // chunk_size
+            if number not in data_windows:
+                for index in range(first, first + -(-length // chunk_size)):
+                    yield index, None, None
+                if progress is not None:
+                    progress(offset + length, size)
+                continue
+            qemu_img.convert_range(self.conf, inspected.path, inspected.format,
+                                   offset, length, raw_path)
+            if os.path.getsize(raw_path) != length:
+                raise exception.UnsafeImage(
+                    f'refusing image {inspected.path}: qemu-img converted '
+                    f'{os.path.getsize(raw_path)} bytes of a {length}-byte window')
+            window_progress = None if progress is None else (
+                lambda done, _total, offset=offset: progress(offset + done, size))
+            for index, data, chunk_id in chunker.read_chunks(raw_path, chunk_size,
+                                                             window_progress):
+                yield first + index, data, chunk_id
+            os.unlink(raw_path)
 
     def _scratch_dir(self) -> str | None:
-        # Convert next to the store when it is a directory, so scratch space is
-        # on the disk sized for images rather than in /tmp.
-        return getattr(self.backend, 'staging_dir', None)
+        # Convert next to the store when it can, so scratch space is on the disk
+        # sized for images rather than in /tmp.
+        return self.backend.scratch_dir()
 
     def _write_version(self, image: str, parent: VersionRef | None, size: int,
                        chunk_size: int, chunks: Iterable[chunker.Chunk], source: dict,
@@ -242,7 +358,13 @@ class Warehouse:
                     image=image, version=(versions[-1] + 1) if versions else 1,
                     size=size, chunk_size=chunk_size, chunks=tuple(chunk_ids),
                     parent=parent, created_at=manifest_mod.now(), source=source)
-                self.backend.create_manifest(image, manifest.version, manifest.encode())
+                try:
+                    self.backend.create_manifest(image, manifest.version, manifest.encode())
+                except exception.VersionExists as exc:
+                    # Only a writer on another host, outside our image lock, gets here.
+                    if must_be_new:
+                        raise exception.ImageExists(image) from exc
+                    raise
         return WriteResult(manifest=manifest, new_bytes=session.stored_bytes)
 
     # -- reading data --------------------------------------------------------
@@ -276,9 +398,16 @@ class Warehouse:
 
     def export(self, manifest: Manifest, dest: str, fmt: str = 'raw',
                progress: Progress | None = None) -> None:
-        """Write a version to ``dest`` as a raw or qcow2 file; ``dest`` appears whole or not at all.
+        """Write a version to ``dest`` as a raw or qcow2 file.
 
-        :raises: StorageError if ``fmt`` is unknown or ``dest`` cannot be written.
+        A new or regular ``dest`` appears whole or not at all (temp file and
+        rename). A block or character device or a FIFO is written through, raw
+        only, every byte in order (holes as zeros: a device keeps old data); it is
+        never replaced. A symbolic link is refused rather than followed or
+        replaced: name its target, deliberately, instead.
+
+        :raises: StorageError if ``fmt`` is unknown or ``dest`` cannot be written,
+            is a symbolic link, a directory, a socket, or a device too small.
         """
         if fmt not in EXPORT_FORMATS:
             raise exception.StorageError(
@@ -287,6 +416,26 @@ class Warehouse:
         directory = os.path.dirname(dest)
         if not os.path.isdir(directory):
             raise exception.StorageError(f'cannot export to {dest}: {directory} does not exist')
+        try:
+            mode = os.lstat(dest).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as exc:
+            raise exception.StorageError(f'cannot export to {dest}: {exc}') from exc
+        if mode is not None and stat.S_ISLNK(mode):
+            raise exception.StorageError(
+                f'refusing to export to {dest}: it is a symbolic link (to '
+                f'{os.readlink(dest)}); name the file it points to instead')
+        if mode is not None and (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)
+                                 or stat.S_ISFIFO(mode)):
+            if fmt != 'raw':
+                raise exception.StorageError(
+                    f'cannot export {fmt} to {dest}: only raw can be written to a device or FIFO')
+            self._write_through(manifest, dest, progress)
+            return
+        if mode is not None and not stat.S_ISREG(mode):
+            raise exception.StorageError(
+                f'refusing to export to {dest}: it is neither a regular file, a device nor a FIFO')
         raw_tmp = durable.temp_name(directory, '.vmcloud-export-')
         final_tmp = raw_tmp + '.qcow2' if fmt == 'qcow2' else raw_tmp
         try:
@@ -316,10 +465,40 @@ class Warehouse:
             out.flush()
             os.fsync(out.fileno())
 
+    def _write_through(self, manifest: Manifest, dest: str, progress: Progress | None) -> None:
+        try:
+            # O_NOFOLLOW: a symlink swapped in since lstat() is refused, not followed.
+            fd = os.open(dest, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise exception.StorageError(f'cannot export {manifest.ref} to {dest}: {exc}') from exc
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISBLK(st.st_mode):
+                capacity = os.lseek(fd, 0, os.SEEK_END)
+                os.lseek(fd, 0, os.SEEK_SET)
+                if capacity < manifest.size:
+                    raise exception.StorageError(
+                        f'cannot export {manifest.ref} ({manifest.size} bytes) to {dest}: '
+                        f'the device holds only {capacity} bytes')
+            with self.open(manifest) as reader:
+                while block := reader.read(4 * 1024 * 1024):
+                    durable.write_all(fd, block)
+                    if progress is not None:
+                        progress(reader.tell(), manifest.size)
+            if stat.S_ISBLK(st.st_mode):
+                os.fsync(fd)
+        except OSError as exc:
+            raise exception.StorageError(f'cannot export {manifest.ref} to {dest}: {exc}') from exc
+        finally:
+            os.close(fd)
+
     # -- maintenance ---------------------------------------------------------
 
     def delete(self, image: str, version: int | None = None) -> list[VersionRef]:
         """Delete one version, or every version of ``image``. Chunks are freed by gc().
+
+        A version whose manifest is unreadable can be deleted like any other; an
+        unreadable manifest elsewhere cannot name a parent, so it blocks nothing.
 
         :raises: ImageNotFound; ImageInUse if another version names one of them as parent.
         """
@@ -332,8 +511,8 @@ class Warehouse:
             if not versions:
                 raise exception.ImageNotFound(image)
             doomed = {VersionRef(image, v) for v in versions}
-            dependents = sorted(str(m.ref) for m in self.all_manifests()
-                                if m.parent in doomed and m.ref not in doomed)
+            dependents = sorted(str(s.ref) for s in self.listing().versions
+                                if s.parent in doomed and s.ref not in doomed)
             if dependents:
                 what = f'{image}:{version}' if version is not None else f'image {image}'
                 raise exception.ImageInUse(what, dependents)
@@ -343,24 +522,29 @@ class Warehouse:
         return sorted(doomed)
 
     def verify(self, progress: Progress | None = None) -> VerifyReport:
-        """Re-read and re-hash every chunk of every version."""
+        """Re-read and re-hash every chunk of every version.
+
+        Every damaged item is reported and the check goes on: unreadable
+        manifests, what the backend itself skipped as unreadable, and each
+        missing or corrupt chunk with the versions that use it.
+        """
         report = VerifyReport()
-        users: dict[str, list[str]] = {}
-        for image in self.backend.list_images():
-            for version in self.backend.list_versions(image):
-                try:
-                    manifest = self.manifest(image, version)
-                except exception.CorruptManifest as exc:
-                    report.problems.append(str(exc))
-                    continue
-                report.versions += 1
-                for chunk_id in manifest.data_chunk_ids():
-                    users.setdefault(chunk_id, []).append(str(manifest.ref))
+        users: dict[str, list[VersionRef]] = {}
+        damaged = set()
+        for ref, manifest, problem in self._each_version(self.manifest):
+            if manifest is None:
+                report.problems.append(problem)
+                damaged.add(ref)
+                continue
+            report.versions += 1
+            for chunk_id in manifest.data_chunk_ids():
+                users.setdefault(chunk_id, []).append(manifest.ref)
+        report.problems.extend(self.backend.damaged())
 
         def check(chunk_id: str) -> tuple[str, int, str | None]:
             try:
                 return chunk_id, len(self.read_chunk(chunk_id)), None
-            except (exception.ChunkNotFound, exception.CorruptChunk) as exc:
+            except exception.StorageError as exc:
                 return chunk_id, 0, str(exc)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -368,9 +552,12 @@ class Warehouse:
                 report.chunks += 1
                 report.bytes += size
                 if problem:
-                    report.problems.append(f"{problem}; used by {', '.join(users[chunk_id])}")
+                    used_by = ', '.join(str(ref) for ref in users[chunk_id])
+                    report.problems.append(f'{problem}; used by {used_by}')
+                    damaged.update(users[chunk_id])
                 if progress is not None:
                     progress(report.chunks, len(users))
+        report.damaged_versions = [str(ref) for ref in sorted(damaged)]
         return report
 
     def gc(self, timeout: float | None = None) -> GcReport:
@@ -378,17 +565,27 @@ class Warehouse:
 
         Waits for writes in progress (they may be about to reference a chunk that
         looks unused now) and refuses to run if any manifest is unreadable, since
-        the chunks it names cannot be known.
+        the chunks it names cannot be known: freeing them could lose that version.
 
-        :raises: WarehouseBusy, CorruptManifest.
+        :raises: WarehouseBusy; CorruptManifest naming every unreadable manifest.
         """
         report = GcReport()
         if timeout is None:
             timeout = self.conf.storage.gc_lock_timeout
         with self.backend.exclusive_lock(timeout):
             referenced = set()
-            for manifest in self.all_manifests():
-                referenced |= manifest.data_chunk_ids()
+            damaged = []
+            for ref, manifest, problem in self._each_version(self.manifest):
+                if manifest is None:
+                    damaged.append(str(ref))
+                else:
+                    referenced |= manifest.data_chunk_ids()
+            if damaged:
+                raise exception.CorruptManifest(
+                    f"gc refused: cannot read the manifest of {', '.join(damaged)}, so the "
+                    'chunks it needs are unknown and nothing was freed; remove each such '
+                    "version with 'vmcloud image rm IMAGE:VERSION' (or restore its "
+                    'manifest), then run gc again')
             report.purged_files = self.backend.purge_abandoned()
             report.removed_chunks, report.freed_bytes = self.backend.retain(referenced)
             report.kept_chunks = len(referenced)
@@ -396,7 +593,10 @@ class Warehouse:
 
     def stats(self) -> Stats:
         stats = Stats()
-        for manifest in self.all_manifests():
+        for _ref, manifest, _problem in self._each_version(self.manifest):
+            if manifest is None:
+                stats.damaged_versions += 1
+                continue
             stats.versions += 1
             stats.logical_bytes += manifest.size
             stats.referenced_bytes += sum(manifest.chunk_length(i)

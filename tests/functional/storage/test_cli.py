@@ -24,6 +24,13 @@ class ImageCliTest(base.TestCase):
             [sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file', config or self.config,
              *args], capture_output=True, timeout=120)
 
+    def assert_one_line_error(self, result: subprocess.CompletedProcess, *fragments: bytes):
+        self.assertEqual(1, result.returncode, result.stderr)
+        self.assertEqual(1, len(result.stderr.splitlines()), result.stderr)
+        self.assertTrue(result.stderr.startswith(b'vmcloud: error: '), result.stderr)
+        for fragment in fragments:
+            self.assertIn(fragment, result.stderr)
+
     def json_of(self, *args: str):
         result = self.vmcloud(*args, '-f', 'json')
         self.assertEqual(0, result.returncode, result.stderr)
@@ -95,3 +102,97 @@ class ImageCliTest(base.TestCase):
         self.assertEqual(1, result.returncode)
         self.assertIn(b'/no/such.conf', result.stderr)
         self.assertEqual(['disk.raw', 'state', 'vmcloud.conf'], sorted(os.listdir(self.tmp)))
+
+    def test_export_into_a_closed_pipe_is_one_line(self):
+        big = os.path.join(self.tmp, 'big.raw')
+        with open(self.raw, 'rb') as src, open(big, 'wb') as dst:
+            dst.write(src.read())
+            dst.truncate(64 * 1024 * 1024)  # far more than any pipe buffers
+        self.json_of('image', 'import', big, 'disk')
+        process = subprocess.Popen(
+            [sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file', self.config,
+             'image', 'export', 'disk', '-'],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process.stdout.read(1)  # it has started writing
+        process.stdout.close()
+        stderr = process.stderr.read()
+        process.stderr.close()
+        result = subprocess.CompletedProcess(process.args, process.wait(), b'', stderr)
+        self.assert_one_line_error(result, b'export of disk:1 to standard output stopped')
+        self.assertNotIn(b'Exception ignored', stderr)
+
+    def test_export_of_a_small_image_into_a_closed_pipe_is_one_line(self):
+        # Short enough to wait in stdout's buffer, which Python flushes again at exit.
+        small = os.path.join(self.tmp, 'small.raw')
+        with open(small, 'wb') as f:
+            f.write(b'small' * 200)
+        self.json_of('image', 'import', small, 'small')
+        process = subprocess.Popen(
+            [sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file', self.config,
+             'image', 'export', 'small', '-'],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process.stdout.close()  # before it writes anything
+        stderr = process.stderr.read()
+        process.stderr.close()
+        result = subprocess.CompletedProcess(process.args, process.wait(), b'', stderr)
+        self.assert_one_line_error(result, b'export of small:1 to standard output stopped')
+
+    def test_damage_stays_local_from_the_command_line(self):
+        self.json_of('image', 'import', self.raw, 'disk')
+        other = os.path.join(self.tmp, 'other.raw')
+        with open(other, 'wb') as f:
+            f.write(random.Random(8).randbytes(512 * 1024))
+        self.json_of('image', 'import', other, 'other')
+        images = os.path.join(self.state_path, 'warehouse', 'images')
+        damage.flip_bit(os.path.join(images, 'other', '1.json'), 40)
+        os.mkdir(os.path.join(images, 'disk', '2.json'))
+
+        listed = self.vmcloud('image', 'list', '-f', 'json')
+        self.assertEqual(0, listed.returncode, listed.stderr)
+        self.assertEqual([('disk', 1)], [(r['image'], r['version'])
+                                         for r in json.loads(listed.stdout)])
+        warnings = listed.stderr.decode().splitlines()
+        self.assertEqual(2, len(warnings), warnings)
+        self.assertIn('vmcloud: warning: disk:2 is not listed', warnings[0])
+        self.assertIn('directory', warnings[0])
+        self.assertIn("other:1 is not listed: manifest other:1 is corrupt", warnings[1])
+        self.assertIn("'vmcloud image rm other:1' removes it", warnings[1])
+
+        self.assert_one_line_error(self.vmcloud('image', 'show', 'disk:2'), b'disk:2')
+        self.assert_one_line_error(self.vmcloud('image', 'show', 'other'), b'other:1 is corrupt')
+        self.assert_one_line_error(self.vmcloud('image', 'gc'), b'gc refused',
+                                   b'disk:2, other:1', b'vmcloud image rm')
+        verify = self.vmcloud('image', 'verify', '-f', 'json')
+        self.assertEqual(1, verify.returncode)
+        self.assertEqual('disk:2 other:1', json.loads(verify.stdout)['damaged_versions'])
+        self.assertEqual(2, len(verify.stderr.splitlines()), verify.stderr)
+
+        self.json_of('image', 'rm', 'other:1')
+        self.json_of('image', 'rm', 'disk:2')
+        self.assertEqual(2, self.json_of('image', 'gc')['removed_chunks'])  # other's
+        self.assertTrue(self.json_of('image', 'verify')['ok'])
+
+    def test_bad_input_is_one_line(self):
+        empty = os.path.join(self.tmp, 'empty.raw')
+        open(empty, 'wb').close()
+        self.json_of('image', 'import', self.raw, 'disk')
+        cases = [
+            (('image', 'show', 'disk:\u00b2'), b'invalid version'),
+            (('image', 'rm', 'disk:\u0663'), b'invalid version'),
+            (('image', 'import', self.raw, 'x\n'), b"invalid image name 'x\\n'"),
+            (('image', 'import', empty, 'empty'), b'it is empty (0 bytes)'),
+        ]
+        for args, message in cases:
+            self.assert_one_line_error(self.vmcloud(*args), message)
+        self.assertEqual([('disk', 1)], [(r['image'], r['version'])
+                                         for r in self.json_of('image', 'list')])
+
+    def test_show_of_a_version_whose_parent_is_damaged(self):
+        self.json_of('image', 'import', self.raw, 'disk')
+        self.json_of('image', 'snapshot', 'disk', self.raw, '--into', 'kid')
+        damage.flip_bit(os.path.join(self.state_path, 'warehouse', 'images', 'disk', '1.json'),
+                        40)
+        shown = self.json_of('image', 'show', 'kid')
+        self.assertEqual('disk:1', shown['parent'])
+        self.assertTrue(shown['chunks_shared_with_parent'].startswith(
+            'unknown: manifest disk:1 is corrupt'), shown)

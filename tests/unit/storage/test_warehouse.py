@@ -1,11 +1,17 @@
+import errno
 import os
 import random
+import stat
 import subprocess
 import threading
+from unittest import mock
 
 from vmcloud import exception
 from vmcloud.storage import backend as backend_mod
+from vmcloud.storage import manifest as manifest_mod
+from vmcloud.storage import qemu_img
 from vmcloud.storage import warehouse
+from vmcloud.storage.manifest import Manifest
 from vmcloud.storage.manifest import VersionRef
 from tests import base
 from tests import damage
@@ -94,6 +100,44 @@ class ImportTest(WarehouseTestCase):
                           self.make_raw('b.raw', 'rr'), 'a')
         self.assertEqual(before, self.stored_chunk_files())
         self.assertEqual([1], self.backend.list_versions('a'))
+
+    def test_empty_file_is_refused(self):
+        path = self.make_raw('empty.raw', '')
+        for fmt in (None, 'raw'):
+            error = self.assertRaises(exception.UnsafeImage, self.warehouse.import_image,
+                                      path, 'empty', fmt)
+            self.assertIn('it is empty (0 bytes)', str(error))
+        self.assertEqual([], self.warehouse.images())
+
+    def test_zero_size_qcow2_is_refused(self):
+        path = os.path.join(self.tmp, 'empty.qcow2')
+        subprocess.run(['qemu-img', 'create', '-f', 'qcow2', path, '0'], check=True,
+                       capture_output=True)
+        error = self.assertRaises(exception.UnsafeImage, self.warehouse.import_image,
+                                  path, 'empty')
+        self.assertIn('virtual size is 0 bytes', str(error))
+
+    def test_disk_full_while_storing_the_manifest_leaves_nothing(self):
+        self.warehouse.import_image(self.make_raw('a.raw', 'r'), 'a')
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with mock.patch('vmcloud.storage.durable.atomic_create', side_effect=full):
+            error = self.assertRaises(exception.StorageError, self.warehouse.import_image,
+                                      self.make_raw('b.raw', 'rr'), 'b')
+        self.assertIn('No space left on device', str(error))
+        self.assertIs(full, error.__cause__)
+        self.assertEqual(['a'], sorted(os.listdir(self.backend.images_dir)))
+        self.assertEqual(['a'], self.warehouse.images())
+        self.assertEqual([], os.listdir(self.backend.staging_dir))
+        self.assertRaises(exception.ImageNotFound, self.warehouse.manifest, 'b')
+        self.assertEqual(2, self.warehouse.gc().removed_chunks)  # b's, never referenced
+
+    def test_invalid_names_are_refused_before_anything_is_read(self):
+        path = self.make_raw('a.raw', 'r')
+        for name in ('a\n', 'a/b', '\u00b2'):
+            self.assertRaises(exception.InvalidName, self.warehouse.import_image, path, name)
+        for spec in ('a:\u00b2', 'a\n:1', 'a:1\n'):
+            self.assertRaises(exception.InvalidName, self.warehouse.lookup, spec)
+        self.assertEqual([], os.listdir(self.backend.images_dir))
 
     def test_chunk_size_is_configurable(self):
         self.conf.set_override('chunk_size', CHUNK * 2, 'storage')
@@ -233,9 +277,178 @@ class ReadExportTest(WarehouseTestCase):
                           self.manifest, os.path.join(self.tmp, 'out.raw'))
         self.assertEqual(['base.raw', 'state'], sorted(os.listdir(self.tmp)))
 
+    def test_export_writes_through_a_fifo_and_leaves_it_a_fifo(self):
+        fifo = os.path.join(self.tmp, 'pipe')
+        os.mkfifo(fifo)
+        received = []
+
+        def read():
+            with open(fifo, 'rb') as f:
+                received.append(f.read())
+        # A daemon: if export replaced the FIFO, nobody would ever open it for writing.
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        self.warehouse.export(self.manifest, fifo)
+        reader.join(60)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.assertBytesEqual(self.data, received[0])
+
+    def test_export_writes_through_a_device_and_never_replaces_it(self):
+        device = os.path.join(self.tmp, 'null')
+        try:
+            # The device numbers of /dev/null: writes vanish, and a test that went
+            # wrong replaces only this node, never the real /dev/null.
+            os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+            os.close(os.open(device, os.O_WRONLY))
+        except OSError as exc:
+            self.skipTest(f'cannot make a device node here: {exc}')
+        self.warehouse.export(self.manifest, device)
+        st = os.lstat(device)
+        self.assertTrue(stat.S_ISCHR(st.st_mode))
+        self.assertEqual(os.makedev(1, 3), st.st_rdev)
+        error = self.assertRaises(exception.StorageError, self.warehouse.export,
+                                  self.manifest, device, 'qcow2')
+        self.assertIn('only raw can be written to a device or FIFO', str(error))
+
+    def loop_device(self, size: int) -> str:
+        """A block device node in self.tmp over a file of ``size`` bytes of 0xff."""
+        backing = os.path.join(self.tmp, f'loop-{size}.img')
+        with open(backing, 'wb') as f:
+            f.write(b'\xff' * size)
+        try:
+            attached = subprocess.run(['losetup', '--find', '--show', backing], check=True,
+                                      capture_output=True, text=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.skipTest(f'no loop device: {exc}')
+        self.addCleanup(subprocess.run, ['losetup', '-d', attached], check=False)
+        # A node of our own: an export gone wrong replaces it, never /dev/loopN.
+        node = os.path.join(self.tmp, f'blk-{size}')
+        os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(attached).st_rdev)
+        return node
+
+    def test_export_writes_through_a_block_device_holes_included(self):
+        node = self.loop_device(len(self.data) + 2 * 4096 - len(self.data) % 4096)
+        self.warehouse.export(self.manifest, node)
+        self.assertTrue(stat.S_ISBLK(os.lstat(node).st_mode))
+        with open(node, 'rb') as f:
+            written = f.read()
+        # The device's old bytes under the hole and the zero chunk are zeroed; past the
+        # image they stay.
+        self.assertBytesEqual(self.data, written[:len(self.data)])
+        self.assertEqual(b'\xff' * 4096, written[-4096:])
+
+    def test_export_to_a_block_device_too_small_writes_nothing(self):
+        node = self.loop_device(64 * 1024)
+        error = self.assertRaises(exception.StorageError, self.warehouse.export,
+                                  self.manifest, node)
+        self.assertIn(f'({len(self.data)} bytes)', str(error))
+        self.assertIn('the device holds only 65536 bytes', str(error))
+        with open(node, 'rb') as f:
+            self.assertEqual(b'\xff' * 64 * 1024, f.read())
+
+    def test_export_refuses_a_symlink_and_leaves_it_and_its_target(self):
+        target = os.path.join(self.tmp, 'target')
+        with open(target, 'wb') as f:
+            f.write(b'keep me')
+        link = os.path.join(self.tmp, 'link')
+        os.symlink(target, link)
+        error = self.assertRaises(exception.StorageError, self.warehouse.export,
+                                  self.manifest, link)
+        self.assertIn(f'{link}: it is a symbolic link (to {target})', str(error))
+        self.assertEqual(target, os.readlink(link))
+        with open(target, 'rb') as f:
+            self.assertEqual(b'keep me', f.read())
+        self.assertEqual(['base.raw', 'link', 'state', 'target'], sorted(os.listdir(self.tmp)))
+
+    def test_export_refuses_a_directory_or_socket(self):
+        directory = os.path.join(self.tmp, 'dir')
+        os.mkdir(directory)
+        error = self.assertRaises(exception.StorageError, self.warehouse.export,
+                                  self.manifest, directory)
+        self.assertIn('neither a regular file', str(error))
+        self.assertEqual([], os.listdir(directory))
+
+    def test_export_replaces_a_regular_file_whole(self):
+        dest = os.path.join(self.tmp, 'out.raw')
+        with open(dest, 'wb') as f:
+            f.write(b'old' * 100_000)
+        self.warehouse.export(self.manifest, dest)
+        with open(dest, 'rb') as f:
+            self.assertBytesEqual(self.data, f.read())
+
     def test_unknown_export_format(self):
         self.assertRaises(exception.StorageError, self.warehouse.export,
                           self.manifest, os.path.join(self.tmp, 'out.vmdk'), 'vmdk')
+
+
+class WindowedConversionTest(WarehouseTestCase):
+    """A qcow2 file is converted a window at a time: scratch use is bounded."""
+
+    def setUp(self):
+        super().setUp()
+        self.conf.set_override('scratch_window', 4 * CHUNK, 'storage')
+        self.scratch_sizes = []
+        real = qemu_img.convert_range
+
+        def spy(conf, src, fmt, offset, length, dst):
+            real(conf, src, fmt, offset, length, dst)
+            self.scratch_sizes.append(os.stat(dst).st_size)
+        patcher = mock.patch.object(qemu_img, 'convert_range', spy)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def qcow2_of(self, raw: str, *options: str) -> str:
+        path = raw + '.qcow2'
+        subprocess.run(['qemu-img', 'convert', *options, '-f', 'raw', '-O', 'qcow2', raw, path],
+                       check=True)
+        return path
+
+    def assert_imported_as(self, raw: str, manifest) -> None:
+        with open(raw, 'rb') as f:
+            self.assertBytesEqual(f.read(), self.read_all(manifest))
+
+    def test_scratch_use_is_one_window_however_far_the_image_expands(self):
+        # 4 MiB of one repeated byte compresses to a few KiB, as a 3 MB file
+        # expanding to 2 GiB does.
+        raw = self.make_raw('same.raw', 'A' * 64)
+        qcow2 = self.qcow2_of(raw, '-c')
+        self.assertLess(os.path.getsize(qcow2), 64 * CHUNK // 8)
+        result = self.warehouse.import_image(qcow2, 'same')
+        self.assert_imported_as(raw, result.manifest)
+        self.assertEqual(CHUNK, result.new_bytes)
+        self.assertEqual([4 * CHUNK] * 16, self.scratch_sizes)
+        self.assertEqual([], os.listdir(self.backend.staging_dir))
+
+    def test_windows_without_data_are_not_converted(self):
+        raw = self.make_raw('sparse.raw', 'h' * 21 + 'r' + 'h' * 9 + 's')
+        result = self.warehouse.import_image(self.qcow2_of(raw), 'sparse')
+        with open(raw, 'rb') as f:
+            data = f.read()
+        # qcow2 rounds the size up to whole sectors.
+        self.assertEqual(-(-len(data) // 512) * 512, result.manifest.size)
+        # Only windows 5 (chunks 20-23) and 7 (the short tail) hold data.
+        self.assertEqual([4 * CHUNK, result.manifest.size - 28 * CHUNK], self.scratch_sizes)
+        self.assertBytesEqual(data, self.read_all(result.manifest)[:len(data)])
+        self.assertEqual([None] * 21, list(result.manifest.chunks[:21]))
+
+    def test_a_failing_map_is_a_storage_error_naming_qemu_img_message(self):
+        not_qcow2 = self.make_raw('not.qcow2', 'r')
+        error = self.assertRaises(exception.StorageError, list,
+                                  qemu_img.data_extents(self.conf, not_qcow2, 'qcow2'))
+        self.assertIn('qemu-img map failed (exit 1)', str(error))
+        self.assertIn('qcow2', str(error))
+
+    def test_too_little_scratch_space_is_refused_before_starting(self):
+        qcow2 = self.qcow2_of(self.make_raw('a.raw', 'rrrrrrrr'))
+        with mock.patch.object(warehouse.shutil, 'disk_usage') as usage:
+            usage.return_value.free = 1000
+            error = self.assertRaises(exception.ScratchSpaceExhausted,
+                                      self.warehouse.import_image, qcow2, 'a')
+        self.assertIn(f'needs {4 * CHUNK} bytes of scratch space', str(error))
+        self.assertIn('only 1000 are free', str(error))
+        self.assertEqual([], self.scratch_sizes)
+        self.assertEqual([], self.warehouse.images())
+        self.assertEqual([], os.listdir(self.backend.staging_dir))
 
 
 class MaintenanceTest(WarehouseTestCase):
@@ -356,6 +569,159 @@ class MaintenanceTest(WarehouseTestCase):
         self.assertGreater(stats.chunk_bytes, 5 * CHUNK)  # with the pack indexes
         self.assertEqual(8 * CHUNK, stats.referenced_bytes)
         self.assertGreater(stats.manifest_bytes, 0)
+
+
+class DamageStaysLocalTest(WarehouseTestCase):
+    """One damaged item costs the versions that need it, never the whole warehouse."""
+
+    def setUp(self):
+        super().setUp()
+        self.good = self.warehouse.import_image(self.make_raw('good.raw', 'rrA'), 'good').manifest
+        self.bad = self.warehouse.import_image(self.make_raw('bad.raw', 'rrh'), 'bad').manifest
+        self.bad2 = self.warehouse.snapshot_chunks(self.bad.ref, {2: b'n' * CHUNK}).manifest
+        damage.corrupt_manifest(self.backend, 'bad', 2)
+
+    def test_listing_names_the_damaged_version_and_lists_the_rest(self):
+        listing = self.warehouse.listing()
+        self.assertEqual([VersionRef('bad', 1), VersionRef('good', 1)],
+                         [s.ref for s in listing.versions])
+        self.assertEqual([VersionRef('bad', 2)], list(listing.damaged))
+        self.assertIn('bad:2 is corrupt', listing.damaged[VersionRef('bad', 2)])
+
+    def test_unrelated_images_keep_working(self):
+        other = self.warehouse.import_image(self.make_raw('other.raw', 'rB'), 'other').manifest
+        self.warehouse.snapshot_chunks(self.good.ref, {0: b'g' * CHUNK})
+        dest = os.path.join(self.tmp, 'good.out')
+        self.warehouse.export(self.good, dest)
+        with open(os.path.join(self.tmp, 'good.raw'), 'rb') as f, open(dest, 'rb') as out:
+            self.assertBytesEqual(f.read(), out.read())
+        self.assertEqual(3, self.warehouse.stats().images)
+        self.assertEqual(1, self.warehouse.stats().damaged_versions)
+        with open(os.path.join(self.tmp, 'other.raw'), 'rb') as f:
+            self.assertBytesEqual(f.read(), self.read_all(other))
+        self.assertEqual([VersionRef('good', 1), VersionRef('good', 2)],
+                         [m.ref for m in self.warehouse.versions('good')])
+        self.assertEqual([VersionRef('other', 1)], self.warehouse.delete('other'))
+
+    def test_damaged_version_can_be_deleted_then_gc_runs(self):
+        self.assertEqual([VersionRef('bad', 2)], self.warehouse.delete('bad', 2))
+        self.assertEqual({}, self.warehouse.listing().damaged)
+        self.assertEqual(1, self.warehouse.gc().removed_chunks)  # bad:2's new chunk
+        self.assertTrue(self.warehouse.verify().ok)
+
+    def test_gc_refuses_naming_every_damaged_manifest_and_frees_nothing(self):
+        damage.corrupt_manifest(self.backend, 'good', 1)
+        self.warehouse.delete('bad', 1)  # not blocked by the unreadable bad:2
+        stored = self.stored_chunk_files()
+        error = self.assertRaises(exception.CorruptManifest, self.warehouse.gc)
+        self.assertIn('bad:2, good:1', str(error))
+        self.assertIn("'vmcloud image rm IMAGE:VERSION'", str(error))
+        self.assertEqual(stored, self.stored_chunk_files())
+
+    def test_verify_reports_every_damaged_item_and_goes_on(self):
+        third = self.warehouse.import_image(self.make_raw('third.raw', 'rr'), 'third').manifest
+        fourth = self.warehouse.import_image(self.make_raw('fourth.raw', 'rr'), 'fourth').manifest
+        damage.lose_pack_of(self.backend, self.good.chunks[0])
+        damage.corrupt_chunk(self.backend, third.chunks[1])
+        damage.corrupt_pack_index_of(self.backend, fourth.chunks[0])
+        report = warehouse.Warehouse(self.conf).verify()
+        problems = '\n'.join(report.problems)
+        self.assertIn('manifest bad:2 is corrupt', problems)
+        self.assertEqual(3, problems.count('is missing from the warehouse; used by good:1'))
+        self.assertIn(f'chunk {third.chunks[1]} is corrupt', problems)
+        self.assertIn('.idx', problems)  # the pack index, as the backend names it
+        self.assertEqual(2, problems.count('is missing from the warehouse; used by fourth:1'))
+        self.assertEqual(['bad:2', 'fourth:1', 'good:1', 'third:1'], report.damaged_versions)
+        self.assertEqual(4, report.versions)  # bad:1, fourth:1, good:1, third:1
+
+    def test_unreadable_manifest_of_any_shape_stays_local(self):
+        # Valid checksums around a field that makes no sense: integrity is not sense.
+        crafted = Manifest(image='odd', version=1, size=10, chunk_size=0, chunks=())
+        os.mkdir(os.path.join(self.backend.images_dir, 'odd'))
+        with open(damage.manifest_path(self.backend, 'odd', 1), 'wb') as f:
+            f.write(crafted.encode())
+        os.mkdir(damage.manifest_path(self.backend, 'odd', 2))
+        listing = self.warehouse.listing()
+        self.assertEqual({VersionRef('bad', 2), VersionRef('odd', 1), VersionRef('odd', 2)},
+                         set(listing.damaged))
+        self.assertIn('invalid chunk_size 0', listing.damaged[VersionRef('odd', 1)])
+        self.assertIn('directory', listing.damaged[VersionRef('odd', 2)])
+        self.assertRaises(exception.CorruptManifest, self.warehouse.lookup, 'odd:1')
+        self.assertRaises(exception.CorruptManifest, self.warehouse.lookup, 'odd:2')
+        self.assertEqual(['bad:2', 'odd:1', 'odd:2'], self.warehouse.verify().damaged_versions)
+        self.warehouse.delete('odd')
+        self.assertNotIn('odd', self.warehouse.images())
+
+
+class CountingBackend:
+    """Passes everything to a backend, counting the manifest bytes it returns."""
+
+    def __init__(self, inner: backend_mod.Backend):
+        self._inner = inner
+        self.manifest_bytes_read = 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def read_manifest(self, image, version):
+        data = self._inner.read_manifest(image, version)
+        self.manifest_bytes_read += len(data)
+        return data
+
+    def read_manifest_prefix(self, image, version, length):
+        data = self._inner.read_manifest_prefix(image, version, length)
+        self.manifest_bytes_read += len(data)
+        return data
+
+
+class ListingTest(WarehouseTestCase):
+    """Listing reads a bounded header of each manifest, however many chunks it lists."""
+
+    def store(self, manifest: Manifest, data: bytes | None = None) -> None:
+        self.backend.create_manifest(manifest.image, manifest.version,
+                                     data if data is not None else manifest.encode())
+
+    def test_list_reads_a_bounded_prefix_of_huge_manifests(self):
+        chunk_ids = tuple(f'{i:064x}' for i in range(20_000))
+        for version in (1, 2, 3):
+            self.store(Manifest(image='huge', version=version, size=len(chunk_ids) * CHUNK,
+                                chunk_size=CHUNK, chunks=chunk_ids, created_at='t',
+                                source={'file': 'huge.raw'}))
+        self.assertGreater(len(self.backend.read_manifest('huge', 1)), 1024 ** 2)
+        counting = CountingBackend(self.backend)
+        listing = warehouse.Warehouse(self.conf, backend=counting).listing()
+        self.assertEqual([20_000] * 3, [s.data_chunks for s in listing.versions])
+        self.assertEqual([1, 2, 3], [s.version for s in listing.versions])
+        self.assertLessEqual(counting.manifest_bytes_read, 3 * manifest_mod.HEADER_LIMIT)
+
+    def test_an_all_hole_image_has_a_tiny_manifest(self):
+        # 64 GiB of holes in 64 KiB chunks: 5 MB of nulls in format 1.
+        hole = Manifest(image='hole', version=1, size=64 * 1024 ** 3, chunk_size=CHUNK,
+                        chunks=(None,) * (1024 ** 2))
+        self.store(hole)
+        counting = CountingBackend(self.backend)
+        store = warehouse.Warehouse(self.conf, backend=counting)
+        [summary] = store.listing().versions
+        self.assertEqual((0, 1024 ** 2), (summary.data_chunks, summary.chunk_count))
+        self.assertEqual(hole.chunks, store.manifest('hole', 1).chunks)
+        self.assertLess(counting.manifest_bytes_read, 1024)
+
+    def test_format_1_manifests_are_still_listed_and_read(self):
+        old = Manifest(image='old', version=1, size=3 * CHUNK, chunk_size=CHUNK,
+                       chunks=('a' * 64, None, 'b' * 64), created_at='t')
+        self.store(old, old.encode_v1())
+        [summary] = self.warehouse.listing().versions
+        self.assertEqual(old.summary(), summary)
+        self.assertEqual(old, self.warehouse.manifest('old', 1))
+
+    def test_a_manifest_named_for_another_version_is_corrupt_in_a_listing_too(self):
+        self.store(Manifest(image='img', version=1, size=CHUNK, chunk_size=CHUNK,
+                            chunks=(None,)))
+        images = self.backend.images_dir
+        os.rename(os.path.join(images, 'img', '1.json'), os.path.join(images, 'img', '4.json'))
+        listing = self.warehouse.listing()
+        self.assertEqual([], listing.versions)
+        self.assertIn('describes img:1', listing.damaged[VersionRef('img', 4)])
 
 
 class BackendLoadingTest(base.TestCase):

@@ -6,17 +6,73 @@ chunking, deduplication, snapshots and garbage collection live in the
 Warehouse, above every backend.
 
 A backend declares its own options as ``OPTION_GROUP`` and ``OPTIONS`` and
-registers them when it is constructed (as glance_store's drivers do).
+registers them when it is constructed (as glance_store's drivers do), and what
+it can do as ``CAPABILITIES``; callers test a capability, never probe for
+attributes.
+
+Sharing a store. Several processes (an import, a compute manager, a mirror,
+a streaming export, a gc), on one host or on several if the backend is
+SHARED_ACROSS_HOSTS, each hold their own Backend instance on the same store.
+What an instance may cache:
+
+- A chunk's bytes, forever: chunks are content-addressed and immutable, so a
+  chunk that is readable under an id always has the same bytes.
+- Where a chunk is (a pack, an offset, an object name) only as a hint: a
+  concurrent gc may move a live chunk to a new place at any time and remove
+  the old one. ``read_chunk`` and ``has_chunk`` must notice a place that is
+  gone and look again, so a long-lived reader keeps working across another
+  process's gc, without restarting.
+- Nothing about manifests: versions are created and deleted at any time, and
+  ``list_images``, ``list_versions`` and ``read_manifest`` read the store.
+
+What a concurrent gc (``exclusive_lock`` then ``purge_abandoned`` and
+``retain``) may do: move referenced chunks to new places; remove chunks not in
+the referenced set, and what crashed writers left behind. What it may not do:
+remove a chunk a writer holding ``shared_lock`` may reference (it waits for
+every shared lock), or any chunk it cannot account for, such as those of a
+damaged pack index.
+
+Damage stays local: a stored item the backend cannot read (a corrupt pack
+index, an unreadable directory) is skipped, so its chunks or versions are
+simply absent, and ``damaged`` names it; the rest of the store keeps working.
+
+Thread safety: one Backend instance may be used by many threads at once;
+a WriteSession belongs to the one thread that began it.
+
+Errors: every failure is a VmcloudError; an OSError the backend meets (EACCES,
+ENOSPC, EIO...) becomes a StorageError naming the path and the errno text, and
+keeps the OSError as its ``__cause__``.
+
+A new backend subclasses Backend and WriteSession, registers an entry point
+in the ``vmcloud.storage.backends`` namespace, and adds a subclass of
+``tests.unit.storage.test_backend_conformance.BackendContract`` for itself.
 """
 import abc
 import contextlib
+import enum
 from typing import ContextManager, Iterator
 
 from oslo_config import cfg
 
+from vmcloud import exception
 from vmcloud import plugins
 
 NAMESPACE = 'vmcloud.storage.backends'
+
+
+class Capabilities(enum.Flag):
+    """What a backend can do beyond the interface every backend implements."""
+
+    NONE = 0
+    SHARED_ACROSS_HOSTS = enum.auto()
+    """Instances on different hosts see one store (not only processes on one host)."""
+    CROSS_HOST_LOCKING = enum.auto()
+    """shared_lock, exclusive_lock and image_lock exclude holders on other hosts too.
+
+    Without it, a store SHARED_ACROSS_HOSTS must have its writes and gc on one host.
+    """
+    SCRATCH_SPACE = enum.auto()
+    """scratch_dir() gives a local directory on the store's own storage."""
 
 
 class WriteSession(abc.ABC):
@@ -39,7 +95,7 @@ class WriteSession(abc.ABC):
 
     @abc.abstractmethod
     def abort(self) -> None:
-        """Drop every staged chunk. Never raises."""
+        """Drop every staged chunk not yet visible. Never raises."""
 
     @property
     @abc.abstractmethod
@@ -50,6 +106,7 @@ class WriteSession(abc.ABC):
 class Backend(abc.ABC):
     OPTION_GROUP: cfg.OptGroup | None = None
     OPTIONS: list[cfg.Opt] = []
+    CAPABILITIES: Capabilities = Capabilities.NONE
 
     def __init__(self, conf: cfg.ConfigOpts):
         if self.OPTION_GROUP is not None:
@@ -61,21 +118,43 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def has_chunk(self, chunk_id: str) -> bool:
-        """Whether a durable chunk with this id is stored."""
+        """Whether a durable chunk with this id is stored.
+
+        True is never stale: a chunk a concurrent gc removed before the call
+        is not reported. False may be (a chunk another instance stored since
+        this one last looked), which costs a duplicate at worst. True stays true while the
+        caller holds shared_lock().
+
+        :raises: StorageError if the store cannot be read.
+        """
 
     @abc.abstractmethod
     def read_chunk(self, chunk_id: str) -> bytes:
-        """:raises: ChunkNotFound if the chunk is not stored."""
+        """The stored bytes of a chunk, wherever a concurrent gc has moved it.
+
+        The bytes are not checked against the id; the Warehouse does that.
+
+        :raises: ChunkNotFound if the chunk is not stored (or only in a damaged
+            item); StorageError if it is stored but cannot be read.
+        """
 
     @abc.abstractmethod
     def iter_chunks(self) -> Iterator[tuple[str, int]]:
-        """Every stored chunk as (chunk id, stored size in bytes)."""
+        """Every stored chunk as (chunk id, stored size in bytes).
+
+        :raises: StorageError if the store cannot be read.
+        """
 
     @abc.abstractmethod
     def retain(self, referenced: set[str]) -> tuple[int, int]:
         """Remove every chunk not in ``referenced``; only gc calls this, holding exclusive_lock().
 
+        Chunks in ``referenced`` stay readable throughout, by this and every
+        other instance, though they may move. Chunks the backend cannot account
+        for (those of a damaged item) are never removed.
+
         :returns: (chunks removed, bytes freed).
+        :raises: StorageError.
         """
 
     @abc.abstractmethod
@@ -84,38 +163,80 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def begin_write(self) -> WriteSession:
-        """Start staging the chunks of a new version."""
+        """Start staging the chunks of a new version; the caller holds shared_lock().
+
+        :raises: StorageError.
+        """
+
+    def damaged(self) -> list[str]:
+        """One line per stored item the backend skips because it cannot read it, naming it.
+
+        For example ``pack index packs/ab12.idx is corrupt: ...``. Empty when
+        nothing is skipped. Damaged manifests are not listed here: reading them
+        raises CorruptManifest, naming the version.
+        """
+        return []
 
     # -- manifests -----------------------------------------------------------
 
     @abc.abstractmethod
     def create_manifest(self, image: str, version: int, data: bytes) -> None:
-        """Durably store a manifest.
+        """Durably store a manifest; on any failure nothing of it is left.
 
-        :raises: FileExistsError if that version already exists.
+        :raises: VersionExists if that version already exists; StorageError.
         """
 
     @abc.abstractmethod
     def read_manifest(self, image: str, version: int) -> bytes:
-        """:raises: ImageNotFound if that version does not exist."""
+        """:raises: ImageNotFound if that version does not exist; CorruptManifest if
+        it exists but cannot be read.
+        """
+
+    def read_manifest_prefix(self, image: str, version: int, length: int) -> bytes:
+        """The first ``length`` bytes of a manifest (all of it if shorter).
+
+        A backend that can read part of an object overrides this, so that
+        listing a store of huge images does not read whole manifests.
+
+        :raises: as read_manifest.
+        """
+        return self.read_manifest(image, version)[:length]
 
     @abc.abstractmethod
     def delete_manifest(self, image: str, version: int) -> None:
-        """Durably remove a manifest. :raises: ImageNotFound."""
+        """Durably remove a manifest, readable or not. :raises: ImageNotFound; StorageError."""
 
     @abc.abstractmethod
     def list_images(self) -> list[str]:
-        """Names of the images with at least one version, sorted."""
+        """Names of the images with at least one version, sorted.
+
+        :raises: StorageError if the store cannot be listed at all.
+        """
 
     @abc.abstractmethod
     def list_versions(self, image: str) -> list[int]:
-        """Versions of ``image``, ascending; empty if there are none."""
+        """Versions of ``image``, ascending; empty if there are none.
+
+        :raises: StorageError if the image's versions cannot be listed.
+        """
+
+    def manifests_stored_bytes(self) -> int:
+        """Bytes the manifests occupy; versions deleted meanwhile or unreadable count 0."""
+        total = 0
+        for image in self.list_images():
+            for version in self.list_versions(image):
+                with contextlib.suppress(exception.ImageNotFound, exception.CorruptManifest):
+                    total += len(self.read_manifest(image, version))
+        return total
 
     # -- concurrency ---------------------------------------------------------
 
     @abc.abstractmethod
     def shared_lock(self) -> ContextManager[None]:
-        """Held by every writer for its whole session: gc cannot run meanwhile."""
+        """Held by every writer for its whole session: gc cannot run meanwhile.
+
+        :raises: StorageError if the lock cannot be taken.
+        """
 
     @abc.abstractmethod
     def exclusive_lock(self, timeout: float) -> ContextManager[None]:
@@ -135,9 +256,16 @@ class Backend(abc.ABC):
         :returns: the number of abandoned files removed.
         """
 
-    def manifests_stored_bytes(self) -> int:
-        return sum(len(self.read_manifest(image, version))
-                   for image in self.list_images() for version in self.list_versions(image))
+    # -- scratch space -------------------------------------------------------
+
+    def scratch_dir(self) -> str | None:
+        """A directory for a writer's temporary files, on the store's own storage.
+
+        Only a backend with Capabilities.SCRATCH_SPACE returns one (others None:
+        use the system's temporary directory). What is left in it counts as
+        abandoned: use it only while holding shared_lock().
+        """
+        return None
 
 
 def load(conf: cfg.ConfigOpts) -> Backend:

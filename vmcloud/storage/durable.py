@@ -1,4 +1,9 @@
-"""Primitives for writes that survive a crash: temp file, fsync, rename, fsync the directory."""
+"""Primitives for writes that survive a crash: temp file, fsync, rename, fsync the directory.
+
+They raise the OSError they meet, after removing what they created; callers
+turn it into a StorageError naming what they were doing.
+"""
+import contextlib
 import os
 import uuid
 
@@ -44,7 +49,9 @@ def write_synced(path: str, data: bytes) -> None:
         write_all(fd, data)
         os.fsync(fd)
     except BaseException:
-        os.unlink(path)
+        # The first error is the one to report, not a failure to clean up after it.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         raise
     finally:
         os.close(fd)
@@ -54,6 +61,8 @@ def atomic_create(path: str, data: bytes, tmp_dir: str | None = None) -> None:
     """Durably create ``path`` with ``data``; FileExistsError if it already exists.
 
     link() refuses an existing name, which rename() would silently replace.
+    On any error neither ``path`` nor the temp file is left: a caller told the
+    file was not created must not find it later.
     """
     directory = os.path.dirname(path)
     tmp = temp_name(tmp_dir or directory)
@@ -61,5 +70,11 @@ def atomic_create(path: str, data: bytes, tmp_dir: str | None = None) -> None:
     try:
         os.link(tmp, path)
     finally:
-        os.unlink(tmp)
-    fsync_dir(directory)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    try:
+        fsync_dir(directory)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise

@@ -28,6 +28,7 @@ from oslo_config import cfg  # noqa: E402
 import vmcloud.conf  # noqa: E402,F401 - registers options
 from benchmarks import common  # noqa: E402
 from tests import guest  # noqa: E402
+from vmcloud.compute import phases  # noqa: E402
 from vmcloud.drivers import base as driver_base  # noqa: E402
 from vmcloud.mirror import manager as manager_mod  # noqa: E402
 from vmcloud.storage import warehouse as warehouse_mod  # noqa: E402
@@ -129,7 +130,7 @@ def boot_once(root: str, label: str, timeout: float = 300) -> dict:
         stats = manager.cache.stats
         result = {'boot s': booted, 'hits': stats.hits, 'misses': stats.misses,
                   'fetched': stats.fetched_bytes, 'prefetch': prefetching}
-        manager.follow_phases(driver, name)
+        phases.follow(driver, manager, name)
         driver.wait_for_event(name, driver_base.APP_RUNNING, timeout)
         driver.stop(name, timeout=60)
         result['fetched total'] = manager.cache.stats.fetched_bytes

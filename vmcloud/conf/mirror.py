@@ -25,6 +25,13 @@ mirror_opts = [
     cfg.IntOpt('prefetch_threads', default=2, min=0,
                help='Threads that prefetch a recorded profile in the background; 0 '
                     'turns prefetching off.'),
+    cfg.IntOpt('nbd_connection_buffer', default=64 * 1024 ** 2, min=1024 ** 2,
+               help='Bytes of requests and unsent replies one NBD connection may hold '
+                    'before the server stops reading its requests (one request alone '
+                    'always goes ahead).'),
+    cfg.IntOpt('nbd_buffer', default=256 * 1024 ** 2, min=1024 ** 2,
+               help='Bytes of requests and unsent replies all NBD connections of the '
+                    'node may hold together; beyond it no connection reads requests.'),
 ]
 
 

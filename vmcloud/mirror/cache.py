@@ -8,6 +8,9 @@ chunk ids to slots so the cache survives a restart.
 The journal is written without fsync: after a crash a journal record may name a
 slot whose data never reached the disk. So a chunk is hashed on its first read
 after the cache is opened, and a mismatch means a re-fetch, never wrong data.
+
+One cache object owns the directory at a time (the ``lock`` file in it): two
+owners would hand out the same slots for different chunks.
 """
 import collections
 import concurrent.futures
@@ -22,6 +25,7 @@ from typing import Callable
 import tenacity
 
 from vmcloud import exception
+from vmcloud.nbd import statelock
 from vmcloud.storage import durable
 from vmcloud.storage import manifest as manifest_mod
 
@@ -54,6 +58,7 @@ class ChunkCache:
 
     def __init__(self, path: str, capacity: int, fetch: Callable[[str], bytes],
                  attempts: int = 4, retry_wait: float = 0.5):
+        """:raises: StateLocked naming the owner if another cache object has ``path``."""
         self.path = path
         self.capacity = capacity
         self.stats = CacheStats()
@@ -68,7 +73,12 @@ class ChunkCache:
         self._slot_fds: dict[int, int] = {}
         self._used = 0
         os.makedirs(path, exist_ok=True)
-        self._load_journal()
+        self._owner = statelock.StateLock('chunk cache', os.path.join(path, 'lock'))
+        try:
+            self._load_journal()
+        except BaseException:
+            self._owner.release()
+            raise
 
     # -- reading -------------------------------------------------------------------
 
@@ -256,11 +266,13 @@ class ChunkCache:
         self._journal.write(_record(chunk_id, entry.slot_size, entry.slot, entry.length))
 
     def close(self) -> None:
+        """Stop using the directory and give it up to the next owner; idempotent."""
         with self._lock:
             self._journal.close()
             for fd in self._slot_fds.values():
                 os.close(fd)
             self._slot_fds.clear()
+            self._owner.release()
 
 
 def _record(chunk_id: str, slot_size: int, slot: int, length: int) -> bytes:

@@ -5,10 +5,15 @@ fetched from the warehouse once per node); chunks it wrote live in its own
 sparse local file and are named in its persistent dirty map. A partial write
 to an unwritten chunk first fills the chunk from the image, so a dirty chunk is
 always whole.
+
+One disk object owns the mirror's directory at a time (the ``lock`` file in
+it): a second owner's dirty map would replace the first one's, and lose its
+flushed writes.
 """
 import contextlib
 import dataclasses
 import os
+import shutil
 import threading
 from typing import Iterator
 
@@ -18,6 +23,7 @@ from vmcloud.mirror import cache as cache_mod
 from vmcloud.mirror import dirtymap
 from vmcloud.mirror import profile as profile_mod
 from vmcloud.nbd import device
+from vmcloud.nbd import statelock
 from vmcloud.storage import durable
 from vmcloud.storage.manifest import Manifest
 
@@ -49,21 +55,62 @@ class MirrorDisk(device.BlockDevice):
     """Thread safe, as the NBD server needs."""
 
     def __init__(self, directory: str, manifest: Manifest, cache: cache_mod.ChunkCache):
+        """Open the mirror in ``directory``, a new one if it holds none.
+
+        :raises: StateLocked naming the owner if another disk object has the
+            directory; CorruptMirrorState if its dirty map cannot be trusted or
+            names chunks its overlay file does not hold.
+        """
         self.directory = directory
         self.manifest = manifest
         self.recorder = profile_mod.Recorder()
         self._cache = cache
         self._chunk_size = manifest.chunk_size
         os.makedirs(directory, exist_ok=True)
-        self._fd = os.open(os.path.join(directory, 'overlay'), os.O_RDWR | os.O_CREAT, 0o600)
-        if os.fstat(self._fd).st_size != manifest.size:
-            os.ftruncate(self._fd, manifest.size)
-        self.dirty = dirtymap.DirtyMap(os.path.join(directory, 'dirty'), manifest.chunk_count)
+        self._owner = statelock.StateLock('mirror', os.path.join(directory, 'lock'))
+        try:
+            self.dirty = dirtymap.DirtyMap(os.path.join(directory, 'dirty'),
+                                           manifest.chunk_count)
+            self._fd = self._open_overlay()
+        except BaseException:
+            self._owner.release()
+            raise
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._flush_lock = threading.Lock()
         self._barrier: Barrier | None = None
         self._base_lock = threading.Lock()
         self._base_indexes: set[int] = set()
+
+    def _open_overlay(self) -> int:
+        """The overlay's descriptor, sized to the image.
+
+        :raises: CorruptMirrorState if the dirty map names chunks the overlay
+            cannot hold: served from a new or cut file, they would read as zeroes.
+        """
+        path = os.path.join(self.directory, 'overlay')
+        written = self.dirty.indexes()
+        try:
+            # A missing overlay is created only when no flushed write can be lost with it.
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (0 if written else os.O_CREAT), 0o600)
+        except FileNotFoundError:
+            raise exception.CorruptMirrorState(
+                f'mirror overlay {path} is missing, but the dirty map names {len(written)} '
+                'written chunks; their data is lost') from None
+        try:
+            size = os.fstat(fd).st_size
+            if written:
+                last = max(written)
+                end = last * self._chunk_size + self.manifest.chunk_length(last)
+                if size < end:
+                    raise exception.CorruptMirrorState(
+                        f'mirror overlay {path} is {size} bytes, but the dirty map names '
+                        f'chunk {last}, which ends at byte {end}; the overlay was cut short')
+            if size != self.manifest.size:
+                os.ftruncate(fd, self.manifest.size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     @property
     def size(self) -> int:
@@ -233,8 +280,19 @@ class MirrorDisk(device.BlockDevice):
             position = index * self._chunk_size + stop
 
     def close(self) -> None:
+        """Flush, stop using the directory and give it up to the next owner."""
         self.flush()
         os.close(self._fd)
+        self._owner.release()
+
+    def remove(self) -> None:
+        """Stop and delete the mirror's state; its lock goes last, so that no one
+        else can open the mirror while it is half deleted."""
+        os.close(self._fd)
+        try:
+            shutil.rmtree(self.directory)
+        finally:
+            self._owner.release()
 
 
 class Barrier:

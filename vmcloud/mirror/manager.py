@@ -1,4 +1,13 @@
-"""A compute node's mirrors: one chunk cache, one NBD server, one disk per instance."""
+"""A compute node's mirrors: one chunk cache, one NBD server, one disk per instance.
+
+The node's state has one owner at a time: the chunk cache, the NBD socket and
+each mirror directory are locked by the process that serves them (see
+``vmcloud.nbd.statelock``), and a second process is refused with StateLocked
+naming the first.
+
+The mirrors do not watch the guests: whoever runs them (the compute manager)
+follows the guest's phase markers and reports each one with ``set_phase``.
+"""
 import dataclasses
 import json
 import logging
@@ -10,7 +19,6 @@ import urllib.parse
 from oslo_config import cfg
 
 from vmcloud import exception
-from vmcloud.drivers import base as driver_base
 from vmcloud.mirror import cache as cache_mod
 from vmcloud.mirror import disk as disk_mod
 from vmcloud.mirror import profile as profile_mod
@@ -36,7 +44,11 @@ class MirrorManager:
     def __init__(self, conf: cfg.ConfigOpts, warehouse: warehouse_mod.Warehouse | None = None,
                  root: str | None = None):
         """``root``, if given, holds this node's mirrors, cache and socket instead of the
-        configured paths: several nodes in one process (the all-in-one mode) each get one."""
+        configured paths: several nodes in one process (the all-in-one mode) each get one.
+
+        :raises: StateLocked naming the owner if another process (or manager)
+            serves this node's chunk cache or NBD socket; NbdError.
+        """
         self.conf = conf
         self.warehouse = warehouse or warehouse_mod.Warehouse(conf)
         options = conf.mirror
@@ -48,10 +60,17 @@ class MirrorManager:
         self.socket = options.nbd_socket if root is None else f'{root}/nbd.sock'
         self._lock = threading.Lock()
         self._mirrors: dict[str, Mirror] = {}
-        os.makedirs(os.path.dirname(self.socket), exist_ok=True)
-        self.server = nbd_server.NbdServer()
-        self.server.listen_unix(self.socket)
-        self.server.start()
+        self.server = nbd_server.NbdServer(
+            max_connection_bytes=options.nbd_connection_buffer,
+            max_buffered_bytes=options.nbd_buffer)
+        try:
+            os.makedirs(os.path.dirname(self.socket), exist_ok=True)
+            self.server.listen_unix(self.socket)
+            self.server.start()
+        except BaseException:
+            self.server.stop()
+            self.cache.close()
+            raise
 
     def _directory(self, name: str) -> str:
         manifest_mod.validate_image_name(name, 'mirror')
@@ -73,6 +92,8 @@ class MirrorManager:
             durable.replace(os.path.join(directory, 'meta.json'),
                             json.dumps({'image': str(manifest.ref)}).encode())
             return self._serve(name, directory, manifest)
+        except exception.StateLocked:
+            raise  # another process got hold of it after our mkdir: it is theirs now
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -80,7 +101,8 @@ class MirrorManager:
     def open(self, name: str) -> Mirror:
         """Serve a mirror again after a restart, with every write it had flushed.
 
-        :raises: MirrorNotFound, CorruptMirrorState, ImageNotFound.
+        :raises: MirrorNotFound, CorruptMirrorState, ImageNotFound; StateLocked
+            naming the owner if another process serves the mirror.
         """
         with self._lock:
             if name in self._mirrors:
@@ -97,7 +119,12 @@ class MirrorManager:
 
     def _serve(self, name: str, directory: str, manifest: manifest_mod.Manifest) -> Mirror:
         disk = disk_mod.MirrorDisk(directory, manifest, self.cache)
-        profile = self.profiles.load(manifest.image)
+        try:
+            profile = self.profiles.load(manifest, self.warehouse.lookup)
+            self.server.add_export(name, disk)
+        except BaseException:
+            disk.close()
+            raise
         prefetcher = None
         if profile is not None and self.conf.mirror.prefetch_threads:
             prefetcher = profile_mod.Prefetcher(
@@ -105,7 +132,6 @@ class MirrorManager:
         mirror = Mirror(name, disk, self.uri(name), prefetcher, records_profile=profile is None)
         with self._lock:
             self._mirrors[name] = mirror
-        self.server.add_export(name, disk)
         return mirror
 
     def uri(self, name: str) -> str:
@@ -122,25 +148,25 @@ class MirrorManager:
             except KeyError:
                 raise exception.MirrorNotFound(name) from None
 
-    def follow_phases(self, driver: driver_base.Driver, name: str,
-                      timeout: float = 24 * 3600) -> threading.Thread:
-        """Switch the mirror's recording phase as the guest prints its markers."""
-        disk = self.get(name).disk
+    def set_phase(self, name: str, phase: str) -> None:
+        """The guest of mirror ``name`` printed the phase marker ``phase``.
 
-        def follow() -> None:
-            for marker, phase in ((driver_base.BOOT_DONE, profile_mod.APPLICATION),
-                                  (driver_base.SHUTDOWN_STARTED, profile_mod.SHUTDOWN)):
-                try:
-                    driver.wait_for_event(name, marker, timeout)
-                except exception.VmcloudError:
-                    return  # the guest stopped or went away: the phase stays as it is
-                disk.recorder.set_phase(phase)
+        ``phase`` is one of ``profile.MARKERS``: 'boot-done', 'app-running' or
+        'shutdown-started'. First touches from now on are recorded in the
+        phase the marker starts; phases only move forward, so a marker that
+        comes late changes nothing.
 
-        thread = threading.Thread(target=follow, daemon=True, name=f'phases-{name}')
-        thread.start()
-        return thread
+        :raises: MirrorNotFound; MirrorError for an unknown marker.
+        """
+        try:
+            recording = profile_mod.MARKERS[phase]
+        except (KeyError, TypeError):
+            raise exception.MirrorError(
+                f'unknown guest phase {phase!r} for mirror {name}; expected one of '
+                f'{", ".join(profile_mod.MARKERS)}') from None
+        self.get(name).disk.recorder.advance(recording)
 
-    def _close(self, mirror: Mirror) -> None:
+    def _close(self, mirror: Mirror, delete: bool = False) -> None:
         self.server.remove_export(mirror.name)
         needed = mirror.disk.fetched_indexes()
         LOG.info('mirror %s: needed %d chunks of %s from the node cache; the node has fetched '
@@ -149,8 +175,16 @@ class MirrorManager:
         if mirror.prefetcher is not None:
             mirror.prefetcher.stop()
         if mirror.records_profile and any(mirror.disk.recorder.profile().values()):
-            self.profiles.save(mirror.disk.manifest.image, mirror.disk.recorder.profile())
-        mirror.disk.close()
+            try:
+                self.profiles.save(mirror.disk.manifest, mirror.disk.recorder.profile())
+            except OSError as exc:
+                # A hint lost; the mirror must still close and give up its lock.
+                LOG.warning('cannot save the boot profile of %s: %s',
+                            mirror.disk.manifest.image, exc)
+        if delete:
+            mirror.disk.remove()
+        else:
+            mirror.disk.close()
 
     def remove(self, name: str) -> None:
         """Stop serving a mirror and delete its local state. :raises: MirrorNotFound."""
@@ -158,8 +192,7 @@ class MirrorManager:
             mirror = self._mirrors.pop(name, None)
         if mirror is None:
             raise exception.MirrorNotFound(name)
-        self._close(mirror)
-        shutil.rmtree(mirror.disk.directory)
+        self._close(mirror, delete=True)
 
     def close(self) -> None:
         """Stop serving; every mirror keeps its state for open() after a restart."""

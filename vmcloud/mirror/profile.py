@@ -3,7 +3,14 @@
 A profile names chunk indexes, not chunk ids, and is kept per image: the
 versions of an image share a layout, so a snapshot boots with the profile its
 parent recorded.
+
+A profile file is a hint from the past, so it is checked before it is used: of
+the expected shape, for the chunk size and chunk count of the version being
+deployed, and recorded for a version that still exists, the very one (not a
+deleted one whose name was reused). A file that fails any check is ignored
+with a warning naming it; the next first deployment records a new one.
 """
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +19,7 @@ from typing import Callable
 
 from vmcloud import exception
 from vmcloud.storage import durable
+from vmcloud.storage import manifest as manifest_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -20,7 +28,16 @@ APPLICATION = 'application'
 SHUTDOWN = 'shutdown'
 PHASES = (BOOT, APPLICATION, SHUTDOWN)
 
+# The guest's phase markers, as it prints them, and the recording phase each one
+# starts. The mirror takes them as plain strings: it does not know the drivers.
+BOOT_DONE = 'boot-done'
+APP_RUNNING = 'app-running'
+SHUTDOWN_STARTED = 'shutdown-started'
+MARKERS = {BOOT_DONE: APPLICATION, APP_RUNNING: APPLICATION, SHUTDOWN_STARTED: SHUTDOWN}
+
 Profile = dict[str, list[int]]
+
+_FORMAT = 2
 
 
 class Recorder:
@@ -41,6 +58,12 @@ class Recorder:
             raise ValueError(f'unknown phase {phase!r}')
         self._phase = phase
 
+    def advance(self, phase: str) -> None:
+        """Move on to ``phase``, never back: a late marker must not reopen a phase."""
+        with self._lock:
+            if PHASES.index(phase) > PHASES.index(self._phase):
+                self.set_phase(phase)
+
     def touch(self, first: int, last: int) -> None:
         if last - first == 0 and first in self._seen:
             return  # the common case, without the lock
@@ -55,6 +78,19 @@ class Recorder:
             return {phase: list(indexes) for phase, indexes in self._order.items()}
 
 
+def identity(manifest: manifest_mod.Manifest) -> str:
+    """What tells a version from a deleted one that had the same name and number."""
+    digest = hashlib.sha256(repr((manifest.size, manifest.chunk_size,
+                                  manifest.created_at)).encode())
+    for chunk in manifest.chunks:
+        digest.update((chunk or '-').encode())
+    return digest.hexdigest()
+
+
+class _Ignored(Exception):
+    """Why a profile file is not used."""
+
+
 class ProfileStore:
     def __init__(self, path: str):
         self.path = path
@@ -62,20 +98,76 @@ class ProfileStore:
     def _file(self, image: str) -> str:
         return os.path.join(self.path, f'{image}.json')
 
-    def load(self, image: str) -> Profile | None:
+    def load(self, manifest: manifest_mod.Manifest,
+             lookup: Callable[[str], manifest_mod.Manifest]) -> Profile | None:
+        """The profile of ``manifest``'s image if it fits ``manifest``, else None.
+
+        :param lookup: finds the version the profile was recorded for
+            (``Warehouse.lookup``); raising StorageError means it is gone.
+        """
+        path = self._file(manifest.image)
         try:
-            with open(self._file(image)) as f:
-                profile = json.load(f)
+            with open(path, 'rb') as f:
+                document = json.loads(f.read())
+            return _check(document, manifest, lookup)
         except FileNotFoundError:
             return None
-        except ValueError as exc:
-            LOG.warning('ignoring the unreadable boot profile of %s: %s', image, exc)
-            return None
-        return {phase: [int(i) for i in profile.get(phase, [])] for phase in PHASES}
+        except (OSError, ValueError) as exc:  # unreadable, not JSON, not UTF-8
+            LOG.warning('ignoring the boot profile %s: cannot read it: %s', path, exc)
+        except _Ignored as exc:
+            LOG.warning('ignoring the boot profile %s: %s', path, exc)
+        return None
 
-    def save(self, image: str, profile: Profile) -> None:
+    def save(self, manifest: manifest_mod.Manifest, profile: Profile) -> None:
+        """Record ``profile`` as the image's, as seen on ``manifest``."""
         os.makedirs(self.path, exist_ok=True)
-        durable.replace(self._file(image), json.dumps(profile).encode())
+        document = {'format': _FORMAT, 'recorded_for': str(manifest.ref),
+                    'identity': identity(manifest), 'chunk_size': manifest.chunk_size,
+                    'chunk_count': manifest.chunk_count,
+                    'phases': {phase: list(profile.get(phase, [])) for phase in PHASES}}
+        durable.replace(self._file(manifest.image), json.dumps(document).encode())
+
+
+def _check(document, manifest: manifest_mod.Manifest,
+           lookup: Callable[[str], manifest_mod.Manifest]) -> Profile:
+    """The phases of a profile file that fits ``manifest``. :raises: _Ignored saying why."""
+    if not isinstance(document, dict) or document.get('format') != _FORMAT:
+        raise _Ignored(f'not a format {_FORMAT} profile')
+    fields = {'recorded_for': str, 'identity': str, 'chunk_size': int, 'chunk_count': int,
+              'phases': dict}
+    for field, kind in fields.items():
+        value = document.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _Ignored(f'{field!r} is missing or not of type {kind.__name__}')
+    phases = document['phases']
+    profile: Profile = {}
+    for phase in PHASES:
+        indexes = phases.get(phase, [])
+        if not isinstance(indexes, list) or not all(
+                type(i) is int for i in indexes):  # not isinstance: bool is an int too
+            raise _Ignored(f'phase {phase!r} is not a list of chunk indexes')
+        bad = next((i for i in indexes if not 0 <= i < manifest.chunk_count), None)
+        if bad is not None:
+            raise _Ignored(f'chunk {bad} is out of range for {manifest.ref}, which has '
+                           f'{manifest.chunk_count} chunks')
+        profile[phase] = indexes
+    if (document['chunk_size'], document['chunk_count']) != (manifest.chunk_size,
+                                                             manifest.chunk_count):
+        raise _Ignored(f'it was recorded for {document["chunk_count"]} chunks of '
+                       f'{document["chunk_size"]} bytes; {manifest.ref} has '
+                       f'{manifest.chunk_count} of {manifest.chunk_size}')
+    recorded_for = document['recorded_for']
+    if recorded_for == str(manifest.ref):
+        recorded = manifest
+    else:
+        try:
+            recorded = lookup(recorded_for)
+        except exception.StorageError as exc:
+            raise _Ignored(f'it was recorded for {recorded_for}, which is gone: {exc}') from exc
+    if identity(recorded) != document['identity']:
+        raise _Ignored(f'it was recorded for a deleted image that was also called '
+                       f'{recorded_for}')
+    return profile
 
 
 class Prefetcher:

@@ -11,7 +11,17 @@ daemon thread and is driven from ordinary threads::
 The loop only moves bytes. Device calls may block for seconds (a device may
 fetch from a remote store), so they run in a thread pool owned by the server.
 Requests on one connection are served concurrently, up to ``max_in_flight`` at
-a time, and replies are written whole under a per-connection lock.
+a time, and each reply is written whole in one step on the loop.
+
+Memory is bounded with back-pressure. Every request is charged the bytes it
+makes the server hold (its write payload, its read buffer, its reply) from
+before its payload is read until its reply has left the transport for the
+kernel. A connection stops reading requests while its charges exceed
+``max_connection_bytes``, and every connection does while the server's total
+(``buffered_bytes``) exceeds ``max_buffered_bytes``; so a client that sends
+large reads and never reads the replies holds at most its share. A request on
+its own may always go ahead when nothing else is charged: one request of up to
+32 MiB must be servable.
 
 ``BlockDevice.flush`` is global across connections, which is what lets the
 server advertise NBD_FLAG_CAN_MULTI_CONN.
@@ -29,17 +39,28 @@ from typing import Any, Callable, Coroutine
 from vmcloud import exception
 from vmcloud.nbd import device as device_mod
 from vmcloud.nbd import protocol as p
+from vmcloud.nbd import statelock
 
 LOG = logging.getLogger(__name__)
 
 _ZEROES_124 = bytes(124)
 # Long enough for a device's error text, short enough never to matter on the wire.
 _MAX_ERROR_MESSAGE = 1024
+# What a request costs beyond its payload: its header and the largest reply it
+# can get without data (an error with its message). Charged up front, so that
+# floods of tiny requests count too.
+_REQUEST_OVERHEAD = 64 + _MAX_ERROR_MESSAGE
+# Extents in one block status reply at most; a client asks again for the rest (the
+# protocol allows a reply to cover less than was asked). It bounds the reply, so
+# that its request can be charged for it up front.
+_MAX_DESCRIPTORS = 8192
+_BLOCK_STATUS_CHARGE = 4 + 8 * _MAX_DESCRIPTORS
 # A write payload is read in pieces of this size when it has to be thrown away.
 _DISCARD_CHUNK = 1024 * 1024
 # Big socket buffers let a whole read reply leave in one send() instead of
 # being copied into the transport's buffer and sent piecemeal.
 _SOCKET_BUFFER = 4 * 1024 * 1024
+MIB = 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -54,12 +75,22 @@ class _BufferPool:
 
     Fresh buffers cost page faults and zeroing on every read, which is most of
     what separates a Python server from a C one on reads served from cache.
-    Only the loop thread takes and returns buffers.
+    Only the loop thread takes and returns buffers. Big buffers are not kept:
+    they are rare, and each would pin more memory than the pool saves.
     """
 
-    def __init__(self, max_bytes: int = 128 * 1024 * 1024):
+    def __init__(self, max_bytes: int = 64 * MIB, max_buffer: int = 4 * MIB):
         self.max_bytes = max_bytes
+        self.max_buffer = max_buffer
         self._free: dict[int, list[bytearray]] = {}
+        self._bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        self._free.clear()
         self._bytes = 0
 
     def get(self, length: int) -> bytearray:
@@ -71,7 +102,7 @@ class _BufferPool:
         return bytearray(size)
 
     def put(self, buffer: bytearray) -> None:
-        if self._bytes + len(buffer) <= self.max_bytes:
+        if len(buffer) <= self.max_buffer and self._bytes + len(buffer) <= self.max_bytes:
             self._free.setdefault(len(buffer), []).append(buffer)
             self._bytes += len(buffer)
 
@@ -84,14 +115,25 @@ class NbdServer:
     """Serves named exports over unix sockets and TCP until stopped."""
 
     def __init__(self, max_workers: int = 32, max_in_flight: int = 16,
-                 handshake_timeout: float = 30.0):
+                 handshake_timeout: float = 30.0, max_connection_bytes: int = 64 * MIB,
+                 max_buffered_bytes: int = 256 * MIB):
         """
         :param max_workers: threads for device calls, shared by all connections.
         :param max_in_flight: concurrent requests per connection; later ones wait.
         :param handshake_timeout: seconds a client may take to pick an export.
+        :param max_connection_bytes: request and reply bytes one connection may
+            hold before it stops reading requests.
+        :param max_buffered_bytes: the same across all connections.
         """
         self.max_in_flight = max_in_flight
         self.handshake_timeout = handshake_timeout
+        self.max_connection_bytes = max_connection_bytes
+        self.max_buffered_bytes = max_buffered_bytes
+        # Bytes charged to requests not yet answered or whose replies are still in
+        # a transport's buffer; only the loop changes it.
+        self._buffered = 0
+        self._budget_waiters: set[asyncio.Future] = set()
+        self._unix_locks: list[statelock.StateLock] = []
         self._exports: dict[str, _Export] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -134,6 +176,16 @@ class NbdServer:
         if not self._stopped:
             self._call(self._close_connections(lambda c: c.export_name == name))
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Request and reply bytes the server holds now, what its back-pressure limits."""
+        return self._buffered
+
+    @property
+    def pooled_bytes(self) -> int:
+        """Bytes of idle read buffers kept for reuse; none once every client has left."""
+        return self._buffers.bytes
+
     def export_names(self) -> list[str]:
         with self._lock:
             return sorted(self._exports)
@@ -147,15 +199,27 @@ class NbdServer:
     def listen_unix(self, path: str) -> None:
         """Accept connections on a unix socket at ``path`` (replacing a stale socket there).
 
-        :raises: NbdError if the socket cannot be created.
+        The socket is owned through the lock file ``PATH.lock``: a socket whose
+        owner is alive is never replaced, and its clients never taken over.
+
+        :raises: StateLocked naming the owner if another server has the socket;
+            NbdError if the socket cannot be created.
         """
+        try:
+            lock = statelock.StateLock('NBD socket', f'{path}.lock')
+        except OSError as exc:
+            raise exception.NbdError(f'cannot listen on {path}: {exc}') from exc
         try:
             listener = self._call(asyncio.start_unix_server(
                 self._serve_client, path, limit=_SOCKET_BUFFER))
-        except OSError as exc:
-            raise exception.NbdError(f'cannot listen on {path}: {exc}') from exc
+        except BaseException as exc:
+            lock.release()
+            if isinstance(exc, OSError):
+                raise exception.NbdError(f'cannot listen on {path}: {exc}') from exc
+            raise
         self._listeners.append(listener)
         self._unix_paths.append(path)
+        self._unix_locks.append(lock)
 
     def listen_tcp(self, host: str = '127.0.0.1', port: int = 0) -> int:
         """Accept connections on ``host``:``port``; port 0 picks a free one.
@@ -205,6 +269,9 @@ class NbdServer:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+            # Only once the socket is gone: the next owner may then create its own.
+            for lock in self._unix_locks:
+                lock.release()
 
     def __enter__(self) -> 'NbdServer':
         self.start()
@@ -251,6 +318,18 @@ class NbdServer:
             await connection.run()
         finally:
             self._connections.discard(connection)
+            if not self._connections:
+                self._buffers.clear()  # an idle server keeps no read buffers
+
+    def _fits(self, connection: '_Connection', charge: int) -> bool:
+        return ((connection.held == 0 or connection.held + charge <= self.max_connection_bytes)
+                and (self._buffered == 0
+                     or self._buffered + charge <= self.max_buffered_bytes))
+
+    def _wake_budget_waiters(self) -> None:
+        for waiter in self._budget_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class _Connection:
@@ -268,15 +347,24 @@ class _Connection:
         self._no_zeroes = False
         # (export name, whether base:allocation is selected) from SET_META_CONTEXT.
         self._meta_context: tuple[str, bool] | None = None
-        self._send_lock = asyncio.Lock()
         self._closing = False
+        # Bytes charged to this connection (see the module docstring), and the
+        # part of them whose replies wait in the transport's buffer.
+        self.held = 0
+        self._unsent = 0
+        self._drainer: asyncio.Task | None = None
         sock = writer.get_extra_info('socket')
         if sock is not None:
             _tune_socket(sock)
+        # The transport pauses as soon as it buffers anything and resumes only
+        # once it is empty, so drain() tells when every written reply has left.
+        writer.transport.set_write_buffer_limits(high=0)
 
     def close(self) -> None:
+        """Hang up now; replies not yet sent are dropped, as nobody will read them."""
         self._closing = True
-        self.writer.close()
+        self.writer.transport.abort()
+        self.server._wake_budget_waiters()
 
     async def run(self) -> None:
         try:
@@ -287,13 +375,82 @@ class _Connection:
                 return
             if export is not None:
                 await self._transmit(export)
+                await self._settle()
         except (_Closed, asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:
             LOG.exception('NBD connection from %s failed', self.peer)
         finally:
-            self.writer.close()
+            if self._drainer is not None:
+                self._drainer.cancel()
+                await asyncio.gather(self._drainer, return_exceptions=True)
+            if self.writer.transport.get_write_buffer_size():
+                # The client left without reading: drop the replies rather than keep
+                # them, uncounted, for as long as it leaves the socket open.
+                self.writer.transport.abort()
+            else:
+                self.writer.close()
+            self._release(self.held)
             self.finished.set()
+
+    # -- back-pressure -----------------------------------------------------
+
+    async def reserve(self, charge: int) -> None:
+        """Wait until this connection and the server may hold ``charge`` more bytes.
+
+        :raises: _Closed if the connection is closed meanwhile.
+        """
+        server = self.server
+        while not server._fits(self, charge):
+            if self._closing:
+                raise _Closed()
+            waiter = asyncio.get_running_loop().create_future()
+            server._budget_waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                server._budget_waiters.discard(waiter)
+        if self._closing:
+            raise _Closed()
+        self.held += charge
+        server._buffered += charge
+
+    def _release(self, charge: int) -> None:
+        if charge:
+            self.held -= charge
+            self.server._buffered -= charge
+            self.server._wake_budget_waiters()
+
+    def written(self, charge: int) -> None:
+        """A request's reply was handed to the transport (or never will be): its
+        charge ends once the transport has passed every byte to the kernel."""
+        if self.writer.is_closing() or self.writer.transport.get_write_buffer_size() == 0:
+            self._release(charge)
+            return
+        self._unsent += charge
+        if self._drainer is None:
+            self._drainer = asyncio.ensure_future(self._drain_unsent())
+
+    async def _drain_unsent(self) -> None:
+        try:
+            while self._unsent:
+                try:
+                    await self.writer.drain()
+                except ConnectionError:
+                    self.close()
+                if self.writer.is_closing() or self.writer.transport.get_write_buffer_size() == 0:
+                    unsent, self._unsent = self._unsent, 0
+                    self._release(unsent)
+                else:
+                    # The transport resumed and was refilled before this task ran.
+                    await asyncio.sleep(0)
+        finally:
+            self._drainer = None
+
+    async def _settle(self) -> None:
+        """After the last request: wait until its replies have left, or the client has."""
+        while self._drainer is not None and not self._closing:
+            await asyncio.shield(self._drainer)
 
     # -- handshake ---------------------------------------------------------
 
@@ -468,8 +625,6 @@ class _Connection:
 
         try:
             while not self._closing:
-                # Stop taking requests while the client is not reading its replies.
-                await self.writer.drain()
                 header = await self.reader.readexactly(p.REQUEST.size)
                 magic, flags, command, cookie, offset, length = p.REQUEST.unpack(header)
                 if magic != p.REQUEST_MAGIC:
@@ -477,19 +632,27 @@ class _Connection:
                     return
                 if command == p.CMD_DISC:
                     return
+                charge = _REQUEST_OVERHEAD
+                if command in (p.CMD_READ, p.CMD_WRITE) and length <= p.BLOCK_SIZE_MAX:
+                    charge += length
+                elif command == p.CMD_BLOCK_STATUS:
+                    charge += _BLOCK_STATUS_CHARGE
+                # Stop taking requests while this client, or all of them, hold too much.
+                await self.reserve(charge)
                 payload = None
                 if command == p.CMD_WRITE:
                     if length > p.BLOCK_SIZE_MAX:
                         await self._discard(length)
                         await self.reply_error(cookie, p.EINVAL, 'write larger than 32 MiB')
+                        self.written(charge)
                         continue
                     payload = await self.reader.readexactly(length)
                 await slots.acquire()
-                future = handler.fast_read(cookie, offset, length) \
+                future = handler.fast_read(cookie, offset, length, charge) \
                     if command == p.CMD_READ else None
                 if future is None:
                     future = asyncio.create_task(
-                        handler.serve(command, flags, cookie, offset, length, payload))
+                        handler.serve(command, flags, cookie, offset, length, payload, charge))
                 in_flight.add(future)
                 future.add_done_callback(done)
         finally:
@@ -501,17 +664,18 @@ class _Connection:
     async def send(self, *parts: bytes | memoryview) -> bool:
         """Write one whole reply; replies of concurrent requests never interleave.
 
+        It does not wait for the client to read: the request's charge does that
+        (see ``written``).
+
         :returns: whether the kernel took every byte at once, so that the
             transport holds no reference to ``parts`` and they may be reused.
         """
-        async with self._send_lock:
-            if self.writer.is_closing():
-                return False
-            for part in parts:
-                self.writer.write(part)
-            sent = self.writer.transport.get_write_buffer_size() == 0
-            await self.writer.drain()
-            return sent
+        # No await between the writes: nothing else can write in between.
+        if self.writer.is_closing():
+            return False
+        for part in parts:
+            self.writer.write(part)
+        return self.writer.transport.get_write_buffer_size() == 0
 
     async def reply_ok(self, cookie: int) -> None:
         await self.send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie))
@@ -550,7 +714,8 @@ class _Handler:
         self.reads_into = type(self.device).read_into is not device_mod.BlockDevice.read_into
         self.read = self._read_into if self.reads_into else self._read
 
-    def fast_read(self, cookie: int, offset: int, length: int) -> asyncio.Future | None:
+    def fast_read(self, cookie: int, offset: int, length: int,
+                  charge: int) -> asyncio.Future | None:
         """Start a plain read without a task, lock or drain; None if it needs ``serve``.
 
         This is the hot path of every NBD client, and a task per read costs
@@ -565,6 +730,11 @@ class _Handler:
         view = memoryview(buffer)[:length]
         work = self.executor.submit(self.device.read_into, offset, view)
 
+        def failed(_) -> None:
+            self.connection.written(charge)
+            if not finished.done():
+                finished.set_result(None)
+
         def reply() -> None:
             if finished.done():
                 return
@@ -573,7 +743,7 @@ class _Handler:
                 self.buffers.put(buffer)
                 error = self._request_error(self.device.read_into, failure)
                 task = asyncio.ensure_future(self._reply_error(cookie, error))
-                task.add_done_callback(lambda _: finished.done() or finished.set_result(None))
+                task.add_done_callback(failed)
                 return
             writer = self.connection.writer
             if not writer.is_closing():
@@ -582,13 +752,14 @@ class _Handler:
                 # A buffer the transport still holds on to must not be handed out again.
                 if writer.transport.get_write_buffer_size() == 0:
                     self.buffers.put(buffer)
+            self.connection.written(charge)
             finished.set_result(None)
 
         work.add_done_callback(lambda _: self.loop.call_soon_threadsafe(reply))
         return finished
 
     async def serve(self, command: int, flags: int, cookie: int, offset: int, length: int,
-                    payload: bytes | None) -> None:
+                    payload: bytes | None, charge: int) -> None:
         """Serve one request and send its reply; never raises: the task has nobody to tell."""
         try:
             await self._serve(command, flags, cookie, offset, length, payload)
@@ -597,6 +768,8 @@ class _Handler:
         except Exception:
             LOG.exception('NBD export %r: request %d failed', self.name, command)
             self.connection.close()
+        finally:
+            self.connection.written(charge)
 
     async def _serve(self, command: int, flags: int, cookie: int, offset: int, length: int,
                      payload: bytes | None) -> None:
@@ -720,12 +893,13 @@ class _Handler:
 
 
 def _descriptors(extents: list[device_mod.Extent], length: int, only_one: bool) -> list[bytes]:
-    """Wire descriptors for ``extents``, cut to ``length`` bytes: clients reject overshoot."""
+    """Wire descriptors for ``extents``, cut to ``length`` bytes (clients reject
+    overshoot) and to ``_MAX_DESCRIPTORS`` (the reply's charge)."""
     mask = device_mod.STATE_HOLE | device_mod.STATE_ZERO
     descriptors = []
     remaining = length
     for extent in extents:
-        if remaining == 0:
+        if remaining == 0 or len(descriptors) == _MAX_DESCRIPTORS:
             break
         if extent.length <= 0:
             continue

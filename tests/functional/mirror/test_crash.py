@@ -1,4 +1,11 @@
-"""kill -9 of the serving process during writes loses no flushed write."""
+"""kill -9 of the serving process during writes loses no flushed write.
+
+Every write the server acknowledged (FUA, or followed by an acknowledged flush)
+must read back after the kill and a restart, byte for byte; a write refused
+while the server was alive fails the test (a server that refuses every write
+would otherwise pass); only the one write the kill cut off may have happened or
+not, and even then each of its bytes is either the old one or the new one.
+"""
 import os
 import random
 import signal
@@ -69,30 +76,47 @@ class ServerKillTest(base.TestCase):
         rng = random.Random(2024)
         server = self.start_server()
         self.assertBytesEqual(bytes(self.model), self.read_all())
-        for _ in range(ROUNDS):
-            uncertain: list[tuple[int, int]] = []
+        acknowledged = 0
+        for round_number in range(ROUNDS):
+            uncertain: list[tuple[int, int, int]] = []
+            refused: list[tuple[int, int]] = []
+            acked: list[int] = []
             stop = threading.Event()
+            killing = threading.Event()
 
             def writer():
                 while not stop.is_set():
                     offset, length, pattern, ok = self.write(rng)
                     if not ok:
-                        uncertain.append((offset, length))
+                        if not killing.is_set():
+                            refused.append((offset, length))  # the server was alive
+                        uncertain.append((offset, length, pattern))
                         return
+                    acked.append(offset)
                     self.model[offset:offset + length] = bytes([pattern]) * length
 
             thread = threading.Thread(target=writer)
             thread.start()
             time.sleep(rng.uniform(0.1, 1.0))
+            killing.set()
             server.send_signal(signal.SIGKILL)
             server.wait()
             stop.set()
             thread.join()
+            self.assertEqual([], refused, f'round {round_number}: writes refused')
+            acknowledged += len(acked)
             server = self.start_server()
             actual = self.read_all()
-            # A write cut off by the kill may or may not have happened: take what is there.
-            for offset, length in uncertain:
+            # The write cut off by the kill may or may not have happened, even in part,
+            # but each of its bytes is the old one or the new one.
+            for offset, length, pattern in uncertain:
+                for position in range(offset, offset + length):
+                    if actual[position] not in (self.model[position], pattern):
+                        self.fail(f'round {round_number}: byte {position} of an unfinished '
+                                  f'write is {actual[position]}, neither old nor new')
                 self.model[offset:offset + length] = actual[offset:offset + length]
             self.assertBytesEqual(bytes(self.model), actual)
+        # Not vacuous: most rounds had acknowledged writes to lose.
+        self.assertGreaterEqual(acknowledged, ROUNDS)
         server.terminate()
         self.assertEqual(0, server.wait())

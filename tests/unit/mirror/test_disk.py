@@ -1,18 +1,30 @@
 """The mirror's disk, cache, dirty map and profiles, without NBD."""
+import json
 import os
 import random
 import threading
 import time
 
+import fixtures
+
 from vmcloud import exception
 from vmcloud.mirror import cache as cache_mod
+from vmcloud.mirror import dirtymap
 from vmcloud.mirror import disk as disk_mod
+from vmcloud.mirror import manager as manager_mod
 from vmcloud.mirror import profile as profile_mod
 from vmcloud.nbd import device
 from vmcloud.storage import warehouse
 from tests import base
 
 CHUNK = 64 * 1024
+
+
+def abandon(disk: disk_mod.MirrorDisk) -> None:
+    """What a kill -9 leaves of a disk: no last flush; the kernel closes its files and
+    so drops its lock."""
+    os.close(disk._fd)
+    disk._owner.release()
 
 
 class MirrorTestCase(base.TestCase):
@@ -36,8 +48,9 @@ class MirrorTestCase(base.TestCase):
         self.fetches.append(chunk_id)
         return self.warehouse.read_chunk(chunk_id)
 
-    def new_cache(self, capacity: int = 1 << 30, fetch=None) -> cache_mod.ChunkCache:
-        cache = cache_mod.ChunkCache(os.path.join(self.tmp, 'cache'), capacity,
+    def new_cache(self, capacity: int = 1 << 30, fetch=None,
+                  name: str = 'cache') -> cache_mod.ChunkCache:
+        cache = cache_mod.ChunkCache(os.path.join(self.tmp, name), capacity,
                                      fetch or self.fetch, attempts=3, retry_wait=0.01)
         self.addCleanup(cache.close)
         return cache
@@ -79,7 +92,7 @@ class ReadTest(MirrorTestCase):
             gate.wait(5)
             return self.fetch(chunk_id)
 
-        disk = self.new_disk(self.new_cache(fetch=slow_fetch))
+        disk = self.new_disk(self.new_cache(fetch=slow_fetch, name='slow'))
         results = []
         threads = [threading.Thread(target=lambda: results.append(disk.read(CHUNK + 10, 100)))
                    for _ in range(8)]
@@ -130,7 +143,7 @@ class WriteTest(MirrorTestCase):
         expected = bytearray(self.image)
         expected[3 * CHUNK - 5:3 * CHUNK + 5] = b'z' * 10
         expected[8 * CHUNK:8 * CHUNK + 7] = b'q' * 7
-        # no close(): as if the process had been killed after the flush
+        abandon(disk)  # as if the process had been killed after the flush
         self.cache.close()
         fresh = cache_mod.ChunkCache(os.path.join(self.tmp, 'cache2'), 1 << 30, self.fetch)
         self.addCleanup(fresh.close)
@@ -141,9 +154,12 @@ class WriteTest(MirrorTestCase):
     def test_unflushed_marks_are_not_on_disk(self):
         disk = self.new_disk()
         disk.write(0, b'a' * CHUNK)
-        self.assertEqual(set(), self.new_disk().dirty.indexes())
+        path = os.path.join(self.tmp, 'mirror', 'dirty')
+        count = self.manifest.chunk_count
+        self.assertEqual(set(), dirtymap.DirtyMap(path, count).indexes())
         disk.flush()
-        self.assertEqual({0}, self.new_disk().dirty.indexes())
+        self.assertEqual({0}, dirtymap.DirtyMap(path, count).indexes())
+        disk.close()
 
     def test_write_zeroes_makes_holes(self):
         disk = self.new_disk()
@@ -156,10 +172,48 @@ class WriteTest(MirrorTestCase):
     def test_corrupt_dirty_map_is_refused(self):
         disk = self.new_disk()
         disk.write(0, b'a' * CHUNK, fua=True)
+        disk.close()
         with open(os.path.join(self.tmp, 'mirror', 'dirty'), 'r+b') as f:
             f.seek(16)
             f.write(b'\xff')
         self.assertRaises(exception.CorruptMirrorState, self.new_disk)
+
+    def flushed_mirror(self) -> str:
+        """A closed mirror with flushed writes in chunks 2 and 5; the overlay's path."""
+        disk = self.new_disk()
+        disk.write(2 * CHUNK, b'd' * 10, fua=True)
+        disk.write(5 * CHUNK + 7, b'e' * 10, fua=True)
+        disk.close()
+        return os.path.join(self.tmp, 'mirror', 'overlay')
+
+    def test_missing_overlay_with_a_dirty_map_is_refused(self):
+        overlay = self.flushed_mirror()
+        os.unlink(overlay)
+        error = self.assertRaises(exception.CorruptMirrorState, self.new_disk)
+        self.assertIn(overlay, str(error))
+        self.assertIn('missing', str(error))
+        self.assertFalse(os.path.exists(overlay))  # no empty file put in its place
+        self.assertTrue(os.path.exists(os.path.join(self.tmp, 'mirror', 'dirty')))
+
+    def test_overlay_cut_short_is_refused(self):
+        overlay = self.flushed_mirror()
+        # Cut only past the last written chunk, it loses nothing: the mirror opens.
+        os.truncate(overlay, 6 * CHUNK)
+        disk = self.new_disk()
+        self.assertEqual(b'e' * 10, disk.read(5 * CHUNK + 7, 10))
+        self.assertEqual(self.image[8 * CHUNK:], disk.read(8 * CHUNK, len(self.image) - 8 * CHUNK))
+        disk.close()
+        os.truncate(overlay, 5 * CHUNK + 10)  # chunk 2 whole, chunk 5 cut
+        error = self.assertRaises(exception.CorruptMirrorState, self.new_disk)
+        self.assertIn(overlay, str(error))
+        self.assertIn('chunk 5', str(error))
+        self.assertEqual(5 * CHUNK + 10, os.path.getsize(overlay))  # not extended
+
+    def test_a_refused_mirror_is_not_left_locked(self):
+        overlay = self.flushed_mirror()
+        os.unlink(overlay)
+        self.assertRaises(exception.CorruptMirrorState, self.new_disk)
+        self.assertRaises(exception.CorruptMirrorState, self.new_disk)  # not StateLocked
 
 
 class BarrierTest(MirrorTestCase):
@@ -190,14 +244,16 @@ class CacheTest(MirrorTestCase):
                 raise OSError(107, 'warehouse unreachable')
             return self.fetch(chunk_id)
 
-        disk = self.new_disk(self.new_cache(fetch=fetch))
+        disk = self.new_disk(self.new_cache(fetch=fetch, name='flaky'))
         error = self.assertRaises(exception.FetchFailed, disk.read, 0, 10)
         self.assertIn('after 3 attempts', str(error))
         broken[0] = False
         self.assertEqual(self.image[:10], disk.read(0, 10))
 
     def test_survives_a_restart_and_refetches_a_damaged_slot(self):
-        self.new_disk().read(0, len(self.image))
+        disk = self.new_disk()
+        disk.read(0, len(self.image))
+        disk.close()
         self.cache.close()
         slots = [n for n in os.listdir(os.path.join(self.tmp, 'cache')) if n.startswith('slots')]
         with open(os.path.join(self.tmp, 'cache', slots[0]), 'r+b') as f:
@@ -208,7 +264,7 @@ class CacheTest(MirrorTestCase):
         self.assertEqual([self.manifest.chunks[0]], self.fetches[before:])
 
     def test_least_recently_used_chunks_are_evicted(self):
-        cache = self.new_cache(capacity=2 * CHUNK)
+        cache = self.new_cache(capacity=2 * CHUNK, name='small')
         disk = self.new_disk(cache)
         self.assertBytesEqual(self.image, disk.read(0, len(self.image)))
         self.assertNotIn(self.manifest.chunks[0], cache)
@@ -228,8 +284,8 @@ class ProfileTest(MirrorTestCase):
         profile = disk.recorder.profile()
         self.assertEqual({'boot': [4, 0], 'application': [1, 7], 'shutdown': [8]}, profile)
         store = profile_mod.ProfileStore(os.path.join(self.tmp, 'profiles'))
-        store.save('img', profile)
-        self.assertEqual(profile, store.load('img'))
+        store.save(self.manifest, profile)
+        self.assertEqual(profile, store.load(self.manifest, self.warehouse.lookup))
 
         cache = cache_mod.ChunkCache(os.path.join(self.tmp, 'cache2'), 1 << 30, self.fetch)
         self.addCleanup(cache.close)
@@ -240,3 +296,125 @@ class ProfileTest(MirrorTestCase):
         self.assertEqual(sorted(set(ids)), sorted(self.fetches[before:]))
         other.read(0, len(self.image))
         self.assertEqual(len(self.manifest.data_chunk_ids()), len(self.fetches) - before)
+
+
+class ProfileValidationTest(MirrorTestCase):
+    PROFILE = {'boot': [4, 0], 'application': [1, 7], 'shutdown': [8]}
+
+    def setUp(self):
+        super().setUp()
+        self.logs = self.useFixture(fixtures.FakeLogger(name='vmcloud.mirror.profile'))
+        self.store = profile_mod.ProfileStore(os.path.join(self.tmp, 'profiles'))
+        self.file = os.path.join(self.store.path, 'img.json')
+
+    def saved(self) -> dict:
+        self.store.save(self.manifest, self.PROFILE)
+        with open(self.file) as f:
+            return json.load(f)
+
+    def assertIgnored(self, content: bytes, why: str) -> None:
+        with open(self.file, 'wb') as f:
+            f.write(content)
+        self.logs.reset_output()
+        self.assertIsNone(self.store.load(self.manifest, self.warehouse.lookup), content[:80])
+        self.assertIn(f'ignoring the boot profile {self.file}', self.logs.output)
+        self.assertIn(why, self.logs.output)
+
+    def test_a_good_profile_is_used(self):
+        self.saved()
+        self.assertEqual(self.PROFILE, self.store.load(self.manifest, self.warehouse.lookup))
+        self.assertEqual('', self.logs.output)
+
+    def test_profiles_of_the_wrong_shape_are_ignored_with_a_warning(self):
+        good = self.saved()
+
+        def variant(**changes) -> bytes:
+            return json.dumps({**good, **changes}).encode()
+
+        count = self.manifest.chunk_count
+        cases = [
+            (b'[1, 2, 3]', 'not a format 2 profile'),
+            (b'"boot"', 'not a format 2 profile'),
+            (json.dumps(self.PROFILE).encode(), 'not a format 2 profile'),  # the old format
+            (variant(phases=[0, 1]), "'phases' is missing or not of type dict"),
+            (variant(chunk_count='9'), "'chunk_count' is missing or not of type int"),
+            (variant(chunk_size=True), "'chunk_size' is missing or not of type int"),
+            (variant(phases={'boot': 'abc'}), "phase 'boot' is not a list"),
+            (variant(phases={'boot': [1, '2']}), "phase 'boot' is not a list"),
+            (variant(phases={'boot': [1, 2.0]}), "phase 'boot' is not a list"),
+            (variant(phases={'boot': [True]}), "phase 'boot' is not a list"),
+            (variant(phases={'application': [[3]]}), "phase 'application' is not a list"),
+            (variant(phases={'boot': [0, count]}), f'chunk {count} is out of range'),
+            (variant(phases={'shutdown': [-1]}), 'chunk -1 is out of range'),
+            (variant(chunk_size=CHUNK * 2), f'recorded for {count} chunks of {CHUNK * 2}'),
+            (b'{"format": 2, "phases": ', 'cannot read it'),
+            (b'\xff\xfe not text', 'cannot read it'),
+        ]
+        for content, why in cases:
+            self.assertIgnored(content, why)
+
+    def test_a_profile_of_a_deleted_image_is_ignored(self):
+        self.saved()
+        self.warehouse.delete('img')
+        path = os.path.join(self.tmp, 'new.raw')
+        with open(path, 'wb') as f:
+            f.write(random.Random(99).randbytes(len(self.image)))
+        new = self.warehouse.import_image(path, 'img').manifest  # img:1 again, other bytes
+        self.assertEqual(self.manifest.ref, new.ref)
+        self.manifest = new
+        self.logs.reset_output()
+        self.assertIsNone(self.store.load(new, self.warehouse.lookup))
+        self.assertIn(f'ignoring the boot profile {self.file}', self.logs.output)
+        self.assertIn('deleted image', self.logs.output)
+
+    def test_versions_share_a_profile_while_its_version_exists(self):
+        snapshot = self.warehouse.snapshot_chunks(self.manifest.ref, {3: b'S' * CHUNK}).manifest
+        self.store.save(snapshot, self.PROFILE)  # recorded on img:2
+        self.assertEqual(self.PROFILE, self.store.load(self.manifest, self.warehouse.lookup))
+        self.warehouse.delete('img', snapshot.version)
+        self.assertIsNone(self.store.load(self.manifest, self.warehouse.lookup))
+        self.assertIn('recorded for img:2, which is gone', self.logs.output)
+
+    def test_a_bad_profile_does_not_stop_a_deployment(self):
+        os.makedirs(self.store.path)
+        self.conf.set_override('profiles_path', self.store.path, 'mirror')
+        with open(self.file, 'w') as f:
+            json.dump({'format': 2, 'phases': {'boot': ['x']}}, f)
+        with manager_mod.MirrorManager(self.conf, self.warehouse,
+                                       root=os.path.join(self.tmp, 'node')) as node:
+            mirror = node.create('vm1', 'img')
+            self.assertIsNone(mirror.prefetcher)
+            self.assertTrue(mirror.records_profile)
+            self.assertEqual(self.image[:100], mirror.disk.read(0, 100))
+            node.set_phase('vm1', 'boot-done')
+            mirror.disk.read(8 * CHUNK, 1)
+            node.remove('vm1')
+        # The first deployment since recorded a good one in its place.
+        self.assertEqual({'boot': [0], 'application': [8], 'shutdown': []},
+                         self.store.load(self.manifest, self.warehouse.lookup))
+
+
+class PhaseTest(MirrorTestCase):
+    def test_set_phase_takes_the_guest_markers_and_only_moves_forward(self):
+        with manager_mod.MirrorManager(self.conf, self.warehouse,
+                                       root=os.path.join(self.tmp, 'node')) as node:
+            recorder = node.create('vm1', 'img').disk.recorder
+            self.assertEqual(profile_mod.BOOT, recorder.phase)
+            node.set_phase('vm1', 'boot-done')
+            self.assertEqual(profile_mod.APPLICATION, recorder.phase)
+            node.set_phase('vm1', 'app-running')
+            self.assertEqual(profile_mod.APPLICATION, recorder.phase)
+            node.set_phase('vm1', 'shutdown-started')
+            self.assertEqual(profile_mod.SHUTDOWN, recorder.phase)
+            node.set_phase('vm1', 'boot-done')  # late: changes nothing
+            self.assertEqual(profile_mod.SHUTDOWN, recorder.phase)
+            error = self.assertRaises(exception.MirrorError, node.set_phase, 'vm1', 'booted')
+            self.assertIn("unknown guest phase 'booted'", str(error))
+            self.assertRaises(exception.MirrorNotFound, node.set_phase, 'vm9', 'boot-done')
+
+    def test_the_mirror_does_not_import_the_drivers(self):
+        package = os.path.dirname(manager_mod.__file__)
+        for name in sorted(os.listdir(package)):
+            if name.endswith('.py'):
+                with open(os.path.join(package, name)) as f:
+                    self.assertNotIn('vmcloud.drivers', f.read(), name)

@@ -201,8 +201,9 @@ def main() -> None:
         CONF.set_override('path', warehouse.backend.root, 'storage_file')
         warehouse.import_image(guest.path('disk.img'), 'guest')
         # Probe once: each contender's fresh state_path would otherwise probe KVM again.
+        driver_base.load(CONF, 'qemu')  # registers [qemu]
         CONF.set_override('accelerator', accel.choose(
-            CONF, shutil.which(CONF.compute.qemu_binary), guest.spec('probe', 'x')), 'compute')
+            CONF, shutil.which(CONF.qemu.binary), guest.spec('probe', 'x')), 'compute')
         rows = run_counts(root, Workload('test guest', 'guest', guest.spec),
                           [int(c) for c in args.counts.split(',')])
         if args.realistic:

@@ -12,7 +12,7 @@ _CONF_MODULES = (paths, storage, compute, mirror, scheduler, service)
 
 # Plugin namespaces whose classes declare their own options as
 # ``OPTION_GROUP`` and ``OPTIONS`` class attributes.
-_PLUGIN_NAMESPACES = ('vmcloud.storage.backends',)
+_PLUGIN_NAMESPACES = ('vmcloud.storage.backends', 'vmcloud.drivers')
 
 
 def _plugin_opts():

@@ -13,6 +13,7 @@ import abc
 import dataclasses
 import enum
 import os
+import re
 import time
 import typing
 
@@ -20,6 +21,8 @@ from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud import plugins
+from vmcloud.drivers import console
+from vmcloud.drivers import nbd_uri
 
 NAMESPACE = 'vmcloud.drivers'
 
@@ -66,39 +69,116 @@ class HostCapacity:
     free_disk_bytes: int
 
 
+class Capability(enum.Flag):
+    """What a driver can do beyond the required lifecycle; callers consult
+    ``Driver.capabilities`` instead of trying and catching."""
+
+    NONE = 0
+    #: pause() and resume() stop and restart the guest's vCPUs.
+    PAUSE = enum.auto()
+    #: freeze_io() and thaw_io() keep their contract (see Driver.freeze_io).
+    SNAPSHOT_BARRIER = enum.auto()
+    #: console_log() returns what the guest printed on its first serial port.
+    CONSOLE_LOG = enum.auto()
+    #: wait_for_event() sees the guest's phase markers.
+    PHASE_EVENTS = enum.auto()
+    #: stop() presses the ACPI power button before it forces the guest off.
+    ACPI_STOP = enum.auto()
+    #: the disk may be a local file (in one of ``Driver.FILE_DISK_FORMATS``).
+    FILE_DISK = enum.auto()
+    #: the disk may be an NBD URI (``nbd://`` or ``nbd+unix://``, raw).
+    NBD_DISK = enum.auto()
+    #: ``kernel``, ``initrd`` and ``cmdline`` boot a kernel directly.
+    DIRECT_KERNEL_BOOT = enum.auto()
+
+
+# Instance names become directory names and hypervisor object names (qemu -name
+# parses commas as options), so they are kept to a safe alphabet.
+NAME_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,63}')
+
+
 class Driver(abc.ABC):
+    """One host's hypervisor. A driver is written from this interface alone.
+
+    Required: spawn, list_instances, power_state, stop, destroy. Everything else
+    has a default that is safe: it either works from the required methods
+    (validate, wait_for_event from console_log, boot, host_capacity) or refuses
+    with NotSupported, changing nothing (pause, resume, freeze_io, thaw_io); what a
+    driver really does is declared in ``capabilities``, which callers check first.
+
+    Options: a driver declares its own as ``OPTION_GROUP`` and ``OPTIONS``, which
+    ``__init__`` registers (and ``tox -e genconfig`` lists); what every driver shares
+    (``driver``, ``instances_path``, timeouts, the accelerator) is in ``[compute]``.
+
+    Thread safety: one driver object serves a whole node, called from many threads.
+    Calls for different instances may run concurrently, any with any (the compute
+    manager builds, freezes and thaws instances in parallel). For one instance the
+    caller never runs two of spawn, pause, resume, stop, destroy, freeze_io and
+    thaw_io at once; list_instances, power_state, console_log, wait_for_event and
+    host_capacity may be called at any time, also during those, and then see the
+    state before or after the change, never an error caused by it.
+    """
+
+    OPTION_GROUP: cfg.OptGroup | None = None
+    OPTIONS: list[cfg.Opt] = []
+
+    capabilities: Capability = Capability.NONE
+    #: formats a local disk file may have, with Capability.FILE_DISK
+    FILE_DISK_FORMATS: frozenset[str] = frozenset({'raw', 'qcow2'})
+    MIN_MEMORY_MIB = 16
+    #: qemu's pc machine, and so the qemu and libvirt drivers, run at most 255 vCPUs
+    MAX_VCPUS = 255
+
     def __init__(self, conf: cfg.ConfigOpts):
+        if self.OPTION_GROUP is not None:
+            conf.register_group(self.OPTION_GROUP)
+            conf.register_opts(self.OPTIONS, group=self.OPTION_GROUP)
         self.conf = conf
+
+    @property
+    def name(self) -> str:
+        """The driver's name in messages."""
+        return type(self).__name__.removesuffix('Driver').lower() or type(self).__name__
+
+    def has(self, capability: Capability) -> bool:
+        """Whether this driver has every capability in ``capability``."""
+        return capability in self.capabilities
+
+    def _require_known(self, name: str) -> None:
+        """:raises: InstanceNotFound unless list_instances() has ``name``."""
+        if name not in self.list_instances():
+            raise exception.InstanceNotFound(name)
+
+    # -- required -------------------------------------------------------------------
 
     @abc.abstractmethod
     def spawn(self, spec: InstanceSpec) -> None:
         """Start an instance; returns once the hypervisor runs it (not once it has booted).
 
-        :raises: InstanceExists, DiskNotFound (a missing file, an unknown NBD host),
-            HypervisorUnavailable, SpawnFailed. On error nothing is left running.
+        Calls validate(spec) first. A name may be reused once its instance is shut down.
+
+        :raises: InvalidSpec (from validate), InstanceExists, DiskNotFound (a missing
+            file, an unknown NBD host), HypervisorUnavailable, SpawnFailed. On error
+            nothing is left running and nothing is kept of the instance.
         """
 
     @abc.abstractmethod
     def list_instances(self) -> list[str]:
-        """Names of the instances this driver knows, running or stopped."""
+        """Names of the instances this driver knows, running or shut down, sorted."""
 
     @abc.abstractmethod
     def power_state(self, name: str) -> PowerState:
         """:raises: InstanceNotFound."""
 
     @abc.abstractmethod
-    def pause(self, name: str) -> None:
-        """Stop the guest's vCPUs. :raises: InstanceNotFound, DriverError if not running."""
-
-    @abc.abstractmethod
-    def resume(self, name: str) -> None:
-        """:raises: InstanceNotFound, DriverError if not paused."""
-
-    @abc.abstractmethod
     def stop(self, name: str, timeout: float | None = None) -> bool:
-        """Press the ACPI power button; force the guest off after ``timeout`` seconds.
+        """Shut the guest down: with Capability.ACPI_STOP, press the ACPI power button
+        and force it off after ``timeout`` seconds (None: ``[compute] stop_timeout``).
 
-        :returns: True if the guest had to be forced off.
+        The instance stays known (power state SHUTDOWN) until destroy().
+
+        :returns: True if the guest had to be forced off; False if it went off by
+            itself or was already off.
         :raises: InstanceNotFound.
         """
 
@@ -109,32 +189,136 @@ class Driver(abc.ABC):
         :raises: InstanceNotFound.
         """
 
-    @abc.abstractmethod
-    def console_log(self, name: str) -> str:
-        """Everything the guest printed on its serial console. :raises: InstanceNotFound."""
+    # -- optional, with safe defaults --------------------------------------------------
 
-    @abc.abstractmethod
+    def validate(self, spec: InstanceSpec) -> None:
+        """Refuse a spec this driver cannot run, before anything is started.
+
+        The default checks what ``capabilities`` and the class limits say: the name,
+        memory and vCPUs, the disk (a file in FILE_DISK_FORMATS or a raw NBD URI,
+        and that it exists or its server resolves), and the kernel and initrd.
+
+        :raises: InvalidSpec naming the problem; DiskNotFound for a disk that does
+            not exist or whose NBD socket or host cannot be found.
+        """
+        def invalid(problem: str) -> exception.InvalidSpec:
+            return exception.InvalidSpec(str(spec.name), problem)
+
+        if not isinstance(spec.name, str) or not NAME_PATTERN.fullmatch(spec.name):
+            raise invalid(f'the name {spec.name!r} is not 1-64 letters, digits, ".", "_" or '
+                          '"-", starting with a letter or digit')
+        for field, low, high in (('memory_mib', self.MIN_MEMORY_MIB, None),
+                                 ('vcpus', 1, self.MAX_VCPUS)):
+            value = getattr(spec, field)
+            if (not isinstance(value, int) or isinstance(value, bool) or value < low
+                    or (high is not None and value > high)):
+                limit = f'{low}..{high}' if high is not None else f'at least {low}'
+                raise invalid(f'{field} {value!r} is out of range ({limit})')
+        if not isinstance(spec.disk, str) or not spec.disk:
+            raise invalid('no disk')
+        if nbd_uri.is_nbd(spec.disk):
+            if not self.has(Capability.NBD_DISK):
+                raise invalid(f'the {self.name} driver cannot boot from an NBD URI')
+            if spec.disk_format != 'raw':
+                raise invalid(f'an NBD disk is raw, not {spec.disk_format!r}')
+        elif '://' in spec.disk:
+            raise invalid(f'unsupported disk URI {spec.disk}')
+        else:
+            if not self.has(Capability.FILE_DISK):
+                raise invalid(f'the {self.name} driver cannot boot from a local file')
+            if spec.disk_format not in self.FILE_DISK_FORMATS:
+                raise invalid(f'disk format {spec.disk_format!r} is not one of '
+                              f'{", ".join(sorted(self.FILE_DISK_FORMATS))}')
+        if spec.kernel is not None or spec.initrd is not None:
+            if not self.has(Capability.DIRECT_KERNEL_BOOT):
+                raise invalid(f'the {self.name} driver cannot boot a kernel directly')
+            if spec.kernel is None:
+                raise invalid('an initrd without a kernel')
+            for what in ('kernel', 'initrd'):
+                path = getattr(spec, what)
+                if path is not None and not os.path.isfile(path):
+                    raise invalid(f'{what} {path} is not a file')
+        check_disk(spec)
+
+    def pause(self, name: str) -> None:
+        """Stop the guest's vCPUs (Capability.PAUSE); pausing a paused guest does nothing.
+
+        :raises: InstanceNotFound; DriverError if it is shut down; NotSupported.
+        """
+        self._require_known(name)
+        raise exception.NotSupported(self.name, 'pause a guest')
+
+    def resume(self, name: str) -> None:
+        """Run a paused guest again (Capability.PAUSE); resuming a running one does nothing.
+
+        :raises: InstanceNotFound; DriverError if it is shut down; NotSupported.
+        """
+        self._require_known(name)
+        raise exception.NotSupported(self.name, 'resume a guest')
+
+    def console_log(self, name: str) -> str:
+        """Everything the guest printed on its serial console (Capability.CONSOLE_LOG).
+
+        The default, for a driver without a console: nothing.
+
+        :raises: InstanceNotFound.
+        """
+        self._require_known(name)
+        return ''
+
     def wait_for_event(self, name: str, event: str, timeout: float) -> None:
-        """Wait until the guest prints the phase marker ``event``.
+        """Wait until the guest prints the phase marker ``event`` (Capability.PHASE_EVENTS).
+
+        The default polls console_log().
 
         :raises: GuestTimeout naming the event, if it does not come within
-            ``timeout`` seconds or the guest stops first; InstanceNotFound.
+            ``timeout`` seconds or the guest stops first; InstanceNotFound;
+            NotSupported without a console.
         """
+        if not self.has(Capability.CONSOLE_LOG):
+            self._require_known(name)
+            raise exception.NotSupported(self.name, 'see the guest\'s phase markers')
+        deadline = time.monotonic() + timeout
+        while True:
+            if console.has_marker(self.console_log(name), event):
+                return
+            if self.power_state(name) == PowerState.SHUTDOWN:
+                reason = 'the guest stopped first'
+            elif time.monotonic() >= deadline:
+                reason = f'not within {timeout:g} s'
+            else:
+                time.sleep(0.05)
+                continue
+            raise exception.GuestTimeout(f'instance {name} did not reach {event}: {reason}')
 
-    @abc.abstractmethod
     def freeze_io(self, name: str) -> None:
-        """The snapshot barrier: pause the guest with its disk writes drained and flushed.
+        """The snapshot barrier (Capability.SNAPSHOT_BARRIER): pause the guest so that
+        every write it issued before this call is on the disk, and hold it there.
 
-        :raises: InstanceNotFound, DriverError.
+        When this returns, every write the guest issued before it has been flushed
+        (the disk's server received a FLUSH after it, or the write was made durable
+        with FUA), and no new write reaches the disk until thaw_io(). The guest is
+        PAUSED meanwhile.
+
+        The default refuses: without a barrier a snapshot would not be consistent.
+
+        :raises: InstanceNotFound, DriverError (the guest is shut down, the flush
+            failed), NotSupported.
         """
+        self._require_known(name)
+        raise exception.NotSupported(self.name, 'freeze a guest\'s I/O')
 
-    @abc.abstractmethod
     def thaw_io(self, name: str) -> None:
-        """Let a frozen guest run again. :raises: InstanceNotFound, DriverError."""
+        """Let a frozen guest run and write again.
 
-    @abc.abstractmethod
+        :raises: InstanceNotFound, DriverError, NotSupported.
+        """
+        self._require_known(name)
+        raise exception.NotSupported(self.name, 'thaw a guest\'s I/O')
+
     def host_capacity(self) -> HostCapacity:
-        """What this host offers to instances."""
+        """What this host offers to instances; the default measures the machine."""
+        return host_capacity(self.conf.compute.instances_path)
 
     def boot(self, spec: InstanceSpec, timeout: float, event: str = BOOT_DONE) -> None:
         """Spawn and wait for ``event``; an instance that does not get there is destroyed.
@@ -170,7 +354,6 @@ def check_disk(spec: InstanceSpec) -> None:
 
     :raises: DiskNotFound naming the file, socket or host.
     """
-    from vmcloud.drivers import nbd_uri
     if nbd_uri.is_nbd(spec.disk):
         nbd_uri.check_reachable(spec.disk)
     elif not os.path.isfile(spec.disk):

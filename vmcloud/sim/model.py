@@ -4,22 +4,18 @@ import math
 
 import numpy as np
 
+from vmcloud.drivers import mips
 from vmcloud.sim import power as power_models
 from vmcloud.sim import traces
 
 
 @dataclasses.dataclass(frozen=True)
-class HostType:
-    name: str
-    pes: int
-    pe_mips: float
-    ram_mb: int
+class HostType(mips.MipsHost):
+    """A MIPS host (name, PEs, MIPS per PE, RAM: what the sim driver runs on too) with
+    its network bandwidth and power model."""
+
     bw_kbps: int
     power: power_models.SpecPowerModel
-
-    @property
-    def mips(self) -> float:
-        return self.pes * self.pe_mips
 
 
 @dataclasses.dataclass(frozen=True)

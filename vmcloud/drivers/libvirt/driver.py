@@ -6,6 +6,7 @@ import shutil
 import threading
 
 import libvirt
+from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud.drivers import base
@@ -29,6 +30,27 @@ libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
 
 
 class LibvirtDriver(base.Driver):
+    OPTION_GROUP = cfg.OptGroup('libvirt', title='libvirt driver',
+                                help='One transient libvirt domain per instance.')
+    OPTIONS = [
+        cfg.StrOpt('uri', default='qemu:///system',
+                   deprecated_name='libvirt_uri', deprecated_group='compute',
+                   help='libvirt connection URI.'),
+        cfg.StrOpt('dac_label', default='+0:+0',
+                   deprecated_name='libvirt_dac_label', deprecated_group='compute',
+                   help='user:group that libvirt runs qemu as (a static DAC label, no '
+                        'relabelling). Empty for libvirt\'s own default user, which then '
+                        'must be able to reach the instances path, the disks and the NBD '
+                        'sockets.'),
+        cfg.StrOpt('qemu_binary', default='qemu-system-x86_64', deprecated_group='compute',
+                   help='The QEMU emulator that libvirt runs, for the [compute] accelerator '
+                        'probe: a name on PATH or an absolute path.'),
+    ]
+    capabilities = (base.Capability.PAUSE | base.Capability.SNAPSHOT_BARRIER
+                    | base.Capability.CONSOLE_LOG | base.Capability.PHASE_EVENTS
+                    | base.Capability.ACPI_STOP | base.Capability.FILE_DISK
+                    | base.Capability.NBD_DISK | base.Capability.DIRECT_KERNEL_BOOT)
+
     def __init__(self, conf):
         super().__init__(conf)
         self.instances_path = conf.compute.instances_path
@@ -38,7 +60,7 @@ class LibvirtDriver(base.Driver):
     # -- connection and bookkeeping ------------------------------------------------------
 
     def _connect(self) -> libvirt.virConnect:
-        uri = self.conf.compute.libvirt_uri
+        uri = self.conf.libvirt.uri
         with self._connection_lock:
             if (self._connection is None or not self._connection.isAlive()
                     or self._connection.getURI() != uri):
@@ -90,8 +112,8 @@ class LibvirtDriver(base.Driver):
     # -- lifecycle -----------------------------------------------------------------
 
     def spawn(self, spec: base.InstanceSpec) -> None:
+        self.validate(spec)
         connection = self._connect()
-        base.check_disk(spec)
         if os.path.exists(self._path(spec.name, 'spec.json')):
             if self._domain(spec.name) is not None:
                 raise exception.InstanceExists(spec.name)
@@ -100,10 +122,10 @@ class LibvirtDriver(base.Driver):
         try:
             with open(self._path(spec.name, 'spec.json'), 'w') as f:
                 json.dump(dataclasses.asdict(spec), f)
-            binary = shutil.which(self.conf.compute.qemu_binary) or 'qemu-system-x86_64'
+            binary = shutil.which(self.conf.libvirt.qemu_binary) or self.conf.libvirt.qemu_binary
             domain_type = 'kvm' if accel.choose(self.conf, binary, spec) == 'kvm' else 'qemu'
             xml = domain_xml.build(spec, domain_type, self._path(spec.name, 'console.log'),
-                                   self.conf.compute.libvirt_dac_label)
+                                   self.conf.libvirt.dac_label)
             try:
                 connection.createXML(xml, 0)
             except libvirt.libvirtError as exc:
@@ -119,16 +141,22 @@ class LibvirtDriver(base.Driver):
         domain = self._domain(name)
         if domain is None:
             return base.PowerState.SHUTDOWN
+        return self._state(name, domain)
+
+    def _state(self, name: str, domain: libvirt.virDomain) -> base.PowerState:
         state, _ = self._call(name, 'state', domain.state)
         return _STATES.get(state, base.PowerState.SHUTDOWN)
 
     def pause(self, name: str) -> None:
         domain = self._running_domain(name)
-        self._call(name, 'suspend', domain.suspend)
+        if self._state(name, domain) != base.PowerState.PAUSED:
+            self._call(name, 'suspend', domain.suspend)
 
     def resume(self, name: str) -> None:
+        # libvirt refuses to resume a running domain; the interface lets that do nothing
         domain = self._running_domain(name)
-        self._call(name, 'resume', domain.resume)
+        if self._state(name, domain) != base.PowerState.RUNNING:
+            self._call(name, 'resume', domain.resume)
 
     def stop(self, name: str, timeout: float | None = None) -> bool:
         self._require(name)
@@ -174,11 +202,9 @@ class LibvirtDriver(base.Driver):
                                 lambda: self._domain(name) is not None)
 
     def freeze_io(self, name: str) -> None:
-        # Suspending stops the vCPUs after qemu has drained and flushed the disks.
+        # Suspending is qemu's 'stop': the vCPUs stop, then the disks are drained and
+        # flushed before it returns (see the qemu driver).
         self.pause(name)
 
     def thaw_io(self, name: str) -> None:
         self.resume(name)
-
-    def host_capacity(self) -> base.HostCapacity:
-        return base.host_capacity(self.instances_path)

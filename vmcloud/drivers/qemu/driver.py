@@ -10,6 +10,7 @@ import threading
 import time
 
 import tenacity
+from oslo_config import cfg
 from qemu.qmp import legacy as qmp
 
 from vmcloud import exception
@@ -22,6 +23,18 @@ _QMP_CONNECT_SECONDS = 15
 
 
 class QemuDriver(base.Driver):
+    OPTION_GROUP = cfg.OptGroup('qemu', title='qemu driver',
+                                help='One qemu-system process per instance, driven over QMP.')
+    OPTIONS = [
+        cfg.StrOpt('binary', default='qemu-system-x86_64',
+                   deprecated_name='qemu_binary', deprecated_group='compute',
+                   help='QEMU system emulator, a name on PATH or an absolute path.'),
+    ]
+    capabilities = (base.Capability.PAUSE | base.Capability.SNAPSHOT_BARRIER
+                    | base.Capability.CONSOLE_LOG | base.Capability.PHASE_EVENTS
+                    | base.Capability.ACPI_STOP | base.Capability.FILE_DISK
+                    | base.Capability.NBD_DISK | base.Capability.DIRECT_KERNEL_BOOT)
+
     def __init__(self, conf):
         super().__init__(conf)
         self.instances_path = conf.compute.instances_path
@@ -97,11 +110,11 @@ class QemuDriver(base.Driver):
     # -- lifecycle -----------------------------------------------------------------
 
     def spawn(self, spec: base.InstanceSpec) -> None:
-        binary = shutil.which(self.conf.compute.qemu_binary)
+        self.validate(spec)
+        binary = shutil.which(self.conf.qemu.binary)
         if binary is None:
             raise exception.HypervisorUnavailable(
-                f'qemu binary {self.conf.compute.qemu_binary} not found')
-        base.check_disk(spec)
+                f'qemu binary {self.conf.qemu.binary} not found')
         if os.path.exists(self._path(spec.name, 'spec.json')):
             if self._alive(spec.name):
                 raise exception.InstanceExists(spec.name)
@@ -212,11 +225,10 @@ class QemuDriver(base.Driver):
                                 lambda: self._alive(name))
 
     def freeze_io(self, name: str) -> None:
-        # 'stop' drains every block device and flushes it before it returns.
+        # 'stop' stops the vCPUs, drains every block device and flushes it (an NBD
+        # disk gets a FLUSH if it was written since its last one) before it returns;
+        # stopped vCPUs issue no new I/O.
         self.pause(name)
 
     def thaw_io(self, name: str) -> None:
         self.resume(name)
-
-    def host_capacity(self) -> base.HostCapacity:
-        return base.host_capacity(self.instances_path)

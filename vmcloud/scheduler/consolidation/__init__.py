@@ -3,8 +3,9 @@
 A policy is three plugins: an overload detector (``vmcloud.consolidation.overload``:
 thr, iqr, mad, lr, lrr), a VM selector (``vmcloud.consolidation.selection``: mmt,
 mc, mu, rs) and a placement (``vmcloud.consolidation.placement``: pabfd,
-first-fit). They work on a :class:`vmcloud.sim.cluster.Cluster` view, so the same
-objects plan for simulated hosts and for real ones described the same way.
+first-fit). They plan on a :class:`view.ClusterView`, the narrow protocol of what
+they read and the few methods that change a plan (the simulator's Cluster is one),
+so the same objects plan for simulated hosts and for real ones described the same way.
 
 The planning follows Beloglazov & Buyya (CCPE 2012) as CloudSim 3.0.3 implements
 it (PowerVmAllocationPolicyMigrationAbstract.optimizeAllocation).
@@ -14,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from vmcloud import plugins
+from vmcloud.scheduler.consolidation import view
 
 OVERLOAD_NAMESPACE = 'vmcloud.consolidation.overload'
 SELECTION_NAMESPACE = 'vmcloud.consolidation.selection'
@@ -27,7 +29,7 @@ class Policy:
     placement: object
     name: str = ''
 
-    def plan(self, cluster) -> list[tuple[int, int]]:
+    def plan(self, cluster: view.ClusterView) -> list[tuple[int, int]]:
         """Migrations (vm, target host), in the order they should start.
 
         The cluster's VM lists are changed while planning and put back at the end.
@@ -38,7 +40,7 @@ class Policy:
         finally:
             cluster.restore(saved)
 
-    def _plan(self, cluster):
+    def _plan(self, cluster: view.ClusterView):
         n = cluster.n_hosts
         all_hosts = np.arange(n)
         over = self.detector.overloaded(cluster, all_hosts)
@@ -64,7 +66,7 @@ class Policy:
         migrations += self._empty_underloaded(cluster, over)
         return migrations
 
-    def _empty_underloaded(self, cluster, over):
+    def _empty_underloaded(self, cluster: view.ClusterView, over):
         util = cluster.utilization()
         off = cluster.util_mips == 0
         skip = over | off              # never chosen as underloaded

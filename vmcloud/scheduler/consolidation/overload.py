@@ -10,6 +10,7 @@ import numpy as np
 
 from vmcloud.scheduler.consolidation import compiled
 from vmcloud.scheduler.consolidation import stats
+from vmcloud.scheduler.consolidation import view
 
 
 class OverloadDetector(abc.ABC):
@@ -26,14 +27,14 @@ class OverloadDetector(abc.ABC):
             raise ValueError(f'{type(self).__name__} parameter must not be negative')
 
     @abc.abstractmethod
-    def overloaded(self, cluster, hosts: np.ndarray) -> np.ndarray:
+    def overloaded(self, cluster: view.ClusterView, hosts: np.ndarray) -> np.ndarray:
         """A bool per host of ``hosts``."""
 
     @abc.abstractmethod
-    def overloaded_after(self, cluster, hosts: np.ndarray, vm: int) -> np.ndarray:
+    def overloaded_after(self, cluster: view.ClusterView, hosts: np.ndarray, vm: int) -> np.ndarray:
         """A bool per host of ``hosts``, as if ``vm`` were added to it."""
 
-    def after_check(self, cluster):
+    def after_check(self, cluster: view.ClusterView):
         """:meth:`overloaded_after` as a compiled check of one VM on one host (a
         ``_kernels.AfterCheck``; its ``now`` is :meth:`overloaded`), or None where there
         is none: placement then asks :meth:`overloaded_after`. Valid while the cluster
@@ -47,15 +48,15 @@ class StaticThreshold(OverloadDetector):
 
     default_param = 0.9
 
-    def overloaded(self, cluster, hosts):
+    def overloaded(self, cluster: view.ClusterView, hosts):
         hosts = np.asarray(hosts)
         return cluster.req_sum[hosts] / cluster.host_mips[hosts] > self.param
 
-    def overloaded_after(self, cluster, hosts, vm):
+    def overloaded_after(self, cluster: view.ClusterView, hosts, vm):
         return ((cluster.req_sum[hosts] + cluster.vm_req[vm]) / cluster.host_mips[hosts]
                 > self.param)
 
-    def after_check(self, cluster):
+    def after_check(self, cluster: view.ClusterView):
         kernels = compiled.kernels
         if kernels is None:
             return None
@@ -73,18 +74,18 @@ class _HistoryDetector(OverloadDetector):
         super().__init__(param)
         self.fallback = StaticThreshold(self.fallback_threshold)
 
-    def overloaded(self, cluster, hosts):
+    def overloaded(self, cluster: view.ClusterView, hosts):
         hosts = np.asarray(hosts)
         return self._decide(cluster, hosts, cluster.hist[hosts], cluster.req_sum[hosts],
                             cluster.ram_max[hosts])
 
-    def overloaded_after(self, cluster, hosts, vm):
+    def overloaded_after(self, cluster: view.ClusterView, hosts, vm):
         hist = cluster.hist[hosts] + (cluster.vm_hist[vm] * cluster.vm_mips[vm]
                                       / cluster.host_mips[hosts][:, None])
         return self._decide(cluster, hosts, hist, cluster.req_sum[hosts] + cluster.vm_req[vm],
                             np.maximum(cluster.ram_max[hosts], cluster.vm_ram[vm]))
 
-    def _decide(self, cluster, hosts, hist, req, ram_max):
+    def _decide(self, cluster: view.ClusterView, hosts, hist, req, ram_max):
         # enough history: a non-zero value at position min_history - 1 or later
         enough = (hist[:, self.min_history - 1:] != 0).any(axis=1)
         if enough.all():
@@ -97,13 +98,13 @@ class _HistoryDetector(OverloadDetector):
                                                  req[idx], ram_max[idx])
         return result
 
-    def _check_args(self, cluster) -> tuple:
+    def _check_args(self, cluster: view.ClusterView) -> tuple:
         """What every compiled history check reads (_kernels._HistoryCheck)."""
         return (cluster.req_sum, cluster.host_mips, cluster.vm_req, self.fallback.param,
                 cluster.hist, cluster.vm_hist, cluster.vm_mips, self.min_history, self.param)
 
     @abc.abstractmethod
-    def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
+    def _history_decision(self, cluster: view.ClusterView, hosts, hist, lengths, req, ram_max):
         """Decide for hosts with enough history (rows of ``hist``, newest first).
 
         ``lengths`` (the rows without their zero tails) may be None: computed on demand.
@@ -116,7 +117,7 @@ class _DispersionDetector(_HistoryDetector):
     cheap_after = False         # two sorts of a 30-value history per host
     statistic = ''              # the compiled check's name for dispersion_rows: iqr or mad
 
-    def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
+    def _history_decision(self, cluster: view.ClusterView, hosts, hist, lengths, req, ram_max):
         if lengths is None and hist[:, -1].all():
             spread = self.dispersion_rows(hist)      # full histories, the usual case
         else:
@@ -125,7 +126,7 @@ class _DispersionDetector(_HistoryDetector):
             spread = stats.dispersion_rows(hist, lengths, self.dispersion_rows)
         return req / cluster.host_mips[hosts] > 1 - self.param * spread
 
-    def after_check(self, cluster):
+    def after_check(self, cluster: view.ClusterView):
         kernels = compiled.kernels
         if kernels is None or not self.statistic:
             return None
@@ -165,7 +166,7 @@ class LocalRegression(_HistoryDetector):
         self._weights = {}
         self._weights_newest_first = {}
 
-    def overloaded_after(self, cluster, hosts, vm):
+    def overloaded_after(self, cluster: view.ClusterView, hosts, vm):
         # The prediction is linear in the history: the host's part plus the VM's part.
         ahead = cluster.migration_steps
         if ahead is None:
@@ -184,14 +185,14 @@ class LocalRegression(_HistoryDetector):
         short = (cluster.req_sum[hosts] + cluster.vm_req[vm]) / host_mips > self.fallback.param
         return np.where(enough, over, short)
 
-    def after_check(self, cluster):
+    def after_check(self, cluster: view.ClusterView):
         ahead = cluster.migration_steps
         kernels = compiled.kernels
         if kernels is None or ahead is None:
             return None
         return kernels.Prediction(*self._check_args(cluster), self._newest_first(ahead))
 
-    def _ahead(self, cluster, hosts, ram_max):
+    def _ahead(self, cluster: view.ClusterView, hosts, ram_max):
         seconds = ram_max / cluster.host_migration_rate[hosts]
         return np.ceil(seconds / cluster.interval).astype(np.int64)
 
@@ -199,7 +200,7 @@ class LocalRegression(_HistoryDetector):
         a, b = stats.loess_estimates(series_oldest_first)
         return a + b * (len(series_oldest_first) + ahead)
 
-    def _history_decision(self, cluster, hosts, hist, lengths, req, ram_max):
+    def _history_decision(self, cluster: view.ClusterView, hosts, hist, lengths, req, ram_max):
         ahead = self._ahead(cluster, hosts, ram_max)
         window = hist[:, :self.window][:, ::-1]
         k0 = int(ahead[0])

@@ -4,6 +4,7 @@ import abc
 import numpy as np
 
 from vmcloud.scheduler.consolidation import compiled
+from vmcloud.scheduler.consolidation import view
 
 
 class Placement(abc.ABC):
@@ -11,10 +12,10 @@ class Placement(abc.ABC):
         self.detector = detector
 
     @abc.abstractmethod
-    def find_host(self, cluster, vm: int, excluded: np.ndarray) -> int:
+    def find_host(self, cluster: view.ClusterView, vm: int, excluded: np.ndarray) -> int:
         """The host for ``vm`` among those not ``excluded`` (a bool per host), or -1."""
 
-    def place(self, cluster, vms, excluded: np.ndarray,
+    def place(self, cluster: view.ClusterView, vms, excluded: np.ndarray,
               all_or_nothing: bool = False) -> list[tuple[int, int]]:
         """Place ``vms`` in this order, each where :meth:`find_host` says, attaching as it goes.
 
@@ -35,7 +36,7 @@ class Placement(abc.ABC):
             placed.append((vm, host))
         return placed
 
-    def searcher(self, cluster, excluded: np.ndarray):
+    def searcher(self, cluster: view.ClusterView, excluded: np.ndarray):
         """:meth:`find_host` as a function of the VM, for placements in a row (between
         which the cluster changes only by attach and detach)."""
         return lambda vm: self.find_host(cluster, vm, excluded)
@@ -53,10 +54,10 @@ class PowerAwareBestFit(Placement):
     # detectors whose overloaded_after is costly check hosts in order, this many at a time
     CHUNKS = ((0, 8), (8, 40), (40, None))
 
-    def find_host(self, cluster, vm, excluded):
+    def find_host(self, cluster: view.ClusterView, vm, excluded):
         return self.searcher(cluster, excluded)(vm)
 
-    def searcher(self, cluster, excluded):
+    def searcher(self, cluster: view.ClusterView, excluded):
         if self._compiled_check(cluster) is None:
             return lambda vm: self.find_host_numpy(cluster, vm, excluded)
         excluded = np.asarray(excluded, dtype=bool).view(np.uint8)
@@ -76,7 +77,7 @@ class PowerAwareBestFit(Placement):
                                     cluster.vm_bw_req[vm])
         return find
 
-    def _compiled_check(self, cluster):
+    def _compiled_check(self, cluster: view.ClusterView):
         kernels = compiled.kernels
         if kernels is None:
             return None
@@ -84,7 +85,7 @@ class PowerAwareBestFit(Placement):
             return kernels.NeverOverloaded(cluster.n_hosts, cluster.n_vms)
         return self.detector.after_check(cluster)
 
-    def find_host_numpy(self, cluster, vm, excluded):
+    def find_host_numpy(self, cluster: view.ClusterView, vm, excluded):
         """The search as numpy calls: where the compiled one is missing, and its reference."""
         hosts, pe_mips, mips, power_now = cluster.candidate_view()
         r = cluster.vm_req[vm]
@@ -129,6 +130,6 @@ class PowerAwareBestFit(Placement):
 class FirstFit(Placement):
     """The first host with room for the VM (CloudSim's PowerVmAllocationPolicySimple)."""
 
-    def find_host(self, cluster, vm, excluded):
+    def find_host(self, cluster: view.ClusterView, vm, excluded):
         hosts = np.flatnonzero(cluster.suitable(vm) & ~excluded)
         return int(hosts[0]) if len(hosts) else -1

@@ -5,32 +5,33 @@ import numpy as np
 
 from vmcloud.scheduler.consolidation import compiled
 from vmcloud.scheduler.consolidation import stats
+from vmcloud.scheduler.consolidation import view
 
 
 class VmSelector(abc.ABC):
     @abc.abstractmethod
-    def select(self, cluster, host: int) -> int | None:
+    def select(self, cluster: view.ClusterView, host: int) -> int | None:
         """A VM of ``host`` that is not migrating already, or None if there is none."""
 
 
 class MinimumMigrationTime(VmSelector):
     """The VM with the least RAM (the first such in the host's list)."""
 
-    def select(self, cluster, host):
+    def select(self, cluster: view.ClusterView, host):
         return min(cluster.migratable(host), key=lambda v: cluster.vm_ram[v], default=None)
 
 
 class MinimumUtilization(VmSelector):
     """The VM requesting the smallest fraction of its MIPS."""
 
-    def select(self, cluster, host):
+    def select(self, cluster: view.ClusterView, host):
         return min(cluster.migratable(host), key=lambda v: cluster.vm_util[v], default=None)
 
 
 class RandomSelection(VmSelector):
     """A VM drawn with the cluster's seeded random generator."""
 
-    def select(self, cluster, host):
+    def select(self, cluster: view.ClusterView, host):
         vms = cluster.migratable(host)
         if not vms:
             return None
@@ -47,7 +48,7 @@ class MaximumCorrelation(VmSelector):
     def __init__(self, fallback: VmSelector | None = None):
         self.fallback = fallback or MinimumMigrationTime()
 
-    def select(self, cluster, host):
+    def select(self, cluster: view.ClusterView, host):
         vms = cluster.migratable(host)
         if not vms:
             return None
@@ -62,7 +63,7 @@ class MaximumCorrelation(VmSelector):
         return vms[best]
 
     @staticmethod
-    def correlations(cluster, vms: list[int]) -> np.ndarray:
+    def correlations(cluster: view.ClusterView, vms: list[int]) -> np.ndarray:
         m = int(min(cluster.vm_hist_len[v] for v in vms))
         rows = cluster.vm_hist[vms, :m]
         kernels = compiled.kernels

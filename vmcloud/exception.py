@@ -150,6 +150,25 @@ class GuestTimeout(DriverError):
     """A guest did not reach an expected point in time."""
 
 
+class InvalidSpec(DriverError):
+    """A driver cannot run an instance as specified (a missing kernel, an unsupported disk
+    URI or format, memory or vCPUs out of range); nothing was started."""
+
+    def __init__(self, name: str, problem: str):
+        self.name = name
+        self.problem = problem
+        super().__init__(f'instance {name}: {problem}')
+
+
+class NotSupported(DriverError):
+    """The driver cannot do this at all (its ``capabilities`` say so); nothing was changed."""
+
+    def __init__(self, driver: str, operation: str):
+        self.driver = driver
+        self.operation = operation
+        super().__init__(f'the {driver} driver cannot {operation}')
+
+
 # -- mirrors ---------------------------------------------------------------
 
 class MirrorError(VmcloudError):

@@ -3,15 +3,24 @@
 One RPC version, no compatibility shims. Servers use the threading executor
 and the explicit access policy: only methods marked with ``expose`` are
 callable. Arguments and results are plain JSON-able data.
+
+Every message carries a request id in its context (``{'request_id': ...}``): the
+one current in the sending thread (``request_context``), or a new one. An exposed
+method runs with the id of the message it handles made current, so the log lines
+it writes, and every call and cast it makes, carry the id of the request that
+caused them, across services.
 """
 import contextlib
+import functools
 import inspect
+import json
 import socket
 import threading
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from oslo_config import cfg
+from oslo_context import context as oslo_context
 
 with warnings.catch_warnings():
     # oslo.messaging imports oslo.service, whose eventlet backend warns on import;
@@ -23,14 +32,120 @@ with warnings.catch_warnings():
 
 from vmcloud import exception
 
+T = TypeVar('T')
+
+
+# -- request ids -----------------------------------------------------------
+
+def current_request_id() -> str | None:
+    """The request id current in this thread, if any."""
+    current = oslo_context.get_current()
+    return current.request_id if current is not None else None
+
+
+@contextlib.contextmanager
+def request_context(request_id: str | None = None) -> Iterator[str]:
+    """Make ``request_id`` (default: a new one) current in this thread for the block.
+
+    oslo.log's formatter shows the current context's request id on every line,
+    and every call and cast sent from the block carries it.
+    """
+    previous = oslo_context.get_current()
+    current = oslo_context.RequestContext(request_id=request_id or None, overwrite=True)
+    try:
+        yield current.request_id
+    finally:
+        if previous is not None:
+            previous.update_store()
+        else:
+            # oslo.context has no public way to clear the thread's context; without
+            # this a worker thread would log the next, unrelated work under this id.
+            oslo_context._request_store.context = None
+
+
+def with_current_request(work: Callable[..., T]) -> Callable[..., T]:
+    """``work`` bound to this thread's request id, for running in another thread."""
+    request_id = current_request_id()
+
+    @functools.wraps(work)
+    def bound(*args, **kwargs) -> T:
+        with request_context(request_id):
+            return work(*args, **kwargs)
+    return bound
+
+
+# -- servers ---------------------------------------------------------------
+
+class CarriedError(Exception):
+    """A VmcloudError on its way to the caller: class, message and fields as JSON.
+
+    oslo.messaging sends only an exception's class name and message to a caller
+    that does not import the raising module's classes itself; this message holds
+    what the caller needs to raise the same class with the same fields.
+    """
+
+
+def error_fields(error: exception.VmcloudError) -> dict:
+    """The fields of ``error``: the ``__init__`` parameters its class keeps as attributes
+    of the same name (and whose values are plain JSON data).
+
+    When it keeps them all, ``type(error)(**fields)`` rebuilds it.
+    """
+    init = type(error).__init__
+    if init is Exception.__init__:
+        return {}
+    fields = {}
+    for name, parameter in inspect.signature(init).parameters.items():
+        if name == 'self' or parameter.kind in (parameter.VAR_POSITIONAL,
+                                                parameter.VAR_KEYWORD):
+            continue
+        if hasattr(error, name):
+            value = getattr(error, name)
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                continue
+            fields[name] = value
+    return fields
+
 
 def expose(method):
     """Make an endpoint method callable over RPC.
 
-    A VmcloudError it raises is an answer (an unknown image, a full cloud) that goes
-    back to the caller, not a server fault to log with a traceback.
+    Called over RPC, it runs with the request id of the message made current, and a
+    VmcloudError it raises is an answer (an unknown image, a full cloud) that goes
+    back to the caller as the same class with the same fields, not a server fault
+    to log with a traceback. Called directly, it is the plain method.
     """
-    return messaging.expose(messaging.expected_exceptions(exception.VmcloudError)(method))
+    return messaging.expose(method)
+
+
+def _at_the_boundary(method: Callable) -> Callable:
+    """``method`` (bound, exposed) as the RPC dispatcher should call it."""
+    def handle(ctxt: dict, **kwargs):
+        with request_context((ctxt or {}).get('request_id')):
+            try:
+                return method(ctxt, **kwargs)
+            except exception.VmcloudError as exc:
+                raise CarriedError(json.dumps({
+                    'class': type(exc).__name__, 'message': str(exc),
+                    'fields': error_fields(exc)})) from exc
+    handling = messaging.expected_exceptions(CarriedError)(handle)
+    return messaging.expose(functools.update_wrapper(handling, method))
+
+
+class _Endpoint:
+    """What the RPC dispatcher sees of an endpoint: its exposed methods, each behind
+    ``_at_the_boundary``; everything else as it is (the access policy refuses it)."""
+
+    def __init__(self, endpoint):
+        self._endpoint = endpoint
+
+    def __getattr__(self, name: str):
+        value = getattr(self._endpoint, name)
+        if callable(value) and getattr(value, 'exposed', False):
+            return _at_the_boundary(value)
+        return value
 
 
 _transports: dict[str, messaging.Transport] = {}
@@ -97,7 +212,9 @@ def notifier(conf: cfg.ConfigOpts, publisher: str) -> messaging.Notifier:
 
 def server(conf: cfg.ConfigOpts, topic: str, name: str, endpoints: list):
     target = messaging.Target(topic=topic, server=name)
-    return messaging.get_rpc_server(transport(conf), target, endpoints, executor='threading',
+    return messaging.get_rpc_server(transport(conf), target,
+                                    [_Endpoint(each) for each in endpoints],
+                                    executor='threading',
                                     access_policy=rpc_dispatcher.ExplicitRPCAccessPolicy)
 
 
@@ -116,15 +233,16 @@ class Client:
 
     def call(self, method: str, server: str | None = None, timeout: float | None = None,
              **kwargs):
-        """:raises: the VmcloudError the remote side raised; MessagingError if none answers."""
+        """:raises: the VmcloudError the remote side raised (same class, same fields);
+            MessagingError if none answers or it does not offer ``method``."""
         client = self._client.prepare(server=server, timeout=timeout or self.timeout)
         with self._errors(method, server):
-            return client.call({}, method, **kwargs)
+            return client.call(_context(), method, **kwargs)
 
     def cast(self, method: str, server: str | None = None, **kwargs) -> None:
         """:raises: MessagingError if the message cannot be sent."""
         with self._errors(method, server):
-            self._client.prepare(server=server).cast({}, method, **kwargs)
+            self._client.prepare(server=server).cast(_context(), method, **kwargs)
 
     @contextlib.contextmanager
     def _errors(self, method: str, server: str | None) -> Iterator[None]:
@@ -132,20 +250,62 @@ class Client:
         try:
             yield
         except messaging.RemoteError as exc:
-            raise _local_error(exc) from exc
+            if exc.exc_type == rpc_dispatcher.NoSuchMethod.__name__:
+                raise exception.MessagingError(f'the {who} does not offer {method}') from exc
+            raise _local_error(exc.exc_type, exc.value) from exc
+        # The fake:// transport raises the server's own exception in the caller.
+        except CarriedError as exc:
+            raise _local_error(CarriedError.__name__, str(exc)) from exc
+        except rpc_dispatcher.NoSuchMethod as exc:
+            raise exception.MessagingError(f'the {who} does not offer {method}') from exc
         except messaging.MessagingTimeout as exc:
             raise exception.MessagingError(
                 f'the {who} did not answer {method} in time: is it running?') from exc
         except messaging.MessagingException as exc:
             raise exception.MessagingError(
                 f'cannot reach the {who} for {method}: {exc}') from exc
+        except exception.VmcloudError:
+            raise
+        except Exception as exc:
+            # fake:// raises whatever the server raised (a bug there) in the caller;
+            # RabbitMQ would have sent it as a RemoteError naming it, as here.
+            raise exception.VmcloudError(f'{type(exc).__name__}: {exc}') from exc
 
 
-def _local_error(remote: messaging.RemoteError) -> exception.VmcloudError:
-    """The remote VmcloudError as the same class here, with the remote message."""
-    cls = getattr(exception, remote.exc_type or '', None)
+def _context() -> dict:
+    return {'request_id': current_request_id() or oslo_context.generate_request_id()}
+
+
+def _local_error(exc_type: str | None, value: str | None) -> exception.VmcloudError:
+    """The remote VmcloudError as the same class here, with its fields and message.
+
+    Anything else the remote side raised (a bug there) is a VmcloudError naming it.
+    """
+    carried = None
+    if exc_type == CarriedError.__name__:
+        try:
+            carried = json.loads(value or '')
+        except (TypeError, ValueError):
+            pass
+    if not isinstance(carried, dict):
+        return exception.VmcloudError(f'{exc_type}: {value}')
+    cls = getattr(exception, carried.get('class') or '', None)
+    message = str(carried.get('message', ''))
     if not (inspect.isclass(cls) and issubclass(cls, exception.VmcloudError)):
-        return exception.VmcloudError(f'{remote.exc_type}: {remote.value}')
+        return exception.VmcloudError(f'{carried.get("class")}: {message}')
+    fields = carried.get('fields')
+    fields = fields if isinstance(fields, dict) else {}
+    if fields:
+        try:
+            error = cls(**fields)
+        except (TypeError, ValueError):
+            error = None
+        if error is not None and str(error) == message:
+            return error
+    # A class that takes only a message, or keeps only some of its parameters, or whose
+    # message here would differ: the remote message, with the fields it sent.
     error = cls.__new__(cls)
-    Exception.__init__(error, remote.value)
+    Exception.__init__(error, message)
+    for name, value in fields.items():
+        setattr(error, name, value)
     return error

@@ -1,8 +1,14 @@
-"""``vmcloud deploy|list|show|snapshot|delete|hosts``: requests to the dispatcher."""
+"""``vmcloud deploy|list|show|snapshot|delete|hosts``: requests to the dispatcher.
+
+Each command is one request: every call it makes (``deploy --wait`` polls too)
+carries the same request id, which the services' log lines show.
+"""
 import argparse
+import functools
 
 from oslo_config import cfg
 
+from vmcloud import rpc
 from vmcloud.cmd import output
 from vmcloud.dispatcher import rpcapi
 from vmcloud.dispatcher import states
@@ -12,6 +18,14 @@ INSTANCE_COLUMNS = ('name', 'host', 'state', 'image', 'boot_seconds', 'reason')
 
 def _api(conf: cfg.ConfigOpts) -> rpcapi.DispatcherAPI:
     return rpcapi.DispatcherAPI(conf)
+
+
+def _one_request(handler):
+    @functools.wraps(handler)
+    def run(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        with rpc.request_context():
+            return handler(conf, args)
+    return run
 
 
 def _boot(args: argparse.Namespace) -> dict:
@@ -40,6 +54,7 @@ def _show(deployment: dict, fmt: str) -> None:
     output.emit(deployment['instances'], INSTANCE_COLUMNS, fmt)
 
 
+@_one_request
 def do_deploy(conf, args) -> int:
     api = _api(conf)
     if args.from_snapshot:
@@ -53,17 +68,20 @@ def do_deploy(conf, args) -> int:
     return 0 if deployment['state'] in states.RUNNING_STATES else 1
 
 
+@_one_request
 def do_list(conf, args) -> int:
     output.emit(_api(conf).list_deployments(),
                 ('id', 'image', 'count', 'state', 'created_at', 'reason'), args.fmt)
     return 0
 
 
+@_one_request
 def do_show(conf, args) -> int:
     _show(_api(conf).show_deployment(args.deployment), args.fmt)
     return 0
 
 
+@_one_request
 def do_snapshot(conf, args) -> int:
     api = _api(conf)
     snapshot = api.snapshot(args.deployment)
@@ -78,11 +96,13 @@ def do_snapshot(conf, args) -> int:
     return 0 if snapshot['state'] in (states.AVAILABLE, states.UPLOADING) else 1
 
 
+@_one_request
 def do_delete(conf, args) -> int:
     _show(_api(conf).delete_deployment(args.deployment), args.fmt)
     return 0
 
 
+@_one_request
 def do_hosts(conf, args) -> int:
     output.emit(_api(conf).list_hosts(), ('name', 'up', 'vcpus', 'vcpus_used', 'memory_mib',
                                           'memory_mib_used', 'instances', 'last_heartbeat'),

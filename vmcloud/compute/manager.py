@@ -11,6 +11,7 @@ from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud import rpc
+from vmcloud.compute import phases
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.drivers import base as driver_base
@@ -97,6 +98,7 @@ class ComputeManager:
 
     @rpc.expose
     def build_instance(self, ctxt: dict, instance: dict) -> None:
+        """Build on a mirror; report instance_built or build_failed, always one of them."""
         name = instance['name']
         started = time.monotonic()
         try:
@@ -108,17 +110,22 @@ class ComputeManager:
                 kernel=boot.get('kernel'), initrd=boot.get('initrd'),
                 cmdline=boot.get('cmdline', '').replace('{name}', name))
             self.driver.boot(spec, self.conf.compute.boot_timeout)
-            self.mirrors.follow_phases(self.driver, name)
+            phases.follow(self.driver, self.mirrors, name)
         except Exception as exc:  # every failure goes back to the dispatcher, named
             LOG.warning('building %s on %s failed: %s', name, self.host, exc)
-            self._destroy(name)
-            self._report(self.dispatcher.build_failed, instance['id'], self.host,
-                         f'{type(exc).__name__}: {exc}')
+            reason = f'{type(exc).__name__}: {exc}'
+            try:
+                self._destroy(name)
+            except Exception as cleanup:  # the dispatcher must hear of the failure anyway
+                LOG.exception('cleaning up %s after its failed build', name)
+                reason += f'; cleanup failed: {type(cleanup).__name__}: {cleanup}'
+            self._report(self.dispatcher.build_failed, instance['id'], self.host, reason)
             return
         disk = mirror.disk
         needed = sum(disk.manifest.chunk_length(i) for i in disk.fetched_indexes())
-        self._report(self.dispatcher.instance_built, instance['id'], self.host,
-                     time.monotonic() - started, needed)
+        took = time.monotonic() - started
+        LOG.info('%s built on %s in %.1f s', name, self.host, took)
+        self._report(self.dispatcher.instance_built, instance['id'], self.host, took, needed)
 
     def _report(self, method, *args) -> None:
         try:
@@ -163,14 +170,15 @@ class ComputeManager:
         for item, (result, disk, barrier) in zip(items, taken):
             results[item['name']] = result
             if barrier is not None:
-                threading.Thread(target=self._upload, args=(snapshot_id, item, disk, barrier),
+                threading.Thread(target=rpc.with_current_request(self._upload),
+                                 args=(snapshot_id, item, disk, barrier),
                                  daemon=True, name=f'upload-{item["name"]}').start()
         return results
 
     @staticmethod
     def _each(work, things: list) -> list:
         with concurrent.futures.ThreadPoolExecutor(max(1, len(things))) as pool:
-            return list(pool.map(work, things))
+            return list(pool.map(rpc.with_current_request(work), things))
 
     def _barrier_and_thaw(self, item: dict) -> tuple[dict, Optional[disk_mod.MirrorDisk],
                                                      Optional[disk_mod.Barrier]]:

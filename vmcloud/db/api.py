@@ -1,7 +1,9 @@
-"""Engine, sessions and schema upgrades."""
+"""Engine, sessions, schema upgrades, and every query the dispatcher runs."""
 import contextlib
+import datetime
 import os
 import threading
+from collections.abc import Sequence
 from typing import Iterator
 
 import alembic.command
@@ -11,6 +13,10 @@ from oslo_config import cfg
 from sqlalchemy import orm
 
 from vmcloud import exception
+from vmcloud.db import models
+
+# The unit of work every query below takes; callers need not import SQLAlchemy.
+Session = orm.Session
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'migrations')
 
@@ -80,3 +86,138 @@ def _sqlite_pragmas(connection, _record) -> None:
 
 def _sqlite_begin(connection) -> None:
     connection.exec_driver_sql('BEGIN IMMEDIATE')
+
+
+# -- queries ---------------------------------------------------------------
+# Every statement the dispatcher runs, by name; each takes the session of the
+# caller's unit of work. "lock" takes the row with SELECT ... FOR UPDATE.
+
+def host_get(session: orm.Session, name: str) -> models.Host | None:
+    return session.get(models.Host, name)
+
+
+def host_create(session: orm.Session, name: str) -> models.Host:
+    host = models.Host(name=name)
+    session.add(host)
+    return host
+
+
+def hosts(session: orm.Session) -> list[models.Host]:
+    """Every host, by name."""
+    return list(session.scalars(sqlalchemy.select(models.Host).order_by(models.Host.name)))
+
+
+def hosts_silent_since(session: orm.Session, deadline: datetime.datetime) -> list[models.Host]:
+    """Hosts still up whose last heartbeat is older than ``deadline``."""
+    return list(session.scalars(sqlalchemy.select(models.Host).where(
+        models.Host.up.is_(True), models.Host.last_heartbeat < deadline)))
+
+
+def usage_by_host(session: orm.Session,
+                  states: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(host, vcpus, memory_mib) of every placed instance in one of ``states``."""
+    return [tuple(row) for row in session.execute(
+        sqlalchemy.select(models.Instance.host, models.Deployment.vcpus,
+                          models.Deployment.memory_mib)
+        .join(models.Deployment, models.Instance.deployment_id == models.Deployment.id)
+        .where(models.Instance.state.in_(states), models.Instance.host.is_not(None)))]
+
+
+def deployment_create(session: orm.Session, **fields) -> models.Deployment:
+    deployment = models.Deployment(**fields)
+    session.add(deployment)
+    session.flush()  # its instances refer to it
+    return deployment
+
+
+def deployment_get(session: orm.Session, deployment_id: str,
+                   lock: bool = False) -> models.Deployment | None:
+    return session.get(models.Deployment, deployment_id, with_for_update=lock)
+
+
+def deployments(session: orm.Session) -> list[models.Deployment]:
+    """Every deployment, oldest first."""
+    return list(session.scalars(sqlalchemy.select(models.Deployment)
+                                .order_by(models.Deployment.created_at)))
+
+
+def instance_create(session: orm.Session, **fields) -> models.Instance:
+    instance = models.Instance(**fields)
+    session.add(instance)
+    return instance
+
+
+def instance_lock(session: orm.Session, instance_id: str) -> models.Instance | None:
+    """The instance, locked, with its deployment locked first: the deployment's state
+    is computed from all its instances, so their updates must not interleave."""
+    instance = session.get(models.Instance, instance_id)
+    if instance is not None:
+        session.get(models.Deployment, instance.deployment_id, with_for_update=True)
+        session.refresh(instance, with_for_update=True)
+    return instance
+
+
+def instances_of(session: orm.Session, deployment_id: str) -> list[models.Instance]:
+    """A deployment's instances, by name."""
+    return list(session.scalars(sqlalchemy.select(models.Instance).where(
+        models.Instance.deployment_id == deployment_id).order_by(models.Instance.name)))
+
+
+def instances_on(session: orm.Session, host: str,
+                 states: Sequence[str]) -> list[models.Instance]:
+    """The instances placed on ``host`` in one of ``states``."""
+    return list(session.scalars(sqlalchemy.select(models.Instance).where(
+        models.Instance.host == host, models.Instance.state.in_(states))))
+
+
+def instance_state_counts(session: orm.Session, deployment_id: str) -> dict[str, int]:
+    """{state: how many of the deployment's instances are in it}."""
+    session.flush()  # count the changes of this unit of work too
+    rows = session.execute(
+        sqlalchemy.select(models.Instance.state, sqlalchemy.func.count())
+        .where(models.Instance.deployment_id == deployment_id)
+        .group_by(models.Instance.state))
+    return {state: count for state, count in rows}
+
+
+def snapshot_create(session: orm.Session, **fields) -> models.Snapshot:
+    snapshot = models.Snapshot(**fields)
+    session.add(snapshot)
+    session.flush()  # its items refer to it
+    return snapshot
+
+
+def snapshot_get(session: orm.Session, snapshot_id: str,
+                 lock: bool = False) -> models.Snapshot | None:
+    return session.get(models.Snapshot, snapshot_id, with_for_update=lock)
+
+
+def snapshot_item_create(session: orm.Session, **fields) -> models.SnapshotItem:
+    item = models.SnapshotItem(**fields)
+    session.add(item)
+    return item
+
+
+def snapshot_item_get(session: orm.Session, snapshot_id: str, instance_id: str,
+                      lock: bool = False) -> models.SnapshotItem | None:
+    return session.get(models.SnapshotItem, (snapshot_id, instance_id), with_for_update=lock)
+
+
+def snapshot_items(session: orm.Session, snapshot_id: str,
+                   stored_only: bool = False) -> list[models.SnapshotItem]:
+    """A snapshot's items; ``stored_only``: those whose version was stored."""
+    query = sqlalchemy.select(models.SnapshotItem).where(
+        models.SnapshotItem.snapshot_id == snapshot_id)
+    if stored_only:
+        query = query.where(models.SnapshotItem.version != '')
+    return list(session.scalars(query))
+
+
+def snapshot_item_state_counts(session: orm.Session, snapshot_id: str) -> dict[str, int]:
+    """{state: how many of the snapshot's items are in it}."""
+    session.flush()
+    rows = session.execute(
+        sqlalchemy.select(models.SnapshotItem.state, sqlalchemy.func.count())
+        .where(models.SnapshotItem.snapshot_id == snapshot_id)
+        .group_by(models.SnapshotItem.state))
+    return {state: count for state, count in rows}

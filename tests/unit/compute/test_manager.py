@@ -1,0 +1,169 @@
+"""The compute manager with the fake driver, called directly; its reports recorded."""
+import threading
+
+from vmcloud import exception
+from vmcloud import polling
+from vmcloud import rpc
+from vmcloud.compute import manager
+from vmcloud.compute import phases
+from vmcloud.drivers import base as driver_base
+from vmcloud.drivers import fake
+from vmcloud.mirror import profile
+from vmcloud.storage import warehouse as warehouse_mod
+from tests import base
+from tests.unit.dispatcher import helpers
+
+
+class Reports:
+    """Stands in for the dispatcher: what the compute manager tells it."""
+
+    def __init__(self):
+        self.sent: list[tuple] = []
+        self.changed = threading.Condition()
+
+    def __getattr__(self, method: str):
+        def report(*args) -> None:
+            with self.changed:
+                self.sent.append((method, *args))
+                self.changed.notify_all()
+        return report
+
+    def of(self, method: str) -> list[tuple]:
+        return [r[1:] for r in self.sent if r[0] == method]
+
+
+class ComputeManagerTest(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        rpc.register_opts(self.conf)
+        self.conf.set_override('transport_url', 'fake://')
+        self.addCleanup(rpc.cleanup)
+        self.warehouse = warehouse_mod.Warehouse(self.conf)
+        self.image = str(self.warehouse.import_image(helpers.write_image(self.tmp),
+                                                     'guest').manifest.ref)
+        self.driver = fake.FakeDriver(self.conf)
+        self.compute = manager.ComputeManager(self.conf, 'node1', driver=self.driver,
+                                              warehouse=self.warehouse)
+        self.addCleanup(self.compute.mirrors.close)
+        self.reports = Reports()
+        self.compute.dispatcher = self.reports
+
+    def build(self, name: str = 'vm1') -> dict:
+        instance = {'id': f'id-{name}', 'name': name, 'image': self.image, 'vcpus': 1,
+                    'memory_mib': 256, 'boot': {'cmdline': 'vmcloud.id={name}'}}
+        self.compute.build_instance({}, instance)
+        return instance
+
+    def test_a_build_reports_built(self):
+        self.build()
+        (instance_id, host, seconds, fetched), = self.reports.of('instance_built')
+        self.assertEqual(('id-vm1', 'node1'), (instance_id, host))
+        self.assertEqual([], self.reports.of('build_failed'))
+        self.assertEqual(['vm1'], self.driver.list_instances())
+        self.assertEqual('vmcloud.id=vm1', self.driver.instances['vm1'].spec.cmdline)
+        self.assertEqual(['vm1'], self.compute.mirrors.names())
+        # The guest printed boot-done: its mirror records first touches as the application's.
+        recorder = self.compute.mirrors.get('vm1').disk.recorder
+        polling.wait(lambda: recorder.phase, lambda phase: phase == profile.APPLICATION, 30,
+                     'the application phase', interval=0.02)
+
+    def test_a_failed_build_cleans_up_and_reports_why(self):
+        def refuse(spec):
+            raise exception.SpawnFailed('no room, on purpose')
+        self.driver.spawn = refuse
+        self.build()
+        (instance_id, host, reason), = self.reports.of('build_failed')
+        self.assertEqual(('id-vm1', 'node1'), (instance_id, host))
+        self.assertEqual('SpawnFailed: no room, on purpose', reason)
+        self.assertEqual([], self.compute.mirrors.names())
+        self.assertEqual([], self.reports.of('instance_built'))
+
+    def test_a_failed_cleanup_does_not_lose_the_report(self):
+        def refuse(spec):
+            raise exception.SpawnFailed('no room, on purpose')
+
+        def broken(name):
+            raise RuntimeError('cleanup broke, on purpose')
+        self.driver.spawn = refuse
+        self.compute.mirrors.remove = broken
+        self.build()
+        (_, _, reason), = self.reports.of('build_failed')
+        self.assertIn('SpawnFailed: no room, on purpose', reason)
+        self.assertIn('cleanup failed: RuntimeError: cleanup broke, on purpose', reason)
+
+    def test_destroy(self):
+        self.build()
+        self.compute.destroy_instance({}, 'vm1')
+        self.assertEqual([], self.driver.list_instances())
+        self.assertEqual([], self.compute.mirrors.names())
+        self.compute.destroy_instance({}, 'vm1')  # gone already: nothing to do
+
+    def test_freeze_then_barrier_thaws_and_uploads(self):
+        self.build('vm1')
+        self.build('vm2')
+        mirror = self.compute.mirrors.get('vm1')
+        chunk = mirror.disk.manifest.chunk_size
+        mirror.disk.write(0, b'x' * chunk)
+        self.assertEqual({'vm1': '', 'vm2': ''}, self.compute.freeze({}, ['vm1', 'vm2']))
+        for name in ('vm1', 'vm2'):
+            self.assertTrue(self.driver.instances[name].io_frozen)
+            self.assertEqual(driver_base.PowerState.PAUSED, self.driver.power_state(name))
+        items = [{'instance_id': 'id-vm1', 'name': 'vm1'},
+                 {'instance_id': 'id-vm2', 'name': 'vm2'}]
+        results = self.compute.barrier_and_thaw({}, 'snap1', items)
+        self.assertEqual(chunk, results['vm1']['dirty_bytes'])
+        self.assertEqual(0, results['vm2']['dirty_bytes'])
+        for name in ('vm1', 'vm2'):
+            self.assertFalse(self.driver.instances[name].io_frozen)
+            self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state(name))
+        done = polling.wait(lambda: self.reports.of('snapshot_item_done'),
+                            lambda d: len(d) == 2, 60, 'both uploads', interval=0.02)
+        by_id = {d[1]: d for d in done}
+        _, _, version, uploaded, error = by_id['id-vm1']
+        self.assertEqual('', error)
+        self.assertEqual(chunk, uploaded)
+        self.assertBytesEqual(b'x' * chunk,
+                              self.warehouse.read(self.warehouse.lookup(version), 0, chunk))
+
+    def test_a_guest_that_cannot_freeze_is_named(self):
+        self.build()
+
+        freeze = self.driver.freeze_io
+
+        def refuse(name):
+            if name == 'vm1':
+                raise exception.DriverError('stuck, on purpose')
+            return freeze(name)
+        self.driver.freeze_io = refuse
+        self.assertEqual({'vm1': 'stuck, on purpose', 'nosuch': 'instance nosuch not found'},
+                         self.compute.freeze({}, ['vm1', 'nosuch']))
+
+
+class PhasesTest(base.TestCase):
+    class Recorder:
+        def __init__(self):
+            self.phases = []
+
+        def set_phase(self, name, phase):
+            self.phases.append((name, phase))
+
+    def test_each_marker_the_guest_prints_reaches_the_mirror(self):
+        driver = fake.FakeDriver(self.conf)
+        driver.spawn(driver_base.InstanceSpec(name='vm1', disk=helpers.write_image(self.tmp)))
+        recorder = self.Recorder()
+        phases.follow(driver, recorder, 'vm1', timeout=1).join(30)
+        # The fake guest printed boot-done; it never shuts down by itself.
+        self.assertEqual([('vm1', driver_base.BOOT_DONE)], recorder.phases)
+        driver.stop('vm1')
+        recorder = self.Recorder()
+        phases.follow(driver, recorder, 'vm1', timeout=1).join(30)
+        self.assertEqual([('vm1', driver_base.BOOT_DONE), ('vm1', driver_base.SHUTDOWN_STARTED)],
+                         recorder.phases)
+
+    def test_a_guest_gone_stops_following(self):
+        driver = fake.FakeDriver(self.conf)
+        recorder = self.Recorder()
+        thread = phases.follow(driver, recorder, 'nosuch', timeout=1)
+        thread.join(30)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual([], recorder.phases)

@@ -1,0 +1,235 @@
+"""The dispatcher over fake:// and SQLite, with fake-driver compute managers."""
+import datetime
+import logging
+
+from vmcloud import exception
+from vmcloud import polling
+from vmcloud import rpc
+from vmcloud.db import api as db_api
+from vmcloud.db import models
+from vmcloud.dispatcher import states
+from tests.unit.dispatcher import helpers
+
+
+def fail_once(driver_a, driver_b) -> list[str]:
+    """Make the first spawn on either driver fail; :returns: the names it failed."""
+    failed = []
+    for driver in (driver_a, driver_b):
+        spawn = driver.spawn
+
+        def failing(spec, spawn=spawn):
+            if not failed:
+                failed.append(spec.name)
+                raise exception.SpawnFailed(f'{spec.name}: refused on purpose')
+            return spawn(spec)
+        driver.spawn = failing
+    return failed
+
+
+class DeployTest(helpers.CloudTestCase):
+    def test_a_request_that_does_not_fit_writes_nothing(self):
+        error = self.assertRaises(exception.NoValidHost, self.api.deploy, 'guest', 7)
+        self.assertEqual((7, 7, 6, 2), (error.requested, error.required, error.placed,
+                                        error.hosts))
+        self.assertEqual('instance_count', error.filter_name)
+        self.assertEqual([], self.api.list_deployments())
+        with self.cloud.dispatcher.db.session() as session:
+            self.assertEqual([], db_api.usage_by_host(session, states.RUNNING_STATES))
+        self.assertEqual([], self.cloud.node('node1').driver.list_instances())
+
+    def test_min_count_places_what_fits(self):
+        deployment = self.deploy_and_wait(count=8, min_count=5)
+        self.assertEqual('active', deployment['state'])
+        self.assertEqual(6, len(deployment['instances']))
+        self.assertEqual(5, deployment['min_count'])
+
+    def test_bad_counts_are_refused(self):
+        self.assertRaises(exception.InvalidRequest, self.api.deploy, 'guest', 0)
+        self.assertRaises(exception.InvalidRequest, self.api.deploy, 'guest', 2, min_count=3)
+        self.assertRaises(exception.ImageNotFound, self.api.deploy, 'nosuch', 1)
+        self.assertEqual([], self.api.list_deployments())
+
+    def test_a_failed_build_is_retried_on_another_host(self):
+        drivers = {c.host: c.driver for c in self.cloud.computes}
+        failed = fail_once(drivers['node1'], drivers['node2'])
+        deployment = self.deploy_and_wait(count=1)
+        self.assertEqual('active', deployment['state'], deployment)
+        instance, = deployment['instances']
+        self.assertEqual(failed, [instance['name']])
+        self.assertEqual(2, instance['attempts'])
+        first = instance['failed_hosts']
+        self.assertIn(first, drivers)
+        self.assertNotEqual(first, instance['host'])
+        self.assertIn(instance['name'], drivers[instance['host']].list_instances())
+        self.assertNotIn(instance['name'], drivers[first].list_instances())
+
+    def test_a_build_no_host_can_do_ends_in_error_with_every_reason(self):
+        for compute in self.cloud.computes:
+            def refuse(spec):
+                raise exception.SpawnFailed(f'{spec.name}: refused on purpose')
+            compute.driver.spawn = refuse
+        deployment = self.deploy_and_wait(count=1)
+        self.assertEqual('error', deployment['state'])
+        self.assertIn('only 0 of 1', deployment['reason'])
+        instance, = deployment['instances']
+        self.assertEqual('error', instance['state'])
+        self.assertIsNone(instance['host'])
+        self.assertIn('refused on purpose', instance['reason'])
+        self.assertIn('no other host can take it', instance['reason'])
+        self.assertEqual({'node1', 'node2'}, set(instance['failed_hosts'].split(',')))
+        self.assertIn('instance.create.error', self.notifications())
+
+    def test_delete_destroys_the_guests(self):
+        deployment = self.deploy_and_wait(count=2)
+        self.assertEqual('deleted', self.api.delete_deployment(deployment['id'])['state'])
+        for compute in self.cloud.computes:  # destroy_instance is a cast
+            polling.wait(lambda: compute.driver.list_instances() + compute.mirrors.names(),
+                         lambda left: left == [], helpers.TIMEOUT, f'{compute.host} empty',
+                         interval=0.05)
+        self.assertEqual(['deleted', 'deleted'],
+                         [i['state'] for i in self.api.show_deployment(deployment['id'])
+                          ['instances']])
+        self.assertRaises(exception.DeploymentNotFound, self.api.delete_deployment, 'nope')
+
+    def test_a_request_id_is_in_the_log_lines_of_both_services(self):
+        records = helpers.RequestIds()
+        logger = logging.getLogger('vmcloud')
+        logger.addHandler(records)
+        self.addCleanup(logger.removeHandler, records)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        self.addCleanup(logger.setLevel, level)
+        with rpc.request_context('req-unit-test-1'):
+            deployment = self.api.deploy('guest', 2)
+        self.api.wait_deployment(deployment['id'], helpers.TIMEOUT)
+        mine = [(name, message) for name, request_id, message in records.records
+                if request_id == 'req-unit-test-1']
+        dispatcher = [m for n, m in mine if n.startswith('vmcloud.dispatcher.')]
+        compute = [m for n, m in mine if n.startswith('vmcloud.compute.')]
+        # The dispatcher placing them, each compute manager building, the dispatcher
+        # hearing back: one request, the same id on both sides and both ways.
+        self.assertTrue([m for m in dispatcher if m.startswith(f'deployment {deployment["id"]}')],
+                        mine)
+        for instance in deployment['instances']:
+            name = instance['name']
+            self.assertTrue([m for m in compute if m.startswith(f'{name} built on')], mine)
+            self.assertTrue([m for m in dispatcher if m.startswith(f'instance {name} active')],
+                            mine)
+
+
+class HostDownTest(helpers.CloudTestCase):
+    def configure(self):
+        self.conf.set_override('max_instances_per_host', 4, 'scheduler')
+
+    def age_heartbeat(self, host: str) -> None:
+        with self.cloud.dispatcher.db.session() as session:
+            db_api.host_get(session, host).last_heartbeat = (
+                models.utcnow() - datetime.timedelta(hours=1))
+
+    def test_building_instances_are_rebuilt_elsewhere_and_running_ones_fail(self):
+        self.cloud.dispatcher.monitor.stop()  # this test runs the passes itself
+        running = self.deploy_and_wait(count=2)
+        on_node2 = [i['name'] for i in running['instances'] if i['host'] == 'node2']
+        self.assertEqual(1, len(on_node2))
+        node2 = self.cloud.node('node2')
+        node2.stop()  # its builds now wait in its queue, unanswered
+        self.cloud.computes.remove(node2)
+        building = self.api.deploy('guest', 2)
+        stuck = [i for i in building['instances'] if i['host'] == 'node2']
+        self.assertEqual(1, len(stuck))
+        self.age_heartbeat('node2')
+
+        self.assertEqual(['node2'], self.cloud.dispatcher.monitor.mark_dead_hosts())
+
+        node1 = self.cloud.node('node1').driver
+        rebuilt = self.api.wait_deployment(building['id'], helpers.TIMEOUT)
+        self.assertEqual('active', rebuilt['state'], rebuilt)
+        for instance in rebuilt['instances']:
+            self.assertEqual(('active', 'node1'), (instance['state'], instance['host']))
+            self.assertIn(instance['name'], node1.list_instances())
+        moved, = [i for i in rebuilt['instances'] if i['id'] == stuck[0]['id']]
+        self.assertEqual('node2', moved['failed_hosts'])
+        self.assertEqual(2, moved['attempts'])
+        lost = self.api.show_deployment(running['id'])
+        for instance in lost['instances']:
+            if instance['name'] in on_node2:
+                self.assertEqual('error', instance['state'])
+                self.assertIn('node2 stopped sending heartbeats', instance['reason'])
+            else:
+                self.assertEqual('active', instance['state'])
+        self.assertEqual('error', lost['state'])  # min_count was 2
+        self.assertEqual({'node1': True, 'node2': False},
+                         {h['name']: h['up'] for h in self.api.list_hosts()})
+        self.assertEqual([], self.cloud.dispatcher.monitor.mark_dead_hosts())
+
+
+class SnapshotTest(helpers.CloudTestCase):
+    def test_snapshot_then_deploy_from_it(self):
+        deployment = self.deploy_and_wait(count=2)
+        snapshot = self.api.snapshot(deployment['id'])
+        self.assertIn(snapshot['state'], ('uploading', 'available'))
+        snapshot = self.api.wait_snapshot(snapshot['id'], helpers.TIMEOUT)
+        self.assertEqual('available', snapshot['state'])
+        versions = {item['version'] for item in snapshot['items']}
+        self.assertEqual(2, len(versions))
+        self.assertEqual({'guest'}, {v.split(':')[0] for v in versions})
+        for item in snapshot['items']:
+            self.assertEqual('available', item['state'])
+            self.assertIsNotNone(item['pause_ms'])
+        again = self.api.wait_deployment(
+            self.api.deploy_snapshot(snapshot['id'])['id'], helpers.TIMEOUT)
+        self.assertEqual('active', again['state'])
+        self.assertEqual(versions, {i['image'] for i in again['instances']})
+        for compute in self.cloud.computes:  # every guest runs again after the barrier
+            for name in compute.driver.list_instances():
+                self.assertEqual('running', compute.driver.power_state(name).value)
+
+    def test_an_instance_that_cannot_freeze_makes_the_snapshot_partial(self):
+        deployment = self.deploy_and_wait(count=2)
+        victim = deployment['instances'][0]
+        driver = self.cloud.node(victim['host']).driver
+        freeze = driver.freeze_io
+
+        def refuse(name):
+            if name == victim['name']:
+                raise exception.DriverError(f'{name} cannot freeze, on purpose')
+            return freeze(name)
+        driver.freeze_io = refuse
+        snapshot = self.api.wait_snapshot(self.api.snapshot(deployment['id'])['id'],
+                                          helpers.TIMEOUT)
+        self.assertEqual('partial', snapshot['state'])
+        self.assertIn('1 instances could not be snapshotted', snapshot['reason'])
+        items = {i['instance_id']: i for i in snapshot['items']}
+        self.assertEqual('error', items[victim['id']]['state'])
+        self.assertIn('on purpose', items[victim['id']]['reason'])
+        self.assertEqual('', items[victim['id']]['version'])
+        other, = [i for i in items.values() if i['instance_id'] != victim['id']]
+        self.assertEqual('available', other['state'])
+        # Only the stored version can be deployed again.
+        again = self.api.wait_deployment(
+            self.api.deploy_snapshot(snapshot['id'])['id'], helpers.TIMEOUT)
+        self.assertEqual([other['version']], [i['image'] for i in again['instances']])
+
+    def test_the_barrier_and_upload_threads_keep_the_request_id(self):
+        deployment = self.deploy_and_wait(count=2)
+        records = helpers.RequestIds()
+        logger = logging.getLogger('vmcloud')
+        logger.addHandler(records)
+        self.addCleanup(logger.removeHandler, records)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        self.addCleanup(logger.setLevel, level)
+        with rpc.request_context('req-unit-snapshot'):
+            snapshot = self.api.snapshot(deployment['id'])
+        self.api.wait_snapshot(snapshot['id'], helpers.TIMEOUT)
+        for instance in deployment['instances']:
+            name = instance['name']
+            for start in (f'{name} frozen in', f'snapshot of {name} stored as'):
+                ids = {i for n, i, m in records.records
+                       if n == 'vmcloud.compute.manager' and m.startswith(start)}
+                self.assertEqual({'req-unit-snapshot'}, ids, start)
+
+    def test_nothing_to_snapshot(self):
+        self.assertRaises(exception.DeploymentNotFound, self.api.snapshot, 'nope')
+        self.assertRaises(exception.InvalidRequest, self.api.show_snapshot, 'nope')
+        self.assertRaises(exception.InvalidRequest, self.api.deploy_snapshot, 'nope')

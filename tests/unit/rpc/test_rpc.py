@@ -1,0 +1,147 @@
+"""The RPC layer over fake://: errors come back whole, request ids travel, policy holds."""
+import json
+import logging
+
+from oslo_config import cfg
+from oslo_log import formatters
+
+from vmcloud import exception
+from vmcloud import rpc
+from vmcloud.cmd import service
+from tests import base
+
+TOPIC = 'vmcloud-test-rpc'
+
+
+class Endpoint:
+    def __init__(self):
+        self.request_ids: list[str | None] = []
+        self.ran_hidden = False
+
+    @rpc.expose
+    def echo(self, ctxt: dict, value):
+        self.request_ids.append(rpc.current_request_id())
+        logging.getLogger('vmcloud.test.server').info('echo %s', value)
+        return value
+
+    @rpc.expose
+    def no_valid_host(self, ctxt: dict):
+        raise exception.NoValidHost(8, 6, 5, 2, 'ram', 2)
+
+    @rpc.expose
+    def invalid(self, ctxt: dict):
+        raise exception.InvalidRequest('min count 3 must be between 1 and 2')
+
+    @rpc.expose
+    def in_use(self, ctxt: dict):
+        raise exception.ImageInUse('image guest', ['guest:2', 'guest:3'])
+
+    @rpc.expose
+    def bug(self, ctxt: dict):
+        raise KeyError('oops')
+
+    def hidden(self, ctxt: dict):
+        self.ran_hidden = True
+
+
+class RpcTest(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        rpc.register_opts(self.conf)
+        self.conf.set_override('transport_url', 'fake://')
+        self.conf.set_override('rpc_call_timeout', 30)
+        self.addCleanup(rpc.cleanup)
+        self.endpoint = Endpoint()
+        server = rpc.server(self.conf, TOPIC, 'server1', [self.endpoint])
+        server.start()
+        self.addCleanup(server.wait)
+        self.addCleanup(server.stop)
+        self.client = rpc.Client(self.conf, TOPIC, 'test service')
+
+    def test_an_error_arrives_as_its_class_with_its_fields(self):
+        error = self.assertRaises(exception.NoValidHost, self.client.call, 'no_valid_host')
+        self.assertIs(exception.NoValidHost, type(error))
+        self.assertEqual((8, 6, 5, 2, 'ram', 2),
+                         (error.requested, error.required, error.placed, error.hosts,
+                          error.filter_name, error.eliminated))
+        self.assertEqual(str(exception.NoValidHost(8, 6, 5, 2, 'ram', 2)), str(error))
+
+    def test_an_error_with_only_a_message_keeps_it(self):
+        error = self.assertRaises(exception.InvalidRequest, self.client.call, 'invalid')
+        self.assertEqual('min count 3 must be between 1 and 2', str(error))
+
+    def test_an_error_that_keeps_some_fields_keeps_its_message_and_those(self):
+        error = self.assertRaises(exception.ImageInUse, self.client.call, 'in_use')
+        self.assertIn('image guest has dependent snapshots: guest:2, guest:3', str(error))
+        self.assertEqual(['guest:2', 'guest:3'], error.dependents)
+
+    def test_a_remote_bug_is_a_vmcloud_error_naming_it(self):
+        error = self.assertRaises(exception.VmcloudError, self.client.call, 'bug')
+        self.assertIs(exception.VmcloudError, type(error))
+        self.assertIn('KeyError', str(error))
+
+    def test_only_exposed_methods_run(self):
+        error = self.assertRaises(exception.MessagingError, self.client.call, 'hidden')
+        self.assertIn('does not offer hidden', str(error))
+        self.assertFalse(self.endpoint.ran_hidden)
+        self.assertRaises(exception.MessagingError, self.client.call, '__init__')
+
+    def test_the_request_id_travels_with_the_call(self):
+        with rpc.request_context('req-from-the-client') as request_id:
+            self.assertEqual('req-from-the-client', request_id)
+            self.assertEqual(3, self.client.call('echo', value=3))
+            self.assertEqual('req-from-the-client', rpc.current_request_id())
+        self.assertIsNone(rpc.current_request_id())
+        self.assertEqual(4, self.client.call('echo', value=4))  # none set: a new one
+        first, second = self.endpoint.request_ids
+        self.assertEqual('req-from-the-client', first)
+        self.assertTrue(second.startswith('req-'))
+        self.assertNotEqual(first, second)
+
+    def test_the_service_log_format_shows_the_request_id(self):
+        conf = cfg.ConfigOpts()
+        service.setup_logging(conf)
+        conf([])
+        lines = []
+
+        class Formatted(logging.Handler):
+            def emit(self, record):
+                lines.append(self.format(record))
+        handler = Formatted()
+        handler.setFormatter(formatters.ContextFormatter(project='vmcloud', config=conf))
+        logger = logging.getLogger('vmcloud.test.server')
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        self.addCleanup(logger.removeHandler, handler)
+        with rpc.request_context('req-shown-in-the-log'):
+            self.client.call('echo', value='x')
+        self.assertEqual(1, len(lines), lines)
+        self.assertIn('[req-shown-in-the-log] echo x', lines[0])
+
+    def test_another_thread_keeps_the_request_id_when_asked(self):
+        import concurrent.futures
+        with rpc.request_context('req-in-a-pool'):
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                carried = pool.submit(rpc.with_current_request(rpc.current_request_id))
+                plain = pool.submit(rpc.current_request_id)
+        self.assertEqual('req-in-a-pool', carried.result())
+        self.assertIsNone(plain.result())
+
+
+class LocalErrorTest(base.TestCase):
+    """What a RabbitMQ client gets: the remote exception's class name and message."""
+
+    def test_a_carried_error_is_rebuilt(self):
+        error = rpc._local_error('CarriedError', json.dumps({
+            'class': 'DeploymentNotFound', 'message': 'deployment d1 not found',
+            'fields': {'deployment_id': 'd1'}}))
+        self.assertIs(exception.DeploymentNotFound, type(error))
+        self.assertEqual('d1', error.deployment_id)
+
+    def test_what_cannot_be_rebuilt_is_a_vmcloud_error(self):
+        for exc_type, value in (('CarriedError', 'not json'),
+                                ('CarriedError', json.dumps({'class': 'os.system',
+                                                             'message': 'm'})),
+                                ('RuntimeError', 'a bug')):
+            error = rpc._local_error(exc_type, value)
+            self.assertIs(exception.VmcloudError, type(error))

@@ -1,0 +1,53 @@
+"""What the dispatcher answers when asked to show or list: rows as plain dicts."""
+import datetime
+import json
+
+
+from vmcloud import exception
+from vmcloud.db import api as db_api
+from vmcloud.db import models
+
+
+def row(obj: models.Base) -> dict:
+    """A row's columns, datetimes in ISO format (RPC results are JSON)."""
+    result = {}
+    for column in obj.__table__.columns:
+        value = getattr(obj, column.key)
+        result[column.key] = value.isoformat() if isinstance(value, datetime.datetime) else value
+    return result
+
+
+def deployment(session: db_api.Session, deployment_id: str,
+               lock: bool = False) -> models.Deployment:
+    """:raises: DeploymentNotFound."""
+    found = db_api.deployment_get(session, deployment_id, lock)
+    if found is None:
+        raise exception.DeploymentNotFound(deployment_id)
+    return found
+
+
+def snapshot(session: db_api.Session, snapshot_id: str) -> models.Snapshot:
+    """:raises: InvalidRequest if there is no such snapshot."""
+    found = db_api.snapshot_get(session, snapshot_id)
+    if found is None:
+        raise exception.InvalidRequest(f'snapshot {snapshot_id} not found')
+    return found
+
+
+def show_deployment(session: db_api.Session, deployment_id: str) -> dict:
+    """:raises: DeploymentNotFound."""
+    result = row(deployment(session, deployment_id))
+    result['boot'] = json.loads(result['boot'])
+    result['instances'] = [row(i) for i in db_api.instances_of(session, deployment_id)]
+    return result
+
+
+def list_deployments(session: db_api.Session) -> list[dict]:
+    return [row(d) for d in db_api.deployments(session)]
+
+
+def show_snapshot(session: db_api.Session, snapshot_id: str) -> dict:
+    """:raises: InvalidRequest if there is no such snapshot."""
+    result = row(snapshot(session, snapshot_id))
+    result['items'] = [row(i) for i in db_api.snapshot_items(session, snapshot_id)]
+    return result

@@ -151,10 +151,13 @@ class Backend(abc.ABC):
 
         Chunks in ``referenced`` stay readable throughout, by this and every
         other instance, though they may move. Chunks the backend cannot account
-        for (those of a damaged item) are never removed.
+        for (those of a damaged item) are never removed, nor a copy whose other
+        copies are lost.
 
         :returns: (chunks removed, bytes freed).
-        :raises: StorageError.
+        :raises: StorageError; before removing anything if the store may hold
+            versions that list_versions cannot list (an unreadable image
+            directory), since ``referenced`` cannot include their chunks.
         """
 
     @abc.abstractmethod

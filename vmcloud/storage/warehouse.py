@@ -145,11 +145,6 @@ class Warehouse:
     def versions(self, image: str) -> list[Manifest]:
         return [self.manifest(image, v) for v in self.backend.list_versions(image)]
 
-    def all_manifests(self) -> Iterator[Manifest]:
-        """Every manifest. :raises: CorruptManifest on the first unreadable one."""
-        for image in self.backend.list_images():
-            yield from self.versions(image)
-
     def listing(self) -> Listing:
         """The summary of every readable version, and the reason each other one is not.
 

@@ -459,15 +459,19 @@ class FileBackendTest(BackendContract, base.TestCase):
         self.assertEqual(a[1], reader.read_chunk(a[0]))
         self.assertTrue(reader.has_chunk(a[0]))
 
+    def _copy_in_pack(self, pack_id: str, chunk: tuple[str, bytes]) -> None:
+        """Store ``chunk`` again, in a pack of its own named ``pack_id``."""
+        with mock.patch.object(file_backend.uuid, 'uuid4', return_value=mock.Mock(hex=pack_id)):
+            copy = file_backend.PackWriteSession(self.backend, dedup=False)
+            copy.put_chunk(*chunk)
+            copy.commit()
+
     def test_gc_after_a_killed_gc_keeps_one_copy(self):
         # A gc killed after publishing its copy of a's pack, before removing the
         # old pack, leaves a in two packs; the next gc must leave it in one.
         a, b = self.chunk(), self.chunk()
         self.store(self.backend, a, b)
-        with mock.patch.object(file_backend.uuid, 'uuid4', return_value=mock.Mock(hex='f' * 32)):
-            copy = file_backend.PackWriteSession(self.backend, dedup=False)
-            copy.put_chunk(*a)
-            copy.commit()
+        self._copy_in_pack('f' * 32, a)
         gc = self.make_backend()
         with gc.exclusive_lock(5):
             gc.retain({a[0]})
@@ -498,14 +502,87 @@ class FileBackendTest(BackendContract, base.TestCase):
     def test_gc_does_not_trade_a_copy_for_a_lost_one(self):
         a, b = self.chunk(), self.chunk()
         self.store(self.backend, a, b)
-        with mock.patch.object(file_backend.uuid, 'uuid4', return_value=mock.Mock(hex='f' * 32)):
-            copy = file_backend.PackWriteSession(self.backend, dedup=False)
-            copy.put_chunk(*a)
-            copy.commit()
+        self._copy_in_pack('f' * 32, a)
         os.unlink(os.path.join(self.backend.packs_dir, 'f' * 32 + '.pack'))
         gc = self.make_backend()
         with gc.exclusive_lock(5):
             gc.retain({a[0]})
+        self.assertEqual(a[1], self.make_backend().read_chunk(a[0]))
+
+    def test_lost_first_copy_falls_back_to_the_other(self):
+        # A fresh instance makes the copy in the first pack by name the one it
+        # reads first; when that pack file is lost, the other copy must serve.
+        a, b = self.chunk(), self.chunk()
+        self.store(self.backend, a, b)
+        self._copy_in_pack('0' * 32, a)
+        os.unlink(os.path.join(self.backend.packs_dir, '0' * 32 + '.pack'))
+        reader = self.make_backend()
+        self.assertEqual(a[1], reader.read_chunk(a[0]))
+
+    def test_unreadable_first_copy_falls_back_to_the_other(self):
+        a, b = self.chunk(), self.chunk()
+        self.store(self.backend, a, b)
+        self._copy_in_pack('0' * 32, a)
+        reader = self.make_backend()
+        real_open = os.open
+
+        def bad_sector(path, *args, **kwargs):
+            if path.endswith('0' * 32 + '.pack'):
+                raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+            return real_open(path, *args, **kwargs)
+
+        with mock.patch('os.open', bad_sector):
+            self.assertEqual(a[1], reader.read_chunk(a[0]))
+
+    def test_gc_keeps_the_good_copy_when_the_first_is_lost(self):
+        # gc drops a chunk from a pack when it is also elsewhere; not when the
+        # place elsewhere is a lost pack, which would leave no copy at all.
+        a, b = self.chunk(), self.chunk()
+        self.store(self.backend, a, b)
+        self._copy_in_pack('0' * 32, a)
+        os.unlink(os.path.join(self.backend.packs_dir, '0' * 32 + '.pack'))
+        gc = self.make_backend()
+        with gc.exclusive_lock(5):
+            gc.retain({a[0]})
+        reader = self.make_backend()
+        self.assertEqual(a[1], reader.read_chunk(a[0]))
+        self.assertAbsent(reader, b[0])
+
+    def test_gc_keeps_the_copy_whose_twin_lost_its_index_since_loaded(self):
+        # A long-lived gc loaded both packs holding a; then the first one's index
+        # is damaged. The other copy is the only one readable and must stay.
+        a, b = self.chunk(), self.chunk()
+        self.store(self.backend, a, b)
+        self._copy_in_pack('f' * 32, a)
+        gc = self.make_backend()
+        gc.refresh()
+        first = gc.locate(a[0]).pack
+        self.assertNotEqual('f' * 32, first)
+        self.flip_index_bit(first)
+        with gc.exclusive_lock(5):
+            gc.retain({a[0]})
+        self.assertEqual(a[1], self.make_backend().read_chunk(a[0]))
+
+    def test_gc_refuses_while_an_image_directory_is_unreadable(self):
+        # Its versions are unknown, so are the chunks they need: freeing any
+        # could lose a version that comes back when the directory is readable.
+        a = self.chunk()
+        self.store(self.backend, a)
+        self.backend.create_manifest('img', 1, b'{}')
+        hidden = os.path.join(self.backend.images_dir, 'img')
+        real_listdir = os.listdir
+
+        def unreadable(path='.'):
+            if path == hidden:
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return real_listdir(path)
+
+        gc = self.make_backend()
+        with mock.patch('os.listdir', unreadable), gc.exclusive_lock(5):
+            self.assertEqual([], gc.list_images())
+            error = self.assertRaises(exception.StorageError, gc.retain, set())
+        self.assertIn('images/img', str(error))
+        self.assertIn(os.strerror(errno.EACCES), str(error))
         self.assertEqual(a[1], self.make_backend().read_chunk(a[0]))
 
     def test_pack_removed_between_lookup_and_open(self):
@@ -558,6 +635,8 @@ class FileBackendTest(BackendContract, base.TestCase):
         self.assertEqual([], self.backend.list_versions('stray'))
         self.assertEqual(['images/stray is not a directory of manifests'],
                          self.backend.damaged())
+        with self.backend.exclusive_lock(5):
+            self.assertEqual((0, 0), self.backend.retain(set()))  # it hides no versions
 
     def test_bad_image_names_stay_inside_the_store(self):
         for name in ('', '.', '..', '../x', 'a/b'):

@@ -115,6 +115,14 @@ class ManifestFormatTest(base.TestCase):
                                           'img:2')
                 self.assertIn(problem, str(error))
 
+    def test_a_header_counting_more_data_chunks_than_fit_is_corrupt(self):
+        # The listing reads only the header: its count must make sense alone
+        # (else a listing shows a negative number of holes).
+        data = _manifest(chunks=('a' * 64,) * 5).encode()
+        error = self.assertRaises(exception.CorruptManifest, Manifest.decode_summary,
+                                  data, 'img:2', True)
+        self.assertIn('5 data chunks for 10 bytes', str(error))
+
     def test_a_run_longer_than_the_image_is_corrupt(self):
         data = _manifest(chunks=(None, None, None, None, None)).encode()
         error = self.assertRaises(exception.CorruptManifest, Manifest.decode, data, 'img:2')

@@ -438,6 +438,23 @@ class WindowedConversionTest(WarehouseTestCase):
         self.assertIn('qemu-img map failed (exit 1)', str(error))
         self.assertIn('qcow2', str(error))
 
+    def test_a_window_converted_short_is_refused_and_leaves_nothing(self):
+        # A window shorter than asked would shift every chunk after it.
+        qcow2 = self.qcow2_of(self.make_raw('a.raw', 'rrrrrrrr'))
+        converted = qemu_img.convert_range
+
+        def short(conf, src, fmt, offset, length, dst):
+            converted(conf, src, fmt, offset, length, dst)
+            os.truncate(dst, length - 1)
+
+        with mock.patch.object(qemu_img, 'convert_range', short):
+            error = self.assertRaises(exception.UnsafeImage, self.warehouse.import_image,
+                                      qcow2, 'a')
+        self.assertIn(f'qemu-img converted {4 * CHUNK - 1} bytes of a {4 * CHUNK}-byte window',
+                      str(error))
+        self.assertEqual([], self.warehouse.images())
+        self.assertEqual([], os.listdir(self.backend.staging_dir))
+
     def test_too_little_scratch_space_is_refused_before_starting(self):
         qcow2 = self.qcow2_of(self.make_raw('a.raw', 'rrrrrrrr'))
         with mock.patch.object(warehouse.shutil, 'disk_usage') as usage:

@@ -290,6 +290,24 @@ class FileBackend(backend.Backend):
             self._index_loaded = True
             return changed
 
+    def _reread_indexes(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Read every loaded index again; forget each pack whose index is now gone or damaged.
+
+        Damage since an index was loaded counts too: those chunks are absent
+        from now on, like any skipped pack's.
+
+        :returns: the entries of every pack still readable.
+        """
+        readable = {}
+        with self._index_lock:
+            for pack_id in list(self._members):
+                entries = self._read_index(pack_id)
+                if entries is None:
+                    self._forget_pack(pack_id)
+                else:
+                    readable[pack_id] = entries
+        return readable
+
     def publish_pack(self, pack_id: str, pack: str, index: str,
                      entries: list[tuple[str, int, int]]) -> None:
         """Move a durable staged pack and its index into packs/, index last.
@@ -346,17 +364,35 @@ class FileBackend(backend.Backend):
             os.close(fd)
         return data if len(data) == location.length else None
 
+    def _places(self, chunk_id: str) -> list[Location]:
+        """Every copy of a chunk this instance knows, the one to read first first.
+
+        Without the lock, so reads do not wait for a refresh: a location read
+        while another thread changes the index is at worst stale, and a stale
+        one names a pack that is gone (pack ids are never reused) or still right.
+        """
+        first = self._index.get(chunk_id)
+        return [] if first is None else [first, *self._copies.get(chunk_id, ())]
+
     def read_chunk(self, chunk_id: str) -> bytes:
         for _ in range(_READ_ATTEMPTS):
-            location = self._index.get(chunk_id)
-            if location is not None:
-                data = self._read_at(location)
+            places = self._places(chunk_id)
+            # A copy whose pack is lost, short or unreadable falls back to the next.
+            unreadable = None
+            for location in places:
+                try:
+                    data = self._read_at(location)
+                except exception.StorageError as exc:
+                    unreadable = exc
+                    continue
                 if data is not None:
                     return data
+            if unreadable is not None:
+                raise unreadable  # stored, but no copy can be read
             # Not known, or where we knew it is gone: gc may have moved it to a
             # pack published since. It is missing only if no pack came or went,
             # here or in another thread's refresh since our attempt.
-            if not self.refresh() and self._index.get(chunk_id) == location:
+            if not self.refresh() and self._places(chunk_id) == places:
                 break
         raise exception.ChunkNotFound(chunk_id)
 
@@ -380,23 +416,30 @@ class FileBackend(backend.Backend):
         point leaves each live chunk in at least one visible pack, and a reader
         in another process that finds the old pack gone finds the new one.
         A pack whose index is damaged is left alone: what it holds is unknown.
+        Nothing is removed while an image directory cannot be listed.
         """
+        hidden = [problem for name in self._image_names()
+                  if (problem := self._image_dir_problem(name, strays=False)) is not None]
+        if hidden:
+            # Versions nobody can list name chunks nobody can know: freeing any
+            # could lose a version that comes back once its directory is readable.
+            raise exception.StorageError(
+                f"gc refused: {'; '.join(sorted(hidden))}; the chunks its versions "
+                'need are unknown, so no chunk was freed')
         self.refresh()
         removed = freed = 0
-        for pack_id in sorted(self._members):
-            with self._index_lock:
-                entries = self._read_index(pack_id)
-            if entries is None:
-                continue
+        # Every index first: a copy is dropped below only for a readable twin.
+        for pack_id, entries in sorted(self._reread_indexes().items()):
             problem = self._pack_file_problem(pack_id, entries)
             if problem is not None:
                 # Its live chunks cannot be copied; keep what is left for repair.
                 LOG.warning('gc leaves pack %s alone: %s', pack_id, problem)
                 continue
-            # A chunk stays in this pack only if the index points here; copies
-            # that concurrent writers stored twice are dropped too.
+            # A chunk stays in this pack unless it is read first from another
+            # pack that holds it: copies concurrent writers stored twice are
+            # dropped too, but never for a twin that is lost or truncated.
             live = {chunk_id: (offset, length) for chunk_id, offset, length in entries
-                    if chunk_id in referenced and self._is_primary(chunk_id, pack_id)}
+                    if chunk_id in referenced and not self._read_elsewhere(chunk_id, pack_id)}
             if len(live) == len(entries):
                 continue
             removed += sum(1 for chunk_id, _, _ in entries if chunk_id not in referenced)
@@ -408,9 +451,13 @@ class FileBackend(backend.Backend):
         self.refresh()
         return removed, freed
 
-    def _is_primary(self, chunk_id: str, pack_id: str) -> bool:
+    def _read_elsewhere(self, chunk_id: str, pack_id: str) -> bool:
+        """Whether the copy read first is in another pack, one that holds it.
+
+        Not one that is lost or truncated: dropping this copy would leave none.
+        """
         location = self._index.get(chunk_id)
-        return location is not None and location.pack == pack_id
+        return location is not None and location.pack != pack_id and self._holds(location)
 
     def _pack_file_problem(self, pack_id: str, entries: list[tuple[str, int, int]]
                            ) -> str | None:
@@ -504,20 +551,12 @@ class FileBackend(backend.Backend):
 
     def damaged(self) -> list[str]:
         self.refresh()
+        self._reread_indexes()
         with self._index_lock:
-            # Indexes loaded earlier are read again: damage since then counts too,
-            # and their chunks are treated as absent from now on, like any skipped pack's.
-            for pack_id in sorted(self._members):
-                if self._read_index(pack_id) is None:
-                    self._forget_pack(pack_id)
             # A lost or truncated pack is not skipped (its index is good), so it
             # is not listed: reading its chunks fails, and verify names them.
             problems = list(self._damaged_packs.values())
-        try:
-            names = os.listdir(self.images_dir)
-        except OSError as exc:
-            raise _os_error('list images in', self.images_dir, exc) from exc
-        for name in names:
+        for name in self._image_names():
             problem = self._image_dir_problem(name)
             if problem is not None:
                 problems.append(problem)
@@ -613,25 +652,32 @@ class FileBackend(backend.Backend):
         matches = map(_MANIFEST_NAME.fullmatch, os.listdir(image_dir))
         return sorted(int(match[1]) for match in matches if match)
 
-    def _image_dir_problem(self, name: str) -> str | None:
+    def _image_dir_problem(self, name: str, strays: bool = True) -> str | None:
+        """Why images/NAME cannot be listed, or None.
+
+        A stray file there holds no versions: with ``strays=False`` it is no problem.
+        """
         path = os.path.join(self.images_dir, name)
         try:
             self._versions(path)
         except FileNotFoundError:
             return None
         except NotADirectoryError:
-            return f'{self._relative(path)} is not a directory of manifests'
+            return f'{self._relative(path)} is not a directory of manifests' if strays else None
         except OSError as exc:
             return f'image directory {self._relative(path)} is unreadable: {exc.strerror}'
         return None
 
-    def list_images(self) -> list[str]:
+    def _image_names(self) -> list[str]:
+        """Every entry of images/, image or not. :raises: StorageError."""
         try:
-            names = os.listdir(self.images_dir)
+            return os.listdir(self.images_dir)
         except OSError as exc:
             raise _os_error('list images in', self.images_dir, exc) from exc
+
+    def list_images(self) -> list[str]:
         images = []
-        for name in names:
+        for name in self._image_names():
             try:
                 if self._versions(os.path.join(self.images_dir, name)):
                     images.append(name)

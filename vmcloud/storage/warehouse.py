@@ -30,6 +30,8 @@ from vmcloud.storage.reader import VersionReader
 
 Progress = Callable[[int, int], None]
 EXPORT_FORMATS = ('raw', 'qcow2')
+# Writers on other hosts that may take the version number a writer chose, one after another.
+MAX_VERSION_RACES = 64
 
 
 @dataclasses.dataclass
@@ -349,18 +351,36 @@ class Warehouse:
                 versions = self.backend.list_versions(image)
                 if must_be_new and versions:
                     raise exception.ImageExists(image)
-                manifest = Manifest(
-                    image=image, version=(versions[-1] + 1) if versions else 1,
-                    size=size, chunk_size=chunk_size, chunks=tuple(chunk_ids),
-                    parent=parent, created_at=manifest_mod.now(), source=source)
-                try:
-                    self.backend.create_manifest(image, manifest.version, manifest.encode())
-                except exception.VersionExists as exc:
-                    # Only a writer on another host, outside our image lock, gets here.
-                    if must_be_new:
-                        raise exception.ImageExists(image) from exc
-                    raise
+                manifest = self._create_next_version(
+                    image, (versions[-1] + 1) if versions else 1, must_be_new,
+                    lambda version: Manifest(
+                        image=image, version=version, size=size, chunk_size=chunk_size,
+                        chunks=tuple(chunk_ids), parent=parent, created_at=manifest_mod.now(),
+                        source=source))
         return WriteResult(manifest=manifest, new_bytes=session.stored_bytes)
+
+    def _create_next_version(self, image: str, version: int, must_be_new: bool,
+                             make: Callable[[int], Manifest]) -> Manifest:
+        """Store ``make(version)``, or the next free version after it.
+
+        The image lock keeps writers apart on one host, but a writer on another host
+        (a backend without CROSS_HOST_LOCKING) may take the same number: the backend's
+        exclusive create decides, and the loser takes the next number.
+
+        :raises: ImageExists if ``must_be_new`` and another writer created the image.
+        """
+        for _ in range(MAX_VERSION_RACES):
+            manifest = make(version)
+            try:
+                self.backend.create_manifest(image, version, manifest.encode())
+                return manifest
+            except exception.VersionExists as exc:
+                if must_be_new:
+                    raise exception.ImageExists(image) from exc
+                version = max([version] + self.backend.list_versions(image)) + 1
+        raise exception.StorageError(
+            f'cannot allocate a version of {image}: {MAX_VERSION_RACES} other writers '
+            'took each number first')
 
     # -- reading data --------------------------------------------------------
 

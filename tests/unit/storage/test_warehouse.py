@@ -1,3 +1,4 @@
+import contextlib
 import errno
 import os
 import random
@@ -222,6 +223,55 @@ class SnapshotTest(WarehouseTestCase):
         self.warehouse.delete('img')
         self.assertRaises(exception.ImageNotFound, self.warehouse.snapshot_chunks,
                           self.base.ref, {0: b'x' * CHUNK})
+
+    def other_host(self) -> warehouse.Warehouse:
+        """A warehouse on the same store whose image locks do not reach this one's, as on
+        another host over a store without CROSS_HOST_LOCKING."""
+        other = warehouse.Warehouse(self.conf)
+        self.patch(other.backend, 'image_lock', lambda image: contextlib.nullcontext())
+        return other
+
+    def race_on_versions(self, writers_first: int) -> None:
+        """Writers on another host each create the next version of img right after this
+        warehouse listed the versions."""
+        other = self.other_host()
+        list_versions = self.backend.list_versions
+        racing = iter(range(writers_first))
+
+        def listed_then_raced(image):
+            versions = list_versions(image)
+            if next(racing, None) is not None:
+                other.snapshot_chunks(self.base.ref, {0: b'o' * CHUNK})
+            return versions
+        self.patch(self.backend, 'list_versions', listed_then_raced)
+
+    def test_a_version_taken_on_another_host_goes_to_the_next_number(self):
+        self.race_on_versions(writers_first=3)
+        mine = self.warehouse.snapshot_chunks(self.base.ref, {0: b'm' * CHUNK}).manifest
+        self.assertEqual(5, mine.version)
+        self.assertEqual([1, 2, 3, 4, 5], self.backend.list_versions('img'))
+        self.assertEqual(b'm' * CHUNK, self.warehouse.read(self.warehouse.manifest('img', 5),
+                                                           0, CHUNK))
+        for version in (2, 3, 4):
+            self.assertEqual(b'o' * CHUNK, self.warehouse.read(
+                self.warehouse.manifest('img', version), 0, CHUNK))
+
+    def test_an_image_created_on_another_host_first_is_refused(self):
+        other = self.other_host()
+        path = self.make_raw('new.raw', 'rr')
+        list_versions = self.backend.list_versions
+        calls = []
+
+        def listed_then_raced(image):
+            # The second look is the one under the image lock, just before the create.
+            versions = list_versions(image)
+            calls.append(image)
+            if calls.count('new') == 2:
+                other.import_image(path, 'new')
+            return versions
+        self.patch(self.backend, 'list_versions', listed_then_raced)
+        self.assertRaises(exception.ImageExists, self.warehouse.import_image, path, 'new')
+        self.assertEqual([1], list_versions('new'))
 
 
 class ReadExportTest(WarehouseTestCase):

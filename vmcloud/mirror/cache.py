@@ -192,7 +192,15 @@ class ChunkCache:
             slot = self._allocate(slot_size)
         if slot is None:
             return  # everything cached is in use: serve the chunk without keeping it
-        durable.write_all_at(self._slot_fd(slot_size), data, slot * slot_size)
+        try:
+            durable.write_all_at(self._slot_fd(slot_size), data, slot * slot_size)
+        except OSError as exc:
+            # A full disk must not fail a read whose chunk was fetched: serve it
+            # without keeping it, and give the slot back.
+            LOG.warning('cannot keep chunk %s in the node cache: %s', chunk_id, exc)
+            with self._lock:
+                self._free[slot_size].append(slot)
+            return
         with self._lock:
             entry = self._entries[chunk_id] = _Entry(slot_size, slot, len(data), verified=True)
             self._used += slot_size

@@ -280,10 +280,17 @@ class MirrorDisk(device.BlockDevice):
             position = index * self._chunk_size + stop
 
     def close(self) -> None:
-        """Flush, stop using the directory and give it up to the next owner."""
-        self.flush()
-        os.close(self._fd)
-        self._owner.release()
+        """Flush, stop using the directory and give it up to the next owner.
+
+        The directory is given up even if the flush fails (its error is raised):
+        what is on disk is then what the last good flush left, which the next
+        owner reads as it would after a crash.
+        """
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._owner.release()
 
     def remove(self) -> None:
         """Stop and delete the mirror's state; its lock goes last, so that no one

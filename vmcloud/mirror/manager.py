@@ -195,13 +195,27 @@ class MirrorManager:
         self._close(mirror, delete=True)
 
     def close(self) -> None:
-        """Stop serving; every mirror keeps its state for open() after a restart."""
+        """Stop serving; every mirror keeps its state for open() after a restart.
+
+        One mirror that fails to close (its last flush fails) does not keep the
+        others, the socket or the cache from being given up; the first error is
+        raised once all of them are.
+        """
         with self._lock:
             mirrors, self._mirrors = list(self._mirrors.values()), {}
+        failure = None
         for mirror in mirrors:
-            self._close(mirror)
-        self.server.stop()
-        self.cache.close()
+            try:
+                self._close(mirror)
+            except Exception as exc:
+                LOG.error('mirror %s did not close cleanly: %s', mirror.name, exc)
+                failure = failure or exc
+        try:
+            self.server.stop()
+        finally:
+            self.cache.close()
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> 'MirrorManager':
         return self

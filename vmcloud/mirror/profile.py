@@ -199,7 +199,7 @@ class Prefetcher:
                 self._next += 1
             try:
                 self._fetch(index)
-            except exception.VmcloudError as exc:
+            except (exception.VmcloudError, OSError) as exc:
                 # Prefetch is a hint: the read that needs the chunk will retry and report.
                 LOG.debug('prefetch of chunk %d failed: %s', index, exc)
 

@@ -14,9 +14,9 @@ Requests on one connection are served concurrently, up to ``max_in_flight`` at
 a time, and each reply is written whole in one step on the loop.
 
 Memory is bounded with back-pressure. Every request is charged the bytes it
-makes the server hold (its write payload, its read buffer, its reply) from
-before its payload is read until its reply has left the transport for the
-kernel. A connection stops reading requests while its charges exceed
+makes the server hold (its write payload, its read buffer as the pool hands it
+out, its reply) from before its payload is read until its reply has left the
+transport for the kernel. A connection stops reading requests while its charges exceed
 ``max_connection_bytes``, and every connection does while the server's total
 (``buffered_bytes``) exceeds ``max_buffered_bytes``; so a client that sends
 large reads and never reads the replies holds at most its share. A request on
@@ -93,8 +93,13 @@ class _BufferPool:
         self._free.clear()
         self._bytes = 0
 
+    @staticmethod
+    def size_for(length: int) -> int:
+        """The size of the buffer ``get(length)`` hands out, what a read holds."""
+        return max(64 * 1024, 1 << (length - 1).bit_length())
+
     def get(self, length: int) -> bytearray:
-        size = max(64 * 1024, 1 << (length - 1).bit_length())
+        size = self.size_for(length)
         free = self._free.get(size)
         if free:
             self._bytes -= size
@@ -378,6 +383,8 @@ class _Connection:
                 await self._settle()
         except (_Closed, asyncio.IncompleteReadError, ConnectionError):
             pass
+        except OSError as exc:  # the peer's host went away (ETIMEDOUT, EHOSTUNREACH)
+            LOG.warning('NBD connection from %s lost: %s', self.peer, exc)
         except Exception:
             LOG.exception('NBD connection from %s failed', self.peer)
         finally:
@@ -436,7 +443,9 @@ class _Connection:
             while self._unsent:
                 try:
                     await self.writer.drain()
-                except ConnectionError:
+                except OSError:
+                    # The connection was lost, not only reset: a TCP peer whose host
+                    # died ends with ETIMEDOUT. Either way the charges must end.
                     self.close()
                 if self.writer.is_closing() or self.writer.transport.get_write_buffer_size() == 0:
                     unsent, self._unsent = self._unsent, 0
@@ -633,7 +642,9 @@ class _Connection:
                 if command == p.CMD_DISC:
                     return
                 charge = _REQUEST_OVERHEAD
-                if command in (p.CMD_READ, p.CMD_WRITE) and length <= p.BLOCK_SIZE_MAX:
+                if command == p.CMD_READ and handler.reads_into and 0 < length <= p.BLOCK_SIZE_MAX:
+                    charge += _BufferPool.size_for(length)  # the pooled buffer, not just length
+                elif command in (p.CMD_READ, p.CMD_WRITE) and length <= p.BLOCK_SIZE_MAX:
                     charge += length
                 elif command == p.CMD_BLOCK_STATUS:
                     charge += _BLOCK_STATUS_CHARGE

@@ -40,7 +40,8 @@ class StateLock:
         :param what: what the lock protects, for the error ("chunk cache").
         :param path: the lock file; created if missing, never removed here.
         :raises: StateLocked naming the holder if another owner has it;
-            OSError if the file cannot be created.
+            OSError if the file cannot be created. The note naming this owner
+            is written if it can be; failing to write it does not fail the lock.
         """
         self.what = what
         self.path = path
@@ -64,8 +65,14 @@ class StateLock:
                 break
             os.close(fd)
         self._fd: int | None = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f'pid {os.getpid()} ({_command()})\n'.encode('utf-8', 'replace'), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f'pid {os.getpid()} ({_command()})\n'.encode('utf-8', 'replace'), 0)
+        except OSError:
+            # The note only names the owner in others' errors (a full disk can refuse
+            # it); the lock is taken all the same, and must not be left behind
+            # unreleasable by a constructor that raised.
+            pass
 
     @property
     def held(self) -> bool:

@@ -1,4 +1,5 @@
 """The mirror's disk, cache, dirty map and profiles, without NBD."""
+import errno
 import json
 import os
 import random
@@ -215,6 +216,21 @@ class WriteTest(MirrorTestCase):
         self.assertRaises(exception.CorruptMirrorState, self.new_disk)
         self.assertRaises(exception.CorruptMirrorState, self.new_disk)  # not StateLocked
 
+    def test_a_failed_last_flush_is_raised_and_still_gives_the_mirror_up(self):
+        disk = self.new_disk()
+        disk.write(2 * CHUNK, b'd' * 10, fua=True)
+        disk.write(5 * CHUNK, b'e' * 10)  # never flushed
+        with fixtures.MockPatch('os.fdatasync', side_effect=OSError(errno.EIO, 'I/O error')):
+            error = self.assertRaises(OSError, disk.close)
+        self.assertEqual(errno.EIO, error.errno)
+        fd_error = self.assertRaises(OSError, os.fstat, disk._fd)  # the overlay was closed
+        self.assertEqual(errno.EBADF, fd_error.errno)
+        # Not StateLocked: the next owner gets what the last good flush left.
+        reopened = self.new_disk()
+        self.assertEqual({2}, reopened.dirty.indexes())
+        self.assertEqual(b'd' * 10, reopened.read(2 * CHUNK, 10))
+        reopened.close()
+
 
 class BarrierTest(MirrorTestCase):
     def test_copy_before_overwrite(self):
@@ -236,6 +252,22 @@ class BarrierTest(MirrorTestCase):
 
 
 class CacheTest(MirrorTestCase):
+    def test_a_full_disk_serves_fetched_chunks_without_keeping_them(self):
+        disk = self.new_disk()
+        full = OSError(errno.ENOSPC, 'No space left on device')
+        with fixtures.MockPatch('vmcloud.storage.durable.write_all_at', side_effect=full):
+            self.assertBytesEqual(self.image, disk.read(0, len(self.image)))
+        self.assertNotIn(self.manifest.chunks[0], self.cache)
+        # Once there is room again, chunks are kept, in the slots handed back.
+        fetched = len(self.fetches)
+        self.assertBytesEqual(self.image, disk.read(0, len(self.image)))
+        self.assertIn(self.manifest.chunks[0], self.cache)
+        self.assertEqual(len(self.manifest.data_chunk_ids()), len(self.fetches) - fetched)
+        # No slot was lost to the failed writes: one slot per distinct chunk in all.
+        self.assertEqual(len(self.manifest.data_chunk_ids()),
+                         sum(self.cache._next_slot.values()))
+        disk.close()
+
     def test_a_vanished_warehouse_fails_after_bounded_retries_then_recovers(self):
         broken = [True]
 
@@ -296,6 +328,18 @@ class ProfileTest(MirrorTestCase):
         self.assertEqual(sorted(set(ids)), sorted(self.fetches[before:]))
         other.read(0, len(self.image))
         self.assertEqual(len(self.manifest.data_chunk_ids()), len(self.fetches) - before)
+
+    def test_prefetch_goes_on_after_a_local_error(self):
+        fetched = []
+
+        def fetch(index):
+            if index == 4:
+                raise OSError(errno.EMFILE, 'Too many open files')
+            fetched.append(index)
+
+        profile = {'boot': [4, 0], 'application': [1, 7], 'shutdown': [8]}
+        profile_mod.Prefetcher(profile, fetch, threads=1).start().wait()
+        self.assertEqual([0, 1, 7, 8], fetched)
 
 
 class ProfileValidationTest(MirrorTestCase):
@@ -418,3 +462,18 @@ class PhaseTest(MirrorTestCase):
             if name.endswith('.py'):
                 with open(os.path.join(package, name)) as f:
                     self.assertNotIn('vmcloud.drivers', f.read(), name)
+
+    def test_the_markers_are_the_ones_the_drivers_report(self):
+        # Written twice so that the mirror need not import the drivers: kept equal here.
+        from vmcloud.drivers import base as driver_base
+        self.assertEqual(set(driver_base.PHASES), set(profile_mod.MARKERS))
+        for marker in driver_base.PHASES:
+            self.assertEqual(marker, getattr(profile_mod, marker.upper().replace('-', '_')))
+
+    def test_the_nbd_buffers_come_from_the_configuration(self):
+        self.conf.set_override('nbd_connection_buffer', 3 * 1024 ** 2, 'mirror')
+        self.conf.set_override('nbd_buffer', 5 * 1024 ** 2, 'mirror')
+        with manager_mod.MirrorManager(self.conf, self.warehouse,
+                                       root=os.path.join(self.tmp, 'node')) as node:
+            self.assertEqual(3 * 1024 ** 2, node.server.max_connection_bytes)
+            self.assertEqual(5 * 1024 ** 2, node.server.max_buffered_bytes)

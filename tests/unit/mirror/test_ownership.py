@@ -1,9 +1,11 @@
 """A node's state has one owner: a second process is refused by name and changes nothing."""
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 from tests.unit.mirror.test_disk import CHUNK
 from tests.unit.mirror.test_disk import MirrorTestCase
@@ -174,3 +176,34 @@ class OwnershipTest(MirrorTestCase):
         holder.stop()
         with manager_mod.MirrorManager(self.conf, self.warehouse, root=root) as node:
             self.assertEqual(self.image[:10], node.create('vm1', 'img').disk.read(0, 10))
+
+    def test_a_mirror_that_fails_to_close_does_not_keep_the_node_locked(self):
+        root = os.path.join(self.tmp, 'node')
+        node = manager_mod.MirrorManager(self.conf, self.warehouse, root=root)
+        for name in ('vm1', 'vm2', 'vm3'):
+            node.create(name, 'img').disk.write(0, name.encode(), fua=True)
+        broken = node.get('vm2').disk
+        flush = broken.flush
+        broken.flush = mock.Mock(side_effect=OSError(errno.EIO, 'I/O error'))
+        error = self.assertRaises(OSError, node.close)
+        self.assertEqual(errno.EIO, error.errno)
+        broken.flush = flush
+        # The others were closed, the socket removed and everything given up.
+        self.assertFalse(os.path.exists(os.path.join(root, 'nbd.sock')))
+        with manager_mod.MirrorManager(self.conf, self.warehouse, root=root) as successor:
+            for name in ('vm1', 'vm2', 'vm3'):
+                disk = successor.open(name).disk
+                self.assertEqual(name.encode(), disk.read(0, 3))
+
+    def test_a_full_disk_does_not_leave_an_unreleasable_lock(self):
+        path = os.path.join(self.tmp, 'thing.lock')
+        with open(path, 'w') as f:
+            f.write('pid 1 (a dead owner)\n')
+        with mock.patch('os.pwrite', side_effect=OSError(errno.ENOSPC, 'No space left')):
+            lock = statelock.StateLock('thing', path)
+        self.assertTrue(lock.held)
+        # Still exclusive, and no dead owner's name in the refusal.
+        error = self.assertRaises(exception.StateLocked, statelock.StateLock, 'thing', path)
+        self.assertEqual('another process', error.holder)
+        lock.release()
+        statelock.StateLock('thing', path).release()

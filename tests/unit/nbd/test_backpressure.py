@@ -1,8 +1,11 @@
 """Memory bounds of the NBD server against clients that send and never read."""
+import errno
 import os
 import socket
 import threading
 import time
+
+import fixtures
 
 from tests import base
 from tests.unit.nbd import MemoryDevice
@@ -217,3 +220,45 @@ class BackPressureTest(base.TestCase):
         self.wait_for(lambda: self.server.buffered_bytes > MIB, 'the write to be charged')
         client.close()
         self.wait_for(lambda: self.server.buffered_bytes == 0, 'the charge to end')
+
+    def test_a_read_is_charged_for_the_buffer_it_holds(self):
+        # A read into a pooled buffer holds a power of two: 2 MiB for 1 MiB and a byte.
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+        original = self.device.read_into
+
+        def slow_read_into(offset, buffer):
+            entered.set()
+            gate.wait(30)
+            original(offset, buffer)
+
+        self.device.read_into = slow_read_into
+        client = self.connect()
+        client.request(p.CMD_READ, 5 * MIB, MIB + 1, cookie=9)
+        self.assertTrue(entered.wait(30))
+        self.assertGreaterEqual(self.server.buffered_bytes, 2 * MIB)
+        gate.set()
+        self.assertEqual((0, 9, bytes([5]) * (MIB + 1)), client.simple_reply(MIB + 1))
+        self.wait_for(lambda: self.server.buffered_bytes == 0, 'the charge to end')
+
+    def test_a_connection_lost_to_a_timeout_gives_back_its_charges(self):
+        # A TCP peer whose host died: the kernel ends the connection with ETIMEDOUT.
+        logs = self.useFixture(fixtures.FakeLogger(name='vmcloud.nbd.server'))
+        hostile = self.connect()
+        self.flood(hostile)
+        self.peak_until_quiet()
+        self.assertGreater(self.server.buffered_bytes, 0)
+        (connection,) = self.server._connections
+        lost = TimeoutError(errno.ETIMEDOUT, 'Connection timed out')
+        self.server._loop.call_soon_threadsafe(connection.writer.transport._force_close, lost)
+        self.wait_for(lambda: self.server.buffered_bytes == 0, 'the charges to end')
+        self.wait_for(lambda: not self.server._connections, 'the connection to end')
+        # An idle client lost the same way: one line in the log, not a traceback.
+        idle = self.connect()
+        idle.request(p.CMD_READ, 0, 512, cookie=1)
+        self.assertEqual((0, 1, bytes(512)), idle.simple_reply(512))
+        (connection,) = self.server._connections
+        self.server._loop.call_soon_threadsafe(connection.writer.transport._force_close, lost)
+        self.wait_for(lambda: not self.server._connections, 'the idle connection to end')
+        self.assertNotIn('Traceback', logs.output)
+        self.assertIn('lost: [Errno 110] Connection timed out', logs.output)

@@ -267,9 +267,23 @@ class Client:
         except exception.VmcloudError:
             raise
         except Exception as exc:
-            # fake:// raises whatever the server raised (a bug there) in the caller;
-            # RabbitMQ would have sent it as a RemoteError naming it, as here.
-            raise exception.VmcloudError(f'{type(exc).__name__}: {exc}') from exc
+            # A bug on the remote side. fake:// raises the server's own exception here;
+            # RabbitMQ rebuilds a builtin one (KeyError...) with the server's traceback
+            # appended to its message: that belongs in the server's log, not in an error.
+            raise exception.VmcloudError(f'{type(exc).__name__}: {_remote_message(exc)}') \
+                from exc
+
+
+# How oslo.messaging's deserialize_remote_exception appends the remote traceback.
+_REMOTE_TRACEBACK = '\nTraceback (most recent call last):'
+
+
+def _remote_message(exc: Exception) -> str:
+    """``exc``'s message, without the remote traceback oslo.messaging may have added."""
+    message = exc.args[0] if len(exc.args) == 1 else None
+    if isinstance(message, str) and _REMOTE_TRACEBACK in message:
+        return message.split(_REMOTE_TRACEBACK, 1)[0]
+    return str(exc)
 
 
 def _context() -> dict:

@@ -70,13 +70,18 @@ class ComputeManager:
         self._stopping.set()
         self._server.stop()
         self._server.wait()
-        if destroy_instances:
-            for name in self.mirrors.names():  # this node's, even if nodes share a driver
-                try:
-                    self._destroy(name)
-                except exception.VmcloudError as exc:
-                    LOG.error('cannot destroy %s while stopping: %s', name, exc)
-        self.mirrors.close()
+        try:
+            if destroy_instances:
+                for name in self.mirrors.names():  # this node's, even if nodes share a driver
+                    try:
+                        self._destroy(name)
+                    except exception.VmcloudError as exc:
+                        LOG.error('cannot destroy %s while stopping: %s', name, exc)
+                    except Exception:  # the other guests must still go
+                        LOG.exception('cannot destroy %s while stopping', name)
+        finally:
+            # The cache, the NBD socket and the mirrors' locks are released, whatever happened.
+            self.mirrors.close()
 
     # -- heartbeat ---------------------------------------------------------------
 
@@ -90,8 +95,10 @@ class ComputeManager:
         while not self._stopping.is_set():
             try:
                 self.dispatcher.report_heartbeat(self.host, self.capacity())
-            except exception.VmcloudError as exc:
+            except (exception.VmcloudError, OSError) as exc:
                 LOG.warning('heartbeat of %s not sent: %s', self.host, exc)
+            except Exception:  # a dead thread would have this node marked down, guests and all
+                LOG.exception('heartbeat of %s not sent', self.host)
             self._stopping.wait(self.conf.heartbeat_interval)
 
     # -- building ----------------------------------------------------------------
@@ -111,6 +118,8 @@ class ComputeManager:
                 cmdline=boot.get('cmdline', '').replace('{name}', name))
             self.driver.boot(spec, self.conf.compute.boot_timeout)
             phases.follow(self.driver, self.mirrors, name)
+            disk = mirror.disk
+            needed = sum(disk.manifest.chunk_length(i) for i in disk.fetched_indexes())
         except Exception as exc:  # every failure goes back to the dispatcher, named
             LOG.warning('building %s on %s failed: %s', name, self.host, exc)
             reason = f'{type(exc).__name__}: {exc}'
@@ -121,8 +130,6 @@ class ComputeManager:
                 reason += f'; cleanup failed: {type(cleanup).__name__}: {cleanup}'
             self._report(self.dispatcher.build_failed, instance['id'], self.host, reason)
             return
-        disk = mirror.disk
-        needed = sum(disk.manifest.chunk_length(i) for i in disk.fetched_indexes())
         took = time.monotonic() - started
         LOG.info('%s built on %s in %.1f s', name, self.host, took)
         self._report(self.dispatcher.instance_built, instance['id'], self.host, took, needed)

@@ -172,12 +172,8 @@ def instances_on(session: orm.Session, host: str,
 
 def instance_state_counts(session: orm.Session, deployment_id: str) -> dict[str, int]:
     """{state: how many of the deployment's instances are in it}."""
-    session.flush()  # count the changes of this unit of work too
-    rows = session.execute(
-        sqlalchemy.select(models.Instance.state, sqlalchemy.func.count())
-        .where(models.Instance.deployment_id == deployment_id)
-        .group_by(models.Instance.state))
-    return {state: count for state, count in rows}
+    return _state_counts(session, models.Instance,
+                         models.Instance.deployment_id == deployment_id)
 
 
 def snapshot_create(session: orm.Session, **fields) -> models.Snapshot:
@@ -215,9 +211,12 @@ def snapshot_items(session: orm.Session, snapshot_id: str,
 
 def snapshot_item_state_counts(session: orm.Session, snapshot_id: str) -> dict[str, int]:
     """{state: how many of the snapshot's items are in it}."""
-    session.flush()
-    rows = session.execute(
-        sqlalchemy.select(models.SnapshotItem.state, sqlalchemy.func.count())
-        .where(models.SnapshotItem.snapshot_id == snapshot_id)
-        .group_by(models.SnapshotItem.state))
+    return _state_counts(session, models.SnapshotItem,
+                         models.SnapshotItem.snapshot_id == snapshot_id)
+
+
+def _state_counts(session: orm.Session, model: type[models.Base], where) -> dict[str, int]:
+    session.flush()  # count the changes of this unit of work too
+    rows = session.execute(sqlalchemy.select(model.state, sqlalchemy.func.count())
+                           .where(where).group_by(model.state))
     return {state: count for state, count in rows}

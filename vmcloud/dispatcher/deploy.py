@@ -77,19 +77,27 @@ class Deployer:
 
     def instance_built(self, instance_id: str, host: str, boot_seconds: float,
                        fetched_bytes: int) -> None:
-        """:raises: DatabaseError."""
+        """An instance is up on ``host``; one no longer wanted there is destroyed.
+
+        :raises: DatabaseError; MessagingError if the unwanted one cannot be destroyed.
+        """
         with self.db.session() as session:
             instance = db_api.instance_lock(session, instance_id)
             if instance is None or instance.host != host or instance.state != states.BUILDING:
-                # Built too late (on a host given up on, or a deleted deployment): undo it.
-                LOG.warning('instance %s built on %s, no longer wanted there', instance_id, host)
-                self.compute.destroy_instance(host, instance.name if instance else instance_id)
-                return
-            LOG.info('instance %s active on %s', instance.name, host)
-            instance.state = states.ACTIVE
-            instance.boot_seconds = boot_seconds
-            instance.fetched_bytes = fetched_bytes
-            self.update_deployment(session, instance.deployment_id)
+                unwanted = instance.name if instance else instance_id
+            else:
+                unwanted = None
+                LOG.info('instance %s active on %s', instance.name, host)
+                instance.state = states.ACTIVE
+                instance.boot_seconds = boot_seconds
+                instance.fetched_bytes = fetched_bytes
+                self.update_deployment(session, instance.deployment_id)
+        if unwanted is not None:
+            # Built too late (on a host given up on, or a deleted deployment): undo it,
+            # with no row locked while the message goes.
+            LOG.warning('instance %s built on %s, no longer wanted there', instance_id, host)
+            self.compute.destroy_instance(host, unwanted)
+            return
         self.notify('instance.create.end', {'id': instance_id, 'host': host})
 
     def build_failed(self, instance_id: str, host: str, reason: str) -> None:

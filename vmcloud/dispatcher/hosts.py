@@ -137,4 +137,6 @@ class HostMonitor:
             except exception.VmcloudError as exc:  # the others may still be retried
                 LOG.error('cannot retry instance %s of lost host %s: %s', instance_id, host,
                           exc)
+            except Exception:  # a bug: the others may still be retried too
+                LOG.exception('cannot retry instance %s of lost host %s', instance_id, host)
         return names

@@ -20,18 +20,11 @@ from vmcloud.dispatcher import deploy as deploy_mod
 from vmcloud.dispatcher import hosts as hosts_mod
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.dispatcher import snapshot as snapshot_mod
-from vmcloud.dispatcher import states
 from vmcloud.dispatcher import views
 from vmcloud.scheduler import handler
 from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
-
-BUILDING, ACTIVE, ERROR, DELETED = (states.BUILDING, states.ACTIVE, states.ERROR,
-                                    states.DELETED)
-RUNNING_STATES = states.RUNNING_STATES
-FREEZING, UPLOADING, AVAILABLE, PARTIAL = (states.FREEZING, states.UPLOADING,
-                                           states.AVAILABLE, states.PARTIAL)
 
 
 class Dispatcher:

@@ -1,4 +1,5 @@
 """The compute manager with the fake driver, called directly; its reports recorded."""
+import os
 import threading
 
 from vmcloud import exception
@@ -8,6 +9,8 @@ from vmcloud.compute import manager
 from vmcloud.compute import phases
 from vmcloud.drivers import base as driver_base
 from vmcloud.drivers import fake
+from vmcloud.mirror import disk as disk_mod
+from vmcloud.mirror import manager as mirror_manager
 from vmcloud.mirror import profile
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
@@ -90,6 +93,63 @@ class ComputeManagerTest(base.TestCase):
         (_, _, reason), = self.reports.of('build_failed')
         self.assertIn('SpawnFailed: no room, on purpose', reason)
         self.assertIn('cleanup failed: RuntimeError: cleanup broke, on purpose', reason)
+
+    def test_a_build_that_fails_after_the_boot_is_reported_too(self):
+        fetched_indexes = disk_mod.MirrorDisk.fetched_indexes
+        broke = []
+
+        def broken_once(disk):
+            if not broke:
+                broke.append(disk)
+                raise RuntimeError('no stats, on purpose')
+            return fetched_indexes(disk)
+        self.patch(disk_mod.MirrorDisk, 'fetched_indexes', broken_once)
+        self.build()
+        (_, _, reason), = self.reports.of('build_failed')
+        self.assertEqual('RuntimeError: no stats, on purpose', reason)
+        self.assertEqual([], self.reports.of('instance_built'))
+        self.assertEqual([], self.driver.list_instances())
+        self.assertEqual([], self.compute.mirrors.names())
+
+    def test_the_heartbeat_outlives_any_error(self):
+        # A heartbeat thread that died would have the node marked down, its guests in error.
+        self.conf.set_override('heartbeat_interval', 1)
+        measure = self.driver.host_capacity
+        failures = [RuntimeError('a bug, on purpose'), OSError(28, 'No space left on device')]
+
+        def flaky():
+            if failures:
+                raise failures.pop(0)
+            return measure()
+        self.driver.host_capacity = flaky
+        self.compute._heartbeat.start()
+        self.addCleanup(self.compute._heartbeat.join, 30)
+        self.addCleanup(self.compute._stopping.set)
+        with self.reports.changed:
+            self.assertTrue(self.reports.changed.wait_for(
+                lambda: self.reports.of('report_heartbeat'), 30))
+        self.assertEqual([], failures)
+        self.assertTrue(self.compute._heartbeat.is_alive())
+
+    def test_stopping_destroys_every_guest_and_closes_whatever_fails(self):
+        self.build('vm1')
+        self.build('vm2')
+        destroy = self.driver.destroy
+
+        def broken(name):
+            if name == 'vm1':
+                raise RuntimeError('destroy broke, on purpose')
+            return destroy(name)
+        self.driver.destroy = broken
+        self.compute.start()
+        self.compute.stop(destroy_instances=True)
+        self.assertEqual(['vm1'], self.driver.list_instances())
+        # The mirrors were closed: another manager may own this node's state now.
+        self.assertEqual([], self.compute.mirrors.names())
+        again = mirror_manager.MirrorManager(self.conf, self.warehouse,
+                                             root=os.path.join(self.conf.state_path,
+                                                               'nodes', 'node1'))
+        again.close()
 
     def test_destroy(self):
         self.build()

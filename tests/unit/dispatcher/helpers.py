@@ -55,6 +55,17 @@ class CloudTestCase(base.TestCase):
                             lambda d: d['state'] == state, TIMEOUT,
                             f'deployment {deployment_id} {state}', interval=0.05)
 
+    def record_request_ids(self) -> 'RequestIds':
+        """From now on until the test ends, every record of the vmcloud loggers at INFO
+        and above, with the request id current where it was written."""
+        records = RequestIds()
+        logger = logging.getLogger('vmcloud')
+        logger.addHandler(records)
+        self.addCleanup(logger.removeHandler, records)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.INFO)
+        return records
+
     def notifications(self) -> list[str]:
         return [n[1]['event_type'] for n in notifications_test_driver.NOTIFICATIONS]
 

@@ -1,6 +1,5 @@
 """The dispatcher over fake:// and SQLite, with fake-driver compute managers."""
 import datetime
-import logging
 
 from vmcloud import exception
 from vmcloud import polling
@@ -92,13 +91,7 @@ class DeployTest(helpers.CloudTestCase):
         self.assertRaises(exception.DeploymentNotFound, self.api.delete_deployment, 'nope')
 
     def test_a_request_id_is_in_the_log_lines_of_both_services(self):
-        records = helpers.RequestIds()
-        logger = logging.getLogger('vmcloud')
-        logger.addHandler(records)
-        self.addCleanup(logger.removeHandler, records)
-        level = logger.level
-        logger.setLevel(logging.INFO)
-        self.addCleanup(logger.setLevel, level)
+        records = self.record_request_ids()
         with rpc.request_context('req-unit-test-1'):
             deployment = self.api.deploy('guest', 2)
         self.api.wait_deployment(deployment['id'], helpers.TIMEOUT)
@@ -212,13 +205,7 @@ class SnapshotTest(helpers.CloudTestCase):
 
     def test_the_barrier_and_upload_threads_keep_the_request_id(self):
         deployment = self.deploy_and_wait(count=2)
-        records = helpers.RequestIds()
-        logger = logging.getLogger('vmcloud')
-        logger.addHandler(records)
-        self.addCleanup(logger.removeHandler, records)
-        level = logger.level
-        logger.setLevel(logging.INFO)
-        self.addCleanup(logger.setLevel, level)
+        records = self.record_request_ids()
         with rpc.request_context('req-unit-snapshot'):
             snapshot = self.api.snapshot(deployment['id'])
         self.api.wait_snapshot(snapshot['id'], helpers.TIMEOUT)

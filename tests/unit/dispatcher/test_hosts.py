@@ -55,17 +55,31 @@ class HostMonitorTest(base.TestCase):
         self.assertTrue(self.monitor.is_alive())
 
     def test_a_failed_retry_does_not_stop_the_others(self):
+        retried = self.lose_node1(['i1', 'i2'], {'i1': exception.DatabaseError('away')})
+        self.assertEqual(['i1', 'i2'], retried)
+
+    def test_a_retry_that_hits_a_bug_does_not_stop_the_others(self):
+        logged = self.useFixture(fixtures.FakeLogger())
+        retried = self.lose_node1(['i1', 'i2', 'i3'], {'i1': RuntimeError('a bug, on purpose'),
+                                                       'i2': exception.DatabaseError('away')})
+        self.assertEqual(['i1', 'i2', 'i3'], retried)
+        self.assertIn('cannot retry instance i1 of lost host node1', logged.output)
+        self.assertIn('a bug, on purpose', logged.output)
+
+    def lose_node1(self, building: list[str], failures: dict) -> list[str]:
+        """Mark node1 down with ``building`` instances whose retries fail as ``failures``
+        says. :returns: the instances whose retry was tried."""
         retried = []
 
-        class FailingFirst(Lost):
+        class Failing(Lost):
             def host_lost(self, session, host):
-                return ['i1', 'i2']
+                return building
 
             def build_failed(self, instance_id, host, reason):
                 retried.append(instance_id)
-                if instance_id == 'i1':
-                    raise exception.DatabaseError('away')
-        monitor = hosts.HostMonitor(self.conf, self.db, FailingFirst())
+                if instance_id in failures:
+                    raise failures[instance_id]
+        monitor = hosts.HostMonitor(self.conf, self.db, Failing())
         registry = hosts.HostRegistry(self.db)
         registry.report_heartbeat('node1', {'vcpus': 1, 'memory_mib': 1,
                                             'disk_bytes_free': 1})
@@ -74,4 +88,4 @@ class HostMonitorTest(base.TestCase):
             row = db_api.host_get(session, 'node1')
             row.last_heartbeat = row.last_heartbeat.replace(year=2000)
         self.assertEqual(['node1'], monitor.mark_dead_hosts())
-        self.assertEqual(['i1', 'i2'], retried)
+        return retried

@@ -32,10 +32,13 @@ _OPTIONS_WITH_VALUES = ('--config-file', '--config-dir')
 
 
 def chosen_command(argv: list[str]) -> str | None:
-    """The command named in ``argv``: the first word that is not an option or its value."""
+    """The command named in ``argv``: the first word that is not an option or its value.
+
+    An option may be abbreviated, as argparse allows (``--config-f PATH``).
+    """
     words = iter(argv)
     for word in words:
-        if word in _OPTIONS_WITH_VALUES:
+        if len(word) > 2 and any(o.startswith(word) for o in _OPTIONS_WITH_VALUES):
             next(words, None)
         elif not word.startswith('-'):
             return word
@@ -117,6 +120,18 @@ def _bad_value(where: str, exc: cfg.ConfigFileValueError) -> exception.ConfigErr
     return exception.ConfigError(f'bad configuration: {where}: {reason}')
 
 
+def _registered_later(conf: cfg.ConfigOpts | None, exc: cfg.Error) -> str:
+    """What to say of a configuration error raised after load_config."""
+    if conf is not None:
+        try:
+            check_values(conf)
+        except exception.ConfigError as named:
+            return str(named)
+        except cfg.Error:
+            pass
+    return f'bad configuration: {exc}'
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
@@ -125,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, 'log', False):
         from vmcloud.cmd import service
         service.setup_logging()
+    conf = None
     try:
         conf = load_config(args)
         return args.handler(conf, args) or 0
     except cfg.Error as exc:
-        # An option group registered after load_config (a plugin's own) read with a bad value.
-        print(f'vmcloud: error: bad configuration: {exc}', file=sys.stderr)
+        # An option group registered after load_config (a driver's own) read with a bad
+        # value: registered now, it is checked as the others were, to name the option.
+        print(f'vmcloud: error: {_registered_later(conf, exc)}', file=sys.stderr)
         return 1
     except (exception.VmcloudError, OSError) as exc:
         # OSError's text names the path and the reason (a read-only state_path, a full disk).

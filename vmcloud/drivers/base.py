@@ -12,6 +12,7 @@ Guests report progress by printing phase markers on their first serial port:
 import abc
 import dataclasses
 import enum
+import logging
 import os
 import re
 import time
@@ -23,6 +24,8 @@ from vmcloud import exception
 from vmcloud import plugins
 from vmcloud.drivers import console
 from vmcloud.drivers import nbd_uri
+
+LOG = logging.getLogger(__name__)
 
 NAMESPACE = 'vmcloud.drivers'
 
@@ -323,13 +326,19 @@ class Driver(abc.ABC):
     def boot(self, spec: InstanceSpec, timeout: float, event: str = BOOT_DONE) -> None:
         """Spawn and wait for ``event``; an instance that does not get there is destroyed.
 
-        :raises: the errors of spawn() and wait_for_event().
+        :raises: the errors of spawn() and wait_for_event(): the reason it did not get
+            there, also when the destroy after it fails too (that is logged, and the
+            instance may then still be listed).
         """
         self.spawn(spec)
         try:
             self.wait_for_event(spec.name, event, timeout)
         except BaseException:
-            self.destroy(spec.name)
+            try:
+                self.destroy(spec.name)
+            except Exception as cleanup:
+                LOG.warning('destroying %s after it did not reach %s failed: %s',
+                            spec.name, event, cleanup)
             raise
 
 

@@ -1,5 +1,4 @@
 """Reading guests' serial consoles: phase markers and the log."""
-import os
 import re
 import time
 from typing import Callable
@@ -34,11 +33,14 @@ def wait_for_line(path: str, pattern: str, timeout: float, alive: Callable[[], b
     position = 0
     seen = ''
     while True:
-        if os.path.exists(path):
+        try:
             with open(path, 'rb') as f:
                 f.seek(position)
                 chunk = f.read()
                 position = f.tell()
+        except FileNotFoundError:
+            pass    # not written yet, or removed with its instance: alive() says which
+        else:
             # Keep a tail so a marker split across two reads is still found.
             seen = (seen + chunk.decode('utf-8', 'replace'))[-65536:]
             if regex.search(seen):

@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 from tests import base
 from vmcloud.cmd import cli
+from vmcloud.cmd import image
+from vmcloud.drivers import base as driver_base
 
 # Modules the services need and ``--help`` or ``image list`` do not.
 HEAVY = ('oslo_messaging', 'sqlalchemy', 'alembic', 'libvirt', 'numpy')
@@ -58,11 +61,22 @@ class LazyCommandsTest(base.TestCase):
             cli._add_parsers(importlib.import_module(module_name), groups)
             actions = {a.dest: a.help for a in groups._choices_actions}
             self.assertEqual(help_text, actions.get(name), f'{name} in {module_name}')
+            # and the module adds no command the table lacks: it could not be reached
+            listed = {n for n, (m, _) in cli.COMMANDS.items() if m == module_name}
+            self.assertEqual(listed, set(actions), module_name)
 
     def test_chosen_command_skips_option_values(self):
         self.assertEqual('image', cli.chosen_command(['--config-file', 'list', 'image', 'list']))
         self.assertEqual('hosts', cli.chosen_command(['--config-dir', 'd', 'hosts']))
         self.assertIsNone(cli.chosen_command(['--help']))
+        self.assertEqual('image', cli.chosen_command(['--config-dir=d', 'image', 'list']))
+        self.assertEqual('image', cli.chosen_command(['--', 'image', 'list']))
+
+    def test_abbreviated_options_as_argparse_takes_them(self):
+        for argv in (['--config-f', 'list', 'image', 'list'], ['--config-d', 'd', 'image', 'list']):
+            parser, module = cli.build_parser(argv)
+            self.assertEqual('vmcloud.cmd.image', module.__name__)
+            self.assertEqual('list', parser.parse_args(argv).command)
 
 
 class ConfigErrorsTest(base.TestCase):
@@ -85,6 +99,18 @@ class ConfigErrorsTest(base.TestCase):
         rc, err = self.run_cli('--config-file', config, 'image', 'list')
         self.assertEqual(1, rc)
         self.assertIn('heartbeat_interval', err)
+
+    def test_bad_value_in_a_drivers_own_group_is_named(self):
+        # [sim] is registered when the driver is loaded, after the file was checked
+        def load_the_sim_driver(conf, args):
+            driver_base.load(conf, 'sim')
+
+        config = self.write_config(sim={'host_pes': 'lots'})
+        with mock.patch.object(image, 'do_stats', load_the_sim_driver):
+            rc, err = self.run_cli('--config-file', config, 'image', 'stats')
+        self.assertEqual(1, rc)
+        self.assertEqual("vmcloud: error: bad configuration: [sim] host_pes: invalid literal "
+                         "for int() with base 10: 'lots'\n", err)
 
     def read_only_state_path(self) -> None:
         """Make state_path a read-only directory that already holds a warehouse."""

@@ -1,6 +1,7 @@
 """Consolidation plans on ClusterView alone, and the simulator's Cluster is one."""
 import dataclasses
 
+import numpy as np
 import testtools
 
 from vmcloud.scheduler import consolidation
@@ -63,6 +64,19 @@ class ClusterViewTest(testtools.TestCase):
         self.assertIn('attach', MEMBERS)
         self.assertIn('vm_req', MEMBERS)
         self.assertNotIn('vm_host', MEMBERS)       # the placement itself is the simulator's
+
+    def test_the_simulators_arrays_are_laid_out_as_the_view_says(self):
+        # what a second implementation copies: the compiled kernels refuse anything else
+        c = helpers.make([helpers.HOST_1000] * 2, [helpers.vm()] * 2, [0, 1], [100, 200])
+        arrays = {n: getattr(c, n) for n in MEMBERS if isinstance(getattr(c, n), np.ndarray)}
+        self.assertIn('vm_hist', arrays)
+        hosts, *per_host = c.candidate_view()
+        arrays |= {'candidate_view()[0]': hosts} | dict(enumerate(per_host))
+        for name, array in arrays.items():
+            with self.subTest(array=name):
+                wanted = np.int64 if name in ('vm_hist_len', 'candidate_view()[0]') else np.float64
+                self.assertEqual(wanted, array.dtype)
+                self.assertTrue(array.flags.c_contiguous)
 
     def test_every_policy_plans_on_the_view_alone_with_the_same_result(self):
         names = [('thr-mmt', 0.8), ('iqr-mc', 1.5), ('mad-mu', 2.5), ('lr-rs', 1.2),

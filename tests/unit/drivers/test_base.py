@@ -3,6 +3,8 @@ import os
 import sys
 import threading
 
+import fixtures
+
 from vmcloud import exception
 from vmcloud.drivers import base as driver_base
 from vmcloud.drivers import console
@@ -92,6 +94,19 @@ class InterfaceDefaultsTest(base.TestCase):
         driver = MinimalDriver(self.conf)
         self.assertRaises(exception.NotSupported, driver.boot, self.spec(), 1)
         self.assertEqual([], driver.list_instances())
+
+    def test_boot_keeps_its_reason_when_the_destroy_after_it_fails(self):
+        class NoDestroy(ConsoleDriver):
+            def destroy(self, name):
+                raise exception.DriverError(f'cannot destroy {name}')
+
+        driver = NoDestroy(self.conf)
+        logged = self.useFixture(fixtures.FakeLogger())
+        error = self.assertRaises(exception.GuestTimeout, driver.boot, self.spec(), 0)
+        self.assertIn('vm1 did not reach boot-done', str(error))
+        self.assertIsNone(error.__context__)
+        self.assertIn('destroying vm1 after it did not reach boot-done failed: cannot '
+                      'destroy vm1', logged.output)
 
     def test_capabilities_are_checked_by_validate(self):
         driver = MinimalDriver(self.conf)

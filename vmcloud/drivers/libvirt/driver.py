@@ -114,9 +114,11 @@ class LibvirtDriver(base.Driver):
     def spawn(self, spec: base.InstanceSpec) -> None:
         self.validate(spec)
         connection = self._connect()
-        if os.path.exists(self._path(spec.name, 'spec.json')):
-            if self._domain(spec.name) is not None:
-                raise exception.InstanceExists(spec.name)
+        if (os.path.exists(self._path(spec.name, 'spec.json'))
+                and self._domain(spec.name) is not None):
+            raise exception.InstanceExists(spec.name)
+        if os.path.lexists(self._path(spec.name)):
+            # a shut-down instance's, or one left half made (a crash before spec.json)
             shutil.rmtree(self._path(spec.name))
         os.makedirs(self._path(spec.name))
         try:
@@ -144,7 +146,14 @@ class LibvirtDriver(base.Driver):
         return self._state(name, domain)
 
     def _state(self, name: str, domain: libvirt.virDomain) -> base.PowerState:
-        state, _ = self._call(name, 'state', domain.state)
+        try:
+            state, _ = domain.state()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                # powered off since it was looked up (a transient domain vanishes)
+                return base.PowerState.SHUTDOWN
+            raise exception.DriverError(
+                f'libvirt state of instance {name} failed: {exc.get_error_message()}') from exc
         return _STATES.get(state, base.PowerState.SHUTDOWN)
 
     def pause(self, name: str) -> None:

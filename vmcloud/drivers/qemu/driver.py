@@ -115,9 +115,10 @@ class QemuDriver(base.Driver):
         if binary is None:
             raise exception.HypervisorUnavailable(
                 f'qemu binary {self.conf.qemu.binary} not found')
-        if os.path.exists(self._path(spec.name, 'spec.json')):
-            if self._alive(spec.name):
-                raise exception.InstanceExists(spec.name)
+        if os.path.exists(self._path(spec.name, 'spec.json')) and self._alive(spec.name):
+            raise exception.InstanceExists(spec.name)
+        if os.path.lexists(self._dir(spec.name)):
+            # a shut-down instance's, or one left half made (a crash before spec.json)
             shutil.rmtree(self._dir(spec.name))
         os.makedirs(self._dir(spec.name))
         try:

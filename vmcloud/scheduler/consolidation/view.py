@@ -4,7 +4,9 @@ Detectors, selectors, placements and the compiled kernels read these attributes 
 call these methods, nothing else, so anything that provides them can be planned for:
 the simulator's ``vmcloud.sim.cluster.Cluster`` does, and a view of real hosts may.
 Hosts and VMs are numbered 0..n_hosts-1 and 0..n_vms-1; every per-host or per-VM
-attribute is a float64 numpy array indexed so (``vm_hist`` and ``hist`` have rows).
+attribute is a C-contiguous float64 numpy array indexed so (``vm_hist`` and ``hist``
+have rows), but ``vm_hist_len`` and the host ids of candidate_view(), which are int64:
+the compiled kernels take them as typed memoryviews and refuse any other layout.
 
 Policies never assign to an attribute nor write into an array: they change the
 placement only through attach() and detach(), and a plan ends with restore() of the

@@ -117,7 +117,8 @@ class ComputeManager:
                 kernel=boot.get('kernel'), initrd=boot.get('initrd'),
                 cmdline=boot.get('cmdline', '').replace('{name}', name))
             self.driver.boot(spec, self.conf.compute.boot_timeout)
-            phases.follow(self.driver, self.mirrors, name)
+            if self.driver.has(driver_base.Capability.PHASE_EVENTS):
+                phases.follow(self.driver, self.mirrors, name)
             disk = mirror.disk
             needed = sum(disk.manifest.chunk_length(i) for i in disk.fetched_indexes())
         except Exception as exc:  # every failure goes back to the dispatcher, named
@@ -157,6 +158,11 @@ class ComputeManager:
     @rpc.expose
     def freeze(self, ctxt: dict, names: list[str]) -> dict:
         """Pause the guests, all at once: each waits for the slowest, not for the sum."""
+        if not self.driver.has(driver_base.Capability.SNAPSHOT_BARRIER):
+            # Refused before any guest is touched: none of them waits for a thaw.
+            refusal = f'the {self.conf.compute.driver} driver has no snapshot barrier'
+            return {name: refusal for name in names}
+
         def freeze_one(name: str) -> str:
             # The guest's vCPUs stop when the freeze starts; draining its I/O comes after.
             started = time.monotonic()

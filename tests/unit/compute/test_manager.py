@@ -198,6 +198,29 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual({'vm1': 'stuck, on purpose', 'nosuch': 'instance nosuch not found'},
                          self.compute.freeze({}, ['vm1', 'nosuch']))
 
+    def without(self, capability: driver_base.Capability) -> None:
+        self.driver.capabilities = type(self.driver).capabilities & ~capability
+
+    def test_a_driver_without_a_barrier_is_refused_before_any_guest_is_touched(self):
+        self.build()
+        self.without(driver_base.Capability.SNAPSHOT_BARRIER)
+        touched = []
+        self.driver.freeze_io = touched.append
+        self.driver.pause = touched.append
+        refusals = self.compute.freeze({}, ['vm1'])
+        self.assertEqual([], touched)
+        self.assertIn('no snapshot barrier', refusals['vm1'])
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+
+    def test_phases_are_followed_only_where_the_driver_sees_them(self):
+        followed = []
+        self.patch(phases, 'follow', lambda driver, mirrors, name: followed.append(name))
+        self.build('vm1')
+        self.without(driver_base.Capability.PHASE_EVENTS)
+        self.build('vm2')
+        self.assertEqual(['vm1'], followed)
+        self.assertEqual(2, len(self.reports.of('instance_built')))
+
 
 class PhasesTest(base.TestCase):
     class Recorder:

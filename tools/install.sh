@@ -11,6 +11,8 @@ PACKAGES=(
     qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-clients util-linux
     # The test guests
     busybox-static cpio e2fsprogs debootstrap xz-utils zstd kmod
+    # TLS certificates for the warehouse service tests
+    openssl
     # NBD servers and clients
     nbdkit nbdkit-plugin-python libnbd-bin
     # The services' message bus and database (multi-process mode)

@@ -16,6 +16,7 @@ from vmcloud import exception
 COMMANDS = {
     'image': ('vmcloud.cmd.image', 'manage images in the warehouse'),
     'mirror': ('vmcloud.cmd.mirror', "serve instances' disks over NBD"),
+    'warehouse': ('vmcloud.cmd.warehouse', 'serve the warehouse over HTTP'),
     'deploy': ('vmcloud.cmd.cloud', 'deploy N instances of an image, or redeploy a snapshot'),
     'list': ('vmcloud.cmd.cloud', 'list deployments'),
     'show': ('vmcloud.cmd.cloud', 'show a deployment'),

@@ -10,6 +10,7 @@ from vmcloud.conf import paths
 from vmcloud.conf import scheduler
 from vmcloud.conf import service
 from vmcloud.conf import storage
+from vmcloud.conf import warehouse
 
 CONF = cfg.CONF
 
@@ -19,3 +20,4 @@ paths.register_opts(CONF)
 scheduler.register_opts(CONF)
 service.register_opts(CONF)
 storage.register_opts(CONF)
+warehouse.register_opts(CONF)

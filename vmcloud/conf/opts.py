@@ -7,8 +7,9 @@ from vmcloud.conf import paths
 from vmcloud.conf import scheduler
 from vmcloud.conf import service
 from vmcloud.conf import storage
+from vmcloud.conf import warehouse
 
-_CONF_MODULES = (paths, storage, compute, mirror, scheduler, service)
+_CONF_MODULES = (paths, storage, warehouse, compute, mirror, scheduler, service)
 
 # Plugin namespaces whose classes declare their own options as
 # ``OPTION_GROUP`` and ``OPTIONS`` class attributes.

@@ -19,23 +19,41 @@ PACKAGES=(
     rabbitmq-server postgresql
 )
 
-missing=()
-for package in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' \
-        || missing+=("$package")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+# The rados warehouse backend and the single-node Ceph cluster its tests run on
+# (tools/ceph/start.sh): a mon and an OSD, without the packages they merely recommend.
+CEPH_PACKAGES=(ceph-mon ceph-osd ceph-common python3-rados)
+
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+updated=no
+apt_install() {  # apt_install [apt-get options] -- PACKAGE...
+    local options=() missing=()
+    while [ "$1" != -- ]; do options+=("$1"); shift; done
+    shift
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$package")
+    done
+    [ ${#missing[@]} -gt 0 ] || return 0
     echo "install: apt-get install ${missing[*]}"
-    sudo_cmd=()
-    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-    "${sudo_cmd[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+    if [ $updated = no ]; then
+        "${sudo_cmd[@]}" apt-get update -qq
+        updated=yes
+    fi
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${options[@]}" \
+        "${missing[@]}" >/dev/null
+}
+apt_install -- "${PACKAGES[@]}"
+apt_install --no-install-recommends -- "${CEPH_PACKAGES[@]}"
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
     | grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true
-.venv/bin/python -W ignore -c 'import vmcloud, libvirt, qemu.qmp, oslo_messaging' \
+# librados' Python binding is not on PyPI and the venv may come from another CPython 3.11
+# build that does not see Debian's dist-packages: link Debian's module in.
+site_packages=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sf /usr/lib/python3/dist-packages/rados.cpython-311-x86_64-linux-gnu.so "$site_packages/"
+.venv/bin/python -W ignore -c 'import vmcloud, libvirt, qemu.qmp, oslo_messaging, rados' \
     || { echo 'install: the virtualenv is incomplete' >&2; exit 1; }

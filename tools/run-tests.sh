@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, starts the services the functional
-# tests use (libvirtd, RabbitMQ, PostgreSQL), builds the test guest, checks style, then
-# runs every test.
+# tests use (libvirtd, RabbitMQ, PostgreSQL, a single-node Ceph cluster), builds the test
+# guest, checks style, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install.sh
 tools/start-libvirtd.sh
 tools/start-services.sh
+tools/ceph/start.sh
 tools/guest/build-test-guest.sh
 .venv/bin/flake8 vmcloud tests benchmarks tools
 .venv/bin/stestr run --concurrency "${VMCLOUD_TEST_CONCURRENCY:-2}" "$@"

@@ -1,0 +1,306 @@
+"""The rados backend against the real single-node cluster of tools/ceph/start.sh.
+
+Each test gets a RADOS namespace of its own, emptied afterwards, so tests do not see
+each other's objects. Two backend instances stand for two hosts: each has its own
+connection to the cluster, and nothing is shared between them but the cluster.
+"""
+import errno
+import hashlib
+import os
+import random
+import threading
+import uuid
+from unittest import mock
+
+import rados
+
+from vmcloud import exception
+from vmcloud.storage import backend as backend_mod
+from vmcloud.storage import warehouse
+from vmcloud.storage.backends import rados as rados_backend
+from tests import base
+from tests.unit.storage import test_backend_conformance
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
+CEPH_DIR = os.environ.get('VMCLOUD_CEPH_DIR', os.path.join(REPO, '.cache', 'ceph'))
+CHUNK = test_backend_conformance.CHUNK
+
+
+class RadosTestCase(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        conffile = os.path.join(CEPH_DIR, 'ceph.conf')
+        if not os.path.exists(os.path.join(CEPH_DIR, '.ready')):
+            self.fail(f'no ceph cluster in {CEPH_DIR}: run tools/ceph/start.sh first')
+        self.namespace = 'test-' + uuid.uuid4().hex
+        self.conf.set_override('backend', 'rados', 'storage')
+        self.conf.register_group(rados_backend.RadosBackend.OPTION_GROUP)
+        self.conf.register_opts(rados_backend.RadosBackend.OPTIONS,
+                                group=rados_backend.RadosBackend.OPTION_GROUP)
+        for name, value in (('conffile', conffile),
+                            ('keyring', os.path.join(CEPH_DIR, 'client.vmcloud.keyring')),
+                            ('client_name', 'client.vmcloud'), ('pool', 'vmcloud'),
+                            ('namespace', self.namespace), ('connect_timeout', 5),
+                            ('op_timeout', 20), ('lock_wait', 30)):
+            self.conf.set_override(name, value, 'storage_rados')
+        cleaner = rados_backend.RadosBackend(self.conf)
+        self.addCleanup(cleaner.close)
+        self.addCleanup(self._empty_namespace, cleaner)
+
+    def make_backend(self) -> rados_backend.RadosBackend:
+        instance = rados_backend.RadosBackend(self.conf)
+        self.addCleanup(instance.close)
+        return instance
+
+    def _empty_namespace(self, cleaner: rados_backend.RadosBackend) -> None:
+        for obj in list(cleaner.ioctx.list_objects()):
+            try:
+                cleaner.ioctx.remove_object(obj.key)
+            except rados.ObjectNotFound:
+                pass
+
+
+class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
+    make_backend = RadosTestCase.make_backend
+
+    def damage_item_holding(self, backend, chunk_id):
+        # The item that makes a chunk visible is its index entry: garble it.
+        shard = rados_backend._shard(chunk_id)
+        backend._write_op(shard, lambda op: backend.ioctx.set_omap(
+            op, (chunk_id,), (b'\xffnot-a-length',)))
+
+    def test_capabilities(self):
+        self.assertEqual(backend_mod.Capabilities.SHARED_ACROSS_HOSTS
+                         | backend_mod.Capabilities.CROSS_HOST_LOCKING,
+                         rados_backend.RadosBackend.CAPABILITIES)
+
+    def test_damaged_entry_is_named(self):
+        a = self.chunk()
+        self.store(self.backend, a)
+        self.damage_item_holding(self.backend, a[0])
+        [problem] = self.backend.damaged()
+        self.assertIn(f'chunk index entry {a[0]}', problem)
+        self.assertIn(f'namespace {self.namespace}', problem)
+
+    def test_chunk_longer_than_the_configured_chunk_size(self):
+        # Images keep the chunk size they were made with; a read must not cut them.
+        data = self.rng.randbytes(3 * 4096)
+        a = (hashlib.sha256(data).hexdigest(), data)
+        self.store(self.backend, a)
+        self.conf.set_override('chunk_size', 4096, 'storage')
+        self.assertEqual(a[1], self.make_backend().read_chunk(a[0]))
+
+    def test_manifests_move_in_pieces(self):
+        # One op may not exceed osd_max_write_size: big manifests go in pieces.
+        data = bytes(range(256)) * 40
+        with mock.patch.object(rados_backend, '_PIECE', 1000):
+            self.backend.create_manifest('img', 1, data)
+            reader = self.make_backend()
+            self.assertEqual(data, reader.read_manifest('img', 1))
+            self.assertEqual(data[:2500], reader.read_manifest_prefix('img', 1, 2500))
+            self.assertEqual(data, reader.read_manifest_prefix('img', 1, len(data) + 999))
+
+    def test_prefix_reads_only_what_is_asked(self):
+        self.backend.create_manifest('img', 1, b'x' * 100000)
+        spy = mock.Mock(wraps=self.backend.ioctx)
+        with mock.patch.object(self.backend, 'ioctx', spy):
+            self.assertEqual(b'x' * 10, self.backend.read_manifest_prefix('img', 1, 10))
+        self.assertEqual([10], [c.args[1] for c in spy.read.call_args_list])
+        spy.stat.assert_not_called()
+
+    def test_two_hosts_race_for_one_version(self):
+        hosts = [self.make_backend() for _ in range(4)]
+        for version in range(1, 6):
+            barrier = threading.Barrier(len(hosts))
+            outcome = {}
+
+            def create(index, host):
+                barrier.wait(30)
+                try:
+                    host.create_manifest('img', version, b'host %d' % index)
+                    outcome[index] = 'won'
+                except exception.VersionExists:
+                    outcome[index] = 'lost'
+
+            threads = [threading.Thread(target=create, args=(i, host))
+                       for i, host in enumerate(hosts)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            winners = [i for i, result in outcome.items() if result == 'won']
+            self.assertEqual(1, len(winners), outcome)
+            self.assertEqual(len(hosts) - 1, list(outcome.values()).count('lost'))
+            self.assertEqual(b'host %d' % winners[0],
+                             self.make_backend().read_manifest('img', version))
+        self.assertEqual([1, 2, 3, 4, 5], self.backend.list_versions('img'))
+        # The losers left no manifest object behind.
+        with self.backend.exclusive_lock(5):
+            self.assertEqual(0, self.backend.purge_abandoned())
+
+    def test_image_lock_excludes_another_host_until_released(self):
+        self.conf.set_override('lock_wait', 0, 'storage_rados')
+        other = self.make_backend()
+        with self.backend.image_lock('img'):
+            self.assertRaises(exception.WarehouseBusy, other.image_lock('img').__enter__)
+            with other.image_lock('img2'):
+                pass
+        with other.image_lock('img'):
+            pass
+
+    def test_held_lock_outlives_its_duration(self):
+        # Renewed while held: its expiry (in the lock's xattr) moves on, and another
+        # host stays out past the lock's duration. The OSD lets an unrenewed lock go
+        # up to about twice its duration late (measured), hence waiting 5x.
+        self.conf.set_override('lock_duration', 1, 'storage_rados')
+        self.conf.set_override('lock_wait', 0, 'storage_rados')
+        other = self.make_backend()
+
+        def lock_state():
+            return dict(self.backend.ioctx.get_xattrs('lock.warehouse'))['lock.vmcloud']
+
+        with self.backend.shared_lock():
+            taken = lock_state()
+            threading.Event().wait(5)
+            self.assertNotEqual(taken, lock_state())
+            self.assertRaises(exception.WarehouseBusy, other.exclusive_lock(0).__enter__)
+        with other.exclusive_lock(0):
+            pass
+
+    def _session_with(self, backend, chunk):
+        with backend.shared_lock():
+            session = backend.begin_write()
+            session.put_chunk(*chunk)
+        return session
+
+    def test_abort_keeps_a_chunk_another_writer_committed(self):
+        a = self.chunk()
+        first = self._session_with(self.backend, a)          # creates chunk.a
+        second = self._session_with(self.make_backend(), a)  # borrows it
+        second.commit()
+        first.abort()
+        self.assertEqual(a[1], self.make_backend().read_chunk(a[0]))
+
+    def test_abort_removes_the_objects_it_created(self):
+        a = self.chunk()
+        self._session_with(self.backend, a).abort()
+        self.assertRaises(rados.ObjectNotFound, self.backend.ioctx.stat, f'chunk.{a[0]}')
+
+    def test_shared_lock_is_released_after_the_writes_in_flight(self):
+        # gc may start as soon as the lock is gone: no write of ours may land later.
+        events = []
+        real = self.backend.ioctx
+        spy = mock.Mock(wraps=real)
+        spy.unlock.side_effect = lambda *args: (events.append('unlock'), real.unlock(*args))
+        finished = rados_backend._Session._finished
+
+        def note(session, chunk_id, result):
+            events.append('written')
+            finished(session, chunk_id, result)
+
+        big = self.rng.randbytes(8 * 1024 * 1024)  # long to write, so a race would show
+        with mock.patch.object(rados_backend._Session, '_finished', note), \
+                mock.patch.object(self.backend, 'ioctx', spy):
+            with self.backend.shared_lock():
+                self.backend.begin_write().put_chunk(hashlib.sha256(big).hexdigest(), big)
+        self.assertEqual(['written', 'unlock'], events)
+
+    def test_commit_fails_when_the_creator_aborted_first(self):
+        a = self.chunk()
+        first = self._session_with(self.backend, a)
+        second = self._session_with(self.make_backend(), a)
+        first.abort()
+        error = self.assertRaises(exception.StorageError, second.commit)
+        self.assertIn(f'chunk.{a[0]}', str(error))
+        self.assertIsInstance(error.__cause__, rados.Error)
+        second.abort()
+        self.assertAbsent(self.make_backend(), a[0])
+
+    def test_orphan_of_a_crashed_writer_is_adopted(self):
+        # An object no index names (a writer died before commit) has whole bytes:
+        # the next writer of that chunk indexes it instead of failing.
+        a = self.chunk()
+        self.backend.ioctx.write_full(f'chunk.{a[0]}', a[1])
+        self.store(self.make_backend(), a)
+        self.assertEqual(a[1], self.make_backend().read_chunk(a[0]))
+
+    def test_errors_name_the_object_and_keep_the_cause(self):
+        a = self.chunk()
+        self.store(self.backend, a)
+        failing = mock.Mock(wraps=self.backend.ioctx)
+        failing.operate_read_op.side_effect = rados.IOError('injected', errno=errno.EIO)
+        failing.aio_read.side_effect = rados.IOError('injected', errno=errno.EIO)
+        with mock.patch.object(self.backend, 'ioctx', failing):
+            error = self.assertRaises(exception.StorageError, self.backend.has_chunk, a[0])
+            self.assertIn(f'pool vmcloud namespace {self.namespace} object '
+                          f'{rados_backend._shard(a[0])}', str(error))
+            self.assertIsInstance(error.__cause__, rados.IOError)
+            self.assertRaises(exception.StorageError, self.backend.list_images)
+        failing.operate_read_op.side_effect = None
+        with mock.patch.object(self.backend, 'ioctx', failing):
+            error = self.assertRaises(exception.StorageError, self.backend.read_chunk, a[0])
+        self.assertNotIsInstance(error, exception.ChunkNotFound)
+        self.assertIn(f'object chunk.{a[0]}', str(error))
+
+    def test_missing_pool_is_named(self):
+        self.conf.set_override('pool', 'no-such-pool', 'storage_rados')
+        error = self.assertRaises(exception.StorageError, rados_backend.RadosBackend, self.conf)
+        self.assertIn('pool no-such-pool', str(error))
+        self.assertIsInstance(error.__cause__, rados.Error)
+
+    def test_unreachable_cluster_fails_in_bounded_time(self):
+        conffile = os.path.join(self.tmp, 'ceph.conf')
+        with open(os.path.join(CEPH_DIR, 'ceph.conf')) as src, open(conffile, 'w') as dst:
+            # A port nothing listens on: the monitor never answers.
+            dst.write(src.read().replace('mon_host = v2:127.0.0.1:', 'mon_host = v2:127.0.0.1:1'))
+        self.conf.set_override('conffile', conffile, 'storage_rados')
+        self.conf.set_override('connect_timeout', 2, 'storage_rados')
+        errors = []
+
+        def connect():
+            try:
+                rados_backend.RadosBackend(self.conf)
+            except exception.StorageError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(60)
+        self.assertFalse(thread.is_alive(), 'connecting to a dead cluster hung')
+        [error] = errors
+        self.assertIn(conffile, str(error))
+        self.assertIn('mon_host v2:127.0.0.1:1', str(error))
+        self.assertIsInstance(error.__cause__, rados.Error)
+
+
+class RadosWarehouseTest(RadosTestCase):
+    def test_import_snapshot_export_gc(self):
+        self.conf.set_override('chunk_size', 64 * 1024, 'storage')
+        rng = random.Random(5)
+        data = rng.randbytes(64 * 1024 * 6) + bytes(64 * 1024 * 2)
+        path = os.path.join(self.tmp, 'disk.raw')
+        with open(path, 'wb') as f:
+            f.write(data)
+        store = warehouse.Warehouse(self.conf)
+        self.assertIsInstance(store.backend, rados_backend.RadosBackend)
+        self.addCleanup(store.backend.close)
+        base_version = store.import_image(path, 'disk').manifest
+        new_chunk = rng.randbytes(64 * 1024)
+        snap = store.snapshot_chunks(base_version.ref, {1: new_chunk}).manifest
+        self.assertEqual(2, snap.version)
+
+        elsewhere = warehouse.Warehouse(self.conf)  # another host
+        self.addCleanup(elsewhere.backend.close)
+        out = os.path.join(self.tmp, 'out.raw')
+        elsewhere.export(elsewhere.manifest('disk', 2), out)
+        expected = data[:64 * 1024] + new_chunk + data[2 * 64 * 1024:]
+        with open(out, 'rb') as f:
+            self.assertBytesEqual(expected, f.read())
+
+        elsewhere.delete('disk', 2)
+        report = store.gc()
+        self.assertEqual((1, len(new_chunk)), (report.removed_chunks, report.freed_bytes))
+        self.assertFalse(store.backend.has_chunk(hashlib.sha256(new_chunk).hexdigest()))
+        with store.open(store.manifest('disk', 1)) as disk:
+            self.assertBytesEqual(data, disk.read())

@@ -79,6 +79,22 @@ class HttpBackendContractTest(ServiceFixtureMixin, test_backend_conformance.Back
                          | backend_mod.Capabilities.CROSS_HOST_LOCKING,
                          http_backend.HttpBackend.CAPABILITIES)
 
+    def test_purge_counts_a_crashed_session_whose_upload_was_late(self):
+        # The chunk reaches the service after the lease ended, or not at all: the
+        # session is still abandoned, and purge_abandoned must say it removed it.
+        upload = http_backend.HttpWriteSession._upload
+
+        def late(session, chunk_id, data):
+            time.sleep(0.5)
+            upload(session, chunk_id, data)
+        self.patch(http_backend.HttpWriteSession, '_upload', late)
+        a = self.chunk()
+        with self.backend.shared_lock():
+            self.backend.begin_write().put_chunk(*a)
+        with self.backend.exclusive_lock(5):
+            self.assertGreaterEqual(self.backend.purge_abandoned(), 1)
+        self.assertAbsent(self.backend, a[0])
+
 
 class WarehouseOverHttpTest(ServiceFixtureMixin, base.TestCase):
     """The Warehouse, unchanged, over a remote store."""

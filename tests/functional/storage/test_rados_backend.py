@@ -152,8 +152,9 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
     def test_held_lock_outlives_its_duration(self):
         # Renewed while held: its expiry (in the lock's xattr) moves on, and another
         # host stays out past the lock's duration. The OSD lets an unrenewed lock go
-        # up to about twice its duration late (measured), hence waiting 5x.
-        self.conf.set_override('lock_duration', 1, 'storage_rados')
+        # up to about twice its duration late (measured), hence waiting 5x. A
+        # duration of 2 s leaves a renewal 1.3 s to get through on a loaded machine.
+        self.conf.set_override('lock_duration', 2, 'storage_rados')
         self.conf.set_override('lock_wait', 0, 'storage_rados')
         other = self.make_backend()
 
@@ -162,7 +163,7 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
 
         with self.backend.shared_lock():
             taken = lock_state()
-            threading.Event().wait(5)
+            threading.Event().wait(10)
             self.assertNotEqual(taken, lock_state())
             self.assertRaises(exception.WarehouseBusy, other.exclusive_lock(0).__enter__)
         with other.exclusive_lock(0):

@@ -220,7 +220,9 @@ class _HeldLock:
 
     def release(self) -> None:
         self._stop.set()
-        self._renewer.join(self._store.conf.storage_rados.op_timeout + 5)
+        # A lock context left open and collected in the renewer's own thread lands here.
+        if threading.current_thread() is not self._renewer:
+            self._renewer.join(self._store.conf.storage_rados.op_timeout + 5)
         try:
             self._store.ioctx.unlock(self._oid, _LOCK_NAME, self._cookie)
         except rados.ObjectNotFound:

@@ -290,11 +290,12 @@ class LeaseTable:
         return len(orphans)
 
     def purge_abandoned(self, lease_id: str) -> int:
-        """The backend's purge, then the abort of every session left without a lease."""
+        """The backend's purge, then the abort of every session left without a lease.
+
+        :returns: the abandoned items removed: the backend's, and those sessions.
+        """
         self.require(lease_id, ('exclusive',))
-        removed = self.backend.purge_abandoned()
-        self._abort_orphans(idle_for=0)
-        return removed
+        return self.backend.purge_abandoned() + self._abort_orphans(idle_for=0)
 
     def close(self) -> None:
         """Abort every session and release every lease (the service is stopping)."""

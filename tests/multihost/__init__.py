@@ -1,0 +1,1 @@
+"""Tests and tools that emulate several hosts on one machine (network namespaces)."""

@@ -1,0 +1,401 @@
+"""Hosts emulated on this one machine: a network namespace each, wired to one switch.
+
+    with netns.Network() as net:
+        repo = net.add_host('repo', rate='1gbit')
+        compute = net.add_host('compute')
+        server = repo.popen(['some-server', '--listen', repo.address])
+        compute.wait_for_tcp(repo.address, 9494, timeout=30)
+        compute.run(['curl', f'http://{repo.address}:9494/'])
+
+Topology: every host is a namespace ``vmcnet-<pid>-<tag>-<name>`` whose ``eth0``
+is one end of a veth pair; the other end is a port of bridge ``br0`` in a
+"switch" namespace. A bridge rather than point-to-point pairs because N hosts need
+N links instead of N*(N-1)/2, and each host's link is shaped on its own, like a
+host's NIC and its switch port: ``tc`` netem (rate, delay) on the host's
+``eth0`` (what the host sends) and on its switch port (what it receives), so
+shaping is symmetric and traffic between two hosts crosses both hosts' links.
+Rate is shaped with tbf; an added delay needs netem, which this CI kernel lacks
+(Host.shape says so instead of silently not delaying).
+
+Isolation: both ends of every veth are created directly inside the namespaces,
+so no device ever appears in the machine's own namespace and names cannot clash
+with anyone else's. Addresses come from a private range (10.77.0.0/24 by
+default), assigned only inside the namespaces, and no namespace has a default
+route: nothing can leave them. Loopback is up in every host.
+
+Cleanup: a Network deletes every namespace it created (which removes every
+veth, the bridge and the qdiscs with them), stops every process it started
+(and any other process still inside its namespaces), and removes the hosts'
+state directories, also when the block fails or is interrupted. Each namespace
+is registered for cleanup before it is created. A process killed before it
+could clean up leaves namespaces named with its dead pid: ``sweep_stale()``
+(called by every Network on entry) removes them. Every command and every wait
+is bounded in time. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
+"""
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from vmcloud import exception
+
+PREFIX = 'vmcnet'
+DEFAULT_SUBNET = '10.77.0.0/24'
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_STATE_ROOT = os.path.join(REPO, '.cache', 'netns')
+
+# One ip/tc command; they return in milliseconds unless the kernel is stuck.
+COMMAND_TIMEOUT = 30.0
+# A process gets this long to exit after SIGTERM, then again after SIGKILL.
+STOP_TIMEOUT = 5.0
+_NAME = re.compile(r'^[a-z][a-z0-9]{0,11}$')
+_NAMESPACE = re.compile(rf'^{PREFIX}-(\d+)-([0-9a-f]+)-([a-z0-9]+)$')
+
+
+class NetnsError(exception.VmcloudError):
+    """A namespace, link or process of the harness could not be set up."""
+
+
+def _command(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> str:
+    """Run ``argv``; its stdout.
+
+    :raises: NetnsError naming the command and its stderr if it fails or hangs.
+    """
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetnsError(f'{" ".join(argv)}: {exc}') from exc
+    if done.returncode != 0:
+        raise NetnsError(f'{" ".join(argv)} failed ({done.returncode}): '
+                         f'{done.stderr.strip() or done.stdout.strip()}')
+    return done.stdout
+
+
+def namespaces() -> list[str]:
+    """The names of every network namespace on the machine.
+
+    :raises: NetnsError.
+    """
+    out = _command(['ip', '-j', 'netns', 'list']).strip()
+    return [entry['name'] for entry in json.loads(out or '[]')]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_inside(namespace: str) -> None:
+    """SIGKILL every process still inside ``namespace`` and wait (bounded) until gone."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            pids = [int(p) for p in _command(['ip', 'netns', 'pids', namespace]).split()]
+        except NetnsError:
+            return  # already gone
+        pids = [p for p in pids if p != os.getpid()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def _delete_namespace(namespace: str) -> None:
+    """Remove ``namespace`` and everything in it; never raises (best effort, logged)."""
+    _kill_inside(namespace)
+    try:
+        if namespace in namespaces():
+            _command(['ip', 'netns', 'delete', namespace])
+    except NetnsError as exc:
+        print(f'netns: cannot delete {namespace}: {exc}', file=sys.stderr)
+
+
+def sweep_stale() -> list[str]:
+    """Delete the namespaces of this harness whose creating process is dead.
+
+    :returns: the namespaces deleted.
+    :raises: NetnsError if the namespaces cannot be listed.
+    """
+    swept = []
+    for namespace in namespaces():
+        match = _NAMESPACE.match(namespace)
+        if match and not _alive(int(match.group(1))):
+            _delete_namespace(namespace)
+            swept.append(namespace)
+            shutil.rmtree(os.path.join(DEFAULT_STATE_ROOT, namespace), ignore_errors=True)
+    return swept
+
+
+class Host:
+    """One emulated host: a network namespace, its address and a state directory."""
+
+    def __init__(self, network: 'Network', name: str, namespace: str, address: str,
+                 port: str, state_dir: str):
+        self.network = network
+        self.name = name
+        self.namespace = namespace
+        self.address = address
+        #: this host's port on the switch (in the switch's namespace)
+        self.port = port
+        self.state_dir = state_dir
+
+    def __repr__(self) -> str:
+        return f'Host({self.name}, {self.address})'
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as run inside this host."""
+        return ['ip', 'netns', 'exec', self.namespace, *argv]
+
+    def run(self, argv: Sequence[str], timeout: float = 60.0, check: bool = True,
+            **kwargs) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside this host and wait for it (output captured as text unless
+        ``kwargs`` say otherwise).
+
+        :raises: NetnsError if it fails (``check``) or outlives ``timeout``.
+        """
+        kwargs.setdefault('capture_output', True)
+        kwargs.setdefault('text', True)
+        try:
+            done = subprocess.run(self.command(argv), timeout=timeout, **kwargs)
+        except subprocess.TimeoutExpired as exc:
+            raise NetnsError(f'{self.name}: {" ".join(argv)} ran longer than {timeout:g} s'
+                             ) from exc
+        if check and done.returncode != 0:
+            raise NetnsError(f'{self.name}: {" ".join(argv)} failed ({done.returncode}): '
+                             f'{(done.stderr or "").strip()[-2000:]}')
+        return done
+
+    def popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Start ``argv`` inside this host in a session of its own; the Network stops it
+        (SIGTERM to its process group, then SIGKILL) when it closes, if it still runs.
+
+        :raises: NetnsError if it cannot be started.
+        """
+        try:
+            process = subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
+        except OSError as exc:
+            raise NetnsError(f'{self.name}: cannot start {" ".join(argv)}: {exc}') from exc
+        self.network.processes.append(process)
+        return process
+
+    def counters(self) -> dict[str, int]:
+        """Bytes and packets this host's ``eth0`` sent and received (the kernel's
+        counts per frame handed to the link: headers included).
+
+        :raises: NetnsError.
+        """
+        out = _command(['ip', '-n', self.namespace, '-j', '-s', 'link', 'show', 'eth0'])
+        stats = json.loads(out)[0]['stats64']
+        return {'tx_bytes': stats['tx']['bytes'], 'rx_bytes': stats['rx']['bytes'],
+                'tx_packets': stats['tx']['packets'], 'rx_packets': stats['rx']['packets']}
+
+    def shape(self, rate: str | None = None, delay: str | None = None,
+              burst: str = '128kb') -> None:
+        """Shape this host's link in both directions: at most ``rate`` (tc units:
+        ``1gbit``; tbf, ``burst`` bytes may pass at once) and ``delay`` added each
+        way (``0.1ms``; netem, whose own rate then replaces tbf); both None
+        removes the shaping.
+
+        :raises: NetnsError, naming the missing qdisc if the kernel lacks it
+            (this CI kernel has tbf and htb but no netem: no added delay).
+        """
+        for namespace, device in ((self.namespace, 'eth0'),
+                                  (self.network.switch, self.port)):
+            base = ['tc', '-n', namespace, 'qdisc', 'replace', 'dev', device, 'root']
+            if delay is not None:
+                args = base + ['netem', 'limit', '100000', 'delay', delay]
+                args += ['rate', rate] if rate is not None else []
+            elif rate is not None:
+                # latency: the longest a packet may queue before tbf drops it.
+                args = base + ['tbf', 'rate', rate, 'burst', burst, 'latency', '20ms']
+            else:
+                args = base + ['pfifo_fast']
+            try:
+                _command(args)
+            except NetnsError as exc:
+                if 'unknown' in str(exc):
+                    raise NetnsError(f'this kernel has no {args[len(base)]} qdisc '
+                                     f'(CONFIG_NET_SCH_{args[len(base)].upper()}): '
+                                     f'cannot shape {self.name}\'s link') from exc
+                raise
+
+    def set_mtu(self, mtu: int) -> None:
+        """Set the MTU of this host's link (both veth ends; the bridge follows its
+        smallest port). New TCP connections use it; open ones keep their MSS.
+
+        :raises: NetnsError.
+        """
+        _command(['ip', '-n', self.network.switch, 'link', 'set', self.port, 'mtu', str(mtu)])
+        _command(['ip', '-n', self.namespace, 'link', 'set', 'eth0', 'mtu', str(mtu)])
+
+    def count_frames(self, on: bool = True) -> None:
+        """Whether this host sends one frame per packet the kernel counts (``on``:
+        no GSO super-packets larger than the MTU), so counters() counts frames as
+        a NIC would put them on a wire; off restores the default (64 KiB), faster.
+
+        :raises: NetnsError.
+        """
+        mtu = json.loads(_command(['ip', '-n', self.namespace, '-j', 'link', 'show',
+                                   'eth0']))[0]['mtu']
+        size = mtu if on else 65536
+        _command(['ip', '-n', self.namespace, 'link', 'set', 'eth0', 'gso_max_size', str(size)])
+
+    def wait_for_tcp(self, address: str, port: int, timeout: float,
+                     process: subprocess.Popen | None = None) -> None:
+        """Wait until a TCP connection from this host to ``address:port`` succeeds.
+
+        :raises: NetnsError after ``timeout`` seconds, or at once if ``process``
+            (the server expected to listen) has exited.
+        """
+        deadline = time.monotonic() + timeout
+        probe = ('import socket,sys\n'
+                 'try:\n'
+                 f' socket.create_connection(({address!r}, {int(port)}), timeout=1).close()\n'
+                 'except OSError:\n'
+                 ' sys.exit(1)\n')
+        while True:
+            if process is not None and process.poll() is not None:
+                raise NetnsError(f'{self.name}: the server for {address}:{port} exited '
+                                 f'({process.returncode}) before it listened')
+            if self.run([sys.executable, '-c', probe], timeout=10, check=False).returncode == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise NetnsError(f'{self.name}: nothing listens on {address}:{port} after '
+                                 f'{timeout:g} s')
+            time.sleep(0.1)
+
+
+class Network:
+    """A switch and the hosts on it; a context manager that removes all of it."""
+
+    def __init__(self, subnet: str = DEFAULT_SUBNET, state_root: str = DEFAULT_STATE_ROOT):
+        self.subnet = ipaddress.ip_network(subnet)
+        if not self.subnet.is_private:
+            raise NetnsError(f'{subnet} is not a private range')
+        self.state_root = state_root
+        self.tag = secrets.token_hex(3)
+        self.switch = self._name('switch')
+        self.hosts: dict[str, Host] = {}
+        self.processes: list[subprocess.Popen] = []
+        self._created: list[str] = []
+        self._addresses = self.subnet.hosts()
+        self._open = False
+
+    def _name(self, name: str) -> str:
+        return f'{PREFIX}-{os.getpid()}-{self.tag}-{name}'
+
+    def __enter__(self) -> 'Network':
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _add_namespace(self, namespace: str) -> None:
+        # Registered first: if the command fails half-way, close() still removes it.
+        self._created.append(namespace)
+        _command(['ip', 'netns', 'add', namespace])
+        _command(['ip', '-n', namespace, 'link', 'set', 'lo', 'up'])
+
+    def open(self) -> None:
+        """Sweep stale namespaces, create the switch.
+
+        :raises: NetnsError.
+        """
+        if os.geteuid() != 0:
+            raise NetnsError('network namespaces need root')
+        sweep_stale()
+        self._open = True
+        self._add_namespace(self.switch)
+        _command(['ip', '-n', self.switch, 'link', 'add', 'br0', 'type', 'bridge'])
+        _command(['ip', '-n', self.switch, 'link', 'set', 'br0', 'up'])
+
+    def add_host(self, name: str, rate: str | None = None, delay: str | None = None) -> Host:
+        """A new host on the switch, with the next address of the subnet, its link
+        shaped (see Host.shape) if ``rate`` or ``delay`` is given.
+
+        :raises: NetnsError (a bad or taken name, the subnet is full, ip failed).
+        """
+        if not self._open:
+            raise NetnsError('the network is not open')
+        if not _NAME.match(name) or name == 'switch' or name in self.hosts:
+            raise NetnsError(f'invalid or taken host name {name!r}')
+        try:
+            address = str(next(self._addresses))
+        except StopIteration as exc:
+            raise NetnsError(f'no address left in {self.subnet}') from exc
+        namespace = self._name(name)
+        port = f'p{len(self.hosts)}'
+        state_dir = os.path.join(self.state_root, namespace)
+        self._add_namespace(namespace)
+        os.makedirs(state_dir)
+        _command(['ip', '-n', self.switch, 'link', 'add', port, 'type', 'veth',
+                  'peer', 'name', 'eth0', 'netns', namespace])
+        _command(['ip', '-n', self.switch, 'link', 'set', port, 'master', 'br0', 'up'])
+        _command(['ip', '-n', namespace, 'addr', 'add',
+                  f'{address}/{self.subnet.prefixlen}', 'dev', 'eth0'])
+        _command(['ip', '-n', namespace, 'link', 'set', 'eth0', 'up'])
+        host = self.hosts[name] = Host(self, name, namespace, address, port, state_dir)
+        if rate is not None or delay is not None:
+            host.shape(rate, delay)
+        return host
+
+    def close(self) -> None:
+        """Stop every process, delete every namespace and state directory. Never raises.
+
+        Ctrl-C and SIGTERM are held off until it is done (a second Ctrl-C would
+        otherwise leave half of it for the next sweep).
+        """
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._close()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _close(self) -> None:
+        for process in self.processes:
+            _stop(process)
+        self.processes.clear()
+        for namespace in reversed(self._created):
+            _delete_namespace(namespace)
+            shutil.rmtree(os.path.join(self.state_root, namespace), ignore_errors=True)
+        self._created.clear()
+        self.hosts.clear()
+        self._open = False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the process group, then SIGKILL; each wait bounded."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            break
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            continue
+    # Children that outlive the leader are still inside the host's namespace:
+    # Network.close() kills them there (never by a process group whose id may be reused).

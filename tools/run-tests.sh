@@ -8,6 +8,9 @@ tools/install.sh
 tools/start-libvirtd.sh
 tools/start-services.sh
 tools/ceph/start.sh
+# The cluster is this checkout's own (its state under .cache/ceph): stop it when the
+# tests end, so another checkout's run can take the port.
+trap 'tools/ceph/stop.sh >/dev/null 2>&1 || true' EXIT
 tools/guest/build-test-guest.sh
 .venv/bin/flake8 vmcloud tests benchmarks tools
 .venv/bin/stestr run --concurrency "${VMCLOUD_TEST_CONCURRENCY:-2}" "$@"

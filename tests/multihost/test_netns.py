@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from unittest import mock
 
 import fixtures
@@ -332,15 +333,21 @@ class CleanupTest(NetnsTestCase):
             self.assertRaises(netns.NetnsError, net.__enter__)
         self.assertEqual([], ours())
 
+    def add_namespace(self, name: str) -> None:
+        self.addCleanup(subprocess.run, ['ip', 'netns', 'delete', name],
+                        capture_output=True, timeout=30)
+        done = subprocess.run(['ip', 'netns', 'add', name], capture_output=True, text=True,
+                              timeout=30)
+        self.assertEqual(0, done.returncode, f'ip netns add {name}: {done.stderr}')
+
     def test_the_sweep_removes_a_dead_creator_s_namespaces_only(self):
         dead = subprocess.Popen(['true'])
         dead.wait()
-        stale = f'{netns.PREFIX}-{dead.pid}-abcdef-x'
-        live = f'{netns.PREFIX}-{os.getpid()}-abcdef-y'
+        tag = uuid.uuid4().hex[:6]
+        stale = f'{netns.PREFIX}-{dead.pid}-{tag}-x'
+        live = f'{netns.PREFIX}-{os.getpid()}-{tag}-y'
         for name in (stale, live):
-            self.addCleanup(subprocess.run, ['ip', 'netns', 'delete', name],
-                            capture_output=True, timeout=30)
-            subprocess.run(['ip', 'netns', 'add', name], check=True, timeout=30)
+            self.add_namespace(name)
         swept = netns.sweep_stale()
         self.assertIn(stale, swept)
         self.assertNotIn(live, swept)
@@ -350,9 +357,7 @@ class CleanupTest(NetnsTestCase):
     def test_opening_a_network_sweeps(self):
         dead = subprocess.Popen(['true'])
         dead.wait()
-        stale = f'{netns.PREFIX}-{dead.pid}-abcdef-z'
-        self.addCleanup(subprocess.run, ['ip', 'netns', 'delete', stale],
-                        capture_output=True, timeout=30)
-        subprocess.run(['ip', 'netns', 'add', stale], check=True, timeout=30)
+        stale = f'{netns.PREFIX}-{dead.pid}-{uuid.uuid4().hex[:6]}-z'
+        self.add_namespace(stale)
         with self.network():
             self.assertNotIn(stale, netns.namespaces())

@@ -98,6 +98,11 @@ class InvalidName(StorageError):
     """An image name or version reference is not of the allowed form."""
 
 
+class LeaseLost(StorageError):
+    """A lock was lost while held (it expired, was broken or taken by another holder,
+    or the warehouse service forgot its lease): it is not held any more."""
+
+
 class ImageFileNotFound(StorageError):
     def __init__(self, path: str):
         self.path = path

@@ -326,10 +326,10 @@ class LeaseTest(ServiceFixtureMixin, base.TestCase):
             while lease.lost is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.assertIsNotNone(lease.lost)
-            error = self.assertRaises(protocol.LeaseLost, session.put_chunk, chunk_id, data)
+            error = self.assertRaises(exception.LeaseLost, session.put_chunk, chunk_id, data)
             self.assertIn('shared lock', str(error))
-            self.assertRaises(protocol.LeaseLost, client.list_images)
-            self.assertRaises(protocol.LeaseLost, context.__exit__, None, None, None)
+            self.assertRaises(exception.LeaseLost, client.list_images)
+            self.assertRaises(exception.LeaseLost, context.__exit__, None, None, None)
         session.abort()
         # The service expired it too: gc may run now.
         with self.client().exclusive_lock(10):
@@ -347,11 +347,11 @@ class LeaseTest(ServiceFixtureMixin, base.TestCase):
         deadline = time.monotonic() + 20
         while lease.lost is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.assertIsInstance(lease.lost, protocol.LeaseLost)
-        self.assertRaises(protocol.LeaseLost, session.commit)
-        self.assertRaises(protocol.LeaseLost, client.has_chunk, 'ab' * 32)
+        self.assertIsInstance(lease.lost, exception.LeaseLost)
+        self.assertRaises(exception.LeaseLost, session.commit)
+        self.assertRaises(exception.LeaseLost, client.has_chunk, 'ab' * 32)
         session.abort()
-        self.assertRaises(protocol.LeaseLost, context.__exit__, None, None, None)
+        self.assertRaises(exception.LeaseLost, context.__exit__, None, None, None)
 
     def test_a_wait_longer_than_the_ttl_keeps_the_pending_lease(self):
         holder, waiter = self.client(), self.client()

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import random
+import subprocess
 import threading
 import uuid
 from unittest import mock
@@ -168,6 +169,151 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
             self.assertRaises(exception.WarehouseBusy, other.exclusive_lock(0).__enter__)
         with other.exclusive_lock(0):
             pass
+
+    # -- a lock that is lost: the writer must stop, not carry on ---------------
+
+    def _break(self, backend, held):
+        """Break ``held`` as an operator (or a buggy host) would: ``rados lock break``."""
+        command = ['rados', '--conf', os.path.join(CEPH_DIR, 'ceph.conf'),
+                   '--name', 'client.vmcloud',
+                   '--keyring', os.path.join(CEPH_DIR, 'client.vmcloud.keyring'),
+                   '-p', 'vmcloud', '-N', self.namespace, 'lock', 'break', held._oid,
+                   rados_backend._LOCK_NAME, f'client.{backend._cluster.get_instance_id()}',
+                   '--lock-cookie', held._cookie]
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+
+    def _wait_until_lost(self, held):
+        # Bounded: a renewal runs every third of the 2 s duration.
+        for _ in range(300):
+            if held.lost is not None:
+                return
+            threading.Event().wait(0.05)
+        self.fail(f'{held.what} still believed held 15 s after it was lost')
+
+    def _assert_write_refused(self, session, lock_context, why):
+        b = self.chunk()
+        for call, args in ((session.put_chunk, b), (session.commit, ())):
+            error = self.assertRaises(exception.LeaseLost, call, *args)
+            self.assertIn('the shared (writer) lock was lost', str(error))
+            self.assertIn(f'namespace {self.namespace} object lock.warehouse', str(error))
+            self.assertIn(why, str(error))
+        error = self.assertRaises(exception.LeaseLost, lock_context.__exit__, None, None, None)
+        self.assertIn(why, str(error))
+        session.abort()
+        return b
+
+    def test_broken_shared_lock_stops_the_writer(self):
+        self.conf.set_override('lock_duration', 2, 'storage_rados')
+        gc_host = self.make_backend()
+        a = self.chunk()
+        lock = self.backend.shared_lock()
+        lock.__enter__()
+        session = self.backend.begin_write()
+        session.put_chunk(*a)
+        held = self.backend._held()[-1]
+        self._break(self.backend, held)
+        self._wait_until_lost(held)
+        # Not taken back by the next renewal: gc on another host gets in.
+        with gc_host.exclusive_lock(10):
+            b = self._assert_write_refused(session, lock, 'another holder took it or broke it')
+        self.assertAbsent(gc_host, a[0])
+        self.assertAbsent(gc_host, b[0])
+        self.assertEqual([], self.backend._held())
+
+    def test_failing_renewals_lose_the_lock_after_its_duration(self):
+        self.conf.set_override('lock_duration', 2, 'storage_rados')
+        take = rados_backend._HeldLock._take
+
+        def renewal_fails(held, duration, flags):
+            if flags & rados_backend._LOCK_MUST_RENEW:
+                raise exception.StorageError('injected: the cluster does not answer')
+            return take(held, duration, flags)
+
+        a = self.chunk()
+        lock = self.backend.shared_lock()
+        lock.__enter__()
+        session = self.backend.begin_write()
+        session.put_chunk(*a)
+        with mock.patch.object(rados_backend._HeldLock, '_take', renewal_fails):
+            held = self.backend._held()[-1]
+            self._wait_until_lost(held)
+            b = self._assert_write_refused(session, lock, 'past its duration of 2 s')
+        self.assertIn('injected: the cluster does not answer', str(held.lost))
+        self.assertAbsent(self.make_backend(), a[0])
+        self.assertAbsent(self.make_backend(), b[0])
+        self.store(self.backend, a)  # the backend itself is still usable
+
+    def test_image_lock_taken_by_another_host_fails_the_block(self):
+        self.conf.set_override('lock_duration', 2, 'storage_rados')
+        other = self.make_backend()
+        lock = self.backend.image_lock('img')
+        lock.__enter__()
+        held = self.backend._held()[-1]
+        self._break(self.backend, held)
+        with other.image_lock('img'):
+            self._wait_until_lost(held)
+        error = self.assertRaises(exception.LeaseLost, lock.__exit__, None, None, None)
+        self.assertIn('the lock of image img was lost', str(error))
+        self.assertIn('object lock.image.img', str(error))
+
+    def test_renewal_stuck_in_a_call_does_not_keep_the_lock(self):
+        # The renewer waits on a cluster that does not answer (yet): the writer's own
+        # calls see that no renewal got through for the lock's duration.
+        self.conf.set_override('lock_duration', 2, 'storage_rados')
+        take = rados_backend._HeldLock._take
+        answer = threading.Event()
+        self.addCleanup(answer.set)
+
+        def renewal_hangs(held, duration, flags):
+            if flags & rados_backend._LOCK_MUST_RENEW:
+                answer.wait(20)
+                raise exception.StorageError('injected: no answer')
+            return take(held, duration, flags)
+
+        lock = self.backend.shared_lock()
+        lock.__enter__()
+        session = self.backend.begin_write()
+        with mock.patch.object(rados_backend._HeldLock, '_take', renewal_hangs):
+            held = self.backend._held()[-1]
+            for _ in range(300):
+                try:
+                    held.check()
+                except exception.LeaseLost:
+                    break
+                threading.Event().wait(0.05)
+            answer.set()
+            self._assert_write_refused(session, lock, 'past its duration of 2 s')
+
+    def test_lock_lost_while_commit_waits_indexes_nothing(self):
+        a = self.chunk()
+        lock = self.backend.shared_lock()
+        lock.__enter__()
+        session = self.backend.begin_write()
+        session.put_chunk(*a)
+        held = self.backend._held()[-1]
+        collect = rados_backend._Session._collect
+
+        def lost_meanwhile(self_, block):
+            collect(self_, block)
+            held.lost = exception.StorageError('injected: lost during the wait')
+
+        with mock.patch.object(rados_backend._Session, '_collect', lost_meanwhile):
+            error = self.assertRaises(exception.LeaseLost, session.commit)
+            self.assertIn('injected: lost during the wait', str(error))
+            self.assertRaises(exception.LeaseLost, lock.__exit__, None, None, None)
+            session.abort()
+        self.assertAbsent(self.make_backend(), a[0])
+
+    def test_lock_kept_through_the_block_raises_nothing_on_exit(self):
+        # Renewals that succeed past the duration do not make the lock look lost.
+        self.conf.set_override('lock_duration', 2, 'storage_rados')
+        a = self.chunk()
+        with self.backend.shared_lock():
+            session = self.backend.begin_write()
+            threading.Event().wait(5)
+            session.put_chunk(*a)
+            session.commit()
+        self.assertTrue(self.make_backend().has_chunk(a[0]))
 
     def _session_with(self, backend, chunk):
         with backend.shared_lock():

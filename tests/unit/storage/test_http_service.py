@@ -37,7 +37,7 @@ class ErrorMappingTest(base.TestCase):
             (exception.CorruptManifest('manifest img:1 is corrupt: x'), 500, ()),
             (exception.WarehouseBusy('busy after 5 s'), 503, ()),
             (exception.InvalidName("invalid image name '..'"), 400, ()),
-            (protocol.LeaseLost('lease ab was expired'), 410, ()),
+            (exception.LeaseLost('lease ab was expired'), 410, ()),
             (protocol.Unauthorized('missing or wrong bearer token'), 401, ()),
         ]
         for error, status, fields in cases:
@@ -146,7 +146,7 @@ class LeaseTableTest(base.TestCase):
         self.assertEqual('expired', shared.state)
         with self.store.exclusive_lock(0):  # the backend's own lock is free again
             pass
-        error = self.assertRaises(protocol.LeaseLost, self.leases.renew, shared.id)
+        error = self.assertRaises(exception.LeaseLost, self.leases.renew, shared.id)
         self.assertIn('expired', str(error))
 
     def test_ttl_is_clamped(self):
@@ -201,8 +201,8 @@ class LeaseTableTest(base.TestCase):
         self.assertTrue(self.leases.put(session.id, chunk_id, data))
         self.clock.now += 11
         self.leases.expire_due()
-        self.assertRaises(protocol.LeaseLost, self.leases.put, session.id, chunk_id, data)
-        self.assertRaises(protocol.LeaseLost, self.leases.commit, session.id)
+        self.assertRaises(exception.LeaseLost, self.leases.put, session.id, chunk_id, data)
+        self.assertRaises(exception.LeaseLost, self.leases.commit, session.id)
         self.assertFalse(self.store.has_chunk(chunk_id))
         # Abandoned like a crashed writer's: purge removes its staged pack and the session.
         gc = self.held('exclusive', timeout=1)
@@ -214,7 +214,7 @@ class LeaseTableTest(base.TestCase):
         image = self.held('image', 'img')
         self.assertRaises(protocol.RequestRefused, self.leases.begin, image.id)
         self.assertRaises(protocol.RequestRefused, self.leases.purge_abandoned, image.id)
-        self.assertRaises(protocol.LeaseLost, self.leases.begin, 'f' * 32)
+        self.assertRaises(exception.LeaseLost, self.leases.begin, 'f' * 32)
         self.assertRaises(protocol.RequestRefused, self.leases.acquire, 'image', None, 1, None)
         self.assertRaises(protocol.RequestRefused, self.leases.acquire, 'bogus', None, 1, None)
 

@@ -67,7 +67,7 @@ class _Lease:
 
     def check(self) -> None:
         if self.lost is not None:
-            raise protocol.LeaseLost(f'{self.what} was lost: {self.lost}') from self.lost
+            raise exception.LeaseLost(f'{self.what} was lost: {self.lost}') from self.lost
 
 
 class HttpWriteSession(backend.WriteSession):
@@ -463,7 +463,7 @@ class HttpBackend(backend.Backend):
                 self.request('POST', f'/locks/{lease.id}/renew',
                              timeout=max(0.1, lease.ttl / 3))
                 lease.renewed_at = time.monotonic()
-            except protocol.LeaseLost as exc:
+            except exception.LeaseLost as exc:
                 lease.lost = exc
                 break
             except exception.VmcloudError as exc:

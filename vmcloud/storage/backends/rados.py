@@ -38,7 +38,10 @@ gets VersionExists.
 
 Locks are RADOS object locks (cls_lock): shared by writers, exclusive for gc and
 per image, each with a duration so that a crashed holder's lock expires; a
-thread renews a held lock every third of that duration.
+thread renews a held lock every third of that duration. A lock another holder
+took or broke, or that went unrenewed for its duration, is lost, never taken back:
+the write sessions begun under it and the exit of its ``with`` block raise
+LeaseLost, so a writer does not go on while gc on another host may run.
 """
 import contextlib
 import errno
@@ -62,7 +65,8 @@ _OMAP_PAGE = 1000
 # No listing is longer than this many pages (a billion keys): every loop is bounded.
 _MAX_PAGES = 1_000_000
 _LOCK_NAME = 'vmcloud'
-_LOCK_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW
+# LIBRADOS_LOCK_FLAG_MUST_RENEW: renew only a lock the OSD still lists as ours.
+_LOCK_MUST_RENEW = 2
 _BORROWED = 'borrowed'
 # Enough of a chunk's bytes to tell that an object still holds that chunk.
 _PREFIX_CHECK = 64
@@ -93,10 +97,15 @@ def _parse_length(value: bytes) -> int | None:
 
 
 class _Session(backend.WriteSession):
-    """Writes chunks as they are put, asynchronously; commit() indexes them."""
+    """Writes chunks as they are put, asynchronously; commit() indexes them.
 
-    def __init__(self, store: 'RadosBackend'):
+    ``locks`` are those its thread held when it began: once one is lost, put_chunk
+    and commit raise LeaseLost (abort still cleans up).
+    """
+
+    def __init__(self, store: 'RadosBackend', locks: tuple['_HeldLock', ...]):
         self._store = store
+        self._locks = locks
         self._lengths: dict[str, int] = {}      # every chunk this session needs indexed
         self._created: set[str] = set()         # objects this session made
         self._borrowed: dict[str, bytes] = {}   # made by another writer: id -> first bytes
@@ -111,7 +120,13 @@ class _Session(backend.WriteSession):
     def stored_bytes(self) -> int:
         return self._stored_bytes
 
+    def _check_locks(self) -> None:
+        for lock in self._locks:
+            lock.check()
+
     def put_chunk(self, chunk_id: str, data: bytes) -> bool:
+        """:raises: LeaseLost if a lock it began under was lost; StorageError."""
+        self._check_locks()
         if chunk_id in self._lengths or self._store.has_chunk(chunk_id):
             return False
         self._collect(block=False)
@@ -149,11 +164,15 @@ class _Session(backend.WriteSession):
                                     OSError(-result, os.strerror(-result)))
 
     def commit(self) -> None:
+        """:raises: LeaseLost if a lock it began under was lost; StorageError."""
         if self._done:
             return
+        self._check_locks()
         self._collect(block=True)
         for chunk_id, prefix in self._borrowed.items():
             self._store.mark_borrowed(chunk_id, prefix)
+        # Again: waiting for the writes in flight can outlast a lock.
+        self._check_locks()
         self._store.index_chunks(self._lengths)
         self._done = True
 
@@ -173,27 +192,43 @@ class _Session(backend.WriteSession):
 
 
 class _HeldLock:
-    """A rados object lock, renewed by a thread until released."""
+    """A rados object lock, renewed by a thread until released.
+
+    ``lost`` says why the lock is no longer held: another holder took it or broke
+    it, or renewals kept failing until the lock's duration ran out (the OSD let it
+    expire). From then on check() raises, so a writer stops instead of writing
+    while gc on another host may run.
+    """
 
     def __init__(self, store: 'RadosBackend', oid: str, shared: bool, wait: float,
-                 busy: Callable[[], exception.StorageError]):
+                 busy: Callable[[], exception.StorageError], what: str):
         self._store = store
         self._oid = oid
         self._shared = shared
+        self.what = what
         self._cookie = uuid.uuid4().hex
         self._stop = threading.Event()
-        duration = store.conf.storage_rados.lock_duration
+        self.lost: exception.StorageError | None = None
+        self._duration = duration = store.conf.storage_rados.lock_duration
         deadline = time.monotonic() + wait
-        while not self._take(duration, 0):
+        for _ in range(max(1, int(wait / 0.05) + 1)):
+            # Taken at the time the request is sent, at latest: the OSD counts the
+            # lock's duration from when it receives it, so this errs early.
+            self._renewed_at = time.monotonic()
+            if self._take(duration, 0):
+                break
             if time.monotonic() >= deadline:
                 raise busy()
             time.sleep(0.05)
+        else:
+            raise busy()
         self._renewer = threading.Thread(target=self._renew, args=(duration,),
                                          name=f'rados-lock-{oid}', daemon=True)
         self._renewer.start()
 
     def _take(self, duration: int, flags: int) -> bool:
-        """:returns: False if another holder excludes us. :raises: StorageError."""
+        """:returns: False if another holder excludes us, or (renewing) the lock is no
+        longer ours. :raises: StorageError."""
         ioctx = self._store.ioctx
         try:
             if self._shared:
@@ -205,18 +240,47 @@ class _HeldLock:
             return True
         except (rados.ObjectBusy, rados.ObjectExists):
             return False
+        except rados.ObjectNotFound:
+            if flags & _LOCK_MUST_RENEW:
+                return False  # broken, or expired: the OSD no longer lists our cookie
+            raise
         except rados.Error as exc:
             raise self._store.error('lock', self._oid, exc) from exc
 
     def _renew(self, duration: int) -> None:
-        # A renewal that fails leaves the lock to expire; nothing else can be done
-        # from here, so it is logged loudly.
-        while not self._stop.wait(duration / 3):
+        # MUST_RENEW, not RENEW: RENEW quietly takes the lock again after someone broke
+        # it or it expired, and gc may have run in between.
+        while not self._stop.wait(duration / 3) and self.lost is None:
+            started = time.monotonic()
             try:
-                if not self._take(duration, _LOCK_RENEW):
-                    LOG.error('rados lock %s was lost: another holder took it', self._oid)
+                if self._take(duration, _LOCK_MUST_RENEW):
+                    self._renewed_at = started
+                else:
+                    self._lose(exception.StorageError(
+                        f'another holder took it or broke it, or it expired '
+                        f'(lock {_LOCK_NAME} of {self._store._where(self._oid)})'))
             except exception.StorageError as exc:
-                LOG.error('cannot renew rados lock: %s', exc)
+                LOG.warning('cannot renew %s: %s', self.what, exc)
+                self._expire_if_late(exc)
+
+    def _expire_if_late(self, cause: exception.StorageError | None) -> None:
+        late = time.monotonic() - self._renewed_at
+        if self.lost is None and late >= self._duration:
+            why = f': {cause}' if cause is not None else ''
+            self._lose(exception.StorageError(
+                f'not renewed for {late:.1f} s, past its duration of {self._duration} s '
+                f'(lock {_LOCK_NAME} of {self._store._where(self._oid)}){why}'))
+
+    def _lose(self, why: exception.StorageError) -> None:
+        LOG.error('%s was lost: %s', self.what, why)
+        self.lost = why
+
+    def check(self) -> None:
+        """:raises: LeaseLost naming the lock and why, once it is no longer held."""
+        # A renewer stuck in a call that has not failed yet does not keep it alive.
+        self._expire_if_late(None)
+        if self.lost is not None:
+            raise exception.LeaseLost(f'{self.what} was lost: {self.lost}') from self.lost
 
     def release(self) -> None:
         self._stop.set()
@@ -300,6 +364,14 @@ class RadosBackend(backend.Backend):
         self._flight = threading.BoundedSemaphore(opts.aio_depth)
         self._sessions: list[_Session] = []
         self._sessions_lock = threading.Lock()
+        self._local = threading.local()
+
+    def _held(self) -> list[_HeldLock]:
+        """The locks this thread holds, outermost first."""
+        held = getattr(self._local, 'locks', None)
+        if held is None:
+            held = self._local.locks = []
+        return held
 
     def __repr__(self) -> str:
         return f'RadosBackend({self._where("")})'
@@ -443,7 +515,7 @@ class RadosBackend(backend.Backend):
         return problems
 
     def begin_write(self) -> backend.WriteSession:
-        session = _Session(self)
+        session = _Session(self, tuple(self._held()))
         with self._sessions_lock:
             self._sessions = [s for s in self._sessions if not s._done] + [session]
         return session
@@ -727,14 +799,21 @@ class RadosBackend(backend.Backend):
     # -- concurrency ---------------------------------------------------------
 
     @contextlib.contextmanager
-    def _lock(self, oid: str, shared: bool, wait: float, what: str) -> Iterator[None]:
+    def _lock(self, oid: str, shared: bool, wait: float, what: str,
+              mine: str) -> Iterator[None]:
+        """Hold a lock for the block. :raises: WarehouseBusy if ``what`` (the holders
+        that exclude us) keep it past ``wait``; LeaseLost on leaving the block if the
+        lock (``mine``) was lost while in it."""
         def busy() -> exception.StorageError:
             return exception.WarehouseBusy(f'{what} in {self._where(oid)} of the '
                                            f'{self.cluster_name} still held after {wait:g} s')
-        held = _HeldLock(self, oid, shared, wait, busy)
+        held = _HeldLock(self, oid, shared, wait, busy, mine)
+        self._held().append(held)
         try:
             yield
         finally:
+            with contextlib.suppress(ValueError):
+                self._held().remove(held)
             if shared:
                 # Writes still in flight must land while gc is still kept out.
                 with self._sessions_lock:
@@ -742,15 +821,19 @@ class RadosBackend(backend.Backend):
                 for session in sessions:
                     session.drain()
             held.release()
+        # Reached only when the block raised nothing: it ran, but not all of it under
+        # the lock, so say so.
+        held.check()
 
     def shared_lock(self):
         return self._lock('lock.warehouse', True, self.conf.storage_rados.lock_wait,
-                          'the exclusive (gc) lock')
+                          'the exclusive (gc) lock', 'the shared (writer) lock')
 
     def exclusive_lock(self, timeout: float):
-        return self._lock('lock.warehouse', False, timeout, 'shared (writer) locks')
+        return self._lock('lock.warehouse', False, timeout, 'shared (writer) locks',
+                          'the exclusive (gc) lock')
 
     def image_lock(self, image: str):
         self._check_name(image)
         return self._lock(f'lock.image.{image}', False, self.conf.storage_rados.lock_wait,
-                          f'the lock of image {image}')
+                          f'the lock of image {image}', f'the lock of image {image}')

@@ -140,8 +140,8 @@ class LeaseTable:
         with self._lock:
             lease = self._leases.get(lease_id)
         if lease is None:
-            raise protocol.LeaseLost(f'lease {lease_id[:8]} is unknown to this service '
-                                     '(expired long ago, or the service restarted)')
+            raise exception.LeaseLost(f'lease {lease_id[:8]} is unknown to this service '
+                                      '(expired long ago, or the service restarted)')
         return lease
 
     def renew(self, lease_id: str) -> Lease:
@@ -160,7 +160,7 @@ class LeaseTable:
     def _raise_ended(self, lease: Lease):
         if lease.state == 'failed':
             raise lease.error
-        raise protocol.LeaseLost(f'{lease.describe()} was {lease.state}: the lock is not held')
+        raise exception.LeaseLost(f'{lease.describe()} was {lease.state}: the lock is not held')
 
     def wait(self, lease_id: str, seconds: float) -> Lease:
         """Renew a lease, then wait up to ``seconds`` for a pending one to settle.

@@ -34,10 +34,6 @@ _ERRORS: dict[type, tuple[int, tuple[str, ...]]] = {
 _BY_NAME = {cls.__name__: cls for cls in _ERRORS}
 
 
-class LeaseLost(exception.StorageError):
-    """A lock lease was lost (expired, or the service forgot it): the lock is not held."""
-
-
 class RequestRefused(exception.StorageError):
     """The request itself was wrong (a bad lease, session or body); a client bug or a
     service restart, not a storage problem."""
@@ -47,8 +43,10 @@ class Unauthorized(exception.StorageError):
     """The service refused the bearer token (or its absence)."""
 
 
-_ERRORS.update({LeaseLost: (410, ()), RequestRefused: (400, ()), Unauthorized: (401, ())})
-_BY_NAME.update({cls.__name__: cls for cls in (LeaseLost, RequestRefused, Unauthorized)})
+_ERRORS.update({exception.LeaseLost: (410, ()), RequestRefused: (400, ()),
+                Unauthorized: (401, ())})
+_BY_NAME.update({cls.__name__: cls
+                 for cls in (exception.LeaseLost, RequestRefused, Unauthorized)})
 
 
 def _registered(error: exception.StorageError) -> type:

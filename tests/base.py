@@ -27,6 +27,15 @@ class TestCase(testtools.TestCase):
         self.fail(f'bytes differ: lengths {len(expected)} vs {len(actual)}, '
                   f'first difference at offset {first}')
 
+    def assert_one_line_error(self, result, *fragments: bytes) -> None:
+        """A finished ``vmcloud`` command (subprocess.CompletedProcess) failed with one
+        line on stderr, ``vmcloud: error: ...``, holding every fragment."""
+        self.assertEqual(1, result.returncode, result.stderr)
+        self.assertEqual(1, len(result.stderr.splitlines()), result.stderr)
+        self.assertTrue(result.stderr.startswith(b'vmcloud: error: '), result.stderr)
+        for fragment in fragments:
+            self.assertIn(fragment, result.stderr)
+
     def write_config(self, **sections) -> str:
         """A config file for a child process: write_config(DEFAULT={'state_path': ...})."""
         path = os.path.join(self.tmp, 'vmcloud.conf')

@@ -24,13 +24,6 @@ class ImageCliTest(base.TestCase):
             [sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file', config or self.config,
              *args], capture_output=True, timeout=120)
 
-    def assert_one_line_error(self, result: subprocess.CompletedProcess, *fragments: bytes):
-        self.assertEqual(1, result.returncode, result.stderr)
-        self.assertEqual(1, len(result.stderr.splitlines()), result.stderr)
-        self.assertTrue(result.stderr.startswith(b'vmcloud: error: '), result.stderr)
-        for fragment in fragments:
-            self.assertIn(fragment, result.stderr)
-
     def json_of(self, *args: str):
         result = self.vmcloud(*args, '-f', 'json')
         self.assertEqual(0, result.returncode, result.stderr)

@@ -169,13 +169,13 @@ class ServiceEdgesTest(ServiceFixtureMixin, base.TestCase):
             storage={'backend': 'http'},
             storage_http={'url': self.service.url, 'token': 'wrong', 'connect_retries': 1})
         result = vmcloud_cli('--config-file', config, 'image', 'list')
-        assert_one_line_error(self, result, self.service.url.encode(), b'refused')
+        self.assert_one_line_error(result, self.service.url.encode(), b'refused')
         closed = f'http://127.0.0.1:{free_port()}'
         config = self.write_config(
             storage={'backend': 'http'},
             storage_http={'url': closed, 'token': TOKEN, 'connect_retries': 1})
         result = vmcloud_cli('--config-file', config, 'image', 'list')
-        assert_one_line_error(self, result, closed.encode(), b'cannot reach')
+        self.assert_one_line_error(result, closed.encode(), b'cannot reach')
 
     def test_anonymous_reads_only_when_allowed(self):
         self.start_service(allow_anonymous_reads=True)
@@ -407,7 +407,7 @@ class CommandTest(base.TestCase):
     def test_refuses_to_start_without_a_token(self):
         config = self.write_config(warehouse_service={'port': 0})
         result = vmcloud_cli('--config-file', config, 'warehouse')
-        assert_one_line_error(self, result, b'[warehouse_service] token')
+        self.assert_one_line_error(result, b'[warehouse_service] token')
 
 
 CLI = [sys.executable, '-m', 'vmcloud.cmd.cli']
@@ -427,14 +427,6 @@ with store.shared_lock():
 
 def vmcloud_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(CLI + list(args), capture_output=True, timeout=120)
-
-
-def assert_one_line_error(test, result: subprocess.CompletedProcess, *fragments: bytes):
-    test.assertEqual(1, result.returncode, result.stderr)
-    test.assertEqual(1, len(result.stderr.splitlines()), result.stderr)
-    test.assertTrue(result.stderr.startswith(b'vmcloud: error: '), result.stderr)
-    for fragment in fragments:
-        test.assertIn(fragment, result.stderr)
 
 
 def free_port() -> int:

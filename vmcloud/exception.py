@@ -258,3 +258,21 @@ class HostNotFound(VmcloudError):
 
 class InvalidRequest(VmcloudError):
     """A request to the dispatcher makes no sense (a count below 1, min above max...)."""
+
+
+class AttachmentTooLarge(StorageError):
+    """An image attachment is larger than a backend keeps (backend.MAX_ATTACHMENT_BYTES)."""
+
+
+class BootArtifactError(VmcloudError):
+    """A boot artifact (a kernel or initrd image) cannot be had on this compute node."""
+
+
+class MessageBusUnreachable(MessagingError):
+    """No host of the message bus accepts a connection (refused, unresolvable, timed out):
+    it may come up, so a service starting retries for a while."""
+
+
+class MessageBusRefused(MessagingError):
+    """The message bus answered but refused us (the login, the virtual host, the TLS
+    handshake): retrying the same configuration cannot help."""

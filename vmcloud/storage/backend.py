@@ -1,9 +1,12 @@
 """The interface every warehouse backend implements.
 
-A backend stores two things: chunks, named by their content hash, and
-manifests, one per image version. It knows nothing about images beyond that;
-chunking, deduplication, snapshots and garbage collection live in the
-Warehouse, above every backend.
+A backend stores three things: chunks, named by their content hash;
+manifests, one per image version; and attachments, small named blobs kept
+beside an image (a boot profile), replaced whole and removed with the image.
+It knows nothing about images beyond that; chunking, deduplication, snapshots
+and garbage collection live in the Warehouse, above every backend. Attachments
+are neither chunks nor manifests: iter_chunks, retain, the listings and the
+byte counts never see them.
 
 A backend declares its own options as ``OPTION_GROUP`` and ``OPTIONS`` and
 registers them when it is constructed (as glance_store's drivers do), and what
@@ -50,14 +53,29 @@ in the ``vmcloud.storage.backends`` namespace, and adds a subclass of
 import abc
 import contextlib
 import enum
-from typing import ContextManager, Iterator
+from typing import ContextManager, Iterable, Iterator
 
 from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud import plugins
+from vmcloud.storage import manifest as manifest_mod
 
 NAMESPACE = 'vmcloud.storage.backends'
+# An attachment is read whole into memory by every node that uses it.
+MAX_ATTACHMENT_BYTES = 1024 ** 2
+
+
+def check_attachment(name: str, size: int | None = None) -> None:
+    """Refuse a bad attachment name, or a size above MAX_ATTACHMENT_BYTES.
+
+    :raises: InvalidName; AttachmentTooLarge.
+    """
+    manifest_mod.validate_image_name(name, 'attachment')
+    if size is not None and size > MAX_ATTACHMENT_BYTES:
+        raise exception.AttachmentTooLarge(
+            f'attachment {name} of {size} bytes is larger than the '
+            f'{MAX_ATTACHMENT_BYTES} bytes an attachment may hold')
 
 
 class Capabilities(enum.Flag):
@@ -76,13 +94,49 @@ class Capabilities(enum.Flag):
 
 
 class WriteSession(abc.ABC):
-    """Chunks written for one new version; none is visible before commit()."""
+    """Chunks written for new versions (one, or several: snapshot_many); none is
+    visible before commit().
+
+    The writer asks before it sends: missing() says which chunks of a batch
+    neither the store nor this session has, and the writer puts exactly those,
+    once each. put_chunk never asks the store again, so a remote store costs one
+    question per batch rather than one per chunk.
+    """
+
+    MISSING_BATCH = 1
+    """How many chunk ids a writer should gather before asking missing().
+
+    1 where asking costs no round trip (the writer then holds no chunk waiting for
+    an answer, so it need not copy the caller's buffer); more where it does.
+    """
+
+    def __init__(self, store: 'Backend'):
+        self.store = store
 
     @abc.abstractmethod
-    def put_chunk(self, chunk_id: str, data: bytes) -> bool:
-        """Stage a chunk unless the store or this session already has it.
+    def has_put(self, chunk_id: str) -> bool:
+        """Whether this session already staged the chunk."""
 
-        :returns: True if the bytes were stored, False if deduplicated.
+    def missing(self, chunk_ids: Iterable[str]) -> set[str]:
+        """The ids among ``chunk_ids`` that neither the store nor this session has.
+
+        Like has_chunk's False, an id may be reported missing that another writer
+        stores meanwhile; putting it then stores a copy, which costs space until gc,
+        never correctness. An id is never reported present that is not (while the
+        caller holds shared_lock()).
+
+        :raises: StorageError if the store cannot be asked.
+        """
+        return self.store.missing([chunk_id for chunk_id in dict.fromkeys(chunk_ids)
+                                   if not self.has_put(chunk_id)])
+
+    @abc.abstractmethod
+    def put_chunk(self, chunk_id: str, data: bytes) -> None:
+        """Stage a chunk, unless this session already has it.
+
+        The writer asked missing() first: the store is not asked again. The
+        caller may reuse ``data`` once this returns.
+
         :raises: StorageError if the chunk cannot be written.
         """
 
@@ -100,7 +154,7 @@ class WriteSession(abc.ABC):
     @property
     @abc.abstractmethod
     def stored_bytes(self) -> int:
-        """Bytes of new chunk data this session stored (after deduplication)."""
+        """Bytes of the chunks this session staged (each one once)."""
 
 
 class Backend(abc.ABC):
@@ -127,6 +181,16 @@ class Backend(abc.ABC):
 
         :raises: StorageError if the store cannot be read.
         """
+
+    def missing(self, chunk_ids: Iterable[str]) -> set[str]:
+        """The ids among ``chunk_ids`` of no durable chunk: has_chunk for many at once.
+
+        A backend where has_chunk is a round trip answers many ids in fewer (one
+        request, one index read per shard). Stale like has_chunk's False.
+
+        :raises: StorageError if the store cannot be read.
+        """
+        return {chunk_id for chunk_id in chunk_ids if not self.has_chunk(chunk_id)}
 
     @abc.abstractmethod
     def read_chunk(self, chunk_id: str) -> bytes:
@@ -231,6 +295,38 @@ class Backend(abc.ABC):
                 with contextlib.suppress(exception.ImageNotFound, exception.CorruptManifest):
                     total += len(self.read_manifest(image, version))
         return total
+
+    # -- attachments ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def write_attachment(self, image: str, name: str, data: bytes) -> None:
+        """Durably replace attachment ``name`` of ``image`` with ``data``, atomically.
+
+        A reader on any instance sees the old bytes or the new ones, never a mix,
+        and the last writer wins. The caller (the Warehouse) holds image_lock(image),
+        has checked that the image has a version, and has checked the name and size
+        (check_attachment).
+
+        :raises: ImageNotFound if the backend can tell the image has no version;
+            StorageError.
+        """
+
+    @abc.abstractmethod
+    def read_attachment(self, image: str, name: str) -> bytes | None:
+        """The bytes of an attachment; None if there is none.
+
+        :raises: StorageError if it exists but cannot be read.
+        """
+
+    @abc.abstractmethod
+    def delete_attachments(self, image: str) -> None:
+        """Durably remove every attachment of ``image``; none is not an error.
+
+        The caller holds image_lock(image); the Warehouse calls it before it
+        deletes an image's last version, so none outlives the image.
+
+        :raises: StorageError.
+        """
 
     # -- concurrency ---------------------------------------------------------
 

@@ -5,6 +5,7 @@ version that names its parent and shares every chunk it did not change. A
 version becomes visible only when its manifest is stored, and its manifest is
 stored only after all its chunks are durable.
 """
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -12,7 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from oslo_config import cfg
 
@@ -32,6 +33,8 @@ Progress = Callable[[int, int], None]
 EXPORT_FORMATS = ('raw', 'qcow2')
 # Writers on other hosts that may take the version number a writer chose, one after another.
 MAX_VERSION_RACES = 64
+# The most chunk data a writer holds while it waits to hear which chunks the store lacks.
+MISSING_BATCH_BYTES = 16 * 1024 ** 2
 
 
 @dataclasses.dataclass
@@ -88,6 +91,52 @@ class Stats:
     @property
     def stored_bytes(self) -> int:
         return self.chunk_bytes + self.manifest_bytes
+
+
+class _Uploader:
+    """Feeds one write session: asks missing() a batch at a time, puts only the lacking.
+
+    ``new_bytes[owner]``: bytes of the chunks put for each owner (an item of a
+    snapshot_many), a chunk counting for the first owner that fed it.
+    """
+
+    def __init__(self, session: backend_mod.WriteSession):
+        self.session = session
+        self.new_bytes: collections.Counter[int] = collections.Counter()
+        self.failed = False
+        """Whether a call to the session raised: the session is broken, not an item."""
+        self._batch: dict[str, tuple[bytes, int]] = {}
+        self._batch_bytes = 0
+        # A chunk waiting for the answer must outlive the caller's buffer.
+        self._copy = session.MISSING_BATCH > 1
+
+    def feed(self, chunks: Iterable[chunker.Chunk], owner: int) -> list[str | None]:
+        """Send what the store lacks of ``chunks``. :returns: every chunk's id, in order."""
+        chunk_ids = []
+        for _index, data, chunk_id in chunks:
+            chunk_ids.append(chunk_id)
+            if data is not None and chunk_id not in self._batch:
+                self._batch[chunk_id] = (bytes(data) if self._copy else data, owner)
+                self._batch_bytes += len(data)
+                if (len(self._batch) >= self.session.MISSING_BATCH
+                        or self._batch_bytes >= MISSING_BATCH_BYTES):
+                    self.flush()
+        return chunk_ids
+
+    def flush(self) -> None:
+        """Ask about the batch, put what is missing. :raises: StorageError."""
+        batch, self._batch, self._batch_bytes = self._batch, {}, 0
+        if not batch:
+            return
+        try:
+            lacking = self.session.missing(batch)
+            for chunk_id, (data, owner) in batch.items():
+                if chunk_id in lacking:
+                    self.session.put_chunk(chunk_id, data)
+                    self.new_bytes[owner] += len(data)
+        except BaseException:
+            self.failed = True
+            raise
 
 
 class Warehouse:
@@ -220,7 +269,82 @@ class Warehouse:
         :raises: InvalidRange if a change lies outside the image or has the wrong length.
         """
         base = self.manifest(parent.image, parent.version)
+        return self._write_version(
+            image or parent.image, parent=base.ref, size=base.size,
+            chunk_size=base.chunk_size, chunks=self._changed_chunks(base, changes),
+            source={'changed_chunks': len(changes)})
 
+    def snapshot_many(self, items: Sequence[tuple[VersionRef, Mapping[int, bytes]]]
+                      ) -> list[WriteResult | exception.StorageError]:
+        """snapshot_chunks for several parents at once, in one write session.
+
+        A chunk several items change to the same bytes (guests of one image
+        writing the same files) is sent and stored once, and the store is asked
+        about the chunks of all items in the same batches. Each item becomes a new
+        version of its parent's image, numbered as snapshot_chunks numbers it (the
+        items of one image in their order), and its result is its WriteResult, or
+        the StorageError that failed it alone: a change that does not fit
+        (InvalidRange), its parent missing or deleted meanwhile (ImageNotFound),
+        its manifest not stored. Such an item's changed chunks may be stored
+        anyway, unreferenced, until gc. ``new_bytes`` of a chunk shared by items
+        counts for the first of them.
+
+        :raises: StorageError if the write session fails (no item's manifest is
+            written then).
+        """
+        results: list[WriteResult | exception.StorageError | None] = [None] * len(items)
+        planned = []
+        with self.backend.shared_lock():
+            session = self.backend.begin_write()
+            uploader = _Uploader(session)
+            try:
+                bases: dict[VersionRef, Manifest] = {}
+                for number, (parent, changes) in enumerate(items):
+                    try:
+                        # Read once however many items share it (8 guests of one image).
+                        base = bases.get(parent) or bases.setdefault(
+                            parent, self.manifest(parent.image, parent.version))
+                        problems: list[exception.StorageError] = []
+                        chunk_ids = uploader.feed(
+                            self._changed_chunks(base, changes, problems), number)
+                    except exception.StorageError as exc:
+                        if uploader.failed:
+                            raise
+                        results[number] = exc
+                        continue
+                    if problems:
+                        results[number] = problems[0]
+                    else:
+                        planned.append((number, base, chunk_ids, len(changes)))
+                uploader.flush()
+                session.commit()
+            except BaseException:
+                session.abort()
+                raise
+            for number, base, chunk_ids, count in planned:
+                try:
+                    manifest = self._store_manifest(
+                        base.ref.image, base.ref, False,
+                        base.size, base.chunk_size, chunk_ids, {'changed_chunks': count})
+                except exception.StorageError as exc:
+                    results[number] = exc
+                else:
+                    results[number] = WriteResult(manifest=manifest,
+                                                  new_bytes=uploader.new_bytes[number])
+        return results
+
+    @staticmethod
+    def _changed_chunks(base: Manifest, changes: Mapping[int, bytes],
+                        problems: list[exception.StorageError] | None = None
+                        ) -> Iterator[chunker.Chunk]:
+        """The chunks of ``base`` with ``changes`` applied.
+
+        A change that does not fit raises InvalidRange, or, given ``problems``, is
+        appended there and ends the chunks early. Each change is read once, here
+        (a mirror's barrier reads it from disk).
+
+        :raises: InvalidRange for an index outside ``base`` before any chunk.
+        """
         def misfit(index: int, length: int | None) -> exception.InvalidRange:
             size = '' if length is None else f' ({length} bytes)'
             return exception.InvalidRange(
@@ -231,24 +355,23 @@ class Warehouse:
             if not 0 <= index < base.chunk_count:
                 raise misfit(index, None)
 
-        # Each change is read once, here (a mirror's barrier reads it from disk); a
-        # wrong length aborts the write session, so nothing of it becomes visible.
         def chunks() -> Iterator[chunker.Chunk]:
             for index, chunk_id in enumerate(base.chunks):
                 data = changes.get(index)
                 if data is None:
                     yield index, None, chunk_id
                 elif len(data) != base.chunk_length(index):
-                    raise misfit(index, len(data))
+                    # A wrong length aborts the write, so nothing of it becomes visible.
+                    if problems is None:
+                        raise misfit(index, len(data))
+                    problems.append(misfit(index, len(data)))
+                    return
                 elif chunker.is_zero(data):
                     yield index, None, None
                 else:
                     yield index, data, manifest_mod.chunk_id(data)
 
-        return self._write_version(
-            image or parent.image, parent=base.ref, size=base.size,
-            chunk_size=base.chunk_size, chunks=chunks(),
-            source={'changed_chunks': len(changes)})
+        return chunks()
 
     @contextlib.contextmanager
     def _chunks_of(self, path: str, fmt: str | None, chunk_size: int,
@@ -333,31 +456,42 @@ class Warehouse:
         manifest_mod.validate_image_name(image)
         with self.backend.shared_lock():
             session = self.backend.begin_write()
+            uploader = _Uploader(session)
             try:
-                chunk_ids = []
-                for index, data, chunk_id in chunks:
-                    if data is not None:
-                        session.put_chunk(chunk_id, data)
-                    chunk_ids.append(chunk_id)
+                chunk_ids = uploader.feed(chunks, 0)
+                uploader.flush()
                 session.commit()
             except BaseException:
                 session.abort()
                 raise
-            locked = [image] if parent is None else [image, parent.image]
-            with backend_mod.image_locks(self.backend, *locked):
-                if parent is not None:
-                    # The parent may have been deleted while we were writing.
-                    self.manifest(parent.image, parent.version)
-                versions = self.backend.list_versions(image)
-                if must_be_new and versions:
-                    raise exception.ImageExists(image)
-                manifest = self._create_next_version(
-                    image, (versions[-1] + 1) if versions else 1, must_be_new,
-                    lambda version: Manifest(
-                        image=image, version=version, size=size, chunk_size=chunk_size,
-                        chunks=tuple(chunk_ids), parent=parent, created_at=manifest_mod.now(),
-                        source=source))
-        return WriteResult(manifest=manifest, new_bytes=session.stored_bytes)
+            manifest = self._store_manifest(image, parent, must_be_new, size, chunk_size,
+                                            chunk_ids, source)
+        return WriteResult(manifest=manifest, new_bytes=uploader.new_bytes[0])
+
+    def _store_manifest(self, image: str, parent: VersionRef | None, must_be_new: bool,
+                        size: int, chunk_size: int, chunk_ids: list[str | None],
+                        source: dict) -> Manifest:
+        """Store the next version of ``image``, once its chunks are committed.
+
+        :raises: ImageNotFound if ``parent`` is gone; ImageExists if ``must_be_new``
+            and the image has a version; StorageError.
+        """
+        locked = [image] if parent is None else [image, parent.image]
+        with backend_mod.image_locks(self.backend, *locked):
+            # The parent may have been deleted while we were writing; a listing says
+            # so without reading its whole manifest again.
+            if parent is not None and parent.version not in self.backend.list_versions(
+                    parent.image):
+                raise exception.ImageNotFound(parent.image, parent.version)
+            versions = self.backend.list_versions(image)
+            if must_be_new and versions:
+                raise exception.ImageExists(image)
+            return self._create_next_version(
+                image, (versions[-1] + 1) if versions else 1, must_be_new,
+                lambda version: Manifest(
+                    image=image, version=version, size=size, chunk_size=chunk_size,
+                    chunks=tuple(chunk_ids), parent=parent, created_at=manifest_mod.now(),
+                    source=source))
 
     def _create_next_version(self, image: str, version: int, must_be_new: bool,
                              make: Callable[[int], Manifest]) -> Manifest:
@@ -381,6 +515,37 @@ class Warehouse:
         raise exception.StorageError(
             f'cannot allocate a version of {image}: {MAX_VERSION_RACES} other writers '
             'took each number first')
+
+    # -- attachments ---------------------------------------------------------
+
+    def write_attachment(self, image: str, name: str, data: bytes) -> None:
+        """Replace attachment ``name`` of ``image`` (a boot profile, say) with ``data``.
+
+        Atomic (a reader sees the old bytes or the new, never a mix; the last
+        writer wins) and durable like a manifest. It lives as long as the image:
+        deleting the image's last version deletes it.
+
+        :raises: InvalidName for a bad image or attachment name; AttachmentTooLarge
+            above backend.MAX_ATTACHMENT_BYTES; ImageNotFound if the image has no
+            version; StorageError.
+        """
+        manifest_mod.validate_image_name(image)
+        backend_mod.check_attachment(name, len(data))
+        # Under the image lock, so a delete of the image cannot run in between
+        # and leave the attachment behind.
+        with backend_mod.image_locks(self.backend, image):
+            if not self.backend.list_versions(image):
+                raise exception.ImageNotFound(image)
+            self.backend.write_attachment(image, name, bytes(data))
+
+    def read_attachment(self, image: str, name: str) -> bytes | None:
+        """The bytes of attachment ``name`` of ``image``; None if there is none.
+
+        :raises: InvalidName; StorageError.
+        """
+        manifest_mod.validate_image_name(image)
+        backend_mod.check_attachment(name)
+        return self.backend.read_attachment(image, name)
 
     # -- reading data --------------------------------------------------------
 
@@ -512,13 +677,17 @@ class Warehouse:
     def delete(self, image: str, version: int | None = None) -> list[VersionRef]:
         """Delete one version, or every version of ``image``. Chunks are freed by gc().
 
+        Deleting the last version deletes the image's attachments too, first: a
+        crash part-way leaves versions without attachments (a boot profile is
+        recorded again), never attachments a new image of that name would inherit.
+
         A version whose manifest is unreadable can be deleted like any other; an
         unreadable manifest elsewhere cannot name a parent, so it blocks nothing.
 
         :raises: ImageNotFound; ImageInUse if another version names one of them as parent.
         """
         with backend_mod.image_locks(self.backend, image):
-            versions = self.backend.list_versions(image)
+            every = versions = self.backend.list_versions(image)
             if version is not None:
                 if version not in versions:
                     raise exception.ImageNotFound(image, version)
@@ -531,6 +700,8 @@ class Warehouse:
             if dependents:
                 what = f'{image}:{version}' if version is not None else f'image {image}'
                 raise exception.ImageInUse(what, dependents)
+            if len(doomed) == len(every):
+                self.backend.delete_attachments(image)
             # Children before parents: a crash part-way never leaves an orphan.
             for ref in sorted(doomed, reverse=True):
                 self.backend.delete_manifest(ref.image, ref.version)

@@ -21,7 +21,7 @@ from vmcloud.conf import warehouse as warehouse_conf
 from vmcloud.storage import backend as backend_mod
 from vmcloud.storage.backends import file as file_backend
 from vmcloud.storage.backends import http as http_backend
-from vmcloud.storage.service import protocol
+from vmcloud.storage import protocol
 from vmcloud.storage.service import server as server_mod
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
@@ -151,6 +151,88 @@ class WarehouseOverHttpTest(ServiceFixtureMixin, base.TestCase):
         self.assertEqual(1, report.removed_chunks)
         self.assertEqual(12, len(dict(self.file_store.iter_chunks())))
 
+    def test_writes_ask_once_per_batch_and_send_only_new_chunks(self):
+        asked = []
+        missing = self.file_store.missing
+        # The service asks its backend once per question too (rados: per index shard).
+        self.patch(self.file_store, 'missing', lambda ids: asked.append(1) or missing(ids))
+        self.conf.set_override('chunk_size', 4096, 'storage')
+        rng = random.Random(4)
+        raw = os.path.join(self.tmp, 'small.raw')
+        with open(raw, 'wb') as f:
+            f.write(rng.randbytes(150 * 4096))
+        imported = self.warehouse.import_image(raw, 'small', 'raw').manifest
+        batch = http_backend.HttpWriteSession.MISSING_BATCH
+        self.assertEqual(-(-150 // batch), self.requests()['missing_queries'])
+        self.assertEqual(0, self.requests()['chunk_heads'])  # no question per chunk
+        self.assertEqual(150, self.requests()['chunk_puts'])
+        changes = {i: rng.randbytes(4096) for i in (3, 77, 149)}
+        result = self.warehouse.snapshot_chunks(imported.ref, changes)
+        self.assertEqual(-(-150 // batch) + 1, self.requests()['missing_queries'])
+        self.assertEqual(153, self.requests()['chunk_puts'])  # the three changes only
+        self.assertEqual(3 * 4096, result.new_bytes)
+        self.assertEqual(0, self.requests()['chunk_heads'])
+        self.assertEqual(self.requests()['missing_queries'], len(asked))
+
+    def test_a_batch_is_asked_about_by_bytes_too(self):
+        self.patch(warehouse_mod, 'MISSING_BATCH_BYTES', 3 * self.chunk_size)
+        self.warehouse.import_image(self.raw, 'disk', 'raw')
+        self.assertEqual(4, self.requests()['missing_queries'])  # 12 chunks, 3 a batch
+        self.assertEqual(12, self.requests()['chunk_puts'])
+
+    def test_a_chunk_another_writer_stored_after_the_question_is_still_stored(self):
+        imported = self.warehouse.import_image(self.raw, 'disk', 'raw').manifest
+        change = bytes([9]) * self.chunk_size
+        change_id = hashlib.sha256(change).hexdigest()
+        asked = http_backend.HttpWriteSession.missing
+        other = self.client()
+
+        def then_another_writer_stores_it(session, chunk_ids):
+            lacking = asked(session, chunk_ids)
+            self.assertEqual({change_id}, lacking)
+            with other.shared_lock():
+                racer = other.begin_write()
+                racer.put_chunk(change_id, change)
+                racer.commit()
+            return lacking
+
+        self.patch(http_backend.HttpWriteSession, 'missing', then_another_writer_stores_it)
+        snap = self.warehouse.snapshot_chunks(imported.ref, {2: change}).manifest
+        self.assertEqual(change, self.warehouse.read(snap, 2 * self.chunk_size,
+                                                     self.chunk_size))
+        self.assertTrue(self.warehouse.verify().ok)
+        self.assertEqual(0, self.warehouse.gc().removed_chunks)  # one copy dropped at most
+        self.assertEqual(change, self.client().read_chunk(change_id))
+
+    def test_snapshot_many_uploads_each_shared_chunk_once(self):
+        imported = self.warehouse.import_image(self.raw, 'disk', 'raw').manifest
+        puts, queries = self.requests()['chunk_puts'], self.requests()['missing_queries']
+        rng = random.Random(8)
+        shared = [rng.randbytes(self.chunk_size) for _ in range(3)]
+        items = [(imported.ref, {0: shared[0], 1: shared[1], 2: shared[2],
+                                 3 + n: rng.randbytes(self.chunk_size)}) for n in range(8)]
+        results = self.warehouse.snapshot_many(items)
+        self.assertEqual(list(range(2, 10)), [r.manifest.version for r in results])
+        self.assertEqual(puts + 3 + 8, self.requests()['chunk_puts'])  # unique chunks once
+        self.assertEqual(queries + 1, self.requests()['missing_queries'])
+        self.assertEqual((3 + 8) * self.chunk_size, sum(r.new_bytes for r in results))
+        other = warehouse_mod.Warehouse(self.conf, backend=self.client())
+        for n, result in enumerate(results):
+            self.assertEqual(items[n][1][3 + n], other.read(
+                other.manifest('disk', result.manifest.version),
+                (3 + n) * self.chunk_size, self.chunk_size))
+        self.assertTrue(other.verify().ok)
+
+    def test_attachments_over_http(self):
+        imported = self.warehouse.import_image(self.raw, 'disk', 'raw').manifest
+        self.warehouse.write_attachment('disk', 'boot-profile', b'order')
+        other = warehouse_mod.Warehouse(self.conf, backend=self.client())
+        self.assertEqual(b'order', other.read_attachment('disk', 'boot-profile'))
+        self.assertEqual(b'order', self.file_store.read_attachment('disk', 'boot-profile'))
+        self.assertRaises(exception.ImageNotFound, other.write_attachment, 'none', 'p', b'x')
+        other.delete('disk', imported.version)
+        self.assertIsNone(self.file_store.read_attachment('disk', 'boot-profile'))
+
 
 class ServiceEdgesTest(ServiceFixtureMixin, base.TestCase):
     def test_wrong_token_is_one_line_naming_the_url(self):
@@ -187,6 +269,35 @@ class ServiceEdgesTest(ServiceFixtureMixin, base.TestCase):
         self.assertRaises(protocol.Unauthorized, reader.create_manifest, 'img', 2, b'{}')
         self.assertRaises(protocol.Unauthorized, reader.missing, ['ab' * 32])
         self.assertRaises(protocol.Unauthorized, reader.shared_lock().__enter__)
+        writer.write_attachment('img', 'boot-profile', b'p')
+        self.assertEqual(b'p', reader.read_attachment('img', 'boot-profile'))
+        self.assertRaises(protocol.Unauthorized, reader.write_attachment,
+                          'img', 'boot-profile', b'q')
+        self.assertRaises(protocol.Unauthorized, reader.delete_attachments, 'img')
+        self.assertEqual(b'p', writer.read_attachment('img', 'boot-profile'))
+
+    def test_attachment_reads_need_the_token_unless_anonymous_reads(self):
+        self.start_service()
+        self.client().create_manifest('img', 1, b'{}')
+        self.client().write_attachment('img', 'boot-profile', b'p')
+        self.conf.set_override('token', '', group='storage_http')
+        self.assertRaises(protocol.Unauthorized, self.client().read_attachment,
+                          'img', 'boot-profile')
+
+    def test_service_refuses_a_bad_or_too_large_attachment(self):
+        self.start_service()
+        client = self.client()
+        client.create_manifest('img', 1, b'{}')
+        client.write_attachment('img', 'p', b'old')
+        too_big = bytes(backend_mod.MAX_ATTACHMENT_BYTES + 1)
+        # Straight to the service, past the Warehouse's own checks.
+        self.assertRaises(exception.AttachmentTooLarge, client.write_attachment,
+                          'img', 'p', too_big)
+        self.assertRaises(exception.InvalidName, client.write_attachment, 'img', '.p', b'x')
+        self.assertRaises(exception.InvalidName, client.request, 'PUT',
+                          '/images/im%20g/attachments/p', body=b'x')
+        self.assertEqual(b'old', client.read_attachment('img', 'p'))
+        self.assertEqual(b'old', self.file_store.read_attachment('img', 'p'))
 
     def test_tls_round_trip(self):
         cert, key = self.self_signed()
@@ -257,7 +368,7 @@ class ServiceEdgesTest(ServiceFixtureMixin, base.TestCase):
 
         with mock.patch.object(client, 'request_json', slow_upload), client.shared_lock():
             session = client.begin_write()
-            self.assertTrue(session.put_chunk(chunk_id, memoryview(buffer)))
+            session.put_chunk(chunk_id, memoryview(buffer))
             buffer[:] = bytes(len(buffer))  # the next chunk is read into it
             sent.set()
             session.commit()

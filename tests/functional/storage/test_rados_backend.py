@@ -451,3 +451,34 @@ class RadosWarehouseTest(RadosTestCase):
         self.assertFalse(store.backend.has_chunk(hashlib.sha256(new_chunk).hexdigest()))
         with store.open(store.manifest('disk', 1)) as disk:
             self.assertBytesEqual(data, disk.read())
+
+    def test_snapshot_many_attachments_and_batched_lookups(self):
+        self.conf.set_override('chunk_size', 4096, 'storage')
+        rng = random.Random(6)
+        path = os.path.join(self.tmp, 'disk.raw')
+        with open(path, 'wb') as f:
+            f.write(rng.randbytes(4096 * 100))
+        store = warehouse.Warehouse(self.conf)
+        self.addCleanup(store.backend.close)
+        lookups = []
+        missing = store.backend.missing
+        self.patch(store.backend, 'missing', lambda ids: lookups.append(len(ids)) or missing(ids))
+        self.patch(store.backend, 'has_chunk', mock.Mock(side_effect=AssertionError(
+            'the writer asks in batches, never one chunk at a time')))
+        base_version = store.import_image(path, 'disk').manifest
+        self.assertEqual([64, 36], lookups)
+        shared = rng.randbytes(4096)
+        results = store.snapshot_many([(base_version.ref, {0: shared, 1 + n: rng.randbytes(4096)})
+                                       for n in range(4)])
+        self.assertEqual([2, 3, 4, 5], [r.manifest.version for r in results])
+        self.assertEqual(5 * 4096, sum(r.new_bytes for r in results))
+        store.write_attachment('disk', 'boot-profile', b'order')
+        elsewhere = warehouse.Warehouse(self.conf)  # another host
+        self.addCleanup(elsewhere.backend.close)
+        self.assertEqual(b'order', elsewhere.read_attachment('disk', 'boot-profile'))
+        self.assertEqual(shared, elsewhere.read(elsewhere.manifest('disk', 4), 0, 4096))
+        self.assertTrue(elsewhere.verify().ok)
+        elsewhere.delete('disk')
+        self.assertIsNone(store.read_attachment('disk', 'boot-profile'))
+        self.assertEqual([], [obj.key for obj in store.backend.ioctx.list_objects()
+                              if obj.key.startswith('attachment')])

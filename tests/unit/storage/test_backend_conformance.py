@@ -105,7 +105,7 @@ class BackendContract:
         other = self.make_backend()
         with self.backend.shared_lock():
             session = self.backend.begin_write()
-            self.assertTrue(session.put_chunk(*a))
+            session.put_chunk(*a)
             self.assertAbsent(other, a[0])
             session.commit()
         self.assertEqual(a[1], other.read_chunk(a[0]))
@@ -125,18 +125,61 @@ class BackendContract:
         a, b = self.chunk(), self.chunk()
         with self.backend.shared_lock():
             session = self.backend.begin_write()
-            self.assertTrue(session.put_chunk(*a))
-            self.assertFalse(session.put_chunk(*a))
+            self.assertEqual({a[0]}, session.missing([a[0], a[0]]))
+            session.put_chunk(*a)
+            self.assertTrue(session.has_put(a[0]))
+            self.assertEqual(set(), session.missing([a[0]]))  # this session has it
+            session.put_chunk(*a)  # a repeat is dropped
             session.commit()
         self.assertEqual(CHUNK, session.stored_bytes)
         other = self.make_backend()
         with other.shared_lock():
             session = other.begin_write()
-            self.assertFalse(session.put_chunk(*a))
-            self.assertTrue(session.put_chunk(*b))
+            self.assertEqual({b[0]}, session.missing([a[0], b[0]]))  # the store has a
+            self.assertFalse(session.has_put(a[0]))
+            session.put_chunk(*b)
             session.commit()
         self.assertEqual(CHUNK, session.stored_bytes)
         self.assertEqual({a[0], b[0]}, set(dict(self.backend.iter_chunks())))
+
+    def test_missing_is_asked_in_batches_and_sees_only_committed_chunks(self):
+        chunks = [self.chunk() for _ in range(130)]
+        self.store(self.backend, *chunks[::2])
+        other = self.make_backend()
+        with other.shared_lock():
+            staging = other.begin_write()
+            staging.put_chunk(*chunks[1])  # another session's, not committed
+            with self.backend.shared_lock():
+                session = self.backend.begin_write()
+                self.assertGreaterEqual(session.MISSING_BATCH, 1)
+                self.assertEqual({c for c, _ in chunks[1::2]},
+                                 session.missing(c for c, _ in chunks))
+                self.assertEqual(set(), session.missing([]))
+                session.abort()
+            staging.abort()
+        # The backend's own question, for callers that know many ids ahead.
+        ids = [c for c, _ in chunks] * 2
+        self.assertEqual({c for c, _ in chunks[1::2]}, self.make_backend().missing(ids))
+        self.assertEqual(set(), self.backend.missing(iter([])))
+
+    def test_a_chunk_another_session_stored_meanwhile_is_put_safely(self):
+        # missing() answered before the other writer committed: the chunk is put
+        # again, and both sessions commit a readable chunk.
+        a = self.chunk()
+        other = self.make_backend()
+        with self.backend.shared_lock(), other.shared_lock():
+            first, second = self.backend.begin_write(), other.begin_write()
+            self.assertEqual({a[0]}, first.missing([a[0]]))
+            self.assertEqual({a[0]}, second.missing([a[0]]))
+            second.put_chunk(*a)
+            second.commit()
+            first.put_chunk(*a)
+            first.commit()
+        for backend in (self.backend, self.make_backend()):
+            self.assertEqual(a[1], backend.read_chunk(a[0]))
+        with self.backend.exclusive_lock(5):  # gc may drop a copy, never the chunk
+            self.assertEqual(0, self.backend.retain({a[0]})[0])
+        self.assertEqual(a[1], self.make_backend().read_chunk(a[0]))
 
     def test_retain_removes_exactly_the_unreferenced(self):
         a, b, c = self.chunk(), self.chunk(), self.chunk()
@@ -240,7 +283,8 @@ class BackendContract:
         # against the removed copy and leave a version naming a missing chunk.
         with writer.shared_lock():
             session = writer.begin_write()
-            self.assertTrue(session.put_chunk(*b))
+            self.assertEqual({b[0]}, session.missing([b[0]]))
+            session.put_chunk(*b)
             session.commit()
         self.assertEqual(b[1], self.make_backend().read_chunk(b[0]))
 
@@ -320,6 +364,84 @@ class BackendContract:
         self.assertEqual(data[:100], self.backend.read_manifest_prefix('img', 1, 100))
         self.assertEqual(data, self.backend.read_manifest_prefix('img', 1, len(data) + 10))
         self.assertEqual(b'', self.backend.read_manifest_prefix('img', 1, 0))
+
+    # -- attachments -------------------------------------------------------------
+
+    def test_attachment_round_trip_replace_and_absent(self):
+        self.backend.create_manifest('img', 1, b'm')
+        other = self.make_backend()
+        self.assertIsNone(other.read_attachment('img', 'profile'))
+        self.assertIsNone(other.read_attachment('none', 'profile'))
+        data = self.rng.randbytes(backend_mod.MAX_ATTACHMENT_BYTES)  # the largest kept
+        self.backend.write_attachment('img', 'profile', data)
+        self.assertEqual(data, other.read_attachment('img', 'profile'))
+        other.write_attachment('img', 'profile', b'second')  # the last writer wins
+        self.assertEqual(b'second', self.backend.read_attachment('img', 'profile'))
+        self.backend.write_attachment('img', 'empty', b'')
+        self.assertEqual(b'', other.read_attachment('img', 'empty'))
+        self.assertIsNone(other.read_attachment('img', 'prof'))  # names are exact
+
+    def test_attachments_are_neither_chunks_nor_manifests(self):
+        a = self.chunk()
+        self.store(self.backend, a)
+        self.backend.create_manifest('img', 1, b'm')
+        chunk_bytes = self.backend.stored_chunk_bytes()
+        self.backend.write_attachment('img', 'profile', b'p' * 1000)
+        self.assertEqual({a[0]: CHUNK}, dict(self.backend.iter_chunks()))
+        self.assertEqual(['img'], self.backend.list_images())
+        self.assertEqual([1], self.backend.list_versions('img'))
+        self.assertEqual(1, self.backend.manifests_stored_bytes())
+        self.assertEqual(chunk_bytes, self.backend.stored_chunk_bytes())
+        self.assertEqual([], self.backend.damaged())
+        with self.backend.exclusive_lock(5):  # gc keeps them
+            self.backend.purge_abandoned()
+            self.assertEqual((1, CHUNK), self.backend.retain(set()))
+        self.assertEqual(b'p' * 1000, self.make_backend().read_attachment('img', 'profile'))
+
+    def test_delete_attachments_removes_every_one_of_that_image_only(self):
+        for image in ('img', 'keep'):
+            self.backend.create_manifest(image, 1, b'm')
+            self.backend.write_attachment(image, 'profile', b'p')
+        self.backend.write_attachment('img', 'other.1', b'o')
+        self.make_backend().delete_attachments('img')
+        self.assertIsNone(self.backend.read_attachment('img', 'profile'))
+        self.assertIsNone(self.backend.read_attachment('img', 'other.1'))
+        self.assertEqual(b'p', self.backend.read_attachment('keep', 'profile'))
+        self.backend.delete_attachments('img')  # none left: not an error
+        self.backend.delete_attachments('never')
+        self.backend.delete_manifest('img', 1)  # the image goes away whole
+        self.assertEqual(['keep'], self.backend.list_images())
+        self.backend.create_manifest('img', 1, b'again')
+        self.assertIsNone(self.backend.read_attachment('img', 'profile'))
+        self.backend.write_attachment('img', 'profile', b'new')
+        self.assertEqual(b'new', self.backend.read_attachment('img', 'profile'))
+
+    def test_a_reader_sees_old_or_new_attachment_never_a_mix(self):
+        self.backend.create_manifest('img', 1, b'm')
+        versions = [bytes([n]) * (256 * 1024) for n in range(1, 4)]
+        self.backend.write_attachment('img', 'profile', versions[0])
+        reader = self.make_backend()
+        stop, seen, errors = threading.Event(), set(), []
+
+        def read():
+            try:
+                for _ in range(2000):
+                    if stop.is_set():
+                        return
+                    seen.add(reader.read_attachment('img', 'profile'))
+            except Exception as exc:  # noqa: B902 - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            for data in versions[1:] * 5:
+                self.backend.write_attachment('img', 'profile', data)
+        finally:
+            stop.set()
+            thread.join(30)
+        self.assertEqual([], errors)
+        self.assertLessEqual(seen, set(versions))
 
     # -- locks -----------------------------------------------------------------
 
@@ -462,7 +584,7 @@ class FileBackendTest(BackendContract, base.TestCase):
     def _copy_in_pack(self, pack_id: str, chunk: tuple[str, bytes]) -> None:
         """Store ``chunk`` again, in a pack of its own named ``pack_id``."""
         with mock.patch.object(file_backend.uuid, 'uuid4', return_value=mock.Mock(hex=pack_id)):
-            copy = file_backend.PackWriteSession(self.backend, dedup=False)
+            copy = file_backend.PackWriteSession(self.backend)
             copy.put_chunk(*chunk)
             copy.commit()
 

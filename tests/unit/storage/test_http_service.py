@@ -15,7 +15,7 @@ from vmcloud.storage.backends import file as file_backend
 from vmcloud.storage.service import app as app_mod
 from vmcloud.storage.service import auth
 from vmcloud.storage.service import leases as leases_mod
-from vmcloud.storage.service import protocol
+from vmcloud.storage import protocol
 from tests import base
 
 TOKEN = 's3cret-token'
@@ -39,6 +39,7 @@ class ErrorMappingTest(base.TestCase):
             (exception.InvalidName("invalid image name '..'"), 400, ()),
             (exception.LeaseLost('lease ab was expired'), 410, ()),
             (protocol.Unauthorized('missing or wrong bearer token'), 401, ()),
+            (exception.AttachmentTooLarge('attachment p of 2 bytes is larger'), 413, ()),
         ]
         for error, status, fields in cases:
             got_status, back = self.round_trip(error)
@@ -193,12 +194,39 @@ class LeaseTableTest(base.TestCase):
             time.sleep(0.01)
         self.assertEqual(['enter', 'exit'], log)
 
+    def test_sessions_begin_in_the_thread_holding_the_lock_which_releases_it(self):
+        # A backend ties a write session to the locks of the thread that begins it
+        # (rados: it then fails with LeaseLost once that lock is lost).
+        threads = {}
+
+        class Lock:
+            def __enter__(self):
+                threads['enter'] = threading.current_thread()
+
+            def __exit__(self, *exc_info):
+                threads['exit'] = threading.current_thread()
+
+        def begin_write():
+            threads['begin'] = threading.current_thread()
+            return mock.Mock()
+
+        table = leases_mod.LeaseTable(mock.Mock(shared_lock=Lock, begin_write=begin_write),
+                                      max_ttl=60)
+        lease = table.acquire('shared', None, 10, None)
+        self.assertTrue(lease.settled.wait(10))
+        table.begin(lease.id)
+        self.assertIs(threads['enter'], threads['begin'])
+        self.assertIsNot(threading.current_thread(), threads['begin'])
+        table.release(lease.id)
+        self.assertIs(threads['enter'], threads.get('exit'))  # released on return
+        self.assertRaises(exception.LeaseLost, table.begin, lease.id)
+
     def test_a_session_works_only_while_its_lease_is_held(self):
         lease = self.held('shared')
         session = self.leases.begin(lease.id)
         data = b'd' * 4096
         chunk_id = hashlib.sha256(data).hexdigest()
-        self.assertTrue(self.leases.put(session.id, chunk_id, data))
+        self.leases.put(session.id, chunk_id, data)
         self.clock.now += 11
         self.leases.expire_due()
         self.assertRaises(exception.LeaseLost, self.leases.put, session.id, chunk_id, data)

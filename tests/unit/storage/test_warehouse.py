@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import errno
 import os
 import random
@@ -12,6 +13,7 @@ from vmcloud.storage import backend as backend_mod
 from vmcloud.storage import manifest as manifest_mod
 from vmcloud.storage import qemu_img
 from vmcloud.storage import warehouse
+from vmcloud.storage.backends import file as file_backend
 from vmcloud.storage.manifest import Manifest
 from vmcloud.storage.manifest import VersionRef
 from tests import base
@@ -272,6 +274,130 @@ class SnapshotTest(WarehouseTestCase):
         self.patch(self.backend, 'list_versions', listed_then_raced)
         self.assertRaises(exception.ImageExists, self.warehouse.import_image, path, 'new')
         self.assertEqual([1], list_versions('new'))
+
+
+class SnapshotManyTest(WarehouseTestCase):
+    def setUp(self):
+        super().setUp()
+        self.path = self.make_raw('base.raw', 'rrrrhs')
+        self.base = self.warehouse.import_image(self.path, 'img').manifest
+        self.other = self.warehouse.import_image(self.make_raw('o.raw', 'rr'), 'other').manifest
+
+    def test_items_share_one_session_and_each_shared_chunk_once(self):
+        shared, own = b'S' * CHUNK, [self.rng.randbytes(CHUNK) for _ in range(3)]
+        stored = self.stored_chunk_files()
+        sessions = []
+        begin_write = self.backend.begin_write
+        self.patch(self.backend, 'begin_write', lambda: sessions.append(1) or begin_write())
+        results = self.warehouse.snapshot_many([
+            (self.base.ref, {1: shared, 2: own[0]}),
+            (self.base.ref, {1: shared, 3: own[1]}),
+            (self.other.ref, {0: shared, 1: own[2]}),
+        ])
+        self.assertEqual(1, len(sessions))
+        self.assertEqual([VersionRef('img', 2), VersionRef('img', 3), VersionRef('other', 2)],
+                         [r.manifest.ref for r in results])
+        self.assertEqual([2 * CHUNK, CHUNK, CHUNK], [r.new_bytes for r in results])
+        self.assertEqual(4, len(self.stored_chunk_files() - stored))
+        self.assertEqual({'changed_chunks': 2}, results[0].manifest.source)
+        for result in results:
+            ref = result.manifest.ref
+            self.assertEqual(result.manifest, self.warehouse.manifest(ref.image, ref.version))
+        self.assertEqual(self.base.ref, results[1].manifest.parent)
+        self.assertEqual(shared, self.warehouse.read(results[1].manifest, CHUNK, CHUNK))
+        self.assertEqual(own[1], self.warehouse.read(results[1].manifest, 3 * CHUNK, CHUNK))
+        self.assertEqual(shared + own[2], self.read_all(results[2].manifest))
+        self.assertTrue(self.warehouse.verify().ok)
+
+    def test_a_failed_item_is_its_own_result_only(self):
+        good = self.rng.randbytes(CHUNK)
+        results = self.warehouse.snapshot_many([
+            (self.base.ref, {9: b'x' * CHUNK}),             # outside the image
+            (self.base.ref, {0: good}),
+            (self.base.ref, {1: b'y' * CHUNK, 2: b'short'}),  # a wrong length part-way
+            (VersionRef('none', 1), {0: good}),             # no such parent
+            (VersionRef('img', 7), {0: good}),
+            (self.other.ref, {1: good}),
+        ])
+        self.assertIsInstance(results[0], exception.InvalidRange)
+        self.assertIn('chunk 9', str(results[0]))
+        self.assertIsInstance(results[2], exception.InvalidRange)
+        self.assertIn('chunk 2 (5 bytes)', str(results[2]))
+        self.assertIsInstance(results[3], exception.ImageNotFound)
+        self.assertIsInstance(results[4], exception.ImageNotFound)
+        self.assertEqual(VersionRef('img', 2), results[1].manifest.ref)
+        self.assertEqual(VersionRef('other', 2), results[5].manifest.ref)
+        self.assertEqual(CHUNK, results[1].new_bytes)
+        self.assertEqual(0, results[5].new_bytes)  # the chunk counts for the first item
+        self.assertEqual([1, 2], self.backend.list_versions('img'))
+        self.assertEqual(good, self.warehouse.read(results[5].manifest, CHUNK, CHUNK))
+
+    def test_a_parent_deleted_during_the_upload_fails_that_item(self):
+        commit = file_backend.PackWriteSession.commit
+
+        def commit_then_delete(session):
+            commit(session)
+            self.warehouse.delete('other')  # before the manifests are written
+        self.patch(file_backend.PackWriteSession, 'commit', commit_then_delete)
+        results = self.warehouse.snapshot_many([(self.other.ref, {0: b'a' * CHUNK}),
+                                                (self.base.ref, {0: b'a' * CHUNK})])
+        self.assertIsInstance(results[0], exception.ImageNotFound)
+        self.assertEqual(VersionRef('img', 2), results[1].manifest.ref)
+        self.assertEqual([], self.backend.list_versions('other'))
+
+    def test_a_failed_session_fails_every_item_and_writes_no_manifest(self):
+        stored = self.stored_chunk_files()
+        self.patch(file_backend.PackWriteSession, 'commit', mock.Mock(
+            side_effect=exception.StorageError('disk on fire')))
+        error = self.assertRaises(exception.StorageError, self.warehouse.snapshot_many,
+                                  [(self.base.ref, {0: b'a' * CHUNK}),
+                                   (self.other.ref, {0: b'b' * CHUNK})])
+        self.assertIn('disk on fire', str(error))
+        self.assertEqual([1], self.backend.list_versions('img'))
+        self.assertEqual([1], self.backend.list_versions('other'))
+        self.assertEqual(stored, self.stored_chunk_files())
+        self.assertEqual([], os.listdir(self.backend.staging_dir))
+
+    def test_a_failed_put_fails_every_item(self):
+        self.patch(file_backend.PackWriteSession, 'put_chunk', mock.Mock(
+            side_effect=exception.StorageError('no space')))
+        self.assertRaises(exception.StorageError, self.warehouse.snapshot_many,
+                          [(self.base.ref, {0: b'a' * CHUNK})])
+        self.assertEqual([1], self.backend.list_versions('img'))
+
+    def test_versions_taken_on_another_host_go_to_the_next_numbers(self):
+        other = warehouse.Warehouse(self.conf)
+        self.patch(other.backend, 'image_lock', lambda image: contextlib.nullcontext())
+        list_versions = self.backend.list_versions
+        racing = iter(range(2))
+
+        def listed_then_raced(image):
+            versions = list_versions(image)
+            if image == 'img' and next(racing, None) is not None:
+                other.snapshot_chunks(self.base.ref, {0: b'o' * CHUNK})
+            return versions
+        self.patch(self.backend, 'list_versions', listed_then_raced)
+        results = self.warehouse.snapshot_many([(self.base.ref, {0: b'm' * CHUNK}),
+                                                (self.base.ref, {0: b'n' * CHUNK})])
+        # The first item lost 2, then 3, to the other host; the second follows it.
+        self.assertEqual([4, 5], [r.manifest.version for r in results])
+        for version, data in ((2, b'o'), (3, b'o'), (4, b'm'), (5, b'n')):
+            self.assertEqual(data * CHUNK, self.warehouse.read(
+                self.warehouse.manifest('img', version), 0, CHUNK))
+
+    def test_a_parent_shared_by_items_is_read_once(self):
+        reads = []
+        read_manifest = self.backend.read_manifest
+        self.patch(self.backend, 'read_manifest',
+                   lambda image, version: reads.append((image, version))
+                   or read_manifest(image, version))
+        results = self.warehouse.snapshot_many(
+            [(self.base.ref, {n: bytes([n + 1]) * CHUNK}) for n in range(4)])
+        self.assertEqual([2, 3, 4, 5], [r.manifest.version for r in results])
+        self.assertEqual([('img', 1)], reads)  # neither per item nor again to check it
+
+    def test_nothing_to_snapshot(self):
+        self.assertEqual([], self.warehouse.snapshot_many([]))
 
 
 class ReadExportTest(WarehouseTestCase):
@@ -636,6 +762,95 @@ class MaintenanceTest(WarehouseTestCase):
         self.assertGreater(stats.chunk_bytes, 5 * CHUNK)  # with the pack indexes
         self.assertEqual(8 * CHUNK, stats.referenced_bytes)
         self.assertGreater(stats.manifest_bytes, 0)
+
+
+class AttachmentTest(WarehouseTestCase):
+    def setUp(self):
+        super().setUp()
+        self.base = self.warehouse.import_image(self.make_raw('a.raw', 'rrA'), 'img').manifest
+
+    def test_write_replace_read(self):
+        self.assertIsNone(self.warehouse.read_attachment('img', 'boot-profile'))
+        self.warehouse.write_attachment('img', 'boot-profile', b'first')
+        self.warehouse.write_attachment('img', 'boot-profile', memoryview(b'second'))
+        other = warehouse.Warehouse(self.conf)  # another process on the same store
+        self.assertEqual(b'second', other.read_attachment('img', 'boot-profile'))
+        self.assertIsNone(other.read_attachment('img', 'other'))
+
+    def test_an_image_without_a_version_is_refused(self):
+        error = self.assertRaises(exception.ImageNotFound, self.warehouse.write_attachment,
+                                  'none', 'boot-profile', b'p')
+        self.assertEqual('none', error.image)
+        # An image directory without a manifest (a crash left it) is no version either.
+        os.mkdir(os.path.join(self.backend.images_dir, 'none'))
+        self.assertRaises(exception.ImageNotFound, self.warehouse.write_attachment,
+                          'none', 'boot-profile', b'p')
+        self.assertEqual(['img'], self.warehouse.images())
+        self.assertIsNone(self.warehouse.read_attachment('none', 'boot-profile'))
+
+    def test_bad_names_and_sizes_are_refused_and_keep_the_old_bytes(self):
+        self.warehouse.write_attachment('img', 'p', b'old')
+        for image, name in (('img', '../x'), ('img', ''), ('img', '.hidden'),
+                            ('img', 'a/b'), ('../img', 'p'), ('img', 'x' * 129)):
+            self.assertRaises(exception.InvalidName, self.warehouse.write_attachment,
+                              image, name, b'new')
+            self.assertRaises(exception.InvalidName, self.warehouse.read_attachment,
+                              image, name)
+        too_big = bytes(backend_mod.MAX_ATTACHMENT_BYTES + 1)
+        error = self.assertRaises(exception.AttachmentTooLarge,
+                                  self.warehouse.write_attachment, 'img', 'p', too_big)
+        self.assertIsInstance(error, exception.StorageError)
+        self.assertIn(str(backend_mod.MAX_ATTACHMENT_BYTES), str(error))
+        self.assertEqual(b'old', self.warehouse.read_attachment('img', 'p'))
+        self.assertEqual([], os.listdir(self.backend.staging_dir))
+
+    def test_a_failed_write_keeps_the_old_bytes_and_leaves_nothing(self):
+        self.warehouse.write_attachment('img', 'p', b'old')
+        with mock.patch.object(os, 'replace',
+                               side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
+            error = self.assertRaises(exception.StorageError, self.warehouse.write_attachment,
+                                      'img', 'p', b'new')
+        self.assertIn('attachment p of image img', str(error))
+        self.assertIsInstance(error.__cause__, OSError)
+        self.assertEqual(b'old', self.warehouse.read_attachment('img', 'p'))
+        self.assertEqual([], os.listdir(self.backend.staging_dir))
+
+    def test_deleting_the_last_version_deletes_the_attachments(self):
+        snap = self.warehouse.snapshot_chunks(self.base.ref, {0: b's' * CHUNK}).manifest
+        self.warehouse.write_attachment('img', 'boot-profile', b'p')
+        self.warehouse.delete('img', snap.version)  # not the last one: kept
+        self.assertEqual(b'p', self.warehouse.read_attachment('img', 'boot-profile'))
+        self.warehouse.delete('img', self.base.version)
+        self.assertIsNone(self.warehouse.read_attachment('img', 'boot-profile'))
+        self.assertEqual([], os.listdir(self.backend.images_dir))  # no orphan left
+        again = self.warehouse.import_image(self.make_raw('b.raw', 'rA'), 'img').manifest
+        self.assertEqual(1, again.version)
+        self.assertIsNone(self.warehouse.read_attachment('img', 'boot-profile'))
+
+    def test_deleting_a_whole_image_deletes_its_attachments_only(self):
+        self.warehouse.import_image(self.make_raw('b.raw', 'rA'), 'other')
+        self.warehouse.write_attachment('img', 'boot-profile', b'p')
+        self.warehouse.write_attachment('other', 'boot-profile', b'o')
+        self.warehouse.delete('img')
+        self.assertIsNone(self.warehouse.read_attachment('img', 'boot-profile'))
+        self.assertEqual(b'o', self.warehouse.read_attachment('other', 'boot-profile'))
+
+    def test_a_refused_delete_keeps_the_attachments(self):
+        self.warehouse.snapshot_chunks(self.base.ref, {0: b's' * CHUNK})
+        self.warehouse.write_attachment('img', 'boot-profile', b'p')
+        self.assertRaises(exception.ImageInUse, self.warehouse.delete, 'img', 1)
+        self.assertEqual(b'p', self.warehouse.read_attachment('img', 'boot-profile'))
+
+    def test_gc_verify_and_stats_ignore_attachments(self):
+        before = self.warehouse.stats()
+        self.warehouse.write_attachment('img', 'boot-profile', b'p' * 5000)
+        report = self.warehouse.verify()
+        self.assertTrue(report.ok, report.problems)
+        self.assertEqual((1, 3), (report.versions, report.chunks))
+        self.assertEqual(dataclasses.asdict(before), dataclasses.asdict(self.warehouse.stats()))
+        gc = self.warehouse.gc()
+        self.assertEqual((0, 3), (gc.removed_chunks, gc.kept_chunks))
+        self.assertEqual(b'p' * 5000, self.warehouse.read_attachment('img', 'boot-profile'))
 
 
 class DamageStaysLocalTest(WarehouseTestCase):

@@ -5,6 +5,7 @@ Layout under ``[storage_file] path``::
     packs/ID.pack        chunks written by one write session, back to back
     packs/ID.idx         the pack's index: chunk id, offset and length of each chunk
     images/NAME/N.json   the manifest of version N of image NAME
+    images/NAME/attachments/ATT   attachment ATT of image NAME, replaced by rename
     staging/             packs being written, not yet visible; scratch files
     locks/               flock() files
 
@@ -95,11 +96,14 @@ def _decode_index(data: bytes, where: str) -> list[tuple[str, int, int]]:
 
 
 class PackWriteSession(backend.WriteSession):
-    """Appends chunks to a staged pack; commit() publishes it."""
+    """Appends chunks to a staged pack; commit() publishes it.
 
-    def __init__(self, store: 'FileBackend', dedup: bool = True):
+    missing() is the default, a lookup in this instance's index: no batching.
+    """
+
+    def __init__(self, store: 'FileBackend'):
+        super().__init__(store)
         self._store = store
-        self._dedup = dedup
         self._pack_id = ''
         self._fd = -1
         self._offset = 0
@@ -111,12 +115,15 @@ class PackWriteSession(backend.WriteSession):
     def stored_bytes(self) -> int:
         return self._stored_bytes
 
+    def has_put(self, chunk_id: str) -> bool:
+        return chunk_id in self._staged
+
     def _staged_path(self, suffix: str) -> str:
         return os.path.join(self._store.staging_dir, self._pack_id + suffix)
 
-    def put_chunk(self, chunk_id: str, data: bytes) -> bool:
-        if chunk_id in self._staged or (self._dedup and self._store.has_chunk(chunk_id)):
-            return False
+    def put_chunk(self, chunk_id: str, data: bytes) -> None:
+        if chunk_id in self._staged:
+            return
         if self._fd < 0:
             self._pack_id = uuid.uuid4().hex
             try:
@@ -135,7 +142,6 @@ class PackWriteSession(backend.WriteSession):
         self._stored_bytes += len(data)
         if self._offset >= self._store.conf.storage_file.pack_size:
             self._publish()
-        return True
 
     def _publish(self) -> None:
         path = self._staged_path('.pack')
@@ -507,7 +513,7 @@ class FileBackend(backend.Backend):
         return size >= location.offset + location.length
 
     def _copy_to_new_pack(self, pack_id: str, live: dict[str, tuple[int, int]]) -> None:
-        session = PackWriteSession(self, dedup=False)
+        session = PackWriteSession(self)
         path = self._pack_path(pack_id)
         try:
             with open(path, 'rb') as old:
@@ -704,6 +710,69 @@ class FileBackend(backend.Backend):
                     if stat.S_ISREG(status.st_mode):
                         total += status.st_size
         return total
+
+    # -- attachments ---------------------------------------------------------
+
+    def _attachments_dir(self, image: str) -> str:
+        return os.path.join(self._image_dir(image), 'attachments')
+
+    def _attachment_path(self, image: str, name: str) -> str:
+        if not name or name in ('.', '..') or '/' in name or '\0' in name:
+            raise exception.InvalidName(f'invalid attachment name {name!r}')
+        return os.path.join(self._attachments_dir(image), name)
+
+    def write_attachment(self, image: str, name: str, data: bytes) -> None:
+        path = self._attachment_path(image, name)
+        directory = os.path.dirname(path)
+        # The temp file is in staging/, so one a crash leaves is purged by gc.
+        tmp = durable.temp_name(self.staging_dir, '.attachment-')
+        try:
+            try:
+                os.mkdir(directory)
+                durable.fsync_dir(os.path.dirname(directory))
+            except FileExistsError:
+                pass
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                raise exception.ImageNotFound(image) from exc
+            durable.write_synced(tmp, data)
+            # rename() replaces in one step: a reader opens the old file or the new one.
+            os.replace(tmp, path)
+            durable.fsync_dir(directory)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _os_error(f'store attachment {name} of image {image} as', path,
+                            exc) from exc
+
+    def read_attachment(self, image: str, name: str) -> bytes | None:
+        path = self._attachment_path(image, name)
+        try:
+            with open(path, 'rb') as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise _os_error(f'read attachment {name} of image {image} at', path,
+                            exc) from exc
+
+    def delete_attachments(self, image: str) -> None:
+        directory = self._attachments_dir(image)
+        try:
+            names = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise _os_error(f'list attachments of image {image} in', directory, exc) from exc
+        path = directory
+        try:
+            for name in names:
+                path = os.path.join(directory, name)
+                os.unlink(path)
+            path = directory
+            os.rmdir(directory)
+            durable.fsync_dir(os.path.dirname(directory))
+        except OSError as exc:
+            raise _os_error(f'remove an attachment of image {image} at', path, exc) from exc
 
     # -- concurrency ---------------------------------------------------------
 

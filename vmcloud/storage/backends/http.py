@@ -10,11 +10,12 @@ Chunks: a chunk id is its own integrity check, so read_chunk checks the bytes
 it received against it (CorruptChunk), and the service checks every chunk it
 receives before storing it.
 
-Writes: put_chunk answers whether the store lacks the chunk with one HEAD (the
-contract wants the answer at once), and uploads it in the background, several
-in flight, into a write session on the service; commit() waits for them and
-commits. Only chunks the store lacks are sent. ``missing()`` asks about many
-chunks in one request, for callers that know their ids ahead (a node's cache).
+Writes: the writer asks the session which chunks of a batch the store lacks,
+one ``POST /v1/chunks/missing`` per batch (WriteSession.MISSING_BATCH ids, or
+fewer when 16 MiB of chunk data waits for the answer), then puts only those;
+put_chunk asks nothing and uploads in the background, several in flight, into a
+write session on the service; commit() waits for them and commits. The backend's
+own ``missing()`` asks the same for callers that know their ids ahead (a node's cache).
 
 Locks are leases the service grants (see vmcloud.storage.service.leases): a
 thread renews each lease every third of its TTL while the context is held. If a
@@ -31,14 +32,14 @@ import logging
 import threading
 import time
 import urllib.parse
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import urllib3
 from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud.storage import backend
-from vmcloud.storage.service import protocol
+from vmcloud.storage import protocol
 
 LOG = logging.getLogger(__name__)
 
@@ -73,7 +74,11 @@ class _Lease:
 class HttpWriteSession(backend.WriteSession):
     """A write session on the service, begun under one lease."""
 
+    # One request asks about a batch: a HEAD per chunk costs a round trip each.
+    MISSING_BATCH = 64
+
     def __init__(self, store: 'HttpBackend', lease: _Lease, session_id: str):
+        super().__init__(store)
         self._store = store
         self._lease = lease
         self._id = session_id
@@ -99,13 +104,18 @@ class HttpWriteSession(backend.WriteSession):
             future.result()  # the first failed upload fails the session
             self._uploads.remove(future)
 
-    def put_chunk(self, chunk_id: str, data: bytes) -> bool:
+    def has_put(self, chunk_id: str) -> bool:
+        return chunk_id in self._staged
+
+    def missing(self, chunk_ids: Iterable[str]) -> set[str]:
+        """:raises: LeaseLost; the first failed upload's error; StorageError."""
+        self._check()
+        return super().missing(chunk_ids)
+
+    def put_chunk(self, chunk_id: str, data: bytes) -> None:
         self._check()
         if chunk_id in self._staged:
-            return False
-        if self._store.has_chunk(chunk_id):
-            self._staged.add(chunk_id)
-            return False
+            return
         self._staged.add(chunk_id)
         if not self._slots.acquire(timeout=self._store.timeout * 2):
             raise exception.StorageError(
@@ -118,15 +128,12 @@ class HttpWriteSession(backend.WriteSession):
         except BaseException:
             self._slots.release()
             raise
-        return True
 
     def _upload(self, chunk_id: str, data: bytes) -> None:
         try:
-            doc = self._store.request_json('PUT', f'/sessions/{self._id}/chunks/{chunk_id}',
-                                           body=data)
-            if doc.get('stored'):
-                with self._lock:
-                    self._stored_bytes += len(data)
+            self._store.request('PUT', f'/sessions/{self._id}/chunks/{chunk_id}', body=data)
+            with self._lock:
+                self._stored_bytes += len(data)
         finally:
             self._slots.release()
 
@@ -289,16 +296,15 @@ class HttpBackend(backend.Backend):
         response = self.request('HEAD', f'/chunks/{chunk_id}', ok=(200, 404))
         return response.status == 200
 
-    def missing(self, chunk_ids: list[str]) -> list[str]:
-        """The ids the store lacks, asked in batches of protocol.MAX_MISSING_QUERY.
-
-        :raises: StorageError.
-        """
+    def missing(self, chunk_ids: Iterable[str]) -> set[str]:
+        """One request per protocol.MAX_MISSING_QUERY ids. :raises: StorageError."""
         self._check_leases()
-        lacking = []
-        for start in range(0, len(chunk_ids), protocol.MAX_MISSING_QUERY):
-            batch = chunk_ids[start:start + protocol.MAX_MISSING_QUERY]
-            lacking += self.request_json('POST', '/chunks/missing', {'chunks': batch})['missing']
+        wanted = list(dict.fromkeys(chunk_ids))
+        lacking = set()
+        for start in range(0, len(wanted), protocol.MAX_MISSING_QUERY):
+            batch = wanted[start:start + protocol.MAX_MISSING_QUERY]
+            lacking.update(self.request_json('POST', '/chunks/missing',
+                                             {'chunks': batch})['missing'])
         return lacking
 
     def read_chunk(self, chunk_id: str) -> bytes:
@@ -403,6 +409,24 @@ class HttpBackend(backend.Backend):
     def list_versions(self, image: str) -> list[int]:
         self._check_leases()
         return self.request_json('GET', f'/images/{_check_image(image)}/versions')['versions']
+
+    # -- attachments -------------------------------------------------------------
+
+    def _attachment_path(self, image: str, name: str) -> str:
+        return f'/images/{_check_image(image)}/attachments/{_check_image(name)}'
+
+    def write_attachment(self, image: str, name: str, data: bytes) -> None:
+        self._check_leases()
+        self.request('PUT', self._attachment_path(image, name), body=bytes(data))
+
+    def read_attachment(self, image: str, name: str) -> bytes | None:
+        self._check_leases()
+        response = self.request('GET', self._attachment_path(image, name), ok=(200, 404))
+        return response.data if response.status == 200 else None
+
+    def delete_attachments(self, image: str) -> None:
+        self._check_leases()
+        self.request('DELETE', f'/images/{_check_image(image)}/attachments')
 
     # -- locks -------------------------------------------------------------------
 

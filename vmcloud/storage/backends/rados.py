@@ -8,6 +8,8 @@ Objects, all in one pool and one RADOS namespace (``[storage_rados] namespace``)
     images                   omap: image name -> b''
     image.NAME               omap: version (20 digits) -> manifest object's unique suffix
     manifest.NAME.N.UID      a manifest's bytes
+    attachments.NAME         omap: attachment name -> b'', the attachments image NAME has
+    attachment/NAME/ATT      attachment ATT's bytes ('/' is in no image or attachment name)
     lock.warehouse           the rados object lock writers share and gc takes exclusively
     lock.image.NAME          the per-image lock
 
@@ -50,7 +52,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import rados
 from oslo_config import cfg
@@ -103,7 +105,11 @@ class _Session(backend.WriteSession):
     and commit raise LeaseLost (abort still cleans up).
     """
 
+    # has_chunk is a round trip; missing() asks one omap read per index shard.
+    MISSING_BATCH = 64
+
     def __init__(self, store: 'RadosBackend', locks: tuple['_HeldLock', ...]):
+        super().__init__(store)
         self._store = store
         self._locks = locks
         self._lengths: dict[str, int] = {}      # every chunk this session needs indexed
@@ -124,18 +130,27 @@ class _Session(backend.WriteSession):
         for lock in self._locks:
             lock.check()
 
-    def put_chunk(self, chunk_id: str, data: bytes) -> bool:
+    def has_put(self, chunk_id: str) -> bool:
+        return chunk_id in self._lengths
+
+    def missing(self, chunk_ids: Iterable[str]) -> set[str]:
         """:raises: LeaseLost if a lock it began under was lost; StorageError."""
         self._check_locks()
-        if chunk_id in self._lengths or self._store.has_chunk(chunk_id):
-            return False
+        return super().missing(chunk_ids)
+
+    def put_chunk(self, chunk_id: str, data: bytes) -> None:
+        """A chunk another writer made visible since missing() is borrowed like one
+        in flight (its object exists). :raises: LeaseLost if a lock it began under
+        was lost; StorageError."""
+        self._check_locks()
+        if chunk_id in self._lengths:
+            return
         self._collect(block=False)
         self._lengths[chunk_id] = len(data)
         self._prefixes[chunk_id] = data[:_PREFIX_CHECK]
         completion = self._store.aio_create(chunk_id, data, self._finished)
         self._pending.append((chunk_id, completion))
         self._stored_bytes += len(data)
-        return True
 
     def _finished(self, chunk_id: str, result: int) -> None:
         with self._lock:
@@ -450,6 +465,19 @@ class RadosBackend(backend.Backend):
 
     def has_chunk(self, chunk_id: str) -> bool:
         return self._index_entry(chunk_id) is not None
+
+    def missing(self, chunk_ids: Iterable[str]) -> set[str]:
+        # One omap read per index shard the ids fall in, not one per id.
+        by_shard: dict[str, list[str]] = {}
+        for chunk_id in dict.fromkeys(chunk_ids):
+            by_shard.setdefault(_shard(chunk_id), []).append(chunk_id)
+        lacking = set()
+        for shard, ids in sorted(by_shard.items()):
+            values = self._call(f'look up {len(ids)} chunks in', shard,
+                                self._omap_get, shard, tuple(ids))
+            lacking.update(chunk_id for chunk_id in ids if chunk_id not in values
+                           or _parse_length(values[chunk_id]) is None)
+        return lacking
 
     def read_chunk(self, chunk_id: str) -> bytes:
         # The read starts before the index lookup and runs beside it: one round trip
@@ -795,6 +823,48 @@ class RadosBackend(backend.Backend):
                 with contextlib.suppress(exception.StorageError, rados.Error):
                     total += self.ioctx.stat(self._manifest_object(image, version))[0]
         return total
+
+    # -- attachments ---------------------------------------------------------
+
+    def _attachment_object(self, image: str, name: str) -> str:
+        self._check_name(image)
+        if not name or '/' in name or '\0' in name:
+            raise exception.InvalidName(f'invalid attachment name {name!r}')
+        return f'attachment/{image}/{name}'
+
+    def write_attachment(self, image: str, name: str, data: bytes) -> None:
+        oid = self._attachment_object(image, name)
+        index = f'attachments.{image}'
+        # Listed before it is written: a crash in between leaves a name that reads as
+        # None, never an object that delete_attachments cannot find.
+        self._call(f'list attachment {name} of image {image} in', index, self._write_op,
+                   index, lambda op: self.ioctx.set_omap(op, (name,), (b'',)))
+        # write_full replaces the object in one OSD operation: readers see old or new.
+        self._call(f'store attachment {name} of image {image} as', oid,
+                   self.ioctx.write_full, oid, bytes(data))
+
+    def read_attachment(self, image: str, name: str) -> bytes | None:
+        oid = self._attachment_object(image, name)
+        try:
+            # One more byte than the limit: a longer object is read whole below.
+            data = self.ioctx.read(oid, backend.MAX_ATTACHMENT_BYTES + 1)
+            if len(data) > backend.MAX_ATTACHMENT_BYTES:
+                data = self.ioctx.read(oid, self.ioctx.stat(oid)[0])
+            return data
+        except rados.ObjectNotFound:
+            return None
+        except rados.Error as exc:
+            raise self.error(f'read attachment {name} of image {image} from', oid,
+                             exc) from exc
+
+    def delete_attachments(self, image: str) -> None:
+        self._check_name(image)
+        index = f'attachments.{image}'
+        names = [name for name, _ in self._call(f'list attachments of image {image} in', index,
+                                                lambda: list(self._omap_items(index)))]
+        for name in names:
+            self._remove(self._attachment_object(image, name))
+        self._remove(index)
 
     # -- concurrency ---------------------------------------------------------
 

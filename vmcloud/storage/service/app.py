@@ -19,9 +19,10 @@ from aiohttp import web
 
 from vmcloud import exception
 from vmcloud.storage import backend as backend_mod
+from vmcloud.storage import manifest as manifest_mod
+from vmcloud.storage import protocol
 from vmcloud.storage.service import auth
 from vmcloud.storage.service import leases as leases_mod
-from vmcloud.storage.service import protocol
 
 LOG = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class WarehouseApp:
         r.add_put(manifest, self.create_manifest)
         r.add_get(manifest, self.read_manifest, allow_head=False)
         r.add_delete(manifest, self.delete_manifest)
+        attachments = f'{api}/images/{{image}}/attachments'
+        r.add_put(attachments + '/{name}', self.write_attachment)
+        r.add_get(attachments + '/{name}', self.read_attachment, allow_head=False)
+        r.add_delete(attachments, self.delete_attachments)
         r.add_post(f'{api}/locks', self.acquire)
         r.add_get(f'{api}/locks/{{lease}}', self.wait_lease, allow_head=False)
         r.add_post(f'{api}/locks/{{lease}}/renew', self.renew)
@@ -130,6 +135,7 @@ class WarehouseApp:
 
     async def has_chunk(self, request: web.Request) -> web.Response:
         found = await self.call(self.backend.has_chunk, request.match_info['chunk_id'])
+        self.counters['chunk_heads'] += 1
         return web.Response(status=200 if found else 404)
 
     async def read_chunk(self, request: web.Request) -> web.Response:
@@ -145,12 +151,10 @@ class WarehouseApp:
             raise protocol.RequestRefused(
                 f'"chunks" must be a list of at most {protocol.MAX_MISSING_QUERY} chunk ids')
         self.counters['missing_queries'] += 1
-
-        def lacking():
-            return [chunk_id for chunk_id in dict.fromkeys(ids)
-                    if not self.backend.has_chunk(chunk_id)]
-
-        return _json({'missing': await self.call(lacking)})
+        lacking = await self.call(self.backend.missing, ids)
+        # In the order asked, each id once.
+        return _json({'missing': [chunk_id for chunk_id in dict.fromkeys(ids)
+                                  if chunk_id in lacking]})
 
     async def iter_chunks(self, request: web.Request) -> web.StreamResponse:
         chunks = await self.call(self.backend.iter_chunks)
@@ -209,6 +213,38 @@ class WarehouseApp:
         await self.call(self.backend.delete_manifest, *self._ref(request))
         return web.Response(status=204)
 
+    # -- attachments -------------------------------------------------------------
+
+    @staticmethod
+    def _attachment(request: web.Request) -> tuple[str, str]:
+        """(image, name) of the request. :raises: InvalidName."""
+        image, name = request.match_info['image'], request.match_info['name']
+        manifest_mod.validate_image_name(image)
+        backend_mod.check_attachment(name)
+        return image, name
+
+    async def write_attachment(self, request: web.Request) -> web.Response:
+        image, name = self._attachment(request)
+        # Refused before the body is read: it may be up to client_max_size.
+        backend_mod.check_attachment(name, request.content_length)
+        data = await request.read()
+        backend_mod.check_attachment(name, len(data))
+        await self.call(self.backend.write_attachment, image, name, data)
+        self.counters['attachment_puts'] += 1
+        return web.Response(status=204)
+
+    async def read_attachment(self, request: web.Request) -> web.Response:
+        data = await self.call(self.backend.read_attachment, *self._attachment(request))
+        if data is None:
+            # No body: an absent attachment is an answer (None), not an error.
+            return web.Response(status=404)
+        return web.Response(body=data, content_type='application/octet-stream')
+
+    async def delete_attachments(self, request: web.Request) -> web.Response:
+        image = manifest_mod.validate_image_name(request.match_info['image'])
+        await self.call(self.backend.delete_attachments, image)
+        return web.Response(status=204)
+
     # -- leases ------------------------------------------------------------------
 
     @staticmethod
@@ -251,10 +287,10 @@ class WarehouseApp:
         actual = hashlib.sha256(data).hexdigest()
         if actual != chunk_id:
             raise exception.CorruptChunk(chunk_id, actual)
-        stored = await self.call(self.leases.put, request.match_info['session'], chunk_id, data)
+        await self.call(self.leases.put, request.match_info['session'], chunk_id, data)
         self.counters['chunk_puts'] += 1
         self.counters['chunk_put_bytes'] += len(data)
-        return _json({'stored': stored})
+        return web.Response(status=204)
 
     async def commit(self, request: web.Request) -> web.Response:
         stored = await self.call(self.leases.commit, request.match_info['session'])

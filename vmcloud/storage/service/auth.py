@@ -10,7 +10,7 @@ import hmac
 from aiohttp import web
 
 from vmcloud import exception
-from vmcloud.storage.service import protocol
+from vmcloud.storage import protocol
 
 READ_METHODS = ('GET', 'HEAD')
 

@@ -6,7 +6,11 @@ client releases it or stops renewing it for its TTL. The service enters the
 backend's lock context in a thread of its own (the backend's lock may block:
 flock(), a rados lock), so a client waits by polling its pending lease, and a
 client that gives up or vanishes leaves a lease that is released as soon as it
-is acquired or expires. Because the service holds the backend's lock itself,
+is acquired or expires. That thread holds the lock for the lease's whole life:
+it begins the lease's write sessions (a backend ties a session to the locks of
+the thread that begins it, and stops it with LeaseLost once one of them is lost:
+a rados lock that expired while the service was frozen, say) and exits the
+lock's context when the lease ends. Because the service holds the backend's lock itself,
 several services over one CROSS_HOST_LOCKING store exclude each other's clients.
 
 A write session belongs to the lease it was begun under: it accepts chunks
@@ -16,9 +20,11 @@ lease ended is abandoned like a crashed writer's: its staged chunks stay until
 gc's purge_abandoned removes them, and the service then aborts it (or aborts it
 after one more TTL if no gc comes).
 """
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -26,11 +32,14 @@ from typing import Callable, ContextManager
 
 from vmcloud import exception
 from vmcloud.storage import backend as backend_mod
-from vmcloud.storage.service import protocol
+from vmcloud.storage import protocol
 
 LOG = logging.getLogger(__name__)
 
 MIN_TTL = 0.2
+# How long a call waits for the lease's thread to begin a session or exit the lock:
+# the backend's own operations are bounded (rados op_timeout, lock renewals).
+THREAD_WAIT = 120.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +55,9 @@ class Lease:
     ended_at: float | None = None
     context: ContextManager[None] | None = None
     settled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    tasks: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    """Work for the thread holding the lock, then None: exit the lock's context."""
+    exited: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def describe(self) -> str:
         what = f'{self.kind} lock' + (f' on image {self.image}' if self.image else '')
@@ -112,13 +124,47 @@ class LeaseTable:
                 f'cannot take the {lease.kind} lock: {exc}'))
             return
         with self._lock:
-            if lease.state == 'pending':
+            granted = lease.state == 'pending'
+            if granted:
                 lease.state = 'held'
                 lease.context = context
                 lease.settled.set()
-                return
-        # Released or expired while we waited: nobody wants it any more.
+        if granted:
+            self._serve(lease)
+        # Released or expired (while we waited, or now): nobody wants it any more.
         self._exit(lease, context)
+        lease.exited.set()
+
+    @staticmethod
+    def _serve(lease: Lease) -> None:
+        """Run the lease's tasks in the thread holding its lock, until None comes."""
+        while (task := lease.tasks.get()) is not None:
+            work, future = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work())
+                except BaseException as exc:  # noqa: B902 - the caller raises it
+                    future.set_exception(exc)
+
+    def _in_lock_thread(self, lease: Lease, work: Callable):
+        """``work()`` run by the thread holding ``lease``'s lock.
+
+        :raises: LeaseLost if the lease ended; what ``work`` raised.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            # Under the lock _end takes to queue the None: a task queued while the
+            # lease is held is run before the thread exits the lock.
+            if lease.state != 'held':
+                self._raise_ended(lease)
+            lease.tasks.put((work, future))
+        try:
+            return future.result(THREAD_WAIT)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise exception.StorageError(
+                f'{lease.describe()}: its lock thread did not answer in {THREAD_WAIT:g} s'
+            ) from exc
 
     def _settle(self, lease: Lease, state: str, error: exception.VmcloudError) -> None:
         with self._lock:
@@ -132,6 +178,9 @@ class LeaseTable:
     def _exit(lease: Lease, context: ContextManager[None]) -> None:
         try:
             context.__exit__(None, None, None)
+        except exception.VmcloudError as exc:
+            # LeaseLost: the backend lost the lock while held; its sessions said so.
+            LOG.warning('releasing %s: %s', lease.describe(), exc)
         except Exception:  # noqa: B902 - releasing must go on for the other leases
             LOG.exception('releasing %s failed', lease.describe())
 
@@ -203,12 +252,16 @@ class LeaseTable:
         with self._lock:
             if lease.state not in ('pending', 'held'):
                 return
-            context, lease.context = lease.context, None
+            held, lease.context = lease.context is not None, None
             lease.state = state
             lease.ended_at = self.clock()
             lease.settled.set()
-        if context is not None:
-            self._exit(lease, context)
+            if held:
+                lease.tasks.put(None)  # the lock's thread exits it
+        # Released when this returns, as the client expects: its next lock may need it.
+        if held and not lease.exited.wait(THREAD_WAIT):
+            LOG.error('%s: its lock thread did not release it in %g s', lease.describe(),
+                      THREAD_WAIT)
 
     def expire_due(self) -> int:
         """End every lease whose client stopped renewing it; forget long-ended ones.
@@ -236,7 +289,7 @@ class LeaseTable:
         """:raises: LeaseLost, RequestRefused, StorageError."""
         lease = self.require(lease_id, ('shared', 'exclusive'))
         session = Session(id=secrets.token_hex(16), lease=lease,
-                          write=self.backend.begin_write())
+                          write=self._in_lock_thread(lease, self.backend.begin_write))
         with self._lock:
             self._sessions[session.id] = session
         return session
@@ -251,11 +304,13 @@ class LeaseTable:
         self.require(session.lease.id, ('shared', 'exclusive'))
         return session
 
-    def put(self, session_id: str, chunk_id: str, data: bytes) -> bool:
+    def put(self, session_id: str, chunk_id: str, data: bytes) -> None:
+        """Stage a chunk the client found missing. :raises: LeaseLost, RequestRefused,
+        StorageError."""
         session = self.session(session_id)
         # A WriteSession is one writer's: uploads in flight for it take turns.
         with session.lock:
-            return session.write.put_chunk(chunk_id, data)
+            session.write.put_chunk(chunk_id, data)
 
     def commit(self, session_id: str) -> int:
         """:returns: the bytes the session stored."""

@@ -29,6 +29,7 @@ _ERRORS: dict[type, tuple[int, tuple[str, ...]]] = {
     exception.WarehouseBusy: (503, ()),
     exception.InvalidName: (400, ()),
     exception.InvalidRange: (400, ()),
+    exception.AttachmentTooLarge: (413, ()),
     exception.StorageError: (500, ()),
 }
 _BY_NAME = {cls.__name__: cls for cls in _ERRORS}

@@ -192,7 +192,6 @@ def main() -> None:
                         help='N for the realistic guest (0: skip it)')
     args = parser.parse_args()
     with common.scratch_state(CONF) as root:
-        CONF.set_override('profiles_path', os.path.join(root, 'no-profiles'), 'mirror')
         CONF.set_override('prefetch_threads', 0, 'mirror')
         # One node runs all N: let the scheduler put 16 single-vCPU guests on 2 cores.
         CONF.set_override('cpu_allocation_ratio', 16.0, 'scheduler')

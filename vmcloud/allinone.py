@@ -1,4 +1,6 @@
 """The whole cloud in one process: a dispatcher and compute managers on the fake:// transport."""
+import os
+
 from oslo_config import cfg
 
 from vmcloud import exception
@@ -21,9 +23,10 @@ class AllInOne:
         self.conf = conf
         self.warehouse = warehouse_mod.Warehouse(conf)
         self.dispatcher = dispatcher_manager.Dispatcher(conf, self.warehouse)
-        self.computes = [compute_manager.ComputeManager(conf, f'node{i + 1}',
-                                                        warehouse=self.warehouse)
-                         for i in range(hosts)]
+        self.computes = [compute_manager.ComputeManager(
+            conf, f'node{i + 1}', warehouse=self.warehouse,
+            node_root=os.path.join(conf.state_path, 'nodes', f'node{i + 1}'))
+            for i in range(hosts)]
         self.api = dispatcher_rpcapi.DispatcherAPI(conf)
 
     def start(self, timeout: float = 30) -> 'AllInOne':

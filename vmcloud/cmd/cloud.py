@@ -126,8 +126,12 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     sub.add_argument('--min-count', type=int, help='deploy if at least this many fit')
     sub.add_argument('--vcpus', type=int, default=1)
     sub.add_argument('--memory', type=int, default=256, help='MiB per instance')
-    sub.add_argument('--kernel', help='boot this kernel directly (a path on the compute nodes)')
-    sub.add_argument('--initrd')
+    sub.add_argument('--kernel', metavar='IMAGE[:VERSION]|/PATH',
+                     help='boot this kernel directly: a warehouse image (pinned to its '
+                          'current version at deploy; each compute node fetches it once), '
+                          'or an absolute path of a file that exists on every compute node')
+    sub.add_argument('--initrd', metavar='IMAGE[:VERSION]|/PATH',
+                     help='initrd for --kernel, named the same two ways')
     sub.add_argument('--cmdline', help="kernel command line; '{name}' is the instance name")
     sub.add_argument('--from-snapshot', metavar='SNAPSHOT',
                      help='one instance per instance of this snapshot, from its version')

@@ -1,8 +1,8 @@
 """The compute manager: builds instances on mirrors, snapshots them, reports to the dispatcher."""
 import collections.abc
 import concurrent.futures
+import contextlib
 import logging
-import os
 import threading
 import time
 from typing import Optional
@@ -11,6 +11,7 @@ from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud import rpc
+from vmcloud.compute import artifacts as artifacts_mod
 from vmcloud.compute import phases
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
@@ -45,13 +46,20 @@ class ComputeManager:
 
     def __init__(self, conf: cfg.ConfigOpts, host: str | None = None,
                  driver: driver_base.Driver | None = None,
-                 warehouse: warehouse_mod.Warehouse | None = None):
+                 warehouse: warehouse_mod.Warehouse | None = None,
+                 node_root: str | None = None):
+        """``node_root``, if given, holds this node's mirrors, chunk cache and NBD socket
+        instead of the ``[mirror]`` paths: the all-in-one mode runs several nodes in one
+        process on one ``state_path``. A ``vmcloud compute`` service uses the ``[mirror]``
+        paths, so a host's state is wherever its configuration puts it."""
         self.conf = conf
         self.host = host or conf.host
         self.warehouse = warehouse or warehouse_mod.Warehouse(conf)
         self.driver = driver or driver_base.load(conf)
-        self.mirrors = mirror_manager.MirrorManager(
-            conf, self.warehouse, root=os.path.join(conf.state_path, 'nodes', self.host))
+        self.mirrors = mirror_manager.MirrorManager(conf, self.warehouse, root=node_root)
+        # One copy per machine, even with several nodes in one process.
+        self.artifacts = artifacts_mod.BootArtifacts(
+            conf.compute.boot_artifacts_path, self.warehouse, conf.compute.boot_timeout)
         self.dispatcher = dispatcher_rpcapi.DispatcherAPI(conf, retry=-1)
         self._frozen: dict[str, float] = {}
         self._stopping = threading.Event()
@@ -109,12 +117,15 @@ class ComputeManager:
         name = instance['name']
         started = time.monotonic()
         try:
-            mirror = self.mirrors.create(name, instance['image'])
             boot = instance.get('boot') or {}
+            # Before the mirror: an artifact that cannot be had fails the build cheaply.
+            files = {what: self.artifacts.path_of(boot[what])
+                     for what in artifacts_mod.ARTIFACTS if boot.get(what)}
+            mirror = self.mirrors.create(name, instance['image'])
             spec = driver_base.InstanceSpec(
                 name=name, disk=mirror.uri, disk_format='raw',
                 memory_mib=instance['memory_mib'], vcpus=instance['vcpus'],
-                kernel=boot.get('kernel'), initrd=boot.get('initrd'),
+                kernel=files.get('kernel'), initrd=files.get('initrd'),
                 cmdline=boot.get('cmdline', '').replace('{name}', name))
             self.driver.boot(spec, self.conf.compute.boot_timeout)
             if self.driver.has(driver_base.Capability.PHASE_EVENTS):
@@ -179,13 +190,17 @@ class ComputeManager:
     def barrier_and_thaw(self, ctxt: dict, snapshot_id: str, items: list[dict]) -> dict:
         taken = self._each(self._barrier_and_thaw, items)
         # Uploads start once every guest here runs again: they compete for the CPU.
-        results = {}
+        results, uploads = {}, []
         for item, (result, disk, barrier) in zip(items, taken):
             results[item['name']] = result
             if barrier is not None:
-                threading.Thread(target=rpc.with_current_request(self._upload),
-                                 args=(snapshot_id, item, disk, barrier),
-                                 daemon=True, name=f'upload-{item["name"]}').start()
+                uploads.append((item, disk, barrier))
+        if uploads:
+            # One upload for the whole barrier: one write session, so the chunks the
+            # guests changed alike are sent once (Warehouse.snapshot_many).
+            threading.Thread(target=rpc.with_current_request(self._upload),
+                             args=(snapshot_id, uploads), daemon=True,
+                             name=f'upload-{snapshot_id[:8]}').start()
         return results
 
     @staticmethod
@@ -214,17 +229,26 @@ class ComputeManager:
         return {'pause_ms': pause_ms, 'dirty_bytes': sum(
             disk.manifest.chunk_length(i) for i in barrier.indexes)}, disk, barrier
 
-    def _upload(self, snapshot_id: str, item: dict, disk: disk_mod.MirrorDisk,
-                barrier: disk_mod.Barrier) -> None:
+    def _upload(self, snapshot_id: str,
+                uploads: list[tuple[dict, disk_mod.MirrorDisk, disk_mod.Barrier]]) -> None:
+        """Store every item of one barrier with one snapshot_many, then report each."""
         try:
-            with barrier:
-                result = self.warehouse.snapshot_chunks(disk.manifest.ref,
-                                                        _BarrierChanges(barrier))
-            version, uploaded, error = str(result.manifest.ref), result.new_bytes, ''
-            LOG.info('snapshot of %s stored as %s: %d bytes new', item['name'], version,
-                     uploaded)
-        except Exception as exc:  # reported, not lost in a thread
-            LOG.error('snapshot of %s failed: %s', item['name'], exc)
-            version, uploaded, error = '', 0, f'{type(exc).__name__}: {exc}'
-        self._report(self.dispatcher.snapshot_item_done, snapshot_id, item['instance_id'],
-                     version, uploaded, error)
+            # Every barrier is exited after the upload of all of them.
+            with contextlib.ExitStack() as barriers:
+                for _item, _disk, barrier in uploads:
+                    barriers.enter_context(barrier)
+                results = self.warehouse.snapshot_many(
+                    [(disk.manifest.ref, _BarrierChanges(barrier))
+                     for _item, disk, barrier in uploads])
+        except Exception as exc:  # the session failed, so every item did: reported
+            results = [exc] * len(uploads)
+        for (item, _disk, _barrier), result in zip(uploads, results):
+            if isinstance(result, warehouse_mod.WriteResult):
+                version, uploaded, error = str(result.manifest.ref), result.new_bytes, ''
+                LOG.info('snapshot of %s stored as %s: %d bytes new', item['name'], version,
+                         uploaded)
+            else:
+                LOG.error('snapshot of %s failed: %s', item['name'], result)
+                version, uploaded, error = '', 0, f'{type(result).__name__}: {result}'
+            self._report(self.dispatcher.snapshot_item_done, snapshot_id, item['instance_id'],
+                         version, uploaded, error)

@@ -12,6 +12,10 @@ compute_opts = [
                     'group of its name ([qemu], [libvirt], [sim]).'),
     cfg.StrOpt('instances_path', default='$state_path/instances',
                help='Directory of per-instance runtime files: console log, QMP socket.'),
+    cfg.StrOpt('boot_artifacts_path', default='$state_path/boot-artifacts',
+               help='Directory of the node\'s copies of boot artifacts (kernels, initrds) '
+                    'that deployments name as warehouse images: each pinned version is '
+                    'fetched once and shared by every instance of the node.'),
     cfg.StrOpt('accelerator', default='auto', choices=('auto', 'kvm', 'tcg'),
                help='For the qemu and libvirt drivers: auto boots a guest under KVM once '
                     'per host boot and uses KVM only if it really boots: /dev/kvm '

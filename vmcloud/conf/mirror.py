@@ -13,8 +13,6 @@ mirror_opts = [
     cfg.IntOpt('cache_size', default=20 * 1024 ** 3, min=16 * 1024 ** 2,
                help='Bytes of chunks the node cache keeps before it evicts the least '
                     'recently used ones.'),
-    cfg.StrOpt('profiles_path', default='$state_path/boot-profiles',
-               help='Directory of recorded first-touch profiles, one per image.'),
     cfg.StrOpt('nbd_socket', default='$state_path/mirror-nbd.sock',
                help='Unix socket on which the node serves its mirrors over NBD.'),
     cfg.IntOpt('fetch_attempts', default=4, min=1,
@@ -23,8 +21,9 @@ mirror_opts = [
                  help='Longest wait in seconds between two fetch attempts (exponential '
                       'back-off up to this).'),
     cfg.IntOpt('prefetch_threads', default=2, min=0,
-               help='Threads that prefetch a recorded profile in the background; 0 '
-                    'turns prefetching off.'),
+               help='Threads that prefetch the image\'s recorded boot profile (kept in '
+                    'the warehouse, shared by every node) in the background; 0 turns '
+                    'prefetching off.'),
     cfg.IntOpt('nbd_connection_buffer', default=64 * 1024 ** 2, min=1024 ** 2,
                help='Bytes of requests and unsent replies one NBD connection may hold '
                     'before the server stops reading its requests (one request alone '

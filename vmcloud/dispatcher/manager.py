@@ -14,6 +14,7 @@ from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud import rpc
+from vmcloud.compute import artifacts
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
 from vmcloud.dispatcher import deploy as deploy_mod
@@ -77,7 +78,10 @@ class Dispatcher:
     @rpc.expose
     def deploy(self, ctxt: dict, image: str, count: int, min_count: int | None, vcpus: int,
                memory_mib: int, boot: dict) -> dict:
-        """:raises: InvalidRequest, ImageNotFound, NoValidHost."""
+        """``boot``'s kernel and initrd, if images, are pinned to their versions of now.
+
+        :raises: InvalidRequest, ImageNotFound, NoValidHost.
+        """
         if count < 1 or vcpus < 1 or memory_mib < 1:
             raise exception.InvalidRequest(
                 f'count, vcpus and memory must be at least 1 (got {count}, {vcpus}, '
@@ -86,17 +90,24 @@ class Dispatcher:
         if not 1 <= min_count <= count:
             raise exception.InvalidRequest(f'min count {min_count} must be between 1 and {count}')
         ref = str(self.warehouse.lookup(image).ref)
-        return self.deployer.deploy([ref] * count, min_count, vcpus, memory_mib, boot)
+        return self.deployer.deploy([ref] * count, min_count, vcpus, memory_mib,
+                                    artifacts.pinned(boot, self.warehouse.lookup))
 
     @rpc.expose
     def deploy_snapshot(self, ctxt: dict, snapshot_id: str, boot: dict) -> dict:
-        """One instance per stored version, all or none. :raises: InvalidRequest, NoValidHost."""
+        """One instance per stored version, all or none; ``boot`` (by default the
+        snapshotted deployment's) pinned as by ``deploy``.
+
+        :raises: InvalidRequest, ImageNotFound, NoValidHost.
+        """
         refs, deployment_id = self.snapshots.stored_versions(snapshot_id)
         with self.db.session() as session:
             deployment = views.deployment(session, deployment_id)
             vcpus, memory_mib = deployment.vcpus, deployment.memory_mib
             boot = boot or json.loads(deployment.boot)
-        return self.deployer.deploy(refs, len(refs), vcpus, memory_mib, boot)
+        # Pinned again: a version the old deployment pinned may have been deleted since.
+        return self.deployer.deploy(refs, len(refs), vcpus, memory_mib,
+                                    artifacts.pinned(boot, self.warehouse.lookup))
 
     @rpc.expose
     def instance_built(self, ctxt: dict, instance_id: str, host: str, boot_seconds: float,

@@ -22,7 +22,10 @@ class DispatcherAPI:
         """Deploy ``count`` instances of ``image`` (all or at least ``min_count``).
 
         ``boot`` may name a ``kernel``, ``initrd`` and ``cmdline`` (``{name}`` in
-        it becomes the instance's name).
+        it becomes the instance's name). The kernel and initrd are warehouse images
+        ``NAME[:VERSION]``, which the deployment pins to the version they name now
+        (every instance and rebuild boots the same bytes), or absolute paths of
+        files that exist on every compute node.
 
         :raises: ImageNotFound, NoValidHost, InvalidRequest, MessagingError.
         """
@@ -30,7 +33,8 @@ class DispatcherAPI:
                                  vcpus=vcpus, memory_mib=memory_mib, boot=boot or {})
 
     def deploy_snapshot(self, snapshot_id: str, boot: dict | None = None) -> dict:
-        """One instance per instance of a finished snapshot, each from its own version."""
+        """One instance per instance of a finished snapshot, each from its own version;
+        ``boot`` as for ``deploy``, by default the snapshotted deployment's."""
         return self._client.call('deploy_snapshot', snapshot_id=snapshot_id, boot=boot or {})
 
     def list_deployments(self) -> list[dict]:

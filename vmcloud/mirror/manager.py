@@ -56,7 +56,7 @@ class MirrorManager:
         self.cache = cache_mod.ChunkCache(
             options.cache_path if root is None else f'{root}/chunk-cache', options.cache_size,
             self.warehouse.read_chunk, options.fetch_attempts, options.fetch_retry_wait)
-        self.profiles = profile_mod.ProfileStore(options.profiles_path)
+        self.profiles = profile_mod.ProfileStore(self.warehouse)
         self.socket = options.nbd_socket if root is None else f'{root}/nbd.sock'
         self._lock = threading.Lock()
         self._mirrors: dict[str, Mirror] = {}
@@ -120,7 +120,7 @@ class MirrorManager:
     def _serve(self, name: str, directory: str, manifest: manifest_mod.Manifest) -> Mirror:
         disk = disk_mod.MirrorDisk(directory, manifest, self.cache)
         try:
-            profile = self.profiles.load(manifest, self.warehouse.lookup)
+            profile = self.profiles.load(manifest)
             self.server.add_export(name, disk)
         except BaseException:
             disk.close()
@@ -177,9 +177,9 @@ class MirrorManager:
         if mirror.records_profile and any(mirror.disk.recorder.profile().values()):
             try:
                 self.profiles.save(mirror.disk.manifest, mirror.disk.recorder.profile())
-            except OSError as exc:
+            except (exception.VmcloudError, OSError) as exc:
                 # A hint lost; the mirror must still close and give up its lock.
-                LOG.warning('cannot save the boot profile of %s: %s',
+                LOG.warning('cannot save the boot profile of %s in the warehouse: %s',
                             mirror.disk.manifest.image, exc)
         if delete:
             mirror.disk.remove()

@@ -2,24 +2,26 @@
 
 A profile names chunk indexes, not chunk ids, and is kept per image: the
 versions of an image share a layout, so a snapshot boots with the profile its
-parent recorded.
+parent recorded. It is kept in the warehouse, as the image's attachment
+``boot-profile``, so a profile recorded on one node prefetches on every node
+(the last node to record one wins).
 
-A profile file is a hint from the past, so it is checked before it is used: of
+A profile is a hint from the past, so it is checked before it is used: of
 the expected shape, for the chunk size and chunk count of the version being
-deployed, and recorded for a version that still exists, the very one (not a
-deleted one whose name was reused). A file that fails any check is ignored
-with a warning naming it; the next first deployment records a new one.
+deployed, and recorded for a version of this image that still exists, the
+very one (not a deleted one whose name was reused). A profile that fails any check, or that
+cannot be read, is ignored with a warning naming the image; the next first
+deployment records a new one.
 """
 import hashlib
 import json
 import logging
-import os
 import threading
 from typing import Callable
 
 from vmcloud import exception
-from vmcloud.storage import durable
 from vmcloud.storage import manifest as manifest_mod
+from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -88,49 +90,55 @@ def identity(manifest: manifest_mod.Manifest) -> str:
 
 
 class _Ignored(Exception):
-    """Why a profile file is not used."""
+    """Why a profile is not used."""
 
 
 class ProfileStore:
-    def __init__(self, path: str):
-        self.path = path
+    """The boot profiles of a warehouse's images."""
 
-    def _file(self, image: str) -> str:
-        return os.path.join(self.path, f'{image}.json')
+    ATTACHMENT = 'boot-profile'
 
-    def load(self, manifest: manifest_mod.Manifest,
-             lookup: Callable[[str], manifest_mod.Manifest]) -> Profile | None:
+    def __init__(self, warehouse: warehouse_mod.Warehouse):
+        self.warehouse = warehouse
+
+    def load(self, manifest: manifest_mod.Manifest) -> Profile | None:
         """The profile of ``manifest``'s image if it fits ``manifest``, else None.
 
-        :param lookup: finds the version the profile was recorded for
-            (``Warehouse.lookup``); raising StorageError means it is gone.
+        Never raises: a profile is a hint. A missing one is None; one that cannot
+        be read or does not fit is None and a warning naming the image.
         """
-        path = self._file(manifest.image)
+        image = manifest.image
         try:
-            with open(path, 'rb') as f:
-                document = json.loads(f.read())
-            return _check(document, manifest, lookup)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:  # unreadable, not JSON, not UTF-8
-            LOG.warning('ignoring the boot profile %s: cannot read it: %s', path, exc)
+            data = self.warehouse.read_attachment(image, self.ATTACHMENT)
+            if data is None:
+                return None
+            return _check(json.loads(data), manifest, self.warehouse.lookup)
+        except (exception.StorageError, OSError) as exc:
+            LOG.warning('ignoring the boot profile of %s: cannot read it from the '
+                        'warehouse: %s', image, exc)
+        except ValueError as exc:  # not JSON, not UTF-8
+            LOG.warning('ignoring the boot profile of %s: cannot read it: %s', image, exc)
         except _Ignored as exc:
-            LOG.warning('ignoring the boot profile %s: %s', path, exc)
+            LOG.warning('ignoring the boot profile of %s: %s', image, exc)
         return None
 
     def save(self, manifest: manifest_mod.Manifest, profile: Profile) -> None:
-        """Record ``profile`` as the image's, as seen on ``manifest``."""
-        os.makedirs(self.path, exist_ok=True)
+        """Record ``profile`` as the image's, as seen on ``manifest``.
+
+        :raises: StorageError (ImageNotFound if the image is gone meanwhile,
+            AttachmentTooLarge).
+        """
         document = {'format': _FORMAT, 'recorded_for': str(manifest.ref),
                     'identity': identity(manifest), 'chunk_size': manifest.chunk_size,
                     'chunk_count': manifest.chunk_count,
                     'phases': {phase: list(profile.get(phase, [])) for phase in PHASES}}
-        durable.replace(self._file(manifest.image), json.dumps(document).encode())
+        self.warehouse.write_attachment(manifest.image, self.ATTACHMENT,
+                                        json.dumps(document, separators=(',', ':')).encode())
 
 
 def _check(document, manifest: manifest_mod.Manifest,
            lookup: Callable[[str], manifest_mod.Manifest]) -> Profile:
-    """The phases of a profile file that fits ``manifest``. :raises: _Ignored saying why."""
+    """The phases of a profile that fits ``manifest``. :raises: _Ignored saying why."""
     if not isinstance(document, dict) or document.get('format') != _FORMAT:
         raise _Ignored(f'not a format {_FORMAT} profile')
     fields = {'recorded_for': str, 'identity': str, 'chunk_size': int, 'chunk_count': int,
@@ -157,6 +165,9 @@ def _check(document, manifest: manifest_mod.Manifest,
                        f'{document["chunk_size"]} bytes; {manifest.ref} has '
                        f'{manifest.chunk_count} of {manifest.chunk_size}')
     recorded_for = document['recorded_for']
+    if recorded_for.partition(':')[0] != manifest.image:
+        # A copy of another image's profile: its indexes name another layout.
+        raise _Ignored(f'it was recorded for {recorded_for}, another image')
     if recorded_for == str(manifest.ref):
         recorded = manifest
     else:

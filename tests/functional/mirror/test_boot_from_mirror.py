@@ -78,8 +78,7 @@ class BootFromMirror:
         self.assertTrue(profile[profile_mod.BOOT])
         self.assertTrue(profile[profile_mod.APPLICATION])
         self.manager.remove(name)
-        self.assertEqual(profile, self.manager.profiles.load(self.manifest,
-                                                             self.warehouse.lookup))
+        self.assertEqual(profile, self.manager.profiles.load(self.manifest))
 
 
 class QemuBootFromMirrorTest(BootFromMirror, base.TestCase):

@@ -66,14 +66,27 @@ class MultiProcessTest(base.TestCase):
         self.boot = {'kernel': guest.path('vmlinuz'), 'initrd': guest.path('initrd.img'),
                      'cmdline': guest.CMDLINE + ' vmcloud.id={name}'}
 
+    def node_config(self, host: str) -> str:
+        """The second config file of compute ``host``: its own [mirror] paths, as on a
+        machine of its own (both nodes share this machine's state_path otherwise)."""
+        root = os.path.join(self.state_path, 'nodes', host)
+        path = os.path.join(self.tmp, f'{host}.conf')
+        with open(path, 'w') as f:
+            f.write(f'[mirror]\nmirrors_path = {root}/mirrors\ncache_path = {root}/chunk-cache\n'
+                    f'nbd_socket = {root}/nbd.sock\n')
+        return path
+
     def start(self, name: str, *args: str) -> None:
         path = os.path.join(self.tmp, f'{name}.log')
         log = open(path, 'w')
         self.addCleanup(log.close)
         self.addOnException(lambda _: self.addDetail(
             f'{name}.log', testtools.content.content_from_file(path, buffer_now=True)))
-        process = subprocess.Popen([sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file',
-                                    self.config, *args], stdout=log, stderr=subprocess.STDOUT)
+        configs = ['--config-file', self.config]
+        if args[0] == 'compute':
+            configs += ['--config-file', self.node_config(name)]
+        process = subprocess.Popen([sys.executable, '-m', 'vmcloud.cmd.cli', *configs, *args],
+                                   stdout=log, stderr=subprocess.STDOUT)
         self.services[name] = process
         self.addCleanup(self.stop, process)
 

@@ -14,6 +14,7 @@ from vmcloud.mirror import manager as mirror_manager
 from vmcloud.mirror import profile
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
+from tests.unit.compute import test_artifacts
 from tests.unit.dispatcher import helpers
 
 
@@ -51,9 +52,9 @@ class ComputeManagerTest(base.TestCase):
         self.reports = Reports()
         self.compute.dispatcher = self.reports
 
-    def build(self, name: str = 'vm1') -> dict:
+    def build(self, name: str = 'vm1', **boot: str) -> dict:
         instance = {'id': f'id-{name}', 'name': name, 'image': self.image, 'vcpus': 1,
-                    'memory_mib': 256, 'boot': {'cmdline': 'vmcloud.id={name}'}}
+                    'memory_mib': 256, 'boot': {'cmdline': 'vmcloud.id={name}', **boot}}
         self.compute.build_instance({}, instance)
         return instance
 
@@ -69,6 +70,31 @@ class ComputeManagerTest(base.TestCase):
         recorder = self.compute.mirrors.get('vm1').disk.recorder
         polling.wait(lambda: recorder.phase, lambda phase: phase == profile.APPLICATION, 30,
                      'the application phase', interval=0.02)
+
+    def test_boot_artifacts_named_as_images_boot_from_the_node_copies(self):
+        kernel = test_artifacts.write_artifact(self.tmp, 'vmlinuz', seed=1)
+        initrd = test_artifacts.write_artifact(self.tmp, 'initrd', seed=2, size=777)
+        self.warehouse.import_image(kernel, 'vmlinuz', fmt='raw')
+        self.warehouse.import_image(initrd, 'initrd', fmt='raw')
+        self.build('vm1', kernel='vmlinuz:1', initrd='initrd:1')
+        self.build('vm2', kernel='vmlinuz:1', initrd=initrd)
+        self.assertEqual(2, len(self.reports.of('instance_built')), self.reports.sent)
+        first, second = (self.driver.instances[n].spec for n in ('vm1', 'vm2'))
+        artifacts_path = self.conf.compute.boot_artifacts_path
+        self.assertTrue(first.kernel.startswith(artifacts_path + os.sep))
+        self.assertBytesEqual(test_artifacts.read(kernel), test_artifacts.read(first.kernel))
+        self.assertBytesEqual(test_artifacts.read(initrd), test_artifacts.read(first.initrd))
+        self.assertEqual(first.kernel, second.kernel)  # one copy for the node
+        self.assertEqual(initrd, second.initrd)  # a path stays a file of the node
+
+    def test_a_boot_artifact_that_cannot_be_had_fails_the_build_naming_it(self):
+        self.build('vm1', kernel='nosuch:3')
+        (instance_id, host, reason), = self.reports.of('build_failed')
+        self.assertEqual(('id-vm1', 'node1'), (instance_id, host))
+        self.assertIn('BootArtifactError: boot artifact nosuch:3', reason)
+        self.assertIn('image nosuch:3 not found', reason)
+        self.assertEqual([], self.compute.mirrors.names())
+        self.assertEqual([], self.driver.list_instances())
 
     def test_a_failed_build_cleans_up_and_reports_why(self):
         def refuse(spec):
@@ -146,10 +172,27 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual(['vm1'], self.driver.list_instances())
         # The mirrors were closed: another manager may own this node's state now.
         self.assertEqual([], self.compute.mirrors.names())
-        again = mirror_manager.MirrorManager(self.conf, self.warehouse,
-                                             root=os.path.join(self.conf.state_path,
-                                                               'nodes', 'node1'))
+        again = mirror_manager.MirrorManager(self.conf, self.warehouse)
         again.close()
+
+    def test_state_is_where_the_mirror_options_put_it(self):
+        self.compute.mirrors.close()
+        paths = {option: os.path.join(self.tmp, 'elsewhere', option)
+                 for option in ('mirrors_path', 'cache_path', 'nbd_socket')}
+        for option, path in paths.items():
+            self.conf.set_override(option, path, 'mirror')
+        self.compute = manager.ComputeManager(self.conf, 'node1', driver=self.driver,
+                                              warehouse=self.warehouse)
+        self.addCleanup(self.compute.mirrors.close)
+        self.compute.dispatcher = self.reports
+        self.build()
+        self.assertIn(paths['nbd_socket'], self.compute.mirrors.uri('vm1'))
+        self.assertTrue(os.path.exists(paths['nbd_socket']))
+        self.assertEqual(['vm1'], os.listdir(paths['mirrors_path']))
+        self.assertIn('lock', os.listdir(paths['cache_path']))
+        # Nothing of the node's is under state_path: the host's config placed all of it.
+        self.assertFalse(os.path.exists(os.path.join(self.conf.state_path, 'nodes')))
+        self.assertFalse(os.path.exists(os.path.join(self.conf.state_path, 'mirrors')))
 
     def test_destroy(self):
         self.build()

@@ -4,6 +4,7 @@ import argparse
 import testtools
 
 from vmcloud import rpc
+from vmcloud.cmd import cli
 from vmcloud.cmd import cloud
 
 
@@ -37,3 +38,23 @@ class OneRequestTest(testtools.TestCase):
         self.assertEqual(1, len(set(api.request_ids)), api.request_ids)
         self.assertTrue(api.request_ids[0].startswith('req-'))
         self.assertIsNone(rpc.current_request_id())
+
+
+class BootArtifactArgumentsTest(testtools.TestCase):
+    def test_kernel_and_initrd_go_to_the_dispatcher_as_given(self):
+        # An image name or an absolute path: the dispatcher tells them apart and pins.
+        calls = []
+
+        class API(RecordingAPI):
+            def deploy(self, *args):
+                calls.append(args)
+                return super().deploy(*args)
+        self.patch(cloud, '_api', lambda conf: API())
+        self.patch(cloud, '_show', lambda deployment, fmt: None)
+        parser, _ = cli.build_parser(['deploy'])
+        args = parser.parse_args(['deploy', 'guest', '--kernel', 'vmlinuz:2',
+                                  '--initrd', '/boot/initrd.img', '--cmdline', 'quiet'])
+        self.assertEqual(0, cloud.do_deploy(None, args))
+        (_, _, _, _, _, boot), = calls
+        self.assertEqual({'kernel': 'vmlinuz:2', 'initrd': '/boot/initrd.img',
+                          'cmdline': 'quiet'}, boot)

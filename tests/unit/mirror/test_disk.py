@@ -315,9 +315,9 @@ class ProfileTest(MirrorTestCase):
         disk.read(8 * CHUNK, 1)
         profile = disk.recorder.profile()
         self.assertEqual({'boot': [4, 0], 'application': [1, 7], 'shutdown': [8]}, profile)
-        store = profile_mod.ProfileStore(os.path.join(self.tmp, 'profiles'))
+        store = profile_mod.ProfileStore(self.warehouse)
         store.save(self.manifest, profile)
-        self.assertEqual(profile, store.load(self.manifest, self.warehouse.lookup))
+        self.assertEqual(profile, store.load(self.manifest))
 
         cache = cache_mod.ChunkCache(os.path.join(self.tmp, 'cache2'), 1 << 30, self.fetch)
         self.addCleanup(cache.close)
@@ -348,26 +348,38 @@ class ProfileValidationTest(MirrorTestCase):
     def setUp(self):
         super().setUp()
         self.logs = self.useFixture(fixtures.FakeLogger(name='vmcloud.mirror.profile'))
-        self.store = profile_mod.ProfileStore(os.path.join(self.tmp, 'profiles'))
-        self.file = os.path.join(self.store.path, 'img.json')
+        self.store = profile_mod.ProfileStore(self.warehouse)
 
     def saved(self) -> dict:
         self.store.save(self.manifest, self.PROFILE)
-        with open(self.file) as f:
-            return json.load(f)
+        return json.loads(self.warehouse.read_attachment('img', 'boot-profile'))
 
     def assertIgnored(self, content: bytes, why: str) -> None:
-        with open(self.file, 'wb') as f:
-            f.write(content)
+        self.warehouse.write_attachment('img', 'boot-profile', content)
         self.logs.reset_output()
-        self.assertIsNone(self.store.load(self.manifest, self.warehouse.lookup), content[:80])
-        self.assertIn(f'ignoring the boot profile {self.file}', self.logs.output)
+        self.assertIsNone(self.store.load(self.manifest), content[:80])
+        self.assertIn('ignoring the boot profile of img', self.logs.output)
         self.assertIn(why, self.logs.output)
 
     def test_a_good_profile_is_used(self):
         self.saved()
-        self.assertEqual(self.PROFILE, self.store.load(self.manifest, self.warehouse.lookup))
+        self.assertEqual(self.PROFILE, self.store.load(self.manifest))
         self.assertEqual('', self.logs.output)
+
+    def test_no_profile_is_no_warning(self):
+        self.assertIsNone(self.store.load(self.manifest))
+        self.assertEqual('', self.logs.output)
+
+    def test_a_profile_the_warehouse_cannot_read_is_ignored_with_a_warning(self):
+        self.saved()
+
+        def broken(image, name):
+            raise exception.StorageError(f'attachment {name} of {image}: broken, on purpose')
+        self.warehouse.read_attachment = broken
+        self.assertIsNone(self.store.load(self.manifest))
+        self.assertIn('ignoring the boot profile of img: cannot read it from the warehouse',
+                      self.logs.output)
+        self.assertIn('broken, on purpose', self.logs.output)
 
     def test_profiles_of_the_wrong_shape_are_ignored_with_a_warning(self):
         good = self.saved()
@@ -398,7 +410,7 @@ class ProfileValidationTest(MirrorTestCase):
             self.assertIgnored(content, why)
 
     def test_a_profile_of_a_deleted_image_is_ignored(self):
-        self.saved()
+        old = self.saved()
         self.warehouse.delete('img')
         path = os.path.join(self.tmp, 'new.raw')
         with open(path, 'wb') as f:
@@ -407,23 +419,24 @@ class ProfileValidationTest(MirrorTestCase):
         self.assertEqual(self.manifest.ref, new.ref)
         self.manifest = new
         self.logs.reset_output()
-        self.assertIsNone(self.store.load(new, self.warehouse.lookup))
-        self.assertIn(f'ignoring the boot profile {self.file}', self.logs.output)
+        # The warehouse drops an image's attachments with its last version: put the
+        # old profile back, as a node that saved it late (or a foreign copy) would.
+        self.warehouse.write_attachment('img', 'boot-profile', json.dumps(old).encode())
+        self.assertIsNone(self.store.load(new))
+        self.assertIn('ignoring the boot profile of img', self.logs.output)
         self.assertIn('deleted image', self.logs.output)
 
     def test_versions_share_a_profile_while_its_version_exists(self):
         snapshot = self.warehouse.snapshot_chunks(self.manifest.ref, {3: b'S' * CHUNK}).manifest
         self.store.save(snapshot, self.PROFILE)  # recorded on img:2
-        self.assertEqual(self.PROFILE, self.store.load(self.manifest, self.warehouse.lookup))
+        self.assertEqual(self.PROFILE, self.store.load(self.manifest))
         self.warehouse.delete('img', snapshot.version)
-        self.assertIsNone(self.store.load(self.manifest, self.warehouse.lookup))
+        self.assertIsNone(self.store.load(self.manifest))
         self.assertIn('recorded for img:2, which is gone', self.logs.output)
 
     def test_a_bad_profile_does_not_stop_a_deployment(self):
-        os.makedirs(self.store.path)
-        self.conf.set_override('profiles_path', self.store.path, 'mirror')
-        with open(self.file, 'w') as f:
-            json.dump({'format': 2, 'phases': {'boot': ['x']}}, f)
+        self.warehouse.write_attachment('img', 'boot-profile', json.dumps(
+            {'format': 2, 'phases': {'boot': ['x']}}).encode())
         with manager_mod.MirrorManager(self.conf, self.warehouse,
                                        root=os.path.join(self.tmp, 'node')) as node:
             mirror = node.create('vm1', 'img')
@@ -435,7 +448,7 @@ class ProfileValidationTest(MirrorTestCase):
             node.remove('vm1')
         # The first deployment since recorded a good one in its place.
         self.assertEqual({'boot': [0], 'application': [8], 'shutdown': []},
-                         self.store.load(self.manifest, self.warehouse.lookup))
+                         self.store.load(self.manifest))
 
 
 class PhaseTest(MirrorTestCase):

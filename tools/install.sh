@@ -20,8 +20,8 @@ PACKAGES=(
 )
 
 # The rados warehouse backend and the single-node Ceph cluster its tests run on
-# (tools/ceph/start.sh): a mon and an OSD, without the packages they merely recommend.
-CEPH_PACKAGES=(ceph-mon ceph-osd ceph-common python3-rados)
+# (tools/ceph/start.sh): a mon, a mgr and an OSD, without the packages they merely recommend.
+CEPH_PACKAGES=(ceph-mon ceph-mgr ceph-osd ceph-common python3-rados)
 
 sudo_cmd=()
 [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)

@@ -3,9 +3,12 @@
 #
 #   tools/ceph/start.sh [STATE_DIR]      (default: $VMCLOUD_CEPH_DIR, else .cache/ceph in the repo)
 #
-# One mon and one bluestore OSD on a sparse file, cephx on, msgr v2 on 127.0.0.1 only. No mgr:
-# reads, writes, omap and object locks need only the mon and the OSD, and a mgr costs about
-# 300 MB of RSS and several seconds. Everything lives under STATE_DIR. Writes there:
+# One mon, one mgr and one bluestore OSD on a sparse file, cephx on, msgr v2 on 127.0.0.1
+# only. vmcloud's reads, writes, omap and object locks need only the mon and the OSD; the mgr
+# (about 300 MB of RSS) is what a real cluster has and what `ceph -s`, `ceph df` and the pool
+# statistics need, so the tests run against the cluster users have. The start does not wait
+# for the mgr to become active: clients do not need it. Everything lives under STATE_DIR.
+# Writes there:
 #   ceph.conf                 for the daemons, the `ceph`/`rados` CLI and librados clients
 #   client.admin.keyring      full rights (used by this script and the benchmark's baseline)
 #   client.vmcloud.keyring    caps on the vmcloud pool only (what vmcloud uses)
@@ -41,18 +44,19 @@ wait_until() {  # description, command...
     done
 }
 
-for tool in ceph-mon ceph-osd ceph ceph-authtool monmaptool; do
-    command -v "$tool" >/dev/null || fail "$tool missing: apt-get install ceph-mon ceph-osd ceph-common"
+for tool in ceph-mon ceph-mgr ceph-osd ceph ceph-authtool monmaptool; do
+    command -v "$tool" >/dev/null ||
+        fail "$tool missing: apt-get install ceph-mon ceph-mgr ceph-osd ceph-common"
 done
 
 if [[ ! -f $DIR/.ready ]]; then
     # A half-made cluster (a start that failed or was killed) cannot be resumed safely.
     if [[ -e $DIR ]]; then
         "$REPO/tools/ceph/stop.sh" "$DIR" >/dev/null 2>&1 || true
-        rm -rf "$DIR/mon" "$DIR/osd" "$DIR/run" "$DIR/log" "$DIR"/*.keyring "$DIR"/*.conf \
+        rm -rf "$DIR/mon" "$DIR/mgr" "$DIR/osd" "$DIR/run" "$DIR/log" "$DIR"/*.keyring "$DIR"/*.conf \
             "$DIR/monmap" "$DIR/osd-secret.json"
     fi
-    mkdir -p "$DIR/mon" "$DIR/osd/0" "$DIR/run" "$DIR/log"
+    mkdir -p "$DIR/mon" "$DIR/mgr/x" "$DIR/osd/0" "$DIR/run" "$DIR/log"
     FSID=$(cat /proc/sys/kernel/random/uuid)
     cat >"$CONF" <<EOF
 [global]
@@ -80,6 +84,8 @@ pid_file = $DIR/run/\$name.pid
 log_file = $DIR/log/\$name.log
 # No crash dumps outside the state directory.
 crash_dir = $DIR/log
+# The mgr's first modules: none that listens on a port (the default starts restful).
+mgr_initial_modules = status
 
 [mon]
 mon_data = $DIR/mon/\$id
@@ -116,6 +122,17 @@ fi
 
 running mon.a || ceph-mon --conf "$CONF" -i a || fail "ceph-mon did not start: $DIR/log/mon.a.log"
 wait_until "mon answering on 127.0.0.1:$PORT" admin mon stat
+
+if [[ ! -f $DIR/mgr/x/keyring ]]; then  # also for a cluster made before it had a mgr
+    mkdir -p "$DIR/mgr/x"
+    admin auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
+        -o "$DIR/mgr/x/keyring"
+fi
+# Its paths on the command line, not in ceph.conf: a cluster made before it had a mgr has a
+# ceph.conf without them.
+running mgr.x || ceph-mgr --conf "$CONF" -i x --mgr-data "$DIR/mgr/x" \
+    --keyring "$DIR/mgr/x/keyring" --admin-socket "$DIR/run/mgr.x.asok" ||
+    fail "ceph-mgr did not start: $DIR/log/mgr.x.log"
 
 if [[ ${NEW:-0} == 1 ]]; then
     OSD_UUID=$(cat /proc/sys/kernel/random/uuid)

@@ -13,7 +13,7 @@ if [[ ${1:-} == --purge ]]; then
 fi
 DIR=$(realpath -m "${1:-${VMCLOUD_CEPH_DIR:-$REPO/.cache/ceph}}")
 
-for name in osd.0 mon.a; do
+for name in osd.0 mgr.x mon.a; do
     pidfile=$DIR/run/$name.pid
     [[ -f $pidfile ]] || continue
     pid=$(cat "$pidfile")

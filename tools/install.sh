@@ -17,6 +17,8 @@ PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin
     # The services' message bus and database (multi-process mode)
     rabbitmq-server postgresql
+    # Emulated hosts (tests/multihost: namespaces, veth, tc, ss) and the network benchmark
+    iproute2 curl
 )
 
 # The rados warehouse backend and the single-node Ceph cluster its tests run on

@@ -116,8 +116,10 @@ def _kill_inside(namespace: str) -> None:
         time.sleep(0.05)
 
 
-def _delete_namespace(namespace: str) -> None:
-    """Remove ``namespace`` and everything in it; never raises (best effort, logged)."""
+def delete_namespace(namespace: str) -> None:
+    """Remove ``namespace`` and everything in it, processes first (a namespace deleted
+    while a daemon runs in it lives on, unnamed, with the daemon); never raises (best
+    effort, logged)."""
     _kill_inside(namespace)
     try:
         if namespace in namespaces():
@@ -136,7 +138,7 @@ def sweep_stale() -> list[str]:
     for namespace in namespaces():
         match = _NAMESPACE.match(namespace)
         if match and not _alive(int(match.group(1))):
-            _delete_namespace(namespace)
+            delete_namespace(namespace)
             swept.append(namespace)
             shutil.rmtree(os.path.join(DEFAULT_STATE_ROOT, namespace), ignore_errors=True)
     return swept
@@ -377,7 +379,7 @@ class Network:
             _stop(process)
         self.processes.clear()
         for namespace in reversed(self._created):
-            _delete_namespace(namespace)
+            delete_namespace(namespace)
             shutil.rmtree(os.path.join(self.state_root, namespace), ignore_errors=True)
         self._created.clear()
         self.hosts.clear()

@@ -303,7 +303,8 @@ class Backend(abc.ABC):
         """Durably replace attachment ``name`` of ``image`` with ``data``, atomically.
 
         A reader on any instance sees the old bytes or the new ones, never a mix,
-        and the last writer wins. The caller (the Warehouse) holds image_lock(image),
+        and the last writer wins. The caller (the Warehouse) holds shared_lock() (gc
+        may not purge what this stages) and image_lock(image),
         has checked that the image has a version, and has checked the name and size
         (check_attachment).
 

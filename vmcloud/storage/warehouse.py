@@ -531,9 +531,11 @@ class Warehouse:
         """
         manifest_mod.validate_image_name(image)
         backend_mod.check_attachment(name, len(data))
-        # Under the image lock, so a delete of the image cannot run in between
-        # and leave the attachment behind.
-        with backend_mod.image_locks(self.backend, image):
+        # Under the shared lock like any writer: gc's purge_abandoned would remove the
+        # temp file a backend stages the bytes in (file: staging/). Under the image
+        # lock, so a delete of the image cannot run in between and leave the
+        # attachment behind.
+        with self.backend.shared_lock(), backend_mod.image_locks(self.backend, image):
             if not self.backend.list_versions(image):
                 raise exception.ImageNotFound(image)
             self.backend.write_attachment(image, name, bytes(data))

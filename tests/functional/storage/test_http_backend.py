@@ -358,20 +358,22 @@ class ServiceEdgesTest(ServiceFixtureMixin, base.TestCase):
         data = b'q' * 8192
         chunk_id = hashlib.sha256(data).hexdigest()
         buffer = bytearray(data)
-        real = client.request_json
-        sent = threading.Event()
+        real = client.request
+        sent, uploaded = threading.Event(), []
 
         def slow_upload(method, path, *args, **kwargs):
             if '/chunks/' in path and method == 'PUT':
                 self.assertTrue(sent.wait(10))
+                uploaded.append(path)
             return real(method, path, *args, **kwargs)
 
-        with mock.patch.object(client, 'request_json', slow_upload), client.shared_lock():
+        with mock.patch.object(client, 'request', slow_upload), client.shared_lock():
             session = client.begin_write()
             session.put_chunk(chunk_id, memoryview(buffer))
             buffer[:] = bytes(len(buffer))  # the next chunk is read into it
             sent.set()
             session.commit()
+        self.assertEqual(1, len(uploaded))  # the upload waited for the buffer's reuse
         self.assertEqual(data, client.read_chunk(chunk_id))
 
     def test_a_cut_referenced_set_frees_nothing(self):

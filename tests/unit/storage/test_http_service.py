@@ -1,5 +1,6 @@
 """The warehouse service without a network: error mapping, auth, leases and sessions."""
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -220,6 +221,28 @@ class LeaseTableTest(base.TestCase):
         table.release(lease.id)
         self.assertIs(threads['enter'], threads.get('exit'))  # released on return
         self.assertRaises(exception.LeaseLost, table.begin, lease.id)
+
+    def test_a_session_begun_after_the_caller_gave_up_is_aborted(self):
+        began, go = threading.Event(), threading.Event()
+        session = mock.Mock()
+
+        def slow_begin_write():
+            began.set()
+            go.wait(10)
+            return session
+
+        table = leases_mod.LeaseTable(
+            mock.Mock(shared_lock=contextlib.nullcontext, begin_write=slow_begin_write),
+            max_ttl=60)
+        lease = table.acquire('shared', None, 10, None)
+        self.assertTrue(lease.settled.wait(10))
+        self.patch(leases_mod, 'THREAD_WAIT', 0.05)
+        error = self.assertRaises(exception.StorageError, table.begin, lease.id)
+        self.assertIn('did not answer', str(error))
+        self.assertTrue(began.is_set())
+        go.set()
+        table.release(lease.id)  # returns once the lock thread has finished the task
+        session.abort.assert_called_once_with()
 
     def test_a_session_works_only_while_its_lease_is_held(self):
         lease = self.held('shared')

@@ -70,6 +70,16 @@ class ImportTest(WarehouseTestCase):
         self.assertEqual(VersionRef('a', 1), result.manifest.ref)
         self.assertIsNone(result.manifest.parent)
 
+    def test_a_batched_writer_keeps_each_chunk_it_holds_for_the_question(self):
+        # A remote store's session asks about many chunks at once; the chunker reuses
+        # its buffer meanwhile, so the chunks waiting for the answer must be copies.
+        self.patch(file_backend.PackWriteSession, 'MISSING_BATCH', 64)
+        path = self.make_raw('a.raw', 'r' * 40 + 'As')  # more than the chunker's ring
+        result = self.warehouse.import_image(path, 'a')
+        with open(path, 'rb') as f:
+            self.assertBytesEqual(f.read(), self.read_all(result.manifest))
+        self.assertTrue(self.warehouse.verify().ok)
+
     def test_holes_and_duplicates_are_not_stored_twice(self):
         path = self.make_raw('a.raw', 'rzhAAAAr')
         result = self.warehouse.import_image(path, 'a')
@@ -814,6 +824,20 @@ class AttachmentTest(WarehouseTestCase):
         self.assertIsInstance(error.__cause__, OSError)
         self.assertEqual(b'old', self.warehouse.read_attachment('img', 'p'))
         self.assertEqual([], os.listdir(self.backend.staging_dir))
+
+    def test_gc_cannot_purge_an_attachment_being_written(self):
+        write = self.backend.write_attachment
+        seen = []
+
+        def write_while_gc_tries(image, name, data):
+            # gc's exclusive lock, taken now, would purge the staged temp file.
+            seen.append(self.assertRaises(exception.WarehouseBusy, self.warehouse.gc, 0.1))
+            write(image, name, data)
+
+        with mock.patch.object(self.backend, 'write_attachment', write_while_gc_tries):
+            self.warehouse.write_attachment('img', 'p', b'bytes')
+        self.assertEqual(1, len(seen))
+        self.assertEqual(b'bytes', self.warehouse.read_attachment('img', 'p'))
 
     def test_deleting_the_last_version_deletes_the_attachments(self):
         snap = self.warehouse.snapshot_chunks(self.base.ref, {0: b's' * CHUNK}).manifest

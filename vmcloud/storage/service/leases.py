@@ -146,8 +146,12 @@ class LeaseTable:
                 except BaseException as exc:  # noqa: B902 - the caller raises it
                     future.set_exception(exc)
 
-    def _in_lock_thread(self, lease: Lease, work: Callable):
+    def _in_lock_thread(self, lease: Lease, work: Callable,
+                        undo: Callable[[object], None] | None = None):
         """``work()`` run by the thread holding ``lease``'s lock.
+
+        If the wait times out but ``work`` runs on, ``undo`` gets what it returns:
+        nobody else will (a write session begun then would stay open, never aborted).
 
         :raises: LeaseLost if the lease ended; what ``work`` raised.
         """
@@ -161,10 +165,21 @@ class LeaseTable:
         try:
             return future.result(THREAD_WAIT)
         except concurrent.futures.TimeoutError as exc:
-            future.cancel()
+            if not future.cancel() and undo is not None:
+                future.add_done_callback(lambda done: self._undo(lease, done, undo))
             raise exception.StorageError(
                 f'{lease.describe()}: its lock thread did not answer in {THREAD_WAIT:g} s'
             ) from exc
+
+    @staticmethod
+    def _undo(lease: Lease, done: concurrent.futures.Future,
+              undo: Callable[[object], None]) -> None:
+        if done.exception() is not None:
+            return
+        try:
+            undo(done.result())
+        except Exception:  # noqa: B902 - in the lock thread, which must go on serving
+            LOG.exception('%s: undoing work that finished too late failed', lease.describe())
 
     def _settle(self, lease: Lease, state: str, error: exception.VmcloudError) -> None:
         with self._lock:
@@ -289,7 +304,8 @@ class LeaseTable:
         """:raises: LeaseLost, RequestRefused, StorageError."""
         lease = self.require(lease_id, ('shared', 'exclusive'))
         session = Session(id=secrets.token_hex(16), lease=lease,
-                          write=self._in_lock_thread(lease, self.backend.begin_write))
+                          write=self._in_lock_thread(lease, self.backend.begin_write,
+                                                     lambda write: write.abort()))
         with self._lock:
             self._sessions[session.id] = session
         return session

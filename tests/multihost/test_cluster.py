@@ -27,6 +27,8 @@ import time
 import fixtures
 import testtools.content
 
+from vmcloud.conf import compute as conf_compute
+from vmcloud.conf import mirror as conf_mirror
 from tests import base
 from tests import guest
 from tests.multihost import cluster
@@ -54,6 +56,12 @@ def processes_naming(text: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def state_path_options(opts: list) -> set[str]:
+    """The names of ``opts`` whose default is a path under ``$state_path``."""
+    return {opt.name for opt in opts
+            if isinstance(opt.default, str) and opt.default.startswith('$state_path')}
 
 
 class CloudTestCase(base.TestCase):
@@ -337,6 +345,11 @@ class HarnessTest(CloudTestCase):
                  if ' = /' in line]
         # Every [mirror] and [compute] path this checkout has, and state_path.
         self.assertGreaterEqual(len(paths), 6, text)
+        # A path option added later must be placed too, or its default puts it
+        # wherever state_path is.
+        placed = {group: set(options) for group, options in cluster.HOST_PATHS.items()}
+        self.assertEqual({'mirror': state_path_options(conf_mirror.mirror_opts),
+                          'compute': state_path_options(conf_compute.compute_opts)}, placed)
         for path in paths:
             self.assertTrue(path.startswith(node1.state_dir + '/') or path == node1.state_dir,
                             path)

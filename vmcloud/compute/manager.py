@@ -215,7 +215,9 @@ class ComputeManager:
         try:
             disk = self.mirrors.get(name).disk
             barrier = disk.barrier()
-        except exception.VmcloudError as exc:
+        except (exception.VmcloudError, OSError) as exc:
+            # Named for this guest alone: raised, it would leave the other guests'
+            # barriers open, taken but never uploaded nor closed.
             error = str(exc)
         finally:
             try:

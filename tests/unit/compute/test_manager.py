@@ -1,4 +1,5 @@
 """The compute manager with the fake driver, called directly; its reports recorded."""
+import errno
 import os
 import threading
 
@@ -227,6 +228,82 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual(chunk, uploaded)
         self.assertBytesEqual(b'x' * chunk,
                               self.warehouse.read(self.warehouse.lookup(version), 0, chunk))
+
+    def snapshot(self, names: list[str]) -> dict:
+        """Freeze and barrier ``names`` as one snapshot; :returns: instance id -> the
+        (version, uploaded bytes, error) each one's upload reported."""
+        self.assertEqual(dict.fromkeys(names, ''), self.compute.freeze({}, names))
+        items = [{'instance_id': f'id-{name}', 'name': name} for name in names]
+        self.compute.barrier_and_thaw({}, 'snap1', items)
+        done = polling.wait(lambda: self.reports.of('snapshot_item_done'),
+                            lambda d: len(d) == len(names), 60, 'every upload',
+                            interval=0.02)
+        return {instance_id: rest for _snapshot, instance_id, *rest in done}
+
+    def test_one_barrier_is_one_upload_session_and_each_item_its_own_result(self):
+        for name in ('vm1', 'vm2', 'vm3'):
+            self.build(name)
+        chunk = self.compute.mirrors.get('vm1').disk.manifest.chunk_size
+        for name in ('vm1', 'vm2'):  # the same bytes: sent once for both
+            self.compute.mirrors.get(name).disk.write(0, b's' * chunk)
+        self.compute.mirrors.get('vm3').disk.write(chunk, b'3' * chunk)
+        sessions = []
+        snapshot_many = self.warehouse.snapshot_many
+
+        def one_of_them_fails(items):
+            sessions.append(len(items))
+            results = snapshot_many(items)
+            results[2] = exception.InvalidRange('vm3 does not fit, on purpose')
+            return results
+        self.warehouse.snapshot_many = one_of_them_fails
+        reports = self.snapshot(['vm1', 'vm2', 'vm3'])
+        self.assertEqual([3], sessions)
+        (version1, uploaded1, error1), (version2, uploaded2, error2) = (
+            reports['id-vm1'], reports['id-vm2'])
+        self.assertEqual(('', ''), (error1, error2))
+        self.assertEqual((chunk, 0), (uploaded1, uploaded2))  # counted for the first
+        for version in (version1, version2):
+            self.assertBytesEqual(b's' * chunk, self.warehouse.read(
+                self.warehouse.lookup(version), 0, chunk))
+        self.assertEqual(('', 0, 'InvalidRange: vm3 does not fit, on purpose'),
+                         tuple(reports['id-vm3']))
+
+    def test_a_failed_upload_session_is_reported_for_every_item_and_ends_the_barriers(self):
+        for name in ('vm1', 'vm2'):
+            self.build(name)
+            disk = self.compute.mirrors.get(name).disk
+            disk.write(0, b'x' * disk.manifest.chunk_size)
+
+        def failing(items):
+            raise exception.StorageError('the store is down, on purpose')
+        self.warehouse.snapshot_many = failing
+        reports = self.snapshot(['vm1', 'vm2'])
+        self.assertEqual({f'id-{name}': ['', 0, 'StorageError: the store is down, on purpose']
+                          for name in ('vm1', 'vm2')}, reports)
+        # The barriers ended with the failed session: the next snapshot can take its own.
+        del self.warehouse.snapshot_many
+        self.reports.sent.clear()
+        for _version, _uploaded, error in self.snapshot(['vm1', 'vm2']).values():
+            self.assertEqual('', error)
+
+    def test_a_barrier_the_disk_refuses_fails_its_guest_alone(self):
+        for name in ('vm1', 'vm2'):
+            self.build(name)
+            disk = self.compute.mirrors.get(name).disk
+            disk.write(0, b'x' * disk.manifest.chunk_size)
+
+        def no_room():
+            raise OSError(errno.ENOSPC, 'No space left on device, on purpose')
+        self.compute.mirrors.get('vm2').disk.barrier = no_room
+        self.assertEqual({'vm1': '', 'vm2': ''}, self.compute.freeze({}, ['vm1', 'vm2']))
+        results = self.compute.barrier_and_thaw({}, 'snap1', [
+            {'instance_id': 'id-vm1', 'name': 'vm1'}, {'instance_id': 'id-vm2', 'name': 'vm2'}])
+        self.assertIn('No space left on device, on purpose', results['vm2']['error'])
+        self.assertFalse(self.driver.instances['vm2'].io_frozen)
+        (_snapshot, instance_id, _version, _uploaded, error), = polling.wait(
+            lambda: self.reports.of('snapshot_item_done'), lambda d: len(d) == 1, 60,
+            'the upload of vm1', interval=0.02)
+        self.assertEqual(('id-vm1', ''), (instance_id, error))
 
     def test_a_guest_that_cannot_freeze_is_named(self):
         self.build()

@@ -23,7 +23,6 @@ import time
 from typing import Callable, Iterator
 
 from vmcloud import exception
-from vmcloud.mirror import profile as profile_mod
 from vmcloud.nbd import statelock
 from vmcloud.storage import durable
 from vmcloud.storage import manifest as manifest_mod
@@ -98,7 +97,7 @@ class BootArtifacts:
             manifest = self.warehouse.manifest(image, version)
         except exception.StorageError as exc:
             raise exception.BootArtifactError(f'boot artifact {ref}: {exc}') from exc
-        leaf = f'{image}@{version}-{profile_mod.identity(manifest)}'
+        leaf = f'{image}@{version}-{manifest.identity()}'
         target = os.path.join(self.path, leaf)
         try:
             if _size(target) == manifest.size:

@@ -13,7 +13,6 @@ very one (not a deleted one whose name was reused). A profile that fails any che
 cannot be read, is ignored with a warning naming the image; the next first
 deployment records a new one.
 """
-import hashlib
 import json
 import logging
 import threading
@@ -80,15 +79,6 @@ class Recorder:
             return {phase: list(indexes) for phase, indexes in self._order.items()}
 
 
-def identity(manifest: manifest_mod.Manifest) -> str:
-    """What tells a version from a deleted one that had the same name and number."""
-    digest = hashlib.sha256(repr((manifest.size, manifest.chunk_size,
-                                  manifest.created_at)).encode())
-    for chunk in manifest.chunks:
-        digest.update((chunk or '-').encode())
-    return digest.hexdigest()
-
-
 class _Ignored(Exception):
     """Why a profile is not used."""
 
@@ -129,7 +119,7 @@ class ProfileStore:
             AttachmentTooLarge).
         """
         document = {'format': _FORMAT, 'recorded_for': str(manifest.ref),
-                    'identity': identity(manifest), 'chunk_size': manifest.chunk_size,
+                    'identity': manifest.identity(), 'chunk_size': manifest.chunk_size,
                     'chunk_count': manifest.chunk_count,
                     'phases': {phase: list(profile.get(phase, [])) for phase in PHASES}}
         self.warehouse.write_attachment(manifest.image, self.ATTACHMENT,
@@ -175,7 +165,7 @@ def _check(document, manifest: manifest_mod.Manifest,
             recorded = lookup(recorded_for)
         except exception.StorageError as exc:
             raise _Ignored(f'it was recorded for {recorded_for}, which is gone: {exc}') from exc
-    if identity(recorded) != document['identity']:
+    if recorded.identity() != document['identity']:
         raise _Ignored(f'it was recorded for a deleted image that was also called '
                        f'{recorded_for}')
     return profile

@@ -121,6 +121,14 @@ class Manifest:
         """Bytes covered by chunk ``index``; the last chunk may be short."""
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
+    def identity(self) -> str:
+        """What tells this version from a deleted one that had the same name and number
+        (a boot profile recorded for it, a node's copy of it as a boot artifact)."""
+        digest = hashlib.sha256(repr((self.size, self.chunk_size, self.created_at)).encode())
+        for chunk in self.chunks:
+            digest.update((chunk or '-').encode())
+        return digest.hexdigest()
+
     def data_chunk_ids(self) -> set[str]:
         return {c for c in self.chunks if c is not None}
 

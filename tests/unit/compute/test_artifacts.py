@@ -191,7 +191,7 @@ class BootArtifactsTest(ArtifactTestCase):
         self.cache.lock_timeout = 0
         manifest = self.warehouse.lookup('vmlinuz:1')
         os.makedirs(self.cache_dir)
-        leaf = f'vmlinuz@1-{artifacts.profile_mod.identity(manifest)}'
+        leaf = f'vmlinuz@1-{manifest.identity()}'
         with statelock.StateLock('test', os.path.join(self.cache_dir, f'.{leaf}.lock')):
             error = self.assertRaises(exception.BootArtifactError, self.cache.path_of,
                                       'vmlinuz:1')

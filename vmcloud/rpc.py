@@ -14,8 +14,12 @@ import contextlib
 import functools
 import inspect
 import json
-import socket
+import logging
+import math
+import re
+import ssl
 import threading
+import time
 import warnings
 from typing import Callable, Iterator, TypeVar
 
@@ -28,11 +32,16 @@ with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     import oslo_messaging as messaging
     import oslo_messaging.opts
+    from oslo_messaging._drivers import common as rpc_common
+    from oslo_messaging._drivers import impl_rabbit
     from oslo_messaging.rpc import dispatcher as rpc_dispatcher
+from amqp import exceptions as amqp_exceptions
+from kombu import exceptions as kombu_exceptions
 
 from vmcloud import exception
 
 T = TypeVar('T')
+LOG = logging.getLogger(__name__)
 
 
 # -- request ids -----------------------------------------------------------
@@ -151,6 +160,11 @@ class _Endpoint:
 _transports: dict[str, messaging.Transport] = {}
 _lock = threading.Lock()
 
+# How long to wait before the next attempt at an unreachable bus: doubling, so a bus
+# that is starting is found soon and one that is down is not hammered.
+_FIRST_PAUSE = 1.0
+_LONGEST_PAUSE = 10.0
+
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """oslo.messaging's own [DEFAULT] options (transport_url...), before they are read."""
@@ -159,40 +173,172 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
             conf.register_opts(opts)
 
 
-def transport(conf: cfg.ConfigOpts) -> messaging.Transport:
-    """The process's transport for ``[DEFAULT] transport_url`` (one per URL)."""
-    register_opts(conf)
-    url = conf.transport_url or 'rabbit://'
-    with _lock:
-        if url not in _transports:
-            try:
-                parsed = messaging.TransportURL.parse(conf, url)
-            except messaging.InvalidTransportURL as exc:
-                raise exception.ConfigError(f'bad transport_url {url!r}: {exc}') from exc
-            _check_reachable(parsed)
-            _transports[url] = messaging.get_rpc_transport(conf, url=url)
-        return _transports[url]
+def masked_url(url: str) -> str:
+    """``url`` with every host's password replaced by ``***``, for errors and logs.
 
-
-def _check_reachable(url: messaging.TransportURL) -> None:
-    """Fail at once, by name, on a bus no one can reach.
-
-    oslo.messaging retries a first connection forever, so a mistyped host would
-    hang every command instead of failing.
-
-    :raises: MessagingError naming the hosts and why.
+    Credentials are what comes before a host's last ``@`` (hosts are separated by
+    ``,``), the password what follows the user's first ``:``, as TransportURL.parse
+    reads them; a plain text substitution, so that a URL too malformed to parse can
+    still be named in the error that says so.
     """
-    if url.transport == 'fake' or not url.hosts:
-        return
-    problems = []
-    for host in url.hosts:
-        address = (host.hostname or 'localhost', host.port or 5672)
+    return _CREDENTIALS.sub(r'\1:***@', url)
+
+
+_CREDENTIALS = re.compile(r'([^/,@:]*):[^/,]*@')
+
+
+def transport(conf: cfg.ConfigOpts) -> messaging.Transport:
+    """The process's transport for ``[DEFAULT] transport_url`` (one per URL).
+
+    The first time, one real connection checks the bus, tried ``[DEFAULT]
+    rpc_connect_retries`` more times while no host answers: oslo.messaging itself
+    retries a first connection forever, and a refused login surfaces as a traceback
+    from wherever the first message is sent.
+
+    :raises: ConfigError (a malformed URL), MessageBusRefused, MessageBusUnreachable,
+        each naming the URL with its passwords masked.
+    """
+    register_opts(conf)
+    # Quiet: the CLI prints its one line of error, and a client's retries are few.
+    return _open(conf, logging.DEBUG, attempts=conf.rpc_connect_retries + 1, timeout=None)
+
+
+def wait_for_bus(conf: cfg.ConfigOpts) -> messaging.Transport:
+    """The transport, for a service that is starting (see ``transport``).
+
+    The bus may come up after the service (hosts booting together), so an
+    unreachable one is tried again, with a warning naming it before each pause,
+    for up to ``[DEFAULT] rpc_startup_timeout`` seconds. A refused login or a
+    malformed URL fails at once: no number of retries changes them.
+
+    :raises: ConfigError, MessageBusRefused, MessageBusUnreachable (after the timeout).
+    """
+    register_opts(conf)
+    return _open(conf, logging.WARNING, attempts=None, timeout=conf.rpc_startup_timeout)
+
+
+def _open(conf: cfg.ConfigOpts, level: int, attempts: int | None,
+          timeout: float | None) -> messaging.Transport:
+    """:param level: of the log line before each pause on an unreachable bus."""
+    url = conf.transport_url or 'rabbit://'
+    shown = masked_url(url)
+    with _lock:
+        if url in _transports:
+            return _transports[url]
+        parsed = _parse(conf, url, shown)
         try:
-            socket.create_connection(address, timeout=5).close()
+            opened = messaging.get_rpc_transport(conf, url=parsed)
+        except messaging.DriverLoadFailure as exc:
+            raise exception.ConfigError(
+                f'bad transport_url {shown}: no messaging driver {parsed.transport!r}') \
+                from exc
+        try:
+            if parsed.transport == 'rabbit':
+                # fake:// is in-process: nothing to reach.
+                _until_reachable(conf, parsed, shown, level, attempts, timeout)
+        except BaseException:
+            opened.cleanup()
+            raise
+        _transports[url] = opened
+        return opened
+
+
+def _parse(conf: cfg.ConfigOpts, url: str, shown: str) -> messaging.TransportURL:
+    """:raises: ConfigError naming ``shown`` and what is wrong with it."""
+    try:
+        parsed = messaging.TransportURL.parse(conf, url)
+    except (messaging.InvalidTransportURL, ValueError) as exc:
+        # A port that is not a number or a broken IPv6 address is a ValueError; the
+        # InvalidTransportURL's text is its reason alone.
+        raise exception.ConfigError(f'bad transport_url {shown}: {exc}') from exc
+    for host in parsed.hosts:
+        if host.port is not None and not 0 < host.port < 65536:
+            raise exception.ConfigError(
+                f'bad transport_url {shown}: port {host.port} is not between 1 and 65535')
+    return parsed
+
+
+def _until_reachable(conf: cfg.ConfigOpts, parsed: messaging.TransportURL, shown: str,
+                     level: int, attempts: int | None, timeout: float | None) -> None:
+    """Try the bus until a host takes the login, ``attempts`` times or for ``timeout`` s.
+
+    :raises: MessageBusRefused at once; MessageBusUnreachable when out of tries.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = _FIRST_PAUSE
+    tried = 0
+    while True:
+        try:
+            return _connect_once(conf, parsed, shown)
+        except exception.MessageBusUnreachable as exc:
+            tried += 1
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if (attempts is not None and tried >= attempts) or left <= 0:
+                raise
+            problem = str(exc)
+        pause = min(pause, left)
+        # Out of the except block: oslo.log would append the exception to the line.
+        LOG.log(level, '%s; trying again in %.0f s', problem, pause)
+        time.sleep(pause)
+        pause = min(pause * 2, _LONGEST_PAUSE)
+
+
+def _connect_once(conf: cfg.ConfigOpts, parsed: messaging.TransportURL, shown: str) -> None:
+    """Connect to each host of the bus in turn until one takes the login, and close.
+
+    Through the rabbit driver's own Connection, not a bare kombu one: the check then
+    sees what the transport will (its TLS options, login method, URL defaults).
+
+    :raises: MessageBusRefused (login, virtual host, TLS), MessageBusUnreachable.
+    """
+    hosts = parsed.hosts or [None]
+    if not parsed.hosts:
+        # The driver's default: say where that is, 'rabbit://' alone does not.
+        shown = f'{shown} (guest@localhost:5672)'
+    problems = []
+    for host in hosts:
+        one = parsed if host is None else messaging.TransportURL(
+            conf, parsed.transport, parsed.virtual_host, [host], parsed.query)
+        try:
+            impl_rabbit.Connection(conf, one, rpc_common.PURPOSE_LISTEN, retry=0).close()
             return
-        except OSError as exc:
-            problems.append(f'{address[0]}:{address[1]} ({exc.strerror or exc})')
-    raise exception.MessagingError(f'cannot reach the message bus at {", ".join(problems)}')
+        except Exception as exc:  # kombu's and amqp's errors have no common root
+            problem = classify_connect_error(exc, shown)
+            if isinstance(problem, exception.MessageBusRefused):
+                raise problem from exc
+            where = '' if host is None or len(hosts) == 1 else \
+                f'{host.hostname}:{host.port or 5672}: '
+            problems.append((where + str(problem.args[0]), exc))
+    raise exception.MessageBusUnreachable(
+        f'cannot reach the message bus at {shown}: '
+        f'{"; ".join(text for text, _ in problems)}') from problems[-1][1]
+
+
+def classify_connect_error(exc: Exception, shown: str) -> exception.MessagingError:
+    """What a failed connection to RabbitMQ at ``shown`` means.
+
+    amqp raises AccessRefused for a wrong user or password and NotAllowed for an
+    unknown or forbidden virtual host; kombu wraps a socket's failure (refused,
+    unresolvable, timed out, a TLS handshake) in OperationalError, the OSError its cause.
+
+    :returns: MessageBusRefused when retrying cannot help, else MessageBusUnreachable
+        holding only the reason (the caller names the URL).
+    """
+    if isinstance(exc, amqp_exceptions.AccessRefused):
+        return exception.MessageBusRefused(
+            f'RabbitMQ at {shown} refused the login ({exc.reply_text})')
+    if isinstance(exc, amqp_exceptions.NotAllowed):
+        return exception.MessageBusRefused(
+            f'RabbitMQ at {shown} refused the connection ({exc.reply_text})')
+    cause = exc.__cause__ if isinstance(exc, kombu_exceptions.OperationalError) else exc
+    if isinstance(cause, ssl.SSLError):
+        return exception.MessageBusRefused(
+            f'the TLS handshake with RabbitMQ at {shown} failed: '
+            f'{getattr(cause, "reason", None) or cause.strerror or cause}')
+    if isinstance(cause, OSError):
+        return exception.MessageBusUnreachable(cause.strerror or str(cause))
+    # The broker closing the connection while it starts or stops (ConnectionForced...).
+    return exception.MessageBusUnreachable(str(exc) or type(exc).__name__)
 
 
 def cleanup() -> None:

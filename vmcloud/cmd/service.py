@@ -12,6 +12,7 @@ from oslo_config import cfg
 from oslo_log import log
 
 import vmcloud.conf
+from vmcloud import rpc
 from vmcloud.compute import manager as compute_manager
 from vmcloud.dispatcher import manager as dispatcher_manager
 
@@ -33,13 +34,17 @@ def _run(service, stop_service) -> int:
 
 
 def do_dispatcher(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    """:raises: ConfigError, MessageBusRefused, MessageBusUnreachable (see rpc.wait_for_bus)."""
     log.setup(conf, 'vmcloud')
+    rpc.wait_for_bus(conf)
     dispatcher = dispatcher_manager.Dispatcher(conf)
     return _run(dispatcher, dispatcher.stop)
 
 
 def do_compute(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    """:raises: ConfigError, MessageBusRefused, MessageBusUnreachable (see rpc.wait_for_bus)."""
     log.setup(conf, 'vmcloud')
+    rpc.wait_for_bus(conf)
     compute = compute_manager.ComputeManager(conf, host=args.host)
     # The instances' disks are served by this process: they cannot outlive it.
     return _run(compute, lambda: compute.stop(destroy_instances=True))

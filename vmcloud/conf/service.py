@@ -14,9 +14,15 @@ service_opts = [
     cfg.IntOpt('rpc_call_timeout', default=120, min=1,
                help='Seconds an RPC call waits for its answer.'),
     cfg.IntOpt('rpc_connect_retries', default=3, min=0,
-               help='Times a client (the CLI, middleware) retries connecting to the '
-                    'message bus before it gives up with an error. Services retry for as '
-                    'long as it takes.'),
+               help='Times a client (the CLI, middleware) retries connecting to a message '
+                    'bus no host of which answers, before it gives up with an error. A '
+                    'refused login or virtual host is an error at once.'),
+    cfg.IntOpt('rpc_startup_timeout', default=180, min=0,
+               help='Seconds a starting service (dispatcher, compute) keeps trying to reach '
+                    'a message bus no host of which answers, with a warning before each '
+                    'pause, before it exits with an error. A refused login or a malformed '
+                    'transport_url is an error at once. Once started, oslo.messaging '
+                    'reconnects for as long as it takes.'),
 ]
 
 database_group = cfg.OptGroup('database', title='Database',

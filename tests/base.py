@@ -1,11 +1,23 @@
 """Test bases shared by unit and functional tests."""
 import os
+import subprocess
 
 import fixtures
 import testtools
 from oslo_config import fixture as config_fixture
 
 import vmcloud.conf
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:
+    """Stop a service a test started: SIGTERM, ``timeout`` seconds, then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class TestCase(testtools.TestCase):

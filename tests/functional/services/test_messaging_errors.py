@@ -183,7 +183,7 @@ class MessagingErrorsTest(base.TestCase):
             dispatcher = subprocess.Popen(
                 [sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file', config,
                  'dispatcher'], stdout=log, stderr=subprocess.STDOUT)
-        self.addCleanup(self.stop, dispatcher)
+        self.addCleanup(base.stop_process, dispatcher)
 
         def logged() -> str:
             with open(path, 'rb') as f:
@@ -202,15 +202,6 @@ class MessagingErrorsTest(base.TestCase):
         # It serves over the bus it waited for.
         result = self.run_vmcloud(url, 'list', '-f', 'json')
         self.assertEqual((0, b'[]'), (result.returncode, result.stdout.strip()), result.stderr)
-
-    def stop(self, process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
     def assert_a_service_retries_then_fails(self, url: str, reason: bytes, prefix=()):
         shown = rpc.masked_url(url).encode()

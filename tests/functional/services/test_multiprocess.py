@@ -88,7 +88,7 @@ class MultiProcessTest(base.TestCase):
         process = subprocess.Popen([sys.executable, '-m', 'vmcloud.cmd.cli', *configs, *args],
                                    stdout=log, stderr=subprocess.STDOUT)
         self.services[name] = process
-        self.addCleanup(self.stop, process)
+        self.addCleanup(base.stop_process, process)
 
         # A call sent before the service's queue exists is lost and waits for its timeout.
         def started():
@@ -96,15 +96,6 @@ class MultiProcessTest(base.TestCase):
                 return process.poll() is not None or 'running\n' in f.read()
         polling.wait(started, bool, TIMEOUT, f'{name} to start')
         self.assertIsNone(process.poll(), f'{name} exited')
-
-    def stop(self, process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
     def settle(self, deployment: dict) -> dict:
         return self.api.wait_deployment(deployment['id'], TIMEOUT)

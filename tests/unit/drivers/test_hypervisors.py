@@ -3,16 +3,11 @@ import os
 import shutil
 from unittest import mock
 
-import testtools
+import libvirt
 
 from vmcloud import exception
 from vmcloud.drivers import base as driver_base
 from tests import base
-
-try:
-    import libvirt
-except ImportError:     # a laptop without libvirt's Python binding
-    libvirt = None
 
 
 class _Driver(base.TestCase):
@@ -46,7 +41,6 @@ class QemuDriverTest(_Driver):
         self.assertFalse(os.path.exists(self.instance_dir))
 
 
-@testtools.skipIf(libvirt is None, 'no libvirt Python binding')
 class LibvirtDriverTest(_Driver):
     driver_name = 'libvirt'
 

@@ -302,8 +302,9 @@ class Warehouse:
                 for number, (parent, changes) in enumerate(items):
                     try:
                         # Read once however many items share it (8 guests of one image).
-                        base = bases.get(parent) or bases.setdefault(
-                            parent, self.manifest(parent.image, parent.version))
+                        if parent not in bases:
+                            bases[parent] = self.manifest(parent.image, parent.version)
+                        base = bases[parent]
                         problems: list[exception.StorageError] = []
                         chunk_ids = uploader.feed(
                             self._changed_chunks(base, changes, problems), number)

@@ -1,4 +1,5 @@
 """The whole cloud in one process: a dispatcher and compute managers on the fake:// transport."""
+import logging
 import os
 
 from oslo_config import cfg
@@ -9,7 +10,10 @@ from vmcloud import rpc
 from vmcloud.compute import manager as compute_manager
 from vmcloud.dispatcher import manager as dispatcher_manager
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
+from vmcloud.mirror import api as mirror_api
 from vmcloud.storage import warehouse as warehouse_mod
+
+LOG = logging.getLogger(__name__)
 
 
 class AllInOne:
@@ -23,10 +27,19 @@ class AllInOne:
         self.conf = conf
         self.warehouse = warehouse_mod.Warehouse(conf)
         self.dispatcher = dispatcher_manager.Dispatcher(conf, self.warehouse)
-        self.computes = [compute_manager.ComputeManager(
-            conf, f'node{i + 1}', warehouse=self.warehouse,
-            node_root=os.path.join(conf.state_path, 'nodes', f'node{i + 1}'))
-            for i in range(hosts)]
+        self.mirrors: list[mirror_api.LocalMirrors] = []
+        self.computes: list[compute_manager.ComputeManager] = []
+        try:
+            for i in range(hosts):
+                root = os.path.join(conf.state_path, 'nodes', f'node{i + 1}')
+                self.mirrors.append(mirror_api.LocalMirrors(conf, self.warehouse, root=root))
+                # The nodes' drivers share [compute] instances_path: each sees them all.
+                self.computes.append(compute_manager.ComputeManager(
+                    conf, self.mirrors[-1], f'node{i + 1}', warehouse=self.warehouse,
+                    node_root=root, shared_driver=True))
+        except BaseException:
+            self._close_mirrors()
+            raise
         self.api = dispatcher_rpcapi.DispatcherAPI(conf)
 
     def start(self, timeout: float = 30) -> 'AllInOne':
@@ -47,9 +60,20 @@ class AllInOne:
         raise exception.HostNotFound(host)
 
     def stop(self) -> None:
-        for compute in self.computes:
-            compute.stop(destroy_instances=True)
-        self.dispatcher.stop()
+        """Every guest is destroyed: their disks are served from this process."""
+        try:
+            for compute in self.computes:
+                compute.stop(destroy_instances=True)
+            self.dispatcher.stop()
+        finally:
+            self._close_mirrors()
+
+    def _close_mirrors(self) -> None:
+        for mirrors in self.mirrors:
+            try:
+                mirrors.close()
+            except exception.VmcloudError as exc:  # the other nodes' must close too
+                LOG.error('cannot close the mirrors: %s', exc)
 
     def __enter__(self) -> 'AllInOne':
         return self.start()

@@ -276,3 +276,61 @@ class MessageBusUnreachable(MessagingError):
 class MessageBusRefused(MessagingError):
     """The message bus answered but refused us (the login, the virtual host, the TLS
     handshake): retrying the same configuration cannot help."""
+
+
+class HostNameInUse(ConfigError):
+    """Another node, still alive, holds this compute host name: two managers must not
+    take turns answering for one host ([DEFAULT] host must be unique in the cloud)."""
+
+    def __init__(self, host: str, owner: str):
+        self.host = host
+        self.owner = owner
+        super().__init__(f'compute host name {host} is in use by node {owner}, which is '
+                         f'alive; set a unique [DEFAULT] host')
+
+
+class MirrorServiceUnavailable(MirrorError):
+    """The node's mirror service does not answer on its control socket (absent, refusing,
+    or too slow for the call's deadline)."""
+
+    def __init__(self, socket: str, reason: str):
+        self.socket = socket
+        self.reason = reason
+        super().__init__(f'mirror service at {socket} is unavailable: {reason}')
+
+
+class MirrorRequestInvalid(MirrorError):
+    """The mirror service cannot parse a request: not JSON, too large, an unknown
+    method or arguments the method does not take."""
+
+
+class ImageHeld(ImageInUse):
+    """A version to delete is held (Warehouse.hold) by a user: a mirror serving a
+    running guest, an unfinished snapshot. ``holders`` names them; ``version`` is None
+    when the whole image was to be deleted."""
+
+    def __init__(self, image: str, version: int | None, holders: list[str]):
+        self.image = image
+        self.version = version
+        self.holders = holders
+        self.dependents = holders
+        what = image if version is None else f'{image}:{version}'
+        StorageError.__init__(
+            self, f"image {what} is in use by {', '.join(holders)}; nothing was deleted "
+                  "(--force deletes it anyway)")
+
+
+class DispatcherUnavailable(MessagingError):
+    """No dispatcher answered a ping on the bus within ``timeout`` s: the CLI stops
+    there, instead of waiting out a whole RPC call for each request."""
+
+    def __init__(self, url: str, topic: str, timeout: float):
+        self.url = url
+        self.topic = topic
+        self.timeout = timeout
+        super().__init__(f'the dispatcher did not answer within {timeout:g} s on {url} '
+                         f'(topic {topic}): is `vmcloud dispatcher` running?')
+
+
+class WaitTimedOut(VmcloudError):
+    """What was waited for did not finish in time; it may still be going on."""

@@ -9,10 +9,11 @@ T = TypeVar('T')
 
 def wait(poll: Callable[[], T], done: Callable[[T], bool], timeout: float, what: str,
          interval: float = 0.2,
-         error: type[exception.VmcloudError] = exception.VmcloudError) -> T:
+         error: type[exception.VmcloudError] = exception.WaitTimedOut) -> T:
     """Call ``poll`` until ``done`` says yes to its result, and return that result.
 
-    :raises: ``error`` naming ``what`` if it is not done within ``timeout`` seconds.
+    :raises: ``error`` (by default WaitTimedOut, which a caller can tell from the errors
+        of ``poll``) naming ``what`` if it is not done within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     while True:

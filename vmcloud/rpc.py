@@ -398,10 +398,10 @@ class Client:
         except messaging.RemoteError as exc:
             if exc.exc_type == rpc_dispatcher.NoSuchMethod.__name__:
                 raise exception.MessagingError(f'the {who} does not offer {method}') from exc
-            raise _local_error(exc.exc_type, exc.value) from exc
+            raise local_error(exc.exc_type, exc.value) from exc
         # The fake:// transport raises the server's own exception in the caller.
         except CarriedError as exc:
-            raise _local_error(CarriedError.__name__, str(exc)) from exc
+            raise local_error(CarriedError.__name__, str(exc)) from exc
         except rpc_dispatcher.NoSuchMethod as exc:
             raise exception.MessagingError(f'the {who} does not offer {method}') from exc
         except messaging.MessagingTimeout as exc:
@@ -436,7 +436,7 @@ def _context() -> dict:
     return {'request_id': current_request_id() or oslo_context.generate_request_id()}
 
 
-def _local_error(exc_type: str | None, value: str | None) -> exception.VmcloudError:
+def local_error(exc_type: str | None, value: str | None) -> exception.VmcloudError:
     """The remote VmcloudError as the same class here, with its fields and message.
 
     Anything else the remote side raised (a bug there) is a VmcloudError naming it.

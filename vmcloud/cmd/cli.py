@@ -16,13 +16,17 @@ from vmcloud import exception
 COMMANDS = {
     'image': ('vmcloud.cmd.image', 'manage images in the warehouse'),
     'mirror': ('vmcloud.cmd.mirror', "serve instances' disks over NBD"),
+    'mirror-service': ('vmcloud.cmd.mirror', "run this node's mirror service: the guests' "
+                                             'disks, outliving the compute manager'),
     'warehouse': ('vmcloud.cmd.warehouse', 'serve the warehouse over HTTP'),
     'deploy': ('vmcloud.cmd.cloud', 'deploy N instances of an image, or redeploy a snapshot'),
     'list': ('vmcloud.cmd.cloud', 'list deployments'),
     'show': ('vmcloud.cmd.cloud', 'show a deployment'),
-    'snapshot': ('vmcloud.cmd.cloud', 'snapshot every instance of a deployment at once'),
+    'snapshot': ('vmcloud.cmd.cloud', 'snapshot a deployment at one cut; list, show'),
     'delete': ('vmcloud.cmd.cloud', 'delete a deployment'),
-    'hosts': ('vmcloud.cmd.cloud', 'list compute hosts'),
+    'host': ('vmcloud.cmd.cloud', 'list compute hosts, or fence a dead one'),
+    'hosts': ('vmcloud.cmd.cloud', 'list compute hosts (as host list)'),
+    'console': ('vmcloud.cmd.cloud', "print an instance's console log, read on its host"),
     'dispatcher': ('vmcloud.cmd.service', 'run the dispatcher service'),
     'compute': ('vmcloud.cmd.service', 'run a compute manager service on this node'),
     'demo': ('vmcloud.cmd.demo', 'all-in-one: deploy, snapshot and redeploy N guests'),
@@ -37,13 +41,29 @@ def chosen_command(argv: list[str]) -> str | None:
 
     An option may be abbreviated, as argparse allows (``--config-f PATH``).
     """
-    words = iter(argv)
-    for word in words:
+    at = command_index(argv)
+    return None if at is None else argv[at]
+
+
+def command_index(argv: list[str]) -> int | None:
+    """Where in ``argv`` the command is named (see ``chosen_command``)."""
+    words = enumerate(argv)
+    for at, word in words:
         if len(word) > 2 and any(o.startswith(word) for o in _OPTIONS_WITH_VALUES):
             next(words, None)
         elif not word.startswith('-'):
-            return word
+            return at
     return None
+
+
+def expanded(argv: list[str], module) -> list[str]:
+    """``argv`` with the words after the command as its module's ``expand`` rewrites them
+    (a command's older form), if it has one."""
+    at = command_index(argv)
+    expand = getattr(module, 'expand', None)
+    if at is None or expand is None:
+        return argv
+    return argv[:at + 1] + expand(argv[at], argv[at + 1:])
 
 
 def build_parser(argv: list[str] | None = None):
@@ -134,8 +154,9 @@ def _registered_later(conf: cfg.ConfigOpts | None, exc: cfg.Error) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser, module = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expanded(argv, module))
     if hasattr(module, 'check'):
         module.check(args, parser)
     if getattr(args, 'log', False):

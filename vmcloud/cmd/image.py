@@ -88,6 +88,7 @@ def do_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             shared = parent.data_chunk_ids()
             record['chunks_shared_with_parent'] = sum(1 for c in manifest.chunks if c in shared)
     record['source'] = manifest.source
+    record['holders'] = warehouse.holders(manifest.ref.image, manifest.ref.version)
     output.emit_record(record, args.fmt)
     return 0
 
@@ -128,8 +129,14 @@ def do_verify(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
 
 def do_rm(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     warehouse = warehouse_mod.Warehouse(conf)
-    deleted = warehouse.delete(*VersionRef.parse(args.image))
+    deleted = warehouse.delete(*VersionRef.parse(args.image), force=args.force)
     output.emit([{'deleted': str(ref)} for ref in deleted], ('deleted',), args.fmt)
+    return 0
+
+
+def do_release(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    warehouse_mod.Warehouse(conf).release(args.image, args.holder)
+    output.emit_record({'image': args.image, 'released': args.holder}, args.fmt)
     return 0
 
 
@@ -190,6 +197,15 @@ def add_parser(groups: argparse._SubParsersAction) -> None:
 
     sub = command('rm', do_rm, 'delete a version, or a whole image')
     sub.add_argument('image', metavar='IMAGE[:VERSION]')
+    sub.add_argument('--force', action='store_true',
+                     help='delete even a version in use (held by a mirror or an unfinished '
+                          'snapshot): its users lose it')
+
+    sub = command('release', do_release,
+                  "drop a hold a user left behind (a node that is gone); 'image show' names "
+                  'the holders')
+    sub.add_argument('image', metavar='IMAGE:VERSION')
+    sub.add_argument('holder')
 
     sub = command('gc', do_gc, 'remove chunks no version references')
     sub.add_argument('--timeout', type=float, default=None,

@@ -1,4 +1,5 @@
-"""``vmcloud mirror serve``: serve instance disks over NBD from this node."""
+"""``vmcloud mirror serve``: serve instance disks over NBD from this node;
+``vmcloud mirror-service``: the node's mirror service, which the compute manager uses."""
 import argparse
 import signal
 import sys
@@ -10,10 +11,15 @@ from vmcloud import exception
 from vmcloud.mirror import manager as manager_mod
 
 
-def do_serve(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def do_serve(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    stop = _stop_on_signals()
     with manager_mod.MirrorManager(conf) as manager:
         for name in args.names:
             if args.image:
@@ -33,7 +39,27 @@ def do_serve(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(groups: argparse._SubParsersAction) -> None:
+def do_service(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    """Serve until SIGTERM; prints 'running' once the control socket takes requests.
+
+    :raises: StateLocked naming the owner if another service has this node's state;
+        MirrorError; ConfigError.
+    """
+    from oslo_log import log
+
+    # Imported here: it brings vmcloud.rpc (oslo.messaging), which `mirror serve` needs not.
+    from vmcloud.mirror import service as service_mod
+
+    log.setup(conf, 'vmcloud')
+    stop = _stop_on_signals()
+    service = service_mod.MirrorService(conf).start()
+    print('running', flush=True)
+    stop.wait()
+    service.stop()
+    return 0
+
+
+def add_parsers(groups: argparse._SubParsersAction) -> None:
     parser = groups.add_parser('mirror', help="serve instances' disks over NBD")
     commands = parser.add_subparsers(dest='command', required=True, metavar='ACTION')
     sub = commands.add_parser(
@@ -43,3 +69,7 @@ def add_parser(groups: argparse._SubParsersAction) -> None:
     sub.add_argument('--image', metavar='IMAGE[:VERSION]',
                      help='create the mirrors that do not exist yet from this image; '
                           'without it, only existing mirrors are served')
+    sub = groups.add_parser(
+        'mirror-service',
+        help="run this node's mirror service: the guests' disks, outliving the compute manager")
+    sub.set_defaults(handler=do_service, log=True)

@@ -6,8 +6,10 @@ from typing import Any, Sequence, TextIO
 
 
 def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str,
-         stream: TextIO = sys.stdout) -> None:
-    """Print ``rows`` as a table with ``columns``, or as a JSON list."""
+         stream: TextIO | None = None) -> None:
+    """Print ``rows`` as a table with ``columns``, or as a JSON list, on ``stream``
+    (default: sys.stdout as it is at the call, which a caller may have redirected)."""
+    stream = stream or sys.stdout
     if fmt == 'json':
         json.dump(list(rows), stream, indent=2, default=str)
         stream.write('\n')
@@ -23,8 +25,10 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str,
     print(line, file=stream)
 
 
-def emit_record(record: dict[str, Any], fmt: str, stream: TextIO = sys.stdout) -> None:
-    """Print one object as a field/value table, or as a JSON object."""
+def emit_record(record: dict[str, Any], fmt: str, stream: TextIO | None = None) -> None:
+    """Print one object as a field/value table, or as a JSON object (``stream`` as for
+    ``emit``)."""
+    stream = stream or sys.stdout
     if fmt == 'json':
         json.dump(record, stream, indent=2, default=str)
         stream.write('\n')
@@ -45,11 +49,12 @@ class ProgressBar:
 
     WIDTH = 30
 
-    def __init__(self, label: str, unit: str = 'bytes', stream: TextIO = sys.stderr,
+    def __init__(self, label: str, unit: str = 'bytes', stream: TextIO | None = None,
                  enabled: bool | None = None):
+        """``stream``: by default sys.stderr as it is now."""
         self.label = label
         self.unit = unit
-        self.stream = stream
+        self.stream = stream = stream or sys.stderr
         self.enabled = stream.isatty() if enabled is None else enabled
         self._last_draw = 0.0
         self._drawn = False

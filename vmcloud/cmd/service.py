@@ -15,6 +15,8 @@ import vmcloud.conf
 from vmcloud import rpc
 from vmcloud.compute import manager as compute_manager
 from vmcloud.dispatcher import manager as dispatcher_manager
+from vmcloud.drivers import base as driver_base
+from vmcloud.mirror import api as mirror_api
 
 # oslo.log's defaults show five fields of identity an OpenStack context has; vmcloud's
 # requests have only their id.
@@ -42,12 +44,23 @@ def do_dispatcher(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
 
 
 def do_compute(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
-    """:raises: ConfigError, MessageBusRefused, MessageBusUnreachable (see rpc.wait_for_bus)."""
+    """The node's guests keep running when this stops: their disks are the node's
+    mirror service's, which this waits for ([DEFAULT] rpc_startup_timeout).
+
+    :raises: ConfigError, MessageBusRefused, MessageBusUnreachable (see rpc.wait_for_bus);
+        MirrorServiceUnavailable; HostNameInUse naming the node that holds the host name.
+    """
     log.setup(conf, 'vmcloud')
+    # Before any wait: a driver that cannot be loaded is a configuration error to say now.
+    driver = driver_base.load(conf)
     rpc.wait_for_bus(conf)
-    compute = compute_manager.ComputeManager(conf, host=args.host)
-    # The instances' disks are served by this process: they cannot outlive it.
-    return _run(compute, lambda: compute.stop(destroy_instances=True))
+    mirrors = mirror_api.RemoteMirrors(conf)
+    mirrors.wait(conf.rpc_startup_timeout)
+    try:
+        compute = compute_manager.ComputeManager(conf, mirrors, host=args.host, driver=driver)
+        return _run(compute, compute.stop)
+    finally:
+        mirrors.close()
 
 
 def add_parsers(groups: argparse._SubParsersAction) -> None:

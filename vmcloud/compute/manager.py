@@ -1,11 +1,23 @@
-"""The compute manager: builds instances on mirrors, snapshots them, reports to the dispatcher."""
-import collections.abc
+"""The compute manager: builds instances on the node's mirrors, snapshots them, reports to
+the dispatcher.
+
+The guests' disks are served by the node's mirrors (``vmcloud.mirror.api.Mirrors``): in
+the node's mirror service for ``vmcloud compute``, so that stopping, restarting or
+upgrading the manager leaves every guest running on its disk. A manager that starts
+registers with the dispatcher under the node's persistent id and a fresh incarnation,
+then adopts or cleans up every guest and mirror it finds (``_adopt``).
+"""
+import collections
 import concurrent.futures
-import contextlib
+import dataclasses
 import logging
+import os
+import re
+import shutil
 import threading
 import time
-from typing import Optional
+import uuid
+from typing import Callable, Iterable
 
 from oslo_config import cfg
 
@@ -15,81 +27,251 @@ from vmcloud.compute import artifacts as artifacts_mod
 from vmcloud.compute import phases
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
+from vmcloud.dispatcher import states
 from vmcloud.drivers import base as driver_base
-from vmcloud.mirror import disk as disk_mod
-from vmcloud.mirror import manager as mirror_manager
+from vmcloud.mirror import api as mirror_api
+from vmcloud.storage import durable
 from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
 
+NODE_ID_FILE = 'node-id'
+_NODE_ID = re.compile(r'[0-9a-f]{32}')
 
-class _BarrierChanges(collections.abc.Mapping):
-    """A barrier's chunks as the warehouse's snapshot_chunks wants them, read on demand."""
+RESTARTED_DURING_BUILD = 'compute manager restarted during the build'
+# Part of a freeze call's timeout kept for its answer to travel back: an answer sent
+# at the very deadline reaches a caller that has just given up.
+_REPLY_SHARE = 0.1
+# Seconds stop() waits for the heartbeat thread to end.
+_HEARTBEAT_JOIN = 10.0
+# Snapshots whose pause limit passed are remembered (to answer their late barrier
+# with why) up to this many.
+_EXPIRED_KEPT = 256
 
-    def __init__(self, barrier: disk_mod.Barrier):
-        self._barrier = barrier
+# A guest of a snapshot's freeze: syncing its disk, freezing, frozen, or given up while
+# syncing or freezing (the freeze call answered an error): thawed once its freeze ends.
+SYNCING, FREEZING, FROZEN, ABANDONED = 'syncing', 'freezing', 'frozen', 'abandoned'
 
-    def __getitem__(self, index: int) -> bytes:
-        if index not in self._barrier.indexes:
-            raise KeyError(index)
-        return self._barrier.read_chunk(index)
 
-    def __iter__(self):
-        return iter(sorted(self._barrier.indexes))
+def node_id(directory: str) -> str:
+    """This node's id, made once and kept in ``directory/node-id``: the dispatcher tells
+    a restart of this node (same id) from another node claiming its host name.
 
-    def __len__(self) -> int:
-        return len(self._barrier.indexes)
+    :raises: ConfigError naming the file if it cannot be read, made, or is malformed.
+    """
+    path = os.path.join(directory, NODE_ID_FILE)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        try:
+            # Created whole or not at all: two managers starting at once agree on one id.
+            durable.atomic_create(path, uuid.uuid4().hex.encode())
+        except FileExistsError:
+            pass
+        with open(path) as f:
+            found = f.read().strip()
+    except OSError as exc:
+        raise exception.ConfigError(f'cannot keep the node id in {path}: {exc}') from exc
+    if not _NODE_ID.fullmatch(found):
+        raise exception.ConfigError(
+            f'the node id file {path} holds {found[:40]!r}, not 32 hex digits: remove it '
+            'only if no other node of the cloud is this one')
+    return found
+
+
+@dataclasses.dataclass
+class _Guest:
+    state: str
+    frozen_at: float = 0.0  # time.time() as its pause began, the dispatcher compares hosts
+    paused_since: float = 0.0  # time.monotonic() of the same moment, for pause_ms
+
+
+@dataclasses.dataclass
+class _Freeze:
+    """The guests one snapshot froze on this node, and the timer that thaws them."""
+    pause_limit: float
+    guests: dict[str, _Guest] = dataclasses.field(default_factory=dict)
+    timer: threading.Timer | None = None
 
 
 class ComputeManager:
     """One node. Several can live in one process (all-in-one), each with its own ``host``."""
 
-    def __init__(self, conf: cfg.ConfigOpts, host: str | None = None,
-                 driver: driver_base.Driver | None = None,
+    def __init__(self, conf: cfg.ConfigOpts, mirrors: mirror_api.Mirrors,
+                 host: str | None = None, driver: driver_base.Driver | None = None,
                  warehouse: warehouse_mod.Warehouse | None = None,
-                 node_root: str | None = None):
-        """``node_root``, if given, holds this node's mirrors, chunk cache and NBD socket
-        instead of the ``[mirror]`` paths: the all-in-one mode runs several nodes in one
-        process on one ``state_path``. A ``vmcloud compute`` service uses the ``[mirror]``
-        paths, so a host's state is wherever its configuration puts it."""
+                 node_root: str | None = None, shared_driver: bool = False):
+        """``mirrors`` serve the node's disks; whoever made them closes them (after stop()).
+
+        ``node_root`` holds the node's id (default: ``state_path``): the all-in-one mode
+        runs several nodes on one ``state_path``. ``shared_driver``: the driver also lists
+        other nodes' guests (the all-in-one's nodes share ``instances_path``), so the node
+        counts as its own only the guests it has a mirror for (or the dispatcher placed
+        here), and leaves instance directories to the driver.
+        """
         self.conf = conf
         self.host = host or conf.host
         self.warehouse = warehouse or warehouse_mod.Warehouse(conf)
         self.driver = driver or driver_base.load(conf)
-        self.mirrors = mirror_manager.MirrorManager(conf, self.warehouse, root=node_root)
+        self.mirrors = mirrors
+        self.shared_driver = shared_driver
+        self.node_id = node_id(node_root or conf.state_path)
+        self.incarnation = str(uuid.uuid4())
         # One copy per machine, even with several nodes in one process.
         self.artifacts = artifacts_mod.BootArtifacts(
             conf.compute.boot_artifacts_path, self.warehouse, conf.compute.boot_timeout)
         self.dispatcher = dispatcher_rpcapi.DispatcherAPI(conf, retry=-1)
-        self._frozen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._freezes: dict[str, _Freeze] = {}
+        self._expired: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # instance id -> the newest build attempt started here
+        self._attempts: dict[str, int] = {}
         self._stopping = threading.Event()
         self._server = rpc.server(conf, compute_rpcapi.TOPIC, self.host, [self])
         self._heartbeat = threading.Thread(target=self._beat, daemon=True,
                                            name=f'heartbeat-{self.host}')
 
     def start(self) -> 'ComputeManager':
+        """Register, adopt what the node runs, then serve and report.
+
+        :raises: HostNameInUse naming the node that holds the host name; MessagingError
+            if the dispatcher does not answer within [DEFAULT] rpc_startup_timeout;
+            MirrorServiceUnavailable.
+        """
+        wanted = self._register()
+        self._adopt(wanted)
+        # Served only now: a build or destroy queued for this host must not race adoption.
         self._server.start()
         self._heartbeat.start()
+        LOG.info('compute manager %s started (node %s, incarnation %s)', self.host,
+                 self.node_id, self.incarnation)
         return self
 
     def stop(self, destroy_instances: bool = False) -> None:
-        """Stop serving. The mirrors stop with it, so guests left running lose their disks:
-        the ``vmcloud compute`` service destroys them (a library user may hand them over)."""
+        """Stop serving and reporting. Guests and mirrors keep running for the next
+        manager to adopt, unless ``destroy_instances``; guests frozen for a snapshot are
+        thawed either way."""
         self._stopping.set()
         self._server.stop()
         self._server.wait()
+        if self._heartbeat.is_alive():
+            # Bounded: a heartbeat blocked on a bus that is away must not hold the stop.
+            self._heartbeat.join(_HEARTBEAT_JOIN)
+        with self._lock:
+            frozen = list(self._freezes)
+        for snapshot_id in frozen:
+            self.thaw({}, snapshot_id)
+        if destroy_instances:
+            for name in sorted(set(self._guests()) | set(self.mirrors.names())):
+                self._destroy_logged(name)
+
+    # -- registering and adopting ----------------------------------------------------
+
+    def _register(self) -> list[dict]:
+        """:returns: the instances the dispatcher has on this host (register_host)."""
+        timeout = self.conf.rpc_startup_timeout
+        deadline = time.monotonic() + timeout
+        pause = 1.0
+        while True:
+            try:
+                return self.dispatcher.register_host(
+                    self.host, self.node_id, self.incarnation, self.capacity())['instances']
+            except exception.HostNameInUse:
+                raise
+            except exception.MessagingError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise exception.MessagingError(
+                        f'compute host {self.host} could not register with the dispatcher '
+                        f'within {timeout} s: {exc}') from exc
+                problem = str(exc)
+            LOG.warning('%s; registering %s again in %.0f s', problem, self.host,
+                        min(pause, left))
+            if self._stopping.wait(min(pause, left)):
+                raise exception.MessagingError(f'compute host {self.host} stopped while '
+                                               'registering')
+            pause = min(pause * 2, 10.0)
+
+    def _adopt(self, wanted: list[dict]) -> None:
+        """Decide the fate of every guest and mirror found here, one log line each:
+        what the dispatcher wants running here is kept (and resumed if a snapshot left it
+        paused); a build caught by the restart is undone and reported failed; the rest
+        is destroyed with its mirror and instance directory."""
+        by_name = {instance['name']: instance for instance in wanted}
+        mirrors = set(self.mirrors.names())
+        guests = set(self._guests(also=by_name))
+        for name in sorted(guests | mirrors):
+            instance = by_name.get(name)
+            state = instance['state'] if instance else None
+            found = ' and '.join(what for what, there in (('guest', name in guests),
+                                                          ('mirror', name in mirrors)) if there)
+            if state in (states.ACTIVE, states.UNKNOWN, states.ERROR):
+                LOG.info('adopting %s (%s): keeping its %s', name, state, found)
+                if name in guests:
+                    self._keep(name)
+            elif state == states.BUILDING:
+                LOG.info('adopting %s: its build was cut by the restart: destroying its %s '
+                         'and reporting the build failed', name, found)
+                self._destroy_logged(name)
+                self._report(self.dispatcher.build_failed, instance['id'], self.host,
+                             RESTARTED_DURING_BUILD)
+            elif state == states.DELETING:
+                LOG.info('adopting %s: deleting: destroying its %s', name, found)
+                if self._destroy_logged(name):
+                    self._report(self.dispatcher.instance_destroyed, self.host, name)
+            else:
+                LOG.info('adopting %s: not wanted on %s: destroying its %s', name, self.host,
+                         found)
+                self._destroy_logged(name)
+        if not self.shared_driver:
+            self._remove_stray_directories(set(by_name) | set(self._guests()))
+
+    def _keep(self, name: str) -> None:
         try:
-            if destroy_instances:
-                for name in self.mirrors.names():  # this node's, even if nodes share a driver
-                    try:
-                        self._destroy(name)
-                    except exception.VmcloudError as exc:
-                        LOG.error('cannot destroy %s while stopping: %s', name, exc)
-                    except Exception:  # the other guests must still go
-                        LOG.exception('cannot destroy %s while stopping', name)
-        finally:
-            # The cache, the NBD socket and the mirrors' locks are released, whatever happened.
-            self.mirrors.close()
+            if self.driver.power_state(name) == driver_base.PowerState.PAUSED:
+                # Its manager died between freeze and thaw: nothing will thaw it now.
+                LOG.info('resuming %s, left paused by the previous manager', name)
+                error = self._resume(name)
+                if error:
+                    LOG.error('cannot resume %s: %s', name, error)
+        except exception.VmcloudError as exc:
+            LOG.error('cannot look at %s while adopting it: %s', name, exc)
+            return
+        if self.driver.has(driver_base.Capability.PHASE_EVENTS):
+            phases.follow(self.driver, self.mirrors, name)
+
+    def _remove_stray_directories(self, keep: set[str]) -> None:
+        """Instance directories the driver does not list (a spawn cut short) nor the
+        dispatcher wants: nothing will ever use them."""
+        path = self.conf.compute.instances_path
+        try:
+            found = os.listdir(path)
+        except FileNotFoundError:
+            return
+        for leaf in sorted(set(found) - keep):
+            directory = os.path.join(path, leaf)
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                LOG.info('adopting: removing the stray instance directory %s', directory)
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def _guests(self, also: Iterable[str] = ()) -> list[str]:
+        """The guests of this node the driver lists; with a shared driver, those it has
+        a mirror for or in ``also``."""
+        listed = self.driver.list_instances()
+        if not self.shared_driver:
+            return listed
+        mine = set(self.mirrors.names()) | set(also)
+        return [name for name in listed if name in mine]
+
+    def _running(self) -> list[str]:
+        """The guests of this node that run (paused counts: it runs again on thaw)."""
+        running = []
+        for name in self._guests():
+            try:
+                if self.driver.power_state(name) != driver_base.PowerState.SHUTDOWN:
+                    running.append(name)
+            except exception.InstanceNotFound:
+                pass  # destroyed meanwhile
+        return running
 
     # -- heartbeat ---------------------------------------------------------------
 
@@ -97,23 +279,55 @@ class ComputeManager:
         capacity = self.driver.host_capacity()
         return {'vcpus': capacity.cpus, 'memory_mib': capacity.memory_mib,
                 'disk_bytes_free': capacity.free_disk_bytes,
-                'fetched_bytes': self.mirrors.cache.stats.fetched_bytes}
+                'fetched_bytes': self.mirrors.fetched_bytes()}
 
     def _beat(self) -> None:
         while not self._stopping.is_set():
             try:
-                self.dispatcher.report_heartbeat(self.host, self.capacity())
+                self.dispatcher.report_heartbeat(self.host, self.capacity(), self.incarnation,
+                                                 self._running())
             except (exception.VmcloudError, OSError) as exc:
                 LOG.warning('heartbeat of %s not sent: %s', self.host, exc)
-            except Exception:  # a dead thread would have this node marked down, guests and all
+            except Exception:  # a dead thread would have this node marked unknown
                 LOG.exception('heartbeat of %s not sent', self.host)
             self._stopping.wait(self.conf.heartbeat_interval)
 
     # -- building ----------------------------------------------------------------
 
+    def _current(self, instance: dict) -> bool:
+        """Whether a build request is still wanted: the dispatcher says so, and no later
+        (or the same) attempt of the instance was started here."""
+        instance_id, attempt = instance['id'], instance['attempt']
+        with self._lock:
+            started = self._attempts.get(instance_id)
+        if started is not None and attempt <= started:
+            LOG.info('dropping the build of %s attempt %d: attempt %d was started here',
+                     instance['name'], attempt, started)
+            return False
+        try:
+            wanted = self.dispatcher.build_wanted(instance_id, self.host, attempt)
+        except exception.VmcloudError as exc:
+            # Not built: the dispatcher's build deadline ends and retries it, whereas a
+            # guest built unasked would be a duplicate.
+            LOG.error('dropping the build of %s attempt %d: cannot ask the dispatcher '
+                      'whether it is still wanted: %s', instance['name'], attempt, exc)
+            return False
+        if not wanted:
+            LOG.info('dropping the stale build of %s attempt %d: moved, deleted or retried '
+                     'since', instance['name'], attempt)
+            return False
+        with self._lock:
+            if attempt <= self._attempts.get(instance_id, -1):
+                return False  # the same request twice, at once
+            self._attempts[instance_id] = attempt
+        return True
+
     @rpc.expose
     def build_instance(self, ctxt: dict, instance: dict) -> None:
-        """Build on a mirror; report instance_built or build_failed, always one of them."""
+        """Build on a mirror; report instance_built or build_failed, always one of them,
+        unless the request is stale (see ``_current``): then nothing is done."""
+        if not self._current(instance):
+            return
         name = instance['name']
         started = time.monotonic()
         try:
@@ -130,8 +344,7 @@ class ComputeManager:
             self.driver.boot(spec, self.conf.compute.boot_timeout)
             if self.driver.has(driver_base.Capability.PHASE_EVENTS):
                 phases.follow(self.driver, self.mirrors, name)
-            disk = mirror.disk
-            needed = sum(disk.manifest.chunk_length(i) for i in disk.fetched_indexes())
+            needed = self.mirrors.needed_bytes(name)
         except Exception as exc:  # every failure goes back to the dispatcher, named
             LOG.warning('building %s on %s failed: %s', name, self.host, exc)
             reason = f'{type(exc).__name__}: {exc}'
@@ -154,103 +367,352 @@ class ComputeManager:
 
     @rpc.expose
     def destroy_instance(self, ctxt: dict, name: str) -> None:
+        """Destroy the guest, its mirror and its directory, then confirm it to the
+        dispatcher (also when nothing was left of it)."""
         self._destroy(name)
+        self._report(self.dispatcher.instance_destroyed, self.host, name)
 
     def _destroy(self, name: str) -> None:
-        if name in self.driver.list_instances():
-            self.driver.destroy(name)
+        if name in self._guests():
+            try:
+                self.driver.destroy(name)
+            except exception.InstanceNotFound:
+                pass  # gone meanwhile
         try:
             self.mirrors.remove(name)
         except exception.MirrorNotFound:
             pass
+        if not self.shared_driver:
+            shutil.rmtree(os.path.join(self.conf.compute.instances_path, name),
+                          ignore_errors=True)
+
+    def _destroy_logged(self, name: str) -> bool:
+        """_destroy, an error logged: the other guests must still go. :returns: whether
+        it worked."""
+        try:
+            self._destroy(name)
+            return True
+        except exception.VmcloudError as exc:
+            LOG.error('cannot destroy %s: %s', name, exc)
+        except Exception:
+            LOG.exception('cannot destroy %s', name)
+        return False
+
+    # -- console -----------------------------------------------------------------
+
+    @rpc.expose
+    def console_log(self, ctxt: dict, name: str, max_bytes: int) -> str:
+        """The last ``max_bytes`` bytes (at most) of what guest ``name`` printed.
+
+        :raises: InstanceNotFound; InvalidRequest if ``max_bytes`` is below 1.
+        """
+        if not isinstance(max_bytes, int) or max_bytes < 1:
+            raise exception.InvalidRequest(f'max_bytes must be at least 1, not {max_bytes!r}')
+        if name not in self._guests():
+            raise exception.InstanceNotFound(name)
+        data = self.driver.console_log(name).encode('utf-8', 'replace')
+        # A character cut at the start of the tail is dropped, not shown as garbage.
+        return data[-max_bytes:].decode('utf-8', 'ignore')
 
     # -- snapshots ---------------------------------------------------------------
 
     @rpc.expose
-    def freeze(self, ctxt: dict, names: list[str]) -> dict:
-        """Pause the guests, all at once: each waits for the slowest, not for the sum."""
+    def freeze(self, ctxt: dict, snapshot_id: str, names: list[str], pause_limit: float,
+               freeze_timeout: float) -> dict:
+        """Sync each guest's disk while it runs, then pause them all at once.
+
+        Answers within ``freeze_timeout`` s: a guest still syncing or freezing then is an
+        error (and thawed as soon as its freeze ends). Every guest frozen here thaws by
+        itself ``pause_limit`` s after the freeze began, unless barrier_and_thaw or thaw
+        came first.
+
+        :returns: {name: {'frozen_at': epoch seconds as its pause began} | {'error': str}}.
+        """
         if not self.driver.has(driver_base.Capability.SNAPSHOT_BARRIER):
             # Refused before any guest is touched: none of them waits for a thaw.
             refusal = f'the {self.conf.compute.driver} driver has no snapshot barrier'
-            return {name: refusal for name in names}
+            return {name: {'error': refusal} for name in names}
+        deadline = time.monotonic() + freeze_timeout * (1 - _REPLY_SHARE)
+        answers: dict[str, dict] = {}
+        with self._lock:
+            if snapshot_id in self._expired:
+                return {name: {'error': self._expiry(snapshot_id)} for name in names}
+            record = self._freezes.setdefault(snapshot_id, _Freeze(float(pause_limit)))
+            busy = {name: other for other, each in self._freezes.items()
+                    for name in each.guests}
+            todo = []
+            for name in dict.fromkeys(names):
+                if name in busy:
+                    answers[name] = {'error': f'{name} is already frozen for snapshot '
+                                              f'{busy[name]}'}
+                else:
+                    record.guests[name] = _Guest(SYNCING)
+                    todo.append(name)
+        mine = set(self._guests())
+        if self.conf.compute.sync_before_freeze:
+            todo = self._settle(snapshot_id, record, todo, answers, deadline,
+                                lambda name: self._sync(name, mine), 'sync of the disk of')
+        with self._lock:
+            if record.timer is None and todo:
+                record.timer = threading.Timer(record.pause_limit, self._expire,
+                                               [snapshot_id])
+                record.timer.daemon = True
+                record.timer.start()
+        frozen = self._settle(snapshot_id, record, todo, answers, deadline,
+                              lambda name: self._freeze_one(record, name, mine), 'freeze of')
+        with self._lock:
+            for name in frozen:
+                # Its pause limit may have passed since (a limit below the freeze's time).
+                answers[name] = {'error': self._expiry(snapshot_id)} if (
+                    snapshot_id in self._expired) else {
+                    'frozen_at': record.guests[name].frozen_at}
+            if not record.guests and self._freezes.get(snapshot_id) is record:
+                del self._freezes[snapshot_id]
+                if record.timer is not None:
+                    record.timer.cancel()
+        LOG.info('snapshot %s: froze %d of %d guests on %s', snapshot_id, len(frozen),
+                 len(names), self.host)
+        return {name: answers[name] for name in names}
 
-        def freeze_one(name: str) -> str:
+    def _settle(self, snapshot_id: str, record: _Freeze, names: list[str],
+                answers: dict[str, dict], deadline: float, work: Callable[[str], None],
+                what: str) -> list[str]:
+        """Run ``work`` on each guest at once until ``deadline``; a guest whose work
+        failed or is still running then gets its error in ``answers`` and leaves the
+        freeze (a late one is abandoned: see _freeze_one).
+
+        :returns: the names whose work succeeded, in order.
+        """
+        futures = _each_within(work, names, deadline)
+        done = []
+        with self._lock:
+            for name in names:
+                future = futures[name]
+                guest = record.guests.get(name)
+                if not future.done():
+                    answers[name] = {'error': f'the {what} {name} did not end within the '
+                                              'freeze timeout'}
+                    if guest is not None:
+                        guest.state = ABANDONED
+                    record.guests.pop(name, None)
+                elif future.exception() is not None:
+                    error = future.exception()
+                    answers[name] = {'error': str(error) if isinstance(
+                        error, exception.VmcloudError) else f'{type(error).__name__}: {error}'}
+                    record.guests.pop(name, None)
+                elif guest is None or guest.state == ABANDONED:
+                    # Expired meanwhile: its pause limit thawed it, or will.
+                    answers[name] = {'error': self._expiry(snapshot_id)}
+                else:
+                    done.append(name)
+        return done
+
+    def _sync(self, name: str, mine: set[str]) -> None:
+        if name not in mine:
+            raise exception.InstanceNotFound(name)
+        self.mirrors.sync(name)
+
+    def _freeze_one(self, record: _Freeze, name: str, mine: set[str]) -> None:
+        """:raises: InstanceNotFound, DriverError (the guest is resumed first)."""
+        if name not in mine:
+            raise exception.InstanceNotFound(name)
+        with self._lock:
+            guest = record.guests.get(name)
+            if guest is None or guest.state == ABANDONED:
+                return  # given up while its disk synced
             # The guest's vCPUs stop when the freeze starts; draining its I/O comes after.
-            started = time.monotonic()
-            try:
-                self.driver.freeze_io(name)
-            except exception.VmcloudError as exc:
-                return str(exc)
-            self._frozen[name] = started
-            LOG.info('%s frozen in %.1f ms', name, (time.monotonic() - started) * 1000)
+            guest.state, guest.frozen_at, guest.paused_since = (
+                FREEZING, time.time(), time.monotonic())
+        try:
+            self.driver.freeze_io(name)
+        except exception.VmcloudError:
+            # A freeze that failed half way may have paused it.
+            self._resume(name)
+            raise
+        with self._lock:
+            late = guest.state == ABANDONED
+            if not late:
+                guest.state = FROZEN
+        if late:
+            LOG.warning('the freeze of %s ended after it was given up: thawing it', name)
+            self._resume(name)
+        else:
+            LOG.info('%s frozen in %.1f ms', name, (time.monotonic() - guest.paused_since) * 1000)
+
+    def _expiry(self, snapshot_id: str) -> str:
+        return (f'freeze expired: no barrier came within the pause limit of '
+                f'{self._expired.get(snapshot_id, 0):g} s, so the guest was thawed on '
+                f'{self.host}')
+
+    def _claim(self, snapshot_id: str, expire: bool = False) -> tuple[dict[str, _Guest], bool]:
+        """Take the snapshot's guests out of its pause limit's reach (``expire``: as its
+        pause limit passes), the others given up.
+
+        :returns: its frozen guests, and whether its pause limit had passed already.
+        """
+        with self._lock:
+            record = self._freezes.pop(snapshot_id, None)
+            if record is None:
+                return {}, snapshot_id in self._expired
+            if expire:
+                self._expired[snapshot_id] = record.pause_limit
+                while len(self._expired) > _EXPIRED_KEPT:
+                    self._expired.popitem(last=False)
+            elif record.timer is not None:
+                record.timer.cancel()
+            frozen = {}
+            for name, guest in record.guests.items():
+                if guest.state == FROZEN:
+                    frozen[name] = guest
+                else:
+                    guest.state = ABANDONED
+            return frozen, False
+
+    def _expire(self, snapshot_id: str) -> None:
+        """The pause limit of a snapshot passed without a barrier: thaw its guests."""
+        frozen, _ = self._claim(snapshot_id, expire=True)
+        if snapshot_id not in self._expired:
+            return  # a barrier or thaw came first
+        LOG.warning('snapshot %s: no barrier within the pause limit of %g s: thawing %s',
+                    snapshot_id, self._expired[snapshot_id],
+                    ', '.join(sorted(frozen)) or 'nothing')
+        _each(self._resume, sorted(frozen))
+
+    def _resume(self, name: str) -> str:
+        """Let a guest run again, however it was paused. :returns: '' or why it cannot."""
+        try:
+            self.driver.thaw_io(name)
             return ''
-        return dict(zip(names, self._each(freeze_one, names)))
+        except exception.VmcloudError as exc:
+            error = str(exc)
+        try:
+            if self.driver.power_state(name) == driver_base.PowerState.PAUSED:
+                self.driver.resume(name)
+            return ''
+        except exception.VmcloudError as exc:
+            LOG.error('cannot resume %s: %s; then %s', name, error, exc)
+            return f'{error}; resume: {exc}'
 
     @rpc.expose
     def barrier_and_thaw(self, ctxt: dict, snapshot_id: str, items: list[dict]) -> dict:
-        taken = self._each(self._barrier_and_thaw, items)
-        # Uploads start once every guest here runs again: they compete for the CPU.
-        results, uploads = {}, []
-        for item, (result, disk, barrier) in zip(items, taken):
-            results[item['name']] = result
-            if barrier is not None:
-                uploads.append((item, disk, barrier))
-        if uploads:
-            # One upload for the whole barrier: one write session, so the chunks the
-            # guests changed alike are sent once (Warehouse.snapshot_many).
+        """Take each frozen guest's barrier, thaw them all, then upload in the background.
+
+        ``items``: [{'instance_id', 'name', 'target'}], target the image the version is
+        stored under. Frozen guests of the snapshot not in ``items`` are thawed too.
+
+        :returns: {name: {'pause_ms', 'dirty_bytes', 'thawed_at'} | {'error': str}}; a
+            guest whose freeze expired (pause limit passed) answers 'freeze expired ...'.
+        """
+        by_name = {item['name']: item for item in items}
+        frozen, expired = self._claim(snapshot_id)
+        results: dict[str, dict] = {}
+        ready = []
+        for name in by_name:
+            if name in frozen:
+                ready.append(name)
+            elif expired:
+                results[name] = {'error': self._expiry(snapshot_id)}
+            else:
+                results[name] = {'error': f'{name} is not frozen for snapshot {snapshot_id} '
+                                          f'on {self.host}'}
+        try:
+            barriers = self.mirrors.barrier(snapshot_id, ready) if ready else {}
+        except exception.VmcloudError as exc:
+            # Whatever the service took is let go: nothing will upload it.
+            barriers = {name: {'error': str(exc)} for name in ready}
+            self._discard(snapshot_id)
+        thawed = dict(zip(sorted(frozen), _each(self._thaw_one, sorted(frozen))))
+        targets = {}
+        for name in ready:
+            taken = barriers.get(name, {'error': 'the mirrors gave no barrier for it'})
+            if 'error' in taken:
+                results[name] = {'error': taken['error']}
+                continue
+            thawed_at = thawed[name]
+            results[name] = {
+                'pause_ms': (thawed_at[1] - frozen[name].paused_since) * 1000,
+                'dirty_bytes': taken['dirty_bytes'], 'thawed_at': thawed_at[0]}
+            targets[name] = by_name[name]['target']
+        if targets:
+            # After every thaw: the upload competes with the guests for the CPU.
             threading.Thread(target=rpc.with_current_request(self._upload),
-                             args=(snapshot_id, uploads), daemon=True,
-                             name=f'upload-{snapshot_id[:8]}').start()
+                             args=(snapshot_id, targets,
+                                   {name: by_name[name]['instance_id'] for name in targets}),
+                             daemon=True, name=f'upload-{snapshot_id[:8]}').start()
         return results
 
-    @staticmethod
-    def _each(work, things: list) -> list:
-        with concurrent.futures.ThreadPoolExecutor(max(1, len(things))) as pool:
-            return list(pool.map(rpc.with_current_request(work), things))
+    def _thaw_one(self, name: str) -> tuple[float, float]:
+        """:returns: time.time() and time.monotonic() once it runs again (or failed to)."""
+        error = self._resume(name)
+        if error:
+            LOG.error('cannot resume %s after its snapshot barrier: %s', name, error)
+        return time.time(), time.monotonic()
 
-    def _barrier_and_thaw(self, item: dict) -> tuple[dict, Optional[disk_mod.MirrorDisk],
-                                                     Optional[disk_mod.Barrier]]:
-        name = item['name']
-        disk = barrier = None
+    def _discard(self, snapshot_id: str) -> None:
         try:
-            disk = self.mirrors.get(name).disk
-            barrier = disk.barrier()
-        except (exception.VmcloudError, OSError) as exc:
-            # Named for this guest alone: raised, it would leave the other guests'
-            # barriers open, taken but never uploaded nor closed.
-            error = str(exc)
-        finally:
-            try:
-                self.driver.thaw_io(name)
-            except exception.VmcloudError as exc:
-                LOG.error('cannot resume %s after its snapshot barrier: %s', name, exc)
-        frozen_at = self._frozen.pop(name, None)
-        if barrier is None:
-            return {'error': error}, None, None
-        pause_ms = (time.monotonic() - frozen_at) * 1000 if frozen_at else 0.0
-        return {'pause_ms': pause_ms, 'dirty_bytes': sum(
-            disk.manifest.chunk_length(i) for i in barrier.indexes)}, disk, barrier
+            self.mirrors.discard(snapshot_id)
+        except exception.VmcloudError as exc:
+            LOG.error('cannot discard the barriers of snapshot %s: %s', snapshot_id, exc)
 
-    def _upload(self, snapshot_id: str,
-                uploads: list[tuple[dict, disk_mod.MirrorDisk, disk_mod.Barrier]]) -> None:
-        """Store every item of one barrier with one snapshot_many, then report each."""
+    def _upload(self, snapshot_id: str, targets: dict[str, str],
+                instance_ids: dict[str, str]) -> None:
+        """Store every barrier of the snapshot here in one session, then report each."""
         try:
-            # Every barrier is exited after the upload of all of them.
-            with contextlib.ExitStack() as barriers:
-                for _item, _disk, barrier in uploads:
-                    barriers.enter_context(barrier)
-                results = self.warehouse.snapshot_many(
-                    [(disk.manifest.ref, _BarrierChanges(barrier))
-                     for _item, disk, barrier in uploads])
+            results = self.mirrors.upload(snapshot_id, targets)
         except Exception as exc:  # the session failed, so every item did: reported
-            results = [exc] * len(uploads)
-        for (item, _disk, _barrier), result in zip(uploads, results):
-            if isinstance(result, warehouse_mod.WriteResult):
-                version, uploaded, error = str(result.manifest.ref), result.new_bytes, ''
-                LOG.info('snapshot of %s stored as %s: %d bytes new', item['name'], version,
-                         uploaded)
+            results = {name: {'error': f'{type(exc).__name__}: {exc}'} for name in targets}
+        for name in targets:
+            result = results.get(name) or {'error': 'the mirrors gave no upload result'}
+            if 'error' in result:
+                LOG.error('snapshot of %s failed: %s', name, result['error'])
             else:
-                LOG.error('snapshot of %s failed: %s', item['name'], result)
-                version, uploaded, error = '', 0, f'{type(result).__name__}: {result}'
-            self._report(self.dispatcher.snapshot_item_done, snapshot_id, item['instance_id'],
-                         version, uploaded, error)
+                LOG.info('snapshot of %s stored as %s: %d bytes new', name,
+                         result.get('version'), result.get('uploaded_bytes', 0))
+            self._report(self.dispatcher.snapshot_item_done, snapshot_id, instance_ids[name],
+                         result.get('version', ''), result.get('uploaded_bytes', 0),
+                         result.get('error', ''))
+
+    @rpc.expose
+    def thaw(self, ctxt: dict, snapshot_id: str) -> dict:
+        """Abort a snapshot here: resume every guest frozen for it.
+
+        :returns: {name: '' or why it cannot be resumed}.
+        """
+        frozen, _ = self._claim(snapshot_id)
+        names = sorted(frozen)
+        if names:
+            LOG.info('snapshot %s aborted: thawing %s', snapshot_id, ', '.join(names))
+        return dict(zip(names, _each(self._resume, names)))
+
+
+def _each(work: Callable, things: list) -> list:
+    """``work`` on every thing at once; :returns: the results in order."""
+    if not things:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(len(things)) as pool:
+        return list(pool.map(rpc.with_current_request(work), things))
+
+
+def _each_within(work: Callable[[str], None], names: list[str],
+                 deadline: float) -> dict[str, concurrent.futures.Future]:
+    """Start ``work`` on every name at once, each in its own thread, and wait until all
+    are done or ``deadline`` (time.monotonic()) passed: a thread still running then
+    is left to finish by itself (a pool would wait for it).
+
+    :returns: name -> its future, done or not.
+    """
+    futures = {}
+    for name in names:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run(name=name, future=future) -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(work(name))
+            except BaseException as exc:
+                future.set_exception(exc)
+        threading.Thread(target=rpc.with_current_request(run), daemon=True,
+                         name=f'snapshot-{name}').start()
+        futures[name] = future
+    concurrent.futures.wait(futures.values(), max(0.0, deadline - time.monotonic()))
+    return futures

@@ -15,6 +15,9 @@ mirror_opts = [
                     'recently used ones.'),
     cfg.StrOpt('nbd_socket', default='$state_path/mirror-nbd.sock',
                help='Unix socket on which the node serves its mirrors over NBD.'),
+    cfg.StrOpt('control_socket', default='$state_path/mirror-control.sock',
+               help='Unix socket on which the node\'s mirror service (vmcloud mirror-service) '
+                    'takes requests from the compute manager; only its own user may connect.'),
     cfg.IntOpt('fetch_attempts', default=4, min=1,
                help='Attempts to fetch a chunk before the read fails with EIO.'),
     cfg.FloatOpt('fetch_retry_wait', default=0.5, min=0,

@@ -10,7 +10,27 @@ service_opts = [
                help='Seconds between two heartbeats a compute manager sends the dispatcher.'),
     cfg.IntOpt('service_down_time', default=20, min=2,
                help='Seconds without a heartbeat after which the dispatcher marks a compute '
-                    'node down, and its instances with it.'),
+                    'node unknown, and its instances with it: they are neither rebuilt nor '
+                    'given up on, but reconciled with what the node runs when it reports '
+                    'again. Only `vmcloud host fence` has them rebuilt elsewhere. Until then '
+                    'another node may not take its name.'),
+    cfg.IntOpt('build_timeout', default=900, min=1,
+               help='Seconds one build attempt may take before the dispatcher gives it up '
+                    '(retried elsewhere, up to [scheduler] max_attempts).'),
+    cfg.IntOpt('snapshot_freeze_timeout', default=30, min=1,
+               help='Seconds the dispatcher waits for every instance of a deployment to '
+                    'freeze; past it the snapshot is aborted (every frozen guest thawed) and '
+                    'ends in error.'),
+    cfg.IntOpt('snapshot_pause_limit', default=60, min=1,
+               help='Seconds a guest frozen for a snapshot may stay paused: its compute '
+                    'manager thaws it itself when the dispatcher did not ask in time (the '
+                    'dispatcher died, the network was cut).'),
+    cfg.IntOpt('snapshot_upload_timeout', default=1800, min=1,
+               help='Seconds a snapshot item may stay uploading before it ends in error.'),
+    cfg.IntOpt('cli_timeout', default=10, min=1,
+               help='Seconds the CLI waits to reach the message bus, and then for the '
+                    'dispatcher to answer a ping, before it fails naming what did not answer '
+                    '(the request itself waits rpc_call_timeout).'),
     cfg.IntOpt('rpc_call_timeout', default=120, min=1,
                help='Seconds an RPC call waits for its answer.'),
     cfg.IntOpt('rpc_connect_retries', default=3, min=0,

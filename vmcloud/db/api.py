@@ -92,8 +92,8 @@ def _sqlite_begin(connection) -> None:
 # Every statement the dispatcher runs, by name; each takes the session of the
 # caller's unit of work. "lock" takes the row with SELECT ... FOR UPDATE.
 
-def host_get(session: orm.Session, name: str) -> models.Host | None:
-    return session.get(models.Host, name)
+def host_get(session: orm.Session, name: str, lock: bool = False) -> models.Host | None:
+    return session.get(models.Host, name, with_for_update=lock)
 
 
 def host_create(session: orm.Session, name: str) -> models.Host:
@@ -108,9 +108,10 @@ def hosts(session: orm.Session) -> list[models.Host]:
 
 
 def hosts_silent_since(session: orm.Session, deadline: datetime.datetime) -> list[models.Host]:
-    """Hosts still up whose last heartbeat is older than ``deadline``."""
+    """Hosts still up whose last heartbeat is older than ``deadline``, locked: a heartbeat
+    committed meanwhile takes its host out of them."""
     return list(session.scalars(sqlalchemy.select(models.Host).where(
-        models.Host.up.is_(True), models.Host.last_heartbeat < deadline)))
+        models.Host.state == 'up', models.Host.last_heartbeat < deadline).with_for_update()))
 
 
 def usage_by_host(session: orm.Session,
@@ -170,6 +171,22 @@ def instances_on(session: orm.Session, host: str,
         models.Instance.host == host, models.Instance.state.in_(states))))
 
 
+def instances_building_past(session: orm.Session,
+                            now: datetime.datetime) -> list[models.Instance]:
+    """Building instances whose build deadline is before ``now``."""
+    return list(session.scalars(sqlalchemy.select(models.Instance).where(
+        models.Instance.state == 'building', models.Instance.deadline.is_not(None),
+        models.Instance.deadline < now)))
+
+
+def instance_get(session: orm.Session, instance_id: str) -> models.Instance | None:
+    return session.get(models.Instance, instance_id)
+
+
+def instance_by_name(session: orm.Session, name: str) -> models.Instance | None:
+    return session.scalar(sqlalchemy.select(models.Instance).where(models.Instance.name == name))
+
+
 def instance_state_counts(session: orm.Session, deployment_id: str) -> dict[str, int]:
     """{state: how many of the deployment's instances are in it}."""
     return _state_counts(session, models.Instance,
@@ -186,6 +203,15 @@ def snapshot_create(session: orm.Session, **fields) -> models.Snapshot:
 def snapshot_get(session: orm.Session, snapshot_id: str,
                  lock: bool = False) -> models.Snapshot | None:
     return session.get(models.Snapshot, snapshot_id, with_for_update=lock)
+
+
+def snapshots(session: orm.Session, deployment_id: str | None = None) -> list[models.Snapshot]:
+    """Every snapshot (of ``deployment_id`` if given), newest first."""
+    query = sqlalchemy.select(models.Snapshot).order_by(models.Snapshot.created_at.desc(),
+                                                        models.Snapshot.id)
+    if deployment_id is not None:
+        query = query.where(models.Snapshot.deployment_id == deployment_id)
+    return list(session.scalars(query))
 
 
 def snapshot_item_create(session: orm.Session, **fields) -> models.SnapshotItem:
@@ -207,6 +233,14 @@ def snapshot_items(session: orm.Session, snapshot_id: str,
     if stored_only:
         query = query.where(models.SnapshotItem.version != '')
     return list(session.scalars(query))
+
+
+def snapshot_items_past_deadline(session: orm.Session,
+                                 now: datetime.datetime) -> list[models.SnapshotItem]:
+    """Items still freezing or uploading whose deadline is before ``now``."""
+    return list(session.scalars(sqlalchemy.select(models.SnapshotItem).where(
+        models.SnapshotItem.state.in_(('freezing', 'uploading')),
+        models.SnapshotItem.deadline.is_not(None), models.SnapshotItem.deadline < now)))
 
 
 def snapshot_item_state_counts(session: orm.Session, snapshot_id: str) -> dict[str, int]:

@@ -21,7 +21,14 @@ class Host(Base):
     __tablename__ = 'hosts'
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # Kept equal to (state == 'up'): the scheduler reads it.
     up: Mapped[bool]
+    # up, unknown (silent for service_down_time) or fenced (the operator said it is dead).
+    state: Mapped[str] = mapped_column(String(32), default='up')
+    # Which node holds the name, and which run of its compute manager: a second node with
+    # the same name is refused, a stale manager's reports are ignored.
+    node_id: Mapped[str] = mapped_column(String(64), default='')
+    incarnation: Mapped[str] = mapped_column(String(36), default='')
     vcpus: Mapped[int]
     memory_mib: Mapped[int]
     disk_bytes_free: Mapped[int] = mapped_column(BigInteger)
@@ -59,6 +66,8 @@ class Instance(Base):
     failed_hosts: Mapped[str] = mapped_column(String(2000), default='')
     boot_seconds: Mapped[float | None]
     fetched_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # A building instance past it ends as a failed build: its host never answered.
+    deadline: Mapped[datetime.datetime | None]
     created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -84,3 +93,9 @@ class SnapshotItem(Base):
     pause_ms: Mapped[float | None]
     dirty_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     uploaded_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Epoch seconds as the compute host measured them (time.time()): the cut across hosts
+    # is checked by comparing every thaw with every freeze.
+    frozen_at: Mapped[float | None]
+    thawed_at: Mapped[float | None]
+    # An item still freezing or uploading past it ends in error.
+    deadline: Mapped[datetime.datetime | None]

@@ -1,5 +1,7 @@
-"""Deployments: claiming hosts for all instances at once, building, retrying, deleting."""
+"""Deployments: claiming hosts for all instances at once, building, retrying, deleting,
+and what becomes of instances as their hosts go silent, report, or are fenced."""
 import collections
+import datetime
 import json
 import logging
 import threading
@@ -25,7 +27,7 @@ Notify = Callable[[str, dict], None]
 
 
 class Deployer:
-    """Places, builds and tracks the instances of deployments."""
+    """Places, builds and tracks the instances of deployments (the hosts' InstanceKeeper)."""
 
     def __init__(self, conf: cfg.ConfigOpts, db: db_api.Database,
                  scheduler: handler.FilterScheduler, compute: compute_rpcapi.ComputeAPI,
@@ -60,7 +62,7 @@ class Deployer:
                         session, id=str(uuid.uuid4()), name=f'vm-{deployment_id[:8]}-{index}',
                         deployment_id=deployment_id, image=ref, host=host,
                         state=states.BUILDING, attempts=1)
-                    builds.append(_build_request(instance, vcpus, memory_mib, boot))
+                    builds.append(self._build_request(instance, vcpus, memory_mib, boot))
         LOG.info('deployment %s: %d instances of %s on %s', deployment_id, len(builds),
                  refs[0], dict(collections.Counter(placed)))
         for build in builds:
@@ -69,11 +71,34 @@ class Deployer:
         with self.db.session() as session:
             return views.show_deployment(session, deployment_id)
 
+    def _build_request(self, instance: models.Instance, vcpus: int, memory_mib: int,
+                       boot: dict) -> dict:
+        """The build_instance request of the instance's current attempt, its deadline set:
+        every build cast has one, so no instance stays building for ever."""
+        instance.deadline = models.utcnow() + datetime.timedelta(
+            seconds=self.conf.build_timeout)
+        return {'id': instance.id, 'name': instance.name, 'image': instance.image,
+                'host': instance.host, 'vcpus': vcpus, 'memory_mib': memory_mib,
+                'boot': boot, 'attempt': instance.attempts}
+
     def _cast_build(self, build: dict) -> None:
         try:
             self.compute.build_instance(build['host'], build)
         except exception.VmcloudError as exc:
             self.build_failed(build['id'], build['host'], f'cannot reach the host: {exc}')
+
+    def build_wanted(self, instance_id: str, host: str, attempt: int) -> bool:
+        """Whether a build request is current: not moved, deleted or retried since.
+
+        :raises: DatabaseError.
+        """
+        with self.db.session() as session:
+            instance = db_api.instance_get(session, instance_id)
+            wanted = (instance is not None and instance.state == states.BUILDING
+                      and instance.host == host and instance.attempts == attempt)
+        if not wanted:
+            LOG.info('build of %s on %s, attempt %d, is stale', instance_id, host, attempt)
+        return wanted
 
     def instance_built(self, instance_id: str, host: str, boot_seconds: float,
                        fetched_bytes: int) -> None:
@@ -89,6 +114,7 @@ class Deployer:
                 unwanted = None
                 LOG.info('instance %s active on %s', instance.name, host)
                 instance.state = states.ACTIVE
+                instance.deadline = None
                 instance.boot_seconds = boot_seconds
                 instance.fetched_bytes = fetched_bytes
                 self.update_deployment(session, instance.deployment_id)
@@ -100,8 +126,13 @@ class Deployer:
             return
         self.notify('instance.create.end', {'id': instance_id, 'host': host})
 
-    def build_failed(self, instance_id: str, host: str, reason: str) -> None:
+    def build_failed(self, instance_id: str, host: str, reason: str,
+                     cleaned: bool = True) -> None:
         """Retry on another host, up to [scheduler] max_attempts; then ERROR with the reason.
+
+        ``cleaned``: the host reported the failure, so it holds nothing of the guest;
+        otherwise (no answer) an instance given up on keeps the host, whose capacity it
+        may still use and which a delete must tell to destroy it.
 
         :raises: DatabaseError.
         """
@@ -113,46 +144,179 @@ class Deployer:
             failed = transitions.failed_hosts(instance.failed_hosts, host)
             instance.failed_hosts = ','.join(failed)
             deployment = db_api.deployment_get(session, instance.deployment_id)
-            request = InstanceRequest(vcpus=deployment.vcpus, memory_mib=deployment.memory_mib)
             why = transitions.out_of_attempts(instance.attempts,
                                               self.conf.scheduler.max_attempts, host, reason)
             if why is None:
-                candidates = [h for h in hosts_mod.host_states(session)
-                              if h.name not in failed]
-                try:
-                    instance.host = self.scheduler.select_hosts(candidates, request, 1)[0]
-                except exception.NoValidHost:
-                    why = transitions.no_other_host(host, reason)
-                else:
-                    instance.attempts += 1
-                    retry = _build_request(instance, deployment.vcpus, deployment.memory_mib,
-                                           json.loads(deployment.boot))
-                    LOG.info('instance %s failed on %s (%s); retrying on %s', instance.name,
-                             host, reason, instance.host)
+                retry, why = self._place_again(session, instance, deployment, failed, host,
+                                               reason)
             if retry is None:
                 instance.state = states.ERROR
                 instance.reason = why
-                instance.host = None
+                instance.deadline = None
+                if cleaned:
+                    instance.host = None
                 self.update_deployment(session, instance.deployment_id)
         if retry is not None:
             self._cast_build(retry)
         else:
             self.notify('instance.create.error', {'id': instance_id, 'reason': reason})
 
-    def host_lost(self, session: db_api.Session, host: str) -> list[str]:
-        """Settle the instances of a host marked down (see transitions.on_lost_host).
+    def _place_again(self, session: db_api.Session, instance: models.Instance,
+                     deployment: models.Deployment, excluded: list[str], host: str,
+                     reason: str) -> tuple[dict | None, str]:
+        """Move ``instance`` to another host, a new attempt, building.
 
-        :returns: the ids of its building instances, for build_failed after commit.
+        :returns: (its build request, '') or (None, why no host can take it).
         """
-        rebuild = []
-        for instance in db_api.instances_on(session, host, states.RUNNING_STATES):
-            outcome = transitions.on_lost_host(instance.state, host)
-            if outcome is None:
-                rebuild.append(instance.id)
-                continue
-            instance.state, instance.reason = outcome.state, outcome.reason
+        request = InstanceRequest(vcpus=deployment.vcpus, memory_mib=deployment.memory_mib)
+        candidates = [h for h in hosts_mod.host_states(session) if h.name not in excluded]
+        try:
+            instance.host = self.scheduler.select_hosts(candidates, request, 1)[0]
+        except exception.NoValidHost:
+            return None, transitions.no_other_host(host, reason)
+        instance.attempts += 1
+        instance.state, instance.reason = states.BUILDING, ''
+        LOG.info('instance %s failed on %s (%s); attempt %d on %s', instance.name, host,
+                 reason, instance.attempts, instance.host)
+        return self._build_request(instance, deployment.vcpus, deployment.memory_mib,
+                                   json.loads(deployment.boot)), ''
+
+    def expire_builds(self, now: datetime.datetime) -> list[str]:
+        """End every build past its deadline as a failed build (retried or error) whose
+        host never answered. :returns: their ids. :raises: DatabaseError."""
+        with self.db.session() as session:
+            late = [(i.id, i.host) for i in db_api.instances_building_past(session, now)]
+        reason = transitions.build_deadline_passed(self.conf.build_timeout)
+        for instance_id, host in late:
+            LOG.warning('instance %s on %s: %s', instance_id, host, reason)
+            try:
+                self.build_failed(instance_id, host, reason, cleaned=False)
+            except exception.VmcloudError as exc:  # the others may still be ended
+                LOG.error('cannot end the late build of %s on %s: %s', instance_id, host, exc)
+            except Exception:  # a bug: the others may still be ended too
+                LOG.exception('cannot end the late build of %s on %s', instance_id, host)
+        return [instance_id for instance_id, _ in late]
+
+    # -- what hosts report -------------------------------------------------------
+
+    def hosts_silent(self, session: db_api.Session, hosts: list[str]) -> None:
+        """Their active instances become unknown (see transitions.on_silent_host)."""
+        self._settle(session, [i for host in hosts
+                               for i in db_api.instances_on(session, host, (states.ACTIVE,))],
+                     lambda instance: transitions.on_silent_host(instance.state, instance.host))
+
+    def reconcile(self, session: db_api.Session, host: str, running: set[str]) -> list[str]:
+        """Settle the host's instances against the guests it runs (transitions.on_report).
+
+        :returns: the guests it runs that are not wanted there (moved, deleted, being
+            deleted, or never known), to destroy after commit.
+        """
+        settled_before = models.utcnow() - datetime.timedelta(
+            seconds=self.conf.heartbeat_interval)
+        held = db_api.instances_on(session, host, states.HOLDING_STATES)
+        self._settle(session, held, lambda instance: transitions.on_report(
+            instance.state, instance.name in running, instance.updated_at < settled_before,
+            host))
+        wanted = {i.name for i in held if i.host == host and i.state in states.HOLDING_STATES
+                  and i.state != states.DELETING}
+        return sorted(running - wanted)
+
+    def _settle(self, session: db_api.Session, instances: list[models.Instance],
+                outcome: Callable[[models.Instance], transitions.Outcome | None]) -> None:
+        """Apply ``outcome`` to each of ``instances`` it changes, each locked with its
+        deployment, deployments in id order: every unit of work that locks several takes
+        them in that order, so two hosts' reports cannot deadlock each other."""
+        changing = sorted((i.deployment_id, i.id) for i in instances if outcome(i) is not None)
+        for _, instance_id in changing:
+            instance = db_api.instance_lock(session, instance_id)
+            self._apply(session, instance, outcome(instance))  # as it is now, locked
+
+    def destroy(self, host: str, names: list[str]) -> None:
+        """Cast destroys; one that cannot be sent is logged (retried by a later heartbeat,
+        which still lists the guest)."""
+        for name in names:
+            try:
+                self.compute.destroy_instance(host, name)
+            except exception.VmcloudError as exc:
+                LOG.error('cannot tell %s to destroy %s: %s', host, name, exc)
+
+    def instance_destroyed(self, host: str, name: str) -> None:
+        """``host`` destroyed guest ``name``: a deleting instance is deleted, one in error
+        holds nothing any more. :raises: DatabaseError."""
+        with self.db.session() as session:
+            found = db_api.instance_by_name(session, name)
+            instance = found and db_api.instance_lock(session, found.id)
+            if instance is None or instance.host != host:
+                LOG.info('%s destroyed %s, not an instance of it', host, name)
+                return
+            if instance.state == states.DELETING:
+                self._apply(session, instance, transitions.Outcome(states.DELETED))
+            elif instance.state == states.ERROR:
+                instance.host = None
+            else:
+                LOG.warning('%s destroyed instance %s, which is %s', host, name,
+                            instance.state)
+
+    def host_fenced(self, host: str) -> dict:
+        """Every instance of a fenced host rebuilt elsewhere, or in error if none can take
+        it; what was being deleted there is deleted (the host is dead).
+
+        :returns: {'rebuilt': [names], 'failed': [names]}. :raises: DatabaseError.
+        """
+        reason = f'compute host {host} was fenced'
+        with self.db.session() as session:
+            instances = [(i.id, i.name, i.state)
+                         for i in db_api.instances_on(session, host, states.HOLDING_STATES)]
+        rebuilt, failed = [], []
+        for instance_id, name, state in instances:
+            if state == states.BUILDING:
+                self.build_failed(instance_id, host, reason)
+            else:
+                self._rebuild(instance_id, host, reason)
+            if state in states.RUNNING_STATES:
+                with self.db.session() as session:
+                    now = db_api.instance_get(session, instance_id).state
+                (rebuilt if now == states.BUILDING else failed).append(name)
+        LOG.warning('compute host %s fenced: %d instances rebuilt, %d failed', host,
+                    len(rebuilt), len(failed))
+        return {'rebuilt': rebuilt, 'failed': failed}
+
+    def _rebuild(self, instance_id: str, host: str, reason: str) -> None:
+        """A running (or unknown) instance of a fenced host: a new attempt elsewhere from
+        its image, whatever attempts its first build took; one being deleted is deleted,
+        one in error lets go of the host."""
+        retry = None
+        with self._claims, self.db.session() as session:
+            instance = db_api.instance_lock(session, instance_id)
+            if instance is None or instance.host != host:
+                return
+            if instance.state == states.DELETING:
+                self._apply(session, instance, transitions.Outcome(states.DELETED))
+                return
+            if instance.state == states.ERROR:
+                instance.host = None
+                return
+            if instance.state not in (states.ACTIVE, states.UNKNOWN):
+                return
+            deployment = db_api.deployment_get(session, instance.deployment_id)
+            failed = transitions.failed_hosts(instance.failed_hosts, host)
+            instance.failed_hosts = ','.join(failed)
+            retry, why = self._place_again(session, instance, deployment, failed, host, reason)
+            if retry is None:
+                instance.state, instance.reason, instance.host = states.ERROR, why, None
             self.update_deployment(session, instance.deployment_id)
-        return rebuild
+        if retry is not None:
+            self._cast_build(retry)
+
+    def _apply(self, session: db_api.Session, instance: models.Instance,
+               outcome: transitions.Outcome | None) -> None:
+        if outcome is None or (outcome.state, outcome.reason) == (instance.state,
+                                                                  instance.reason):
+            return
+        LOG.info('instance %s on %s: %s -> %s %s', instance.name, instance.host,
+                 instance.state, outcome.state, outcome.reason)
+        instance.state, instance.reason = outcome.state, outcome.reason
+        self.update_deployment(session, instance.deployment_id)
 
     @staticmethod
     def update_deployment(session: db_api.Session, deployment_id: str) -> None:
@@ -167,26 +331,43 @@ class Deployer:
             deployment.reason = outcome.reason
 
     def delete(self, deployment_id: str) -> dict:
-        """Mark it deleted and destroy its instances. :raises: DeploymentNotFound."""
+        """Mark it deleted; every instance that may have a guest somewhere (error too) is
+        deleting until its host confirms it destroyed, the others deleted.
+
+        :raises: DeploymentNotFound, DatabaseError.
+        """
         with self.db.session() as session:
-            deployment = views.deployment(session, deployment_id)
-            doomed = []
+            deployment = views.deployment(session, deployment_id, lock=True)
+            doomed = collections.defaultdict(list)
             for instance in db_api.instances_of(session, deployment_id):
-                if instance.host is not None and instance.state in states.RUNNING_STATES:
-                    doomed.append((instance.host, instance.name))
-                instance.state = states.DELETED
+                if instance.host is not None and instance.state in states.HOLDING_STATES:
+                    instance.state = states.DELETING
+                    doomed[instance.host].append(instance.name)
+                else:
+                    instance.state = states.DELETED
+                instance.deadline = None
             deployment.state = states.DELETED
-        for host, name in doomed:
-            try:
-                self.compute.destroy_instance(host, name)
-            except exception.VmcloudError as exc:
-                LOG.error('cannot tell %s to destroy %s: %s', host, name, exc)
+        for host, names in doomed.items():
+            self.destroy(host, names)
         self.notify('deployment.delete.end', {'id': deployment_id})
         with self.db.session() as session:
             return views.show_deployment(session, deployment_id)
 
+    def console(self, instance_ref: str, max_bytes: int) -> dict:
+        """The end of an instance's console log (``instance_ref``: its name or id), read by
+        its host.
 
-def _build_request(instance: models.Instance, vcpus: int, memory_mib: int,
-                   boot: dict) -> dict:
-    return {'id': instance.id, 'name': instance.name, 'image': instance.image,
-            'host': instance.host, 'vcpus': vcpus, 'memory_mib': memory_mib, 'boot': boot}
+        :raises: InvalidRequest if there is no such instance or it is on no host;
+            MessagingError if the host does not answer.
+        """
+        with self.db.session() as session:
+            instance = (db_api.instance_get(session, instance_ref)
+                        or db_api.instance_by_name(session, instance_ref))
+            if instance is None:
+                raise exception.InvalidRequest(f'instance {instance_ref} not found')
+            name, host, state = instance.name, instance.host, instance.state
+        if host is None or state == states.DELETED:
+            raise exception.InvalidRequest(f'instance {name} is {state} on no host: no '
+                                           f'console to read')
+        return {'instance': name, 'host': host,
+                'console': self.compute.console_log(host, name, max_bytes)}

@@ -1,9 +1,11 @@
-"""Compute hosts: their heartbeats, their free capacity, and the monitor that marks
-silent ones down."""
+"""Compute hosts: who holds each name, their heartbeats reconciled with what the
+dispatcher wants there, fencing, their free capacity, and the monitor that marks
+silent ones unknown and ends what passed its deadline."""
 import collections
 import datetime
 import logging
 import threading
+from typing import Callable
 from typing import Protocol
 
 from oslo_config import cfg
@@ -20,41 +22,147 @@ LOG = logging.getLogger(__name__)
 
 
 def host_states(session: db_api.Session) -> list[HostState]:
-    """Every host with its capacity from the last heartbeat and its usage from the
-    instances that are building or active there (what the scheduler sees)."""
+    """Every host with its capacity from the last heartbeat and its usage from every
+    instance that may have a guest there (what the scheduler sees): an instance in
+    error or being deleted holds what it uses until its host confirms it gone."""
     used = collections.defaultdict(lambda: [0, 0, 0])
-    for host, vcpus, memory_mib in db_api.usage_by_host(session, states.RUNNING_STATES):
+    for host, vcpus, memory_mib in db_api.usage_by_host(session, states.HOLDING_STATES):
         totals = used[host]
         totals[0] += vcpus
         totals[1] += memory_mib
         totals[2] += 1
-    return [HostState(name=h.name, up=h.up, vcpus_total=h.vcpus,
+    return [HostState(name=h.name, up=h.state == states.HOST_UP, vcpus_total=h.vcpus,
                       vcpus_used=used[h.name][0], memory_mib_total=h.memory_mib,
                       memory_mib_used=used[h.name][1], disk_bytes_free=h.disk_bytes_free,
                       instance_count=used[h.name][2])
             for h in db_api.hosts(session)]
 
 
+class InstanceKeeper(Protocol):
+    """What becomes of a host's instances when the host goes silent, reports, or is
+    fenced (the deployer)."""
+
+    def hosts_silent(self, session: db_api.Session, hosts: list[str]) -> None:
+        """Their running guests are unknown, in ``session``."""
+
+    def reconcile(self, session: db_api.Session, host: str, running: set[str]) -> list[str]:
+        """Settle the host's instances against the guests it runs, in ``session``.
+
+        :returns: the names of guests it runs that are wanted nowhere there, to destroy
+            once ``session`` committed.
+        """
+
+    def destroy(self, host: str, names: list[str]) -> None:
+        """Tell ``host`` to destroy guests (never raises: a lost cast is retried by the
+        next reconciliation)."""
+
+    def host_fenced(self, host: str) -> dict:
+        """Rebuild elsewhere (or give up) every instance of a fenced host.
+
+        :returns: {'rebuilt': [names], 'failed': [names]}.
+        """
+
+    def expire_builds(self, now: datetime.datetime) -> list[str]:
+        """End every build past its deadline. :returns: their instance ids."""
+
+
+def _set_capacity(row: models.Host, capacity: dict) -> None:
+    row.vcpus = capacity['vcpus']
+    row.memory_mib = capacity['memory_mib']
+    row.disk_bytes_free = capacity['disk_bytes_free']
+
+
+def _set_state(row: models.Host, state: str) -> None:
+    row.state = state
+    row.up = state == states.HOST_UP  # kept for the scheduler, which reads ``up``
+
+
 class HostRegistry:
-    """What the dispatcher knows of each compute host, from its heartbeats."""
+    """What the dispatcher knows of each compute host: which node holds the name, which
+    run of its manager reports, and what it runs."""
 
-    def __init__(self, db: db_api.Database):
+    def __init__(self, conf: cfg.ConfigOpts, db: db_api.Database, keeper: InstanceKeeper):
+        self.conf = conf
         self.db = db
+        self.keeper = keeper
 
-    def report_heartbeat(self, host: str, capacity: dict) -> None:
-        """:raises: DatabaseError."""
+    def register(self, host: str, node_id: str, incarnation: str,
+                 capacity: dict) -> list[dict]:
+        """A manager starting on ``node_id`` claims ``host``; its reports from now on
+        carry ``incarnation``.
+
+        :returns: the host's instances that may have a guest there, for the manager to
+            adopt or clean up: [{'id', 'name', 'state', 'attempts', 'image'}].
+        :raises: HostNameInUse if another node holds the name, is not fenced and sent a
+            heartbeat within service_down_time; DatabaseError.
+        """
+        now = models.utcnow()
+        alive_since = now - datetime.timedelta(seconds=self.conf.service_down_time)
         with self.db.session() as session:
-            row = db_api.host_get(session, host)
+            row = db_api.host_get(session, host, lock=True)
             if row is None:
                 row = db_api.host_create(session, host)
-                LOG.info('compute host %s joined', host)
-            elif not row.up:
+                LOG.info('compute host %s joined (node %s)', host, node_id)
+            elif (row.node_id and row.node_id != node_id and row.state != states.HOST_FENCED
+                    and row.last_heartbeat >= alive_since):
+                LOG.warning('compute host name %s refused to node %s: node %s holds it',
+                            host, node_id, row.node_id)
+                raise exception.HostNameInUse(host, row.node_id)
+            else:
+                LOG.info('compute host %s registered (node %s, was %s of node %s)', host,
+                         node_id, row.state, row.node_id or 'none')
+            row.node_id, row.incarnation = node_id, incarnation
+            _set_state(row, states.HOST_UP)
+            _set_capacity(row, capacity)
+            row.last_heartbeat = now
+            return [{'id': i.id, 'name': i.name, 'state': i.state, 'attempts': i.attempts,
+                     'image': i.image}
+                    for i in db_api.instances_on(session, host, states.HOLDING_STATES)]
+
+    def report_heartbeat(self, host: str, capacity: dict, incarnation: str,
+                         running: list[str]) -> None:
+        """Record a heartbeat and reconcile the host's instances with ``running``; a
+        heartbeat of a manager run that is not the registered one is ignored.
+
+        A fenced host stays fenced (the operator's word holds until its manager
+        registers again), but its guests are still reconciled: its instances were
+        rebuilt elsewhere, so what it still runs is destroyed.
+
+        :raises: DatabaseError.
+        """
+        with self.db.session() as session:
+            row = db_api.host_get(session, host, lock=True)
+            if row is None or row.incarnation != incarnation:
+                LOG.warning('heartbeat of compute host %s ignored: incarnation %s is not '
+                            'the registered one (%s)', host, incarnation,
+                            row.incarnation if row else 'never registered')
+                return
+            if row.state == states.HOST_UNKNOWN:
                 LOG.info('compute host %s is back', host)
-            row.up = True
-            row.vcpus = capacity['vcpus']
-            row.memory_mib = capacity['memory_mib']
-            row.disk_bytes_free = capacity['disk_bytes_free']
+                _set_state(row, states.HOST_UP)
+            _set_capacity(row, capacity)
             row.last_heartbeat = models.utcnow()
+            unwanted = self.keeper.reconcile(session, host, set(running))
+        if unwanted:
+            LOG.warning('compute host %s runs guests wanted nowhere there: %s', host,
+                        ', '.join(sorted(unwanted)))
+            self.keeper.destroy(host, unwanted)
+
+    def fence(self, host: str) -> dict:
+        """The operator says ``host`` is dead: it takes no instance, and its instances are
+        rebuilt elsewhere or end in error.
+
+        :returns: {'host', 'state', 'rebuilt': [names], 'failed': [names]}.
+        :raises: HostNotFound, DatabaseError.
+        """
+        with self.db.session() as session:
+            row = db_api.host_get(session, host, lock=True)
+            if row is None:
+                raise exception.HostNotFound(host)
+            LOG.warning('compute host %s fenced (was %s)', host, row.state)
+            _set_state(row, states.HOST_FENCED)
+        # Committed first: the rebuilds must not be placed on the fenced host.
+        return dict(host=host, state=states.HOST_FENCED, **self.keeper.host_fenced(host))
 
     def list_hosts(self) -> list[dict]:
         """:raises: DatabaseError."""
@@ -66,28 +174,21 @@ class HostRegistry:
                     for h in db_api.hosts(session)]
 
 
-class LostHostHandler(Protocol):
-    """What becomes of the instances of a host marked down (the deployer)."""
-
-    def host_lost(self, session: db_api.Session, host: str) -> list[str]:
-        """Settle the host's instances in ``session``; :returns: ids of its building
-        instances, to be retried elsewhere once ``session`` committed."""
-
-    def build_failed(self, instance_id: str, host: str, reason: str) -> None:
-        """Retry a build elsewhere or give it up."""
-
-
 class HostMonitor:
-    """A thread that marks down hosts silent for ``service_down_time`` seconds.
+    """A thread that, every heartbeat_interval, marks unknown the hosts silent for
+    service_down_time seconds, ends the builds past their deadline, and expires the
+    snapshot items past theirs.
 
     It outlives every error of a pass (a database away, a bug): a monitor that
-    died would leave dead hosts up, and the cloud scheduling onto them, for good.
+    died would leave silent hosts up, and the cloud scheduling onto them, for good.
     """
 
-    def __init__(self, conf: cfg.ConfigOpts, db: db_api.Database, lost: LostHostHandler):
+    def __init__(self, conf: cfg.ConfigOpts, db: db_api.Database, keeper: InstanceKeeper,
+                 expire_snapshots: Callable[[datetime.datetime], object]):
         self.conf = conf
         self.db = db
-        self.lost = lost
+        self.keeper = keeper
+        self.expire_snapshots = expire_snapshots
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name='host-monitor')
 
@@ -107,36 +208,39 @@ class HostMonitor:
             self.check()
 
     def check(self) -> None:
-        """One pass, under its own request id. Never raises: every error is logged."""
+        """One pass, under its own request id. Never raises: every error is logged, and
+        one part failing does not keep the others from running."""
         with rpc.request_context():
-            try:
-                self.mark_dead_hosts()
-            except exception.VmcloudError as exc:
-                LOG.error('cannot check compute hosts: %s', exc)
-            except Exception:  # a bug or an unexpected fault: the next pass may do better
-                LOG.exception('checking compute hosts failed')
+            for doing, work in (('check compute hosts', self.mark_silent_hosts),
+                                ('end builds past their deadline', self.end_late_builds),
+                                ('expire snapshot items', self.end_late_uploads)):
+                try:
+                    work()
+                except exception.VmcloudError as exc:
+                    LOG.error('cannot %s: %s', doing, exc)
+                except Exception:  # a bug or an unexpected fault: the next pass may do better
+                    LOG.exception('cannot %s', doing)
 
-    def mark_dead_hosts(self) -> list[str]:
-        """Mark down the silent hosts, settle their instances, retry their builds.
+    def mark_silent_hosts(self) -> list[str]:
+        """Mark unknown the hosts silent for service_down_time, and their running guests.
 
-        :returns: the hosts marked down. :raises: DatabaseError.
+        :returns: the hosts marked unknown. :raises: DatabaseError.
         """
         deadline = models.utcnow() - datetime.timedelta(seconds=self.conf.service_down_time)
-        retries = []
         with self.db.session() as session:
-            dead = db_api.hosts_silent_since(session, deadline)
-            for host in dead:
-                LOG.warning('compute host %s sent no heartbeat since %s: marked down',
+            silent = db_api.hosts_silent_since(session, deadline)
+            for host in silent:
+                LOG.warning('compute host %s sent no heartbeat since %s: unknown',
                             host.name, host.last_heartbeat)
-                host.up = False
-                retries += [(i, host.name) for i in self.lost.host_lost(session, host.name)]
-            names = [host.name for host in dead]
-        for instance_id, host in retries:
-            try:
-                self.lost.build_failed(instance_id, host, f'compute host {host} went down')
-            except exception.VmcloudError as exc:  # the others may still be retried
-                LOG.error('cannot retry instance %s of lost host %s: %s', instance_id, host,
-                          exc)
-            except Exception:  # a bug: the others may still be retried too
-                LOG.exception('cannot retry instance %s of lost host %s', instance_id, host)
-        return names
+                _set_state(host, states.HOST_UNKNOWN)
+            names = [host.name for host in silent]
+            self.keeper.hosts_silent(session, names)
+            return names
+
+    def end_late_builds(self) -> list[str]:
+        """:returns: the ids of the builds ended. :raises: DatabaseError."""
+        return self.keeper.expire_builds(models.utcnow())
+
+    def end_late_uploads(self) -> None:
+        """:raises: DatabaseError."""
+        self.expire_snapshots(models.utcnow())

@@ -1,6 +1,7 @@
 """The dispatcher service: its RPC endpoints, and the parts they hand each request to.
 
-- ``hosts``: heartbeats, free capacity, the monitor that marks silent hosts down;
+- ``hosts``: registration, heartbeats and their reconciliation, fencing, free capacity,
+  the monitor that marks silent hosts unknown and ends what is past its deadline;
 - ``deploy``: placing, building, retrying and deleting instances;
 - ``snapshot``: the barrier across hosts and the uploads;
 - ``transitions``: what a deployment, snapshot or instance becomes (no database);
@@ -39,14 +40,17 @@ class Dispatcher:
         self.scheduler = handler.FilterScheduler(conf)
         self.compute = compute_rpcapi.ComputeAPI(conf)
         self.notifier = rpc.notifier(conf, f'dispatcher.{conf.host}')
-        self.hosts = hosts_mod.HostRegistry(self.db)
         self.deployer = deploy_mod.Deployer(conf, self.db, self.scheduler, self.compute,
                                             self._notify)
-        self.snapshots = snapshot_mod.Snapshotter(self.db, self.compute, self._notify)
-        self.monitor = hosts_mod.HostMonitor(conf, self.db, self.deployer)
+        self.hosts = hosts_mod.HostRegistry(conf, self.db, self.deployer)
+        self.snapshots = snapshot_mod.Snapshotter(conf, self.db, self.compute, self._notify)
+        self.monitor = hosts_mod.HostMonitor(conf, self.db, self.deployer,
+                                             self.snapshots.expire)
         self._server = rpc.server(conf, dispatcher_rpcapi.TOPIC, conf.host, [self])
 
     def start(self) -> 'Dispatcher':
+        # Before any request: a barrier a previous dispatcher left half done is ended.
+        self.snapshots.recover()
         self._server.start()
         self.monitor.start()
         return self
@@ -66,8 +70,24 @@ class Dispatcher:
     # -- hosts -------------------------------------------------------------------
 
     @rpc.expose
-    def report_heartbeat(self, ctxt: dict, host: str, capacity: dict) -> None:
-        self.hosts.report_heartbeat(host, capacity)
+    def ping(self, ctxt: dict) -> dict:
+        return {'host': self.conf.host}
+
+    @rpc.expose
+    def register_host(self, ctxt: dict, host: str, node_id: str, incarnation: str,
+                      capacity: dict) -> dict:
+        """:raises: HostNameInUse if another live node holds the name."""
+        return {'instances': self.hosts.register(host, node_id, incarnation, capacity)}
+
+    @rpc.expose
+    def report_heartbeat(self, ctxt: dict, host: str, capacity: dict, incarnation: str,
+                         running: list[str]) -> None:
+        self.hosts.report_heartbeat(host, capacity, incarnation, running)
+
+    @rpc.expose
+    def fence_host(self, ctxt: dict, host: str) -> dict:
+        """:raises: HostNotFound."""
+        return self.hosts.fence(host)
 
     @rpc.expose
     def list_hosts(self, ctxt: dict) -> list[dict]:
@@ -94,13 +114,15 @@ class Dispatcher:
                                     artifacts.pinned(boot, self.warehouse.lookup))
 
     @rpc.expose
-    def deploy_snapshot(self, ctxt: dict, snapshot_id: str, boot: dict) -> dict:
+    def deploy_snapshot(self, ctxt: dict, snapshot_id: str, boot: dict,
+                        allow_partial: bool = False) -> dict:
         """One instance per stored version, all or none; ``boot`` (by default the
         snapshotted deployment's) pinned as by ``deploy``.
 
-        :raises: InvalidRequest, ImageNotFound, NoValidHost.
+        :raises: InvalidRequest (a partial snapshot without ``allow_partial`` names the
+            missing instances), ImageNotFound, NoValidHost.
         """
-        refs, deployment_id = self.snapshots.stored_versions(snapshot_id)
+        refs, deployment_id = self.snapshots.stored_versions(snapshot_id, allow_partial)
         with self.db.session() as session:
             deployment = views.deployment(session, deployment_id)
             vcpus, memory_mib = deployment.vcpus, deployment.memory_mib
@@ -118,6 +140,20 @@ class Dispatcher:
     def build_failed(self, ctxt: dict, instance_id: str, host: str, reason: str) -> None:
         """Retry on another host, up to [scheduler] max_attempts; then ERROR with the reason."""
         self.deployer.build_failed(instance_id, host, reason)
+
+    @rpc.expose
+    def build_wanted(self, ctxt: dict, instance_id: str, host: str, attempt: int) -> bool:
+        return self.deployer.build_wanted(instance_id, host, attempt)
+
+    @rpc.expose
+    def instance_destroyed(self, ctxt: dict, host: str, name: str) -> None:
+        self.deployer.instance_destroyed(host, name)
+
+    @rpc.expose
+    def console(self, ctxt: dict, instance: str, max_bytes: int = 65536) -> dict:
+        """:raises: InvalidRequest if there is no such instance or it is on no host;
+            MessagingError if its host does not answer."""
+        return self.deployer.console(instance, max_bytes)
 
     # -- reading -----------------------------------------------------------------
 
@@ -141,7 +177,8 @@ class Dispatcher:
 
     @rpc.expose
     def snapshot(self, ctxt: dict, deployment_id: str) -> dict:
-        """Pause every active instance, take each dirty set at that barrier, resume, upload."""
+        """Freeze every active instance, take each dirty set at that one cut, thaw all,
+        upload."""
         return self.snapshots.snapshot(deployment_id)
 
     @rpc.expose
@@ -154,3 +191,7 @@ class Dispatcher:
         """:raises: InvalidRequest if there is no such snapshot."""
         with self.db.session() as session:
             return views.show_snapshot(session, snapshot_id)
+
+    @rpc.expose
+    def list_snapshots(self, ctxt: dict, deployment_id: str | None = None) -> list[dict]:
+        return self.snapshots.list(deployment_id)

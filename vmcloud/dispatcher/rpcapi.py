@@ -17,6 +17,11 @@ class DispatcherAPI:
 
     # -- for clients -------------------------------------------------------------
 
+    def ping(self, timeout: float | None = None) -> dict:
+        """:returns: {'host': the dispatcher's host}. :raises: MessagingError naming the
+        dispatcher if it does not answer within ``timeout`` s ([DEFAULT] rpc_call_timeout)."""
+        return self._client.call('ping', timeout=timeout)
+
     def deploy(self, image: str, count: int, min_count: int | None = None, vcpus: int = 1,
                memory_mib: int = 256, boot: dict | None = None) -> dict:
         """Deploy ``count`` instances of ``image`` (all or at least ``min_count``).
@@ -32,10 +37,16 @@ class DispatcherAPI:
         return self._client.call('deploy', image=image, count=count, min_count=min_count,
                                  vcpus=vcpus, memory_mib=memory_mib, boot=boot or {})
 
-    def deploy_snapshot(self, snapshot_id: str, boot: dict | None = None) -> dict:
+    def deploy_snapshot(self, snapshot_id: str, boot: dict | None = None,
+                        allow_partial: bool = False) -> dict:
         """One instance per instance of a finished snapshot, each from its own version;
-        ``boot`` as for ``deploy``, by default the snapshotted deployment's."""
-        return self._client.call('deploy_snapshot', snapshot_id=snapshot_id, boot=boot or {})
+        ``boot`` as for ``deploy``, by default the snapshotted deployment's.
+
+        :raises: InvalidRequest naming the missing instances if the snapshot is partial
+            and not ``allow_partial``.
+        """
+        return self._client.call('deploy_snapshot', snapshot_id=snapshot_id, boot=boot or {},
+                                 allow_partial=allow_partial)
 
     def list_deployments(self) -> list[dict]:
         return self._client.call('list_deployments')
@@ -52,6 +63,27 @@ class DispatcherAPI:
 
     def show_snapshot(self, snapshot_id: str) -> dict:
         return self._client.call('show_snapshot', snapshot_id=snapshot_id)
+
+    def list_snapshots(self, deployment_id: str | None = None) -> list[dict]:
+        """Every snapshot (of one deployment if given), newest first."""
+        return self._client.call('list_snapshots', deployment_id=deployment_id)
+
+    def console(self, instance: str, max_bytes: int = 65536) -> dict:
+        """The end of an instance's console log, read by its compute host.
+
+        ``instance``: its name or id. :returns: {'instance': name, 'host', 'console': str}.
+        :raises: InvalidRequest if there is no such instance or it is on no host.
+        """
+        return self._client.call('console', instance=instance, max_bytes=max_bytes)
+
+    def fence_host(self, host: str) -> dict:
+        """The operator says ``host`` is dead: its instances are rebuilt elsewhere (or end
+        in error), and it takes no new ones until it registers again.
+
+        :returns: {'host', 'state', 'rebuilt': [names], 'failed': [names]}.
+        :raises: HostNotFound.
+        """
+        return self._client.call('fence_host', host=host)
 
     def wait_deployment(self, deployment_id: str, timeout: float,
                         on_poll: Callable[[dict], None] | None = None) -> dict:
@@ -70,7 +102,8 @@ class DispatcherAPI:
     def wait_snapshot(self, snapshot_id: str, timeout: float) -> dict:
         """The snapshot once every upload ended. :raises: VmcloudError on timeout."""
         return polling.wait(lambda: self.show_snapshot(snapshot_id),
-                            lambda s: s['state'] != states.UPLOADING, timeout,
+                            lambda s: s['state'] not in (states.FREEZING, states.UPLOADING),
+                            timeout,
                             f'snapshot {snapshot_id}')
 
     def list_hosts(self) -> list[dict]:
@@ -78,8 +111,32 @@ class DispatcherAPI:
 
     # -- for compute managers ------------------------------------------------------
 
-    def report_heartbeat(self, host: str, capacity: dict) -> None:
-        self._client.cast('report_heartbeat', host=host, capacity=capacity)
+    def register_host(self, host: str, node_id: str, incarnation: str, capacity: dict) -> dict:
+        """A compute manager starting on node ``node_id`` claims the name ``host``.
+
+        :returns: {'instances': [{'id', 'name', 'state', 'attempts', 'image'}]}: what the
+            dispatcher has on this host (running or still holding its resources), for the
+            manager to adopt or clean up.
+        :raises: HostNameInUse if another node holds the name and is alive.
+        """
+        return self._client.call('register_host', host=host, node_id=node_id,
+                                 incarnation=incarnation, capacity=capacity)
+
+    def report_heartbeat(self, host: str, capacity: dict, incarnation: str,
+                         running: list[str]) -> None:
+        """``running``: the names of every guest the host runs."""
+        self._client.cast('report_heartbeat', host=host, capacity=capacity,
+                          incarnation=incarnation, running=running)
+
+    def build_wanted(self, instance_id: str, host: str, attempt: int) -> bool:
+        """Whether a build request is still current: the instance is building on ``host``
+        in that attempt (not moved, deleted, or retried since)."""
+        return self._client.call('build_wanted', instance_id=instance_id, host=host,
+                                 attempt=attempt)
+
+    def instance_destroyed(self, host: str, name: str) -> None:
+        """``host`` destroyed guest ``name``: what it held is free."""
+        self._client.cast('instance_destroyed', host=host, name=name)
 
     def instance_built(self, instance_id: str, host: str, boot_seconds: float,
                        fetched_bytes: int) -> None:

@@ -1,133 +1,403 @@
-"""Snapshots of whole deployments: one barrier across hosts, then uploads per instance."""
+"""Snapshots of whole deployments: one cut across hosts, then uploads per instance.
+
+The cut: every instance of the deployment is frozen, all hosts at once, before any
+thaws. A freeze that fails, or a host that does not answer within [DEFAULT]
+snapshot_freeze_timeout, aborts the snapshot: every host is told to thaw, and a guest
+that never hears it (the dispatcher died, the network was cut) thaws itself after
+snapshot_pause_limit, on its compute host's own clock. Once all froze, each host takes
+its mirrors' barriers, thaws, and uploads in the background, every instance's version
+stored under the instance's own name (a new image whose parent is the version it was
+deployed from: deploying the base image still means the base).
+
+A snapshot always ends available, partial (its reason names each missing instance and
+why) or error: uploads have a deadline (``expire``), and a barrier the dispatcher did
+not live to finish is ended by ``recover`` when it starts again.
+"""
 import collections
 import concurrent.futures
+import datetime
 import logging
 import uuid
 from typing import Callable
 
+from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud import rpc
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
+from vmcloud.db import models
 from vmcloud.dispatcher import states
 from vmcloud.dispatcher import transitions
 from vmcloud.dispatcher import views
 
 LOG = logging.getLogger(__name__)
 
+# The reason columns' length: PostgreSQL refuses a longer string, a compute host's error
+# text has no bound.
+REASON_LENGTH = 2000
+PENDING = (states.FREEZING, states.UPLOADING)
+RESTARTED = 'dispatcher restarted during the barrier'
+
+
+def clip(reason: str) -> str:
+    """``reason`` cut to fit a reason column, marked as cut."""
+    if len(reason) <= REASON_LENGTH:
+        return reason
+    return reason[:REASON_LENGTH - 3] + '...'
+
 
 class Snapshotter:
-    def __init__(self, db: db_api.Database, compute: compute_rpcapi.ComputeAPI,
-                 notify: Callable[[str, dict], None]):
+    def __init__(self, conf: cfg.ConfigOpts, db: db_api.Database,
+                 compute: compute_rpcapi.ComputeAPI, notify: Callable[[str, dict], None]):
+        self.conf = conf
         self.db = db
         self.compute = compute
         self.notify = notify
 
-    def snapshot(self, deployment_id: str) -> dict:
-        """Pause every active instance, take each dirty set at that barrier, resume, upload.
+    # -- the cut -----------------------------------------------------------------
 
-        :raises: DeploymentNotFound, InvalidRequest if none of its instances is active.
+    def snapshot(self, deployment_id: str) -> dict:
+        """Freeze every active instance of the deployment, then barrier and thaw them all,
+        then upload; answers once every guest runs again (the uploads go on). An instance
+        whose host stopped reporting (unknown) is an item in error: the snapshot lacks it.
+
+        :returns: the snapshot as ``show_snapshot`` shows it: freezing failed (error,
+            every guest thawed), or uploading, partial, available.
+        :raises: DeploymentNotFound; InvalidRequest if none of its instances is active
+            or another snapshot of it is still freezing.
         """
         snapshot_id = str(uuid.uuid4())
         with self.db.session() as session:
-            views.deployment(session, deployment_id)
-            active = [i for i in db_api.instances_of(session, deployment_id)
-                      if i.state == states.ACTIVE]
+            # Locked: two requests at once must not both find no barrier under way.
+            views.deployment(session, deployment_id, lock=True)
+            busy = [s.id for s in db_api.snapshots(session, deployment_id)
+                    if s.state == states.FREEZING]
+            if busy:
+                raise exception.InvalidRequest(
+                    f'deployment {deployment_id} is being snapshotted ({busy[0]}): '
+                    f'one barrier at a time')
+            instances = db_api.instances_of(session, deployment_id)
+            active = [i for i in instances if i.state == states.ACTIVE]
             if not active:
                 raise exception.InvalidRequest(
                     f'deployment {deployment_id} has no active instance to snapshot')
             db_api.snapshot_create(session, id=snapshot_id, deployment_id=deployment_id,
-                                   state=states.UPLOADING)
-            by_host = collections.defaultdict(list)
+                                   state=states.FREEZING)
+            for instance in instances:
+                if instance.state == states.UNKNOWN:
+                    # It may run on, but nothing can freeze it: the snapshot lacks it, and
+                    # says so (partial), rather than pass for the whole deployment.
+                    db_api.snapshot_item_create(
+                        session, snapshot_id=snapshot_id, instance_id=instance.id,
+                        state=states.ERROR,
+                        reason=f'not snapshotted: its host {instance.host} stopped reporting')
+            by_host: dict[str, list[dict]] = collections.defaultdict(list)
             for instance in active:
                 db_api.snapshot_item_create(session, snapshot_id=snapshot_id,
                                             instance_id=instance.id, state=states.FREEZING)
                 by_host[instance.host].append({'instance_id': instance.id,
-                                               'name': instance.name})
-        outcome = self.barrier(snapshot_id, by_host)
+                                               'name': instance.name,
+                                               'target': instance.name})
+        LOG.info('snapshot %s of deployment %s: freezing %d instances on %d hosts',
+                 snapshot_id, deployment_id, len(active), len(by_host))
+        try:
+            return self._cut(snapshot_id, dict(by_host))
+        except BaseException as exc:
+            # A bug here must not leave guests paused nor the snapshot freezing for ever.
+            LOG.exception('snapshot %s failed', snapshot_id)
+            self._on_every_host('thaw', lambda host: self.compute.thaw(host, snapshot_id),
+                                by_host, self.conf.snapshot_freeze_timeout)
+            self._end_freezing(snapshot_id, f'snapshot failed: {type(exc).__name__}: {exc}')
+            raise
+
+    def _cut(self, snapshot_id: str, by_host: dict[str, list[dict]]) -> dict:
+        timeout = self.conf.snapshot_freeze_timeout
+        pause_limit = self.conf.snapshot_pause_limit
+        answers = self._on_every_host(
+            'freeze', lambda host: self.compute.freeze(
+                host, snapshot_id, [i['name'] for i in by_host[host]],
+                pause_limit=pause_limit, timeout=timeout),
+            by_host, timeout)
+        frozen = self._per_instance(by_host, answers, 'freeze', 'frozen_at')
+        failed = {name: result['error'] for name, result in frozen.items() if 'error' in result}
+        if failed:
+            return self._abort(snapshot_id, by_host, frozen, failed)
+        LOG.info('snapshot %s: every instance frozen; barrier and thaw', snapshot_id)
+        # Past pause_limit the guests thawed themselves: a later answer is no cut.
+        answers = self._on_every_host(
+            'barrier_and_thaw',
+            lambda host: self.compute.barrier_and_thaw(host, snapshot_id, by_host[host]),
+            by_host, pause_limit)
+        thawed = self._per_instance(by_host, answers, 'barrier_and_thaw', 'thawed_at')
+        return self._record(snapshot_id, by_host, frozen, thawed)
+
+    def _on_every_host(self, what: str, call: Callable[[str], dict], hosts,
+                       timeout: float) -> dict[str, dict | exception.VmcloudError]:
+        """``call(host)`` on every host at once, waiting ``timeout`` s for them all.
+
+        :returns: {host: its answer, or the VmcloudError it raised, or one saying it did
+            not answer within ``timeout`` s}.
+        """
+        bound = rpc.with_current_request(call)
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, len(hosts)),
+                                                     thread_name_prefix=f'snapshot-{what}')
+        try:
+            futures = {host: pool.submit(bound, host) for host in hosts}
+            concurrent.futures.wait(futures.values(), timeout)
+        finally:
+            # Not joined: a host that did not answer must not hold up the snapshot; its
+            # call ends in its thread by its own RPC timeout.
+            pool.shutdown(wait=False)
+        answers: dict[str, dict | exception.VmcloudError] = {}
+        for host, future in futures.items():
+            if not future.done():
+                answers[host] = exception.MessagingError(
+                    f'compute host {host} did not answer {what} within {timeout:g} s')
+                continue
+            try:
+                answers[host] = future.result()
+            except exception.VmcloudError as exc:
+                answers[host] = exc
+        return answers
+
+    @staticmethod
+    def _per_instance(by_host: dict[str, list[dict]],
+                      answers: dict[str, dict | exception.VmcloudError], what: str,
+                      field: str) -> dict[str, dict]:
+        """{instance name: its host's answer for it, or {'error': why there is none}}."""
+        results = {}
+        for host, items in by_host.items():
+            answer = answers[host]
+            for item in items:
+                name = item['name']
+                if isinstance(answer, exception.VmcloudError):
+                    results[name] = {'error': f'{what} on {host}: {answer}'}
+                    continue
+                result = answer.get(name) if isinstance(answer, dict) else None
+                if isinstance(result, dict) and result.get('error'):
+                    results[name] = {'error': f'{what} on {host}: {result["error"]}'}
+                elif isinstance(result, dict) and field in result:
+                    results[name] = result
+                elif result is None:
+                    results[name] = {'error': f'{what} on {host}: it answered nothing for '
+                                              f'{name}'}
+                else:
+                    results[name] = {'error': f'{what} on {host}: unexpected answer for '
+                                              f'{name}: {result!r}'}
+        return results
+
+    def _abort(self, snapshot_id: str, by_host: dict[str, list[dict]],
+               frozen: dict[str, dict], failed: dict[str, str]) -> dict:
+        """Thaw every host, end every item and the snapshot in error."""
+        LOG.error('snapshot %s aborted: %s', snapshot_id,
+                  '; '.join(f'{name}: {error}' for name, error in sorted(failed.items())))
+        answers = self._on_every_host('thaw', lambda host: self.compute.thaw(host, snapshot_id),
+                                      by_host, self.conf.snapshot_freeze_timeout)
+        not_thawed = []
+        for host, answer in sorted(answers.items()):
+            errors = ({'every guest': str(answer)} if isinstance(answer, exception.VmcloudError)
+                      else {name: error for name, error in answer.items() if error})
+            for name, error in sorted(errors.items()):
+                LOG.error('snapshot %s: cannot thaw %s on %s: %s', snapshot_id, name, host,
+                          error)
+                not_thawed.append(f'{name} on {host}: {error}')
+        who = ', '.join(sorted(failed))
+        reason = 'aborted: ' + '; '.join(
+            f'{name}: {error}' for name, error in sorted(failed.items()))
+        if not_thawed:
+            reason += (f'; not thawed (they thaw themselves within '
+                       f'{self.conf.snapshot_pause_limit} s): ' + '; '.join(not_thawed))
+        else:
+            reason += '; every frozen guest thawed'
+        with self.db.session() as session:
+            db_api.snapshot_get(session, snapshot_id, lock=True)
+            for items in by_host.values():
+                for item in items:
+                    row = db_api.snapshot_item_get(session, snapshot_id, item['instance_id'])
+                    row.frozen_at = frozen[item['name']].get('frozen_at')
+                    row.state = states.ERROR
+                    row.reason = clip(failed.get(item['name'], f'aborted: {who} did not freeze'))
+            self.update_snapshot(session, snapshot_id)
+            db_api.snapshot_get(session, snapshot_id).reason = clip(reason)
+            return views.show_snapshot(session, snapshot_id)
+
+    def _record(self, snapshot_id: str, by_host: dict[str, list[dict]],
+                frozen: dict[str, dict], thawed: dict[str, dict]) -> dict:
+        """Every item's barrier: uploading (or already done), or error with its reason."""
+        deadline = models.utcnow() + datetime.timedelta(
+            seconds=self.conf.snapshot_upload_timeout)
         with self.db.session() as session:
             # Uploads may already be reporting: their updates queue behind this lock.
             db_api.snapshot_get(session, snapshot_id, lock=True)
             for items in by_host.values():
                 for item in items:
                     row = db_api.snapshot_item_get(session, snapshot_id, item['instance_id'])
-                    result = outcome.get(item['name'], {'error': 'no answer from its host'})
+                    result = thawed[item['name']]
+                    row.frozen_at = frozen[item['name']]['frozen_at']
                     if 'error' in result:
-                        row.state, row.reason = states.ERROR, result['error']
+                        row.state, row.reason = states.ERROR, clip(result['error'])
                         continue
-                    row.pause_ms = result['pause_ms']
-                    row.dirty_bytes = result['dirty_bytes']
+                    row.pause_ms = result.get('pause_ms')
+                    row.dirty_bytes = result.get('dirty_bytes', 0)
+                    row.thawed_at = result['thawed_at']
+                    row.deadline = deadline
                     if row.state == states.FREEZING:  # its upload may have finished already
                         row.state = states.UPLOADING
             self.update_snapshot(session, snapshot_id)
             return views.show_snapshot(session, snapshot_id)
 
-    def barrier(self, snapshot_id: str, by_host: dict[str, list[dict]]) -> dict:
-        """Freeze everywhere first, then barrier and thaw everywhere, hosts in parallel.
-
-        :returns: {instance name: {'pause_ms', 'dirty_bytes'} or {'error'}}; an
-            instance missing from it got no answer.
-        """
-        outcome: dict[str, dict] = {}
-        freeze = rpc.with_current_request(self.compute.freeze)
-        barrier_and_thaw = rpc.with_current_request(self.compute.barrier_and_thaw)
-        with concurrent.futures.ThreadPoolExecutor(max(1, len(by_host))) as pool:
-            frozen = {host: pool.submit(freeze, host, [i['name'] for i in items])
-                      for host, items in by_host.items()}
-            thaw = {}
-            for host, future in frozen.items():
-                try:
-                    errors = future.result()
-                except exception.VmcloudError as exc:
-                    errors = {i['name']: f'cannot freeze on {host}: {exc}' for i in by_host[host]}
-                ready = []
-                for item in by_host[host]:
-                    if errors.get(item['name']):
-                        outcome[item['name']] = {'error': errors[item['name']]}
-                    else:
-                        ready.append(item)
-                if ready:
-                    thaw[host] = pool.submit(barrier_and_thaw, host, snapshot_id, ready)
-            for host, future in thaw.items():
-                try:
-                    outcome.update(future.result())
-                except exception.VmcloudError as exc:
-                    LOG.error('snapshot %s: barrier on %s failed: %s', snapshot_id, host, exc)
-        return outcome
+    # -- after the cut -----------------------------------------------------------
 
     def item_done(self, snapshot_id: str, instance_id: str, version: str, uploaded_bytes: int,
                   error: str) -> None:
-        """An upload ended (``error`` empty: stored as ``version``)."""
+        """An upload ended (``error`` empty: stored as ``version``). An item already given
+        up (its deadline passed, its barrier failed) stays as it ended."""
         with self.db.session() as session:
             if db_api.snapshot_get(session, snapshot_id, lock=True) is None:
                 return
             row = db_api.snapshot_item_get(session, snapshot_id, instance_id, lock=True)
             if row is None:
                 return
+            if row.state not in PENDING:
+                LOG.warning('snapshot %s: the upload of instance %s ended (%s) after it was '
+                            'given up as %s: %s', snapshot_id, instance_id,
+                            error or f'stored as {version}', row.state, row.reason)
+                return
             row.state = states.ERROR if error else states.AVAILABLE
-            row.reason, row.version, row.uploaded_bytes = error, version, uploaded_bytes
+            row.reason, row.version, row.uploaded_bytes = clip(error), version, uploaded_bytes
             self.update_snapshot(session, snapshot_id)
+            if error:
+                LOG.error('snapshot %s: instance %s not stored: %s', snapshot_id, instance_id,
+                          error)
+            else:
+                LOG.info('snapshot %s: instance %s stored as %s, %d bytes new', snapshot_id,
+                         instance_id, version, uploaded_bytes)
         self.notify('snapshot.upload.end', {'snapshot': snapshot_id, 'instance': instance_id,
                                             'version': version, 'error': error})
 
+    def expire(self, now: datetime.datetime) -> list[tuple[str, str]]:
+        """End in error every item still freezing or uploading past its deadline.
+
+        :returns: (snapshot id, instance id) of each item it ended.
+        """
+        reason = f'upload did not finish within {self.conf.snapshot_upload_timeout} s'
+        ended = []
+        with self.db.session() as session:
+            by_snapshot = collections.defaultdict(list)
+            for item in db_api.snapshot_items_past_deadline(session, now):
+                by_snapshot[item.snapshot_id].append(item.instance_id)
+            for snapshot_id, instance_ids in sorted(by_snapshot.items()):
+                db_api.snapshot_get(session, snapshot_id, lock=True)
+                for instance_id in instance_ids:
+                    row = db_api.snapshot_item_get(session, snapshot_id, instance_id,
+                                                   lock=True)
+                    # Read again under the lock: its upload may have just reported.
+                    if row.state not in PENDING or row.deadline is None or row.deadline >= now:
+                        continue
+                    LOG.error('snapshot %s: instance %s: %s', snapshot_id, instance_id, reason)
+                    row.state, row.reason = states.ERROR, reason
+                    ended.append((snapshot_id, instance_id))
+                self.update_snapshot(session, snapshot_id)
+        for snapshot_id, instance_id in ended:
+            self.notify('snapshot.upload.end', {'snapshot': snapshot_id, 'instance': instance_id,
+                                                'version': '', 'error': reason})
+        return ended
+
+    def recover(self) -> list[str]:
+        """End the barriers a previous dispatcher did not live to finish: their items still
+        freezing end in error (the guests thawed themselves by pause_limit).
+
+        :returns: the ids of the snapshots it ended.
+        """
+        ended = []
+        with self.db.session() as session:
+            for snapshot in db_api.snapshots(session):
+                if snapshot.state not in PENDING:
+                    continue
+                db_api.snapshot_get(session, snapshot.id, lock=True)
+                stuck = [item for item in db_api.snapshot_items(session, snapshot.id)
+                         if item.state == states.FREEZING]
+                if not stuck:
+                    continue  # uploading: their reports or their deadlines end them
+                for item in stuck:
+                    item.state, item.reason = states.ERROR, RESTARTED
+                self.update_snapshot(session, snapshot.id)
+                LOG.warning('snapshot %s ended %s: %s', snapshot.id, snapshot.state, RESTARTED)
+                ended.append(snapshot.id)
+        return ended
+
+    def _end_freezing(self, snapshot_id: str, reason: str) -> None:
+        """End in error, with ``reason``, the snapshot's items still freezing."""
+        with self.db.session() as session:
+            db_api.snapshot_get(session, snapshot_id, lock=True)
+            for item in db_api.snapshot_items(session, snapshot_id):
+                if item.state == states.FREEZING:
+                    item.state, item.reason = states.ERROR, clip(reason)
+            self.update_snapshot(session, snapshot_id)
+
     @staticmethod
     def update_snapshot(session: db_api.Session, snapshot_id: str) -> None:
-        outcome = transitions.snapshot(db_api.snapshot_item_state_counts(session, snapshot_id))
+        """The snapshot's state from its items'; a partial or failed one's reason names
+        each instance that failed and why."""
+        counts = db_api.snapshot_item_state_counts(session, snapshot_id)
+        outcome = transitions.snapshot(counts)
         snapshot = db_api.snapshot_get(session, snapshot_id)
-        snapshot.state = outcome.state
-        if outcome.state != states.UPLOADING and outcome.state != states.AVAILABLE:
-            snapshot.reason = outcome.reason
+        # transitions counts freezing as pending like uploading; the row tells the two apart.
+        snapshot.state = states.FREEZING if counts.get(states.FREEZING) else outcome.state
+        if outcome.state in (states.PARTIAL, states.ERROR):
+            snapshot.reason = clip(f'{outcome.reason}: {_failures(session, snapshot)}')
 
-    def stored_versions(self, snapshot_id: str) -> tuple[list[str], str]:
-        """The versions a snapshot stored, and its deployment's id.
+    # -- reading -----------------------------------------------------------------
 
-        :raises: InvalidRequest if there is no such snapshot or it stored none.
+    def stored_versions(self, snapshot_id: str,
+                        allow_partial: bool = False) -> tuple[list[str], str]:
+        """The versions a snapshot stored (by instance name), and its deployment's id.
+
+        :raises: InvalidRequest if there is no such snapshot, it has not ended, it
+            failed, or it is partial and ``allow_partial`` is not set (naming the
+            instances it misses and why).
         """
         with self.db.session() as session:
             snapshot = views.snapshot(session, snapshot_id)
-            items = db_api.snapshot_items(session, snapshot_id, stored_only=True)
-            if not items:
+            if snapshot.state in PENDING:
                 raise exception.InvalidRequest(
-                    f'snapshot {snapshot_id} has no stored versions (state {snapshot.state})')
-            return [item.version for item in items], snapshot.deployment_id
+                    f'snapshot {snapshot_id} is still {snapshot.state}: wait until it ends')
+            if snapshot.state == states.ERROR:
+                raise exception.InvalidRequest(
+                    f'snapshot {snapshot_id} failed and stored nothing: {snapshot.reason}')
+            names = _names(session, snapshot)
+            items = sorted(db_api.snapshot_items(session, snapshot_id),
+                           key=lambda i: names[i.instance_id])
+            if snapshot.state == states.PARTIAL and not allow_partial:
+                stored = sum(1 for i in items if i.state == states.AVAILABLE)
+                raise exception.InvalidRequest(
+                    f'snapshot {snapshot_id} is partial, it misses '
+                    f'{_failures(session, snapshot)}; allow partial snapshots '
+                    f'(--allow-partial) to deploy its {stored} stored instances alone')
+            return ([i.version for i in items if i.state == states.AVAILABLE and i.version],
+                    snapshot.deployment_id)
+
+    def list(self, deployment_id: str | None = None) -> list[dict]:
+        """Every snapshot (of ``deployment_id`` if given), newest first.
+
+        :raises: DeploymentNotFound if ``deployment_id`` names none.
+        """
+        with self.db.session() as session:
+            if deployment_id is not None:
+                views.deployment(session, deployment_id)
+            return [views.row(s) for s in db_api.snapshots(session, deployment_id)]
+
+
+def _names(session: db_api.Session, snapshot: models.Snapshot) -> dict[str, str]:
+    """{instance id: name} of the snapshot's deployment."""
+    return {i.id: i.name for i in db_api.instances_of(session, snapshot.deployment_id)}
+
+
+def _failures(session: db_api.Session, snapshot: models.Snapshot) -> str:
+    """Each failed item of the snapshot: ``NAME: reason``, by name."""
+    names = _names(session, snapshot)
+    failed = sorted((names.get(i.instance_id, i.instance_id), i.reason)
+                    for i in db_api.snapshot_items(session, snapshot.id)
+                    if i.state == states.ERROR)
+    return '; '.join(f'{name}: {reason}' for name, reason in failed)

@@ -19,13 +19,20 @@ def deployment(counts: Mapping[str, int], count: int, min_count: int) -> Outcome
     """A deployment's state from its instances' states (``counts``: {state: how many}).
 
     Building while any instance builds; then active if at least ``min_count`` are
-    active (naming how many failed), else error.
+    active (naming how many failed or are unknown), unknown if that many could be
+    active but some of them are on hosts that stopped reporting, else error.
     """
     if counts.get(states.BUILDING, 0):
         return Outcome(states.BUILDING)
     active, failed = counts.get(states.ACTIVE, 0), counts.get(states.ERROR, 0)
+    unknown = counts.get(states.UNKNOWN, 0)
+    missing = ', '.join(f'{n} instances {what}' for n, what in
+                        ((failed, 'failed'), (unknown, 'unknown')) if n)
     if active >= min_count:
-        return Outcome(states.ACTIVE, f'{failed} instances failed' if failed else '')
+        return Outcome(states.ACTIVE, missing)
+    if active + unknown >= min_count:
+        return Outcome(states.UNKNOWN, f'{active} of {count} instances active, {min_count} '
+                                       f'needed; {missing}')
     return Outcome(states.ERROR, f'only {active} of {count} instances became active, '
                                  f'{min_count} needed')
 
@@ -62,15 +69,39 @@ def no_other_host(host: str, reason: str) -> str:
     return f'failed on {host}: {reason}; no other host can take it'
 
 
-def on_lost_host(state: str, host: str) -> Outcome | None:
-    """What an instance on a host that stopped sending heartbeats becomes.
+def on_silent_host(state: str, host: str) -> Outcome | None:
+    """What an instance becomes when its host stopped sending heartbeats (None: as it is).
 
-    A build there is a failed build (None: retry it elsewhere); a running guest
-    lost its disks with its compute manager, so it is in error; anything else
-    stays as it is.
+    A running guest may well run on (a network blip): nothing is known of it until its
+    host reports again. A build is left to its report or its deadline.
     """
-    if state == states.BUILDING:
+    if state == states.ACTIVE:
+        return Outcome(states.UNKNOWN, f'compute host {host} stopped sending heartbeats')
+    return None
+
+
+def on_report(state: str, running: bool, settled: bool, host: str) -> Outcome | None:
+    """What an instance on ``host`` becomes when the host reports which guests it runs
+    (None: as it is).
+
+    ``running``: the report lists its guest. ``settled``: its state is older than a
+    heartbeat interval, so the report cannot predate it (a report sent before a build
+    ended or a destroy began judges nothing). A build is left to its report or its
+    deadline.
+    """
+    if state == states.UNKNOWN:
+        if running:
+            return Outcome(states.ACTIVE)
+        return Outcome(states.ERROR, f'not running on {host} when it reported again')
+    if running or not settled:
         return None
     if state == states.ACTIVE:
-        return Outcome(states.ERROR, f'compute host {host} stopped sending heartbeats')
-    return Outcome(state)
+        return Outcome(states.ERROR, f'not running on {host}')
+    if state == states.DELETING:
+        return Outcome(states.DELETED)
+    return None
+
+
+def build_deadline_passed(build_timeout: int) -> str:
+    """Why a build past its deadline is given up on that host."""
+    return f'no build result within {build_timeout} s'

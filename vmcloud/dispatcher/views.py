@@ -49,5 +49,7 @@ def list_deployments(session: db_api.Session) -> list[dict]:
 def show_snapshot(session: db_api.Session, snapshot_id: str) -> dict:
     """:raises: InvalidRequest if there is no such snapshot."""
     result = row(snapshot(session, snapshot_id))
-    result['items'] = [row(i) for i in db_api.snapshot_items(session, snapshot_id)]
+    names = {i.id: i.name for i in db_api.instances_of(session, result['deployment_id'])}
+    result['items'] = [dict(row(i), name=names.get(i.instance_id, ''))
+                       for i in db_api.snapshot_items(session, snapshot_id)]
     return result

@@ -77,9 +77,11 @@ class MirrorManager:
         return os.path.join(self.mirrors_path, name)
 
     def create(self, name: str, image: str) -> Mirror:
-        """A new mirror of ``image`` (``NAME`` or ``NAME:VERSION``), served at once.
+        """A new mirror of ``image`` (``NAME`` or ``NAME:VERSION``), served at once, its
+        version held in the warehouse as ``holder(name)`` until remove().
 
-        :raises: MirrorExists, ImageNotFound.
+        :raises: MirrorExists, ImageNotFound; StorageError if the hold cannot be taken
+            (nothing is left behind then).
         """
         directory = self._directory(name)
         manifest = self.warehouse.lookup(image)
@@ -88,15 +90,33 @@ class MirrorManager:
             os.mkdir(directory)
         except FileExistsError:
             raise exception.MirrorExists(name) from None
+        holder, held = self.holder(name), False
         try:
             durable.replace(os.path.join(directory, 'meta.json'),
                             json.dumps({'image': str(manifest.ref)}).encode())
+            # While the mirror exists its version must stay: `image rm` names the holder.
+            self.warehouse.hold(str(manifest.ref), holder)
+            held = True
             return self._serve(name, directory, manifest)
         except exception.StateLocked:
             raise  # another process got hold of it after our mkdir: it is theirs now
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
+            if held:
+                self._release(str(manifest.ref), holder)
             raise
+
+    def holder(self, name: str) -> str:
+        """The warehouse holder name of mirror ``name`` on this node."""
+        return f'mirror.{self.conf.host}.{name}'
+
+    def _release(self, ref: str, holder: str) -> None:
+        try:
+            self.warehouse.release(ref, holder)
+        except (exception.VmcloudError, OSError) as exc:
+            # The mirror is gone already; a hold left behind only refuses `image rm`,
+            # naming this holder, until the operator releases it or forces the removal.
+            LOG.warning('cannot release the hold %s on %s: %s', holder, ref, exc)
 
     def open(self, name: str) -> Mirror:
         """Serve a mirror again after a restart, with every write it had flushed.
@@ -187,12 +207,24 @@ class MirrorManager:
             mirror.disk.close()
 
     def remove(self, name: str) -> None:
-        """Stop serving a mirror and delete its local state. :raises: MirrorNotFound."""
+        """Stop serving a mirror, delete its local state, then release its hold on its
+        version (a failed release is a warning: the mirror is gone).
+
+        :raises: MirrorNotFound.
+        """
+        self._delete(self._take(name))
+
+    def _take(self, name: str) -> Mirror:
+        """Mirror ``name``, no longer listed (served until deleted). :raises: MirrorNotFound."""
         with self._lock:
             mirror = self._mirrors.pop(name, None)
         if mirror is None:
             raise exception.MirrorNotFound(name)
+        return mirror
+
+    def _delete(self, mirror: Mirror) -> None:
         self._close(mirror, delete=True)
+        self._release(str(mirror.disk.manifest.ref), self.holder(mirror.name))
 
     def close(self) -> None:
         """Stop serving; every mirror keeps its state for open() after a restart.

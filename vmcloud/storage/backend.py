@@ -320,6 +320,27 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def list_attachments(self, image: str) -> list[str]:
+        """The names of the attachments of ``image``, sorted; empty if none.
+
+        A name may be listed whose write a crash cut (it reads as None): a listing
+        errs on the side of naming too much, so that a hold (an attachment) is never
+        missed.
+
+        :raises: StorageError if they cannot be listed.
+        """
+
+    @abc.abstractmethod
+    def delete_attachment(self, image: str, name: str) -> None:
+        """Durably remove one attachment of ``image``; an absent one is not an error.
+
+        The others are untouched: two holders each removing their own attachment
+        never race (no read-modify-write of a shared list).
+
+        :raises: StorageError.
+        """
+
+    @abc.abstractmethod
     def delete_attachments(self, image: str) -> None:
         """Durably remove every attachment of ``image``; none is not an error.
 

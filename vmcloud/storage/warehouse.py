@@ -35,6 +35,11 @@ EXPORT_FORMATS = ('raw', 'qcow2')
 MAX_VERSION_RACES = 64
 # The most chunk data a writer holds while it waits to hear which chunks the store lacks.
 MISSING_BATCH_BYTES = 16 * 1024 ** 2
+# A hold is the attachment ``hold.VERSION.HOLDER`` of its image: one per holder, so two
+# holders never rewrite a shared list, and deleting the image deletes its holds.
+HOLD_PREFIX = 'hold.'
+# So that hold.VERSION.HOLDER fits an attachment name (128) with an 18-digit version.
+MAX_HOLDER_LENGTH = 96
 
 
 @dataclasses.dataclass
@@ -274,24 +279,36 @@ class Warehouse:
             chunk_size=base.chunk_size, chunks=self._changed_chunks(base, changes),
             source={'changed_chunks': len(changes)})
 
-    def snapshot_many(self, items: Sequence[tuple[VersionRef, Mapping[int, bytes]]]
+    def snapshot_many(self, items: Sequence[tuple[VersionRef, Mapping[int, bytes]]],
+                      targets: Sequence[str] | None = None
                       ) -> list[WriteResult | exception.StorageError]:
         """snapshot_chunks for several parents at once, in one write session.
 
         A chunk several items change to the same bytes (guests of one image
         writing the same files) is sent and stored once, and the store is asked
-        about the chunks of all items in the same batches. Each item becomes a new
-        version of its parent's image, numbered as snapshot_chunks numbers it (the
-        items of one image in their order), and its result is its WriteResult, or
-        the StorageError that failed it alone: a change that does not fit
-        (InvalidRange), its parent missing or deleted meanwhile (ImageNotFound),
-        its manifest not stored. Such an item's changed chunks may be stored
-        anyway, unreferenced, until gc. ``new_bytes`` of a chunk shared by items
-        counts for the first of them.
+        about the chunks of all items in the same batches. Item ``i`` becomes a new
+        version of image ``targets[i]`` (created if it has none; by default its
+        parent's image), numbered as snapshot_chunks numbers it (the items of one
+        image in their order), its manifest naming its parent. Snapshots of
+        instances go to their own images: a new version of the parent's image would
+        change what deploying that image means. Chunks are deduplicated against
+        the whole store, the parents' included, whatever the target.
 
-        :raises: StorageError if the write session fails (no item's manifest is
-            written then).
+        Each result is its WriteResult, or the StorageError that failed it alone: a
+        bad target name (InvalidName), a change that does not fit (InvalidRange),
+        its parent missing or deleted meanwhile (ImageNotFound), its manifest not
+        stored. Such an item's changed chunks may be stored anyway, unreferenced,
+        until gc. ``new_bytes`` of a chunk shared by items counts for the first of
+        them.
+
+        :raises: StorageError if ``targets`` does not name one image per item
+            (before anything is written), or if the write session fails (no
+            item's manifest is written then).
         """
+        if targets is not None and len(targets) != len(items):
+            raise exception.StorageError(
+                f'snapshot_many needs one target image per item: {len(targets)} targets '
+                f'for {len(items)} items')
         results: list[WriteResult | exception.StorageError | None] = [None] * len(items)
         planned = []
         with self.backend.shared_lock():
@@ -301,6 +318,8 @@ class Warehouse:
                 bases: dict[VersionRef, Manifest] = {}
                 for number, (parent, changes) in enumerate(items):
                     try:
+                        target = parent.image if targets is None else targets[number]
+                        manifest_mod.validate_image_name(target)
                         # Read once however many items share it (8 guests of one image).
                         if parent not in bases:
                             bases[parent] = self.manifest(parent.image, parent.version)
@@ -316,16 +335,16 @@ class Warehouse:
                     if problems:
                         results[number] = problems[0]
                     else:
-                        planned.append((number, base, chunk_ids, len(changes)))
+                        planned.append((number, target, base, chunk_ids, len(changes)))
                 uploader.flush()
                 session.commit()
             except BaseException:
                 session.abort()
                 raise
-            for number, base, chunk_ids, count in planned:
+            for number, target, base, chunk_ids, count in planned:
                 try:
                     manifest = self._store_manifest(
-                        base.ref.image, base.ref, False,
+                        target, base.ref, False,
                         base.size, base.chunk_size, chunk_ids, {'changed_chunks': count})
                 except exception.StorageError as exc:
                     results[number] = exc
@@ -532,6 +551,10 @@ class Warehouse:
         """
         manifest_mod.validate_image_name(image)
         backend_mod.check_attachment(name, len(data))
+        if name.startswith(HOLD_PREFIX):
+            raise exception.InvalidName(
+                f'invalid attachment name {name!r}: names starting with {HOLD_PREFIX!r} '
+                'are holds (Warehouse.hold)')
         # Under the shared lock like any writer: gc's purge_abandoned would remove the
         # temp file a backend stages the bytes in (file: staging/). Under the image
         # lock, so a delete of the image cannot run in between and leave the
@@ -549,6 +572,65 @@ class Warehouse:
         manifest_mod.validate_image_name(image)
         backend_mod.check_attachment(name)
         return self.backend.read_attachment(image, name)
+
+    # -- holds ---------------------------------------------------------------
+
+    @staticmethod
+    def _hold_name(ref: str, holder: str) -> tuple[str, int, str]:
+        """(image, version, attachment name) of a hold. :raises: InvalidName."""
+        image, version = VersionRef.parse(ref)
+        if version is None:
+            raise exception.InvalidName(f'a hold names one version, IMAGE:VERSION, not {ref!r}')
+        manifest_mod.validate_image_name(holder, 'holder')
+        if len(holder) > MAX_HOLDER_LENGTH:
+            raise exception.InvalidName(
+                f'invalid holder name {holder[:40]!r}...: longer than {MAX_HOLDER_LENGTH}')
+        return image, version, f'{HOLD_PREFIX}{version}.{holder}'
+
+    def hold(self, ref: str, holder: str) -> None:
+        """Record that ``holder`` uses version ``ref`` ('IMAGE:VERSION'), so delete()
+        refuses to remove it (unless forced) until released. Holding twice is holding once.
+
+        ``holder`` is a short name of letters, digits, '.', '_' and '-' that says who
+        uses it (``mirror.NODE.INSTANCE``), at most MAX_HOLDER_LENGTH characters.
+
+        :raises: InvalidName; ImageNotFound if the version does not exist; StorageError.
+        """
+        image, version, name = self._hold_name(ref, holder)
+        # Under the image lock, as delete() is: a version is never deleted between
+        # the check that it exists and the hold that would have kept it.
+        with self.backend.shared_lock(), backend_mod.image_locks(self.backend, image):
+            if version not in self.backend.list_versions(image):
+                raise exception.ImageNotFound(image, version)
+            self.backend.write_attachment(image, name, b'')
+
+    def release(self, ref: str, holder: str) -> None:
+        """Drop ``holder``'s hold on ``ref``; releasing what is not held (or a version
+        deleted meanwhile) is not an error.
+
+        :raises: InvalidName; StorageError.
+        """
+        image, _version, name = self._hold_name(ref, holder)
+        with backend_mod.image_locks(self.backend, image):
+            self.backend.delete_attachment(image, name)
+
+    def holders(self, image: str, version: int) -> list[str]:
+        """The holders of ``image:version``, sorted.
+
+        :raises: InvalidName; StorageError.
+        """
+        manifest_mod.validate_image_name(image)
+        return self._holds(image).get(int(version), [])
+
+    def _holds(self, image: str) -> dict[int, list[str]]:
+        """Every version of ``image`` that is held, with its holders (sorted)."""
+        holds: dict[int, list[str]] = {}
+        for name in self.backend.list_attachments(image):
+            if name.startswith(HOLD_PREFIX):
+                version, _, holder = name[len(HOLD_PREFIX):].partition('.')
+                if version.isascii() and version.isdigit() and holder:
+                    holds.setdefault(int(version), []).append(holder)
+        return {version: sorted(names) for version, names in holds.items()}
 
     # -- reading data --------------------------------------------------------
 
@@ -677,17 +759,23 @@ class Warehouse:
 
     # -- maintenance ---------------------------------------------------------
 
-    def delete(self, image: str, version: int | None = None) -> list[VersionRef]:
+    def delete(self, image: str, version: int | None = None,
+               force: bool = False) -> list[VersionRef]:
         """Delete one version, or every version of ``image``. Chunks are freed by gc().
 
-        Deleting the last version deletes the image's attachments too, first: a
-        crash part-way leaves versions without attachments (a boot profile is
-        recorded again), never attachments a new image of that name would inherit.
+        A held version (hold()) is refused, naming its holders, before anything is
+        deleted; ``force`` deletes it anyway, with its holds (a later version may
+        take its number: it must not inherit them). Deleting the last version deletes
+        the image's attachments too, holds included, first: a crash part-way leaves
+        versions without attachments (a boot profile is recorded again), never
+        attachments a new image of that name would inherit.
 
         A version whose manifest is unreadable can be deleted like any other; an
         unreadable manifest elsewhere cannot name a parent, so it blocks nothing.
 
-        :raises: ImageNotFound; ImageInUse if another version names one of them as parent.
+        :raises: ImageNotFound; ImageInUse if another version names one of them as
+            parent (even with ``force``); ImageHeld (an ImageInUse) if one of them is
+            held and not ``force``.
         """
         with backend_mod.image_locks(self.backend, image):
             every = versions = self.backend.list_versions(image)
@@ -703,8 +791,19 @@ class Warehouse:
             if dependents:
                 what = f'{image}:{version}' if version is not None else f'image {image}'
                 raise exception.ImageInUse(what, dependents)
+            held = {v: names for v, names in self._holds(image).items()
+                    if VersionRef(image, v) in doomed}
+            if held and not force:
+                if version is not None:
+                    raise exception.ImageHeld(image, version, held[version])
+                raise exception.ImageHeld(image, None, [
+                    f'{holder} ({image}:{v})' for v in sorted(held) for holder in held[v]])
             if len(doomed) == len(every):
                 self.backend.delete_attachments(image)
+            else:
+                for v, names in held.items():
+                    for holder in names:
+                        self.backend.delete_attachment(image, f'{HOLD_PREFIX}{v}.{holder}')
             # Children before parents: a crash part-way never leaves an orphan.
             for ref in sorted(doomed, reverse=True):
                 self.backend.delete_manifest(ref.image, ref.version)

@@ -1,6 +1,11 @@
 """The dispatcher and two compute managers in one process, on the fake:// transport,
 booting real guests (the fake-driver tests are in tests/unit/dispatcher)."""
+import os
+
 from vmcloud import allinone
+from vmcloud import polling
+from vmcloud.compute import manager as compute_manager
+from vmcloud.drivers import base as driver_base
 from tests import base
 from tests import guest
 
@@ -48,3 +53,52 @@ class AllInOneQemuTest(base.TestCase):
         for instance in second['instances']:
             log = self.driver_of(instance).console_log(instance['name'])
             self.assertIn(f'VMCLOUD-PREVIOUS {names[origin[instance["image"]]]}', log)
+
+
+class ComputeRestartQemuTest(base.TestCase):
+    """A compute manager restarts under a running guest: the guest never stops."""
+
+    def setUp(self):
+        super().setUp()
+        self.conf.set_override('heartbeat_interval', 1)
+        self.cloud = allinone.AllInOne(self.conf, hosts=1, driver='qemu')
+        self.cloud.warehouse.import_image(guest.path('disk.img'), 'guest')
+        self.cloud.start()
+        self.addCleanup(self.cloud.stop)
+        self.api = self.cloud.api
+
+    @staticmethod
+    def written(driver, name: str) -> int:
+        """The last line the guest wrote and synced (its console says VMCLOUD-WROTE N)."""
+        lines = [line for line in driver.console_log(name).splitlines()
+                 if line.startswith('VMCLOUD-WROTE ')]
+        return int(lines[-1].split()[1]) if lines else 0
+
+    def test_a_restarted_manager_adopts_its_guest_which_keeps_writing(self):
+        boot = {'kernel': guest.path('vmlinuz'), 'initrd': guest.path('initrd.img'),
+                'cmdline': guest.CMDLINE + ' vmcloud.id={name} vmcloud.keep_writing=1'}
+        deployment = self.api.wait_deployment(
+            self.api.deploy('guest', count=1, boot=boot)['id'], TIMEOUT)
+        self.assertEqual('active', deployment['state'], deployment)
+        (instance,) = deployment['instances']
+        name, old = instance['name'], self.cloud.computes[0]
+        polling.wait(lambda: self.written(old.driver, name), lambda n: n >= 1, TIMEOUT,
+                     f'{name} writing', interval=0.2)
+        old.stop()
+        before = self.written(old.driver, name)
+        # A new manager, with a driver of its own: it finds the guest where the old one
+        # left it, and the disk served all along.
+        new = compute_manager.ComputeManager(
+            self.conf, old.mirrors, old.host, warehouse=self.cloud.warehouse,
+            node_root=os.path.join(self.state_path, 'nodes', old.host), shared_driver=True)
+        self.cloud.computes[0] = new
+        new.start()
+        self.assertEqual([name], new.driver.list_instances())
+        polling.wait(lambda: self.written(new.driver, name), lambda n: n >= before + 2,
+                     TIMEOUT, f'{name} writing on after the restart', interval=0.2)
+        # The new manager serves: a snapshot freezes and thaws the adopted guest.
+        snapshot = self.api.wait_snapshot(self.api.snapshot(deployment['id'])['id'], TIMEOUT)
+        self.assertEqual('available', snapshot['state'], snapshot)
+        self.assertEqual(driver_base.PowerState.RUNNING, new.driver.power_state(name))
+        self.assertEqual('active', self.api.show_deployment(deployment['id'])['instances'][0]
+                         ['state'])

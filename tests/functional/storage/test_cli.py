@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 
+from vmcloud.storage import warehouse
 from tests import base
 from tests import damage
 
@@ -65,6 +66,35 @@ class ImageCliTest(base.TestCase):
         self.assertEqual(1, self.json_of('image', 'gc')['removed_chunks'])
         stats = self.json_of('image', 'stats')
         self.assertEqual((1, 1, 4), (stats['images'], stats['versions'], stats['chunks']))
+
+    def test_rm_of_a_held_version_is_refused_naming_its_holders(self):
+        self.json_of('image', 'import', self.raw, 'disk', '--format', 'raw')
+        # A mirror on a node holds the version a guest runs on.
+        warehouse.Warehouse(self.conf).hold('disk:1', 'mirror.node1.vm-1a2b3c4d-0')
+        shown = self.json_of('image', 'show', 'disk:1')
+        self.assertEqual(['mirror.node1.vm-1a2b3c4d-0'], shown['holders'])
+        for target in ('disk:1', 'disk'):
+            refused = self.vmcloud('image', 'rm', target)
+            self.assertEqual(1, refused.returncode)
+            lines = refused.stderr.decode().splitlines()
+            self.assertEqual(1, len(lines), lines)
+            self.assertIn('vmcloud: error: image disk', lines[0])
+            self.assertIn('is in use by mirror.node1.vm-1a2b3c4d-0', lines[0])
+            self.assertIn('--force', lines[0])
+        self.assertEqual(1, len(self.json_of('image', 'list')))
+        self.assertEqual([{'deleted': 'disk:1'}],
+                         self.json_of('image', 'rm', 'disk:1', '--force'))
+        self.assertEqual([], self.json_of('image', 'list'))
+
+    def test_a_hold_left_behind_is_released_by_the_operator(self):
+        self.json_of('image', 'import', self.raw, 'disk', '--format', 'raw')
+        warehouse.Warehouse(self.conf).hold('disk:1', 'mirror.gone.vm-1')
+        self.json_of('image', 'release', 'disk:1', 'mirror.gone.vm-1')
+        self.assertEqual([], self.json_of('image', 'show', 'disk:1')['holders'])
+        self.json_of('image', 'rm', 'disk:1')
+        refused = self.vmcloud('image', 'release', 'disk', 'mirror.gone.vm-1')
+        self.assertEqual(1, refused.returncode)
+        self.assertIn(b'a hold names one version', refused.stderr)
 
     def test_verify_exits_nonzero_on_corruption(self):
         self.json_of('image', 'import', self.raw, 'disk')

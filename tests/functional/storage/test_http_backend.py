@@ -25,6 +25,7 @@ from vmcloud.storage import protocol
 from vmcloud.storage.service import server as server_mod
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
+from tests.functional.storage.silent_peer import SilentPeer
 from tests.unit.storage import test_backend_conformance
 
 TOKEN = 'test-token-0123456789'
@@ -112,6 +113,22 @@ class WarehouseOverHttpTest(ServiceFixtureMixin, base.TestCase):
 
     def requests(self) -> dict:
         return self.service.app.counters
+
+    def test_holds_cross_the_wire_and_refuse_a_delete_on_another_client(self):
+        self.warehouse.import_image(self.raw, 'disk', 'raw')
+        self.warehouse.hold('disk:1', 'mirror.node1.vm-1a2b3c4d-0')
+        other = warehouse_mod.Warehouse(self.conf, backend=self.client())  # another host
+        other.hold('disk:1', 'snapshot.s1')
+        self.assertEqual(['mirror.node1.vm-1a2b3c4d-0', 'snapshot.s1'],
+                         self.warehouse.holders('disk', 1))
+        error = self.assertRaises(exception.ImageHeld, other.delete, 'disk', 1)
+        self.assertEqual(['mirror.node1.vm-1a2b3c4d-0', 'snapshot.s1'], error.holders)
+        self.assertEqual([1], self.file_store.list_versions('disk'))
+        self.warehouse.release('disk:1', 'mirror.node1.vm-1a2b3c4d-0')
+        other.release('disk:1', 'snapshot.s1')
+        self.assertEqual([], other.holders('disk', 1))
+        other.delete('disk', 1)
+        self.assertEqual([], self.file_store.list_images())
 
     def test_import_snapshot_export(self):
         imported = self.warehouse.import_image(self.raw, 'disk', 'raw').manifest
@@ -393,6 +410,120 @@ class ServiceEdgesTest(ServiceFixtureMixin, base.TestCase):
                                       fields={'lease': lease.id})
         self.assertIn('"end"', str(error))
         self.assertTrue(client.has_chunk(chunk_id))
+
+
+class DeadlineTest(ServiceFixtureMixin, base.TestCase):
+    """Every request to a warehouse that stops answering fails within its deadline,
+    naming the warehouse and the request."""
+
+    TIMEOUT = 0.5
+    RETRIES = 3
+    # Three times the deadline; the old client took (retries + 1) connect timeouts
+    # plus its backoff: 3.4 s.
+    BOUND = 1.5
+
+    def setUp(self):
+        super().setUp()
+        self.start_service()
+        self.conf.set_override('timeout', self.TIMEOUT, group='storage_http')
+        self.conf.set_override('connect_retries', self.RETRIES, group='storage_http')
+
+    def peer(self, **kwargs) -> SilentPeer:
+        peer = SilentPeer(**kwargs)
+        self.addCleanup(peer.close)
+        return peer
+
+    def client_of(self, url: str) -> http_backend.HttpBackend:
+        self.conf.set_override('url', url, group='storage_http')
+        return self.client()
+
+    def assertFailsInTime(self, call, *args, operation: str, url: str):
+        started = time.monotonic()
+        error = self.assertRaises(exception.StorageError, call, *args)
+        elapsed = time.monotonic() - started
+        self.assertLess(elapsed, self.BOUND, f'{operation} took {elapsed:.1f} s: {error}')
+        self.assertIn(url, str(error))
+        self.assertIn(operation, str(error))
+        self.assertNotIn('\n', str(error))
+        return error
+
+    def test_every_kind_of_request_to_a_dropping_or_mute_peer_fails_named(self):
+        chunk_id = hashlib.sha256(b'x').hexdigest()
+        for peer in (self.peer(dropping=True), self.peer()):
+            client = self.client_of(peer.url)
+            calls = [
+                ((client.list_images,), 'GET /v1/images'),
+                ((client.read_chunk, chunk_id), f'GET /v1/chunks/{chunk_id}'),
+                ((client.has_chunk, chunk_id), f'HEAD /v1/chunks/{chunk_id}'),
+                ((client.missing, [chunk_id]), 'POST /v1/chunks/missing'),
+                ((client.read_manifest, 'img', 1), 'GET /v1/images/img/versions/1'),
+                ((client.create_manifest, 'img', 1, b'm'), 'PUT /v1/images/img/versions/1'),
+                ((client.list_attachments, 'img'), 'GET /v1/images/img/attachments'),
+                ((client.shared_lock().__enter__,), 'POST /v1/locks'),
+                ((client.iter_chunks().__next__,), 'GET /v1/chunks'),
+            ]
+            for call, operation in calls:
+                error = self.assertFailsInTime(*call, operation=operation, url=peer.url)
+                self.assertIn(f'no answer within {self.TIMEOUT:g} s', str(error))
+
+    def test_a_streamed_listing_that_stalls_fails_named(self):
+        peer = self.peer(prefix=b'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n'
+                                b'Transfer-Encoding: chunked\r\n\r\n'
+                                b'4a\r\n' + b'a' * 64 + b' 4096\n' + b'b' * 8 + b'\r\n')
+        chunks = self.client_of(peer.url).iter_chunks()
+        self.assertFailsInTime(list, chunks, operation='GET /v1/chunks', url=peer.url)
+
+    def test_a_warehouse_lost_while_a_lock_is_held_loses_the_lock_in_time(self):
+        self.conf.set_override('lease_ttl', 0.6, group='storage_http')
+        # A renewal must fail within a third of the TTL, not within the (longer)
+        # timeout of requests, or the lease expires on the service unnoticed.
+        self.conf.set_override('timeout', 10, group='storage_http')
+        client = self.client()
+        context = client.shared_lock()
+        context.__enter__()
+        lease = client._held()[-1]
+        # From now on every request of this client, its renewals too, goes nowhere.
+        client.url = self.peer(dropping=True).url
+        started = time.monotonic()
+        for _ in range(100):  # 5 s at most
+            if lease.lost is not None:
+                break
+            time.sleep(0.05)
+        self.assertIsNotNone(lease.lost)
+        self.assertLess(time.monotonic() - started, self.BOUND)
+        self.assertRaises(exception.LeaseLost, client.list_images)
+        self.assertRaises(exception.LeaseLost, context.__exit__, None, None, None)
+
+    def test_a_renewal_stuck_in_a_request_does_not_keep_the_lock(self):
+        # Whatever the renewer waits on, the holder's own calls see that no renewal
+        # got through for a whole TTL: the service has expired the lease by then.
+        self.conf.set_override('lease_ttl', 0.6, group='storage_http')
+        client = self.client()
+        real_request = client.request
+        answer = threading.Event()
+        self.addCleanup(answer.set)
+
+        def request(method, path, *args, **kwargs):
+            if path.endswith('/renew'):
+                answer.wait(20)
+                raise exception.StorageError('injected: no answer')
+            return real_request(method, path, *args, **kwargs)
+
+        with mock.patch.object(client, 'request', request):
+            context = client.shared_lock()
+            context.__enter__()
+            lease = client._held()[-1]
+            for _ in range(200):
+                try:
+                    lease.check()
+                except exception.LeaseLost as exc:
+                    self.assertIn('no renewal reached the service for 0.6 s', str(exc))
+                    break
+                time.sleep(0.05)
+            else:
+                self.fail('the lease was never lost')
+            self.assertRaises(exception.LeaseLost, context.__exit__, None, None, None)
+            answer.set()
 
 
 class LeaseTest(ServiceFixtureMixin, base.TestCase):

@@ -18,8 +18,10 @@ import rados
 from vmcloud import exception
 from vmcloud.storage import backend as backend_mod
 from vmcloud.storage import warehouse
+from vmcloud.storage.manifest import VersionRef
 from vmcloud.storage.backends import rados as rados_backend
 from tests import base
+from tests.functional.storage.silent_peer import SilentPeer
 from tests.unit.storage import test_backend_conformance
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -396,6 +398,44 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
         self.assertIn('pool no-such-pool', str(error))
         self.assertIsInstance(error.__cause__, rados.Error)
 
+    def test_operation_timeouts_come_from_the_options(self):
+        # A cluster that stops answering fails each operation after op_timeout
+        # (librados' rados_osd_op_timeout, rados_mon_op_timeout), never hangs it.
+        self.conf.set_override('op_timeout', 7, 'storage_rados')
+        self.conf.set_override('connect_timeout', 3, 'storage_rados')
+        cluster = self.make_backend()._cluster
+        self.assertEqual(('7', '7', '3'), (cluster.conf_get('rados_osd_op_timeout'),
+                                           cluster.conf_get('rados_mon_op_timeout'),
+                                           cluster.conf_get('client_mount_timeout')))
+
+    def test_a_monitor_that_drops_packets_fails_in_bounded_time(self):
+        peer = SilentPeer(dropping=True)
+        self.addCleanup(peer.close)
+        port = peer.sock.getsockname()[1]
+        conffile = os.path.join(self.tmp, 'ceph.conf')
+        with open(os.path.join(CEPH_DIR, 'ceph.conf')) as src, open(conffile, 'w') as dst:
+            for line in src:
+                if line.strip().startswith('mon_host'):
+                    line = f'mon_host = v2:127.0.0.1:{port}\n'
+                dst.write(line)
+        self.conf.set_override('conffile', conffile, 'storage_rados')
+        self.conf.set_override('connect_timeout', 2, 'storage_rados')
+        errors = []
+
+        def connect():
+            try:
+                rados_backend.RadosBackend(self.conf)
+            except exception.StorageError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(60)
+        self.assertFalse(thread.is_alive(), 'connecting to a silent monitor hung')
+        [error] = errors
+        self.assertIn(f'mon_host v2:127.0.0.1:{port}', str(error))
+        self.assertIn('within 2 s', str(error))
+
     def test_unreachable_cluster_fails_in_bounded_time(self):
         conffile = os.path.join(self.tmp, 'ceph.conf')
         with open(os.path.join(CEPH_DIR, 'ceph.conf')) as src, open(conffile, 'w') as dst:
@@ -482,3 +522,29 @@ class RadosWarehouseTest(RadosTestCase):
         self.assertIsNone(store.read_attachment('disk', 'boot-profile'))
         self.assertEqual([], [obj.key for obj in store.backend.ioctx.list_objects()
                               if obj.key.startswith('attachment')])
+
+    def test_holds_and_instance_snapshots_across_hosts(self):
+        self.conf.set_override('chunk_size', 4096, 'storage')
+        path = os.path.join(self.tmp, 'disk.raw')
+        with open(path, 'wb') as f:
+            f.write(random.Random(7).randbytes(4096 * 4))
+        store = warehouse.Warehouse(self.conf)
+        self.addCleanup(store.backend.close)
+        elsewhere = warehouse.Warehouse(self.conf)  # another host
+        self.addCleanup(elsewhere.backend.close)
+        base_version = store.import_image(path, 'disk').manifest
+        store.hold('disk:1', 'mirror.node1.vm-a-0')
+        elsewhere.hold('disk:1', 'mirror.node2.vm-b-0')
+        [snap] = elsewhere.snapshot_many([(base_version.ref, {0: b's' * 4096})],
+                                         targets=['vm-b-0'])
+        self.assertEqual(base_version, store.lookup('disk'))  # the base is still the image
+        self.assertEqual(base_version.ref, store.lookup('vm-b-0:1').parent)
+        store.delete('vm-b-0')
+        error = self.assertRaises(exception.ImageHeld, store.delete, 'disk', 1)
+        self.assertEqual(['mirror.node1.vm-a-0', 'mirror.node2.vm-b-0'], error.holders)
+        store.release('disk:1', 'mirror.node1.vm-a-0')
+        self.assertEqual(['mirror.node2.vm-b-0'], elsewhere.holders('disk', 1))
+        elsewhere.delete('disk', force=True)
+        self.assertEqual([], store.images())
+        self.assertEqual([], store.backend.list_attachments('disk'))
+        self.assertEqual(VersionRef('vm-b-0', 1), snap.manifest.ref)

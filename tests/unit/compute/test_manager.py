@@ -1,7 +1,12 @@
-"""The compute manager with the fake driver, called directly; its reports recorded."""
+"""The compute manager with the fake driver and in-process mirrors, called directly; what it
+tells the dispatcher recorded by a stand-in."""
 import errno
+import logging
 import os
 import threading
+import time
+
+import fixtures
 
 from vmcloud import exception
 from vmcloud import polling
@@ -10,31 +15,52 @@ from vmcloud.compute import manager
 from vmcloud.compute import phases
 from vmcloud.drivers import base as driver_base
 from vmcloud.drivers import fake
-from vmcloud.mirror import disk as disk_mod
-from vmcloud.mirror import manager as mirror_manager
+from vmcloud.mirror import api as mirror_api
 from vmcloud.mirror import profile
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
 from tests.unit.compute import test_artifacts
 from tests.unit.dispatcher import helpers
 
+WAIT = 30
+
 
 class Reports:
-    """Stands in for the dispatcher: what the compute manager tells it."""
+    """Stands in for the dispatcher: what the compute manager tells it, and its answers
+    to register_host (``instances``) and build_wanted (``wanted``)."""
 
     def __init__(self):
         self.sent: list[tuple] = []
         self.changed = threading.Condition()
+        self.instances: list[dict] = []
+        self.wanted = True
+        self.register_errors: list[Exception] = []
+
+    def _record(self, method: str, *args) -> None:
+        with self.changed:
+            self.sent.append((method, *args))
+            self.changed.notify_all()
 
     def __getattr__(self, method: str):
-        def report(*args) -> None:
-            with self.changed:
-                self.sent.append((method, *args))
-                self.changed.notify_all()
-        return report
+        return lambda *args: self._record(method, *args)
+
+    def register_host(self, host: str, node_id: str, incarnation: str, capacity: dict) -> dict:
+        self._record('register_host', host, node_id, incarnation)
+        if self.register_errors:
+            raise self.register_errors.pop(0)
+        return {'instances': self.instances}
+
+    def build_wanted(self, instance_id: str, host: str, attempt: int) -> bool:
+        self._record('build_wanted', instance_id, host, attempt)
+        return self.wanted
 
     def of(self, method: str) -> list[tuple]:
         return [r[1:] for r in self.sent if r[0] == method]
+
+    def wait_for(self, method: str, count: int = 1) -> list[tuple]:
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.of(method)) >= count, WAIT)
+        return self.of(method)
 
 
 class ComputeManagerTest(base.TestCase):
@@ -47,16 +73,28 @@ class ComputeManagerTest(base.TestCase):
         self.image = str(self.warehouse.import_image(helpers.write_image(self.tmp),
                                                      'guest').manifest.ref)
         self.driver = fake.FakeDriver(self.conf)
-        self.compute = manager.ComputeManager(self.conf, 'node1', driver=self.driver,
-                                              warehouse=self.warehouse)
-        self.addCleanup(self.compute.mirrors.close)
+        self.mirrors = mirror_api.LocalMirrors(self.conf, self.warehouse)
+        self.addCleanup(self.mirrors.close)
         self.reports = Reports()
-        self.compute.dispatcher = self.reports
+        self.compute = self.new_manager()
 
-    def build(self, name: str = 'vm1', **boot: str) -> dict:
+    def new_manager(self, **kwargs) -> manager.ComputeManager:
+        """A compute manager of node1 on the test's driver and mirrors, as a restart
+        finds them: the node's mirror service outlives its managers."""
+        kwargs.setdefault('driver', self.driver)
+        compute = manager.ComputeManager(self.conf, self.mirrors, 'node1',
+                                         warehouse=self.warehouse, **kwargs)
+        compute.dispatcher = self.reports
+        return compute
+
+    def build(self, name: str = 'vm1', attempt: int = 1, **boot: str) -> dict:
         instance = {'id': f'id-{name}', 'name': name, 'image': self.image, 'vcpus': 1,
-                    'memory_mib': 256, 'boot': {'cmdline': 'vmcloud.id={name}', **boot}}
+                    'memory_mib': 256, 'attempt': attempt,
+                    'boot': {'cmdline': 'vmcloud.id={name}', **boot}}
         self.compute.build_instance({}, instance)
+        # As the dispatcher has it once built: what a restart keeps.
+        self.reports.instances.append({'id': instance['id'], 'name': name, 'state': 'active',
+                                       'attempts': attempt, 'image': self.image})
         return instance
 
     def test_a_build_reports_built(self):
@@ -122,15 +160,9 @@ class ComputeManagerTest(base.TestCase):
         self.assertIn('cleanup failed: RuntimeError: cleanup broke, on purpose', reason)
 
     def test_a_build_that_fails_after_the_boot_is_reported_too(self):
-        fetched_indexes = disk_mod.MirrorDisk.fetched_indexes
-        broke = []
-
-        def broken_once(disk):
-            if not broke:
-                broke.append(disk)
-                raise RuntimeError('no stats, on purpose')
-            return fetched_indexes(disk)
-        self.patch(disk_mod.MirrorDisk, 'fetched_indexes', broken_once)
+        def broken(name):
+            raise RuntimeError('no stats, on purpose')
+        self.mirrors.needed_bytes = broken
         self.build()
         (_, _, reason), = self.reports.of('build_failed')
         self.assertEqual('RuntimeError: no stats, on purpose', reason)
@@ -139,7 +171,7 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual([], self.compute.mirrors.names())
 
     def test_the_heartbeat_outlives_any_error(self):
-        # A heartbeat thread that died would have the node marked down, its guests in error.
+        # A heartbeat thread that died would have the node marked unknown.
         self.conf.set_override('heartbeat_interval', 1)
         measure = self.driver.host_capacity
         failures = [RuntimeError('a bug, on purpose'), OSError(28, 'No space left on device')]
@@ -152,13 +184,31 @@ class ComputeManagerTest(base.TestCase):
         self.compute._heartbeat.start()
         self.addCleanup(self.compute._heartbeat.join, 30)
         self.addCleanup(self.compute._stopping.set)
-        with self.reports.changed:
-            self.assertTrue(self.reports.changed.wait_for(
-                lambda: self.reports.of('report_heartbeat'), 30))
+        self.assertTrue(self.reports.wait_for('report_heartbeat'))
         self.assertEqual([], failures)
         self.assertTrue(self.compute._heartbeat.is_alive())
 
-    def test_stopping_destroys_every_guest_and_closes_whatever_fails(self):
+    def test_the_heartbeat_names_the_incarnation_and_the_guests_that_run(self):
+        self.build('vm1')
+        self.build('vm2')
+        self.driver.stop('vm2')  # shut down: not running, though listed
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        (host, capacity, incarnation, running), = self.reports.wait_for('report_heartbeat')[:1]
+        self.assertEqual(('node1', self.compute.incarnation, ['vm1']),
+                         (host, incarnation, running))
+        self.assertEqual(self.mirrors.fetched_bytes(), capacity['fetched_bytes'])
+
+    def test_stopping_leaves_guests_and_mirrors_running(self):
+        self.build('vm1')
+        self.compute.start()
+        self.compute.stop()
+        self.assertEqual(['vm1'], self.driver.list_instances())
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+        self.assertEqual(['vm1'], self.mirrors.names())
+        self.assertFalse(self.compute._heartbeat.is_alive())
+
+    def test_stopping_may_destroy_every_guest_whatever_fails(self):
         self.build('vm1')
         self.build('vm2')
         destroy = self.driver.destroy
@@ -171,36 +221,213 @@ class ComputeManagerTest(base.TestCase):
         self.compute.start()
         self.compute.stop(destroy_instances=True)
         self.assertEqual(['vm1'], self.driver.list_instances())
-        # The mirrors were closed: another manager may own this node's state now.
-        self.assertEqual([], self.compute.mirrors.names())
-        again = mirror_manager.MirrorManager(self.conf, self.warehouse)
-        again.close()
+        self.assertEqual(['vm1'], self.mirrors.names())  # its destroy stopped there
+
+    def test_stopping_thaws_the_guests_of_an_unfinished_snapshot(self):
+        self.build('vm1')
+        self.compute.start()
+        self.assertIn('frozen_at', self.freeze(['vm1'])['vm1'])
+        self.compute.stop()
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
 
     def test_state_is_where_the_mirror_options_put_it(self):
-        self.compute.mirrors.close()
+        self.mirrors.close()
         paths = {option: os.path.join(self.tmp, 'elsewhere', option)
                  for option in ('mirrors_path', 'cache_path', 'nbd_socket')}
         for option, path in paths.items():
             self.conf.set_override(option, path, 'mirror')
-        self.compute = manager.ComputeManager(self.conf, 'node1', driver=self.driver,
-                                              warehouse=self.warehouse)
-        self.addCleanup(self.compute.mirrors.close)
-        self.compute.dispatcher = self.reports
+        self.mirrors = mirror_api.LocalMirrors(self.conf, self.warehouse)
+        self.addCleanup(self.mirrors.close)
+        self.compute = self.new_manager()
         self.build()
         self.assertIn(paths['nbd_socket'], self.compute.mirrors.uri('vm1'))
         self.assertTrue(os.path.exists(paths['nbd_socket']))
         self.assertEqual(['vm1'], os.listdir(paths['mirrors_path']))
         self.assertIn('lock', os.listdir(paths['cache_path']))
-        # Nothing of the node's is under state_path: the host's config placed all of it.
+        # Nothing of the node's mirrors is under state_path: the host's config placed them.
         self.assertFalse(os.path.exists(os.path.join(self.conf.state_path, 'nodes')))
         self.assertFalse(os.path.exists(os.path.join(self.conf.state_path, 'mirrors')))
 
-    def test_destroy(self):
+    def test_destroy_is_confirmed_even_with_nothing_to_destroy(self):
         self.build()
+        directory = os.path.join(self.conf.compute.instances_path, 'vm1')
+        os.makedirs(directory)  # as a driver keeps one
         self.compute.destroy_instance({}, 'vm1')
         self.assertEqual([], self.driver.list_instances())
         self.assertEqual([], self.compute.mirrors.names())
+        self.assertFalse(os.path.exists(directory))
         self.compute.destroy_instance({}, 'vm1')  # gone already: nothing to do
+        self.assertEqual([('node1', 'vm1')] * 2, self.reports.of('instance_destroyed'))
+
+    # -- stale builds ------------------------------------------------------------------
+
+    def test_a_build_the_dispatcher_no_longer_wants_is_dropped(self):
+        self.reports.wanted = False
+        self.build('vm1', attempt=2)
+        self.assertEqual([('id-vm1', 'node1', 2)], self.reports.of('build_wanted'))
+        self.assertEqual([], self.driver.list_instances())
+        self.assertEqual([], self.mirrors.names())
+        self.assertEqual([], self.reports.of('instance_built') + self.reports.of('build_failed'))
+
+    def test_an_attempt_older_than_one_started_here_is_dropped_unasked(self):
+        self.build('vm1', attempt=3)
+        self.destroy_all()
+        self.build('vm1', attempt=2)
+        self.build('vm1', attempt=3)  # the same request again (redelivered)
+        self.assertEqual([('id-vm1', 'node1', 3)], self.reports.of('build_wanted'))
+        self.assertEqual(1, len(self.reports.of('instance_built')))
+        self.assertEqual([], self.driver.list_instances())
+        self.build('vm1', attempt=4)
+        self.assertEqual(2, len(self.reports.of('instance_built')))
+
+    def test_a_build_the_dispatcher_cannot_confirm_is_dropped(self):
+        def unreachable(*args):
+            raise exception.MessagingError('the dispatcher did not answer, on purpose')
+        self.reports.build_wanted = unreachable
+        self.build('vm1')
+        self.assertEqual([], self.driver.list_instances())
+        self.assertEqual([], self.reports.of('build_failed'))
+
+    def destroy_all(self) -> None:
+        for name in self.driver.list_instances():
+            self.compute.destroy_instance({}, name)
+
+    # -- identity and registration -----------------------------------------------------
+
+    def test_the_node_id_is_kept_and_each_start_is_a_new_incarnation(self):
+        again = self.new_manager()
+        self.assertRegex(self.compute.node_id, '^[0-9a-f]{32}$')
+        self.assertEqual(self.compute.node_id, again.node_id)
+        self.assertNotEqual(self.compute.incarnation, again.incarnation)
+        with open(os.path.join(self.state_path, 'node-id')) as f:
+            self.assertEqual(self.compute.node_id, f.read())
+        elsewhere = self.new_manager(node_root=os.path.join(self.tmp, 'node2'))
+        self.assertNotEqual(self.compute.node_id, elsewhere.node_id)
+        again.start()
+        self.addCleanup(again.stop)
+        self.assertEqual([('node1', again.node_id, again.incarnation)],
+                         self.reports.of('register_host'))
+
+    def test_a_damaged_node_id_is_named(self):
+        with open(os.path.join(self.state_path, 'node-id'), 'w') as f:
+            f.write('not an id')
+        error = self.assertRaises(exception.ConfigError, self.new_manager)
+        self.assertIn(os.path.join(self.state_path, 'node-id'), str(error))
+        self.assertIn('not an id', str(error))
+
+    def test_registering_waits_for_the_dispatcher(self):
+        self.conf.set_override('rpc_startup_timeout', 60)
+        self.reports.register_errors = [exception.MessagingError('no answer, on purpose')]
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        self.assertEqual(2, len(self.reports.of('register_host')))
+
+    def test_registering_gives_up_after_the_startup_timeout(self):
+        self.conf.set_override('rpc_startup_timeout', 0)
+        self.reports.register_errors = [exception.MessagingError('no answer, on purpose')]
+        error = self.assertRaises(exception.MessagingError, self.compute.start)
+        self.assertIn('could not register', str(error))
+        self.assertIn('no answer, on purpose', str(error))
+
+    def test_a_host_name_in_use_is_refused_at_once(self):
+        self.reports.register_errors = [exception.HostNameInUse('node1', 'abc123')]
+        error = self.assertRaises(exception.HostNameInUse, self.compute.start)
+        self.assertIn('abc123', str(error))
+        self.assertEqual(1, len(self.reports.of('register_host')))
+        self.assertFalse(self.compute._heartbeat.is_alive())
+
+    # -- adoption ----------------------------------------------------------------------
+
+    def restart(self, **states: str) -> manager.ComputeManager:
+        """A new manager of node1 starts; the dispatcher has ``states`` (name -> state)
+        on this host. :returns: it, started, logging into self.log."""
+        self.reports.instances = [{'id': f'id-{name}', 'name': name, 'state': state,
+                                   'attempts': 1, 'image': self.image}
+                                  for name, state in states.items()]
+        self.log = self.useFixture(fixtures.FakeLogger(level=logging.INFO,
+                                                       name='vmcloud.compute'))
+        self.compute = self.new_manager()
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        return self.compute
+
+    def test_a_restart_keeps_what_the_dispatcher_wants_running(self):
+        for name in ('vm1', 'vm2', 'vm3'):
+            self.build(name)
+        self.driver.pause('vm3')  # the last manager died mid-snapshot
+        self.restart(vm1='active', vm2='unknown', vm3='error')
+        self.assertEqual(['vm1', 'vm2', 'vm3'], self.driver.list_instances())
+        self.assertEqual(['vm1', 'vm2', 'vm3'], sorted(self.mirrors.names()))
+        for name in ('vm1', 'vm2', 'vm3'):
+            self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state(name))
+            self.assertIn(f'adopting {name} (', self.log.output)
+        self.assertIn('resuming vm3', self.log.output)
+        self.assertEqual([], self.reports.of('build_failed'))
+
+    def test_a_restart_fails_a_build_it_cut_short(self):
+        self.build('vm1')
+        self.restart(vm1='building')
+        self.assertEqual([], self.driver.list_instances())
+        self.assertEqual([], self.mirrors.names())
+        self.assertEqual([('id-vm1', 'node1', manager.RESTARTED_DURING_BUILD)],
+                         self.reports.of('build_failed'))
+
+    def test_a_restart_destroys_what_is_not_wanted_here(self):
+        self.build('vm1')
+        self.build('vm2')
+        self.mirrors.create('vm3', self.image)  # a mirror whose guest never started
+        instances = self.conf.compute.instances_path
+        for leaf in ('vm1', 'stray'):
+            os.makedirs(os.path.join(instances, leaf))
+        self.restart(vm2='deleting')
+        self.assertEqual([], self.driver.list_instances())
+        self.assertEqual([], self.mirrors.names())
+        self.assertEqual([], os.listdir(instances))
+        self.assertEqual([('node1', 'vm2')], self.reports.of('instance_destroyed'))
+        self.assertIn('adopting vm1: not wanted on node1', self.log.output)
+        self.assertIn('adopting vm3: not wanted on node1: destroying its mirror',
+                      self.log.output)
+        self.assertEqual([], self.reports.of('build_failed'))
+
+    def test_a_shared_driver_counts_only_this_nodes_guests(self):
+        self.build('vm1')
+        # Another node's guest, seen through the same instances_path.
+        self.driver.spawn(driver_base.InstanceSpec(name='other', disk=self.mirrors.uri('vm1')))
+        self.reports.instances = []
+        self.compute = self.new_manager(shared_driver=True)
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        self.assertEqual(['other'], self.driver.list_instances())  # vm1 was not wanted
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('other'))
+        (_, _, _, running), = self.reports.wait_for('report_heartbeat')[:1]
+        self.assertEqual([], running)
+        self.assertRaises(exception.InstanceNotFound, self.compute.console_log, {}, 'other', 10)
+
+    # -- console -----------------------------------------------------------------------
+
+    def test_the_console_is_its_tail(self):
+        self.build('vm1')
+        self.driver.instances['vm1'].console.append('\u00e9t\u00e9 ends here')
+        whole = self.driver.console_log('vm1')
+        self.assertEqual(whole, self.compute.console_log({}, 'vm1', 1 << 20))
+        self.assertEqual('ends here\n', self.compute.console_log({}, 'vm1', 10))
+        # A character cut by the limit is left out, not garbled.
+        self.assertEqual('t\u00e9 ends here\n', self.compute.console_log({}, 'vm1', 15))
+        error = self.assertRaises(exception.InstanceNotFound, self.compute.console_log, {},
+                                  'nosuch', 10)
+        self.assertIn('nosuch', str(error))
+        self.assertRaises(exception.InvalidRequest, self.compute.console_log, {}, 'vm1', 0)
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    def freeze(self, names: list[str], snapshot_id: str = 'snap1', pause_limit: float = 600,
+               timeout: float = 60) -> dict:
+        return self.compute.freeze({}, snapshot_id, names, pause_limit, timeout)
+
+    @staticmethod
+    def items(names: list[str]) -> list[dict]:
+        return [{'instance_id': f'id-{name}', 'name': name, 'target': f'{name}-snap'}
+                for name in names]
 
     def test_freeze_then_barrier_thaws_and_uploads(self):
         self.build('vm1')
@@ -208,37 +435,103 @@ class ComputeManagerTest(base.TestCase):
         mirror = self.compute.mirrors.get('vm1')
         chunk = mirror.disk.manifest.chunk_size
         mirror.disk.write(0, b'x' * chunk)
-        self.assertEqual({'vm1': '', 'vm2': ''}, self.compute.freeze({}, ['vm1', 'vm2']))
+        before = time.time()
+        frozen = self.freeze(['vm1', 'vm2'])
         for name in ('vm1', 'vm2'):
             self.assertTrue(self.driver.instances[name].io_frozen)
             self.assertEqual(driver_base.PowerState.PAUSED, self.driver.power_state(name))
-        items = [{'instance_id': 'id-vm1', 'name': 'vm1'},
-                 {'instance_id': 'id-vm2', 'name': 'vm2'}]
-        results = self.compute.barrier_and_thaw({}, 'snap1', items)
+            self.assertLessEqual(before, frozen[name]['frozen_at'])
+        results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1', 'vm2']))
         self.assertEqual(chunk, results['vm1']['dirty_bytes'])
         self.assertEqual(0, results['vm2']['dirty_bytes'])
         for name in ('vm1', 'vm2'):
             self.assertFalse(self.driver.instances[name].io_frozen)
             self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state(name))
-        done = polling.wait(lambda: self.reports.of('snapshot_item_done'),
-                            lambda d: len(d) == 2, 60, 'both uploads', interval=0.02)
+            self.assertLess(frozen[name]['frozen_at'], results[name]['thawed_at'])
+            self.assertGreater(results[name]['pause_ms'], 0)
+        done = self.reports.wait_for('snapshot_item_done', 2)
         by_id = {d[1]: d for d in done}
         _, _, version, uploaded, error = by_id['id-vm1']
         self.assertEqual('', error)
         self.assertEqual(chunk, uploaded)
+        self.assertEqual('vm1-snap', version.split(':')[0])  # its own lineage
         self.assertBytesEqual(b'x' * chunk,
                               self.warehouse.read(self.warehouse.lookup(version), 0, chunk))
 
     def snapshot(self, names: list[str]) -> dict:
         """Freeze and barrier ``names`` as one snapshot; :returns: instance id -> the
         (version, uploaded bytes, error) each one's upload reported."""
-        self.assertEqual(dict.fromkeys(names, ''), self.compute.freeze({}, names))
-        items = [{'instance_id': f'id-{name}', 'name': name} for name in names]
-        self.compute.barrier_and_thaw({}, 'snap1', items)
-        done = polling.wait(lambda: self.reports.of('snapshot_item_done'),
-                            lambda d: len(d) == len(names), 60, 'every upload',
-                            interval=0.02)
+        for result in self.freeze(names).values():
+            self.assertIn('frozen_at', result)
+        self.compute.barrier_and_thaw({}, 'snap1', self.items(names))
+        done = self.reports.wait_for('snapshot_item_done', len(names))
         return {instance_id: rest for _snapshot, instance_id, *rest in done}
+
+    def test_each_disk_is_synced_while_its_guest_runs_then_frozen(self):
+        self.build('vm1')
+        events = []
+        sync, freeze_io = self.mirrors.sync, self.driver.freeze_io
+
+        def synced(name):
+            events.append(('sync', name, self.driver.power_state(name)))
+            return sync(name)
+
+        def frozen(name):
+            events.append(('freeze', name))
+            return freeze_io(name)
+        self.mirrors.sync = synced
+        self.driver.freeze_io = frozen
+        self.freeze(['vm1'])
+        self.assertEqual([('sync', 'vm1', driver_base.PowerState.RUNNING), ('freeze', 'vm1')],
+                         events)
+        self.compute.thaw({}, 'snap1')
+        events.clear()
+        self.conf.set_override('sync_before_freeze', False, 'compute')
+        self.freeze(['vm1'], 'snap2')
+        self.assertEqual([('freeze', 'vm1')], events)
+
+    def test_the_pause_limit_thaws_by_itself_and_the_late_barrier_is_an_error(self):
+        self.build('vm1')
+        self.assertIn('frozen_at', self.freeze(['vm1'], pause_limit=0.1)['vm1'])
+        polling.wait(lambda: self.driver.power_state('vm1'),
+                     lambda state: state == driver_base.PowerState.RUNNING, WAIT,
+                     'vm1 thawed by its pause limit', interval=0.02)
+        self.assertFalse(self.driver.instances['vm1'].io_frozen)
+        results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1']))
+        self.assertIn('freeze expired', results['vm1']['error'])
+        self.assertIn('freeze expired', self.freeze(['vm1'])['vm1']['error'])
+
+    def test_thaw_aborts(self):
+        self.build('vm1')
+        self.build('vm2')
+        self.freeze(['vm1', 'vm2'])
+        self.assertEqual({'vm1': '', 'vm2': ''}, self.compute.thaw({}, 'snap1'))
+        for name in ('vm1', 'vm2'):
+            self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state(name))
+        results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1']))
+        self.assertIn('not frozen for snapshot snap1', results['vm1']['error'])
+        self.assertEqual({}, self.compute.thaw({}, 'snap1'))
+
+    def test_a_freeze_past_its_timeout_is_an_error_and_thawed_when_it_ends(self):
+        self.build('vm1')
+        self.build('vm2')
+        release = threading.Event()
+        freeze_io = self.driver.freeze_io
+
+        def stuck(name):
+            freeze_io(name)
+            if name == 'vm2':
+                release.wait(WAIT)
+        self.driver.freeze_io = stuck
+        answers = self.freeze(['vm1', 'vm2'], timeout=0.5)
+        self.assertIn('frozen_at', answers['vm1'])
+        self.assertIn('freeze of vm2 did not end within', answers['vm2']['error'])
+        release.set()
+        polling.wait(lambda: self.driver.power_state('vm2'),
+                     lambda state: state == driver_base.PowerState.RUNNING, WAIT,
+                     'vm2 thawed after its late freeze', interval=0.02)
+        results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1']))
+        self.assertIn('dirty_bytes', results['vm1'])
 
     def test_one_barrier_is_one_upload_session_and_each_item_its_own_result(self):
         for name in ('vm1', 'vm2', 'vm3'):
@@ -250,9 +543,9 @@ class ComputeManagerTest(base.TestCase):
         sessions = []
         snapshot_many = self.warehouse.snapshot_many
 
-        def one_of_them_fails(items):
+        def one_of_them_fails(items, targets=None):
             sessions.append(len(items))
-            results = snapshot_many(items)
+            results = snapshot_many(items, targets=targets)
             results[2] = exception.InvalidRange('vm3 does not fit, on purpose')
             return results
         self.warehouse.snapshot_many = one_of_them_fails
@@ -268,23 +561,17 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual(('', 0, 'InvalidRange: vm3 does not fit, on purpose'),
                          tuple(reports['id-vm3']))
 
-    def test_a_failed_upload_session_is_reported_for_every_item_and_ends_the_barriers(self):
+    def test_a_failed_upload_is_reported_for_every_item(self):
         for name in ('vm1', 'vm2'):
             self.build(name)
-            disk = self.compute.mirrors.get(name).disk
-            disk.write(0, b'x' * disk.manifest.chunk_size)
 
-        def failing(items):
-            raise exception.StorageError('the store is down, on purpose')
-        self.warehouse.snapshot_many = failing
+        def failing(key, targets):
+            raise exception.MirrorServiceUnavailable('/run/m.sock', 'gone, on purpose')
+        self.mirrors.upload = failing
         reports = self.snapshot(['vm1', 'vm2'])
-        self.assertEqual({f'id-{name}': ['', 0, 'StorageError: the store is down, on purpose']
+        self.assertEqual({f'id-{name}': ['', 0, 'MirrorServiceUnavailable: mirror service at '
+                                                '/run/m.sock is unavailable: gone, on purpose']
                           for name in ('vm1', 'vm2')}, reports)
-        # The barriers ended with the failed session: the next snapshot can take its own.
-        del self.warehouse.snapshot_many
-        self.reports.sent.clear()
-        for _version, _uploaded, error in self.snapshot(['vm1', 'vm2']).values():
-            self.assertEqual('', error)
 
     def test_a_barrier_the_disk_refuses_fails_its_guest_alone(self):
         for name in ('vm1', 'vm2'):
@@ -295,28 +582,46 @@ class ComputeManagerTest(base.TestCase):
         def no_room():
             raise OSError(errno.ENOSPC, 'No space left on device, on purpose')
         self.compute.mirrors.get('vm2').disk.barrier = no_room
-        self.assertEqual({'vm1': '', 'vm2': ''}, self.compute.freeze({}, ['vm1', 'vm2']))
-        results = self.compute.barrier_and_thaw({}, 'snap1', [
-            {'instance_id': 'id-vm1', 'name': 'vm1'}, {'instance_id': 'id-vm2', 'name': 'vm2'}])
+        self.freeze(['vm1', 'vm2'])
+        results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1', 'vm2']))
         self.assertIn('No space left on device, on purpose', results['vm2']['error'])
         self.assertFalse(self.driver.instances['vm2'].io_frozen)
-        (_snapshot, instance_id, _version, _uploaded, error), = polling.wait(
-            lambda: self.reports.of('snapshot_item_done'), lambda d: len(d) == 1, 60,
-            'the upload of vm1', interval=0.02)
+        (_snapshot, instance_id, _version, _uploaded, error), = self.reports.wait_for(
+            'snapshot_item_done')
         self.assertEqual(('id-vm1', ''), (instance_id, error))
 
-    def test_a_guest_that_cannot_freeze_is_named(self):
-        self.build()
+    def test_mirrors_that_fail_the_barrier_still_thaw_every_guest(self):
+        self.build('vm1')
 
+        def gone(key, names):
+            raise exception.MirrorServiceUnavailable('/run/m.sock', 'gone, on purpose')
+        self.mirrors.barrier = gone
+        self.freeze(['vm1'])
+        results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1']))
+        self.assertIn('gone, on purpose', results['vm1']['error'])
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+
+    def test_a_guest_that_cannot_freeze_is_named_and_left_running(self):
+        self.build()
         freeze = self.driver.freeze_io
 
         def refuse(name):
             if name == 'vm1':
+                freeze(name)  # paused, then the flush failed
                 raise exception.DriverError('stuck, on purpose')
             return freeze(name)
         self.driver.freeze_io = refuse
-        self.assertEqual({'vm1': 'stuck, on purpose', 'nosuch': 'instance nosuch not found'},
-                         self.compute.freeze({}, ['vm1', 'nosuch']))
+        self.assertEqual({'vm1': {'error': 'stuck, on purpose'},
+                          'nosuch': {'error': 'instance nosuch not found'}},
+                         self.freeze(['vm1', 'nosuch']))
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+        self.assertEqual({}, self.compute.thaw({}, 'snap1'))
+
+    def test_a_guest_frozen_for_one_snapshot_is_refused_by_another(self):
+        self.build()
+        self.freeze(['vm1'])
+        self.assertIn('already frozen for snapshot snap1',
+                      self.freeze(['vm1'], 'snap2')['vm1']['error'])
 
     def without(self, capability: driver_base.Capability) -> None:
         self.driver.capabilities = type(self.driver).capabilities & ~capability
@@ -327,9 +632,9 @@ class ComputeManagerTest(base.TestCase):
         touched = []
         self.driver.freeze_io = touched.append
         self.driver.pause = touched.append
-        refusals = self.compute.freeze({}, ['vm1'])
+        refusals = self.freeze(['vm1'])
         self.assertEqual([], touched)
-        self.assertIn('no snapshot barrier', refusals['vm1'])
+        self.assertIn('no snapshot barrier', refusals['vm1']['error'])
         self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
 
     def test_phases_are_followed_only_where_the_driver_sees_them(self):

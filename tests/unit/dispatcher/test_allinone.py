@@ -5,6 +5,7 @@ Moved from tests/functional/services: it needs no guest and no real service.
 import os
 
 from vmcloud import exception
+from vmcloud import polling
 from tests.unit.dispatcher import helpers
 
 
@@ -24,6 +25,10 @@ class AllInOneFakeDriverTest(helpers.CloudTestCase):
         self.assertRaises(exception.NoValidHost, self.api.deploy_snapshot, snapshot['id'])
         self.api.delete_deployment(deployment['id'])
         self.assertEqual('deleted', self.api.show_deployment(deployment['id'])['state'])
+        # What they held is free once each host confirms its guest gone.
+        polling.wait(lambda: self.api.show_deployment(deployment['id'])['instances'],
+                     lambda now: {i['state'] for i in now} == {'deleted'}, helpers.TIMEOUT,
+                     'instances deleted', interval=0.05)
         again = self.api.deploy_snapshot(snapshot['id'])
         again = self.api.wait_deployment(again['id'], helpers.TIMEOUT)
         self.assertEqual('active', again['state'])

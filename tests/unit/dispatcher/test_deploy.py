@@ -23,14 +23,14 @@ class LateBuildTest(base.TestCase):
                                      vcpus=1, memory_mib=1, state=states.DELETED)
             db_api.instance_create(session, id='i1', name='vm-d1-0', deployment_id='d1',
                                    image='guest:1', host='node1', state=states.DELETED)
-        registry = hosts.HostRegistry(self.db)
+        registry = hosts.HostRegistry(self.conf, self.db, None)
         undone = []
 
         class Compute:
             def destroy_instance(self, host, name):
                 # The message may wait for the bus: the database must not wait with it.
-                writer = threading.Thread(target=registry.report_heartbeat,
-                                          args=('node2', CAPACITY))
+                writer = threading.Thread(target=registry.register,
+                                          args=('node2', 'id-node2', 'inc-node2', CAPACITY))
                 writer.start()
                 writer.join(5)
                 undone.append((host, name, 'database free' if not writer.is_alive()

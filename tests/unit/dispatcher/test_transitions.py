@@ -17,6 +17,16 @@ class DeploymentTest(testtools.TestCase):
         self.assertEqual(Outcome(states.ACTIVE, ''),
                          transitions.deployment({states.ACTIVE: 8}, 8, 8))
 
+    def test_unknown_when_only_the_unknown_make_min_count(self):
+        self.assertEqual(Outcome(states.ACTIVE, '1 instances failed, 2 instances unknown'),
+                         transitions.deployment({states.ACTIVE: 5, states.ERROR: 1,
+                                                 states.UNKNOWN: 2}, 8, 5))
+        self.assertEqual(
+            Outcome(states.UNKNOWN, '4 of 8 instances active, 6 needed; 4 instances unknown'),
+            transitions.deployment({states.ACTIVE: 4, states.UNKNOWN: 4}, 8, 6))
+        self.assertEqual(states.ERROR, transitions.deployment(
+            {states.ACTIVE: 4, states.UNKNOWN: 1, states.ERROR: 3}, 8, 6).state)
+
     def test_error_below_min_count(self):
         self.assertEqual(
             Outcome(states.ERROR, 'only 5 of 8 instances became active, 6 needed'),
@@ -49,10 +59,38 @@ class BuildsTest(testtools.TestCase):
         self.assertEqual('failed 3 times; last on node1: boom',
                          transitions.out_of_attempts(3, 3, 'node1', 'boom'))
 
-    def test_on_a_lost_host(self):
-        self.assertIsNone(transitions.on_lost_host(states.BUILDING, 'node2'))
+    def test_a_build_deadline_names_the_timeout(self):
+        self.assertEqual('no build result within 900 s',
+                         transitions.build_deadline_passed(900))
+
+
+class HostsTest(testtools.TestCase):
+    def test_on_a_silent_host_running_guests_are_unknown_the_rest_as_they_are(self):
         self.assertEqual(
-            Outcome(states.ERROR, 'compute host node2 stopped sending heartbeats'),
-            transitions.on_lost_host(states.ACTIVE, 'node2'))
+            Outcome(states.UNKNOWN, 'compute host node2 stopped sending heartbeats'),
+            transitions.on_silent_host(states.ACTIVE, 'node2'))
+        for state in (states.BUILDING, states.ERROR, states.DELETING, states.DELETED):
+            self.assertIsNone(transitions.on_silent_host(state, 'node2'), state)
+
+    def test_a_report_settles_the_unknown(self):
+        for settled in (True, False):
+            self.assertEqual(Outcome(states.ACTIVE),
+                             transitions.on_report(states.UNKNOWN, True, settled, 'node2'))
+            self.assertEqual(
+                Outcome(states.ERROR, 'not running on node2 when it reported again'),
+                transitions.on_report(states.UNKNOWN, False, settled, 'node2'))
+
+    def test_a_report_without_a_settled_guest(self):
+        self.assertEqual(Outcome(states.ERROR, 'not running on node2'),
+                         transitions.on_report(states.ACTIVE, False, True, 'node2'))
         self.assertEqual(Outcome(states.DELETED),
-                         transitions.on_lost_host(states.DELETED, 'node2'))
+                         transitions.on_report(states.DELETING, False, True, 'node2'))
+        # A report that may predate the build or the destroy judges nothing.
+        for state in (states.ACTIVE, states.DELETING):
+            self.assertIsNone(transitions.on_report(state, False, False, 'node2'))
+
+    def test_a_report_leaves_the_rest_alone(self):
+        for state in (states.ACTIVE, states.DELETING, states.BUILDING, states.ERROR):
+            self.assertIsNone(transitions.on_report(state, True, True, 'node2'), state)
+        for state in (states.BUILDING, states.ERROR):
+            self.assertIsNone(transitions.on_report(state, False, True, 'node2'), state)

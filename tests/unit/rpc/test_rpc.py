@@ -185,7 +185,7 @@ class LocalErrorTest(base.TestCase):
     """What a RabbitMQ client gets: the remote exception's class name and message."""
 
     def test_a_carried_error_is_rebuilt(self):
-        error = rpc._local_error('CarriedError', json.dumps({
+        error = rpc.local_error('CarriedError', json.dumps({
             'class': 'DeploymentNotFound', 'message': 'deployment d1 not found',
             'fields': {'deployment_id': 'd1'}}))
         self.assertIs(exception.DeploymentNotFound, type(error))
@@ -196,5 +196,5 @@ class LocalErrorTest(base.TestCase):
                                 ('CarriedError', json.dumps({'class': 'os.system',
                                                              'message': 'm'})),
                                 ('RuntimeError', 'a bug')):
-            error = rpc._local_error(exc_type, value)
+            error = rpc.local_error(exc_type, value)
             self.assertIs(exception.VmcloudError, type(error))

@@ -418,6 +418,52 @@ class BackendContract:
         self.backend.write_attachment('img', 'profile', b'new')
         self.assertEqual(b'new', self.backend.read_attachment('img', 'profile'))
 
+    def test_list_and_delete_one_attachment(self):
+        for image in ('img', 'keep'):
+            self.backend.create_manifest(image, 1, b'm')
+        self.assertEqual([], self.backend.list_attachments('img'))
+        self.assertEqual([], self.backend.list_attachments('never'))
+        for name in ('hold.1.b', 'hold.1.a', 'profile'):
+            self.backend.write_attachment('img', name, b'')
+        self.backend.write_attachment('keep', 'hold.1.a', b'x')
+        other = self.make_backend()
+        self.assertEqual(['hold.1.a', 'hold.1.b', 'profile'], other.list_attachments('img'))
+        other.delete_attachment('img', 'hold.1.a')
+        self.assertEqual(['hold.1.b', 'profile'], self.backend.list_attachments('img'))
+        self.assertIsNone(self.backend.read_attachment('img', 'hold.1.a'))
+        self.assertEqual(b'x', self.backend.read_attachment('keep', 'hold.1.a'))
+        other.delete_attachment('img', 'hold.1.a')  # gone already: not an error
+        other.delete_attachment('never', 'hold.1.a')
+        self.backend.write_attachment('img', 'hold.1.a', b'')  # and back
+        self.assertEqual(['hold.1.a', 'hold.1.b', 'profile'], other.list_attachments('img'))
+        self.backend.delete_attachments('img')
+        self.assertEqual([], other.list_attachments('img'))
+        self.assertEqual(['hold.1.a'], other.list_attachments('keep'))
+
+    def test_two_holders_deleting_their_own_attachments_at_once_keep_the_rest(self):
+        self.backend.create_manifest('img', 1, b'm')
+        names = [f'hold.1.h{n}' for n in range(8)]
+        instances = [self.make_backend() for _ in names]
+        errors = []
+
+        def cycle(backend, name):
+            try:
+                for _ in range(5):
+                    backend.write_attachment('img', name, b'')
+                    backend.delete_attachment('img', name)
+                backend.write_attachment('img', name, b'')
+            except Exception as exc:  # noqa: B902 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=cycle, args=pair)
+                   for pair in zip(instances, names)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual([], errors)
+        self.assertEqual(sorted(names), self.make_backend().list_attachments('img'))
+
     def test_a_reader_sees_old_or_new_attachment_never_a_mix(self):
         self.backend.create_manifest('img', 1, b'm')
         versions = [bytes([n]) * (256 * 1024) for n in range(1, 4)]

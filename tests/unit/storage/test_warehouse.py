@@ -408,6 +408,55 @@ class SnapshotManyTest(WarehouseTestCase):
 
     def test_nothing_to_snapshot(self):
         self.assertEqual([], self.warehouse.snapshot_many([]))
+        self.assertEqual([], self.warehouse.snapshot_many([], targets=[]))
+
+    def test_instance_snapshots_go_to_their_own_images_deduplicated_against_the_base(self):
+        shared, own = b'S' * CHUNK, self.rng.randbytes(CHUNK)
+        stored = dict(self.backend.iter_chunks())
+        results = self.warehouse.snapshot_many(
+            [(self.base.ref, {1: shared}), (self.base.ref, {1: shared, 2: own}),
+             (self.base.ref, {0: self.read_all(self.base)[:CHUNK]})],  # unchanged bytes
+            targets=['vm-1a2b3c4d-0', 'vm-1a2b3c4d-1', 'vm-1a2b3c4d-2'])
+        self.assertEqual([VersionRef('vm-1a2b3c4d-0', 1), VersionRef('vm-1a2b3c4d-1', 1),
+                          VersionRef('vm-1a2b3c4d-2', 1)], [r.manifest.ref for r in results])
+        # What deploying the image means has not moved.
+        self.assertEqual(self.base, self.warehouse.lookup('img'))
+        self.assertEqual([1], self.backend.list_versions('img'))
+        for result in results:
+            self.assertEqual(self.base.ref,
+                             self.warehouse.lookup(str(result.manifest.ref)).parent)
+        # Only the two new chunks were stored; the rest is the base's.
+        added = set(dict(self.backend.iter_chunks()).items()) - set(stored.items())
+        self.assertEqual({(manifest_mod.chunk_id(shared), CHUNK),
+                          (manifest_mod.chunk_id(own), CHUNK)}, added)
+        self.assertEqual([CHUNK, CHUNK, 0], [r.new_bytes for r in results])
+        self.assertEqual(shared + own, self.read_all(results[1].manifest)[CHUNK:3 * CHUNK])
+        self.assertEqual(self.read_all(self.base), self.read_all(results[2].manifest))
+        # The next snapshot of an instance is the next version of its own image.
+        [again] = self.warehouse.snapshot_many([(results[0].manifest.ref, {3: own})],
+                                               targets=['vm-1a2b3c4d-0'])
+        self.assertEqual(VersionRef('vm-1a2b3c4d-0', 2), again.manifest.ref)
+        self.assertEqual(VersionRef('vm-1a2b3c4d-0', 1), again.manifest.parent)
+        self.assertEqual(0, again.new_bytes)
+        # The base now has dependents in other images: it cannot be deleted from under them.
+        self.assertRaises(exception.ImageInUse, self.warehouse.delete, 'img', 1)
+        self.assertTrue(self.warehouse.verify().ok)
+
+    def test_a_bad_target_fails_its_item_alone(self):
+        results = self.warehouse.snapshot_many(
+            [(self.base.ref, {0: b'a' * CHUNK}), (self.base.ref, {0: b'b' * CHUNK})],
+            targets=['bad:name', 'vm-2'])
+        self.assertIsInstance(results[0], exception.InvalidName)
+        self.assertEqual(VersionRef('vm-2', 1), results[1].manifest.ref)
+        self.assertEqual(['img', 'other', 'vm-2'], self.warehouse.images())
+
+    def test_targets_must_match_the_items(self):
+        stored = self.stored_chunk_files()
+        error = self.assertRaises(exception.StorageError, self.warehouse.snapshot_many,
+                                  [(self.base.ref, {0: b'a' * CHUNK})], targets=['a', 'b'])
+        self.assertIn('2 targets for 1 items', str(error))
+        self.assertEqual(['img', 'other'], self.warehouse.images())
+        self.assertEqual(stored, self.stored_chunk_files())
 
 
 class ReadExportTest(WarehouseTestCase):
@@ -772,6 +821,126 @@ class MaintenanceTest(WarehouseTestCase):
         self.assertGreater(stats.chunk_bytes, 5 * CHUNK)  # with the pack indexes
         self.assertEqual(8 * CHUNK, stats.referenced_bytes)
         self.assertGreater(stats.manifest_bytes, 0)
+
+
+class HoldTest(WarehouseTestCase):
+    def setUp(self):
+        super().setUp()
+        self.base = self.warehouse.import_image(self.make_raw('a.raw', 'rrA'), 'img').manifest
+        self.snap = self.warehouse.snapshot_chunks(self.base.ref, {0: b's' * CHUNK}).manifest
+
+    def test_hold_release_and_holders(self):
+        other = warehouse.Warehouse(self.conf)  # another process on the same store
+        self.warehouse.hold('img:1', 'mirror.node1.vm-1a2b3c4d-0')
+        self.warehouse.hold('img:1', 'mirror.node1.vm-1a2b3c4d-0')  # twice is once
+        other.hold('img:1', 'snapshot.7f3e')
+        other.hold('img:2', 'mirror.node2.vm-9-1')
+        self.assertEqual(['mirror.node1.vm-1a2b3c4d-0', 'snapshot.7f3e'],
+                         other.holders('img', 1))
+        self.assertEqual(['mirror.node2.vm-9-1'], self.warehouse.holders('img', 2))
+        self.assertEqual([], self.warehouse.holders('img', 3))
+        other.release('img:1', 'mirror.node1.vm-1a2b3c4d-0')
+        other.release('img:1', 'mirror.node1.vm-1a2b3c4d-0')  # released already: no error
+        self.warehouse.release('img:9', 'nobody')
+        self.assertEqual(['snapshot.7f3e'], self.warehouse.holders('img', 1))
+        # Holds are no attachments a user writes or gc and stats count.
+        self.assertEqual(2, self.warehouse.stats().versions)
+        self.assertTrue(self.warehouse.verify().ok)
+
+    def test_bad_holds_are_refused_and_nothing_is_written(self):
+        for ref, holder in (('img', 'a'), ('img:x', 'a'), ('img:1', ''), ('img:1', 'a/b'),
+                            ('img:1', '.a'), ('img:1', 'a:b'), ('img:1', 'a' * 97),
+                            ('img:1', 'a\n')):
+            self.assertRaises(exception.InvalidName, self.warehouse.hold, ref, holder)
+        self.warehouse.hold('img:1', 'a' * warehouse.MAX_HOLDER_LENGTH)  # the longest
+        error = self.assertRaises(exception.ImageNotFound, self.warehouse.hold, 'img:3', 'a')
+        self.assertEqual(('img', 3), (error.image, error.version))
+        self.assertRaises(exception.ImageNotFound, self.warehouse.hold, 'none:1', 'a')
+        self.assertEqual(['a' * warehouse.MAX_HOLDER_LENGTH], self.warehouse.holders('img', 1))
+        self.assertEqual([], self.warehouse.holders('img', 3))
+        self.assertEqual([], self.backend.list_attachments('none'))
+        # A user's attachment cannot pose as a hold.
+        self.assertRaises(exception.InvalidName, self.warehouse.write_attachment,
+                          'img', 'hold.2.forged', b'')
+        self.assertEqual([], self.warehouse.holders('img', 2))
+
+    def test_a_held_version_is_refused_with_its_holders_named(self):
+        self.warehouse.hold('img:2', 'mirror.node1.vm-a-0')
+        self.warehouse.hold('img:2', 'mirror.node2.vm-b-0')
+        error = self.assertRaises(exception.ImageInUse, self.warehouse.delete, 'img', 2)
+        self.assertIsInstance(error, exception.ImageHeld)
+        self.assertEqual(('img', 2, ['mirror.node1.vm-a-0', 'mirror.node2.vm-b-0']),
+                         (error.image, error.version, error.holders))
+        self.assertIn('img:2 is in use by mirror.node1.vm-a-0, mirror.node2.vm-b-0', str(error))
+        self.assertNotIn('\n', str(error))
+        self.assertEqual([1, 2], self.backend.list_versions('img'))
+        self.warehouse.release('img:2', 'mirror.node1.vm-a-0')
+        self.warehouse.release('img:2', 'mirror.node2.vm-b-0')
+        self.assertEqual([VersionRef('img', 2)], self.warehouse.delete('img', 2))
+
+    def test_a_whole_image_with_a_held_version_is_refused_whole(self):
+        self.warehouse.hold('img:1', 'snapshot.s1')
+        self.warehouse.write_attachment('img', 'boot-profile', b'p')
+        error = self.assertRaises(exception.ImageHeld, self.warehouse.delete, 'img')
+        self.assertEqual((None, ['snapshot.s1 (img:1)']), (error.version, error.holders))
+        self.assertIn('image img is in use by snapshot.s1 (img:1)', str(error))
+        self.assertEqual([1, 2], self.backend.list_versions('img'))
+        self.assertEqual(b'p', self.warehouse.read_attachment('img', 'boot-profile'))
+        # An unheld version of it can go.
+        self.warehouse.delete('img', 2)
+        self.assertEqual([1], self.backend.list_versions('img'))
+
+    def test_force_deletes_a_held_version_and_its_holds(self):
+        self.warehouse.hold('img:2', 'mirror.node1.vm-a-0')
+        self.warehouse.hold('img:1', 'mirror.node1.vm-b-0')
+        self.assertEqual([VersionRef('img', 2)], self.warehouse.delete('img', 2, force=True))
+        self.assertEqual([1], self.backend.list_versions('img'))
+        self.assertEqual(['hold.1.mirror.node1.vm-b-0'], self.backend.list_attachments('img'))
+        # The next snapshot takes number 2 again: it must not inherit the old holds.
+        again = self.warehouse.snapshot_chunks(self.base.ref, {1: b't' * CHUNK}).manifest
+        self.assertEqual(VersionRef('img', 2), again.ref)
+        self.assertEqual([], self.warehouse.holders('img', 2))
+        self.warehouse.delete('img', 2)
+
+    def test_force_deletes_a_held_image_and_every_hold(self):
+        self.warehouse.hold('img:1', 'mirror.node1.vm-b-0')
+        self.warehouse.delete('img', force=True)
+        self.assertEqual([], self.warehouse.images())
+        self.warehouse.import_image(self.make_raw('b.raw', 'r'), 'img')
+        self.assertEqual([], self.warehouse.holders('img', 1))
+
+    def test_force_does_not_orphan_dependents(self):
+        self.warehouse.hold('img:1', 'mirror.node1.vm-b-0')
+        error = self.assertRaises(exception.ImageInUse, self.warehouse.delete, 'img', 1,
+                                  force=True)
+        self.assertNotIsInstance(error, exception.ImageHeld)
+        self.assertIn('img:2', str(error))
+        self.assertEqual(['mirror.node1.vm-b-0'], self.warehouse.holders('img', 1))
+
+    def test_a_hold_checks_its_version_under_the_lock_delete_takes(self):
+        # Else a delete between the check and the write leaves a hold on nothing,
+        # which a later version of that number would inherit.
+        events = []
+        image_lock, list_versions = self.backend.image_lock, self.backend.list_versions
+        write_attachment = self.backend.write_attachment
+
+        @contextlib.contextmanager
+        def spied_lock(image):
+            with image_lock(image):
+                events.append(('lock', image))
+                yield
+                events.append(('unlock', image))
+        self.patch(self.backend, 'image_lock', spied_lock)
+        self.patch(self.backend, 'list_versions',
+                   lambda image: events.append(('list', image)) or list_versions(image))
+        self.patch(self.backend, 'write_attachment',
+                   lambda *args: events.append(('hold', args[1])) or write_attachment(*args))
+        self.warehouse.hold('img:2', 'h')
+        self.assertEqual([('lock', 'img'), ('list', 'img'), ('hold', 'hold.2.h'),
+                          ('unlock', 'img')], events)
+        del events[:]
+        self.assertRaises(exception.ImageHeld, self.warehouse.delete, 'img', 2)
+        self.assertEqual(('lock', 'img'), events[0])  # holders are read under it too
 
 
 class AttachmentTest(WarehouseTestCase):

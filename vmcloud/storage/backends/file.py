@@ -30,6 +30,14 @@ A pack whose index is unreadable or fails its checksum is skipped (its chunks
 are absent) and reported by damaged(); gc leaves such a pack alone, since what
 it holds cannot be known. The lock files use flock(), which excludes only
 processes of one host (and, on NFS, is not to be relied on across hosts).
+
+No deadline: on a network filesystem that hangs (a hard NFS mount whose server is
+gone) a read, write or fsync blocks inside the kernel, where no thread can be
+interrupted, and so does the caller. A worker with a timeout would only move the
+stuck thread aside, leaving its half-done write and its lock behind it. Mount such a
+store ``soft,timeo=N,retrans=M`` (the filesystem then fails the call with EIO, which
+becomes a StorageError naming the path), or serve it to other hosts with the http
+backend, whose every request has a deadline.
 """
 import contextlib
 import errno
@@ -753,6 +761,27 @@ class FileBackend(backend.Backend):
             return None
         except OSError as exc:
             raise _os_error(f'read attachment {name} of image {image} at', path,
+                            exc) from exc
+
+    def list_attachments(self, image: str) -> list[str]:
+        directory = self._attachments_dir(image)
+        try:
+            # Only whole attachments are here: each is staged in staging/ and renamed in.
+            return sorted(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise _os_error(f'list attachments of image {image} in', directory, exc) from exc
+
+    def delete_attachment(self, image: str, name: str) -> None:
+        path = self._attachment_path(image, name)
+        try:
+            os.unlink(path)
+            durable.fsync_dir(os.path.dirname(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise _os_error(f'remove attachment {name} of image {image} at', path,
                             exc) from exc
 
     def delete_attachments(self, image: str) -> None:

@@ -23,6 +23,13 @@ renewal fails for a whole TTL, or the service says the lease is gone, the lease
 is lost: every later call made under it (by the thread holding it, or by a write
 session begun under it) raises LeaseLost, and so does leaving the context, so
 a writer never goes on believing gc cannot run.
+
+Deadlines: a service that stops answering (its host or the network drops packets:
+nothing is refused) fails each request within ``[storage_http] timeout``, naming
+the URL and the request: connecting, all retries included, gets that long, and so
+does each wait for the next bytes of an answer, a streamed one too. A renewal gets
+a third of the lease's TTL, and a lease no renewal reached for a whole TTL counts
+as lost even while its renewer still waits.
 """
 import concurrent.futures
 import dataclasses
@@ -67,6 +74,12 @@ class _Lease:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def check(self) -> None:
+        """:raises: LeaseLost if the renewer said so, or if no renewal got through for a
+        whole TTL (the renewer may still be waiting on a service that does not answer:
+        the service expires the lease meanwhile, so we must not go on holding it)."""
+        if self.lost is None and time.monotonic() - self.renewed_at >= self.ttl:
+            self.lost = exception.StorageError(
+                f'no renewal reached the service for {self.ttl:g} s')
         if self.lost is not None:
             raise exception.LeaseLost(f'{self.what} was lost: {self.lost}') from self.lost
 
@@ -184,11 +197,13 @@ class HttpBackend(backend.Backend):
                    help='PEM file of the certificate authorities to trust for an https '
                         'URL (default: the system\'s).'),
         cfg.FloatOpt('timeout', default=60.0, min=0.1,
-                     help='Seconds to wait for a connection or for the next bytes of '
-                          'an answer.'),
+                     help='Seconds to wait for a connection (all its retries together) or '
+                          'for the next bytes of an answer: a service that stops answering '
+                          '(dropped packets) fails a request within about this, naming it.'),
         cfg.IntOpt('connect_retries', default=3, min=0,
                    help='Times a request is retried when the service cannot be reached '
-                        '(never once it has been sent), before the error is raised.'),
+                        '(never once it has been sent), within [storage_http] timeout, '
+                        'before the error is raised.'),
         cfg.FloatOpt('lease_ttl', default=30.0, min=0.2,
                      help='Seconds a lock outlives this client if it stops renewing '
                           'it (a crash, a partition); renewed every third of it.'),
@@ -209,15 +224,13 @@ class HttpBackend(backend.Backend):
         self.url = opts.url.rstrip('/')
         self.timeout = opts.timeout
         self._token = opts.token
-        retries = urllib3.Retry(total=opts.connect_retries, connect=opts.connect_retries,
-                                read=0, redirect=0, status=0, other=0,
-                                backoff_factor=0.2, raise_on_status=False)
+        self._connect_retries = opts.connect_retries
         tls = {}
         if self.url.startswith('https:'):
             tls = {'cert_reqs': 'CERT_REQUIRED', 'ca_certs': opts.ca_file}
-        self._http = urllib3.PoolManager(
-            num_pools=4, maxsize=32, retries=retries,
-            timeout=urllib3.Timeout(connect=opts.timeout, read=opts.timeout), **tls)
+        # Retries are ours (request()): urllib3's give each attempt the whole connect
+        # timeout, so a service that drops packets took (retries + 1) times it.
+        self._http = urllib3.PoolManager(num_pools=4, maxsize=32, retries=False, **tls)
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -234,8 +247,15 @@ class HttpBackend(backend.Backend):
                 ) -> urllib3.BaseHTTPResponse:
         """One request to ``/v1{path}``; the answer if its status is in ``ok``.
 
-        :raises: StorageError naming the URL if the service cannot be reached;
-            the error the service sent (the same class, the same fields).
+        Bounded: connecting, with every retry, takes at most ``timeout`` (default
+        ``[storage_http] timeout``) and so does each wait for the next bytes of the
+        answer (a streamed one included), so a service that stops answering fails the
+        request instead of hanging it. A request is retried only while it cannot
+        connect (never once sent: it may have been carried out).
+
+        :raises: StorageError naming the URL and the request if the service cannot be
+            reached or does not answer in time; the error the service sent (the same
+            class, the same fields).
         """
         url = f'{self.url}{protocol.API}{path}'
         if fields:
@@ -243,19 +263,33 @@ class HttpBackend(backend.Backend):
         headers = self._headers()
         if body is not None:
             headers['Content-Type'] = 'application/octet-stream'
-        extra = {} if timeout is None else {
-            'timeout': urllib3.Timeout(connect=self.timeout, read=timeout)}
-        try:
-            response = self._http.request(method, url, body=body, headers=headers,
-                                          preload_content=not stream, **extra)
-        except urllib3.exceptions.HTTPError as exc:
-            reason = getattr(exc, 'reason', None) or exc
-            raise exception.StorageError(
-                f'cannot reach the warehouse at {self.url}: {reason}') from exc
+        limit = self.timeout if timeout is None else timeout
+        what = f'{method} {protocol.API}{path}'
+        deadline = time.monotonic() + limit
+        for attempt in range(self._connect_retries + 1):
+            left = deadline - time.monotonic()
+            try:
+                response = self._http.request(
+                    method, url, body=body, headers=headers, preload_content=not stream,
+                    timeout=urllib3.Timeout(connect=max(0.001, left), read=limit))
+                break
+            except urllib3.exceptions.ConnectTimeoutError as exc:
+                # NewConnectionError (refused, unresolvable) is one too: nothing was sent.
+                pause = 0.2 * 2 ** attempt
+                if (attempt == self._connect_retries
+                        or time.monotonic() + pause >= deadline):
+                    raise self._unreachable(what, exc, limit) from exc
+                time.sleep(pause)
+            except urllib3.exceptions.HTTPError as exc:
+                raise self._unreachable(what, exc, limit) from exc
         if response.status in ok:
             return response
-        data = response.data if not stream else response.read()
-        response.release_conn()
+        try:
+            data = response.data if not stream else response.read()
+        except urllib3.exceptions.HTTPError as exc:  # the error's body stalled
+            raise self._unreachable(what, exc, limit) from exc
+        finally:
+            response.release_conn()
         error = protocol.decode_error(response.status, data, f'the warehouse at {self.url}')
         # A HEAD's answer has no body to say so: the status must.
         if response.status == 401 or isinstance(error, protocol.Unauthorized):
@@ -264,6 +298,17 @@ class HttpBackend(backend.Backend):
                 f'the warehouse at {self.url} refused {given} ([storage_http] token): '
                 f'HTTP {response.status}')
         raise error
+
+    def _unreachable(self, what: str, exc: Exception, limit: float) -> exception.StorageError:
+        if isinstance(exc, urllib3.exceptions.NewConnectionError):
+            reason = exc.args[-1] if exc.args else exc  # refused, unresolvable
+        elif isinstance(exc, urllib3.exceptions.TimeoutError):
+            # Dropped packets look like this: no refusal, no answer.
+            reason = f'no answer within {limit:g} s'
+        else:
+            reason = getattr(exc, 'reason', None) or exc
+        return exception.StorageError(f'cannot reach the warehouse at {self.url} ({what}): '
+                                      f'{reason}')
 
     def request_json(self, method: str, path: str, doc=None, body: bytes | None = None,
                      **kwargs):
@@ -330,8 +375,8 @@ class HttpBackend(backend.Backend):
                     yield chunk_id, int(size)
         except urllib3.exceptions.HTTPError as exc:
             raise exception.StorageError(
-                f'the listing of chunks from the warehouse at {self.url} was cut: '
-                f'{exc}') from exc
+                f'the listing of chunks from the warehouse at {self.url} was cut or stalled '
+                f'(GET {protocol.API}/chunks, {self.timeout:g} s per read): {exc}') from exc
         finally:
             response.release_conn()
         raise exception.StorageError(
@@ -424,6 +469,15 @@ class HttpBackend(backend.Backend):
         response = self.request('GET', self._attachment_path(image, name), ok=(200, 404))
         return response.data if response.status == 200 else None
 
+    def list_attachments(self, image: str) -> list[str]:
+        self._check_leases()
+        return self.request_json(
+            'GET', f'/images/{_check_image(image)}/attachments')['attachments']
+
+    def delete_attachment(self, image: str, name: str) -> None:
+        self._check_leases()
+        self.request('DELETE', self._attachment_path(image, name))
+
     def delete_attachments(self, image: str) -> None:
         self._check_leases()
         self.request('DELETE', f'/images/{_check_image(image)}/attachments')
@@ -483,10 +537,13 @@ class HttpBackend(backend.Backend):
         """Renew every third of the TTL until released; the lease is lost when the
         service says so, or when no renewal got through for a whole TTL."""
         while not lease.done.wait(lease.ttl / 3):
+            # When the service renewed it, at the latest; and a renewal that cannot
+            # connect or get its answer in a third of the TTL is a failed one.
+            started = time.monotonic()
             try:
                 self.request('POST', f'/locks/{lease.id}/renew',
-                             timeout=max(0.1, lease.ttl / 3))
-                lease.renewed_at = time.monotonic()
+                             timeout=max(0.1, min(self.timeout, lease.ttl / 3)))
+                lease.renewed_at = started
             except exception.LeaseLost as exc:
                 lease.lost = exc
                 break

@@ -857,6 +857,27 @@ class RadosBackend(backend.Backend):
             raise self.error(f'read attachment {name} of image {image} from', oid,
                              exc) from exc
 
+    def list_attachments(self, image: str) -> list[str]:
+        self._check_name(image)
+        index = f'attachments.{image}'
+        # The index, not the objects: a name is listed before its object is written.
+        return sorted(name for name, _ in self._call(
+            f'list attachments of image {image} in', index,
+            lambda: list(self._omap_items(index))))
+
+    def delete_attachment(self, image: str, name: str) -> None:
+        oid = self._attachment_object(image, name)
+        index = f'attachments.{image}'
+        # The object before its name: delete_attachments still finds one a crash left.
+        self._remove(oid)
+        try:
+            self._write_op(index, lambda op: self.ioctx.remove_omap_keys(op, (name,)))
+        except rados.ObjectNotFound:
+            pass
+        except rados.Error as exc:
+            raise self.error(f'unlist attachment {name} of image {image} in', index,
+                             exc) from exc
+
     def delete_attachments(self, image: str) -> None:
         self._check_name(image)
         index = f'attachments.{image}'

@@ -93,6 +93,8 @@ class WarehouseApp:
         attachments = f'{api}/images/{{image}}/attachments'
         r.add_put(attachments + '/{name}', self.write_attachment)
         r.add_get(attachments + '/{name}', self.read_attachment, allow_head=False)
+        r.add_get(attachments, self.list_attachments, allow_head=False)
+        r.add_delete(attachments + '/{name}', self.delete_attachment)
         r.add_delete(attachments, self.delete_attachments)
         r.add_post(f'{api}/locks', self.acquire)
         r.add_get(f'{api}/locks/{{lease}}', self.wait_lease, allow_head=False)
@@ -239,6 +241,14 @@ class WarehouseApp:
             # No body: an absent attachment is an answer (None), not an error.
             return web.Response(status=404)
         return web.Response(body=data, content_type='application/octet-stream')
+
+    async def list_attachments(self, request: web.Request) -> web.Response:
+        image = manifest_mod.validate_image_name(request.match_info['image'])
+        return _json({'attachments': await self.call(self.backend.list_attachments, image)})
+
+    async def delete_attachment(self, request: web.Request) -> web.Response:
+        await self.call(self.backend.delete_attachment, *self._attachment(request))
+        return web.Response(status=204)
 
     async def delete_attachments(self, request: web.Request) -> web.Response:
         image = manifest_mod.validate_image_name(request.match_info['image'])

@@ -1,0 +1,68 @@
+"""The all-in-one cloud's compute managers: a node restarts without losing its guests, and
+stale work for it is dropped (fake driver, fake:// transport, SQLite)."""
+from vmcloud import polling
+from vmcloud.compute import manager
+from tests.unit.dispatcher import helpers
+
+
+class AllInOneComputeTest(helpers.CloudTestCase):
+    def restart(self, index: int) -> manager.ComputeManager:
+        """Stop node ``index``'s manager, guests left running, and start a new one on
+        the same driver and mirrors, as a node's mirror service outlives its managers."""
+        old = self.cloud.computes[index]
+        old.stop()
+        new = manager.ComputeManager(self.conf, old.mirrors, old.host, driver=old.driver,
+                                     warehouse=self.cloud.warehouse,
+                                     node_root=f'{self.state_path}/nodes/{old.host}',
+                                     shared_driver=True)
+        self.cloud.computes[index] = new
+        return new.start()
+
+    def test_a_restarted_node_keeps_its_guests_and_the_cloud_sees_them_active(self):
+        deployment = self.deploy_and_wait(count=4)
+        node1 = self.cloud.computes[0]
+        guests = node1.driver.list_instances()
+        self.assertEqual(2, len(guests))
+        restarted = self.restart(0)
+        self.assertEqual(node1.node_id, restarted.node_id)
+        self.assertNotEqual(node1.incarnation, restarted.incarnation)
+        self.assertEqual(guests, restarted.driver.list_instances())
+        self.assertEqual(sorted(guests), sorted(restarted.mirrors.names()))
+        # Heartbeats of the new incarnation go on reconciling: the guests stay active.
+        beats = restarted.dispatcher.report_heartbeat
+
+        def counted(*args):
+            counted.calls += 1
+            return beats(*args)
+        counted.calls = 0
+        restarted.dispatcher.report_heartbeat = counted
+        polling.wait(lambda: counted.calls, lambda calls: calls >= 2, helpers.TIMEOUT,
+                     'two heartbeats of the new manager', interval=0.05)
+        shown = self.api.show_deployment(deployment['id'])
+        self.assertEqual({'active'}, {i['state'] for i in shown['instances']})
+        # And it serves: the console of one of its guests comes through the dispatcher.
+        console = self.api.console(guests[0], max_bytes=64)
+        self.assertEqual(('node1', guests[0]), (console['host'], console['instance']))
+        self.assertIn('VMCLOUD-PHASE', console['console'])
+        self.assertLessEqual(len(console['console'].encode()), 64)
+
+    def test_a_snapshot_freezes_every_guest_before_any_thaws(self):
+        deployment = self.deploy_and_wait(count=4)
+        events = []  # list.append is atomic: the hosts' threads record in order
+        for compute in self.cloud.computes:
+            driver = compute.driver
+            for what in ('freeze_io', 'thaw_io'):
+                def record(name, what=what, done=getattr(driver, what)):
+                    events.append(what)
+                    return done(name)
+                setattr(driver, what, record)
+        snapshot = self.api.snapshot(deployment['id'])
+        snapshot = self.api.wait_snapshot(snapshot['id'], helpers.TIMEOUT)
+        self.assertEqual('available', snapshot['state'], snapshot)
+        self.assertEqual(['freeze_io'] * 4 + ['thaw_io'] * 4, events)
+        for compute in self.cloud.computes:
+            for name in compute.driver.list_instances():
+                self.assertFalse(compute.driver.instances[name].io_frozen)
+        # Each instance's snapshot is a version of its own image, not of the base.
+        names = {i['name'] for i in self.api.show_deployment(deployment['id'])['instances']}
+        self.assertEqual(names, {item['version'].split(':')[0] for item in snapshot['items']})

@@ -43,13 +43,19 @@ class AllInOne:
         self.api = dispatcher_rpcapi.DispatcherAPI(conf)
 
     def start(self, timeout: float = 30) -> 'AllInOne':
-        self.dispatcher.start()
-        for compute in self.computes:
-            compute.start()
-        polling.wait(self.api.list_hosts,
-                     lambda hosts: len([h for h in hosts if h['up']]) == len(self.computes),
-                     timeout, 'the compute managers reporting in', interval=0.05,
-                     error=exception.MessagingError)
+        """:raises: as ComputeManager.start; MessagingError if the nodes do not report
+        in within ``timeout`` s. Whatever started is stopped then: no ``with`` exits."""
+        try:
+            self.dispatcher.start()
+            for compute in self.computes:
+                compute.start()
+            polling.wait(self.api.list_hosts,
+                         lambda hosts: len([h for h in hosts if h['up']]) == len(self.computes),
+                         timeout, 'the compute managers reporting in', interval=0.05,
+                         error=exception.MessagingError)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def node(self, host: str) -> compute_manager.ComputeManager:

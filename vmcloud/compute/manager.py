@@ -91,6 +91,7 @@ class _Freeze:
     pause_limit: float
     guests: dict[str, _Guest] = dataclasses.field(default_factory=dict)
     timer: threading.Timer | None = None
+    expires_at: float = 0.0  # time.monotonic() as the timer fires
 
 
 class ComputeManager:
@@ -123,10 +124,14 @@ class ComputeManager:
         self._lock = threading.Lock()
         self._freezes: dict[str, _Freeze] = {}
         self._expired: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # Snapshots a barrier or thaw ended here: a freeze of one that comes after (late
+        # on the bus) is refused, or its guests would stay paused for nothing.
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         # instance id -> the newest build attempt started here
         self._attempts: dict[str, int] = {}
         self._stopping = threading.Event()
         self._server = rpc.server(conf, compute_rpcapi.TOPIC, self.host, [self])
+        self._serving = False  # an RPC server never started cannot be stopped: it hangs
         self._heartbeat = threading.Thread(target=self._beat, daemon=True,
                                            name=f'heartbeat-{self.host}')
 
@@ -141,6 +146,7 @@ class ComputeManager:
         self._adopt(wanted)
         # Served only now: a build or destroy queued for this host must not race adoption.
         self._server.start()
+        self._serving = True
         self._heartbeat.start()
         LOG.info('compute manager %s started (node %s, incarnation %s)', self.host,
                  self.node_id, self.incarnation)
@@ -151,8 +157,9 @@ class ComputeManager:
         manager to adopt, unless ``destroy_instances``; guests frozen for a snapshot are
         thawed either way."""
         self._stopping.set()
-        self._server.stop()
-        self._server.wait()
+        if self._serving:
+            self._server.stop()
+            self._server.wait()
         if self._heartbeat.is_alive():
             # Bounded: a heartbeat blocked on a bus that is away must not hold the stop.
             self._heartbeat.join(_HEARTBEAT_JOIN)
@@ -212,6 +219,10 @@ class ComputeManager:
                 LOG.info('adopting %s: its build was cut by the restart: destroying its %s '
                          'and reporting the build failed', name, found)
                 self._destroy_logged(name)
+                with self._lock:
+                    # Reported failed: that attempt's request, if the bus delivers it
+                    # (again) before the dispatcher reads the report, is stale.
+                    self._attempts[instance['id']] = instance['attempts']
                 self._report(self.dispatcher.build_failed, instance['id'], self.host,
                              RESTARTED_DURING_BUILD)
             elif state == states.DELETING:
@@ -271,15 +282,27 @@ class ComputeManager:
                     running.append(name)
             except exception.InstanceNotFound:
                 pass  # destroyed meanwhile
+            except exception.VmcloudError as exc:
+                # Counted: raised, it would stop the whole heartbeat and have every guest
+                # of the node taken for unknown; left out, this one would end in error.
+                LOG.warning('cannot tell whether %s runs, counting it as running: %s',
+                            name, exc)
+                running.append(name)
         return running
 
     # -- heartbeat ---------------------------------------------------------------
 
     def capacity(self) -> dict:
-        capacity = self.driver.host_capacity()
-        return {'vcpus': capacity.cpus, 'memory_mib': capacity.memory_mib,
-                'disk_bytes_free': capacity.free_disk_bytes,
-                'fetched_bytes': self.mirrors.fetched_bytes()}
+        measured = self.driver.host_capacity()
+        capacity = {'vcpus': measured.cpus, 'memory_mib': measured.memory_mib,
+                    'disk_bytes_free': measured.free_disk_bytes}
+        try:
+            capacity['fetched_bytes'] = self.mirrors.fetched_bytes()
+        except exception.MirrorError as exc:
+            # Only a figure: without the heartbeat, a mirror service restarting would have
+            # the node and every guest of it taken for unknown.
+            LOG.warning('heartbeat of %s without its fetched bytes: %s', self.host, exc)
+        return capacity
 
     def _beat(self) -> None:
         while not self._stopping.is_set():
@@ -434,9 +457,13 @@ class ComputeManager:
             return {name: {'error': refusal} for name in names}
         deadline = time.monotonic() + freeze_timeout * (1 - _REPLY_SHARE)
         answers: dict[str, dict] = {}
+        # Before the freeze is recorded: raised later, it would leave the guests taken
+        # by a freeze that no pause limit ends.
+        mine = set(self._guests())
         with self._lock:
-            if snapshot_id in self._expired:
-                return {name: {'error': self._expiry(snapshot_id)} for name in names}
+            gone = self._gone(snapshot_id)
+            if gone:
+                return {name: {'error': gone} for name in names}
             record = self._freezes.setdefault(snapshot_id, _Freeze(float(pause_limit)))
             busy = {name: other for other, each in self._freezes.items()
                     for name in each.guests}
@@ -448,12 +475,12 @@ class ComputeManager:
                 else:
                     record.guests[name] = _Guest(SYNCING)
                     todo.append(name)
-        mine = set(self._guests())
         if self.conf.compute.sync_before_freeze:
             todo = self._settle(snapshot_id, record, todo, answers, deadline,
                                 lambda name: self._sync(name, mine), 'sync of the disk of')
         with self._lock:
             if record.timer is None and todo:
+                record.expires_at = time.monotonic() + record.pause_limit
                 record.timer = threading.Timer(record.pause_limit, self._expire,
                                                [snapshot_id])
                 record.timer.daemon = True
@@ -462,9 +489,10 @@ class ComputeManager:
                               lambda name: self._freeze_one(record, name, mine), 'freeze of')
         with self._lock:
             for name in frozen:
-                # Its pause limit may have passed since (a limit below the freeze's time).
-                answers[name] = {'error': self._expiry(snapshot_id)} if (
-                    snapshot_id in self._expired) else {
+                # Its pause limit may have passed since (a limit below the freeze's time),
+                # or a thaw came.
+                gone = self._gone(snapshot_id)
+                answers[name] = {'error': gone} if gone else {
                     'frozen_at': record.guests[name].frozen_at}
             if not record.guests and self._freezes.get(snapshot_id) is record:
                 del self._freezes[snapshot_id]
@@ -496,13 +524,12 @@ class ComputeManager:
                         guest.state = ABANDONED
                     record.guests.pop(name, None)
                 elif future.exception() is not None:
-                    error = future.exception()
-                    answers[name] = {'error': str(error) if isinstance(
-                        error, exception.VmcloudError) else f'{type(error).__name__}: {error}'}
+                    answers[name] = {'error': _why(future.exception())}
                     record.guests.pop(name, None)
                 elif guest is None or guest.state == ABANDONED:
-                    # Expired meanwhile: its pause limit thawed it, or will.
-                    answers[name] = {'error': self._expiry(snapshot_id)}
+                    # Expired or ended meanwhile: its pause limit or a thaw thawed it, or will.
+                    answers[name] = {'error': self._gone(snapshot_id) or self._expiry(
+                        snapshot_id)}
                 else:
                     done.append(name)
         return done
@@ -525,7 +552,7 @@ class ComputeManager:
                 FREEZING, time.time(), time.monotonic())
         try:
             self.driver.freeze_io(name)
-        except exception.VmcloudError:
+        except Exception:  # any: no pause limit would thaw a guest the freeze has left
             # A freeze that failed half way may have paused it.
             self._resume(name)
             raise
@@ -544,20 +571,37 @@ class ComputeManager:
                 f'{self._expired.get(snapshot_id, 0):g} s, so the guest was thawed on '
                 f'{self.host}')
 
-    def _claim(self, snapshot_id: str, expire: bool = False) -> tuple[dict[str, _Guest], bool]:
-        """Take the snapshot's guests out of its pause limit's reach (``expire``: as its
-        pause limit passes), the others given up.
+    def _gone(self, snapshot_id: str) -> str:
+        """Why the snapshot can freeze nothing more here, or ''. Called locked."""
+        if snapshot_id in self._expired:
+            return self._expiry(snapshot_id)
+        if snapshot_id in self._ended:
+            return (f'snapshot {snapshot_id} was already thawed or barriered on {self.host}: '
+                    'this freeze came too late')
+        return ''
 
-        :returns: its frozen guests, and whether its pause limit had passed already.
+    @staticmethod
+    def _remember(table: collections.OrderedDict, snapshot_id: str, value) -> None:
+        table[snapshot_id] = value
+        while len(table) > _EXPIRED_KEPT:
+            table.popitem(last=False)
+
+    def _claim(self, snapshot_id: str,
+               expire: bool = False) -> tuple[dict[str, _Guest], bool, float]:
+        """Take the snapshot's guests out of its pause limit's reach (``expire``: as its
+        pause limit passes), the others given up; the snapshot is over here.
+
+        :returns: its frozen guests, whether its pause limit had passed already, and when
+            it would have passed (time.monotonic()).
         """
         with self._lock:
+            if not expire and snapshot_id not in self._expired:
+                self._remember(self._ended, snapshot_id, None)
             record = self._freezes.pop(snapshot_id, None)
             if record is None:
-                return {}, snapshot_id in self._expired
+                return {}, snapshot_id in self._expired, 0.0
             if expire:
-                self._expired[snapshot_id] = record.pause_limit
-                while len(self._expired) > _EXPIRED_KEPT:
-                    self._expired.popitem(last=False)
+                self._remember(self._expired, snapshot_id, record.pause_limit)
             elif record.timer is not None:
                 record.timer.cancel()
             frozen = {}
@@ -566,11 +610,11 @@ class ComputeManager:
                     frozen[name] = guest
                 else:
                     guest.state = ABANDONED
-            return frozen, False
+            return frozen, False, record.expires_at
 
     def _expire(self, snapshot_id: str) -> None:
         """The pause limit of a snapshot passed without a barrier: thaw its guests."""
-        frozen, _ = self._claim(snapshot_id, expire=True)
+        frozen, _, _ = self._claim(snapshot_id, expire=True)
         if snapshot_id not in self._expired:
             return  # a barrier or thaw came first
         LOG.warning('snapshot %s: no barrier within the pause limit of %g s: thawing %s',
@@ -598,13 +642,14 @@ class ComputeManager:
         """Take each frozen guest's barrier, thaw them all, then upload in the background.
 
         ``items``: [{'instance_id', 'name', 'target'}], target the image the version is
-        stored under. Frozen guests of the snapshot not in ``items`` are thawed too.
+        stored under. Frozen guests of the snapshot not in ``items`` are thawed too. The
+        mirrors' barriers are waited for until the pause limit at most, then the guests thaw.
 
         :returns: {name: {'pause_ms', 'dirty_bytes', 'thawed_at'} | {'error': str}}; a
             guest whose freeze expired (pause limit passed) answers 'freeze expired ...'.
         """
         by_name = {item['name']: item for item in items}
-        frozen, expired = self._claim(snapshot_id)
+        frozen, expired, expires_at = self._claim(snapshot_id)
         results: dict[str, dict] = {}
         ready = []
         for name in by_name:
@@ -615,13 +660,12 @@ class ComputeManager:
             else:
                 results[name] = {'error': f'{name} is not frozen for snapshot {snapshot_id} '
                                           f'on {self.host}'}
-        try:
-            barriers = self.mirrors.barrier(snapshot_id, ready) if ready else {}
-        except exception.VmcloudError as exc:
-            # Whatever the service took is let go: nothing will upload it.
-            barriers = {name: {'error': str(exc)} for name in ready}
-            self._discard(snapshot_id)
+        barriers, discard = self._barriers(snapshot_id, ready, expires_at)
         thawed = dict(zip(sorted(frozen), _each(self._thaw_one, sorted(frozen))))
+        if discard:
+            # Whatever the service took is let go (the guests run again first): nothing
+            # will upload it.
+            self._discard(snapshot_id)
         targets = {}
         for name in ready:
             taken = barriers.get(name, {'error': 'the mirrors gave no barrier for it'})
@@ -640,6 +684,44 @@ class ComputeManager:
                                    {name: by_name[name]['instance_id'] for name in targets}),
                              daemon=True, name=f'upload-{snapshot_id[:8]}').start()
         return results
+
+    def _barriers(self, snapshot_id: str, names: list[str],
+                  deadline: float) -> tuple[dict[str, dict], bool]:
+        """The mirrors' barriers of ``names``, waited for until ``deadline``
+        (time.monotonic()), the guests' pause limit: the mirrors may hang, not the guests.
+
+        :returns: {name: {'dirty_bytes'} | {'error'}}, and whether the barriers must be
+            discarded (the call failed). A call still running at the deadline discards
+            what it took once it ends: the guests ran again meanwhile, so it is no cut.
+        """
+        if not names:
+            return {}, False
+        guard = threading.Lock()
+        call = {'ended': False, 'given_up': False}  # whichever is set first wins
+
+        def take(key: str) -> dict[str, dict]:
+            try:
+                return self.mirrors.barrier(key, names)
+            finally:
+                with guard:
+                    call['ended'] = True
+                    late = call['given_up']
+                if late:
+                    LOG.warning('snapshot %s: the barrier ended after its pause limit: '
+                                'discarding it', key)
+                    self._discard(key)
+        future = _each_within(take, [snapshot_id], deadline)[snapshot_id]
+        with guard:
+            if not call['ended']:
+                call['given_up'] = True
+                return {name: {'error': 'the mirrors took no barrier within the pause '
+                                        f'limit on {self.host}'} for name in names}, False
+        try:
+            return future.result(), False
+        except Exception as exc:  # any: the pause limit no longer runs, the thaw must
+            if not isinstance(exc, exception.VmcloudError):
+                LOG.error('snapshot %s: the barrier failed', snapshot_id, exc_info=exc)
+            return {name: {'error': _why(exc)} for name in names}, True
 
     def _thaw_one(self, name: str) -> tuple[float, float]:
         """:returns: time.time() and time.monotonic() once it runs again (or failed to)."""
@@ -678,11 +760,17 @@ class ComputeManager:
 
         :returns: {name: '' or why it cannot be resumed}.
         """
-        frozen, _ = self._claim(snapshot_id)
+        frozen, _, _ = self._claim(snapshot_id)
         names = sorted(frozen)
         if names:
             LOG.info('snapshot %s aborted: thawing %s', snapshot_id, ', '.join(names))
         return dict(zip(names, _each(self._resume, names)))
+
+
+def _why(error: BaseException) -> str:
+    """An error as an answer names it: a VmcloudError says what it is, others their class."""
+    return str(error) if isinstance(error, exception.VmcloudError) else (
+        f'{type(error).__name__}: {error}')
 
 
 def _each(work: Callable, things: list) -> list:

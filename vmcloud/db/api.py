@@ -225,14 +225,9 @@ def snapshot_item_get(session: orm.Session, snapshot_id: str, instance_id: str,
     return session.get(models.SnapshotItem, (snapshot_id, instance_id), with_for_update=lock)
 
 
-def snapshot_items(session: orm.Session, snapshot_id: str,
-                   stored_only: bool = False) -> list[models.SnapshotItem]:
-    """A snapshot's items; ``stored_only``: those whose version was stored."""
-    query = sqlalchemy.select(models.SnapshotItem).where(
-        models.SnapshotItem.snapshot_id == snapshot_id)
-    if stored_only:
-        query = query.where(models.SnapshotItem.version != '')
-    return list(session.scalars(query))
+def snapshot_items(session: orm.Session, snapshot_id: str) -> list[models.SnapshotItem]:
+    return list(session.scalars(sqlalchemy.select(models.SnapshotItem).where(
+        models.SnapshotItem.snapshot_id == snapshot_id)))
 
 
 def snapshot_items_past_deadline(session: orm.Session,

@@ -357,8 +357,8 @@ class Deployer:
         """The end of an instance's console log (``instance_ref``: its name or id), read by
         its host.
 
-        :raises: InvalidRequest if there is no such instance or it is on no host;
-            MessagingError if the host does not answer.
+        :raises: InvalidRequest if there is no such instance, it is on no host, or its
+            host is not up; MessagingError if the host does not answer.
         """
         with self.db.session() as session:
             instance = (db_api.instance_get(session, instance_ref)
@@ -366,8 +366,15 @@ class Deployer:
             if instance is None:
                 raise exception.InvalidRequest(f'instance {instance_ref} not found')
             name, host, state = instance.name, instance.host, instance.state
+            row = db_api.host_get(session, host) if host is not None else None
+            host_state = row.state if row is not None else None
         if host is None or state == states.DELETED:
             raise exception.InvalidRequest(f'instance {name} is {state} on no host: no '
                                            f'console to read')
+        if host_state != states.HOST_UP:
+            # Asked anyway, a silent host would hold the request for the whole RPC
+            # timeout, and the caller would blame the dispatcher.
+            raise exception.InvalidRequest(f'instance {name} is on compute host {host}, '
+                                           f'which is {host_state}: its console cannot be read')
         return {'instance': name, 'host': host,
                 'console': self.compute.console_log(host, name, max_bytes)}

@@ -123,6 +123,9 @@ class Dispatcher:
             missing instances), ImageNotFound, NoValidHost.
         """
         refs, deployment_id = self.snapshots.stored_versions(snapshot_id, allow_partial)
+        # A version removed since (nothing holds a finished snapshot's) fails the request
+        # here, naming it, and writes nothing, rather than every build on every host.
+        refs = [str(self.warehouse.lookup(ref).ref) for ref in refs]
         with self.db.session() as session:
             deployment = views.deployment(session, deployment_id)
             vcpus, memory_mib = deployment.vcpus, deployment.memory_mib

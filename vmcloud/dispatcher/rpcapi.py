@@ -10,9 +10,18 @@ from vmcloud.dispatcher import states
 TOPIC = 'vmcloud-dispatcher'
 
 
+def snapshot_seconds(conf: cfg.ConfigOpts) -> int:
+    """How long a snapshot request may run: the waits of its cut (the freeze, the barrier,
+    the thaw of an abort), and rpc_call_timeout for the rest. Its caller waits that long
+    for the answer; an item still freezing after that long was never recorded."""
+    return (2 * conf.snapshot_freeze_timeout + conf.snapshot_pause_limit
+            + conf.rpc_call_timeout)
+
+
 class DispatcherAPI:
     def __init__(self, conf: cfg.ConfigOpts, retry: int | None = None):
         """``retry=-1`` for services, whose reports must wait out a bus outage."""
+        self._conf = conf
         self._client = rpc.Client(conf, TOPIC, 'dispatcher', retry)
 
     # -- for clients -------------------------------------------------------------
@@ -58,8 +67,10 @@ class DispatcherAPI:
         return self._client.call('delete_deployment', deployment_id=deployment_id)
 
     def snapshot(self, deployment_id: str) -> dict:
-        """Snapshot every active instance of a deployment at one barrier."""
-        return self._client.call('snapshot', deployment_id=deployment_id)
+        """Snapshot every active instance of a deployment at one barrier; waits out the
+        cut (a longer pause limit is no reason to give up on the answer and its id)."""
+        return self._client.call('snapshot', timeout=snapshot_seconds(self._conf),
+                                 deployment_id=deployment_id)
 
     def show_snapshot(self, snapshot_id: str) -> dict:
         return self._client.call('show_snapshot', snapshot_id=snapshot_id)
@@ -72,9 +83,13 @@ class DispatcherAPI:
         """The end of an instance's console log, read by its compute host.
 
         ``instance``: its name or id. :returns: {'instance': name, 'host', 'console': str}.
-        :raises: InvalidRequest if there is no such instance or it is on no host.
+        :raises: InvalidRequest if there is no such instance or it is on no host;
+            MessagingError naming the host if it does not answer.
         """
-        return self._client.call('console', instance=instance, max_bytes=max_bytes)
+        # The dispatcher waits rpc_call_timeout for the host: waiting as long here, the
+        # caller would blame the dispatcher for a host that does not answer.
+        return self._client.call('console', timeout=2 * self._conf.rpc_call_timeout,
+                                 instance=instance, max_bytes=max_bytes)
 
     def fence_host(self, host: str) -> dict:
         """The operator says ``host`` is dead: its instances are rebuilt elsewhere (or end

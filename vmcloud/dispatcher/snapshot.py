@@ -10,8 +10,8 @@ stored under the instance's own name (a new image whose parent is the version it
 deployed from: deploying the base image still means the base).
 
 A snapshot always ends available, partial (its reason names each missing instance and
-why) or error: uploads have a deadline (``expire``), and a barrier the dispatcher did
-not live to finish is ended by ``recover`` when it starts again.
+why) or error: barriers and uploads have deadlines (``expire``), and a barrier the
+dispatcher did not live to finish is ended by ``recover`` when it starts again.
 """
 import collections
 import concurrent.futures
@@ -27,6 +27,7 @@ from vmcloud import rpc
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
 from vmcloud.db import models
+from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.dispatcher import states
 from vmcloud.dispatcher import transitions
 from vmcloud.dispatcher import views
@@ -93,9 +94,15 @@ class Snapshotter:
                         state=states.ERROR,
                         reason=f'not snapshotted: its host {instance.host} stopped reporting')
             by_host: dict[str, list[dict]] = collections.defaultdict(list)
+            # Past it, the request that froze them ended without recording their barrier
+            # (the database failed it): their guests thawed themselves, and the deployment
+            # must not stay "being snapshotted".
+            deadline = models.utcnow() + datetime.timedelta(
+                seconds=dispatcher_rpcapi.snapshot_seconds(self.conf))
             for instance in active:
                 db_api.snapshot_item_create(session, snapshot_id=snapshot_id,
-                                            instance_id=instance.id, state=states.FREEZING)
+                                            instance_id=instance.id, state=states.FREEZING,
+                                            deadline=deadline)
                 by_host[instance.host].append({'instance_id': instance.id,
                                                'name': instance.name,
                                                'target': instance.name})
@@ -236,7 +243,10 @@ class Snapshotter:
                     result = thawed[item['name']]
                     row.frozen_at = frozen[item['name']]['frozen_at']
                     if 'error' in result:
-                        row.state, row.reason = states.ERROR, clip(result['error'])
+                        # An upload that already reported (its host answered after the
+                        # wait, or its own upload failed) says more than the missing answer.
+                        if row.state == states.FREEZING:
+                            row.state, row.reason = states.ERROR, clip(result['error'])
                         continue
                     row.pause_ms = result.get('pause_ms')
                     row.dirty_bytes = result.get('dirty_bytes', 0)
@@ -281,7 +291,11 @@ class Snapshotter:
 
         :returns: (snapshot id, instance id) of each item it ended.
         """
-        reason = f'upload did not finish within {self.conf.snapshot_upload_timeout} s'
+        reasons = {
+            states.FREEZING: f'no barrier recorded within '
+                             f'{dispatcher_rpcapi.snapshot_seconds(self.conf)} s',
+            states.UPLOADING: f'upload did not finish within '
+                              f'{self.conf.snapshot_upload_timeout} s'}
         ended = []
         with self.db.session() as session:
             by_snapshot = collections.defaultdict(list)
@@ -295,14 +309,15 @@ class Snapshotter:
                     # Read again under the lock: its upload may have just reported.
                     if row.state not in PENDING or row.deadline is None or row.deadline >= now:
                         continue
+                    reason = reasons[row.state]
                     LOG.error('snapshot %s: instance %s: %s', snapshot_id, instance_id, reason)
                     row.state, row.reason = states.ERROR, reason
-                    ended.append((snapshot_id, instance_id))
+                    ended.append((snapshot_id, instance_id, reason))
                 self.update_snapshot(session, snapshot_id)
-        for snapshot_id, instance_id in ended:
+        for snapshot_id, instance_id, reason in ended:
             self.notify('snapshot.upload.end', {'snapshot': snapshot_id, 'instance': instance_id,
                                                 'version': '', 'error': reason})
-        return ended
+        return [(snapshot_id, instance_id) for snapshot_id, instance_id, _ in ended]
 
     def recover(self) -> list[str]:
         """End the barriers a previous dispatcher did not live to finish: their items still

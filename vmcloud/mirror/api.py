@@ -38,6 +38,8 @@ LOG = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1024 * 1024
 # An answer lists at most every mirror of the node, with a short result each.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+# Snapshot keys discarded, remembered (to refuse their late barriers) up to this many.
+ENDED_KEPT = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,7 @@ class Mirrors(abc.ABC):
     def barrier(self, key: str, names: list[str]) -> dict[str, dict]:
         """Take each mirror's snapshot barrier under ``key`` (call it with the guests
         frozen): ``{name: {'dirty_bytes': int} | {'error': str}}``; a mirror that fails
-        fails alone.
+        fails alone. A ``key`` discarded already takes none (an error each).
         """
 
     @abc.abstractmethod
@@ -163,6 +165,9 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
         # a reused descriptor would hand the warehouse another file's bytes.
         self._uploading: collections.Counter[str] = collections.Counter()
         self._barriers_changed = threading.Condition()
+        # Keys discarded: a barrier of one that comes after (its caller gave up waiting
+        # and discarded it) would stay open, refusing every later barrier of its mirrors.
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def create(self, name: str, image: str) -> MirrorInfo:
         mirror = super().create(name, image)
@@ -192,13 +197,15 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
                 with self._lock:
                     # A remove() that began meanwhile has discarded its barriers already.
                     alive = self._mirrors.get(name) is mirror
-                if alive:
+                ended = key in self._ended
+                if alive and not ended:
                     self._taken.setdefault(key, {})[name] = taken
-            if alive:
+            if alive and not ended:
                 results[name] = {'dirty_bytes': _dirty_bytes(taken)}
-            else:
-                self._exit(name, taken)
-                results[name] = {'error': str(exception.MirrorNotFound(name))}
+                continue
+            self._exit(name, taken)
+            results[name] = {'error': f'snapshot {key} was discarded already'
+                             if ended else str(exception.MirrorNotFound(name))}
         return results
 
     def upload(self, key: str, targets: dict[str, str]) -> dict[str, dict]:
@@ -249,6 +256,9 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
     def discard(self, key: str) -> None:
         with self._barriers_changed:
             taken = self._taken.pop(key, {})
+            self._ended[key] = None  # no barrier of it is taken from now on
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
         for name, one in taken.items():
             self._exit(name, one)
 

@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 from typing import Any, Callable
@@ -64,7 +65,8 @@ class MirrorService:
         found on disk, and listen (accepting once start() is called).
 
         A mirror that cannot be opened (a corrupt dirty map, its image gone) is logged
-        by name and left on disk as it is, for the operator.
+        by name and left on disk as it is, for the operator; a directory without its
+        meta.json (a create cut short) is removed.
 
         :raises: StateLocked naming the owner if another service (or a ``vmcloud
             mirror serve``) has the node's state; MirrorError if the control socket
@@ -95,6 +97,13 @@ class MirrorService:
                 continue
             try:
                 self.mirrors.open(name)
+            except exception.MirrorNotFound:
+                # Its create was cut short before its meta.json, the first thing written:
+                # nothing of a guest is in it, and left there it would refuse every new
+                # mirror of that name (MirrorExists) and never be removed.
+                LOG.warning('removing %s: a mirror whose creation was cut short',
+                            os.path.join(path, name))
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
             except (exception.VmcloudError, OSError) as exc:
                 LOG.error('mirror %s in %s is not served: %s', name, path, exc)
             else:

@@ -18,6 +18,7 @@ from vmcloud import polling
 from vmcloud import rpc
 from vmcloud.dispatcher import rpcapi
 from vmcloud.drivers import base as driver_base
+from vmcloud.drivers import console
 from vmcloud.storage import warehouse
 from tests import base
 from tests import guest
@@ -56,8 +57,9 @@ class MultiProcessTest(base.TestCase):
                 self.conf.set_override(key, value, None if group == 'DEFAULT' else group)
         warehouse.Warehouse(self.conf).import_image(guest.path('disk.img'), 'guest')
         self.api = rpcapi.DispatcherAPI(self.conf)
-        self.driver = driver_base.load(self.conf, 'qemu')  # reads the computes' console logs
         self.services = {}
+        self.processes = []  # every process started, restarted ones too
+        self.addCleanup(self.stop_services)
         self.start('dispatcher', 'dispatcher')
         for host in ('node1', 'node2'):
             self.start(f'{host}-mirrors', 'mirror-service', node=host)
@@ -82,7 +84,7 @@ class MultiProcessTest(base.TestCase):
 
     def start(self, name: str, *args: str, node: str | None = None) -> None:
         path = os.path.join(self.tmp, f'{name}.log')
-        log = open(path, 'w')
+        log = open(path, 'a')  # a restarted service's log follows its predecessor's
         self.addCleanup(log.close)
         self.addOnException(lambda _: self.addDetail(
             f'{name}.log', testtools.content.content_from_file(path, buffer_now=True)))
@@ -92,7 +94,7 @@ class MultiProcessTest(base.TestCase):
         process = subprocess.Popen([sys.executable, '-m', 'vmcloud.cmd.cli', *configs, *args],
                                    stdout=log, stderr=subprocess.STDOUT)
         self.services[name] = process
-        self.addCleanup(base.stop_process, process)
+        self.processes.append(process)
 
         # A call sent before the service's queue exists is lost and waits for its timeout.
         def started():
@@ -101,6 +103,11 @@ class MultiProcessTest(base.TestCase):
         polling.wait(started, bool, TIMEOUT, f'{name} to start')
         self.assertIsNone(process.poll(), f'{name} exited')
 
+    def console_path(self, instance: dict) -> str:
+        """Where ``instance``'s qemu writes its console, in its node's instances directory."""
+        return os.path.join(self.state_path, 'nodes', instance['host'], 'instances',
+                            instance['name'], 'console.log')
+
     def settle(self, deployment: dict) -> dict:
         return self.api.wait_deployment(deployment['id'], TIMEOUT)
 
@@ -108,7 +115,9 @@ class MultiProcessTest(base.TestCase):
         deployment = self.settle(deployment)
         self.assertEqual('active', deployment['state'], deployment)
         for instance in deployment['instances']:
-            self.driver.wait_for_event(instance['name'], driver_base.APP_RUNNING, TIMEOUT)
+            console.wait_for_marker(
+                self.console_path(instance), instance['name'], driver_base.APP_RUNNING, TIMEOUT,
+                lambda: bool(guest.qemu_processes_named(instance['name'])))
         return deployment
 
     def test_deploy_8_snapshot_redeploy(self):
@@ -123,7 +132,7 @@ class MultiProcessTest(base.TestCase):
         second = self.running(self.api.deploy_snapshot(snapshot['id']))
         for instance in second['instances']:
             self.assertIn(f'VMCLOUD-PREVIOUS {origin[instance["image"]]}',
-                          self.driver.console_log(instance['name']))
+                          console.read(self.console_path(instance)))
 
     def test_a_compute_manager_killed_mid_deploy_and_restarted(self):
         deployment = self.api.deploy('guest', 6, boot=self.boot)
@@ -164,6 +173,10 @@ class MultiProcessTest(base.TestCase):
                 if socket.encode() in f.read():
                     return True
         return False
+
+    def stop_services(self) -> None:
+        for process in reversed(self.processes):
+            base.stop_process(process)
 
     def delete_everything(self) -> None:
         """Delete every deployment and wait until its guests are gone: the guests outlive

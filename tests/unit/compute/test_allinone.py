@@ -1,7 +1,10 @@
 """The all-in-one cloud's compute managers: a node restarts without losing its guests, and
 stale work for it is dropped (fake driver, fake:// transport, SQLite)."""
+from vmcloud import allinone
+from vmcloud import exception
 from vmcloud import polling
 from vmcloud.compute import manager
+from tests import base
 from tests.unit.dispatcher import helpers
 
 
@@ -66,3 +69,17 @@ class AllInOneComputeTest(helpers.CloudTestCase):
         # Each instance's snapshot is a version of its own image, not of the base.
         names = {i['name'] for i in self.api.show_deployment(deployment['id'])['instances']}
         self.assertEqual(names, {item['version'].split(':')[0] for item in snapshot['items']})
+
+
+class AllInOneStartTest(base.TestCase):
+    def test_a_start_that_fails_stops_what_it_started(self):
+        self.addCleanup(allinone.rpc.cleanup)
+        cloud = allinone.AllInOne(self.conf, hosts=2, driver='fake')
+
+        def refused(*args):
+            raise exception.HostNameInUse('node2', 'abc123')
+        cloud.computes[1].dispatcher.register_host = refused
+        self.assertRaises(exception.HostNameInUse, cloud.start)
+        # Its nodes' state was given up: a new cloud on it starts, and node1 with it.
+        again = allinone.AllInOne(self.conf, hosts=2, driver='fake').start()
+        again.stop()

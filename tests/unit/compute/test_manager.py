@@ -199,6 +199,39 @@ class ComputeManagerTest(base.TestCase):
                          (host, incarnation, running))
         self.assertEqual(self.mirrors.fetched_bytes(), capacity['fetched_bytes'])
 
+    def test_a_guest_whose_state_cannot_be_read_counts_as_running(self):
+        # Raised, it would stop every heartbeat: the whole node would become unknown.
+        self.build('vm1')
+        self.build('vm2')
+        power_state = self.driver.power_state
+
+        def unreadable(name):
+            if name == 'vm2':
+                raise exception.DriverError('no answer from the monitor, on purpose')
+            return power_state(name)
+        self.driver.power_state = unreadable
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        (_host, _capacity, _incarnation, running), = self.reports.wait_for(
+            'report_heartbeat')[:1]
+        self.assertEqual(['vm1', 'vm2'], running)
+
+    def test_the_heartbeat_goes_on_while_the_mirror_service_is_away(self):
+        self.conf.set_override('heartbeat_interval', 1)
+        self.build('vm1')
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        self.reports.wait_for('report_heartbeat')  # the first beat, sent before the change
+
+        def away():
+            raise exception.MirrorServiceUnavailable('/run/m.sock', 'restarting, on purpose')
+        self.mirrors.fetched_bytes = away
+        count = len(self.reports.of('report_heartbeat'))
+        (_host, capacity, _incarnation, running), = self.reports.wait_for(
+            'report_heartbeat', count + 1)[count:count + 1]
+        self.assertEqual(['vm1'], running)
+        self.assertNotIn('fetched_bytes', capacity)
+
     def test_stopping_leaves_guests_and_mirrors_running(self):
         self.build('vm1')
         self.compute.start()
@@ -371,6 +404,17 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual([], self.mirrors.names())
         self.assertEqual([('id-vm1', 'node1', manager.RESTARTED_DURING_BUILD)],
                          self.reports.of('build_failed'))
+
+    def test_a_build_a_restart_reported_failed_is_not_built_again_here(self):
+        # Its request delivered before the dispatcher read the failure: still "wanted".
+        self.build('vm1')
+        self.restart(vm1='building')
+        asked = len(self.reports.of('build_wanted'))
+        self.compute.build_instance({}, {'id': 'id-vm1', 'name': 'vm1', 'image': self.image,
+                                         'vcpus': 1, 'memory_mib': 256, 'attempt': 1})
+        self.assertEqual(asked, len(self.reports.of('build_wanted')))
+        self.assertEqual([], self.driver.list_instances())
+        self.assertEqual([], self.reports.of('instance_built')[1:])
 
     def test_a_restart_destroys_what_is_not_wanted_here(self):
         self.build('vm1')
@@ -601,6 +645,92 @@ class ComputeManagerTest(base.TestCase):
         self.assertIn('gone, on purpose', results['vm1']['error'])
         self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
 
+    def test_a_barrier_that_fails_by_a_bug_still_thaws_every_guest(self):
+        self.build('vm1')
+        discarded = []
+
+        def bug(key, names):
+            raise RuntimeError('a bug, on purpose')
+        self.mirrors.barrier = bug
+        self.mirrors.discard = discarded.append
+        self.freeze(['vm1'])
+        results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1']))
+        self.assertEqual({'vm1': {'error': 'RuntimeError: a bug, on purpose'}}, results)
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+        self.assertEqual(['snap1'], discarded)
+
+    def test_a_barrier_that_hangs_past_the_pause_limit_thaws_and_is_discarded(self):
+        self.build('vm1')
+        release, ended = threading.Event(), threading.Event()
+        barrier = self.mirrors.barrier
+
+        def hung(key, names):
+            release.wait(WAIT)
+            try:
+                return barrier(key, names)
+            finally:
+                ended.set()
+        self.mirrors.barrier = hung
+        self.assertIn('frozen_at', self.freeze(['vm1'], pause_limit=3)['vm1'])
+        results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1']))
+        self.assertFalse(release.is_set())
+        self.assertIn('no barrier within the pause limit', results['vm1']['error'])
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+        self.mirrors.barrier = barrier
+        discard = self.mirrors.discard
+        discarded = threading.Event()
+        self.mirrors.discard = lambda key: (discard(key), discarded.set())
+        release.set()
+        self.assertTrue(ended.wait(WAIT))
+        self.assertTrue(discarded.wait(WAIT))
+        # Its late barrier was let go: the next snapshot takes one again.
+        self.freeze(['vm1'], 'snap2')
+        self.assertIn('dirty_bytes', self.compute.barrier_and_thaw(
+            {}, 'snap2', self.items(['vm1']))['vm1'])
+
+    def test_a_freeze_that_cannot_list_the_guests_holds_none_of_them(self):
+        self.build('vm1')
+        listed = self.driver.list_instances
+        failures = [exception.DriverError('hypervisor away, on purpose')]
+
+        def flaky():
+            if failures:
+                raise failures.pop(0)
+            return listed()
+        self.driver.list_instances = flaky
+        self.assertRaises(exception.DriverError, self.freeze, ['vm1'])
+        self.assertIn('frozen_at', self.freeze(['vm1'], 'snap2')['vm1'])
+
+    def test_a_freeze_that_comes_after_its_thaw_or_barrier_is_refused(self):
+        # Late on the bus: the dispatcher gave up on it and thawed already.
+        self.build('vm1')
+        self.assertEqual({}, self.compute.thaw({}, 'snap1'))
+        self.assertIn('came too late', self.freeze(['vm1'])['vm1']['error'])
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+        self.compute.barrier_and_thaw({}, 'snap2', self.items(['vm1']))
+        self.assertIn('came too late', self.freeze(['vm1'], 'snap2')['vm1']['error'])
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+
+    def test_a_thaw_during_the_freeze_thaws_it_and_the_freeze_says_so(self):
+        self.build('vm1')
+        freezing, release = threading.Event(), threading.Event()
+        freeze_io = self.driver.freeze_io
+
+        def slow(name):
+            freeze_io(name)
+            freezing.set()
+            release.wait(WAIT)
+        self.driver.freeze_io = slow
+        answers = {}
+        freezer = threading.Thread(target=lambda: answers.update(self.freeze(['vm1'])))
+        freezer.start()
+        self.assertTrue(freezing.wait(WAIT))
+        self.assertEqual({}, self.compute.thaw({}, 'snap1'))  # vm1 is not frozen yet
+        release.set()
+        freezer.join(WAIT)
+        self.assertIn('already thawed or barriered', answers['vm1']['error'])
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
+
     def test_a_guest_that_cannot_freeze_is_named_and_left_running(self):
         self.build()
         freeze = self.driver.freeze_io
@@ -616,6 +746,18 @@ class ComputeManagerTest(base.TestCase):
                          self.freeze(['vm1', 'nosuch']))
         self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
         self.assertEqual({}, self.compute.thaw({}, 'snap1'))
+
+    def test_a_freeze_that_fails_by_a_bug_half_way_leaves_the_guest_running(self):
+        self.build()
+        freeze = self.driver.freeze_io
+
+        def bug(name):
+            freeze(name)  # paused, then a bug
+            raise KeyError('a bug, on purpose')
+        self.driver.freeze_io = bug
+        self.assertEqual({'vm1': {'error': "KeyError: 'a bug, on purpose'"}},
+                         self.freeze(['vm1']))
+        self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
 
     def test_a_guest_frozen_for_one_snapshot_is_refused_by_another(self):
         self.build()

@@ -127,6 +127,23 @@ class EndpointsTest(helpers.CloudTestCase):
         self.assertEqual((owner['node_id'], owner['incarnation']),
                          (now['node_id'], now['incarnation']))
 
+    def test_a_snapshot_call_waits_out_the_cut(self):
+        # The cut alone may take longer than rpc_call_timeout: the caller must not give
+        # up on a snapshot that goes on, and lose its id.
+        self.conf.set_override('snapshot_pause_limit', 600)
+        calls = []
+        self.api._client.call = lambda method, **kwargs: calls.append((method, kwargs))
+        self.api.snapshot('d1')
+        self.assertEqual([('snapshot', {'deployment_id': 'd1', 'timeout': 2 * 30 + 600 + 120})],
+                         calls)
+
+    def test_a_console_call_outwaits_the_dispatcher_s_call_to_the_host(self):
+        calls = []
+        self.api._client.call = lambda method, **kwargs: calls.append((method, kwargs))
+        self.api.console('vm-1', 100)
+        self.assertEqual([('console', {'instance': 'vm-1', 'max_bytes': 100,
+                                       'timeout': 2 * 120})], calls)
+
     def test_build_wanted_across_rpc(self):
         instance, = self.deploy_and_wait(count=1)['instances']  # built: wanted no more
         self.assertIs(False, self.api.build_wanted(instance['id'], instance['host'], 1))
@@ -240,6 +257,19 @@ class SnapshotTest(helpers.CloudTestCase):
         for compute in self.cloud.computes:  # every guest runs again after the barrier
             for name in compute.driver.list_instances():
                 self.assertEqual('running', compute.driver.power_state(name).value)
+
+    def test_deploying_a_snapshot_whose_version_was_removed_writes_nothing(self):
+        deployment = self.deploy_and_wait(count=2)
+        snapshot = self.api.wait_snapshot(self.api.snapshot(deployment['id'])['id'],
+                                          helpers.TIMEOUT)
+        self.assertEqual('available', snapshot['state'], snapshot)
+        removed = snapshot['items'][0]['version']
+        image, version = removed.split(':')
+        self.cloud.warehouse.delete(image, int(version), force=True)
+        error = self.assertRaises(exception.ImageNotFound, self.api.deploy_snapshot,
+                                  snapshot['id'])
+        self.assertIn(image, str(error))
+        self.assertEqual([deployment['id']], [d['id'] for d in self.api.list_deployments()])
 
     def test_an_instance_that_cannot_freeze_aborts_the_snapshot(self):
         deployment = self.deploy_and_wait(count=2)

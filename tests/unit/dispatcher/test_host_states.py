@@ -451,6 +451,17 @@ class HostStatesTest(base.TestCase):
                                   instance.name, 100)
         self.assertIn('deleted', str(error))
 
+    def test_console_of_a_host_that_is_not_up_is_refused_at_once(self):
+        self.register('node1')
+        instance, = self.instances(self.deploy(1))
+        self.age(host='node1')
+        self.monitor.mark_silent_hosts()
+        error = self.assertRaises(exception.InvalidRequest, self.deployer.console,
+                                  instance.name, 100)
+        self.assertIn(f'{instance.name} is on compute host node1, which is unknown',
+                      str(error))
+        self.assertEqual([], self.compute.consoles)
+
 
 class HostStatesPostgresTest(HostStatesTest):
     """The same on PostgreSQL, where the row locks are real."""

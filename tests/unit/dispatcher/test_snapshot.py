@@ -211,6 +211,25 @@ class CutTest(SnapshotterTestCase):
         self.assertEqual(states.AVAILABLE, snapshot['state'])
         self.assertEqual({states.AVAILABLE}, {i['state'] for i in snapshot['items']})
 
+    def test_an_upload_stored_while_its_barrier_answer_was_late_stays_stored(self):
+        # node2 took its barrier and stored vm-c, but answered after the dispatcher
+        # stopped waiting (pause_limit): what its upload reported holds.
+        self.conf.set_override('snapshot_pause_limit', 1)
+        barrier_and_thaw = self.compute.barrier_and_thaw
+
+        def late_on_node2(host, snapshot_id, items):
+            answer = barrier_and_thaw(host, snapshot_id, items)
+            if host == 'node2':
+                self.snapshots.item_done(snapshot_id, self.ids['vm-c'], 'vm-c:1', 1, '')
+                self.compute.released.wait(30)
+            return answer
+        self.compute.barrier_and_thaw = late_on_node2
+        snapshot = self.snapshots.snapshot(self.deployment_id)
+        items = self.items(snapshot)
+        self.assertEqual((states.AVAILABLE, 'vm-c:1'),
+                         (items['vm-c']['state'], items['vm-c']['version']))
+        self.assertEqual(states.AVAILABLE, self.upload_all(snapshot)['state'])
+
     def test_one_barrier_at_a_time_per_deployment(self):
         with self.db.session() as session:
             db_api.snapshot_create(session, id='s-busy', deployment_id=self.deployment_id,
@@ -378,6 +397,28 @@ class ExpireTest(SnapshotterTestCase):
         self.snapshots.item_done(snapshot['id'], self.ids['vm-b'], 'vm-b:1', 1, '')
         self.assertEqual(shown, self.show(snapshot['id']))
         self.assertEqual([], self.snapshots.expire(deadline + datetime.timedelta(seconds=1)))
+
+    def test_a_barrier_the_database_failed_to_record_ends_by_its_deadline(self):
+        def database_away(*args):
+            raise exception.DatabaseError('the database went away, on purpose')
+        self.snapshots._record = database_away
+        self.snapshots._end_freezing = database_away
+        before = models.utcnow()
+        self.assertRaises(exception.DatabaseError, self.snapshots.snapshot, self.deployment_id)
+        stuck, = self.snapshots.list(self.deployment_id)
+        self.assertEqual(states.FREEZING, stuck['state'])
+        self.assertEqual(['node1', 'node2'], self.compute.hosts_called('thaw'))
+        seconds = 2 * 5 + 7 + self.conf.rpc_call_timeout
+        self.assertEqual([], self.snapshots.expire(before + datetime.timedelta(seconds=seconds)))
+
+        ended = self.snapshots.expire(models.utcnow() + datetime.timedelta(seconds=seconds))
+
+        self.assertEqual(sorted((stuck['id'], i) for i in self.ids.values()), sorted(ended))
+        shown = self.show(stuck['id'])
+        self.assertEqual(states.ERROR, shown['state'])
+        self.assertEqual({(states.ERROR, f'no barrier recorded within {seconds} s')},
+                         {(i['state'], i['reason']) for i in shown['items']})
+        self.snapshotter().snapshot(self.deployment_id)  # no longer "being snapshotted"
 
 
 class RecoverTest(SnapshotterTestCase):

@@ -161,6 +161,17 @@ class LocalMirrorsTest(test_disk.MirrorTestCase):
         self.assertEqual([], self.warehouse.versions('vm1') if 'vm1' in self.warehouse.images()
                          else [])
 
+    def test_a_barrier_after_its_discard_is_refused_and_left_open_nowhere(self):
+        # Its caller gave up waiting for it, and discarded the key before it came.
+        self.two_guests_with_a_barrier()
+        self.mirrors.discard('s1')
+        self.assertEqual({'vm1': {'error': 'snapshot s1 was discarded already'},
+                          'vm2': {'error': 'snapshot s1 was discarded already'}},
+                         self.mirrors.barrier('s1', ['vm1', 'vm2']))
+        # The late barriers did not stay open: the next snapshot takes both.
+        self.assertEqual({'vm1': {'dirty_bytes': CHUNK}, 'vm2': {'dirty_bytes': 2 * CHUNK}},
+                         self.mirrors.barrier('s3', ['vm1', 'vm2']))
+
     def test_remove_exits_the_mirrors_barriers(self):
         self.two_guests_with_a_barrier()
         self.mirrors.remove('vm1')
@@ -315,6 +326,15 @@ class ServiceTest(test_disk.MirrorTestCase):
         self.assertIn('dirty map', self.logs.output)
         self.assertTrue(os.path.exists(dirty))
         self.assertEqual(sorted(['good', 'bad']), sorted(os.listdir(first_path)))
+
+    def test_a_mirror_whose_create_was_cut_short_is_removed_and_made_again(self):
+        os.makedirs(os.path.join(self.conf.mirror.mirrors_path, 'vm1'))  # killed there
+        self.start()
+        client = api.RemoteMirrors(self.conf, timeout=30)
+        self.assertEqual([], client.names())
+        self.assertIn('creation was cut short', self.logs.output)
+        client.create('vm1', 'img')
+        self.assertEqual(['vm1'], client.names())
 
     def test_a_second_service_is_refused_naming_the_first(self):
         self.start()

@@ -30,6 +30,7 @@ from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.dispatcher import states
 from vmcloud.drivers import base as driver_base
 from vmcloud.mirror import api as mirror_api
+from vmcloud.nbd import statelock
 from vmcloud.storage import durable
 from vmcloud.storage import warehouse as warehouse_mod
 
@@ -115,7 +116,9 @@ class ComputeManager:
         self.driver = driver or driver_base.load(conf)
         self.mirrors = mirrors
         self.shared_driver = shared_driver
-        self.node_id = node_id(node_root or conf.state_path)
+        self._node_dir = node_root or conf.state_path
+        self.node_id = node_id(self._node_dir)
+        self._state_lock: statelock.StateLock | None = None
         self.incarnation = str(uuid.uuid4())
         # One copy per machine, even with several nodes in one process.
         self.artifacts = artifacts_mod.BootArtifacts(
@@ -138,12 +141,21 @@ class ComputeManager:
     def start(self) -> 'ComputeManager':
         """Register, adopt what the node runs, then serve and report.
 
-        :raises: HostNameInUse naming the node that holds the host name; MessagingError
+        :raises: StateLocked naming the other manager of this host on this node;
+            HostNameInUse naming the node that holds the host name; MessagingError
             if the dispatcher does not answer within [DEFAULT] rpc_startup_timeout;
             MirrorServiceUnavailable.
         """
-        wanted = self._register()
-        self._adopt(wanted)
+        # Two managers of one host on one node would share its node id, so the
+        # dispatcher could not tell them apart: the second is refused here.
+        self._state_lock = statelock.StateLock(
+            f'compute manager {self.host}',
+            os.path.join(self._node_dir, f'compute-{self.host}.lock'))
+        try:
+            self._adopt(self._register())
+        except BaseException:
+            self._release_state()
+            raise
         # Served only now: a build or destroy queued for this host must not race adoption.
         self._server.start()
         self._serving = True
@@ -170,6 +182,12 @@ class ComputeManager:
         if destroy_instances:
             for name in sorted(set(self._guests()) | set(self.mirrors.names())):
                 self._destroy_logged(name)
+        self._release_state()
+
+    def _release_state(self) -> None:
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
 
     # -- registering and adopting ----------------------------------------------------
 
@@ -201,12 +219,16 @@ class ComputeManager:
     def _adopt(self, wanted: list[dict]) -> None:
         """Decide the fate of every guest and mirror found here, one log line each:
         what the dispatcher wants running here is kept (and resumed if a snapshot left it
-        paused); a build caught by the restart is undone and reported failed; the rest
-        is destroyed with its mirror and instance directory."""
+        paused); a build caught by the restart is undone and reported failed, and so is
+        one of which nothing is here (its request died with the previous manager, which
+        had taken it off the bus: a request still queued for it is stale once the
+        dispatcher retried); the rest is destroyed with its mirror and instance directory."""
         by_name = {instance['name']: instance for instance in wanted}
         mirrors = set(self.mirrors.names())
         guests = set(self._guests(also=by_name))
-        for name in sorted(guests | mirrors):
+        building = {name for name, instance in by_name.items()
+                    if instance['state'] == states.BUILDING}
+        for name in sorted(guests | mirrors | building):
             instance = by_name.get(name)
             state = instance['state'] if instance else None
             found = ' and '.join(what for what, there in (('guest', name in guests),
@@ -216,8 +238,13 @@ class ComputeManager:
                 if name in guests:
                     self._keep(name)
             elif state == states.BUILDING:
-                LOG.info('adopting %s: its build was cut by the restart: destroying its %s '
-                         'and reporting the build failed', name, found)
+                if found:
+                    LOG.info('adopting %s: its build was cut by the restart: destroying its '
+                             '%s and reporting the build failed', name, found)
+                else:
+                    LOG.info('adopting %s: building here but nothing of it is (its request '
+                             'died with the previous manager): reporting the build failed',
+                             name)
                 self._destroy_logged(name)
                 with self._lock:
                     # Reported failed: that attempt's request, if the bus delivers it

@@ -341,6 +341,18 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual([('node1', again.node_id, again.incarnation)],
                          self.reports.of('register_host'))
 
+    def test_a_second_manager_of_the_host_on_this_node_is_refused_until_the_first_stops(self):
+        first = self.new_manager()
+        first.start()
+        second = self.new_manager()
+        error = self.assertRaises(exception.StateLocked, second.start)
+        self.assertIn('compute manager node1', str(error))
+        self.assertEqual(1, len(self.reports.of('register_host')))
+        first.stop()
+        second.start()
+        self.addCleanup(second.stop)
+        self.assertEqual(2, len(self.reports.of('register_host')))
+
     def test_a_damaged_node_id_is_named(self):
         with open(os.path.join(self.state_path, 'node-id'), 'w') as f:
             f.write('not an id')
@@ -404,6 +416,17 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual([], self.mirrors.names())
         self.assertEqual([('id-vm1', 'node1', manager.RESTARTED_DURING_BUILD)],
                          self.reports.of('build_failed'))
+
+    def test_a_restart_fails_a_build_whose_request_died_with_the_last_manager(self):
+        # Nothing of vm1 here: the killed manager had taken its request off the bus.
+        self.restart(vm1='building')
+        self.assertEqual([('id-vm1', 'node1', manager.RESTARTED_DURING_BUILD)],
+                         self.reports.of('build_failed'))
+        self.assertIn('adopting vm1: building here but nothing of it is', self.log.output)
+        # Its request, were it still queued, is stale now: never built here.
+        self.compute.build_instance({}, {'id': 'id-vm1', 'name': 'vm1', 'image': self.image,
+                                         'vcpus': 1, 'memory_mib': 256, 'attempt': 1})
+        self.assertEqual([], self.driver.list_instances())
 
     def test_a_build_a_restart_reported_failed_is_not_built_again_here(self):
         # Its request delivered before the dispatcher read the failure: still "wanted".

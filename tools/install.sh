@@ -17,8 +17,9 @@ PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin
     # The services' message bus and database (multi-process mode)
     rabbitmq-server postgresql
-    # Emulated hosts (tests/multihost: namespaces, veth, tc, ss) and the network benchmark
-    iproute2 curl
+    # Emulated hosts (tests/multihost: namespaces, veth, tc, ss, nft drop rules) and the
+    # network benchmark
+    iproute2 nftables curl
 )
 
 # The rados warehouse backend and the single-node Ceph cluster its tests run on

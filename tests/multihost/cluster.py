@@ -2,10 +2,12 @@
 namespace of netns.Network with its own state directory and config files.
 
     with cluster.Cluster() as cloud:
+        cloud.import_guest()
         cloud.start_compute('node1')
         cloud.start_compute('node2')
-        cloud.wait_hosts_up(['node1', 'node2'])
-        cloud.cli_json('image', 'import', path, 'guest', '--format', 'raw')
+        cloud.wait_host_states({'node1': 'up', 'node2': 'up'})
+        deployment = cloud.deploy(2, guest.CMDLINE)
+        cloud.kill('compute-node1'); cloud.restart('compute-node1')
 
 What runs where:
 
@@ -16,10 +18,13 @@ What runs where:
   (file backend in the controller's state directory, bearer token), ``vmcloud
   dispatcher`` (PostgreSQL over TCP, RabbitMQ and the warehouse service at the
   controller's address) and every ``vmcloud`` CLI command of the test.
-- compute hosts (``node1``...): ``vmcloud compute`` with the qemu driver, ``[storage]
+- compute hosts (``node1``...): ``vmcloud mirror-service`` (the node's mirrors and
+  their NBD server, which outlive the manager) and ``vmcloud compute`` with the qemu
+  driver, two services started, killed and restarted separately; ``[storage]
   backend = http`` to the controller, ``transport_url`` to the controller's RabbitMQ,
   every path option under the host's own state directory. Their guests are qemu
-  children of the service, so they run inside the host's namespace too.
+  processes the compute service starts in sessions of their own, so they run inside
+  the host's namespace and outlive the service.
 
 Each host's config files live in its state directory and name no path outside it
 (``assert_nothing_shared`` checks). Nothing of the machine's own RabbitMQ, PostgreSQL
@@ -27,9 +32,18 @@ or /var/lib/vmcloud is used: the namespaces have no route out, and the two serve
 unix sockets and data live in the controller's state directory. Every start is a
 bounded wait that fails as soon as the process exits, with the tail of its log;
 ``logs()`` names every service's log for a test to attach. Closing stops the
-services in reverse order of their start (compute services destroy their guests),
-then the Network kills whatever is left in the namespaces and removes them and
-every state directory, also when the block fails.
+services in reverse order of their start, then the Network kills whatever is left in
+the namespaces (guests included) and removes them and every state directory, also
+when the block fails.
+
+Faults (doc/operations.md says what vmcloud does about each): ``kill`` a service
+(SIGKILL) and ``restart`` it, as it was started, its log appended; ``stop`` one
+gracefully; a host's link down for N s or its packets to the warehouse dropped
+(``netns.Host.link_down``, ``dropping``); ``stop_node`` powers a compute host off
+(every process in it killed). What is left is checked by ``problems``: every
+process of every host accounted for (a service, a process a service started, or
+the one qemu of an instance the dispatcher wants there), no wanted guest missing or
+paused (QMP ``query-status`` on its monitor socket).
 """
 import dataclasses
 import json
@@ -37,12 +51,16 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from typing import Callable, Sequence
 
+from vmcloud.conf import compute as conf_compute
+from vmcloud.conf import mirror as conf_mirror
 from vmcloud.drivers import console
+from tests import guest
 from tests.multihost import netns
 
 RABBITMQ_SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server'
@@ -58,16 +76,38 @@ POSTGRES_TIMEOUT = 90.0
 SERVICE_TIMEOUT = 90.0
 CLI_TIMEOUT = 300.0
 LOG_TAIL = 3000
-# Fast heartbeats: a compute host that stopped is marked down in seconds.
+# Fast heartbeats: a compute host that stopped is marked unknown in seconds.
 HEARTBEAT_INTERVAL = 1
 SERVICE_DOWN_TIME = 5
-# [mirror] and [compute] path options a compute host sets under its own state
-# directory: every one whose default is under state_path (HarnessTest checks it).
-HOST_PATHS = {
-    'mirror': {'mirrors_path': 'mirrors', 'cache_path': 'chunk-cache',
-               'nbd_socket': 'nbd.sock'},
-    'compute': {'instances_path': 'instances', 'boot_artifacts_path': 'boot-artifacts'},
+# Deadlines short enough that a fault of a minute crosses every one (the defaults are
+# for real clusters: doc/operations.md).
+DEADLINES = {
+    'build_timeout': 240,
+    'snapshot_freeze_timeout': 20,
+    'snapshot_pause_limit': 15,
+    'snapshot_upload_timeout': 120,
+    'cli_timeout': 10,
 }
+QMP_TIMEOUT = 10.0
+# The test guest's files as the warehouse images import_guest makes of them.
+GUEST_IMAGES = {'guest': 'disk.img', 'guest-kernel': 'vmlinuz', 'guest-initrd': 'initrd.img'}
+# RabbitMQ daemonizes its port mapper: it belongs to the controller, not to a service.
+DAEMONS = ('epmd',)
+_STATE_PATH = '$state_path/'
+
+
+def host_paths() -> dict[str, dict[str, str]]:
+    """[mirror] and [compute] path options a compute host sets under its own state
+    directory: every one whose default is under state_path, so one added later is
+    placed too (its default would put it wherever state_path is), with the leaf of
+    its default."""
+    return {group: {opt.name: opt.default[len(_STATE_PATH):] for opt in opts
+                    if isinstance(opt.default, str) and opt.default.startswith(_STATE_PATH)}
+            for group, opts in (('mirror', conf_mirror.mirror_opts),
+                                ('compute', conf_compute.compute_opts))}
+
+
+HOST_PATHS = host_paths()
 
 
 class ClusterError(netns.NetnsError):
@@ -96,6 +136,19 @@ def render(sections: dict[str, dict[str, object]]) -> str:
         lines += [f'{key} = {value}' for key, value in options.items()]
         lines.append('')
     return '\n'.join(lines)
+
+
+@dataclasses.dataclass
+class Start:
+    """How a service was started, so that it can be started again the same way."""
+    host: netns.Host
+    argv: list[str]
+    #: what its log says once it is ready
+    ready: str
+    timeout: float
+    env: dict | None = None
+    # How to stop it gracefully (PostgreSQL: SIGINT is its fast shutdown).
+    sig: int = signal.SIGTERM
 
 
 @dataclasses.dataclass
@@ -132,21 +185,40 @@ class Service:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass  # what is left inside the namespace, the Network kills
 
+    def kill(self) -> None:
+        """SIGKILL its process group (not the sessions its children made, as a crash
+        would leave them) and reap it. Never raises."""
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(netns.STOP_TIMEOUT)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
 
 class Cluster:
     """The controller and its servers, and compute hosts added one by one."""
 
     def __init__(self, rate: str = '1gbit', state_root: str = netns.DEFAULT_STATE_ROOT,
-                 subnet: str = netns.DEFAULT_SUBNET):
+                 subnet: str = netns.DEFAULT_SUBNET,
+                 options: dict[str, dict[str, object]] | None = None):
+        """``options``: sections merged into every vmcloud config the cloud renders
+        (after its own, so they win), e.g. ``{'compute': {'sync_before_freeze': False}}``."""
         self.rate = rate
+        self.options = options or {}
         self.network = netns.Network(subnet=subnet, state_root=state_root)
         # Fresh per cloud: nothing of one run can log in to another.
         self.password = secrets.token_hex(12)
         self.token = secrets.token_hex(16)
         self.services: dict[str, Service] = {}
+        # How each service was last started, also once stopped (restart uses it).
+        self.starts: dict[str, Start] = {}
         # Every service's log, also of those stopped since (a failure may be theirs).
         self.log_files: dict[str, str] = {}
         self.computes: dict[str, netns.Host] = {}
+        # Each compute host's own options, merged last into its config.
+        self.host_options: dict[str, dict[str, dict[str, object]]] = {}
         self.configs: dict[str, list[str]] = {}
         self.controller: netns.Host | None = None
 
@@ -197,22 +269,51 @@ class Cluster:
         self.configs.setdefault(host.name, []).append(path)
         return path
 
-    def start_service(self, name: str, host: netns.Host, argv: Sequence[str], ready: str,
-                      timeout: float, env: dict | None = None,
+    def start_service(self, name: str, host: netns.Host, argv: Sequence[str],
+                      ready: str, timeout: float, env: dict | None = None,
                       sig: int = signal.SIGTERM) -> Service:
         """Start ``argv`` on ``host``, logging to its state directory, and wait until
         its log holds ``ready``; ``sig`` stops it gracefully.
+        A service started again under the same name appends to its log, after a line
+        saying so, and is ready only when this run says it is.
 
-        :raises: ClusterError with the log's tail if it exits or is not ready in time.
+        :raises: ClusterError with the log's tail if it exits or is not ready in time,
+            or if a service of that name runs.
         """
+        if name in self.services:
+            raise ClusterError(f'{host.name}: {name} runs already')
+        self.starts[name] = Start(host, list(argv), ready, timeout, env, sig)
         log_path = os.path.join(host.state_dir, f'{name}.log')
-        with open(log_path, 'wb') as log:
+        with open(log_path, 'ab') as log:
+            start = log.tell()
+            if start:
+                log.write(f'\n--- harness: {name} started again ---\n'.encode())
+                start = log.tell()
             process = host.popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, env=env)
         service = self.services[name] = Service(name, host, process, log_path, sig)
         self.log_files[name] = log_path
-        self._wait(service, lambda: ready in _read(log_path), timeout, f'{name} to start')
+        self._wait(service, lambda: ready in _read(log_path)[start:], timeout,
+                   f'{name} to start')
         return service
+
+    def restart(self, name: str) -> Service:
+        """Start service ``name`` again as it was last started (it must not run).
+
+        :raises: ClusterError.
+        """
+        start = self.starts[name]
+        return self.start_service(name, start.host, start.argv, start.ready, start.timeout,
+                                  start.env, start.sig)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL service ``name``, as a crash would end it: what it started in
+        sessions of its own (guests) runs on. ``restart`` starts it again."""
+        self.services.pop(name).kill()
+
+    def stop(self, name: str) -> None:
+        """Stop service ``name`` gracefully (bounded, then SIGKILL)."""
+        self.services.pop(name).stop()
 
     def _wait(self, service: Service, done: Callable[[], bool], timeout: float,
               what: str) -> None:
@@ -328,10 +429,18 @@ class Cluster:
             'DEFAULT': {'state_path': host.state_dir, 'host': name,
                         'transport_url': self.transport_url,
                         'heartbeat_interval': HEARTBEAT_INTERVAL,
-                        'service_down_time': SERVICE_DOWN_TIME, 'rpc_call_timeout': 60},
+                        'service_down_time': SERVICE_DOWN_TIME, 'rpc_call_timeout': 60,
+                        **DEADLINES},
             'storage': {'backend': 'http'},
             'storage_http': {'url': self.warehouse_url, 'token': self.token},
         }
+
+    @staticmethod
+    def _merged(sections: dict, *overrides: dict | None) -> dict:
+        for override in overrides:
+            for section, values in (override or {}).items():
+                sections.setdefault(section, {}).update(values)
+        return sections
 
     def _vmcloud(self, config: str, *args: str) -> list[str]:
         return [sys.executable, '-m', 'vmcloud.cmd.cli', '--config-file', config, *args]
@@ -362,40 +471,86 @@ class Cluster:
         sections = self._common(host, 'controller')
         sections['database'] = {'connection': f'postgresql+psycopg://{USER}:{self.password}@'
                                               f'{host.address}:{POSTGRES_PORT}/{USER}'}
-        self.cli_config = self._write(host, 'vmcloud.conf', render(sections))
+        self.cli_config = self._write(host, 'vmcloud.conf',
+                                      render(self._merged(sections, self.options)))
         self.start_service('dispatcher', host, self._vmcloud(self.cli_config, 'dispatcher'),
                            'running\n', SERVICE_TIMEOUT)
 
-    def add_compute(self, name: str) -> netns.Host:
+    def add_compute(self, name: str,
+                    options: dict[str, dict[str, object]] | None = None) -> netns.Host:
         """A compute host, its link shaped as the controller's, its config in its state
-        directory; not started.
+        directory (``options`` merged last, for this host only); not started.
 
         :raises: NetnsError.
         """
         host = self.computes[name] = self.network.add_host(name, rate=self.rate)
-        sections = self._common(host, name)
-        sections['compute'] = {'driver': 'qemu'}
-        for group, options in HOST_PATHS.items():
-            sections.setdefault(group, {})
-            for option, leaf in options.items():
-                sections[group][option] = os.path.join(host.state_dir, leaf)
-        self._write(host, 'vmcloud.conf', render(sections))
+        self.host_options[name] = options or {}
+        self._render_compute(name)
         return host
 
-    def start_compute(self, name: str) -> netns.Host:
-        """Add compute host ``name`` if new and start its service.
+    def set_options(self, name: str, options: dict[str, dict[str, object]]) -> None:
+        """Merge ``options`` into compute host ``name``'s own and rewrite its config; a
+        service reads it when it starts (``restart``)."""
+        self._merged(self.host_options[name], options)
+        self._render_compute(name)
+
+    def _render_compute(self, name: str) -> None:
+        host = self.computes[name]
+        sections = self._common(host, name)
+        sections['compute'] = {'driver': 'qemu'}
+        for group, options_of in HOST_PATHS.items():
+            sections.setdefault(group, {})
+            for option, leaf in options_of.items():
+                sections[group][option] = os.path.join(host.state_dir, leaf)
+        sections = self._merged(sections, self.options, self.host_options[name])
+        path = os.path.join(host.state_dir, 'vmcloud.conf')
+        if path in self.configs.get(name, ()):
+            with open(path, 'w') as f:
+                f.write(render(sections))
+        else:
+            self._write(host, 'vmcloud.conf', render(sections))
+
+    def config(self, name: str) -> str:
+        """Host ``name``'s vmcloud config file."""
+        return os.path.join(self.network.hosts[name].state_dir, 'vmcloud.conf')
+
+    def start_mirror_service(self, name: str) -> Service:
+        """``vmcloud mirror-service`` on compute host ``name``.
 
         :raises: ClusterError, NetnsError.
         """
         host = self.computes.get(name) or self.add_compute(name)
-        config = os.path.join(host.state_dir, 'vmcloud.conf')
-        self.start_service(f'compute-{name}', host, self._vmcloud(config, 'compute'),
-                           'running\n', SERVICE_TIMEOUT)
+        return self.start_service(f'mirrors-{name}', host,
+                                  self._vmcloud(self.config(name), 'mirror-service'),
+                                  'running\n', SERVICE_TIMEOUT)
+
+    def start_compute(self, name: str) -> netns.Host:
+        """Add compute host ``name`` if new, start its mirror service if it has none
+        running, then its compute service.
+
+        :raises: ClusterError, NetnsError.
+        """
+        host = self.computes.get(name) or self.add_compute(name)
+        if f'mirrors-{name}' not in self.services:
+            self.start_mirror_service(name)
+        self.start_service(f'compute-{name}', host,
+                           self._vmcloud(self.config(name), 'compute'), 'running\n',
+                           SERVICE_TIMEOUT)
         return host
 
     def stop_compute(self, name: str) -> None:
-        """Stop the compute service of ``name`` (it destroys its guests); the host stays."""
-        self.services.pop(f'compute-{name}').stop()
+        """Stop the compute service of ``name`` gracefully; its guests and mirror
+        service run on."""
+        self.stop(f'compute-{name}')
+
+    def stop_node(self, name: str) -> None:
+        """Power compute host ``name`` off: its compute and mirror services stopped,
+        then every process left in it (its guests) killed. The host and its state
+        directory stay (a node that reboots)."""
+        for service in (f'compute-{name}', f'mirrors-{name}'):
+            if service in self.services:
+                self.stop(service)
+        netns.kill_inside(self.computes[name].namespace)
 
     # -- using it -----------------------------------------------------------------
 
@@ -435,6 +590,143 @@ class Cluster:
                 raise ClusterError(f'hosts not {list(up)} up and {list(down)} down after '
                                    f'{timeout:g} s: {state}')
             time.sleep(0.5)
+
+    def import_guest(self) -> dict[str, dict]:
+        """The test guest's disk, kernel and initrd (tests/guest.py) imported through the
+        warehouse service by the controller's CLI, as GUEST_IMAGES names them, from
+        copies in the controller's state directory (no host reads another's files).
+
+        :returns: image name -> what ``vmcloud image import`` answered.
+        :raises: ClusterError.
+        """
+        uploads = os.path.join(self.controller.state_dir, 'uploads')
+        os.makedirs(uploads, exist_ok=True)
+        imported = {}
+        for name, leaf in GUEST_IMAGES.items():
+            path = os.path.join(uploads, leaf)
+            shutil.copyfile(guest.path(leaf), path)
+            imported[name] = self.cli_json('image', 'import', path, name, '--format', 'raw')
+        return imported
+
+    def deploy(self, count: int, cmdline: str, memory_mib: int = 256, image: str = 'guest',
+               wait: bool = True, timeout: float = CLI_TIMEOUT) -> dict:
+        """``vmcloud deploy`` of ``count`` test guests booted from the imported kernel and
+        initrd with ``cmdline``; with ``wait``, until none is building (``timeout`` s).
+
+        :raises: ClusterError.
+        """
+        args = ['deploy', image, '-n', str(count), '--memory', str(memory_mib),
+                '--kernel', 'guest-kernel', '--initrd', 'guest-initrd', '--cmdline', cmdline]
+        if wait:
+            args += ['--wait', '--timeout', str(timeout)]
+        return self.cli_json(*args, timeout=timeout + 60)
+
+    def wait_for(self, what: str, look: Callable[[], object],
+                 done: Callable[[object], bool], timeout: float,
+                 interval: float = 1.0) -> object:
+        """``look()`` again every ``interval`` s until ``done`` of its answer.
+
+        :returns: the last answer. :raises: ClusterError naming ``what`` and the last
+            answer after ``timeout`` s.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = look()
+            if done(seen):
+                return seen
+            if time.monotonic() >= deadline:
+                raise ClusterError(f'waited {timeout:g} s for {what}; last seen: '
+                                   f'{json.dumps(seen, default=str)[-LOG_TAIL:]}')
+            time.sleep(interval)
+
+    def host_states(self) -> dict[str, str]:
+        """Every compute host's state as the dispatcher sees it (``vmcloud hosts``)."""
+        return {h['name']: h.get('state', 'up' if h['up'] else 'down')
+                for h in self.cli_json('hosts')}
+
+    def wait_host_states(self, wanted: dict[str, str], timeout: float = SERVICE_TIMEOUT
+                         ) -> dict[str, str]:
+        """Wait until every host of ``wanted`` is in its state. :raises: ClusterError."""
+        return self.wait_for(f'hosts {wanted}', self.host_states,
+                             lambda seen: all(seen.get(h) == s for h, s in wanted.items()),
+                             timeout)
+
+    def deployment(self, deployment_id: str) -> dict:
+        return self.cli_json('show', deployment_id)
+
+    def wanted_guests(self) -> dict[str, set[str]]:
+        """host -> the instances the dispatcher wants running there (building, active,
+        unknown), over every deployment."""
+        wanted: dict[str, set[str]] = {name: set() for name in self.computes}
+        for listed in self.cli_json('list'):
+            for instance in self.deployment(listed['id'])['instances']:
+                if instance['host'] and instance['state'] in RUNNING_STATES:
+                    wanted.setdefault(instance['host'], set()).add(instance['name'])
+        return wanted
+
+    def guests(self, host: str) -> dict[str, list[int]]:
+        """The qemu processes running on compute host ``host``: instance name -> pids."""
+        return _guests(self.network.hosts[host].processes())
+
+    def guest_status(self, host: str, instance: str) -> str:
+        """QMP ``query-status`` of ``instance``'s qemu on ``host`` (running, paused...).
+
+        :raises: ClusterError if its monitor does not answer within QMP_TIMEOUT.
+        """
+        path = os.path.join(self.computes[host].state_dir,
+                            HOST_PATHS['compute']['instances_path'], instance, 'qmp.sock')
+        try:
+            return qmp_status(path, QMP_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise ClusterError(f'{host}: the monitor of {instance} ({path}) did not answer '
+                               f'query-status: {exc}') from exc
+
+    def problems(self, wanted: dict[str, set[str]] | None = None) -> list[str]:
+        """What is wrong with the processes of the cloud, one line each; empty when every
+        process of every host is a running service, a process one started (not a
+        guest), or the one qemu of an instance the dispatcher wants on that host
+        (``wanted``, by default ``wanted_guests()``), running, not paused."""
+        wanted = self.wanted_guests() if wanted is None else wanted
+        problems = []
+        for name, host in self.network.hosts.items():
+            processes = host.processes()
+            by_pid = {p.pid: p for p in processes}
+            roots = {s.process.pid for s in self.services.values() if s.host is host
+                     and s.process.poll() is None}
+            guests = _guests(processes)
+            for process in processes:
+                if (not _is_qemu(process) and process.program not in DAEMONS
+                        and not _descends(process, roots, by_pid)):
+                    problems.append(f'{name}: orphaned process {process}')
+            for instance, pids in sorted(guests.items()):
+                if instance not in wanted.get(name, ()):
+                    problems.append(f'{name}: orphaned guest {instance} (qemu {pids})')
+                elif len(pids) > 1:
+                    problems.append(f'{name}: {len(pids)} qemu processes run {instance}: '
+                                    f'{pids}')
+            for instance in sorted(wanted.get(name, ())):
+                if instance not in guests:
+                    problems.append(f'{name}: {instance} is wanted there but no qemu runs it')
+                    continue
+                try:
+                    status = self.guest_status(name, instance)
+                except ClusterError as exc:
+                    problems.append(str(exc))
+                    continue
+                if status != 'running':
+                    problems.append(f'{name}: guest {instance} is {status}')
+        return problems
+
+    def wait_no_problems(self, timeout: float = 60.0,
+                         wanted: dict[str, set[str]] | None = None) -> list[str]:
+        """Wait (bounded) for ``problems()`` to be empty: a guest being destroyed or a
+        helper process exiting takes a moment. :returns: what is still wrong."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.problems(wanted)
+            if not found or time.monotonic() >= deadline:
+                return found
+            time.sleep(2)
 
     def peers(self, host: str) -> set[tuple[str, int]]:
         """The remote ends (address, port) of the TCP connections established on ``host``.
@@ -508,6 +800,70 @@ def render_rabbitmq(address: str, user: str, password: str) -> str:
             f'default_user = {user}\ndefault_pass = {password}\n'
             # The state directory's disk is shared with 4 other engineers' tests.
             'disk_free_limit.absolute = 50MB\n')
+
+
+# Instances the dispatcher wants running (vmcloud.dispatcher.states.RUNNING_STATES,
+# spelled here so that the harness reads the CLI's answers as an operator would).
+RUNNING_STATES = ('building', 'active', 'unknown')
+
+
+def _is_qemu(process: netns.Process) -> bool:
+    return process.program.startswith('qemu-system')
+
+
+def _guests(processes: list[netns.Process]) -> dict[str, list[int]]:
+    """The qemu processes among ``processes``: instance name (their ``-name``) -> pids."""
+    found: dict[str, list[int]] = {}
+    for process in filter(_is_qemu, processes):
+        argv = list(process.argv)
+        try:
+            name = argv[argv.index('-name') + 1].split(',')[0]
+        except (ValueError, IndexError):
+            name = f'(no -name: pid {process.pid})'
+        found.setdefault(name, []).append(process.pid)
+    return found
+
+
+def _descends(process: netns.Process, roots: set[int], by_pid: dict) -> bool:
+    """Whether ``process`` is one of ``roots`` or started, directly or not, by one."""
+    seen = set()
+    while process is not None and process.pid not in seen:
+        if process.pid in roots:
+            return True
+        seen.add(process.pid)
+        process = by_pid.get(process.ppid) or netns.read_process(process.ppid)
+    return False
+
+
+def qmp_status(path: str, timeout: float) -> str:
+    """QMP ``query-status`` on the monitor socket ``path``, every step bounded by
+    ``timeout`` (the monitor serves one client at a time: a connection made while the
+    compute service holds one waits for it).
+
+    :raises: OSError, ValueError (an answer that is not QMP).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        stream = sock.makefile('rwb')
+
+        def answer() -> dict:
+            while True:  # events may come first
+                line = stream.readline()
+                if not line:
+                    raise ValueError('the monitor closed the connection')
+                message = json.loads(line)
+                if 'return' in message or 'error' in message:
+                    return message
+        if 'QMP' not in json.loads(stream.readline() or b'{}'):
+            raise ValueError('no QMP greeting')
+        for command in ('qmp_capabilities', 'query-status'):
+            stream.write(json.dumps({'execute': command}).encode() + b'\n')
+            stream.flush()
+            reply = answer()
+            if 'error' in reply:
+                raise ValueError(f'{command}: {reply["error"]}')
+        return reply['return']['status']
 
 
 def _inside(path: str, directory: str) -> bool:

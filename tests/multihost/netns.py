@@ -23,6 +23,13 @@ with anyone else's. Addresses come from a private range (10.77.0.0/24 by
 default), assigned only inside the namespaces, and no namespace has a default
 route: nothing can leave them. Loopback is up in every host.
 
+Faults: a host's link goes down and up (``Host.link_down``: carrier lost, as when
+a cable is pulled or a switch port dies), or its packets to one address are
+dropped by an nftables table inside its namespace (``Host.dropping``: no reset,
+no ICMP, a connection hangs as to a dead machine); both are undone when their
+block ends, also when it fails. ``Host.processes`` finds every process of a host
+by its network namespace, so one that left its parent's process group is found.
+
 Cleanup: a Network deletes every namespace it created (which removes every
 veth, the bridge and the qdiscs with them), stops every process it started
 (and any other process still inside its namespaces), and removes the hosts'
@@ -32,6 +39,8 @@ could clean up leaves namespaces named with its dead pid: ``sweep_stale()``
 (called by every Network on entry) removes them. Every command and every wait
 is bounded in time. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
 """
+import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -97,8 +106,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _kill_inside(namespace: str) -> None:
-    """SIGKILL every process still inside ``namespace`` and wait (bounded) until gone."""
+def kill_inside(namespace: str) -> None:
+    """SIGKILL every process inside ``namespace`` (but this one) and wait (bounded)
+    until they are gone; never raises."""
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
         try:
@@ -120,7 +130,7 @@ def delete_namespace(namespace: str) -> None:
     """Remove ``namespace`` and everything in it, processes first (a namespace deleted
     while a daemon runs in it lives on, unnamed, with the daemon); never raises (best
     effort, logged)."""
-    _kill_inside(namespace)
+    kill_inside(namespace)
     try:
         if namespace in namespaces():
             _command(['ip', 'netns', 'delete', namespace])
@@ -142,6 +152,39 @@ def sweep_stale() -> list[str]:
             swept.append(namespace)
             shutil.rmtree(os.path.join(DEFAULT_STATE_ROOT, namespace), ignore_errors=True)
     return swept
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """A process as /proc shows it."""
+    pid: int
+    ppid: int
+    #: the one-letter state of /proc/PID/stat (Z: a zombie)
+    state: str
+    argv: tuple[str, ...]
+
+    @property
+    def program(self) -> str:
+        return os.path.basename(self.argv[0]) if self.argv else ''
+
+    def __str__(self) -> str:
+        return f'{self.pid} {" ".join(self.argv)[:200]}'
+
+
+def read_process(pid: int) -> Process | None:
+    """``pid`` from /proc, or None if it is gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            argv = tuple(a.decode('utf-8', 'replace') for a in f.read().split(b'\0') if a)
+    except (OSError, IndexError):
+        return None
+    return Process(pid, int(fields[1]), fields[0], argv)
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir('/proc') if p.isdigit()]
 
 
 class Host:
@@ -257,6 +300,75 @@ class Host:
                                    'eth0']))[0]['mtu']
         size = mtu if on else 65536
         _command(['ip', '-n', self.namespace, 'link', 'set', 'eth0', 'gso_max_size', str(size)])
+
+    def set_link(self, up: bool) -> None:
+        """This host's ``eth0`` up or down: down, the switch port loses its carrier and
+        nothing crosses; up, the address and its route are back at once.
+
+        :raises: NetnsError.
+        """
+        _command(['ip', '-n', self.namespace, 'link', 'set', 'eth0', 'up' if up else 'down'])
+
+    @contextlib.contextmanager
+    def link_down(self, seconds: float = 0.0):
+        """This host's link down for the block and, if the block ends sooner, until
+        ``seconds`` after it went down; up again afterwards, also if the block fails.
+
+        :raises: NetnsError.
+        """
+        self.set_link(False)
+        went_down = time.monotonic()
+        try:
+            yield self
+            time.sleep(max(0.0, went_down + seconds - time.monotonic()))
+        finally:
+            self.set_link(True)
+
+    @contextlib.contextmanager
+    def dropping(self, address: str, port: int | None = None):
+        """Every packet between this host and ``address`` (TCP ``port`` of it only, if
+        given) dropped for the block, both ways, by an nftables table inside this
+        host's namespace (its ``output`` and ``input`` hooks): nothing is refused, a
+        connection hangs as to a dead machine. The table goes when the block ends.
+
+        :raises: NetnsError.
+        """
+        table = f'vmcnet_drop_{secrets.token_hex(3)}'
+        out = f'ip daddr {address}' + (f' tcp dport {int(port)}' if port else '')
+        back = f'ip saddr {address}' + (f' tcp sport {int(port)}' if port else '')
+        rules = (f'table inet {table} {{\n'
+                 f' chain output {{ type filter hook output priority 0; {out} drop; }}\n'
+                 f' chain input {{ type filter hook input priority 0; {back} drop; }}\n'
+                 '}\n')
+        self.run(['nft', '-f', '-'], input=rules, timeout=COMMAND_TIMEOUT)
+        try:
+            yield self
+        finally:
+            self.run(['nft', 'delete', 'table', 'inet', table], timeout=COMMAND_TIMEOUT)
+
+    def processes(self) -> list[Process]:
+        """Every process whose network namespace is this host's (a child that left its
+        parent's session or process group is still in it), and every other whose
+        command line names this host's state directory; zombies left out.
+
+        :raises: NetnsError if the namespace is gone.
+        """
+        try:
+            inode = os.stat(f'/run/netns/{self.namespace}').st_ino
+        except OSError as exc:
+            raise NetnsError(f'{self.name}: no namespace {self.namespace}: {exc}') from exc
+        found = []
+        for pid in _pids():
+            try:
+                inside = os.stat(f'/proc/{pid}/ns/net').st_ino == inode
+            except OSError:
+                continue
+            process = read_process(pid)
+            if process is None or process.state == 'Z':
+                continue
+            if inside or any(self.state_dir in arg for arg in process.argv):
+                found.append(process)
+        return found
 
     def wait_for_tcp(self, address: str, port: int, timeout: float,
                      process: subprocess.Popen | None = None) -> None:

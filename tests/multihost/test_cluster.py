@@ -2,16 +2,20 @@
 
 What runs where (every host a network namespace with its own state directory, its link
 shaped to 1 Gbit/s both ways): the controller host runs its own RabbitMQ, its own
-PostgreSQL, ``vmcloud warehouse`` (file backend), ``vmcloud dispatcher`` and every
-CLI command; compute hosts node1 and node2 run ``vmcloud compute`` (qemu, the
-warehouse over HTTP) and the 8 guests. The guests' disk, kernel and initrd are
-warehouse images imported through the service, so no compute config or request
-names a path outside its host. After the snapshot the first deployment is deleted,
-node1 and node2 stop, and two fresh compute hosts (node3, node4: empty state, never
-ran anything) redeploy it: every redeployed guest runs on a host that never ran it
-and reads the file its origin wrote. The test then checks that no directory is
-shared (Cluster.sharing) and that what the compute hosts fetched and uploaded
-crossed the controller's link (its byte counters), their only way out.
+PostgreSQL, ``vmcloud warehouse`` (file backend), ``vmcloud dispatcher`` and every CLI
+command; compute hosts node1 and node2 run ``vmcloud mirror-service`` and ``vmcloud
+compute`` (qemu, the warehouse over HTTP) and the 8 guests. The guests' disk, kernel and
+initrd are warehouse images imported through the service, so no compute config or
+request names a path outside its host. After the snapshot the first deployment is
+deleted (each host confirms its guests gone), node1 and node2 power off, and two fresh
+compute hosts (node3, node4: empty state, never ran anything) redeploy it: every
+redeployed guest runs on a host that never ran it and reads the file its origin wrote.
+The test then checks that no directory is shared (Cluster.sharing) and that what the
+compute hosts fetched and uploaded crossed the controller's link (its byte counters),
+their only way out.
+
+ProcessesTest and HarnessTest check the harness itself (what counts as an orphan, a
+paused guest, a service killed and restarted), without guests.
 
 Needs root (network namespaces), RabbitMQ and PostgreSQL installed (not running: the
 controller starts its own) and the test guest (tools/guest/build-test-guest.sh).
@@ -39,7 +43,6 @@ TEST_TIMEOUT = 1200
 DEPLOY_TIMEOUT = 600
 GUESTS = 8
 APP_RUNNING = r'^VMCLOUD-PHASE app-running\r?$'
-IMAGES = {'guest': 'disk.img', 'guest-kernel': 'vmlinuz', 'guest-initrd': 'initrd.img'}
 
 
 def processes_naming(text: str) -> list[int]:
@@ -128,15 +131,10 @@ class ClusterTest(CloudTestCase):
 
         :returns: the bytes of kernel and initrd (each compute host fetches them).
         """
-        uploads = os.path.join(self.cloud.controller.state_dir, 'uploads')
-        os.makedirs(uploads)
-        for name, leaf in IMAGES.items():
-            path = os.path.join(uploads, leaf)
-            shutil.copyfile(guest.path(leaf), path)
-            imported = self.cloud.cli_json('image', 'import', path, name, '--format', 'raw')
+        for name, imported in self.cloud.import_guest().items():
             self.assertEqual(f'{name}:1', f'{imported["image"]}:{imported["version"]}',
                              imported)
-        return sum(os.path.getsize(guest.path(IMAGES[name]))
+        return sum(os.path.getsize(guest.path(cluster.GUEST_IMAGES[name]))
                    for name in ('guest-kernel', 'guest-initrd'))
 
     def running(self, deployment: dict) -> dict:
@@ -196,13 +194,19 @@ class ClusterTest(CloudTestCase):
         names = {i['id']: i['name'] for i in first['instances']}
         origin = {item['version']: names[item['instance_id']] for item in snapshot['items']}
         self.assertEqual(GUESTS, len(origin), snapshot)
-        self.assertEqual('deleted', self.cloud.cli_json('delete', first['id'])['state'])
+        self.cloud.cli_json('delete', first['id'])
+        # Deleted once each host confirmed its guests gone.
+        self.cloud.wait_for(f'deployment {first["id"]} deleted',
+                            lambda: self.cloud.deployment(first['id']),
+                            lambda d: d['state'] == 'deleted', DEPLOY_TIMEOUT)
+        self.assertEqual({}, self.cloud.guests('node1'))
+        self.assertEqual({}, self.cloud.guests('node2'))
         self.mark('snapshot of 8 available, deployment deleted (s)')
 
-        # Other hosts: node1 and node2 stop (destroying their guests), two hosts with
-        # empty state take over, so no redeployed guest can be where it ran.
+        # Other hosts: node1 and node2 power off, two hosts with empty state take
+        # over, so no redeployed guest can be where it ran.
         for name in ('node1', 'node2'):
-            self.cloud.stop_compute(name)
+            self.cloud.stop_node(name)
         for name in ('node3', 'node4'):
             host = self.cloud.add_compute(name)
             self.assertEqual(['vmcloud.conf'], os.listdir(host.state_dir))
@@ -350,6 +354,9 @@ class HarnessTest(CloudTestCase):
         placed = {group: set(options) for group, options in cluster.HOST_PATHS.items()}
         self.assertEqual({'mirror': state_path_options(conf_mirror.mirror_opts),
                           'compute': state_path_options(conf_compute.compute_opts)}, placed)
+        for options in cluster.HOST_PATHS.values():
+            for option, leaf in options.items():
+                self.assertIn(f'{option} = {node1.state_dir}/{leaf}\n', text)
         for path in paths:
             self.assertTrue(path.startswith(node1.state_dir + '/') or path == node1.state_dir,
                             path)
@@ -391,3 +398,136 @@ class HarnessTest(CloudTestCase):
         self.assertIn('no PostgreSQL server under', str(error))
         self.assertEqual({}, self.cloud.services)
         self.assertEqual([], [n for n in netns.namespaces() if n.startswith(self.prefix)])
+
+
+# A stand-in for a guest's qemu: named as qemu is (argv[0], -name), answering QMP
+# query-status on its monitor socket with the status it is given.
+FAKE_QEMU = '''
+import json, os, socket, sys
+path, status = sys.argv[1], sys.argv[2]
+os.makedirs(os.path.dirname(path), exist_ok=True)
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen()
+while True:
+    conn, _ = server.accept()
+    stream = conn.makefile('rwb')
+    stream.write(b'{"QMP": {"version": {}, "capabilities": []}}\\n')
+    stream.flush()
+    for line in stream:
+        command = json.loads(line)['execute']
+        reply = {}
+        if command == 'query-status':
+            reply = {'status': status, 'running': status == 'running'}
+        stream.write(json.dumps({'event': 'NOISE'}).encode() + b'\\n')
+        stream.write(json.dumps({'return': reply}).encode() + b'\\n')
+        stream.flush()
+    conn.close()
+'''
+
+
+# Python named qemu-system-x86_64 cannot find its library from its name.
+QEMU_ENV = dict(os.environ, PYTHONHOME=sys.base_prefix)
+
+
+def qemu_named(code: str, *args: str) -> list[str]:
+    """Python running ``code`` with ``args``, its argv[0] qemu's."""
+    return ['bash', '-c', 'exec -a qemu-system-x86_64 "$0" "$@"', sys.executable, '-c', code,
+            *args]
+
+
+class ProcessesTest(CloudTestCase):
+    """What ``Cluster.problems`` finds: services and their children are accounted for,
+    anything else in a host is an orphan, a guest must be wanted, alone and running;
+    services killed and restarted."""
+
+    hosts = HarnessTest.hosts
+
+    def fake_guest(self, host: str, name: str, status: str) -> subprocess.Popen:
+        node = self.cloud.computes[host]
+        monitor = os.path.join(node.state_dir, cluster.HOST_PATHS['compute']['instances_path'],
+                               name, 'qmp.sock')
+        process = node.popen(qemu_named(FAKE_QEMU, monitor, status, '-name', name),
+                             env=QEMU_ENV)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(monitor):
+            self.assertIsNone(process.poll(), 'the fake qemu exited')
+            self.assertLess(time.monotonic(), deadline, 'the fake qemu has no monitor')
+            time.sleep(0.05)
+        return process
+
+    def test_services_and_what_they_started_are_no_orphans(self):
+        self.hosts('node1')
+        self.cloud.start_service('svc', self.cloud.computes['node1'], [
+            'sh', '-c', 'sleep 300 & echo ready; wait'], 'ready', 30)
+        self.assertEqual([], self.cloud.problems({'node1': set()}))
+        stray = self.cloud.computes['node1'].popen(['sleep', '301'])
+        self.assertEqual([f'node1: orphaned process {stray.pid} sleep 301'],
+                         self.cloud.problems({'node1': set()}))
+
+    def test_a_killed_service_leaves_what_it_started_in_other_sessions(self):
+        self.hosts('node1')
+        self.cloud.start_service('svc', self.cloud.computes['node1'], [
+            'sh', '-c', 'setsid sleep 302 & sleep 303 & echo ready; wait'], 'ready', 30)
+        self.cloud.kill('svc')
+        self.assertNotIn('svc', self.cloud.services)
+        self.cloud.wait_for('the killed group gone',
+                            lambda: [p.argv for p in self.cloud.computes['node1'].processes()],
+                            lambda argvs: ('sleep', '303') not in argvs, 10, 0.1)
+        [left] = [p for p in self.cloud.computes['node1'].processes()
+                  if p.argv == ('sleep', '302')]
+        self.assertEqual([f'node1: orphaned process {left.pid} sleep 302'],
+                         self.cloud.problems({}))
+
+    def test_restart_starts_it_again_as_it_was_its_log_appended(self):
+        self.hosts()
+        marker = os.path.join(self.tmp, 'runs')
+        argv = ['sh', '-c', f'echo run >> {marker}; echo ready; exec sleep 300']
+        first = self.cloud.start_service('svc', self.cloud.controller, argv, 'ready', 30)
+        self.assertRaises(cluster.ClusterError, self.cloud.restart, 'svc')
+        self.cloud.kill('svc')
+        self.assertIsNotNone(first.process.poll())
+        second = self.cloud.restart('svc')
+        self.assertNotEqual(first.process.pid, second.process.pid)
+        self.assertIsNone(second.process.poll())
+        with open(marker) as f:
+            self.assertEqual('run\nrun\n', f.read())
+        with open(second.log) as f:
+            self.assertEqual('ready\n\n--- harness: svc started again ---\nready\n', f.read())
+        self.cloud.stop('svc')
+        self.assertIsNotNone(second.process.poll())
+
+    def test_a_restart_is_ready_only_when_the_new_run_says_so(self):
+        self.hosts()
+        self.cloud.start_service('svc', self.cloud.controller,
+                                 ['sh', '-c', 'echo ready; exec sleep 300'], 'ready', 30)
+        self.cloud.kill('svc')
+        self.cloud.starts['svc'].argv = ['sh', '-c', 'echo starting; exec sleep 300']
+        self.cloud.starts['svc'].timeout = 1
+        error = self.assertRaises(cluster.ClusterError, self.cloud.restart, 'svc')
+        self.assertIn('waited 1 s for svc to start', str(error))
+
+    def test_a_guest_must_be_wanted_alone_and_running(self):
+        self.hosts('node1', 'node2')
+        qemu = self.fake_guest('node1', 'vm-a', 'running')
+        self.assertEqual({'vm-a': [qemu.pid]}, self.cloud.guests('node1'))
+        self.assertEqual('running', self.cloud.guest_status('node1', 'vm-a'))
+        self.assertEqual([], self.cloud.problems({'node1': {'vm-a'}}))
+        # Wanted elsewhere: here it is an orphan, there it is missing.
+        self.assertEqual([f'node1: orphaned guest vm-a (qemu [{qemu.pid}])',
+                          'node2: vm-a is wanted there but no qemu runs it'],
+                         self.cloud.problems({'node2': {'vm-a'}}))
+        self.fake_guest('node2', 'vm-b', 'paused')
+        self.assertEqual(['node2: guest vm-b is paused'],
+                         self.cloud.problems({'node1': {'vm-a'}, 'node2': {'vm-b'}}))
+
+    def test_a_monitor_that_does_not_answer_is_named(self):
+        self.hosts('node1')
+        node = self.cloud.computes['node1']
+        node.popen(qemu_named('import time; time.sleep(304)', '-name', 'vm-c'), env=QEMU_ENV)
+        self.cloud.wait_for('the fake qemu', lambda: self.cloud.guests('node1'),
+                            lambda guests: 'vm-c' in guests, 10, 0.1)
+        problems = self.cloud.problems({'node1': {'vm-c'}})
+        self.assertEqual(1, len(problems), problems)
+        self.assertIn('node1: the monitor of vm-c', problems[0])
+        self.assertIn('did not answer query-status', problems[0])

@@ -1,4 +1,5 @@
-"""The netns harness's own behaviour: hosts, links, shaping, and that it leaves nothing behind.
+"""The netns harness's own behaviour: hosts, links, shaping, faults (a link down, packets
+dropped), the processes of a host, and that it leaves nothing behind.
 
 These tests create real network namespaces, so they need root (CI runs them as root, as
 the README's test command does). Without root they fail with a message saying so rather
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 import uuid
 from unittest import mock
 
@@ -361,3 +363,119 @@ class CleanupTest(NetnsTestCase):
         self.add_namespace(stale)
         with self.network():
             self.assertNotIn(stale, netns.namespaces())
+
+
+def server(port: int) -> list[str]:
+    """A command that accepts TCP connections on ``port`` for 300 s."""
+    return [sys.executable, '-c',
+            'import socket, time\n'
+            f's = socket.create_server(("0.0.0.0", {port}))\n'
+            'time.sleep(300)\n']
+
+
+def connect_result(host: netns.Host, address: str, port: int) -> str:
+    """What a TCP connect from ``host`` to ``address:port`` gets within 2 s:
+    'connected', 'refused' or 'timeout'."""
+    code = ('import socket\n'
+            's = socket.socket(); s.settimeout(2)\n'
+            'try:\n'
+            f'    s.connect(({address!r}, {port})); print("connected")\n'
+            'except ConnectionRefusedError:\n'
+            '    print("refused")\n'
+            'except OSError:\n'
+            '    print("timeout")\n')
+    return host.run([sys.executable, '-c', code], timeout=30).stdout.strip()
+
+
+def nft_tables(host: netns.Host) -> str:
+    return host.run(['nft', 'list', 'tables']).stdout
+
+
+class FaultsTest(NetnsTestCase):
+    def test_link_down_cuts_the_host_off_and_comes_back_up_after_the_block(self):
+        with self.network() as net:
+            a, b = net.add_host('a'), net.add_host('b')
+            b.popen(server(7001))
+            wait_until(lambda: connect_result(a, b.address, 7001) == 'connected',
+                       'the server listens')
+            with a.link_down():
+                self.assertNotIn('UP', link(a.namespace, 'eth0')['flags'])
+                self.assertNotEqual('connected', connect_result(a, b.address, 7001))
+            self.assertIn('UP', link(a.namespace, 'eth0')['flags'])
+            # The address and its route came back with the link.
+            wait_until(lambda: connect_result(a, b.address, 7001) == 'connected',
+                       'the link is back')
+
+    def test_link_down_holds_for_its_seconds_and_fails_up(self):
+        with self.network() as net:
+            a = net.add_host('a')
+            slept = []
+            # netns's own clock: other threads of this process may sleep meanwhile.
+            clock = types.SimpleNamespace(monotonic=time.monotonic, sleep=slept.append)
+            with mock.patch.object(netns, 'time', clock):
+                with a.link_down(60):
+                    pass
+            self.assertEqual(1, len(slept))
+            self.assertGreater(slept[0], 59)
+            # A failing block brings the link up at once, without waiting.
+            slept.clear()
+            with mock.patch.object(netns, 'time', clock):
+                with self.assertRaises(RuntimeError):
+                    with a.link_down(60):
+                        raise RuntimeError('boom')
+            self.assertEqual([], slept)
+            self.assertIn('UP', link(a.namespace, 'eth0')['flags'])
+
+    def test_dropping_hangs_connections_instead_of_refusing_them(self):
+        with self.network() as net:
+            a, b = net.add_host('a'), net.add_host('b')
+            b.popen(server(7001))
+            b.popen(server(7002))
+            wait_until(lambda: connect_result(a, b.address, 7001) == 'connected',
+                       'the server listens')
+            # Nothing listens on 7003: refused, before and after, never while dropped.
+            self.assertEqual('refused', connect_result(a, b.address, 7003))
+            with a.dropping(b.address, 7001):
+                self.assertEqual('timeout', connect_result(a, b.address, 7001))
+                self.assertEqual('connected', connect_result(a, b.address, 7002))
+                self.assertIn('vmcnet_drop_', nft_tables(a))
+                # Inside a's namespace only: b and the machine see no rule of it.
+                self.assertNotIn('vmcnet_drop_', nft_tables(b))
+            self.assertEqual('connected', connect_result(a, b.address, 7001))
+            self.assertNotIn('vmcnet_drop_', nft_tables(a))
+            with a.dropping(b.address):
+                self.assertEqual('timeout', connect_result(a, b.address, 7003))
+            self.assertEqual('refused', connect_result(a, b.address, 7003))
+
+    def test_a_failing_block_still_removes_the_drop(self):
+        with self.network() as net:
+            a, b = net.add_host('a'), net.add_host('b')
+            with self.assertRaises(RuntimeError):
+                with a.dropping(b.address):
+                    raise RuntimeError('boom')
+            self.assertNotIn('vmcnet_drop_', nft_tables(a))
+
+    def test_processes_finds_what_left_its_session_and_what_names_the_state(self):
+        pidfile = os.path.join(self.tmp, 'stray.pid')
+        with self.network(subnet='10.77.6.0/24') as net:
+            a, b = net.add_host('a'), net.add_host('b')
+            leader = a.popen(['sh', '-c', f'setsid sleep 301 & echo $! > {pidfile}.tmp; '
+                              f'mv {pidfile}.tmp {pidfile}; exec sleep 302'])
+            wait_until(lambda: os.path.exists(pidfile), 'the stray child started')
+            with open(pidfile) as f:
+                stray = int(f.read())
+            # Outside every namespace, but named after a's state directory.
+            outside = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(303)',
+                                        a.state_dir])
+            self.addCleanup(outside.wait)
+            self.addCleanup(outside.kill)
+            wait_until(lambda: outside.pid in [p.pid for p in a.processes()],
+                       'the process outside is found')
+            found = {p.pid: p for p in a.processes()}
+            self.assertIn(leader.pid, found)
+            self.assertEqual(('sleep', '302'), found[leader.pid].argv)
+            self.assertIn(stray, found)
+            self.assertEqual('sleep', found[stray].program)
+            self.assertNotIn(os.getpid(), found)
+            self.assertEqual([], [p for p in b.processes()
+                                  if p.pid in (leader.pid, stray, outside.pid)])

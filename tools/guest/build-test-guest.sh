@@ -41,7 +41,7 @@ root=$work/initramfs
 mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 for applet in sh mount umount insmod sleep cat echo md5sum sync poweroff dd mknod \
-              grep sed tr ls date head seq mkdir switch_root; do
+              grep sed tr ls date head tail seq mkdir switch_root; do
     ln -s busybox "$root/bin/$applet"
 done
 : > "$root/lib/modules/load-order"
@@ -64,9 +64,11 @@ echo "vmcloud test disk" > "$work/disk/README"
 truncate -s 64M "$work/disk.img"
 /sbin/mkfs.ext4 -q -F -L vmcloud-test -d "$work/disk" "$work/disk.img"
 
-cp "$work/kernel/boot/vmlinuz-$version" "$OUT/vmlinuz"
-cp "$work/initrd.img" "$OUT/initrd.img"
-cp "$work/disk.img" "$OUT/disk.img"
-md5sum "$work/disk/data.txt" | cut -d' ' -f1 > "$OUT/data.md5"
-echo "$stamp" > "$OUT/ready"
+# Each file renamed into place whole: tests running while the guest is rebuilt read
+# the old file or the new one, never a part. ready goes last.
+publish() { cp "$1" "$OUT/.$2.tmp" && mv -f "$OUT/.$2.tmp" "$OUT/$2"; }
+cp "$work/kernel/boot/vmlinuz-$version" "$work/vmlinuz"
+md5sum "$work/disk/data.txt" | cut -d' ' -f1 > "$work/data.md5"
+echo "$stamp" > "$work/ready"
+for leaf in vmlinuz initrd.img disk.img data.md5 ready; do publish "$work/$leaf" "$leaf"; done
 echo "build-test-guest: kernel $version, modules: $(tr '\n' ' ' < "$root/lib/modules/load-order")"

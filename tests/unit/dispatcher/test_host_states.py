@@ -1,8 +1,6 @@
 """Hosts and instances through silence, reports, fencing, deletes and deadlines: the
 deployer and host registry on SQLite, with a recording stand-in for compute managers."""
 import datetime
-import os
-import subprocess
 
 import fixtures
 
@@ -15,6 +13,7 @@ from vmcloud.dispatcher import states
 from vmcloud.dispatcher import views
 from vmcloud.scheduler import handler
 from tests import base
+from tests.unit.dispatcher import helpers
 
 # Two instances of 1 vCPU and 512 MiB fit on a host.
 CAPACITY = {'vcpus': 2, 'memory_mib': 1024, 'disk_bytes_free': 1 << 40}
@@ -467,13 +466,4 @@ class HostStatesPostgresTest(HostStatesTest):
     """The same on PostgreSQL, where the row locks are real."""
 
     def configure_database(self) -> None:
-        database = f'vmcloud_host_states_{os.getpid()}'
-        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
-        self.conf.set_override(
-            'connection', f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}',
-            'database')
-
-
-def admin(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=60)
+        helpers.use_postgres(self, 'vmcloud_host_states')

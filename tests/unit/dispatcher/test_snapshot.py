@@ -1,7 +1,5 @@
 """The Snapshotter over SQLite, with a fake ComputeAPI that records every call in order."""
 import datetime
-import os
-import subprocess
 import threading
 import time
 import uuid
@@ -13,6 +11,7 @@ from vmcloud.dispatcher import snapshot as snapshot_mod
 from vmcloud.dispatcher import states
 from vmcloud.dispatcher import views
 from tests import base
+from tests.unit.dispatcher import helpers
 
 HOSTS = {'node1': ['vm-a', 'vm-b'], 'node2': ['vm-c']}
 
@@ -470,12 +469,7 @@ class OnPostgres:
     """The same on PostgreSQL, where the row locks and the column lengths are real."""
 
     def configure_database(self) -> None:
-        database = f'vmcloud_snapshot_{os.getpid()}'
-        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
-        self.conf.set_override(
-            'connection', f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}',
-            'database')
+        helpers.use_postgres(self, 'vmcloud_snapshot')
 
 
 class CutPostgresTest(OnPostgres, CutTest):
@@ -496,7 +490,3 @@ class ExpirePostgresTest(OnPostgres, ExpireTest):
 
 class RecoverPostgresTest(OnPostgres, RecoverTest):
     pass
-
-
-def admin(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=60)

@@ -136,20 +136,21 @@ def _wait_deployment(api: rpcapi.DispatcherAPI, deployment: dict, args) -> dict:
         bar.close()
 
 
-def _show(deployment: dict, fmt: str) -> None:
+def _show_nested(record: dict, rows: str, columns: tuple, fmt: str) -> None:
+    """``record`` with its list ``rows`` as a table below it (json: all as one)."""
     if fmt == 'json':
-        output.emit_record(deployment, fmt)
+        output.emit_record(record, fmt)
         return
-    output.emit_record({k: v for k, v in deployment.items() if k != 'instances'}, fmt)
-    output.emit(deployment['instances'], INSTANCE_COLUMNS, fmt)
+    output.emit_record({k: v for k, v in record.items() if k != rows}, fmt)
+    output.emit(record[rows], columns, fmt)
+
+
+def _show(deployment: dict, fmt: str) -> None:
+    _show_nested(deployment, 'instances', INSTANCE_COLUMNS, fmt)
 
 
 def _show_snapshot(snapshot: dict, fmt: str) -> None:
-    if fmt == 'json':
-        output.emit_record(snapshot, fmt)
-        return
-    output.emit_record({k: v for k, v in snapshot.items() if k != 'items'}, fmt)
-    output.emit(snapshot['items'], ITEM_COLUMNS, fmt)
+    _show_nested(snapshot, 'items', ITEM_COLUMNS, fmt)
 
 
 @_one_request

@@ -418,6 +418,13 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
                 if line.strip().startswith('mon_host'):
                     line = f'mon_host = v2:127.0.0.1:{port}\n'
                 dst.write(line)
+        error = self.connect_failure(conffile, 'a silent monitor')
+        self.assertIn(f'mon_host v2:127.0.0.1:{port}', str(error))
+        self.assertIn('within 2 s', str(error))
+
+    def connect_failure(self, conffile: str, what: str) -> exception.StorageError:
+        """The error connecting through ``conffile`` raises, within 2 s of connect_timeout
+        (a connect still going after 60 s fails the test)."""
         self.conf.set_override('conffile', conffile, 'storage_rados')
         self.conf.set_override('connect_timeout', 2, 'storage_rados')
         errors = []
@@ -431,31 +438,16 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
         thread = threading.Thread(target=connect, daemon=True)
         thread.start()
         thread.join(60)
-        self.assertFalse(thread.is_alive(), 'connecting to a silent monitor hung')
+        self.assertFalse(thread.is_alive(), f'connecting to {what} hung')
         [error] = errors
-        self.assertIn(f'mon_host v2:127.0.0.1:{port}', str(error))
-        self.assertIn('within 2 s', str(error))
+        return error
 
     def test_unreachable_cluster_fails_in_bounded_time(self):
         conffile = os.path.join(self.tmp, 'ceph.conf')
         with open(os.path.join(CEPH_DIR, 'ceph.conf')) as src, open(conffile, 'w') as dst:
             # A port nothing listens on: the monitor never answers.
             dst.write(src.read().replace('mon_host = v2:127.0.0.1:', 'mon_host = v2:127.0.0.1:1'))
-        self.conf.set_override('conffile', conffile, 'storage_rados')
-        self.conf.set_override('connect_timeout', 2, 'storage_rados')
-        errors = []
-
-        def connect():
-            try:
-                rados_backend.RadosBackend(self.conf)
-            except exception.StorageError as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=connect, daemon=True)
-        thread.start()
-        thread.join(60)
-        self.assertFalse(thread.is_alive(), 'connecting to a dead cluster hung')
-        [error] = errors
+        error = self.connect_failure(conffile, 'a dead cluster')
         self.assertIn(conffile, str(error))
         self.assertIn('mon_host v2:127.0.0.1:1', str(error))
         self.assertIsInstance(error.__cause__, rados.Error)

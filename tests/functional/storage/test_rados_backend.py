@@ -222,6 +222,33 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
         self.assertAbsent(gc_host, b[0])
         self.assertEqual([], self.backend._held())
 
+    def test_commit_asks_the_cluster_whether_the_lock_is_still_held(self):
+        # Broken just now, ten seconds before the renewer's next round: what the
+        # renewer last saw says "held", the cluster says otherwise, and the commit
+        # believes the cluster (as after a freeze past the duration, when gc ran).
+        self.conf.set_override('lock_duration', 30, 'storage_rados')
+        a = self.chunk()
+        lock = self.backend.shared_lock()
+        lock.__enter__()
+        session = self.backend.begin_write()
+        session.put_chunk(*a)
+        held = self.backend._held()[-1]
+        self._break(self.backend, held)
+        self.assertIsNone(held.lost)
+        error = self.assertRaises(exception.LeaseLost, session.commit)
+        self.assertIn('another holder took it or broke it', str(error))
+        self.assertRaises(exception.LeaseLost, lock.__exit__, None, None, None)
+        session.abort()
+        self.assertAbsent(self.make_backend(), a[0])
+
+    def test_commit_after_the_lock_was_left_is_refused(self):
+        a = self.chunk()
+        session = self._session_with(self.backend, a)
+        error = self.assertRaises(exception.LeaseLost, session.commit)
+        self.assertIn('the shared (writer) lock was released', str(error))
+        session.abort()
+        self.assertAbsent(self.make_backend(), a[0])
+
     def test_failing_renewals_lose_the_lock_after_its_duration(self):
         self.conf.set_override('lock_duration', 2, 'storage_rados')
         take = rados_backend._HeldLock._take
@@ -326,8 +353,11 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
     def test_abort_keeps_a_chunk_another_writer_committed(self):
         a = self.chunk()
         first = self._session_with(self.backend, a)          # creates chunk.a
-        second = self._session_with(self.make_backend(), a)  # borrows it
-        second.commit()
+        other = self.make_backend()
+        with other.shared_lock():
+            second = other.begin_write()
+            second.put_chunk(*a)                             # borrows it
+            second.commit()
         first.abort()
         self.assertEqual(a[1], self.make_backend().read_chunk(a[0]))
 

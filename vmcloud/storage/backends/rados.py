@@ -186,8 +186,11 @@ class _Session(backend.WriteSession):
         self._collect(block=True)
         for chunk_id, prefix in self._borrowed.items():
             self._store.mark_borrowed(chunk_id, prefix)
-        # Again: waiting for the writes in flight can outlast a lock.
-        self._check_locks()
+        # Asked of the cluster, not of the renewer: waiting for the writes in flight can
+        # outlast a lock, and a process frozen past the lock's duration wakes up with a
+        # renewer that has not noticed yet.
+        for lock in self._locks:
+            lock.confirm()
         self._store.index_chunks(self._lengths)
         self._done = True
 
@@ -268,15 +271,19 @@ class _HeldLock:
         while not self._stop.wait(duration / 3) and self.lost is None:
             started = time.monotonic()
             try:
-                if self._take(duration, _LOCK_MUST_RENEW):
-                    self._renewed_at = started
-                else:
-                    self._lose(exception.StorageError(
-                        f'another holder took it or broke it, or it expired '
-                        f'(lock {_LOCK_NAME} of {self._store._where(self._oid)})'))
+                self._renew_once(duration, started)
             except exception.StorageError as exc:
                 LOG.warning('cannot renew %s: %s', self.what, exc)
                 self._expire_if_late(exc)
+
+    def _renew_once(self, duration: int, started: float) -> None:
+        """:raises: StorageError if the cluster did not answer."""
+        if self._take(duration, _LOCK_MUST_RENEW):
+            self._renewed_at = max(self._renewed_at, started)
+        else:
+            self._lose(exception.StorageError(
+                f'another holder took it or broke it, or it expired '
+                f'(lock {_LOCK_NAME} of {self._store._where(self._oid)})'))
 
     def _expire_if_late(self, cause: exception.StorageError | None) -> None:
         late = time.monotonic() - self._renewed_at
@@ -287,8 +294,9 @@ class _HeldLock:
                 f'(lock {_LOCK_NAME} of {self._store._where(self._oid)}){why}'))
 
     def _lose(self, why: exception.StorageError) -> None:
-        LOG.error('%s was lost: %s', self.what, why)
-        self.lost = why
+        if self.lost is None:
+            LOG.error('%s was lost: %s', self.what, why)
+            self.lost = why
 
     def check(self) -> None:
         """:raises: LeaseLost naming the lock and why, once it is no longer held."""
@@ -296,6 +304,19 @@ class _HeldLock:
         self._expire_if_late(None)
         if self.lost is not None:
             raise exception.LeaseLost(f'{self.what} was lost: {self.lost}') from self.lost
+
+    def confirm(self) -> None:
+        """Renew the lock now, so that the OSD, not the renewer's last round, says it
+        is still ours (before a write gc must not have run ahead of).
+
+        :raises: LeaseLost naming the lock and why, unless the OSD still lists it as
+            ours; StorageError if the cluster did not answer.
+        """
+        self.check()
+        if self._stop.is_set():
+            raise exception.LeaseLost(f'{self.what} was released: the holder left its block')
+        self._renew_once(self._duration, time.monotonic())
+        self.check()
 
     def release(self) -> None:
         self._stop.set()

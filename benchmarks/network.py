@@ -22,6 +22,9 @@ b) Snapshot upload: 8 guests each changed some chunks of the image, a quarter of
    node uploads one barrier) and one after another, at MTU 1500 and 9000. Bytes on
    the wire (compute eth0 tx + rx, every frame counted: GSO capped at the MTU)
    against the unique new chunk bytes.
+
+Guests' own networks (guest to guest over VXLAN, boot to first HTTP answer) are
+benchmarks/guest_network.py's.
 """
 import argparse
 import concurrent.futures

@@ -1,5 +1,7 @@
 """The test guest built by tools/guest/build-test-guest.sh."""
 import os
+import re
+import secrets
 import subprocess
 import uuid
 
@@ -32,12 +34,77 @@ def overlay(directory: str, name: str) -> str:
     return disk
 
 
-def spec(name: str, disk: str, disk_format: str = 'qcow2', **flags: str) -> base.InstanceSpec:
+def spec(name: str, disk: str, disk_format: str = 'qcow2', nics: tuple[base.Nic, ...] = (),
+         **flags: str) -> base.InstanceSpec:
     """An instance of the test guest; ``flags`` become ``vmcloud.KEY=VALUE`` on its cmdline."""
     cmdline = ' '.join([CMDLINE, f'vmcloud.id={name}']
                        + [f'vmcloud.{k}={v}' for k, v in flags.items()])
     return base.InstanceSpec(name=name, disk=disk, disk_format=disk_format,
-                             kernel=path('vmlinuz'), initrd=path('initrd.img'), cmdline=cmdline)
+                             kernel=path('vmlinuz'), initrd=path('initrd.img'), cmdline=cmdline,
+                             nics=nics)
+
+
+# -- isolated test bridges ------------------------------------------------------------
+# A test bridge lives in the host's namespace, where the drivers make their taps (and
+# libvirtd runs), and is isolated by what it lacks: no address of the host's (IPv6 off
+# too), no uplink, no route; only the test's guests' taps are ports of it, so their
+# traffic stays between them. Its name carries the creating process's pid (hex), so
+# sweep_stale_bridges() removes those of a test run that was killed.
+BRIDGE_PREFIX = 'vtbr'
+_BRIDGE = re.compile(rf'^{BRIDGE_PREFIX}([0-9a-f]{{6}})[0-9a-f]{{4}}$')
+_IP_TIMEOUT = 30
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(['ip', *argv], check=True, capture_output=True, timeout=_IP_TIMEOUT)
+
+
+def link_exists(device: str) -> bool:
+    return os.path.exists(f'/sys/class/net/{device}')
+
+
+def remove_bridge(bridge: str) -> None:
+    """Remove a test bridge (its ports are left unenslaved, not removed); no error if gone."""
+    if link_exists(bridge):
+        subprocess.run(['ip', 'link', 'delete', 'dev', bridge], capture_output=True,
+                       timeout=_IP_TIMEOUT)
+
+
+def remove_taps(instance: str) -> None:
+    """Remove every tap the drivers may have made for ``instance``; no error if none."""
+    for index in range(base.MAX_NICS):
+        tap = base.tap_name(instance, index)
+        if link_exists(tap):
+            subprocess.run(['ip', 'link', 'delete', 'dev', tap], capture_output=True,
+                           timeout=_IP_TIMEOUT)
+
+
+def sweep_stale_bridges() -> list[str]:
+    """Remove the test bridges whose creating process is dead; the names removed."""
+    swept = []
+    for device in os.listdir('/sys/class/net'):
+        match = _BRIDGE.match(device)
+        if match and not os.path.exists(f'/proc/{int(match.group(1), 16)}'):
+            remove_bridge(device)
+            swept.append(device)
+    return swept
+
+
+def make_bridge(test, mtu: int = 1500) -> str:
+    """An isolated Linux bridge (see above), up, removed when ``test`` ends (also on
+    failure; the cleanup is registered before the bridge is made). Needs root."""
+    sweep_stale_bridges()
+    bridge = f'{BRIDGE_PREFIX}{os.getpid():06x}{secrets.token_hex(2)}'
+    test.addCleanup(remove_bridge, bridge)
+    # stp off and no forward delay: a port forwards as soon as it is up
+    _ip('link', 'add', 'name', bridge, 'mtu', str(mtu), 'type', 'bridge',
+        'stp_state', '0', 'forward_delay', '0')
+    disable_ipv6 = f'/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6'
+    if os.path.exists(disable_ipv6):
+        with open(disable_ipv6, 'w') as f:
+            f.write('1')
+    _ip('link', 'set', 'dev', bridge, 'up')
+    return bridge
 
 
 def read_guest_file(disk: str, guest_path: str) -> str:

@@ -20,6 +20,8 @@ PACKAGES=(
     # Emulated hosts (tests/multihost: namespaces, veth, tc, ss, nft drop rules) and the
     # network benchmark
     iproute2 nftables curl
+    # Guest networks: each network's DHCP server (tests: busybox udhcpc, above)
+    dnsmasq-base
 )
 
 # The rados warehouse backend and the single-node Ceph cluster its tests run on

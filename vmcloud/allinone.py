@@ -5,26 +5,41 @@ import os
 from oslo_config import cfg
 
 from vmcloud import exception
+from vmcloud import network
 from vmcloud import polling
 from vmcloud import rpc
 from vmcloud.compute import manager as compute_manager
 from vmcloud.dispatcher import manager as dispatcher_manager
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
+from vmcloud.drivers import base as driver_base
 from vmcloud.mirror import api as mirror_api
+from vmcloud.network import agent as network_agent_mod
 from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
 
 
 class AllInOne:
-    """``with AllInOne(conf, hosts=2) as cloud: cloud.api.deploy(...)``."""
+    """``with AllInOne(conf, hosts=2) as cloud: cloud.api.deploy(...)``.
 
-    def __init__(self, conf: cfg.ConfigOpts, hosts: int = 2, driver: str | None = None):
+    Its nodes share one machine, so they share one network agent: the guests of a
+    network, on whichever node, are ports of its one bridge (no VXLAN: no other host).
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, hosts: int = 2, driver: str | None = None,
+                 network_agent: network_agent_mod.NetworkAgent | None = None):
+        """``network_agent``: the nodes' (default: the one ``[network] agent`` names)."""
         rpc.register_opts(conf)
         conf.set_override('transport_url', 'fake://')
+        # One machine: no tunnel to make, and no peer to tell the dispatcher of.
+        conf.set_override('vtep_address', '', 'network')
         if driver is not None:
             conf.set_override('driver', driver, 'compute')
         self.conf = conf
+        # Made here: the nodes' agent models its networks on them when it is the fake.
+        drivers = [driver_base.load(conf) for _ in range(hosts)]
+        self.network_agent = (network_agent if network_agent is not None
+                              else network.load_agent(conf, drivers))
         self.warehouse = warehouse_mod.Warehouse(conf)
         self.dispatcher = dispatcher_manager.Dispatcher(conf, self.warehouse)
         self.mirrors: list[mirror_api.LocalMirrors] = []
@@ -35,8 +50,9 @@ class AllInOne:
                 self.mirrors.append(mirror_api.LocalMirrors(conf, self.warehouse, root=root))
                 # The nodes' drivers share [compute] instances_path: each sees them all.
                 self.computes.append(compute_manager.ComputeManager(
-                    conf, self.mirrors[-1], f'node{i + 1}', warehouse=self.warehouse,
-                    node_root=root, shared_driver=True))
+                    conf, self.mirrors[-1], f'node{i + 1}', driver=drivers[i],
+                    warehouse=self.warehouse, node_root=root, shared_driver=True,
+                    network_agent=self.network_agent))
         except BaseException:
             self._close_mirrors()
             raise

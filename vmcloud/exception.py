@@ -334,3 +334,20 @@ class DispatcherUnavailable(MessagingError):
 
 class WaitTimedOut(VmcloudError):
     """What was waited for did not finish in time; it may still be going on."""
+
+
+# -- guest networks --------------------------------------------------------
+
+class NetworkError(VmcloudError):
+    """A guest network cannot be set up, changed, torn down or reached on this host: the
+    message names the command or the address that failed."""
+
+
+class NetworkNotFound(NetworkError):
+    def __init__(self, network_id: str):
+        self.network_id = network_id
+        super().__init__(f'network {network_id} is not present on this host')
+
+
+class AddressPoolExhausted(NetworkError):
+    """No subnet, address or VNI is left in a pool; the message names the pool."""

@@ -24,7 +24,11 @@ What runs where:
   backend = http`` to the controller, ``transport_url`` to the controller's RabbitMQ,
   every path option under the host's own state directory. Their guests are qemu
   processes the compute service starts in sessions of their own, so they run inside
-  the host's namespace and outlive the service.
+  the host's namespace and outlive the service. The compute service runs in the
+  machine's mount namespace with a sysfs of its host (``netns.Host.popen``'s
+  ``machine_mounts``): its network agent's DHCP namespaces are mounted in /run/netns
+  for every process. Each compute host is a VTEP of the guest networks at its own
+  address (``[network] vtep_address``), its agent's state under its state directory.
 
 Each host's config files live in its state directory and name no path outside it
 (``assert_nothing_shared`` checks). Nothing of the machine's own RabbitMQ, PostgreSQL
@@ -40,7 +44,9 @@ Faults (doc/operations.md says what vmcloud does about each): ``kill`` a service
 (SIGKILL) and ``restart`` it, as it was started, its log appended; ``stop`` one
 gracefully; a host's link down for N s or its packets to the warehouse dropped
 (``netns.Host.link_down``, ``dropping``); ``stop_node`` powers a compute host off
-(every process in it killed). What is left is checked by ``problems``: every
+(every process in it killed). ``network_leftovers`` lists what vmcloud made of the guest
+networks on a host (devices, DHCP namespaces, dnsmasq): empty once no guest of any
+network runs there. What is left is checked by ``problems``: every
 process of every host accounted for (a service, a process a service started, or
 the one qemu of an instance the dispatcher wants there), no wanted guest missing or
 paused (QMP ``query-status`` on its monitor socket).
@@ -48,6 +54,7 @@ paused (QMP ``query-status`` on its monitor socket).
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -92,7 +99,12 @@ QMP_TIMEOUT = 10.0
 # The test guest's files as the warehouse images import_guest makes of them.
 GUEST_IMAGES = {'guest': 'disk.img', 'guest-kernel': 'vmlinuz', 'guest-initrd': 'initrd.img'}
 # RabbitMQ daemonizes its port mapper: it belongs to the controller, not to a service.
-DAEMONS = ('epmd',)
+# The network agent daemonizes one dnsmasq per guest network on a compute host: it
+# outlives the compute service by design (guests keep their leases across a restart).
+DAEMONS = ('epmd', 'dnsmasq')
+# What vmcloud makes of a guest network on a compute host: bridges, VXLAN devices, the
+# DHCP namespaces' veths (vmcloud/network/agent.py) and the guests' taps (drivers).
+NETWORK_DEVICE = re.compile(r'^vmc[bxdt][0-9a-f]+$')
 _STATE_PATH = '$state_path/'
 
 
@@ -149,6 +161,8 @@ class Start:
     env: dict | None = None
     # How to stop it gracefully (PostgreSQL: SIGINT is its fast shutdown).
     sig: int = signal.SIGTERM
+    #: run in the machine's mount namespace (netns.Host.command)
+    machine_mounts: bool = False
 
 
 @dataclasses.dataclass
@@ -271,9 +285,10 @@ class Cluster:
 
     def start_service(self, name: str, host: netns.Host, argv: Sequence[str],
                       ready: str, timeout: float, env: dict | None = None,
-                      sig: int = signal.SIGTERM) -> Service:
+                      sig: int = signal.SIGTERM, machine_mounts: bool = False) -> Service:
         """Start ``argv`` on ``host``, logging to its state directory, and wait until
-        its log holds ``ready``; ``sig`` stops it gracefully.
+        its log holds ``ready``; ``sig`` stops it gracefully; ``machine_mounts``: see
+        netns.Host.command.
         A service started again under the same name appends to its log, after a line
         saying so, and is ready only when this run says it is.
 
@@ -282,15 +297,15 @@ class Cluster:
         """
         if name in self.services:
             raise ClusterError(f'{host.name}: {name} runs already')
-        self.starts[name] = Start(host, list(argv), ready, timeout, env, sig)
+        self.starts[name] = Start(host, list(argv), ready, timeout, env, sig, machine_mounts)
         log_path = os.path.join(host.state_dir, f'{name}.log')
         with open(log_path, 'ab') as log:
             start = log.tell()
             if start:
                 log.write(f'\n--- harness: {name} started again ---\n'.encode())
                 start = log.tell()
-            process = host.popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env)
+            process = host.popen(list(argv), machine_mounts=machine_mounts, stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         service = self.services[name] = Service(name, host, process, log_path, sig)
         self.log_files[name] = log_path
         self._wait(service, lambda: ready in _read(log_path)[start:], timeout,
@@ -304,7 +319,7 @@ class Cluster:
         """
         start = self.starts[name]
         return self.start_service(name, start.host, start.argv, start.ready, start.timeout,
-                                  start.env, start.sig)
+                                  start.env, start.sig, start.machine_mounts)
 
     def kill(self, name: str) -> None:
         """SIGKILL service ``name``, as a crash would end it: what it started in
@@ -502,6 +517,11 @@ class Cluster:
             sections.setdefault(group, {})
             for option, leaf in options_of.items():
                 sections[group][option] = os.path.join(host.state_dir, leaf)
+        # The host's address is its VTEP; its agent's state (and so the tag of its
+        # DHCP namespaces, netns.agent_tag) under its own directory.
+        sections['network'] = {
+            'vtep_address': host.address,
+            'state_dir': os.path.join(host.state_dir, netns.AGENT_STATE_LEAF)}
         sections = self._merged(sections, self.options, self.host_options[name])
         path = os.path.join(host.state_dir, 'vmcloud.conf')
         if path in self.configs.get(name, ()):
@@ -535,7 +555,7 @@ class Cluster:
             self.start_mirror_service(name)
         self.start_service(f'compute-{name}', host,
                            self._vmcloud(self.config(name), 'compute'), 'running\n',
-                           SERVICE_TIMEOUT)
+                           SERVICE_TIMEOUT, machine_mounts=True)
         return host
 
     def stop_compute(self, name: str) -> None:
@@ -545,12 +565,24 @@ class Cluster:
 
     def stop_node(self, name: str) -> None:
         """Power compute host ``name`` off: its compute and mirror services stopped,
-        then every process left in it (its guests) killed. The host and its state
-        directory stay (a node that reboots)."""
+        then every process left in it (its guests) killed, and what a power cut takes
+        of its guest networks gone: its agent's DHCP namespaces (with their dnsmasq)
+        and vmcloud's devices. The host and its state directory stay (a node that
+        reboots).
+
+        :raises: NetnsError.
+        """
         for service in (f'compute-{name}', f'mirrors-{name}'):
             if service in self.services:
                 self.stop(service)
-        netns.kill_inside(self.computes[name].namespace)
+        host = self.computes[name]
+        netns.kill_inside(host.namespace)
+        for namespace in netns.agent_namespaces([host.state_dir]):
+            netns.delete_namespace(namespace)
+        links = json.loads(host.run(['ip', '-j', 'link', 'show']).stdout or '[]')
+        for link in links:
+            if NETWORK_DEVICE.match(link['ifname']):
+                host.run(['ip', 'link', 'del', link['ifname']], check=False)
 
     # -- using it -----------------------------------------------------------------
 
@@ -609,14 +641,20 @@ class Cluster:
         return imported
 
     def deploy(self, count: int, cmdline: str, memory_mib: int = 256, image: str = 'guest',
-               wait: bool = True, timeout: float = CLI_TIMEOUT) -> dict:
+               wait: bool = True, timeout: float = CLI_TIMEOUT, health: str | None = None,
+               health_timeout: float | None = None) -> dict:
         """``vmcloud deploy`` of ``count`` test guests booted from the imported kernel and
         initrd with ``cmdline``; with ``wait``, until none is building (``timeout`` s).
+        ``health``: the deploy's ``--health`` (``tcp:80``, ``http:80/``, ...).
 
         :raises: ClusterError.
         """
         args = ['deploy', image, '-n', str(count), '--memory', str(memory_mib),
                 '--kernel', 'guest-kernel', '--initrd', 'guest-initrd', '--cmdline', cmdline]
+        if health is not None:
+            args += ['--health', health]
+        if health_timeout is not None:
+            args += ['--health-timeout', str(health_timeout)]
         if wait:
             args += ['--wait', '--timeout', str(timeout)]
         return self.cli_json(*args, timeout=timeout + 60)
@@ -739,6 +777,26 @@ class Cluster:
             address, _, port = line.split()[-1].rpartition(':')
             peers.add((address, int(port)))
         return peers
+
+    def network_leftovers(self, host: str) -> list[str]:
+        """What vmcloud made of guest networks on compute host ``host`` and is still
+        there, one line each: its devices (bridges, VXLAN devices, veths, taps), its
+        agent's DHCP namespaces, and dnsmasq processes naming its state directory.
+
+        :raises: NetnsError.
+        """
+        node = self.computes[host]
+        links = json.loads(node.run(['ip', '-j', 'link', 'show']).stdout or '[]')
+        found = [f'{host}: link {link["ifname"]}' for link in links
+                 if NETWORK_DEVICE.match(link['ifname'])]
+        found += [f'{host}: netns {n}' for n in netns.agent_namespaces([node.state_dir])]
+        found += [f'{host}: dnsmasq {p}' for p in node.processes() if p.program == 'dnsmasq']
+        return found
+
+    def agent_namespace(self, host: str, vni: int) -> str:
+        """The DHCP namespace of network ``vni`` on compute host ``host`` (whether or
+        not it exists): where health checks, and a test, reach its guests from."""
+        return f'vmcloud-{int(vni)}-{netns.agent_tag(self.computes[host].state_dir)}'
 
     def console_path(self, host: str, instance: str) -> str:
         """Where compute host ``host``'s qemu driver writes ``instance``'s console."""

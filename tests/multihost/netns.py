@@ -30,17 +30,31 @@ no ICMP, a connection hangs as to a dead machine); both are undone when their
 block ends, also when it fails. ``Host.processes`` finds every process of a host
 by its network namespace, so one that left its parent's process group is found.
 
+Mounts: ``Host.run`` and ``Host.popen`` use ``ip netns exec``, whose private mount
+namespace has a /sys of the host's namespace. A vmcloud compute service runs the
+network agent, which makes namespaces of its own (``ip netns add`` mounts them in
+/run/netns): those mounts must reach the machine, or no other process sees them.
+``popen(..., machine_mounts=True)`` enters only the host's network namespace
+(nsenter) and then mounts a sysfs of it privately, so the agent's namespaces are
+everyone's while /sys still shows the host's devices (the drivers read bridges and
+MTUs there).
+
 Cleanup: a Network deletes every namespace it created (which removes every
 veth, the bridge and the qdiscs with them), stops every process it started
 (and any other process still inside its namespaces), and removes the hosts'
 state directories, also when the block fails or is interrupted. Each namespace
-is registered for cleanup before it is created. A process killed before it
+is registered for cleanup before it is created. The network agent of a host names
+its DHCP namespaces ``vmcloud-<vni>-<tag>``, the tag derived from its state
+directory (``agent_namespaces``): they are not inside the host's namespace, so the
+Network deletes them too (and the dnsmasq in them). A process killed before it
 could clean up leaves namespaces named with its dead pid: ``sweep_stale()``
-(called by every Network on entry) removes them. Every command and every wait
-is bounded in time. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
+(called by every Network on entry) removes them and its hosts' agent namespaces.
+Every command and every wait is bounded in time. Needs root (CAP_NET_ADMIN,
+CAP_SYS_ADMIN).
 """
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
@@ -66,6 +80,14 @@ COMMAND_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 _NAME = re.compile(r'^[a-z][a-z0-9]{0,11}$')
 _NAMESPACE = re.compile(rf'^{PREFIX}-(\d+)-([0-9a-f]+)-([a-z0-9]+)$')
+# Where a host's network agent keeps its state ([network] state_dir, as
+# tests/multihost/cluster.py sets it) and how the agent names its DHCP namespaces
+# (vmcloud/network/agent.py: the tag is sha1 of that directory's real path).
+AGENT_STATE_LEAF = 'network'
+_AGENT_NAMESPACE = re.compile(r'^vmcloud-\d+-([0-9a-f]{8})$')
+# A host's own namespaces only: its sysfs, so /sys/class/net lists its devices; the
+# /run/netns mounts its processes make are the machine's (see "Mounts" above).
+_OWN_SYSFS = 'mount --make-rprivate /sys && mount -t sysfs sysfs /sys && exec "$@"'
 
 
 class NetnsError(exception.VmcloudError):
@@ -138,19 +160,78 @@ def delete_namespace(namespace: str) -> None:
         print(f'netns: cannot delete {namespace}: {exc}', file=sys.stderr)
 
 
+def agent_tag(state_dir: str) -> str:
+    """The tag of the DHCP namespaces the network agent of the host whose state
+    directory is ``state_dir`` makes (it need not exist any more)."""
+    return _tag(os.path.join(state_dir, AGENT_STATE_LEAF))
+
+
+def _tag(path: str) -> str:
+    return hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:8]
+
+
+def agent_namespaces(state_dirs: Sequence[str], present: Sequence[str] | None = None
+                     ) -> list[str]:
+    """The network agents' DHCP namespaces of the hosts with these state directories:
+    of an agent whose state is in AGENT_STATE_LEAF of one (as the cluster's compute
+    hosts keep it) or in the directory itself (as tests of the agent alone do).
+
+    :raises: NetnsError if the namespaces cannot be listed.
+    """
+    tags = {t for d in state_dirs for t in (agent_tag(d), _tag(d))}
+    return [n for n in (namespaces() if present is None else present)
+            if (m := _AGENT_NAMESPACE.match(n)) and m.group(1) in tags]
+
+
+def _stale_owner(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` names a state directory of a harness host whose creating
+    process is dead (a dnsmasq's --pid-file under it)."""
+    root = os.path.realpath(DEFAULT_STATE_ROOT) + os.sep
+    for arg in argv:
+        path = arg.partition('=')[2] or arg
+        if path.startswith(root):
+            match = _NAMESPACE.match(path[len(root):].split(os.sep)[0])
+            if match and not _alive(int(match.group(1))):
+                return True
+    return False
+
+
 def sweep_stale() -> list[str]:
-    """Delete the namespaces of this harness whose creating process is dead.
+    """Delete the namespaces of this harness whose creating process is dead, and the
+    agent namespaces of their hosts: named after a stale host's state directory, or
+    holding a process (dnsmasq) that names one. A namespace of a live run, or of
+    anyone else, is left alone.
 
     :returns: the namespaces deleted.
     :raises: NetnsError if the namespaces cannot be listed.
     """
     swept = []
-    for namespace in namespaces():
+    present = namespaces()
+    stale_dirs = []
+    for namespace in present:
         match = _NAMESPACE.match(namespace)
         if match and not _alive(int(match.group(1))):
             delete_namespace(namespace)
             swept.append(namespace)
-            shutil.rmtree(os.path.join(DEFAULT_STATE_ROOT, namespace), ignore_errors=True)
+            stale_dirs.append(os.path.join(DEFAULT_STATE_ROOT, namespace))
+    with contextlib.suppress(OSError):
+        stale_dirs += [os.path.join(DEFAULT_STATE_ROOT, entry)
+                       for entry in os.listdir(DEFAULT_STATE_ROOT)
+                       if (m := _NAMESPACE.match(entry)) and not _alive(int(m.group(1)))]
+    doomed = set(agent_namespaces(stale_dirs, present))
+    for namespace in present:
+        if _AGENT_NAMESPACE.match(namespace) and namespace not in doomed:
+            try:
+                pids = [int(p) for p in _command(['ip', 'netns', 'pids', namespace]).split()]
+            except NetnsError:
+                continue
+            if any((p := read_process(pid)) and _stale_owner(p.argv) for pid in pids):
+                doomed.add(namespace)
+    for namespace in sorted(doomed):
+        delete_namespace(namespace)
+        swept.append(namespace)
+    for path in stale_dirs:
+        shutil.rmtree(path, ignore_errors=True)
     return swept
 
 
@@ -203,9 +284,15 @@ class Host:
     def __repr__(self) -> str:
         return f'Host({self.name}, {self.address})'
 
-    def command(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` as run inside this host."""
-        return ['ip', 'netns', 'exec', self.namespace, *argv]
+    def command(self, argv: Sequence[str], machine_mounts: bool = False) -> list[str]:
+        """``argv`` as run inside this host: in a private mount namespace (``ip netns
+        exec``), or with ``machine_mounts`` in the machine's, but for a sysfs of the
+        host's own (see "Mounts" above)."""
+        if not machine_mounts:
+            return ['ip', 'netns', 'exec', self.namespace, *argv]
+        return ['nsenter', f'--net=/run/netns/{self.namespace}', '--',
+                'unshare', '--mount', '--propagation', 'unchanged', '--',
+                'sh', '-c', _OWN_SYSFS, 'sh', *argv]
 
     def run(self, argv: Sequence[str], timeout: float = 60.0, check: bool = True,
             **kwargs) -> subprocess.CompletedProcess:
@@ -226,14 +313,17 @@ class Host:
                              f'{(done.stderr or "").strip()[-2000:]}')
         return done
 
-    def popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
-        """Start ``argv`` inside this host in a session of its own; the Network stops it
-        (SIGTERM to its process group, then SIGKILL) when it closes, if it still runs.
+    def popen(self, argv: Sequence[str], machine_mounts: bool = False,
+              **kwargs) -> subprocess.Popen:
+        """Start ``argv`` inside this host in a session of its own (``machine_mounts``:
+        see ``command``); the Network stops it (SIGTERM to its process group, then
+        SIGKILL) when it closes, if it still runs.
 
         :raises: NetnsError if it cannot be started.
         """
         try:
-            process = subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
+            process = subprocess.Popen(self.command(argv, machine_mounts),
+                                       start_new_session=True, **kwargs)
         except OSError as exc:
             raise NetnsError(f'{self.name}: cannot start {" ".join(argv)}: {exc}') from exc
         self.network.processes.append(process)
@@ -490,6 +580,13 @@ class Network:
         for process in self.processes:
             _stop(process)
         self.processes.clear()
+        # The hosts' network agents' namespaces first: a dnsmasq in one names its
+        # host's state directory, removed below.
+        try:
+            for namespace in agent_namespaces([h.state_dir for h in self.hosts.values()]):
+                delete_namespace(namespace)
+        except NetnsError as exc:
+            print(f'netns: cannot list the agents\' namespaces: {exc}', file=sys.stderr)
         for namespace in reversed(self._created):
             delete_namespace(namespace)
             shutil.rmtree(os.path.join(self.state_root, namespace), ignore_errors=True)

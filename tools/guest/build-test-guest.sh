@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Build the test guest from Debian packages only: the Debian cloud kernel, a busybox
-# initramfs (tools/guest/init) that loads the virtio modules in dependency order, and a
+# initramfs (tools/guest/init, with network.sh, udhcpc.script and http-count.cgi under
+# /lib/vmcloud) that loads the virtio modules (disk, NIC) in dependency order, and a
 # small ext4 data disk. Output in $VMCLOUD_GUEST_DIR (default .cache/guest); skipped when
 # already built.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+script=$(realpath "$0")
+cd "$(dirname "$script")/../.."
 OUT=${VMCLOUD_GUEST_DIR:-$PWD/.cache/guest}
-# Rebuilt whenever this script or the guest's init changes.
-stamp=$(cat "$0" tools/guest/init | sha256sum | cut -d' ' -f1)
+# Rebuilt whenever this script or a file the guest carries changes.
+GUEST_FILES=(tools/guest/init tools/guest/network.sh tools/guest/udhcpc.script tools/guest/http-count.cgi)
+stamp=$(cat "$script" "${GUEST_FILES[@]}" | sha256sum | cut -d' ' -f1)
 [ "$(cat "$OUT/ready" 2>/dev/null)" = "$stamp" ] && exit 0
-MODULES=(virtio_blk virtio_pci button evdev)
+MODULES=(virtio_blk virtio_pci virtio_net button evdev)
 
 mkdir -p "$OUT/debs"
 work=$(mktemp -d)
@@ -38,10 +41,11 @@ add_module() {
 for module in "${MODULES[@]}"; do add_module "$module"; done
 
 root=$work/initramfs
-mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
+mkdir -p "$root"/{bin,dev,proc,sys,mnt,run,lib/modules,lib/vmcloud}
 cp /bin/busybox "$root/bin/busybox"
 for applet in sh mount umount insmod sleep cat echo md5sum sync poweroff dd mknod \
-              grep sed tr ls date head tail seq mkdir switch_root; do
+              grep sed tr ls date head tail seq mkdir switch_root basename dirname \
+              ip udhcpc ipcalc httpd nc wget timeout awk rmdir usleep printf chmod cp; do
     ln -s busybox "$root/bin/$applet"
 done
 : > "$root/lib/modules/load-order"
@@ -55,6 +59,8 @@ for path in "${ordered[@]}"; do
     echo "$name" >> "$root/lib/modules/load-order"
 done
 install -m 0755 tools/guest/init "$root/init"
+install -m 0644 tools/guest/network.sh "$root/lib/vmcloud/network.sh"
+install -m 0755 tools/guest/udhcpc.script tools/guest/http-count.cgi "$root/lib/vmcloud/"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.img"
 
 # The data disk: files the guest reads, room for the file it writes.

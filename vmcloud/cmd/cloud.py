@@ -18,6 +18,7 @@ from oslo_config import cfg
 from vmcloud import exception
 from vmcloud import rpc
 from vmcloud.cmd import output
+from vmcloud.compute import readiness
 from vmcloud.dispatcher import rpcapi
 from vmcloud.dispatcher import states
 
@@ -106,6 +107,24 @@ def _boot(args: argparse.Namespace) -> dict:
                               ('cmdline', args.cmdline)) if v}
 
 
+def health_check(text: str) -> dict:
+    """``--health``'s value as the dispatcher takes it (see ``readiness.parse``).
+
+    :raises: argparse.ArgumentTypeError naming the value and the syntax.
+    """
+    try:
+        return readiness.parse(text)
+    except exception.InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _health(args: argparse.Namespace) -> dict:
+    health = dict(args.health or readiness.DEFAULT)
+    if args.health_timeout is not None:
+        health['timeout'] = args.health_timeout
+    return health
+
+
 def _waiting(what: str, ident: str, timeout: float, look: str) -> None:
     """Say what is waited for, and how to look at it, before waiting: if the wait
     fails, the id is on the terminal already."""
@@ -161,7 +180,7 @@ def do_deploy(conf, args) -> int:
                                          allow_partial=args.partial)
     else:
         deployment = api.deploy(args.image, args.count, args.min_count, args.vcpus,
-                                args.memory, _boot(args))
+                                args.memory, _boot(args), health=_health(args))
     if args.wait:
         deployment = _wait_deployment(api, deployment, args)
     _show(deployment, args.fmt)
@@ -272,6 +291,14 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     sub.add_argument('--initrd', metavar='IMAGE[:VERSION]|/PATH',
                      help='initrd for --kernel, named the same two ways')
     sub.add_argument('--cmdline', help="kernel command line; '{name}' is the instance name")
+    sub.add_argument('--health', type=health_check, metavar='CHECK',
+                     help='when an instance is ready (built): tcp:PORT (a connection to it '
+                          'opens), http:PORT[/PATH] (a GET answers below 500), '
+                          'console:REGEX (a console line matches), or marker (the image '
+                          'prints VMCLOUD-PHASE boot-done; the default)')
+    sub.add_argument('--health-timeout', type=float, metavar='SECONDS',
+                     help='seconds an instance gets to pass it (default: [compute] '
+                          'boot_timeout of its host)')
     sub.add_argument('--from-snapshot', metavar='SNAPSHOT',
                      help='one instance per instance of this snapshot, from its version')
     sub.add_argument('--partial', '--allow-partial', dest='partial', action='store_true',
@@ -339,5 +366,9 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error('deploy needs an IMAGE or --from-snapshot')
         if args.partial and not args.from_snapshot:
             parser.error('--partial goes with --from-snapshot')
+        if args.from_snapshot and (args.health or args.health_timeout is not None):
+            parser.error('--health and --health-timeout go with IMAGE, not --from-snapshot')
+        if args.health_timeout is not None and not args.health_timeout > 0:
+            parser.error('--health-timeout must be above 0')
     if getattr(args, 'handler', None) is do_console and args.bytes < 1:
         parser.error('--bytes must be at least 1')

@@ -22,15 +22,18 @@ from typing import Callable, Iterable
 from oslo_config import cfg
 
 from vmcloud import exception
+from vmcloud import network as network_mod
 from vmcloud import rpc
 from vmcloud.compute import artifacts as artifacts_mod
 from vmcloud.compute import phases
+from vmcloud.compute import readiness
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.dispatcher import states
 from vmcloud.drivers import base as driver_base
 from vmcloud.mirror import api as mirror_api
 from vmcloud.nbd import statelock
+from vmcloud.network import agent as network_agent_mod
 from vmcloud.storage import durable
 from vmcloud.storage import warehouse as warehouse_mod
 
@@ -40,6 +43,8 @@ NODE_ID_FILE = 'node-id'
 _NODE_ID = re.compile(r'[0-9a-f]{32}')
 
 RESTARTED_DURING_BUILD = 'compute manager restarted during the build'
+# The states of instances a restarted manager keeps (with their guests and ports).
+KEPT = (states.ACTIVE, states.UNKNOWN, states.ERROR)
 # Part of a freeze call's timeout kept for its answer to travel back: an answer sent
 # at the very deadline reaches a caller that has just given up.
 _REPLY_SHARE = 0.1
@@ -101,14 +106,18 @@ class ComputeManager:
     def __init__(self, conf: cfg.ConfigOpts, mirrors: mirror_api.Mirrors,
                  host: str | None = None, driver: driver_base.Driver | None = None,
                  warehouse: warehouse_mod.Warehouse | None = None,
-                 node_root: str | None = None, shared_driver: bool = False):
+                 node_root: str | None = None, shared_driver: bool = False,
+                 network_agent: network_agent_mod.NetworkAgent | None = None):
         """``mirrors`` serve the node's disks; whoever made them closes them (after stop()).
 
         ``node_root`` holds the node's id (default: ``state_path``): the all-in-one mode
         runs several nodes on one ``state_path``. ``shared_driver``: the driver also lists
         other nodes' guests (the all-in-one's nodes share ``instances_path``), so the node
         counts as its own only the guests it has a mirror for (or the dispatcher placed
-        here), and leaves instance directories to the driver.
+        here), and leaves instance directories to the driver. ``network_agent`` builds the
+        guests' networks on this machine (default: the one ``[network] agent`` names, of
+        its own); the all-in-one's nodes share one, so that their guests share each
+        network's bridge.
         """
         self.conf = conf
         self.host = host or conf.host
@@ -116,6 +125,8 @@ class ComputeManager:
         self.driver = driver or driver_base.load(conf)
         self.mirrors = mirrors
         self.shared_driver = shared_driver
+        self.network_agent = (network_agent if network_agent is not None
+                              else network_mod.load_agent(conf, [self.driver]))
         self._node_dir = node_root or conf.state_path
         self.node_id = node_id(self._node_dir)
         self._state_lock: statelock.StateLock | None = None
@@ -199,7 +210,8 @@ class ComputeManager:
         while True:
             try:
                 return self.dispatcher.register_host(
-                    self.host, self.node_id, self.incarnation, self.capacity())['instances']
+                    self.host, self.node_id, self.incarnation, self.capacity(),
+                    vtep_address=self.conf.network.vtep_address)['instances']
             except exception.HostNameInUse:
                 raise
             except exception.MessagingError as exc:
@@ -222,7 +234,9 @@ class ComputeManager:
         paused); a build caught by the restart is undone and reported failed, and so is
         one of which nothing is here (its request died with the previous manager, which
         had taken it off the bus: a request still queued for it is stale once the
-        dispatcher retried); the rest is destroyed with its mirror and instance directory."""
+        dispatcher retried); the rest is destroyed with its mirror, instance directory and
+        port. Then the network agent keeps the ports of what is kept (the 'network' of each
+        wanted instance) and puts right what it finds of the networks."""
         by_name = {instance['name']: instance for instance in wanted}
         mirrors = set(self.mirrors.names())
         guests = set(self._guests(also=by_name))
@@ -233,7 +247,7 @@ class ComputeManager:
             state = instance['state'] if instance else None
             found = ' and '.join(what for what, there in (('guest', name in guests),
                                                           ('mirror', name in mirrors)) if there)
-            if state in (states.ACTIVE, states.UNKNOWN, states.ERROR):
+            if state in KEPT:
                 LOG.info('adopting %s (%s): keeping its %s', name, state, found)
                 if name in guests:
                     self._keep(name)
@@ -262,6 +276,33 @@ class ComputeManager:
                 self._destroy_logged(name)
         if not self.shared_driver:
             self._remove_stray_directories(set(by_name) | set(self._guests()))
+        self._reconcile_networks(by_name)
+
+    def _reconcile_networks(self, by_name: dict[str, dict]) -> None:
+        wanted: dict[str, set[str]] = {}
+        for name, instance in by_name.items():
+            network = instance.get('network')
+            if instance['state'] in KEPT and network:
+                wanted.setdefault(network['id'], set()).add(name)
+        if self.shared_driver:
+            # The all-in-one's agent also holds the other nodes' ports, and those are not
+            # this node's to decide: every port of a guest the dispatcher does not place
+            # here stays (this node's unwanted guests were unplugged as they went).
+            try:
+                records = self.network_agent.networks()
+            except exception.VmcloudError as exc:
+                LOG.error('adopting: cannot read the guest networks of %s: %s', self.host,
+                          exc)
+                return
+            for network_id, record in records.items():
+                wanted.setdefault(network_id, set()).update(
+                    set(record.get('ports', {})) - set(by_name))
+        try:
+            self.network_agent.reconcile(wanted)
+        except exception.VmcloudError as exc:
+            # The guests kept run on: a network left wrong is named, not a refused start.
+            LOG.error('adopting: cannot put the guest networks of %s right: %s', self.host,
+                      exc)
 
     def _keep(self, name: str) -> None:
         try:
@@ -274,8 +315,8 @@ class ComputeManager:
         except exception.VmcloudError as exc:
             LOG.error('cannot look at %s while adopting it: %s', name, exc)
             return
-        if self.driver.has(driver_base.Capability.PHASE_EVENTS):
-            phases.follow(self.driver, self.mirrors, name)
+        # It was ready once (built): its boot is over.
+        phases.follow(self.driver, self.mirrors, name)
 
     def _remove_stray_directories(self, keep: set[str]) -> None:
         """Instance directories the driver does not list (a spawn cut short) nor the
@@ -374,26 +415,48 @@ class ComputeManager:
 
     @rpc.expose
     def build_instance(self, ctxt: dict, instance: dict) -> None:
-        """Build on a mirror; report instance_built or build_failed, always one of them,
-        unless the request is stale (see ``_current``): then nothing is done."""
+        """Build on a mirror, on the instance's network if the request names one; report
+        instance_built once it passed its readiness check, or build_failed, always one of
+        them, unless the request is stale (see ``_current``): then nothing is done.
+
+        Plug its port, boot it with a NIC on the network's bridge, wait for its health
+        check (``readiness``), then report; a failure at any step undoes every step of it
+        (guest, mirror, port)."""
         if not self._current(instance):
             return
         name = instance['name']
         started = time.monotonic()
         try:
+            network = instance.get('network')
+            if network and not self.driver.has(driver_base.Capability.BRIDGED_NIC):
+                # Refused before anything is made: a guest without its network is no use.
+                raise exception.NotSupported(
+                    self.driver.name, f'attach a guest to a network (network {network["id"]} '
+                                      'was asked for)')
+            health = readiness.check(instance.get('health'))
             boot = instance.get('boot') or {}
             # Before the mirror: an artifact that cannot be had fails the build cheaply.
             files = {what: self.artifacts.path_of(boot[what])
                      for what in artifacts_mod.ARTIFACTS if boot.get(what)}
+            nics, address = (), None
+            if network:
+                port = instance['port']
+                bridge = self.network_agent.plug(network, instance['dhcp_port'],
+                                                 list(instance.get('peers') or ()), name, port)
+                nics = (driver_base.Nic(mac=port['mac'], bridge=bridge),)
+                address = port['address']
             mirror = self.mirrors.create(name, instance['image'])
             spec = driver_base.InstanceSpec(
                 name=name, disk=mirror.uri, disk_format='raw',
                 memory_mib=instance['memory_mib'], vcpus=instance['vcpus'],
                 kernel=files.get('kernel'), initrd=files.get('initrd'),
-                cmdline=boot.get('cmdline', '').replace('{name}', name))
-            self.driver.boot(spec, self.conf.compute.boot_timeout)
-            if self.driver.has(driver_base.Capability.PHASE_EVENTS):
-                phases.follow(self.driver, self.mirrors, name)
+                cmdline=boot.get('cmdline', '').replace('{name}', name), nics=nics)
+            self.driver.spawn(spec)
+            ready = readiness.wait_ready(
+                self.driver, self.network_agent if network else None, name, health,
+                network['id'] if network else None, address,
+                health.get('timeout') or self.conf.compute.boot_timeout)
+            phases.follow(self.driver, self.mirrors, name)
             needed = self.mirrors.needed_bytes(name)
         except Exception as exc:  # every failure goes back to the dispatcher, named
             LOG.warning('building %s on %s failed: %s', name, self.host, exc)
@@ -406,7 +469,8 @@ class ComputeManager:
             self._report(self.dispatcher.build_failed, instance['id'], self.host, reason)
             return
         took = time.monotonic() - started
-        LOG.info('%s built on %s in %.1f s', name, self.host, took)
+        LOG.info('%s built on %s in %.1f s (%s check passed after %.1f s)', name, self.host,
+                 took, readiness.describe(health), ready)
         self._report(self.dispatcher.instance_built, instance['id'], self.host, took, needed)
 
     def _report(self, method, *args) -> None:
@@ -423,11 +487,17 @@ class ComputeManager:
         self._report(self.dispatcher.instance_destroyed, self.host, name)
 
     def _destroy(self, name: str) -> None:
+        """Guest, port, mirror and directory: whatever is left of each."""
         if name in self._guests():
+            # The shutdown boundary of an image that prints no marker of its own.
+            phases.stopping(self.mirrors, name)
             try:
                 self.driver.destroy(name)
             except exception.InstanceNotFound:
                 pass  # gone meanwhile
+        # After the guest: its tap, in the bridge, goes with it (the driver's), then the
+        # network may go with its last port.
+        self._unplug(name)
         try:
             self.mirrors.remove(name)
         except exception.MirrorNotFound:
@@ -435,6 +505,26 @@ class ComputeManager:
         if not self.shared_driver:
             shutil.rmtree(os.path.join(self.conf.compute.instances_path, name),
                           ignore_errors=True)
+
+    def _unplug(self, name: str) -> None:
+        """Forget ``name``'s port in whichever network of this machine has it (the destroy
+        request names no network; unplugging from one without it does nothing).
+
+        :raises: NetworkError naming the command that failed.
+        """
+        for network_id in self.network_agent.networks():
+            self.network_agent.unplug(network_id, name)
+
+    @rpc.expose
+    def set_network_peers(self, ctxt: dict, network_id: str, peers: list[str]) -> None:
+        """The other hosts running guests of the network changed: ``peers`` are their
+        VTEP addresses, all of them (a network not on this host: nothing to do)."""
+        try:
+            self.network_agent.set_peers(network_id, list(peers))
+        except exception.VmcloudError as exc:
+            # A cast: nobody waits for the answer, so the error is logged here.
+            LOG.error('cannot set the peers of network %s on %s to %s: %s', network_id,
+                      self.host, ', '.join(peers) or 'none', exc)
 
     def _destroy_logged(self, name: str) -> bool:
         """_destroy, an error logged: the other guests must still go. :returns: whether

@@ -22,6 +22,12 @@ class ComputeAPI:
         """Destroy guest, mirror and directory; confirmed with instance_destroyed."""
         self._client.cast('destroy_instance', server=host, name=name)
 
+    def set_network_peers(self, host: str, network_id: str, peers: list[str]) -> None:
+        """Replace the VTEP addresses ``host`` floods the network's frames to (an
+        instance of its deployment moved); a host without the network ignores it."""
+        self._client.cast('set_network_peers', server=host, network_id=network_id,
+                          peers=peers)
+
     def freeze(self, host: str, snapshot_id: str, names: list[str], pause_limit: float,
                timeout: float) -> dict:
         """Sync each guest's disk, then pause them all with their writes flushed; each

@@ -6,6 +6,7 @@ from oslo_config import cfg
 
 from vmcloud.conf import compute
 from vmcloud.conf import mirror
+from vmcloud.conf import network
 from vmcloud.conf import paths
 from vmcloud.conf import scheduler
 from vmcloud.conf import service
@@ -16,6 +17,7 @@ CONF = cfg.CONF
 
 compute.register_opts(CONF)
 mirror.register_opts(CONF)
+network.register_opts(CONF)
 paths.register_opts(CONF)
 scheduler.register_opts(CONF)
 service.register_opts(CONF)

@@ -24,8 +24,10 @@ compute_opts = [
     cfg.IntOpt('accelerator_probe_timeout', default=10, min=1,
                help='Seconds the KVM probe waits for the probe kernel to reach init.'),
     cfg.IntOpt('boot_timeout', default=300, min=1,
-               help='Seconds a new instance gets to print boot-done before its build '
-                    'fails (and is retried on another host).'),
+               help='Seconds a new instance gets to pass its readiness check (its '
+                    'deployment\'s health check; by default, to print boot-done) before its '
+                    'build fails (and is retried on another host), unless the check names '
+                    'its own timeout.'),
     cfg.IntOpt('stop_timeout', default=30, min=0,
                help='Seconds a guest gets to power off after an ACPI power-button press '
                     'before it is stopped by force.'),

@@ -6,13 +6,14 @@ from stevedore import extension
 
 from vmcloud.conf import compute
 from vmcloud.conf import mirror
+from vmcloud.conf import network
 from vmcloud.conf import paths
 from vmcloud.conf import scheduler
 from vmcloud.conf import service
 from vmcloud.conf import storage
 from vmcloud.conf import warehouse
 
-_CONF_MODULES = (paths, storage, warehouse, compute, mirror, scheduler, service)
+_CONF_MODULES = (paths, storage, warehouse, compute, mirror, network, scheduler, service)
 
 # Plugin namespaces whose classes declare their own options as
 # ``OPTION_GROUP`` and ``OPTIONS`` class attributes.

@@ -21,6 +21,12 @@ Session = orm.Session
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'migrations')
 
 
+class Conflict(exception.DatabaseError):
+    """A unit of work was refused by a unique constraint (or another integrity rule):
+    another unit of work took the same value first, so this one wrote nothing. Trying
+    again reads what the other committed."""
+
+
 class Database:
     """One engine per process; ``session()`` is a unit of work that commits or rolls back."""
 
@@ -54,7 +60,8 @@ class Database:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[orm.Session]:
-        """:raises: DatabaseError if the database cannot be reached or refuses the work."""
+        """:raises: DatabaseError if the database cannot be reached or refuses the work;
+            Conflict (a DatabaseError) if a unique constraint refused it."""
         with self._writer, self._errors('use the database'), \
                 self._sessions.begin() as session:
             yield session
@@ -63,6 +70,9 @@ class Database:
     def _errors(self, doing: str) -> Iterator[None]:
         try:
             yield
+        except sqlalchemy.exc.IntegrityError as exc:
+            raise Conflict(f'cannot {doing}: refused by the database: '
+                           f'{getattr(exc, "orig", None) or exc}') from exc
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError) as exc:
             raise exception.DatabaseError(
                 f'cannot {doing} at {self.engine.url.render_as_string()}: '
@@ -191,6 +201,80 @@ def instance_state_counts(session: orm.Session, deployment_id: str) -> dict[str,
     """{state: how many of the deployment's instances are in it}."""
     return _state_counts(session, models.Instance,
                          models.Instance.deployment_id == deployment_id)
+
+
+def network_create(session: orm.Session, **fields) -> models.Network:
+    network = models.Network(**fields)
+    session.add(network)
+    session.flush()  # its ports refer to it
+    return network
+
+
+def network_of(session: orm.Session, deployment_id: str) -> models.Network | None:
+    """The deployment's network, if it has one (yet, or still)."""
+    return session.scalar(sqlalchemy.select(models.Network).where(
+        models.Network.deployment_id == deployment_id))
+
+
+def network_get(session: orm.Session, network_id: str) -> models.Network | None:
+    return session.get(models.Network, network_id)
+
+
+def networks_in_use(session: orm.Session) -> tuple[set[str], set[int]]:
+    """(the subnets, the VNIs) of every network."""
+    rows = session.execute(sqlalchemy.select(models.Network.cidr, models.Network.vni)).all()
+    return {cidr for cidr, _ in rows}, {vni for _, vni in rows}
+
+
+def network_delete(session: orm.Session, network: models.Network) -> None:
+    """The network and every port left of it."""
+    session.execute(sqlalchemy.delete(models.Port).where(
+        models.Port.network_id == network.id))
+    session.delete(network)
+    session.flush()  # its VNI and subnet are free for the next one of this unit of work
+
+
+def port_create(session: orm.Session, **fields) -> models.Port:
+    port = models.Port(**fields)
+    session.add(port)
+    session.flush()  # the next address picked in this unit of work sees it taken
+    return port
+
+
+def port_delete(session: orm.Session, port: models.Port) -> None:
+    session.delete(port)
+    session.flush()
+
+
+def ports_of(session: orm.Session, network_id: str) -> list[models.Port]:
+    """Every port of a network, by address."""
+    return list(session.scalars(sqlalchemy.select(models.Port).where(
+        models.Port.network_id == network_id).order_by(models.Port.address)))
+
+
+def port_of_instance(session: orm.Session, instance_id: str) -> models.Port | None:
+    return session.scalar(sqlalchemy.select(models.Port).where(
+        models.Port.instance_id == instance_id))
+
+
+def dhcp_port(session: orm.Session, network_id: str, host: str) -> models.Port | None:
+    """The port of ``host``'s DHCP server in the network, if it has one."""
+    return session.scalar(sqlalchemy.select(models.Port).where(
+        models.Port.network_id == network_id, models.Port.kind == 'dhcp',
+        models.Port.host == host))
+
+
+def instance_port_count(session: orm.Session, network_id: str) -> int:
+    """How many instance ports the network has left."""
+    return session.scalar(sqlalchemy.select(sqlalchemy.func.count()).select_from(
+        models.Port).where(models.Port.network_id == network_id,
+                           models.Port.kind == 'instance'))
+
+
+def vtep_addresses(session: orm.Session, hosts: Sequence[str]) -> dict[str, str]:
+    """{host: its VTEP address ('' if none)} of those of ``hosts`` that are known."""
+    return dict(session.execute(sqlalchemy.select(models.Host.name, models.Host.vtep_address)
+                                .where(models.Host.name.in_(list(hosts)))).tuples().all())
 
 
 def snapshot_create(session: orm.Session, **fields) -> models.Snapshot:

@@ -4,6 +4,8 @@ import datetime
 from sqlalchemy import BigInteger
 from sqlalchemy import ForeignKey
 from sqlalchemy import String
+from sqlalchemy import UniqueConstraint
+from sqlalchemy import text
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
@@ -32,6 +34,10 @@ class Host(Base):
     vcpus: Mapped[int]
     memory_mib: Mapped[int]
     disk_bytes_free: Mapped[int] = mapped_column(BigInteger)
+    # Where other hosts send the frames of guest networks for this host's guests (its
+    # [network] vtep_address); empty: it takes part in no VXLAN (one host only).
+    # (Server default: see migration 0003.)
+    vtep_address: Mapped[str] = mapped_column(String(64), default='', server_default=text("''"))
     last_heartbeat: Mapped[datetime.datetime] = mapped_column(default=utcnow)
 
 
@@ -46,6 +52,9 @@ class Deployment(Base):
     memory_mib: Mapped[int]
     # How instances boot (kernel, initrd, cmdline), as JSON; kept for rebuilds on retry.
     boot: Mapped[str] = mapped_column(String(4000), default='{}')
+    # When an instance is ready (the compute host's readiness check), as JSON:
+    # {'kind': 'marker' | 'tcp' | 'http' | 'console', ...}; '{}' is the marker.
+    health: Mapped[str] = mapped_column(String(2000), default='{}', server_default='{}')
     state: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(2000), default='')
     created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
@@ -70,6 +79,43 @@ class Instance(Base):
     deadline: Mapped[datetime.datetime | None]
     created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Network(Base):
+    """A deployment's layer-2 network: its VXLAN id and subnet, each held by one network
+    at a time (the unique constraints keep two dispatchers from handing one out twice).
+    The row goes once its deployment is deleted and no instance port is left."""
+    __tablename__ = 'networks'
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey('deployments.id'), unique=True)
+    vni: Mapped[int] = mapped_column(unique=True)
+    cidr: Mapped[str] = mapped_column(String(43), unique=True)
+    # active, or deleting: its deployment is deleted, some instance port is still held.
+    state: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+
+
+class Port(Base):
+    """An address and MAC of a network: an instance's (kind 'instance', for its whole life,
+    wherever it is rebuilt) or a host's DHCP server's (kind 'dhcp', one per host that ran
+    an instance of the network, until the network goes)."""
+    __tablename__ = 'ports'
+    __table_args__ = (
+        UniqueConstraint('network_id', 'address'),
+        # Instance ports have no host (their instance says where they are); NULLs are
+        # distinct, so this holds one DHCP port per network and host.
+        UniqueConstraint('network_id', 'host'),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    # Looked up by the (network_id, address) constraint's index.
+    network_id: Mapped[str] = mapped_column(ForeignKey('networks.id'))
+    address: Mapped[str] = mapped_column(String(45))
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    instance_id: Mapped[str | None] = mapped_column(ForeignKey('instances.id'), unique=True)
+    host: Mapped[str | None] = mapped_column(String(255))
 
 
 class Snapshot(Base):

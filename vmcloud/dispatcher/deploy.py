@@ -4,9 +4,11 @@ import collections
 import datetime
 import json
 import logging
+import re
 import threading
 import uuid
 from typing import Callable
+from typing import NamedTuple
 
 from oslo_config import cfg
 
@@ -15,6 +17,7 @@ from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
 from vmcloud.db import models
 from vmcloud.dispatcher import hosts as hosts_mod
+from vmcloud.dispatcher import networks
 from vmcloud.dispatcher import states
 from vmcloud.dispatcher import transitions
 from vmcloud.dispatcher import views
@@ -24,6 +27,48 @@ from vmcloud.scheduler.host_state import InstanceRequest
 LOG = logging.getLogger(__name__)
 
 Notify = Callable[[str, dict], None]
+
+HEALTH_KINDS = {'marker': (), 'tcp': ('port',), 'http': ('port', 'path'),
+                'console': ('pattern',)}
+
+
+def health_check(health: dict | None) -> dict:
+    """A deployment's readiness check, checked and completed: {'kind': 'marker'} (the
+    default: the guest's boot-done marker), {'kind': 'tcp', 'port'}, {'kind': 'http',
+    'port', 'path'} (path '/' by default) or {'kind': 'console', 'pattern'}, each with
+    an optional 'timeout' in seconds.
+
+    :raises: InvalidRequest naming what is wrong.
+    """
+    health = dict(health or {'kind': 'marker'})
+    kind = health.get('kind')
+    if kind not in HEALTH_KINDS:
+        raise exception.InvalidRequest(f'health check kind {kind!r} is not one of '
+                                       f'{", ".join(HEALTH_KINDS)}')
+    if kind == 'http':
+        health.setdefault('path', '/')
+    unknown = set(health) - {'kind', 'timeout', *HEALTH_KINDS[kind]}
+    missing = set(HEALTH_KINDS[kind]) - set(health)
+    if unknown or missing:
+        raise exception.InvalidRequest(
+            f'a {kind} health check takes {", ".join(HEALTH_KINDS[kind]) or "no option"} '
+            f'and an optional timeout (got {", ".join(sorted(health)) or "nothing"})')
+    port, path, pattern = health.get('port', 1), health.get('path', '/'), health.get('pattern')
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise exception.InvalidRequest(f'health check port {port!r} is not in 1..65535')
+    if not isinstance(path, str) or not path.startswith('/'):
+        raise exception.InvalidRequest(f'health check path {path!r} does not start with /')
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise exception.InvalidRequest(
+                f'health check pattern {pattern!r} is not a regular expression: {exc}') from exc
+    timeout = health.get('timeout', 1)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise exception.InvalidRequest(f'health check timeout {timeout!r} is not a number '
+                                       f'of seconds above 0')
+    return health
 
 
 class Deployer:
@@ -41,28 +86,26 @@ class Deployer:
         self._claims = threading.Lock()
 
     def deploy(self, refs: list[str], min_count: int, vcpus: int, memory_mib: int,
-               boot: dict) -> dict:
-        """One instance per image reference, placed all at once; builds cast after commit.
+               boot: dict, health: dict | None = None) -> dict:
+        """One instance per image reference, placed all at once, with the deployment's
+        network and the instances' ports allocated in the same unit of work; builds
+        cast after commit. ``health``: see health_check.
 
-        :raises: NoValidHost (nothing written), DatabaseError.
+        :raises: InvalidRequest (a bad health check), NoValidHost, AddressPoolExhausted
+            naming the pool (nothing written for either), DatabaseError.
         """
-        deployment_id = str(uuid.uuid4())
-        request = InstanceRequest(vcpus=vcpus, memory_mib=memory_mib)
+        health = health_check(health)
         with self._claims:
-            with self.db.session() as session:
-                placed = self.scheduler.select_hosts(hosts_mod.host_states(session),
-                                                     request, len(refs), min_count)
-                db_api.deployment_create(
-                    session, id=deployment_id, image=refs[0], count=len(refs),
-                    min_count=min_count, vcpus=vcpus, memory_mib=memory_mib,
-                    boot=json.dumps(boot), state=states.BUILDING)
-                builds = []
-                for index, (ref, host) in enumerate(zip(refs, placed)):
-                    instance = db_api.instance_create(
-                        session, id=str(uuid.uuid4()), name=f'vm-{deployment_id[:8]}-{index}',
-                        deployment_id=deployment_id, image=ref, host=host,
-                        state=states.BUILDING, attempts=1)
-                    builds.append(self._build_request(instance, vcpus, memory_mib, boot))
+            try:
+                deployment_id, placed, builds = self._place(refs, min_count, vcpus,
+                                                            memory_mib, boot, health)
+            except db_api.Conflict as exc:
+                # Another dispatcher took the subnet or VNI picked (see networks): this
+                # one wrote nothing; once more, it reads what the other committed.
+                LOG.warning('deployment of %s refused by the database (%s); trying again',
+                            refs[0], exc)
+                deployment_id, placed, builds = self._place(refs, min_count, vcpus,
+                                                            memory_mib, boot, health)
         LOG.info('deployment %s: %d instances of %s on %s', deployment_id, len(builds),
                  refs[0], dict(collections.Counter(placed)))
         for build in builds:
@@ -71,15 +114,47 @@ class Deployer:
         with self.db.session() as session:
             return views.show_deployment(session, deployment_id)
 
-    def _build_request(self, instance: models.Instance, vcpus: int, memory_mib: int,
-                       boot: dict) -> dict:
+    def _place(self, refs: list[str], min_count: int, vcpus: int, memory_mib: int,
+               boot: dict, health: dict) -> tuple[str, list[str], list[dict]]:
+        """One unit of work of deploy, under self._claims.
+
+        :returns: (deployment id, hosts placed on, build requests).
+        :raises: NoValidHost, AddressPoolExhausted, Conflict, DatabaseError.
+        """
+        deployment_id = str(uuid.uuid4())
+        request = InstanceRequest(vcpus=vcpus, memory_mib=memory_mib)
+        with self.db.session() as session:
+            placed = self.scheduler.select_hosts(hosts_mod.host_states(session),
+                                                 request, len(refs), min_count)
+            deployment = db_api.deployment_create(
+                session, id=deployment_id, image=refs[0], count=len(refs),
+                min_count=min_count, vcpus=vcpus, memory_mib=memory_mib,
+                boot=json.dumps(boot), health=json.dumps(health), state=states.BUILDING)
+            instances = [db_api.instance_create(
+                session, id=str(uuid.uuid4()), name=f'vm-{deployment_id[:8]}-{index}',
+                deployment_id=deployment_id, image=ref, host=host, state=states.BUILDING,
+                attempts=1) for index, (ref, host) in enumerate(zip(refs, placed))]
+            networks.allocate(self.conf, session, deployment_id, instances)
+            builds = [self._build_request(session, instance, deployment)
+                      for instance in instances]
+        return deployment_id, placed, builds
+
+    def _build_request(self, session: db_api.Session, instance: models.Instance,
+                       deployment: models.Deployment) -> dict:
         """The build_instance request of the instance's current attempt, its deadline set:
-        every build cast has one, so no instance stays building for ever."""
+        every build cast has one, so no instance stays building for ever.
+
+        :raises: AddressPoolExhausted if its host has no DHCP port in the network yet
+            and none is left.
+        """
+        network = networks.build_keys(session, instance)
         instance.deadline = models.utcnow() + datetime.timedelta(
             seconds=self.conf.build_timeout)
         return {'id': instance.id, 'name': instance.name, 'image': instance.image,
-                'host': instance.host, 'vcpus': vcpus, 'memory_mib': memory_mib,
-                'boot': boot, 'attempt': instance.attempts}
+                'host': instance.host, 'vcpus': deployment.vcpus,
+                'memory_mib': deployment.memory_mib, 'boot': json.loads(deployment.boot),
+                'attempt': instance.attempts,
+                'health': json.loads(deployment.health) or {'kind': 'marker'}, **network}
 
     def _cast_build(self, build: dict) -> None:
         try:
@@ -157,16 +232,18 @@ class Deployer:
                     instance.host = None
                 self.update_deployment(session, instance.deployment_id)
         if retry is not None:
-            self._cast_build(retry)
+            self._cast_rebuild(retry)
         else:
             self.notify('instance.create.error', {'id': instance_id, 'reason': reason})
 
     def _place_again(self, session: db_api.Session, instance: models.Instance,
                      deployment: models.Deployment, excluded: list[str], host: str,
-                     reason: str) -> tuple[dict | None, str]:
-        """Move ``instance`` to another host, a new attempt, building.
+                     reason: str) -> tuple['Rebuild | None', str]:
+        """Move ``instance`` to another host, a new attempt, building, with its port (its
+        address and MAC go with it) and a DHCP port of the new host.
 
-        :returns: (its build request, '') or (None, why no host can take it).
+        :returns: (its build request and the peer sets the move changed, '') or (None,
+            why no host can take it, or no DHCP port is left for it).
         """
         request = InstanceRequest(vcpus=deployment.vcpus, memory_mib=deployment.memory_mib)
         candidates = [h for h in hosts_mod.host_states(session) if h.name not in excluded]
@@ -176,10 +253,29 @@ class Deployer:
             return None, transitions.no_other_host(host, reason)
         instance.attempts += 1
         instance.state, instance.reason = states.BUILDING, ''
+        try:
+            build = self._build_request(session, instance, deployment)
+        except exception.AddressPoolExhausted as exc:
+            # The new host has no DHCP server in the network and no address is left
+            # for one: as if no host could take it.
+            instance.host, instance.attempts = host, instance.attempts - 1
+            return None, f'{transitions.no_other_host(host, reason)} ({exc})'
         LOG.info('instance %s failed on %s (%s); attempt %d on %s', instance.name, host,
                  reason, instance.attempts, instance.host)
-        return self._build_request(instance, deployment.vcpus, deployment.memory_mib,
-                                   json.loads(deployment.boot)), ''
+        return Rebuild(build, networks.peer_updates(session, deployment.id,
+                                                    instance.host)), ''
+
+    def _cast_rebuild(self, rebuild: 'Rebuild') -> None:
+        """The other hosts first learn of the new one, so that they flood to it by the
+        time its guest starts."""
+        for host, network_id, peers in rebuild.peers:
+            try:
+                self.compute.set_network_peers(host, network_id, peers)
+            except exception.VmcloudError as exc:
+                # Its guests reach the moved one again once a later move casts anew.
+                LOG.error('cannot tell %s the peers of network %s: %s', host, network_id,
+                          exc)
+        self._cast_build(rebuild.build)
 
     def expire_builds(self, now: datetime.datetime) -> list[str]:
         """End every build past its deadline as a failed build (retried or error) whose
@@ -306,7 +402,7 @@ class Deployer:
                 instance.state, instance.reason, instance.host = states.ERROR, why, None
             self.update_deployment(session, instance.deployment_id)
         if retry is not None:
-            self._cast_build(retry)
+            self._cast_rebuild(retry)
 
     def _apply(self, session: db_api.Session, instance: models.Instance,
                outcome: transitions.Outcome | None) -> None:
@@ -316,6 +412,9 @@ class Deployer:
         LOG.info('instance %s on %s: %s -> %s %s', instance.name, instance.host,
                  instance.state, outcome.state, outcome.reason)
         instance.state, instance.reason = outcome.state, outcome.reason
+        if outcome.state == states.DELETED:
+            # Its guest is confirmed gone: nothing uses its address or MAC any more.
+            networks.release_port(session, instance)
         self.update_deployment(session, instance.deployment_id)
 
     @staticmethod
@@ -338,15 +437,18 @@ class Deployer:
         """
         with self.db.session() as session:
             deployment = views.deployment(session, deployment_id, lock=True)
+            deployment.state = states.DELETED
             doomed = collections.defaultdict(list)
             for instance in db_api.instances_of(session, deployment_id):
                 if instance.host is not None and instance.state in states.HOLDING_STATES:
+                    # Its port stays until the host confirms the guest destroyed.
                     instance.state = states.DELETING
                     doomed[instance.host].append(instance.name)
                 else:
                     instance.state = states.DELETED
+                    networks.release_port(session, instance)
                 instance.deadline = None
-            deployment.state = states.DELETED
+            networks.release_network(session, deployment_id)
         for host, names in doomed.items():
             self.destroy(host, names)
         self.notify('deployment.delete.end', {'id': deployment_id})
@@ -378,3 +480,10 @@ class Deployer:
                                            f'which is {host_state}: its console cannot be read')
         return {'instance': name, 'host': host,
                 'console': self.compute.console_log(host, name, max_bytes)}
+
+
+class Rebuild(NamedTuple):
+    """An instance placed again: its build request, and (host, network id, peers) for
+    every other host running instances of its deployment."""
+    build: dict
+    peers: list[tuple[str, str, list[str]]]

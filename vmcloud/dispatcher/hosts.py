@@ -14,6 +14,7 @@ from vmcloud import exception
 from vmcloud import rpc
 from vmcloud.db import api as db_api
 from vmcloud.db import models
+from vmcloud.dispatcher import networks
 from vmcloud.dispatcher import states
 from vmcloud.dispatcher import views
 from vmcloud.scheduler.host_state import HostState
@@ -86,13 +87,15 @@ class HostRegistry:
         self.db = db
         self.keeper = keeper
 
-    def register(self, host: str, node_id: str, incarnation: str,
-                 capacity: dict) -> list[dict]:
+    def register(self, host: str, node_id: str, incarnation: str, capacity: dict,
+                 vtep_address: str = '') -> list[dict]:
         """A manager starting on ``node_id`` claims ``host``; its reports from now on
-        carry ``incarnation``.
+        carry ``incarnation``; other hosts send its guests' frames to ``vtep_address``
+        (builds cast from now on name it; '' for none).
 
         :returns: the host's instances that may have a guest there, for the manager to
-            adopt or clean up: [{'id', 'name', 'state', 'attempts', 'image'}].
+            adopt or clean up: [{'id', 'name', 'state', 'attempts', 'image', 'network':
+            {'id', 'vni', 'cidr'} | None, 'port': {'mac', 'address'} | None}].
         :raises: HostNameInUse if another node holds the name, is not fenced and sent a
             heartbeat within service_down_time; DatabaseError.
         """
@@ -112,11 +115,12 @@ class HostRegistry:
                 LOG.info('compute host %s registered (node %s, was %s of node %s)', host,
                          node_id, row.state, row.node_id or 'none')
             row.node_id, row.incarnation = node_id, incarnation
+            row.vtep_address = vtep_address
             _set_state(row, states.HOST_UP)
             _set_capacity(row, capacity)
             row.last_heartbeat = now
             return [{'id': i.id, 'name': i.name, 'state': i.state, 'attempts': i.attempts,
-                     'image': i.image}
+                     'image': i.image, **networks.adoption_keys(session, i)}
                     for i in db_api.instances_on(session, host, states.HOLDING_STATES)]
 
     def report_heartbeat(self, host: str, capacity: dict, incarnation: str,

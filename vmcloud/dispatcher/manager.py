@@ -75,9 +75,10 @@ class Dispatcher:
 
     @rpc.expose
     def register_host(self, ctxt: dict, host: str, node_id: str, incarnation: str,
-                      capacity: dict) -> dict:
+                      capacity: dict, vtep_address: str = '') -> dict:
         """:raises: HostNameInUse if another live node holds the name."""
-        return {'instances': self.hosts.register(host, node_id, incarnation, capacity)}
+        return {'instances': self.hosts.register(host, node_id, incarnation, capacity,
+                                                 vtep_address)}
 
     @rpc.expose
     def report_heartbeat(self, ctxt: dict, host: str, capacity: dict, incarnation: str,
@@ -97,10 +98,10 @@ class Dispatcher:
 
     @rpc.expose
     def deploy(self, ctxt: dict, image: str, count: int, min_count: int | None, vcpus: int,
-               memory_mib: int, boot: dict) -> dict:
+               memory_mib: int, boot: dict, health: dict | None = None) -> dict:
         """``boot``'s kernel and initrd, if images, are pinned to their versions of now.
 
-        :raises: InvalidRequest, ImageNotFound, NoValidHost.
+        :raises: InvalidRequest, ImageNotFound, NoValidHost, AddressPoolExhausted.
         """
         if count < 1 or vcpus < 1 or memory_mib < 1:
             raise exception.InvalidRequest(
@@ -111,16 +112,17 @@ class Dispatcher:
             raise exception.InvalidRequest(f'min count {min_count} must be between 1 and {count}')
         ref = str(self.warehouse.lookup(image).ref)
         return self.deployer.deploy([ref] * count, min_count, vcpus, memory_mib,
-                                    artifacts.pinned(boot, self.warehouse.lookup))
+                                    artifacts.pinned(boot, self.warehouse.lookup), health)
 
     @rpc.expose
     def deploy_snapshot(self, ctxt: dict, snapshot_id: str, boot: dict,
                         allow_partial: bool = False) -> dict:
         """One instance per stored version, all or none; ``boot`` (by default the
-        snapshotted deployment's) pinned as by ``deploy``.
+        snapshotted deployment's) pinned as by ``deploy``; the snapshotted deployment's
+        health check.
 
         :raises: InvalidRequest (a partial snapshot without ``allow_partial`` names the
-            missing instances), ImageNotFound, NoValidHost.
+            missing instances), ImageNotFound, NoValidHost, AddressPoolExhausted.
         """
         refs, deployment_id = self.snapshots.stored_versions(snapshot_id, allow_partial)
         # A version removed since (nothing holds a finished snapshot's) fails the request
@@ -130,9 +132,10 @@ class Dispatcher:
             deployment = views.deployment(session, deployment_id)
             vcpus, memory_mib = deployment.vcpus, deployment.memory_mib
             boot = boot or json.loads(deployment.boot)
+            health = json.loads(deployment.health) or None
         # Pinned again: a version the old deployment pinned may have been deleted since.
         return self.deployer.deploy(refs, len(refs), vcpus, memory_mib,
-                                    artifacts.pinned(boot, self.warehouse.lookup))
+                                    artifacts.pinned(boot, self.warehouse.lookup), health)
 
     @rpc.expose
     def instance_built(self, ctxt: dict, instance_id: str, host: str, boot_seconds: float,

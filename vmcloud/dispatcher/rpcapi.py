@@ -32,7 +32,8 @@ class DispatcherAPI:
         return self._client.call('ping', timeout=timeout)
 
     def deploy(self, image: str, count: int, min_count: int | None = None, vcpus: int = 1,
-               memory_mib: int = 256, boot: dict | None = None) -> dict:
+               memory_mib: int = 256, boot: dict | None = None,
+               health: dict | None = None) -> dict:
         """Deploy ``count`` instances of ``image`` (all or at least ``min_count``).
 
         ``boot`` may name a ``kernel``, ``initrd`` and ``cmdline`` (``{name}`` in
@@ -41,10 +42,20 @@ class DispatcherAPI:
         (every instance and rebuild boots the same bytes), or absolute paths of
         files that exist on every compute node.
 
-        :raises: ImageNotFound, NoValidHost, InvalidRequest, MessagingError.
+        ``health`` says when an instance is ready: {'kind': 'marker'} (the default: the
+        guest prints vmcloud's boot-done marker), {'kind': 'tcp', 'port': N}, {'kind':
+        'http', 'port': N, 'path': '/...'} (answers below 500) or {'kind': 'console',
+        'pattern': REGEX} (a console line matches), each with an optional 'timeout' (s).
+
+        Every deployment gets a network of its own; each instance an address and MAC in
+        it (shown as the deployment's 'network' and each instance's 'address', 'mac').
+
+        :raises: ImageNotFound, NoValidHost, InvalidRequest, AddressPoolExhausted (no
+            subnet, VNI or address left: the message names the pool), MessagingError.
         """
         return self._client.call('deploy', image=image, count=count, min_count=min_count,
-                                 vcpus=vcpus, memory_mib=memory_mib, boot=boot or {})
+                                 vcpus=vcpus, memory_mib=memory_mib, boot=boot or {},
+                                 health=health)
 
     def deploy_snapshot(self, snapshot_id: str, boot: dict | None = None,
                         allow_partial: bool = False) -> dict:
@@ -126,16 +137,20 @@ class DispatcherAPI:
 
     # -- for compute managers ------------------------------------------------------
 
-    def register_host(self, host: str, node_id: str, incarnation: str, capacity: dict) -> dict:
-        """A compute manager starting on node ``node_id`` claims the name ``host``.
+    def register_host(self, host: str, node_id: str, incarnation: str, capacity: dict,
+                      vtep_address: str = '') -> dict:
+        """A compute manager starting on node ``node_id`` claims the name ``host``; other
+        hosts' VXLAN devices send its guests' frames to ``vtep_address`` ('' for none).
 
-        :returns: {'instances': [{'id', 'name', 'state', 'attempts', 'image'}]}: what the
+        :returns: {'instances': [{'id', 'name', 'state', 'attempts', 'image', 'network':
+            {'id', 'vni', 'cidr'} | None, 'port': {'mac', 'address'} | None}]}: what the
             dispatcher has on this host (running or still holding its resources), for the
             manager to adopt or clean up.
         :raises: HostNameInUse if another node holds the name and is alive.
         """
         return self._client.call('register_host', host=host, node_id=node_id,
-                                 incarnation=incarnation, capacity=capacity)
+                                 incarnation=incarnation, capacity=capacity,
+                                 vtep_address=vtep_address)
 
     def report_heartbeat(self, host: str, capacity: dict, incarnation: str,
                          running: list[str]) -> None:

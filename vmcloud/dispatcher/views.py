@@ -6,6 +6,7 @@ import json
 from vmcloud import exception
 from vmcloud.db import api as db_api
 from vmcloud.db import models
+from vmcloud.dispatcher import networks
 
 
 def row(obj: models.Base) -> dict:
@@ -35,10 +36,21 @@ def snapshot(session: db_api.Session, snapshot_id: str) -> models.Snapshot:
 
 
 def show_deployment(session: db_api.Session, deployment_id: str) -> dict:
-    """:raises: DeploymentNotFound."""
+    """With its network ({'id', 'vni', 'cidr'}, None once released or for a deployment
+    of before networks) and each instance's 'address' and 'mac' (None without a port).
+
+    :raises: DeploymentNotFound.
+    """
     result = row(deployment(session, deployment_id))
     result['boot'] = json.loads(result['boot'])
-    result['instances'] = [row(i) for i in db_api.instances_of(session, deployment_id)]
+    result['health'] = json.loads(result['health']) or {'kind': 'marker'}
+    network = db_api.network_of(session, deployment_id)
+    result['network'] = networks.show(network) if network is not None else None
+    ports = networks.ports_by_instance(session, deployment_id)
+    result['instances'] = [
+        dict(row(i), address=ports[i.id].address if i.id in ports else None,
+             mac=ports[i.id].mac if i.id in ports else None)
+        for i in db_api.instances_of(session, deployment_id)]
     return result
 
 

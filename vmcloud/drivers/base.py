@@ -8,10 +8,16 @@ still stop what the previous one started.
 Guests report progress by printing phase markers on their first serial port:
 ``VMCLOUD-PHASE boot-done``, ``VMCLOUD-PHASE app-running``,
 ``VMCLOUD-PHASE shutdown-started``. ``wait_for_event`` waits for them.
+
+An instance may have NICs (``InstanceSpec.nics``, Capability.BRIDGED_NIC): each is a
+virtio NIC on a tap device enslaved to a Linux bridge that already exists on the
+host (the network agent makes it); the tap is named ``tap_name(instance, index)``
+and is made and removed by the driver, never left behind by a destroy.
 """
 import abc
 import dataclasses
 import enum
+import hashlib
 import logging
 import os
 import re
@@ -46,6 +52,14 @@ class PowerState(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class Nic:
+    """A virtio NIC with this MAC on a tap enslaved to the host's Linux bridge ``bridge``."""
+
+    mac: str
+    bridge: str
+
+
+@dataclasses.dataclass(frozen=True)
 class InstanceSpec:
     """What to boot.
 
@@ -53,6 +67,7 @@ class InstanceSpec:
     ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH`` (always raw).
     With ``kernel`` set, the guest boots that kernel directly (with ``initrd``
     and ``cmdline``) and the disk is its first virtio disk, ``/dev/vda``.
+    ``nics`` become the guest's NICs in order (``eth0`` first).
     """
 
     name: str
@@ -63,6 +78,7 @@ class InstanceSpec:
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str = ''
+    nics: tuple[Nic, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +109,50 @@ class Capability(enum.Flag):
     NBD_DISK = enum.auto()
     #: ``kernel``, ``initrd`` and ``cmdline`` boot a kernel directly.
     DIRECT_KERNEL_BOOT = enum.auto()
+    #: ``nics`` attach the guest to Linux bridges of this host (see tap_name).
+    BRIDGED_NIC = enum.auto()
 
 
 # Instance names become directory names and hypervisor object names (qemu -name
 # parses commas as options), so they are kept to a safe alphabet.
 NAME_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,63}')
+MAC_PATTERN = re.compile(r'[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}')
+# A Linux interface name: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or blanks.
+IFNAME_PATTERN = re.compile(r'[A-Za-z0-9_.-]{1,15}')
+#: virtio NICs per instance; a guest needs few, and each costs a tap and a PCI slot.
+MAX_NICS = 8
+TAP_PREFIX = 'vmct'
+
+
+def tap_name(instance: str, index: int) -> str:
+    """The tap device of NIC ``index`` of ``instance``: 'vmct' + 10 hex digits.
+
+    Derived from the names alone so that a restarted driver, or one that lost its
+    records, finds (and removes) the taps of an instance; interface names have at
+    most 15 characters, so the instance name itself cannot be in it.
+    """
+    return TAP_PREFIX + hashlib.sha1(f'{instance}/{index}'.encode()).hexdigest()[:10]
+
+
+def check_mac(mac: object) -> str | None:
+    """Why ``mac`` cannot be a guest NIC's MAC, or None if it can.
+
+    A guest's MAC must be unicast and locally administered (qemu's 52:54:00 prefix
+    is), so it can never be a real NIC's address on the same segment.
+    """
+    if not isinstance(mac, str) or not MAC_PATTERN.fullmatch(mac):
+        return f'the MAC {mac!r} is not six hex bytes separated by ":"'
+    first = int(mac[:2], 16)
+    if first & 1:
+        return f'the MAC {mac} is a multicast address'
+    if not first & 2:
+        return f'the MAC {mac} is not locally administered (like 52:54:00:xx:xx:xx)'
+    return None
+
+
+def bridge_exists(bridge: str) -> bool:
+    """Whether ``bridge`` is a Linux bridge in this host's network namespace."""
+    return os.path.isdir(f'/sys/class/net/{bridge}/bridge')
 
 
 class Driver(abc.ABC):
@@ -199,7 +254,9 @@ class Driver(abc.ABC):
 
         The default checks what ``capabilities`` and the class limits say: the name,
         memory and vCPUs, the disk (a file in FILE_DISK_FORMATS or a raw NBD URI,
-        and that it exists or its server resolves), and the kernel and initrd.
+        and that it exists or its server resolves), the kernel and initrd, and the
+        NICs (at most MAX_NICS, each with a valid, distinct MAC (see check_mac) and
+        a bridge that bridge_exists()).
 
         :raises: InvalidSpec naming the problem; DiskNotFound for a disk that does
             not exist or whose NBD socket or host cannot be found.
@@ -241,7 +298,37 @@ class Driver(abc.ABC):
                 path = getattr(spec, what)
                 if path is not None and not os.path.isfile(path):
                     raise invalid(f'{what} {path} is not a file')
+        self._validate_nics(spec, invalid)
         check_disk(spec)
+
+    def bridge_exists(self, bridge: str) -> bool:
+        """Whether a NIC may join ``bridge`` here; the default asks the host's kernel."""
+        return bridge_exists(bridge)
+
+    def _validate_nics(self, spec: InstanceSpec,
+                       invalid: typing.Callable[[str], exception.InvalidSpec]) -> None:
+        if not isinstance(spec.nics, tuple):
+            raise invalid(f'nics must be a tuple of Nic, not {type(spec.nics).__name__}')
+        if not spec.nics:
+            return
+        if not self.has(Capability.BRIDGED_NIC):
+            raise invalid(f'the {self.name} driver cannot attach NICs')
+        if len(spec.nics) > MAX_NICS:
+            raise invalid(f'{len(spec.nics)} NICs, at most {MAX_NICS}')
+        macs = set()
+        for index, nic in enumerate(spec.nics):
+            if not isinstance(nic, Nic):
+                raise invalid(f'NIC {index} is a {type(nic).__name__}, not a Nic')
+            problem = check_mac(nic.mac)
+            if problem is not None:
+                raise invalid(f'NIC {index}: {problem}')
+            if nic.mac.lower() in macs:
+                raise invalid(f'NIC {index}: the MAC {nic.mac} is already on another NIC')
+            macs.add(nic.mac.lower())
+            if not isinstance(nic.bridge, str) or not IFNAME_PATTERN.fullmatch(nic.bridge):
+                raise invalid(f'NIC {index}: {nic.bridge!r} is not an interface name')
+            if not self.bridge_exists(nic.bridge):
+                raise invalid(f'NIC {index}: there is no bridge {nic.bridge} on this host')
 
     def pause(self, name: str) -> None:
         """Stop the guest's vCPUs (Capability.PAUSE); pausing a paused guest does nothing.

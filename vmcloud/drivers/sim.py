@@ -6,6 +6,9 @@ refuses (InvalidSpec) one that no such host could ever run: a vCPU faster than o
 host PE, more vCPUs than PEs, more RAM than the host has. spawn() refuses
 (SpawnFailed) one that does not fit in what is left now; a stopped instance gives
 its share back, a paused one keeps it.
+
+NICs are accepted on any bridge (a simulated host has whatever bridges it is told
+of; nothing real is attached) and recorded in the instance's spec.
 """
 import dataclasses
 import re
@@ -69,6 +72,9 @@ class SimDriver(fake.FakeDriver):
         self.vcpu_mips = group.vcpu_mips
         self.capacity = base.HostCapacity(cpus=self.host.pes, memory_mib=self.host.ram_mb,
                                           free_disk_bytes=free_disk_bytes)
+
+    def bridge_exists(self, bridge: str) -> bool:
+        return True
 
     def _holding(self):
         return [i for i in self.instances.values() if i.state != base.PowerState.SHUTDOWN]

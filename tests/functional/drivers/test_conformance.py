@@ -5,6 +5,7 @@ accelerator the probe picks; the fake and sim drivers run the same suite at unit
 """
 import os
 import shutil
+import signal
 import time
 
 from vmcloud import exception
@@ -46,12 +47,65 @@ class RecordingDevice(file_device.FileDevice):
 class RealGuestConformance(conformance.DriverConformance):
     """The suite on the real test guest, and what only a real guest can show."""
 
-    def instance_spec(self, name: str, **flags) -> driver_base.InstanceSpec:
-        return guest.spec(name, guest.overlay(self.tmp, name), **flags)
+    def instance_spec(self, name: str, nics=(), **flags) -> driver_base.InstanceSpec:
+        return guest.spec(name, guest.overlay(self.tmp, name), nics=nics, **flags)
 
     def assert_gone(self, name: str) -> None:
         super().assert_gone(name)
         self.assertEqual([], guest.qemu_processes_named(name))
+
+    # -- NICs on real bridges ------------------------------------------------------------
+
+    def _destroy_all(self):
+        try:
+            super()._destroy_all()
+        finally:
+            # what a failing driver left: no test leaves a device behind
+            for name in self.names:
+                guest.remove_taps(name)
+
+    def make_bridge(self, mtu: int = 1500) -> str:
+        return guest.make_bridge(self, mtu)
+
+    def assert_attached(self, spec: driver_base.InstanceSpec) -> None:
+        for index, nic in enumerate(spec.nics):
+            tap = driver_base.tap_name(spec.name, index)
+            self.assertEqual(nic.bridge,
+                             os.path.basename(os.readlink(f'/sys/class/net/{tap}/master')))
+            with open(f'/sys/class/net/{tap}/mtu') as f, \
+                    open(f'/sys/class/net/{nic.bridge}/mtu') as g:
+                self.assertEqual(g.read(), f.read())
+
+    def assert_detached(self, spec: driver_base.InstanceSpec) -> None:
+        for index in range(driver_base.MAX_NICS):
+            self.assertFalse(guest.link_exists(driver_base.tap_name(spec.name, index)))
+
+    def nic_spec(self, **flags) -> driver_base.InstanceSpec:
+        bridge = self.make_bridge(mtu=1450)
+        return self.make_spec(nics=(driver_base.Nic('52:54:00:99:02:01', bridge),
+                                    driver_base.Nic('52:54:00:99:02:02', bridge)), **flags)
+
+    def test_taps_go_with_the_instance(self):
+        # no boot needed: the taps exist once spawn returns
+        spec = self.nic_spec()
+        self.driver.spawn(spec)
+        self.assert_attached(spec)
+        self.driver.stop(spec.name, timeout=0)    # forced off: the instance stays known
+        self.driver.spawn(spec)                   # its name reused: the taps are made anew
+        self.assert_attached(spec)
+        # a driver restarted since the spawn removes them too
+        driver_base.load(self.conf, self.driver_name).destroy(spec.name)
+        self.assert_detached(spec)
+        self.assert_gone(spec.name)
+
+    def test_taps_go_when_the_hypervisor_died_first(self):
+        spec = self.nic_spec()
+        self.driver.spawn(spec)
+        for pid in guest.qemu_processes_named(spec.name):
+            os.kill(pid, signal.SIGKILL)
+        self.driver.destroy(spec.name)
+        self.assert_detached(spec)
+        self.assert_gone(spec.name)
 
     # -- the snapshot barrier over vmcloud's NBD server ----------------------------------
 
@@ -139,12 +193,13 @@ class QemuDriverTest(RealGuestConformance, base.TestCase):
 
     def test_qemu_refusing_the_disk(self):
         # declared qcow2, but raw bytes: validate cannot tell, qemu can
-        spec = self.make_spec()
+        spec = self.nic_spec()
         with open(spec.disk, 'wb') as f:
             f.write(b'not a qcow2 header' * 100)
         error = self.assertRaises(exception.SpawnFailed, self.driver.spawn, spec)
         self.assertIn('qemu refused to start', str(error))
         self.assert_gone(spec.name)
+        self.assert_detached(spec)      # made before qemu started, removed after it failed
 
 
 class LibvirtDriverTest(RealGuestConformance, base.TestCase):

@@ -15,6 +15,10 @@ class SimulatedNodesTest(base.TestCase):
         super().setUp()
         self.conf.set_override('heartbeat_interval', 2)
         self.conf.set_override('service_down_time', 60)
+        # Simulated guests have no real NIC: their networks are modelled, not built.
+        self.conf.set_override('agent', 'fake', 'network')
+        # 250 instances and a DHCP port on each of the 100 nodes: more than a /24 holds.
+        self.conf.set_override('prefix_length', 22, 'network')
         self.cloud = allinone.AllInOne(self.conf, hosts=NODES, driver='sim')
         self.cloud.warehouse.import_image(guest.path('disk.img'), 'guest')
         self.cloud.start(timeout=TIMEOUT)

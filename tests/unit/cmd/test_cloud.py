@@ -95,6 +95,80 @@ class InProcessTest(base.TestCase):
                          (rc, err.splitlines()[-1]))
 
 
+class DeployingDispatcher:
+    """Answers ping, and deploy with an active deployment; ``deployed``: each deploy's
+    arguments."""
+
+    def __init__(self):
+        self.deployed: list[dict] = []
+
+    @rpc.expose
+    def ping(self, ctxt: dict) -> dict:
+        return {'host': 'here'}
+
+    @rpc.expose
+    def deploy(self, ctxt: dict, **kwargs) -> dict:
+        self.deployed.append(kwargs)
+        return {'id': 'd1', 'state': 'active', 'instances': []}
+
+
+class DeployHealthTest(base.TestCase):
+    """``deploy --health`` reaches the dispatcher as readiness takes it, or is refused."""
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(rpc.cleanup)
+        rpc.register_opts(self.conf)
+        self.conf.set_override('transport_url', 'fake://')
+        self.conf.set_override('cli_timeout', 5)
+        self.dispatcher = DeployingDispatcher()
+        server = rpc.server(self.conf, rpcapi.TOPIC, 'dispatcher', [self.dispatcher])
+        server.start()
+        self.addCleanup(server.wait)
+        self.addCleanup(server.stop)
+
+    def deployed_health(self, *argv: str) -> dict:
+        rc, out, err = run_cli('deploy', 'guest', '-f', 'json', *argv)
+        self.assertEqual(0, rc, err)
+        return self.dispatcher.deployed[-1]['health']
+
+    def test_each_kind_reaches_the_dispatcher(self):
+        self.assertEqual({'kind': 'marker'}, self.deployed_health())
+        self.assertEqual({'kind': 'marker'}, self.deployed_health('--health', 'marker'))
+        self.assertEqual({'kind': 'tcp', 'port': 22}, self.deployed_health('--health', 'tcp:22'))
+        self.assertEqual({'kind': 'http', 'port': 80, 'path': '/'},
+                         self.deployed_health('--health', 'http:80'))
+        self.assertEqual({'kind': 'http', 'port': 8080, 'path': '/ready', 'timeout': 20.0},
+                         self.deployed_health('--health', 'http:8080/ready',
+                                              '--health-timeout', '20'))
+        self.assertEqual({'kind': 'console', 'pattern': '^login: '},
+                         self.deployed_health('--health=console:^login: '))
+
+    def refused(self, *argv: str) -> str:
+        """:returns: what the command said as it exited non-zero, having asked nothing."""
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as exited:
+            cli.main(['deploy', *argv])
+        self.assertNotEqual(0, exited.exception.code)
+        self.assertEqual([], self.dispatcher.deployed)
+        return err.getvalue()
+
+    def test_a_malformed_value_is_refused_naming_it_and_the_syntax(self):
+        for value, problem in (('tcp:x', "the port 'x' is not a number"),
+                               ('http:99999', 'port 1-65535'), ('ping', 'is not one of'),
+                               ('console:(', 'no regular expression')):
+            err = self.refused('guest', '--health', value)
+            self.assertIn(f"argument --health: health check '{value}'", err)
+            self.assertIn(problem, err)
+            self.assertIn('tcp:PORT | http:PORT[/PATH] | console:REGEX | marker', err)
+
+    def test_a_health_check_goes_with_an_image(self):
+        self.assertIn('--health and --health-timeout go with IMAGE, not --from-snapshot',
+                      self.refused('--from-snapshot', 's1', '--health', 'tcp:80'))
+        self.assertIn('--health-timeout must be above 0',
+                      self.refused('guest', '--health-timeout', '0'))
+
+
 class BusThatNeverAnswers:
     """A loopback port that takes TCP connections and never says a word: a broker that
     hangs, or a host that drops packets, as the client sees them."""

@@ -11,13 +11,15 @@ from tests.unit.dispatcher import helpers
 class AllInOneComputeTest(helpers.CloudTestCase):
     def restart(self, index: int) -> manager.ComputeManager:
         """Stop node ``index``'s manager, guests left running, and start a new one on
-        the same driver and mirrors, as a node's mirror service outlives its managers."""
+        the same driver, mirrors and network agent, as a node's mirror service and its
+        machine's networks outlive its managers."""
         old = self.cloud.computes[index]
         old.stop()
         new = manager.ComputeManager(self.conf, old.mirrors, old.host, driver=old.driver,
                                      warehouse=self.cloud.warehouse,
                                      node_root=f'{self.state_path}/nodes/{old.host}',
-                                     shared_driver=True)
+                                     shared_driver=True,
+                                     network_agent=old.network_agent)
         self.cloud.computes[index] = new
         return new.start()
 
@@ -70,13 +72,40 @@ class AllInOneComputeTest(helpers.CloudTestCase):
         names = {i['name'] for i in self.api.show_deployment(deployment['id'])['instances']}
         self.assertEqual(names, {item['version'].split(':')[0] for item in snapshot['items']})
 
+    def test_guests_get_their_addresses_and_pass_an_http_check_on_the_fake_network(self):
+        # A check that cannot pass fails the builds well within the wait.
+        deployment = self.deploy_and_wait(count=3, health={'kind': 'http', 'port': 80,
+                                                           'timeout': 5})
+        self.assertEqual('active', deployment['state'], deployment)
+        agent = self.cloud.network_agent
+        network = deployment['network']
+        guests = {i['name']: i for i in deployment['instances']}
+        self.assertEqual({network['id']: set(guests)},
+                         {n: set(r['ports']) for n, r in agent.networks().items()})
+        prefix = network['cidr'].split('/')[1]
+        for compute in self.cloud.computes:
+            for name in compute.driver.list_instances():
+                self.assertIn(f'VMCLOUD-NET eth0 {guests[name]["address"]}/{prefix}',
+                              compute.driver.console_log(name))
+        # Each guest was probed from the network's side, on its own address.
+        probed = {call[2] for call in agent.calls if call[0] == 'http_get'}
+        self.assertEqual({i['address'] for i in guests.values()}, probed)
+        self.api.delete_deployment(deployment['id'])
+        polling.wait(agent.networks, lambda networks: not networks, helpers.TIMEOUT,
+                     'the network torn down', interval=0.05)
+        self.assertEqual([], agent.leftovers())
+        for compute in self.cloud.computes:
+            self.assertEqual({}, compute.driver.leases)
+            self.assertFalse(compute.driver.bridge_exists(f'vmcb{network["vni"]}'))
+
 
 class AllInOneStartTest(base.TestCase):
     def test_a_start_that_fails_stops_what_it_started(self):
         self.addCleanup(allinone.rpc.cleanup)
+        self.conf.set_override('agent', 'fake', 'network')
         cloud = allinone.AllInOne(self.conf, hosts=2, driver='fake')
 
-        def refused(*args):
+        def refused(*args, **kwargs):
             raise exception.HostNameInUse('node2', 'abc123')
         cloud.computes[1].dispatcher.register_host = refused
         self.assertRaises(exception.HostNameInUse, cloud.start)

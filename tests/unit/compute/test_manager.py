@@ -1,5 +1,6 @@
 """The compute manager with the fake driver and in-process mirrors, called directly; what it
 tells the dispatcher recorded by a stand-in."""
+import copy
 import errno
 import logging
 import os
@@ -44,8 +45,10 @@ class Reports:
     def __getattr__(self, method: str):
         return lambda *args: self._record(method, *args)
 
-    def register_host(self, host: str, node_id: str, incarnation: str, capacity: dict) -> dict:
+    def register_host(self, host: str, node_id: str, incarnation: str, capacity: dict,
+                      vtep_address: str) -> dict:
         self._record('register_host', host, node_id, incarnation)
+        self.vtep_address = vtep_address
         if self.register_errors:
             raise self.register_errors.pop(0)
         return {'instances': self.instances}
@@ -63,6 +66,71 @@ class Reports:
         return self.of(method)
 
 
+class FakeAgent:
+    """Stands in for the network agent: its networks as records, as the real one keeps
+    them, and every call in ``calls``; ``failures``: method -> the error it raises next."""
+
+    def __init__(self):
+        self.records: dict[str, dict] = {}
+        self.calls: list[tuple] = []
+        self.failures: dict[str, Exception] = {}
+
+    def _call(self, method: str, *args) -> None:
+        self.calls.append((method, *args))
+        if method in self.failures:
+            raise self.failures.pop(method)
+
+    def of(self, method: str) -> list[tuple]:
+        return [call[1:] for call in self.calls if call[0] == method]
+
+    def plug(self, network, dhcp_port, peers, instance, port) -> str:
+        self._call('plug', network['id'], instance)
+        record = self.records.setdefault(network['id'], {
+            'network': dict(network), 'dhcp_port': dict(dhcp_port), 'ports': {}})
+        record['peers'] = list(peers)
+        record['ports'][instance] = dict(port)
+        return f'vmcb{network["vni"]}'
+
+    def namespace(self, network_id: str) -> str:
+        if network_id not in self.records:
+            raise exception.NetworkNotFound(network_id)
+        return f'vmcloud-{self.records[network_id]["network"]["vni"]}-test'
+
+    def tcp_connect(self, network_id, address, port, timeout) -> None:
+        self._call('tcp_connect', network_id, address, port, timeout)
+
+    def http_get(self, network_id, address, port, path, timeout) -> tuple[int, bytes]:
+        """Answers as the test guest does."""
+        self._call('http_get', network_id, address, port, path, timeout)
+        return 200, b'vm1 1\n'
+
+    def unplug(self, network_id: str, instance: str) -> None:
+        self._call('unplug', network_id, instance)
+        record = self.records.get(network_id)
+        if record is not None:
+            record['ports'].pop(instance, None)
+            if not record['ports']:
+                del self.records[network_id]
+
+    def set_peers(self, network_id: str, peers: list[str]) -> None:
+        self._call('set_peers', network_id, peers)
+        if network_id in self.records:
+            self.records[network_id]['peers'] = list(peers)
+
+    def networks(self) -> dict[str, dict]:
+        return copy.deepcopy(self.records)
+
+    def reconcile(self, wanted: dict[str, set[str]]) -> None:
+        self._call('reconcile', copy.deepcopy(wanted))
+        for network_id, record in list(self.records.items()):
+            for name in set(record['ports']) - wanted.get(network_id, set()):
+                self.unplug(network_id, name)
+
+    def ports(self) -> dict[str, set[str]]:
+        """network id -> the instances plugged into it."""
+        return {network_id: set(record['ports']) for network_id, record in self.records.items()}
+
+
 class ComputeManagerTest(base.TestCase):
     def setUp(self):
         super().setUp()
@@ -76,12 +144,14 @@ class ComputeManagerTest(base.TestCase):
         self.mirrors = mirror_api.LocalMirrors(self.conf, self.warehouse)
         self.addCleanup(self.mirrors.close)
         self.reports = Reports()
+        self.agent = FakeAgent()
         self.compute = self.new_manager()
 
     def new_manager(self, **kwargs) -> manager.ComputeManager:
         """A compute manager of node1 on the test's driver and mirrors, as a restart
         finds them: the node's mirror service outlives its managers."""
         kwargs.setdefault('driver', self.driver)
+        kwargs.setdefault('network_agent', self.agent)
         compute = manager.ComputeManager(self.conf, self.mirrors, 'node1',
                                          warehouse=self.warehouse, **kwargs)
         compute.dispatcher = self.reports
@@ -470,6 +540,215 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual([], running)
         self.assertRaises(exception.InstanceNotFound, self.compute.console_log, {}, 'other', 10)
 
+    # -- networks ----------------------------------------------------------------------
+
+    NETWORK = {'id': 'net1', 'vni': 1000, 'cidr': '10.200.0.0/24'}
+
+    def on_network(self) -> list[tuple]:
+        """The driver attaches NICs (to any bridge: this is no test of the fake's L2), and
+        each step of a build is recorded, in order, in the list returned: ('plug', net,
+        name), ('spawn', nics), ('ready', agent, health, network id, address, timeout, built
+        so far) as the manager calls readiness.wait_ready."""
+        self.driver.capabilities = (type(self.driver).capabilities
+                                    | driver_base.Capability.BRIDGED_NIC)
+        self.driver.bridge_exists = lambda bridge: True
+        self.agent.calls = steps = []
+        spawn, wait_ready = self.driver.spawn, manager.readiness.wait_ready
+
+        def spawned(spec):
+            steps.append(('spawn', spec.nics))
+            return spawn(spec)
+
+        def ready(driver, agent, name, health, network_id, address, timeout):
+            steps.append(('ready', agent, health, network_id, address, timeout,
+                          len(self.reports.of('instance_built'))))
+            return wait_ready(driver, agent, name, health, network_id, address, timeout)
+        self.driver.spawn = spawned
+        self.patch(manager.readiness, 'wait_ready', ready)
+        return steps
+
+    def network_build(self, name: str = 'vm1', **extra) -> dict:
+        address = f'10.200.0.{int(name[-1]) + 1}'
+        instance = {'id': f'id-{name}', 'name': name, 'image': self.image, 'vcpus': 1,
+                    'memory_mib': 256, 'attempt': 1, 'network': dict(self.NETWORK),
+                    'dhcp_port': {'mac': '52:54:00:00:00:fe', 'address': '10.200.0.254'},
+                    'peers': ['10.77.0.3'],
+                    'port': {'mac': f'52:54:00:00:00:0{name[-1]}', 'address': address},
+                    **extra}
+        self.compute.build_instance({}, instance)
+        self.reports.instances.append({'id': instance['id'], 'name': name, 'state': 'active',
+                                       'attempts': 1, 'image': self.image,
+                                       'network': self.NETWORK})
+        return instance
+
+    def test_a_build_on_a_network_plugs_boots_on_its_bridge_waits_then_reports(self):
+        steps = self.on_network()
+        self.network_build('vm1')
+        self.assertEqual(1, len(self.reports.of('instance_built')), self.reports.sent)
+        self.assertEqual([
+            ('plug', 'net1', 'vm1'),
+            ('spawn', (driver_base.Nic(mac='52:54:00:00:00:01', bridge='vmcb1000'),)),
+            ('ready', self.agent, {'kind': 'marker'}, 'net1', '10.200.0.2',
+             self.conf.compute.boot_timeout, 0)], steps)
+        self.assertEqual(['10.77.0.3'], self.agent.records['net1']['peers'])
+        self.assertEqual({'net1': {'vm1'}}, self.agent.ports())
+
+    def test_the_health_check_and_its_timeout_come_with_the_request(self):
+        steps = self.on_network()
+        self.network_build('vm1', health={'kind': 'http', 'port': 8080, 'timeout': 7})
+        self.assertEqual(1, len(self.reports.of('instance_built')), self.reports.sent)
+        (_, _, health, _, _, timeout, _), = [step for step in steps if step[0] == 'ready']
+        self.assertEqual(({'kind': 'http', 'port': 8080, 'path': '/', 'timeout': 7}, 7),
+                         (health, timeout))
+        (network_id, address, port, path, _), = self.agent.of('http_get')
+        self.assertEqual(('net1', '10.200.0.2', 8080, '/'), (network_id, address, port, path))
+
+    def test_a_request_without_a_network_plugs_nothing(self):
+        steps = self.on_network()
+        self.build('vm1')
+        self.assertEqual(1, len(self.reports.of('instance_built')), self.reports.sent)
+        self.assertEqual([('spawn', ()), ('ready', None, {'kind': 'marker'}, None, None,
+                                          self.conf.compute.boot_timeout, 0)], steps)
+        self.assertEqual({}, self.agent.records)
+
+    def test_a_failure_at_any_step_undoes_the_build_and_says_why(self):
+        steps = self.on_network()
+        spawn = self.driver.spawn
+
+        def refuse_spawn(spec):
+            spawn(spec)
+            self.driver.destroy(spec.name)  # a spawn that fails leaves nothing running
+            raise exception.SpawnFailed('no room, on purpose')
+
+        def failing(error):
+            def fail(*args):
+                raise error
+            return fail
+        breaks = {
+            'plug': lambda: self.agent.failures.update(
+                plug=exception.NetworkError('ip link add failed, on purpose')),
+            'mirror': lambda: (self.mirrors, 'create', failing(
+                exception.MirrorError('no mirror, on purpose'))),
+            'spawn': lambda: (self.driver, 'spawn', refuse_spawn),
+            'ready': lambda: (manager.readiness, 'wait_ready', failing(exception.GuestTimeout(
+                'instance vm1 did not pass its tcp:80 check, on purpose'))),
+            'after': lambda: (self.mirrors, 'needed_bytes', failing(
+                exception.MirrorError('no stats, on purpose'))),
+        }
+        for attempt, (step, broken) in enumerate(breaks.items(), 1):
+            with self.subTest(step):
+                self.reports.sent.clear()
+                steps.clear()
+                patch = broken()
+                if patch:
+                    owner, attribute, replacement = patch
+                    original = getattr(owner, attribute)
+                    setattr(owner, attribute, replacement)
+                try:
+                    self.network_build('vm1', attempt=attempt)
+                finally:
+                    if patch:
+                        setattr(owner, attribute, original)
+                (instance_id, host, reason), = self.reports.of('build_failed')
+                self.assertIn('on purpose', reason)
+                self.assertEqual([], self.reports.of('instance_built'))
+                self.assertEqual([], self.driver.list_instances())
+                self.assertEqual([], self.mirrors.names())
+                self.assertEqual({}, self.agent.ports())  # unplugged: its network gone
+                if step != 'plug':  # a plug that fails leaves nothing (the agent's promise)
+                    self.assertIn(('unplug', 'net1', 'vm1'), steps)
+
+    def test_a_driver_without_nics_fails_a_build_on_a_network_before_anything(self):
+        steps = self.on_network()
+        self.without(driver_base.Capability.BRIDGED_NIC)
+        self.network_build('vm1')
+        (_, _, reason), = self.reports.of('build_failed')
+        self.assertEqual('NotSupported: the fake driver cannot attach a guest to a network '
+                         '(network net1 was asked for)', reason)
+        self.assertEqual([], [step for step in steps if step[0] in ('plug', 'spawn')])
+        self.assertEqual([], self.mirrors.names())
+
+    def test_destroy_unplugs(self):
+        self.on_network()
+        self.network_build('vm1')
+        self.network_build('vm2')
+        self.compute.destroy_instance({}, 'vm1')
+        self.assertEqual({'net1': {'vm2'}}, self.agent.ports())
+        self.assertEqual(['vm2'], self.driver.list_instances())
+        self.compute.destroy_instance({}, 'vm2')
+        self.assertEqual({}, self.agent.ports())
+        self.assertEqual([('node1', 'vm1'), ('node1', 'vm2')],
+                         self.reports.of('instance_destroyed'))
+
+    def restart_on_network(self, **states: str) -> manager.ComputeManager:
+        """restart(), each instance the dispatcher has placed here on net1 but vm5."""
+        self.log = self.useFixture(fixtures.FakeLogger(level=logging.INFO,
+                                                       name='vmcloud.compute'))
+        self.reports.instances = [
+            {'id': f'id-{name}', 'name': name, 'state': state, 'attempts': 1,
+             'image': self.image, **({'network': self.NETWORK} if name != 'vm5' else {})}
+            for name, state in states.items()]
+        self.compute = self.new_manager()
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        return self.compute
+
+    def test_a_restart_reconciles_the_networks_with_what_the_dispatcher_wants(self):
+        self.on_network()
+        for name in ('vm1', 'vm2', 'vm3', 'vm4'):
+            self.network_build(name)
+        self.build('vm5')  # on no network: nothing of it is the agent's
+        self.agent.calls.clear()
+        self.restart_on_network(vm1='active', vm2='error', vm3='deleting', vm4='building',
+                                vm5='active')
+        (wanted,), = self.agent.of('reconcile')
+        self.assertEqual({'net1': {'vm1', 'vm2'}}, wanted)
+        self.assertEqual({'net1': {'vm1', 'vm2'}}, self.agent.ports())
+        # Those destroyed were unplugged as they went, before the reconcile.
+        self.assertEqual({'vm3', 'vm4'}, {name for _, name in self.agent.of('unplug')})
+        self.assertEqual(['vm1', 'vm2', 'vm5'], self.driver.list_instances())
+
+    def test_a_shared_agent_keeps_the_ports_of_the_other_nodes_guests(self):
+        # The all-in-one: one agent for every node; vm9 is another node's guest, vm2 this
+        # node's, no longer wanted.
+        self.on_network()
+        self.network_build('vm1')
+        self.network_build('vm2')
+        self.agent.plug(dict(self.NETWORK), {}, [], 'vm9', {'mac': '52:54:00:00:00:09'})
+        self.reports.instances = [{'id': 'id-vm1', 'name': 'vm1', 'state': 'active',
+                                   'attempts': 1, 'image': self.image, 'network': self.NETWORK}]
+        self.compute = self.new_manager(shared_driver=True)
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        (wanted,), = self.agent.of('reconcile')
+        self.assertEqual({'net1': {'vm1', 'vm9'}}, wanted)
+        self.assertEqual({'net1': {'vm1', 'vm9'}}, self.agent.ports())
+
+    def test_a_network_that_cannot_be_reconciled_does_not_stop_the_start(self):
+        self.on_network()
+        self.network_build('vm1')
+        self.agent.failures['reconcile'] = exception.NetworkError('ip netns failed, on purpose')
+        self.restart_on_network(vm1='active')
+        self.assertIn('cannot put the guest networks of node1 right: ip netns failed, on '
+                      'purpose', self.log.output)
+        self.assertEqual(['vm1'], self.driver.list_instances())
+
+    def test_the_vtep_address_is_registered(self):
+        self.conf.set_override('vtep_address', '10.77.0.2', 'network')
+        self.compute.start()
+        self.addCleanup(self.compute.stop)
+        self.assertEqual('10.77.0.2', self.reports.vtep_address)
+
+    def test_network_peers_reach_the_agent_and_an_error_is_only_logged(self):
+        self.compute.set_network_peers({}, 'net1', ['10.77.0.3', '10.77.0.4'])
+        self.assertEqual([('net1', ['10.77.0.3', '10.77.0.4'])], self.agent.of('set_peers'))
+        log = self.useFixture(fixtures.FakeLogger(name='vmcloud.compute'))
+        self.agent.failures['set_peers'] = exception.NetworkError('bridge fdb failed, on '
+                                                                  'purpose')
+        self.compute.set_network_peers({}, 'net1', [])
+        self.assertIn('cannot set the peers of network net1 on node1 to none: bridge fdb '
+                      'failed, on purpose', log.output)
+
     # -- console -----------------------------------------------------------------------
 
     def test_the_console_is_its_tail(self):
@@ -802,14 +1081,47 @@ class ComputeManagerTest(base.TestCase):
         self.assertIn('no snapshot barrier', refusals['vm1']['error'])
         self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state('vm1'))
 
-    def test_phases_are_followed_only_where_the_driver_sees_them(self):
-        followed = []
-        self.patch(phases, 'follow', lambda driver, mirrors, name: followed.append(name))
-        self.build('vm1')
-        self.without(driver_base.Capability.PHASE_EVENTS)
-        self.build('vm2')
-        self.assertEqual(['vm1'], followed)
-        self.assertEqual(2, len(self.reports.of('instance_built')))
+    def test_the_boot_ends_when_the_guest_is_ready_whatever_its_image_prints(self):
+        # An image without vmcloud's markers, ready once its console says login.
+        spawn = self.driver.spawn
+
+        def no_markers(spec):
+            spawn(spec)
+            self.driver.instances[spec.name].console[:] = ['Welcome', 'vm1 login: ']
+        self.driver.spawn = no_markers
+        instance = {'id': 'id-vm1', 'name': 'vm1', 'image': self.image, 'vcpus': 1,
+                    'memory_mib': 256, 'attempt': 1,
+                    'health': {'kind': 'console', 'pattern': 'login: $'}}
+        self.compute.build_instance({}, instance)
+        self.assertEqual(1, len(self.reports.of('instance_built')), self.reports.sent)
+        recorder = self.mirrors.get('vm1').disk.recorder
+        self.assertEqual(profile.APPLICATION, recorder.phase)  # before the build was reported
+        # It prints no shutdown marker either: the stop request is the boundary.
+        destroy, seen = self.driver.destroy, []
+
+        def destroyed(name):
+            seen.append(recorder.phase)
+            destroy(name)
+        self.driver.destroy = destroyed
+        self.compute.destroy_instance({}, 'vm1')
+        self.assertEqual([profile.SHUTDOWN], seen)
+
+    def test_a_guest_that_is_not_ready_in_time_is_undone_naming_its_check(self):
+        spawn = self.driver.spawn
+
+        def no_markers(spec):
+            spawn(spec)
+            self.driver.instances[spec.name].console.clear()
+        self.driver.spawn = no_markers
+        self.conf.set_override('health_interval', 0.01, 'network')
+        self.compute.build_instance({}, {
+            'id': 'id-vm1', 'name': 'vm1', 'image': self.image, 'vcpus': 1, 'memory_mib': 256,
+            'attempt': 1, 'health': {'kind': 'console', 'pattern': 'ready', 'timeout': 0.2}})
+        (_, _, reason), = self.reports.of('build_failed')
+        self.assertIn('GuestTimeout: instance vm1 did not pass its console:ready check within '
+                      '0.2 s', reason)
+        self.assertEqual([], self.driver.list_instances())
+        self.assertEqual([], self.mirrors.names())
 
 
 class PhasesTest(base.TestCase):
@@ -825,7 +1137,7 @@ class PhasesTest(base.TestCase):
         driver.spawn(driver_base.InstanceSpec(name='vm1', disk=helpers.write_image(self.tmp)))
         recorder = self.Recorder()
         phases.follow(driver, recorder, 'vm1', timeout=1).join(30)
-        # The fake guest printed boot-done; it never shuts down by itself.
+        # Followed once ready; the fake guest never shuts down by itself.
         self.assertEqual([('vm1', driver_base.BOOT_DONE)], recorder.phases)
         driver.stop('vm1')
         recorder = self.Recorder()
@@ -839,4 +1151,28 @@ class PhasesTest(base.TestCase):
         thread = phases.follow(driver, recorder, 'nosuch', timeout=1)
         thread.join(30)
         self.assertFalse(thread.is_alive())
-        self.assertEqual([], recorder.phases)
+        # Ready once (it was followed as it was): gone before any shutdown marker.
+        self.assertEqual([('nosuch', driver_base.BOOT_DONE)], recorder.phases)
+
+    def test_a_mirror_gone_stops_following(self):
+        class Gone:
+            def set_phase(self, name, phase):
+                raise exception.MirrorNotFound(name)
+        driver = fake.FakeDriver(self.conf)
+        driver.spawn(driver_base.InstanceSpec(name='vm1', disk=helpers.write_image(self.tmp)))
+        driver.stop('vm1')  # its shutdown marker is there to be seen: not waited for
+        thread = phases.follow(driver, Gone(), 'vm1', timeout=1)
+        thread.join(30)
+        self.assertFalse(thread.is_alive())
+
+    def test_the_shutdown_marker_is_followed_only_where_the_driver_sees_markers(self):
+        driver = fake.FakeDriver(self.conf)
+        driver.capabilities = type(driver).capabilities & ~driver_base.Capability.PHASE_EVENTS
+        driver.spawn(driver_base.InstanceSpec(name='vm1', disk=helpers.write_image(self.tmp)))
+        driver.stop('vm1')
+        recorder = self.Recorder()
+        phases.follow(driver, recorder, 'vm1', timeout=1).join(30)
+        self.assertEqual([('vm1', driver_base.BOOT_DONE)], recorder.phases)
+        phases.stopping(recorder, 'vm1')
+        self.assertEqual([('vm1', driver_base.BOOT_DONE), ('vm1', driver_base.SHUTDOWN_STARTED)],
+                         recorder.phases)

@@ -10,6 +10,7 @@ import sqlalchemy
 
 from vmcloud.db import api as db_api
 from vmcloud.db import models
+from vmcloud.dispatcher import views
 from tests import base
 
 
@@ -79,6 +80,76 @@ class UpgradeWithRowsTest(base.TestCase):
         self.assertEqual([('node1', True, 'up', '', ''), ('node2', False, 'unknown', '', '')],
                          self.upgrade_0001_rows(
                              f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}'))
+
+
+class Upgrade0002WithRowsTest(base.TestCase):
+    """0003 (guest networks) on a database of 0002 with a host, a deployment and its
+    instance in it, on SQLite and on PostgreSQL: the rows stay, with no VTEP, the marker
+    health check and no network; new deployments get one."""
+
+    def upgrade_0002_rows(self, url: str) -> None:
+        self.conf.set_override('connection', url, 'database')
+        db = db_api.Database(self.conf)
+        self.addCleanup(db.dispose)
+        config = alembic.config.Config()
+        config.set_main_option('script_location', db_api.MIGRATIONS)
+        with db.engine.begin() as connection:
+            config.attributes['connection'] = connection
+            alembic.command.upgrade(config, '0002')
+            for statement in (
+                    "INSERT INTO hosts (name, up, state, node_id, incarnation, vcpus, "
+                    "memory_mib, disk_bytes_free, last_heartbeat) VALUES ('node1', true, "
+                    "'up', 'id-node1', 'inc', 4, 4096, 1, '2026-01-01')",
+                    "INSERT INTO deployments (id, image, count, min_count, vcpus, memory_mib, "
+                    "boot, state, reason, created_at) VALUES ('d1', 'guest:1', 1, 1, 1, 512, "
+                    "'{}', 'active', '', '2026-01-01')",
+                    "INSERT INTO instances (id, name, deployment_id, image, host, state, "
+                    "reason, attempts, failed_hosts, fetched_bytes, created_at, updated_at) "
+                    "VALUES ('i1', 'vm-d1-0', 'd1', 'guest:1', 'node1', 'active', '', 1, '', "
+                    "0, '2026-01-01', '2026-01-01')"):
+                connection.execute(sqlalchemy.text(statement))
+        db.upgrade()
+        with db.engine.connect() as connection:
+            context = alembic.migration.MigrationContext.configure(
+                connection, opts={'compare_type': True, 'compare_server_default': True})
+            self.assertEqual([], alembic.autogenerate.compare_metadata(
+                context, models.Base.metadata))
+        with db.session() as session:
+            host, = db_api.hosts(session)
+            self.assertEqual(('node1', 'id-node1', ''), (host.name, host.node_id,
+                                                         host.vtep_address))
+            old = views.show_deployment(session, 'd1')
+        self.assertEqual(({'kind': 'marker'}, None), (old['health'], old['network']))
+        self.assertEqual([('vm-d1-0', 'active', None, None)],
+                         [(i['name'], i['state'], i['address'], i['mac'])
+                          for i in old['instances']])
+        # The new tables take rows, and refuse a second network of one subnet.
+        with db.session() as session:
+            db_api.network_create(session, id='n1', deployment_id='d1', vni=1000,
+                                  cidr='10.200.0.0/24', state='active')
+            db_api.port_create(session, id='p1', network_id='n1', address='10.200.0.2',
+                               mac='52:54:00:c8:00:02', kind='instance', instance_id='i1')
+        self.assertRaises(db_api.Conflict, self._second_network, db)
+        with db.session() as session:
+            self.assertEqual('10.200.0.2', views.show_deployment(
+                session, 'd1')['instances'][0]['address'])
+
+    @staticmethod
+    def _second_network(db: db_api.Database) -> None:
+        with db.session() as session:
+            db_api.deployment_create(session, id='d2', image='guest:1', count=1,
+                                     min_count=1, vcpus=1, memory_mib=512, state='active')
+            db_api.network_create(session, id='n2', deployment_id='d2', vni=1001,
+                                  cidr='10.200.0.0/24', state='active')
+
+    def test_sqlite(self):
+        self.upgrade_0002_rows(f'sqlite:///{self.tmp}/old.sqlite')
+
+    def test_postgresql(self):
+        database = f'vmcloud_migrations_0003_{os.getpid()}'
+        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
+        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
+        self.upgrade_0002_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
 
 
 def admin(*args: str) -> None:

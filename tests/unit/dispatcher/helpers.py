@@ -51,6 +51,8 @@ class CloudTestCase(base.TestCase):
         notifications_test_driver.reset()
         self.conf.set_override('heartbeat_interval', 1)
         self.conf.set_override('max_instances_per_host', 3, 'scheduler')
+        # Fake guests on modelled networks: nothing is made on the machine.
+        self.conf.set_override('agent', 'fake', 'network')
         self.configure()
         self.cloud = allinone.AllInOne(self.conf, hosts=self.HOSTS, driver='fake')
         self.cloud.warehouse.import_image(write_image(self.tmp), 'guest')

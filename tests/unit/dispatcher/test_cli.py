@@ -23,7 +23,7 @@ class RecordingAPI:
     def _seen(self):
         self.request_ids.append(rpc.current_request_id())
 
-    def deploy(self, *args):
+    def deploy(self, *args, health=None):
         self._seen()
         return {'id': 'd1', 'state': 'building', 'instances': []}
 
@@ -40,7 +40,8 @@ class OneRequestTest(testtools.TestCase):
         self.patch(cloud, '_show', lambda deployment, fmt: None)
         args = argparse.Namespace(from_snapshot=None, image='guest', count=1, min_count=None,
                                   vcpus=1, memory=256, kernel=None, initrd=None, cmdline=None,
-                                  wait=True, timeout=10, progress=False, fmt='json')
+                                  wait=True, timeout=10, progress=False, fmt='json',
+                                  health=None, health_timeout=None)
         self.assertEqual(0, cloud.do_deploy(None, args))
         self.assertEqual(4, len(api.request_ids))
         self.assertEqual(1, len(set(api.request_ids)), api.request_ids)
@@ -54,7 +55,7 @@ class BootArtifactArgumentsTest(testtools.TestCase):
         calls = []
 
         class API(RecordingAPI):
-            def deploy(self, *args):
+            def deploy(self, *args, health=None):
                 calls.append(args)
                 return super().deploy(*args)
         self.patch(cloud, '_api', lambda conf: API())
@@ -86,7 +87,7 @@ class FakeDispatcher:
         self.calls: list[tuple] = []
         self.waits = 'finish'
 
-    def deploy(self, image, count, min_count, vcpus, memory_mib, boot):
+    def deploy(self, image, count, min_count, vcpus, memory_mib, boot, health=None):
         self.calls.append(('deploy', image, count))
         return {'id': 'd1', 'state': 'building', 'instances': []}
 

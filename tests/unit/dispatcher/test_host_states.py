@@ -27,12 +27,16 @@ class Compute:
         self.builds: list[dict] = []
         self.destroyed: list[tuple[str, str]] = []
         self.consoles: list[tuple[str, str, int]] = []
+        self.peers: list[tuple[str, str, list[str]]] = []
 
     def build_instance(self, host: str, instance: dict) -> None:
         self.builds.append(dict(instance))
 
     def destroy_instance(self, host: str, name: str) -> None:
         self.destroyed.append((host, name))
+
+    def set_network_peers(self, host: str, network_id: str, peers: list[str]) -> None:
+        self.peers.append((host, network_id, list(peers)))
 
     def console_log(self, host: str, name: str, max_bytes: int) -> str:
         self.consoles.append((host, name, max_bytes))
@@ -342,10 +346,14 @@ class HostStatesTest(base.TestCase):
         first, second = self.instances(deployment_id)
         self.set_state(second.name, states.ERROR)
         held = self.register('node1')
+        with self.db.session() as session:
+            network = views.show_deployment(session, deployment_id)['network']
         self.assertEqual([{'id': first.id, 'name': first.name, 'state': states.ACTIVE,
-                           'attempts': 1, 'image': 'guest:1'},
+                           'attempts': 1, 'image': 'guest:1', 'network': network,
+                           'port': {'address': '10.200.0.2', 'mac': '52:54:00:c8:00:02'}},
                           {'id': second.id, 'name': second.name, 'state': states.ERROR,
-                           'attempts': 1, 'image': 'guest:1'}],
+                           'attempts': 1, 'image': 'guest:1', 'network': network,
+                           'port': {'address': '10.200.0.3', 'mac': '52:54:00:c8:00:03'}}],
                          sorted(held, key=lambda i: i['name']))
 
     # -- fencing -----------------------------------------------------------------------

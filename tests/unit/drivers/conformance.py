@@ -15,7 +15,15 @@ from vmcloud import exception
 from vmcloud.drivers import base as driver_base
 
 BOOT_TIMEOUT = 60
+# Guests probe each other once a second after boot-done; under TCG on a loaded host a
+# round can take several seconds (an unreachable target costs wget's 2 s timeout).
+REACH_TIMEOUT = 180
 Capability = driver_base.Capability
+# The guests of the network case share one subnet, so an address on the other bridge
+# is asked for on the segment (ARP) and not refused for want of a route: what keeps
+# it unreachable is the bridge alone.
+A1, A2, B1 = '10.99.1.2', '10.99.1.3', '10.99.1.4'
+PREFIX = 24
 
 
 def replace(spec: driver_base.InstanceSpec, **changes) -> driver_base.InstanceSpec:
@@ -58,14 +66,27 @@ class DriverConformance:
             if name in self.driver.list_instances():
                 self.driver.destroy(name)
 
-    def instance_spec(self, name: str, **flags) -> driver_base.InstanceSpec:
-        """A spec of this driver's guest called ``name``; ``flags`` go to the guest."""
+    def instance_spec(self, name: str, nics: tuple[driver_base.Nic, ...] = (),
+                      **flags) -> driver_base.InstanceSpec:
+        """A spec of this driver's guest called ``name`` with ``nics``; ``flags`` go to
+        the guest."""
         raise NotImplementedError
 
-    def make_spec(self, **flags) -> driver_base.InstanceSpec:
+    def make_bridge(self, mtu: int = 1500) -> str:
+        """A bridge this driver's NICs may join, isolated, gone when the test ends."""
+        raise NotImplementedError
+
+    def assert_attached(self, spec: driver_base.InstanceSpec) -> None:
+        """Whatever the host shows of ``spec``'s NICs while it runs."""
+
+    def assert_detached(self, spec: driver_base.InstanceSpec) -> None:
+        """Nothing of ``spec``'s NICs is left on the host."""
+
+    def make_spec(self, nics: tuple[driver_base.Nic, ...] = (),
+                  **flags) -> driver_base.InstanceSpec:
         name = f'{self.driver_name}-{uuid.uuid4().hex[:8]}'
         self.names.append(name)
-        return self.instance_spec(name, **flags)
+        return self.instance_spec(name, nics=nics, **flags)
 
     def boot(self, **flags) -> driver_base.InstanceSpec:
         spec = self.make_spec(**flags)
@@ -211,6 +232,102 @@ class DriverConformance:
                 if isinstance(spec.name, str) and spec.name and '/' not in spec.name:
                     self.assert_gone(spec.name)
         self.assertEqual([], self.driver.list_instances())
+
+    # -- NICs: guests on one bridge reach each other and nothing else -------------------
+
+    def require_nics(self) -> None:
+        if not self.driver.has(Capability.BRIDGED_NIC):
+            self.skipTest(f'the {self.driver_name} driver has no bridged NICs')
+
+    def reach_lines(self, name: str, address: str) -> list[str]:
+        """The answers ``name`` printed for ``address``:80 so far, in order: 'no' or
+        the first line of the body that answered."""
+        return re.findall(rf'^VMCLOUD-REACH {re.escape(address)}:80 (no|yes .*?)\r?$',
+                          self.driver.console_log(name), re.MULTILINE)
+
+    def wait_for_reach(self, name: str, address: str, predicate, what: str) -> list[str]:
+        deadline = time.monotonic() + REACH_TIMEOUT
+        while True:
+            lines = self.reach_lines(name, address)
+            if predicate(lines):
+                return lines
+            if self.driver.power_state(name) != driver_base.PowerState.RUNNING:
+                self.fail(f'{name} stopped before {what}: {lines}')
+            if time.monotonic() >= deadline:
+                self.fail(f'{name}: {what} not within {REACH_TIMEOUT} s; its answers for '
+                          f'{address}: {lines}; console ends: '
+                          f'{self.driver.console_log(name)[-600:]}')
+            time.sleep(0.5)
+
+    def test_guests_on_one_bridge_reach_each_other_and_no_other(self):
+        self.require_nics()
+        # bridge 1 as small as the network agent's (VXLAN room): the NIC follows it
+        bridge1, bridge2 = self.make_bridge(mtu=1450), self.make_bridge()
+        tries = str(REACH_TIMEOUT)   # rounds take at least a second: they outlast the wait
+        a1 = self.make_spec(nics=(driver_base.Nic('52:54:00:99:01:02', bridge1),),
+                            ip=f'{A1}/{PREFIX}', reach=f'{A2},{B1}', reach_tries=tries)
+        a2 = self.make_spec(nics=(driver_base.Nic('52:54:00:99:01:03', bridge1),),
+                            ip=f'{A2}/{PREFIX}')
+        # B1 asks itself too: its server answers, so A1's "no" is the bridges' doing
+        b1 = self.make_spec(nics=(driver_base.Nic('52:54:00:99:01:04', bridge2),),
+                            ip=f'{B1}/{PREFIX}', reach=f'{A1},{B1}', reach_tries=tries)
+        specs = {a1: A1, a2: A2, b1: B1}
+        for spec in specs:          # all three boot at once
+            self.driver.spawn(spec)
+        for spec, address in specs.items():
+            self.driver.wait_for_event(spec.name, driver_base.BOOT_DONE, BOOT_TIMEOUT)
+            self.assertIn(f'VMCLOUD-NET eth0 {address}/{PREFIX}',
+                          self.driver.console_log(spec.name))
+            self.assert_attached(spec)
+
+        def answered_by(spec):
+            return lambda lines: any(line.startswith(f'yes {spec.name} ') for line in lines)
+
+        self.wait_for_reach(a1.name, A2, answered_by(a2), f'an answer from {a2.name}')
+        self.wait_for_reach(b1.name, B1, answered_by(b1), 'an answer from itself')
+        # one more round of each after both servers were seen answering
+        seen_a1 = len(self.reach_lines(a1.name, B1))
+        seen_b1 = len(self.reach_lines(b1.name, A1))
+        a1_to_b1 = self.wait_for_reach(a1.name, B1, lambda lines: len(lines) > seen_a1,
+                                       'a round after B1 answered itself')
+        b1_to_a1 = self.wait_for_reach(b1.name, A1, lambda lines: len(lines) > seen_b1,
+                                       'a round after A1 reached A2')
+        self.assertEqual(['no'] * len(a1_to_b1), a1_to_b1, 'A1 reached B1 across bridges')
+        self.assertEqual(['no'] * len(b1_to_a1), b1_to_a1, 'B1 reached A1 across bridges')
+        for spec in specs:
+            self.driver.destroy(spec.name)
+            self.assert_detached(spec)
+
+    def invalid_nics(self, bridge: str) -> list[tuple]:
+        """(nics, words the error must contain) validate must refuse."""
+        nic = driver_base.Nic
+        return [
+            ((nic('52:54:00:12:34', bridge),), "'52:54:00:12:34' is not six hex bytes"),
+            ((nic('52-54-00-12-34-56', bridge),), 'not six hex bytes'),
+            ((nic('53:54:00:12:34:56', bridge),), '53:54:00:12:34:56 is a multicast'),
+            ((nic('00:16:3e:12:34:56', bridge),), 'not locally administered'),
+            ((nic('52:54:00:12:34:56', 'no-such-bridge'),), 'no bridge no-such-bridge'),
+            ((nic('52:54:00:12:34:56', 'a/b'),), "'a/b' is not an interface name"),
+            ((nic('52:54:00:12:34:56', bridge), nic('52:54:00:12:34:56', bridge)),
+             'NIC 1: the MAC 52:54:00:12:34:56 is already on another NIC'),
+            (tuple(nic(f'52:54:00:12:34:{i:02x}', bridge) for i in range(9)),
+             '9 NICs, at most 8'),
+            (({'mac': '52:54:00:12:34:56', 'bridge': bridge},), 'NIC 0 is a dict'),
+        ]
+
+    def test_validate_refuses_bad_nics(self):
+        self.require_nics()
+        bridge = self.make_bridge()
+        good = self.make_spec(nics=(driver_base.Nic('52:54:00:12:34:56', bridge),
+                                    driver_base.Nic('fe:00:00:00:00:01', bridge)))
+        self.driver.validate(good)
+        for nics, words in self.invalid_nics(bridge):
+            with self.subTest(nics=nics):
+                spec = replace(good, nics=nics)
+                error = self.assertRaises(exception.InvalidSpec, self.driver.spawn, spec)
+                self.assertIn(words, str(error))
+                self.assert_gone(spec.name)
+                self.assert_detached(spec)
 
     # -- errors -----------------------------------------------------------------------
 

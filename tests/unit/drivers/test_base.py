@@ -8,6 +8,7 @@ import fixtures
 from vmcloud import exception
 from vmcloud.drivers import base as driver_base
 from vmcloud.drivers import console
+from vmcloud.drivers import fake
 from vmcloud.drivers import mips
 from vmcloud.drivers import sim
 from vmcloud.sim import model
@@ -118,6 +119,24 @@ class InterfaceDefaultsTest(base.TestCase):
         self.assertIn('cannot boot a kernel directly', str(error))
         self.assertEqual('vm1', error.name)
 
+    def test_nics_need_the_capability(self):
+        driver = MinimalDriver(self.conf)
+        error = self.assertRaises(exception.InvalidSpec, driver.validate, self.spec(
+            nics=(driver_base.Nic('52:54:00:00:00:01', 'lo'),)))
+        self.assertIn('the minimal driver cannot attach NICs', str(error))
+        error = self.assertRaises(exception.InvalidSpec, driver.validate, self.spec(
+            nics=[driver_base.Nic('52:54:00:00:00:01', 'lo')]))
+        self.assertIn('nics must be a tuple of Nic, not list', str(error))
+
+    def test_check_mac(self):
+        for good in ('52:54:00:ab:CD:ef', '02:00:00:00:00:00', 'fe:ff:ff:ff:ff:ff'):
+            self.assertIsNone(driver_base.check_mac(good))
+        for bad, words in (('01:00:5e:00:00:01', 'multicast'), ('ff:ff:ff:ff:ff:ff', 'multicast'),
+                           ('00:16:3e:00:00:01', 'not locally administered'),
+                           ('52:54:00:00:00:001', 'not six hex bytes'),
+                           (None, 'not six hex bytes')):
+            self.assertIn(words, driver_base.check_mac(bad))
+
     def test_default_wait_for_event_reads_the_console(self):
         driver = ConsoleDriver(self.conf)
         driver.spawn(self.spec())
@@ -202,6 +221,71 @@ class SimDriverTest(base.TestCase):
         self.driver.stop('a')
         self.driver.spawn(self.spec('b', 'mips=1000', vcpus=2))   # a gave its share back
         self.assertEqual((2000.0, 256), self.driver.used())
+
+
+class FakeNetworkTest(base.TestCase):
+    """The fake's Ethernet segments and its answers to the test guest's probes."""
+
+    def setUp(self):
+        super().setUp()
+        self.driver = fake.FakeDriver(self.conf)
+        self.driver.add_bridge('br1')
+        self.disk = os.path.join(self.tmp, 'disk.raw')
+        open(self.disk, 'wb').close()
+        self.macs = iter(f'52:54:00:00:00:{i:02x}' for i in range(1, 256))
+
+    def spawn(self, name, bridge='br1', **flags):
+        cmdline = ' '.join([f'vmcloud.id={name}'] + [f'vmcloud.{k}={v}' for k, v in flags.items()])
+        nics = (driver_base.Nic(next(self.macs), bridge),) if bridge else ()
+        self.driver.spawn(driver_base.InstanceSpec(name=name, disk=self.disk, cmdline=cmdline,
+                                                   nics=nics))
+
+    def test_only_running_guests_with_that_address_and_port_answer(self):
+        self.spawn('a', ip='10.0.0.2/24')
+        self.spawn('b', ip='10.0.0.3/24')
+        self.spawn('c', ip='10.0.0.4/24', http='0')
+        self.spawn('d', ip='10.0.0.5/24', http_port='8080')
+        self.assertEqual('b 1', self.driver.reach('a', '10.0.0.3'))
+        self.assertEqual('b 2', self.driver.reach('a', '10.0.0.3'))   # it counts requests
+        self.assertEqual('a 1', self.driver.reach('a', '10.0.0.2'))   # itself
+        self.assertIsNone(self.driver.reach('a', '10.0.0.4'))         # no server
+        self.assertIsNone(self.driver.reach('a', '10.0.0.5'))
+        self.assertEqual('d 1', self.driver.reach('a', '10.0.0.5', 8080))
+        self.assertIsNone(self.driver.reach('a', '10.0.0.9'))
+        self.driver.pause('b')
+        self.assertIsNone(self.driver.reach('a', '10.0.0.3'))
+        self.driver.resume('b')
+        self.driver.stop('b')
+        self.assertIsNone(self.driver.reach('a', '10.0.0.3'))
+        self.driver.pause('a')
+        self.assertIsNone(self.driver.reach('a', '10.0.0.5', 8080))    # a paused prober
+        self.assertRaises(exception.InstanceNotFound, self.driver.reach, 'x', '10.0.0.2')
+
+    def test_reach_rounds_are_bounded_and_a_guest_without_nic_reaches_nobody(self):
+        self.spawn('a', ip='10.0.0.2/24')
+        self.spawn('lonely', bridge=None, ip='10.0.0.3/24', reach='10.0.0.2', reach_tries='2')
+        for _ in range(4):
+            log = self.driver.console_log('lonely')
+        self.assertEqual(2, log.count('VMCLOUD-REACH 10.0.0.2:80 no'))
+        self.assertNotIn('VMCLOUD-NET', log)     # no NIC, no network
+
+    def test_dhcp_from_the_fakes_leases(self):
+        self.driver.leases['52:54:00:00:00:01'] = '10.0.0.7/24'
+        self.spawn('a')
+        self.spawn('b')
+        self.assertIn('VMCLOUD-NET eth0 10.0.0.7/24\nVMCLOUD-PHASE boot-done',
+                      self.driver.console_log('a'))
+        self.assertIn('VMCLOUD-NET-FAILED', self.driver.console_log('b'))
+        self.assertEqual('a 1', self.driver.reach('b', '10.0.0.7'))
+
+    def test_an_unknown_bridge_is_refused_unless_simulated(self):
+        spec = driver_base.InstanceSpec(
+            name='a', disk=self.disk, nics=(driver_base.Nic('52:54:00:00:00:01', 'nobr'),))
+        error = self.assertRaises(exception.InvalidSpec, self.driver.spawn, spec)
+        self.assertIn('there is no bridge nobr on this host', str(error))
+        simulated = sim.SimDriver(self.conf)
+        simulated.spawn(spec)
+        self.assertEqual(spec, simulated.instances['a'].spec)
 
 
 class ThreadSafetyTest(base.TestCase):

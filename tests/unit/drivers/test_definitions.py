@@ -11,6 +11,8 @@ from vmcloud.drivers.qemu import cmdline
 from tests import base
 
 UNIX = 'nbd+unix:///disk0?socket=/run/vmcloud/m.sock'
+NICS = (driver_base.Nic('52:54:00:00:00:01', 'vmcb1000'),
+        driver_base.Nic('52:54:00:00:00:02', 'br-x'))
 
 
 def _spec(disk: str, **kw) -> driver_base.InstanceSpec:
@@ -40,6 +42,28 @@ class QemuCommandLineTest(base.TestCase):
                          command[-6:])
         self.assertNotIn('-cpu', command)
 
+    def test_nics_on_the_taps_the_driver_made(self):
+        command = cmdline.build('/q', _spec(UNIX, nics=NICS), 'tcg', '/q', '/c', [1450, 1500])
+        tap0, tap1 = (driver_base.tap_name('vm1', i) for i in (0, 1))
+        self.assertEqual(['-netdev', f'tap,id=net0,ifname={tap0},script=no,downscript=no',
+                          '-device', 'virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,'
+                                     'host_mtu=1450',
+                          '-netdev', f'tap,id=net1,ifname={tap1},script=no,downscript=no',
+                          '-device', 'virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02,'
+                                     'host_mtu=1500'],
+                         command[command.index('-netdev'):command.index('-kernel')])
+        # -nodefaults: no NIC but those asked for
+        self.assertNotIn('-netdev', cmdline.build('/q', _spec(UNIX), 'tcg', '/q', '/c'))
+        self.assertRaises(ValueError, cmdline.build, '/q', _spec(UNIX, nics=NICS), 'tcg',
+                          '/q', '/c', [1450])
+
+    def test_tap_names(self):
+        name = driver_base.tap_name('vm1', 0)
+        self.assertRegex(name, r'^vmct[0-9a-f]{10}$')
+        self.assertEqual(name, driver_base.tap_name('vm1', 0))
+        self.assertEqual(8, len({driver_base.tap_name('vm1', i) for i in range(8)}))
+        self.assertNotEqual(name, driver_base.tap_name('vm2', 0))
+
     def test_commas_in_file_names_are_escaped(self):
         self.assertIn('file=/a,,b.qcow2,format=qcow2',
                       cmdline.drive(_spec('/a,b.qcow2', disk_format='qcow2')))
@@ -63,6 +87,21 @@ class DomainXmlTest(base.TestCase):
         self.assertEqual('/d.qcow2', root.find('devices/disk/source').get('file'))
         self.assertIsNone(root.find('seclabel'))
         self.assertEqual('host-passthrough', root.find('cpu').get('mode'))
+
+    def test_bridged_interfaces(self):
+        root = ET.fromstring(domain_xml.build(_spec(UNIX, nics=NICS), 'qemu', '/c.log', '',
+                                              [1450, 1500]))
+        interfaces = root.findall('devices/interface')
+        self.assertEqual(['bridge', 'bridge'], [i.get('type') for i in interfaces])
+        first = interfaces[0]
+        self.assertEqual('52:54:00:00:00:01', first.find('mac').get('address'))
+        self.assertEqual('vmcb1000', first.find('source').get('bridge'))
+        self.assertEqual(driver_base.tap_name('vm1', 0), first.find('target').get('dev'))
+        self.assertEqual('virtio', first.find('model').get('type'))
+        self.assertEqual('1450', first.find('mtu').get('size'))
+        self.assertEqual('br-x', interfaces[1].find('source').get('bridge'))
+        self.assertEqual([], ET.fromstring(domain_xml.build(_spec(UNIX), 'qemu', '/c.log',
+                                                            '')).findall('devices/interface'))
 
 
 class DriverLoadingTest(base.TestCase):

@@ -1,5 +1,6 @@
 """libvirt domain XML for an instance."""
 import xml.etree.ElementTree as ET
+from typing import Sequence
 
 from vmcloud.drivers import base
 from vmcloud.drivers import nbd_uri
@@ -22,8 +23,22 @@ def _disk(devices: ET.Element, spec: base.InstanceSpec) -> None:
     ET.SubElement(disk, 'target', dev='vda', bus='virtio')
 
 
+def _interface(devices: ET.Element, spec: base.InstanceSpec, index: int, mtu: int) -> None:
+    # libvirt makes the tap (named by <target>), enslaves it and removes it when the
+    # domain ends; <mtu> sets the tap's and tells the guest (virtio host_mtu), whose
+    # larger frames the bridge would otherwise drop.
+    nic = spec.nics[index]
+    interface = ET.SubElement(devices, 'interface', type='bridge')
+    ET.SubElement(interface, 'mac', address=nic.mac)
+    ET.SubElement(interface, 'source', bridge=nic.bridge)
+    ET.SubElement(interface, 'target', dev=base.tap_name(spec.name, index))
+    ET.SubElement(interface, 'model', type='virtio')
+    ET.SubElement(interface, 'mtu', size=str(mtu))
+
+
 def build(spec: base.InstanceSpec, domain_type: str, console_log: str,
-          dac_label: str) -> str:
+          dac_label: str, mtus: Sequence[int] = ()) -> str:
+    """``mtus``: the MTU of each of ``spec.nics``'s bridges, in order."""
     domain = ET.Element('domain', type=domain_type)
     ET.SubElement(domain, 'name').text = spec.name
     ET.SubElement(domain, 'memory', unit='MiB').text = str(spec.memory_mib)
@@ -44,6 +59,8 @@ def build(spec: base.InstanceSpec, domain_type: str, console_log: str,
     ET.SubElement(domain, 'on_crash').text = 'destroy'
     devices = ET.SubElement(domain, 'devices')
     _disk(devices, spec)
+    for index, (_, mtu) in enumerate(zip(spec.nics, mtus, strict=True)):
+        _interface(devices, spec, index, mtu)
     serial = ET.SubElement(devices, 'serial', type='file')
     ET.SubElement(serial, 'source', path=console_log)
     ET.SubElement(serial, 'target', port='0')

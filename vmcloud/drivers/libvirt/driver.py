@@ -1,4 +1,8 @@
-"""The libvirt driver: one transient libvirt domain per instance."""
+"""The libvirt driver: one transient libvirt domain per instance.
+
+NICs are ``<interface type='bridge'>``: libvirt makes each tap (named base.tap_name)
+and removes it when the domain ends.
+"""
 import dataclasses
 import json
 import os
@@ -11,6 +15,7 @@ from oslo_config import cfg
 from vmcloud import exception
 from vmcloud.drivers import base
 from vmcloud.drivers import console
+from vmcloud.drivers import tap
 from vmcloud.drivers.libvirt import domain_xml
 from vmcloud.drivers.qemu import accel
 
@@ -49,7 +54,8 @@ class LibvirtDriver(base.Driver):
     capabilities = (base.Capability.PAUSE | base.Capability.SNAPSHOT_BARRIER
                     | base.Capability.CONSOLE_LOG | base.Capability.PHASE_EVENTS
                     | base.Capability.ACPI_STOP | base.Capability.FILE_DISK
-                    | base.Capability.NBD_DISK | base.Capability.DIRECT_KERNEL_BOOT)
+                    | base.Capability.NBD_DISK | base.Capability.DIRECT_KERNEL_BOOT
+                    | base.Capability.BRIDGED_NIC)
 
     def __init__(self, conf):
         super().__init__(conf)
@@ -127,7 +133,7 @@ class LibvirtDriver(base.Driver):
             binary = shutil.which(self.conf.libvirt.qemu_binary) or self.conf.libvirt.qemu_binary
             domain_type = 'kvm' if accel.choose(self.conf, binary, spec) == 'kvm' else 'qemu'
             xml = domain_xml.build(spec, domain_type, self._path(spec.name, 'console.log'),
-                                   self.conf.libvirt.dac_label)
+                                   self.conf.libvirt.dac_label, self._nic_mtus(spec))
             try:
                 connection.createXML(xml, 0)
             except libvirt.libvirtError as exc:
@@ -137,6 +143,23 @@ class LibvirtDriver(base.Driver):
         except BaseException:
             shutil.rmtree(self._path(spec.name), ignore_errors=True)
             raise
+
+    def _nic_mtus(self, spec: base.InstanceSpec) -> list[int]:
+        """Each NIC's bridge's MTU, after removing a tap of its name that a dead
+        domain left (libvirt refuses to make a tap whose name is taken).
+
+        :raises: SpawnFailed.
+        """
+        mtus = []
+        for index, nic in enumerate(spec.nics):
+            try:
+                tap.delete(base.tap_name(spec.name, index))
+                mtus.append(tap.mtu(nic.bridge))
+            except exception.DriverError as exc:
+                raise exception.SpawnFailed(
+                    f'cannot attach NIC {index} of instance {spec.name} to bridge '
+                    f'{nic.bridge}: {exc}') from exc
+        return mtus
 
     def power_state(self, name: str) -> base.PowerState:
         self._require(name)

@@ -1,4 +1,6 @@
 """The qemu-system command line for an instance."""
+from typing import Sequence
+
 from vmcloud.drivers import base
 from vmcloud.drivers import nbd_uri
 
@@ -11,8 +13,19 @@ def drive(spec: base.InstanceSpec) -> str:
     return f'file={path},format={spec.disk_format},if=virtio,cache=writeback'
 
 
+def nic(spec: base.InstanceSpec, index: int, mtu: int) -> list[str]:
+    """NIC ``index`` of ``spec`` on its tap (made by the driver beforehand, so qemu
+    runs no script). ``host_mtu`` tells the guest the bridge's MTU: without it the
+    guest sends 1500-byte frames that a smaller bridge drops."""
+    mac = spec.nics[index].mac
+    return ['-netdev', f'tap,id=net{index},ifname={base.tap_name(spec.name, index)},'
+                       'script=no,downscript=no',
+            '-device', f'virtio-net-pci,netdev=net{index},mac={mac},host_mtu={mtu}']
+
+
 def build(binary: str, spec: base.InstanceSpec, accelerator: str, qmp_socket: str,
-          console_log: str) -> list[str]:
+          console_log: str, mtus: Sequence[int] = ()) -> list[str]:
+    """``mtus``: the MTU of each of ``spec.nics``'s bridges, in order."""
     command = [
         binary, '-name', spec.name,
         '-machine', f'pc,accel={accelerator}',
@@ -22,6 +35,8 @@ def build(binary: str, spec: base.InstanceSpec, accelerator: str, qmp_socket: st
         '-qmp', f'unix:{qmp_socket},server=on,wait=off',
         '-drive', drive(spec),
     ]
+    for index, (_, mtu) in enumerate(zip(spec.nics, mtus, strict=True)):
+        command += nic(spec, index, mtu)
     if accelerator == 'kvm':
         command += ['-cpu', 'host']
     if spec.kernel:

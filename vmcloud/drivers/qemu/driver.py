@@ -1,7 +1,14 @@
-"""The qemu driver: one qemu-system process per instance, driven over QMP."""
+"""The qemu driver: one qemu-system process per instance, driven over QMP.
+
+NICs: the driver makes each NIC's tap (see vmcloud.drivers.tap) before qemu starts
+and removes it when the instance is destroyed or fails to spawn, also when qemu is
+already dead; taps are named from the instance's name (base.tap_name), so a driver
+restarted since the spawn removes them too.
+"""
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,9 +23,11 @@ from qemu.qmp import legacy as qmp
 from vmcloud import exception
 from vmcloud.drivers import base
 from vmcloud.drivers import console
+from vmcloud.drivers import tap
 from vmcloud.drivers.qemu import accel
 from vmcloud.drivers.qemu import cmdline
 
+LOG = logging.getLogger(__name__)
 _QMP_CONNECT_SECONDS = 15
 
 
@@ -33,7 +42,8 @@ class QemuDriver(base.Driver):
     capabilities = (base.Capability.PAUSE | base.Capability.SNAPSHOT_BARRIER
                     | base.Capability.CONSOLE_LOG | base.Capability.PHASE_EVENTS
                     | base.Capability.ACPI_STOP | base.Capability.FILE_DISK
-                    | base.Capability.NBD_DISK | base.Capability.DIRECT_KERNEL_BOOT)
+                    | base.Capability.NBD_DISK | base.Capability.DIRECT_KERNEL_BOOT
+                    | base.Capability.BRIDGED_NIC)
 
     def __init__(self, conf):
         super().__init__(conf)
@@ -119,21 +129,38 @@ class QemuDriver(base.Driver):
             raise exception.InstanceExists(spec.name)
         if os.path.lexists(self._dir(spec.name)):
             # a shut-down instance's, or one left half made (a crash before spec.json)
+            self._delete_taps(spec.name)
             shutil.rmtree(self._dir(spec.name))
         os.makedirs(self._dir(spec.name))
         try:
             self._start(binary, spec)
         except BaseException:
             self._kill(spec.name)
+            try:
+                self._delete_taps(spec.name)
+            except exception.DriverError as cleanup:
+                LOG.warning('removing the taps of %s after it failed to spawn failed: %s',
+                            spec.name, cleanup)
             shutil.rmtree(self._dir(spec.name), ignore_errors=True)
             raise
 
     def _start(self, binary: str, spec: base.InstanceSpec) -> None:
+        # spec.json first: it records the NICs before their taps exist
         with open(self._path(spec.name, 'spec.json'), 'w') as f:
             json.dump(dataclasses.asdict(spec), f)
+        mtus = []
+        for index, nic in enumerate(spec.nics):
+            device = base.tap_name(spec.name, index)
+            try:
+                tap.create(device, nic.bridge)
+                mtus.append(tap.mtu(device))
+            except exception.DriverError as exc:
+                raise exception.SpawnFailed(
+                    f'cannot attach NIC {index} of instance {spec.name} to bridge '
+                    f'{nic.bridge}: {exc}') from exc
         command = cmdline.build(binary, spec, accel.choose(self.conf, binary, spec),
                                 self._path(spec.name, 'qmp.sock'),
-                                self._path(spec.name, 'console.log'))
+                                self._path(spec.name, 'console.log'), mtus)
         with open(self._path(spec.name, 'qemu.log'), 'wb') as log:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                        stdout=log, stderr=log, start_new_session=True)
@@ -170,6 +197,15 @@ class QemuDriver(base.Driver):
             deadline = time.monotonic() + 5
             while self._alive(name) and time.monotonic() < deadline:
                 time.sleep(0.02)
+
+    def _delete_taps(self, name: str) -> None:
+        """Remove every tap ``name`` may have. Every possible name is tried, not only
+        those spec.json records, so an unreadable spec.json leaks nothing.
+
+        :raises: DriverError if one stays.
+        """
+        for index in range(base.MAX_NICS):
+            tap.delete(base.tap_name(name, index))
 
     def power_state(self, name: str) -> base.PowerState:
         self._require(name)
@@ -210,8 +246,11 @@ class QemuDriver(base.Driver):
         return not went_off
 
     def destroy(self, name: str) -> None:
+        """:raises: InstanceNotFound; DriverError if a tap cannot be removed (the
+        instance is then still known, and a second destroy tries again)."""
         self._require(name)
         self._kill(name)
+        self._delete_taps(name)
         shutil.rmtree(self._dir(name), ignore_errors=True)
         with self._locks_lock:
             self._locks.pop(name, None)

@@ -1,0 +1,255 @@
+"""The network agent against a fake machine: the exact commands it runs."""
+import json
+import os
+import signal
+
+from vmcloud import exception
+from vmcloud.network import agent as agent_mod
+from tests import base
+
+NET = {'id': 'net-1', 'vni': 1000, 'cidr': '10.200.3.0/24'}
+DHCP = {'mac': '52:54:00:00:03:fe', 'address': '10.200.3.254'}
+P1 = {'mac': '52:54:00:00:03:02', 'address': '10.200.3.2'}
+P2 = {'mac': '52:54:00:00:03:03', 'address': '10.200.3.3'}
+
+
+class FakeRunner:
+    """A machine that keeps the links, namespaces, FDB entries and dnsmasq processes
+    the commands make, and records every command (queries apart, in ``calls``) and
+    signal (``signals``). ``fail`` = a command prefix that fails."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+        self.signals: list[tuple[int, int]] = []
+        self.links: dict[str, dict] = {}
+        self.namespaces: set[str] = set()
+        self.fdb: dict[str, set[str]] = {}
+        self.procs: dict[int, list[str]] = {}
+        self.next_pid = 4000
+        self.fail: list[str] | None = None
+
+    def run(self, argv, timeout=None):
+        argv = list(argv)
+        if argv[:3] == ['ip', '-j', '-d']:
+            return json.dumps([{'ifname': n, **v} for n, v in self.links.items()])
+        if argv[:3] == ['ip', '-j', 'netns']:
+            return json.dumps([{'name': n} for n in sorted(self.namespaces)])
+        if argv[:3] == ['bridge', '-j', 'fdb']:
+            return json.dumps([{'mac': '00:00:00:00:00:00', 'dst': d}
+                               for d in sorted(self.fdb.get(argv[-1], ()))])
+        self.calls.append(argv)
+        if self.fail is not None and argv[:len(self.fail)] == self.fail:
+            raise exception.NetworkError(f'{" ".join(argv)} failed (2): boom')
+        if argv[:3] == ['ip', 'link', 'add']:
+            self.links[argv[3]] = {'flags': [], 'master': None}
+            if 'veth' in argv:
+                self.links[argv[3]]['peer'] = argv[argv.index('netns') + 1]
+        elif argv[:3] == ['ip', 'link', 'set'] and argv[3] in self.links:
+            link = self.links[argv[3]]
+            if 'up' in argv:
+                link['flags'] = ['UP']
+            if 'master' in argv:
+                link['master'] = argv[argv.index('master') + 1]
+        elif argv[:3] == ['ip', 'link', 'del']:
+            self.links.pop(argv[3])
+        elif argv[:3] == ['ip', 'netns', 'add']:
+            self.namespaces.add(argv[3])
+        elif argv[:3] == ['ip', 'netns', 'delete']:
+            self.namespaces.discard(argv[3])
+            for name in [n for n, v in self.links.items() if v.get('peer') == argv[3]]:
+                del self.links[name]
+        elif argv[:2] == ['bridge', 'fdb']:
+            peers = self.fdb.setdefault(argv[5], set())
+            (peers.add if argv[2] == 'append' else peers.discard)(argv[7])
+        elif argv[:3] == ['ip', 'netns', 'exec']:
+            self.next_pid += 1
+            self.procs[self.next_pid] = argv[4:]
+        return ''
+
+    def processes(self):
+        return list(self.procs.items())
+
+    def cmdline(self, pid):
+        return self.procs.get(pid)
+
+    def kill(self, pid, signum=signal.SIGTERM):
+        if pid not in self.procs:
+            return False
+        self.signals.append((pid, signum))
+        if signum != signal.SIGHUP:
+            del self.procs[pid]
+        return True
+
+    def disable_ipv6(self, device):
+        self.calls.append(['disable_ipv6', device])
+
+    def take(self) -> list[list[str]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+class AgentTest(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.conf.set_override('vtep_address', '10.77.0.1', group='network')
+        self.conf.set_override('host', 'h1')
+        self.runner = FakeRunner()
+        self.agent = agent_mod.NetworkAgent(self.conf, runner=self.runner)
+        self.ns = f'vmcloud-1000-{self.agent.tag}'
+        self.files = os.path.join(self.state_path, 'network', 'net-1')
+
+    def dnsmasq(self) -> list[str]:
+        return ['ip', 'netns', 'exec', self.ns, 'dnsmasq', '--conf-file=/dev/null',
+                '--no-hosts', '--no-resolv', '--port=0', '--dhcp-option=3',
+                '--dhcp-option=6', '--bind-interfaces', '--interface=eth0',
+                '--except-interface=lo', '--user=root', '--group=root',
+                f'--pid-file={self.files}/pid', f'--dhcp-hostsfile={self.files}/hosts',
+                f'--dhcp-leasefile={self.files}/leases',
+                '--dhcp-range=10.200.3.0,static,255.255.255.0,86400']
+
+    def new_network(self) -> list[list[str]]:
+        return [
+            ['ip', 'link', 'add', 'vmcb1000', 'mtu', '1450', 'type', 'bridge'],
+            ['disable_ipv6', 'vmcb1000'],
+            ['ip', 'link', 'set', 'vmcb1000', 'up'],
+            ['ip', 'link', 'add', 'vmcx1000', 'mtu', '1450', 'type', 'vxlan', 'id', '1000',
+             'dstport', '4789', 'local', '10.77.0.1', 'nolearning'],
+            ['disable_ipv6', 'vmcx1000'],
+            ['ip', 'link', 'set', 'vmcx1000', 'master', 'vmcb1000', 'up'],
+            ['bridge', 'fdb', 'append', '00:00:00:00:00:00', 'dev', 'vmcx1000', 'dst',
+             '10.77.0.2'],
+            ['ip', 'netns', 'add', self.ns],
+            ['ip', '-n', self.ns, 'link', 'set', 'lo', 'up'],
+            ['ip', 'link', 'add', 'vmcd1000', 'mtu', '1450', 'type', 'veth', 'peer', 'name',
+             'eth0', 'mtu', '1450', 'netns', self.ns],
+            ['disable_ipv6', 'vmcd1000'],
+            ['ip', '-n', self.ns, 'link', 'set', 'eth0', 'address', DHCP['mac']],
+            ['ip', '-n', self.ns, 'addr', 'add', '10.200.3.254/24', 'dev', 'eth0'],
+            ['ip', '-n', self.ns, 'link', 'set', 'eth0', 'up'],
+            ['ip', 'link', 'set', 'vmcd1000', 'master', 'vmcb1000', 'up'],
+            self.dnsmasq(),
+        ]
+
+    def hosts(self) -> str:
+        with open(os.path.join(self.files, 'hosts')) as f:
+            return f.read()
+
+    def test_plug_a_new_network(self):
+        self.assertEqual('vmcb1000', self.agent.plug(NET, DHCP, ['10.77.0.2', ''], 'i-1', P1))
+        self.assertEqual(self.new_network(), self.runner.take())
+        self.assertEqual('52:54:00:00:03:02,10.200.3.2,i-1\n', self.hosts())
+        self.assertEqual(self.ns, self.agent.namespace('net-1'))
+        record = self.agent.networks()['net-1']
+        self.assertEqual({'i-1': P1}, record['ports'])
+        self.assertEqual(['10.77.0.2'], record['peers'])
+
+    def test_plug_into_an_existing_network_and_twice(self):
+        self.agent.plug(NET, DHCP, ['10.77.0.2'], 'i-1', P1)
+        self.runner.take()
+        [pid] = self.runner.procs
+        self.agent.plug(NET, DHCP, ['10.77.0.2'], 'i-2', P2)
+        self.assertEqual([], self.runner.take())    # every device is there
+        self.assertEqual([(pid, signal.SIGHUP)], self.runner.signals)
+        self.assertEqual('52:54:00:00:03:02,10.200.3.2,i-1\n'
+                         '52:54:00:00:03:03,10.200.3.3,i-2\n', self.hosts())
+        self.agent.plug(NET, DHCP, ['10.77.0.2'], 'i-2', P2)
+        self.assertEqual([], self.runner.take())
+        self.assertEqual(1, len(self.runner.signals))    # nothing changed: no SIGHUP
+        self.assertEqual(['i-1', 'i-2'], sorted(self.agent.networks()['net-1']['ports']))
+
+    def test_a_device_already_there_is_reused(self):
+        self.runner.links['vmcb1000'] = {'flags': ['UP'], 'master': None}
+        self.agent.plug(NET, DHCP, [], 'i-1', P1)
+        self.runner.take()
+        self.runner.links.pop('vmcx1000')   # lost: made again
+        self.agent.plug(NET, DHCP, [], 'i-2', P2)
+        self.assertEqual([
+            ['ip', 'link', 'add', 'vmcx1000', 'mtu', '1450', 'type', 'vxlan', 'id', '1000',
+             'dstport', '4789', 'local', '10.77.0.1', 'nolearning'],
+            ['disable_ipv6', 'vmcx1000'],
+            ['ip', 'link', 'set', 'vmcx1000', 'master', 'vmcb1000', 'up']],
+            self.runner.take())
+
+    def test_unplug_of_the_last_port_tears_down(self):
+        self.agent.plug(NET, DHCP, ['10.77.0.2'], 'i-1', P1)
+        self.agent.plug(NET, DHCP, ['10.77.0.2'], 'i-2', P2)
+        [pid] = self.runner.procs
+        self.runner.take()
+        self.agent.unplug('net-1', 'i-1')
+        self.assertEqual([], self.runner.take())
+        self.assertEqual((pid, signal.SIGHUP), self.runner.signals[-1])
+        self.agent.unplug('net-1', 'i-2')
+        self.assertEqual((pid, signal.SIGTERM), self.runner.signals[-1])
+        # dnsmasq, the namespace (its veth goes with it), the vxlan, the bridge.
+        self.assertEqual([['ip', 'netns', 'delete', self.ns],
+                          ['ip', 'link', 'del', 'vmcx1000'],
+                          ['ip', 'link', 'del', 'vmcb1000']], self.runner.take())
+        self.assertEqual({}, self.agent.networks())
+        self.assertEqual([], self.agent.leftovers())
+        self.assertFalse(os.path.exists(self.files))
+        self.agent.unplug('net-1', 'i-2')      # unknown: no error
+        self.agent.unplug('other', 'i-2')
+        self.assertRaises(exception.NetworkNotFound, self.agent.namespace, 'net-1')
+
+    def test_set_peers_adds_and_removes_fdb_entries(self):
+        self.agent.plug(NET, DHCP, ['10.77.0.2', '10.77.0.3'], 'i-1', P1)
+        self.runner.take()
+        self.agent.set_peers('net-1', ['10.77.0.3', '10.77.0.4'])
+        self.assertEqual([
+            ['bridge', 'fdb', 'append', '00:00:00:00:00:00', 'dev', 'vmcx1000', 'dst',
+             '10.77.0.4'],
+            ['bridge', 'fdb', 'del', '00:00:00:00:00:00', 'dev', 'vmcx1000', 'dst',
+             '10.77.0.2']], self.runner.take())
+        self.assertEqual(['10.77.0.3', '10.77.0.4'], self.agent.networks()['net-1']['peers'])
+        self.agent.set_peers('unknown', ['10.77.0.9'])
+        self.assertEqual([], self.runner.take())
+
+    def test_a_failing_command_mid_plug_leaves_nothing(self):
+        self.runner.fail = ['ip', '-n', self.ns, 'addr', 'add']
+        error = self.assertRaises(exception.NetworkError, self.agent.plug, NET, DHCP,
+                                  ['10.77.0.2'], 'i-1', P1)
+        self.assertIn('ip -n ' + self.ns + ' addr add 10.200.3.254/24 dev eth0', str(error))
+        self.assertIn('boom', str(error))
+        self.assertEqual([], self.agent.leftovers())
+        self.assertEqual({}, self.agent.networks())
+        self.assertEqual({}, self.runner.links)
+        self.assertEqual(set(), self.runner.namespaces)
+
+    def test_reconcile(self):
+        self.agent.plug(NET, DHCP, [], 'i-1', P1)
+        self.agent.plug(NET, DHCP, [], 'i-2', P2)
+        other = {'id': 'net-2', 'vni': 1001, 'cidr': '10.200.4.0/24'}
+        self.agent.plug(other, DHCP, [], 'i-3', P1)
+        # Strays: a bridge and a namespace of no record, and a dead dnsmasq.
+        self.runner.links['vmcb1077'] = {'flags': ['UP'], 'master': None}
+        self.runner.namespaces.add(f'vmcloud-1077-{self.agent.tag}')
+        self.runner.namespaces.add('vmcloud-1077-someoneelse')
+        for pid, argv in list(self.runner.procs.items()):
+            if f'--pid-file={self.files}/pid' in argv:
+                del self.runner.procs[pid]
+        self.runner.take()
+        self.agent.reconcile({'net-1': {'i-1'}})
+        self.assertEqual({'net-1'}, set(self.agent.networks()))
+        self.assertEqual({'i-1': P1}, self.agent.networks()['net-1']['ports'])
+        self.assertEqual('52:54:00:00:03:02,10.200.3.2,i-1\n', self.hosts())
+        calls = self.runner.take()
+        self.assertEqual(self.dnsmasq(), calls[0])    # the dead dnsmasq restarted
+        self.assertEqual([['ip', 'netns', 'delete', f'vmcloud-1001-{self.agent.tag}'],
+                          ['ip', 'link', 'del', 'vmcx1001'],
+                          ['ip', 'link', 'del', 'vmcb1001'],
+                          ['ip', 'netns', 'delete', f'vmcloud-1077-{self.agent.tag}'],
+                          ['ip', 'link', 'del', 'vmcb1077']], calls[1:])
+        self.assertIn('vmcloud-1077-someoneelse', self.runner.namespaces)
+        self.assertEqual(['link vmcb1000', 'link vmcd1000', 'link vmcx1000', f'netns {self.ns}'],
+                         [x for x in self.agent.leftovers() if not x.startswith('dnsmasq')])
+
+    def test_names_fit_15_characters(self):
+        self.conf.set_override('vtep_address', '', group='network')
+        big = {'id': 'net-9', 'vni': 999999, 'cidr': '10.200.9.0/24'}
+        self.assertEqual('vmcb999999', self.agent.plug(big, DHCP, [], 'i-1', P1))
+        for argv in self.runner.take():
+            if argv[:3] == ['ip', 'link', 'add']:
+                self.assertLessEqual(len(argv[3]), 15)
+        self.assertFalse(any(n.startswith('vmcx') for n in self.runner.links))
+        self.assertRaises(exception.NetworkError, self.agent.bridge_name, 10 ** 11)
+        self.assertRaises(exception.NetworkError, self.agent.bridge_name, 0)

@@ -1,5 +1,6 @@
 """Test bases shared by unit and functional tests."""
 import os
+import random
 import subprocess
 
 import fixtures
@@ -7,6 +8,12 @@ import testtools
 from oslo_config import fixture as config_fixture
 
 import vmcloud.conf
+
+
+# Clouds of concurrent tests in the machine's network namespace each take VNIs from a
+# slot of their own: a network's bridge is vmcb<vni>, one name per namespace.
+VNI_SLOT = 1000
+VNI_SLOTS = range(10000, 990000, VNI_SLOT)
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:
@@ -29,6 +36,19 @@ class TestCase(testtools.TestCase):
         self.tmp = self.useFixture(fixtures.TempDir()).path
         self.state_path = os.path.join(self.tmp, 'state')
         self.conf.set_override('state_path', self.state_path)
+
+    def use_private_vni_range(self) -> dict[str, int]:
+        """Give this test's clouds a VNI range of their own (``[network] vni_min`` and
+        ``vni_max``, also returned for a config file): a test running a cloud with the
+        Linux network agent in the machine's namespace would otherwise build the same
+        bridge names (vmcb1000, ...) as another test worker's cloud. Two tests share a
+        slot with a chance of 1 in 980; their second plug is then refused (another
+        agent's bridge), never silently shared."""
+        low = random.choice(VNI_SLOTS)
+        values = {'vni_min': low, 'vni_max': low + VNI_SLOT - 1}
+        for key, value in values.items():
+            self.conf.set_override(key, value, 'network')
+        return values
 
     def assertBytesEqual(self, expected: bytes, actual: bytes) -> None:
         """Compare large byte strings without dumping them into the failure message."""

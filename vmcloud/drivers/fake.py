@@ -8,7 +8,8 @@ with guest_write().
 
 NICs model Ethernet segments, one per bridge: fake guests of one driver whose NICs
 are on the same bridge reach each other, others do not. A bridge exists for the
-fake if it exists on the host or was added with add_bridge(). Each guest takes the
+fake only if it was added with add_bridge() (the fake network agent does it), never
+because the machine has one of that name. Each guest takes the
 test guest's network flags from its command line (tools/guest/init): with a NIC,
 ``vmcloud.ip=ADDR/PREFIX`` (or, without it, the address ``leases`` holds for its
 first MAC: the fake's DHCP) prints ``VMCLOUD-NET eth0 ADDR/PREFIX``; it serves
@@ -134,10 +135,10 @@ class FakeDriver(base.Driver):
             self.bridges.discard(bridge)
 
     def bridge_exists(self, bridge: str) -> bool:
+        # Only its own: a real bridge of the machine (another cloud's) is no segment of
+        # the fake's guests, and tests must not depend on what the machine has.
         with self._lock:
-            if bridge in self.bridges:
-                return True
-        return super().bridge_exists(bridge)
+            return bridge in self.bridges
 
     def _configure_network(self, instance: FakeInstance) -> None:
         """What the test guest's init does with its network flags before boot-done."""

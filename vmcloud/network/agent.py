@@ -13,6 +13,12 @@ Per network (VNI ``V``) on this host:
   pair whose other end ``vmcdV`` is a port of the bridge; no route, no forwarding;
 - one dnsmasq in that namespace, DHCP only, serving this host's ports of the network.
 
+Ownership: the kernel names of these devices carry no owner, yet two agents may share
+one network namespace (two clouds on one machine by mistake, two all-in-one test clouds
+side by side): each device this agent makes carries the ifalias ``vmcloud:<tag>``. A
+device of one of our names that another agent's alias marks is never used, changed or
+removed: plug() refuses it.
+
 State: one JSON record per network in ``[network] state_dir``, changed under an flock of
 ``<state_dir>/lock``: compute managers of one machine sharing the directory share the
 bridge, and the network goes when the last port of any of them goes. dnsmasq outlives
@@ -38,6 +44,8 @@ from vmcloud.network import probe
 LOG = logging.getLogger(__name__)
 
 MAX_IFNAME = 15
+ALIAS_PREFIX = 'vmcloud:'
+_KINDS = {'vmcb': 'bridge', 'vmcx': 'VXLAN device', 'vmcd': 'veth'}
 ZERO_MAC = '00:00:00:00:00:00'
 # dnsmasq gets this long to exit after SIGTERM, then again after SIGKILL.
 STOP_TIMEOUT = 5.0
@@ -57,6 +65,9 @@ class NetworkAgent:
         self.tag = hashlib.sha1(self.state_dir.encode()).hexdigest()[:8]
         self.runner = runner or linux.Runner()
         self._namespace_re = re.compile(rf'^vmcloud-(\d+)-{self.tag}$')
+        # Set on every device this agent makes in the host's namespace (the DHCP
+        # namespaces carry the tag in their names already).
+        self.alias = f'{ALIAS_PREFIX}{self.tag}'
 
     # -- names -------------------------------------------------------------
 
@@ -95,7 +106,11 @@ class NetworkAgent:
         # exclude each other as other processes do.
         with open(os.path.join(self.state_dir, 'lock'), 'a') as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+            # Then the namespace's lock (always in this order): an agent of another
+            # state directory must not see a device between its `ip link add` and its
+            # alias, unowned, and adopt it.
+            with self.runner.namespace_lock():
+                yield
 
     def _record_path(self, network_id: str) -> str:
         if not _NETWORK_ID.match(network_id or ''):
@@ -164,12 +179,14 @@ class NetworkAgent:
                 if any(a.startswith(prefix) and a.endswith(suffix) for a in argv)]
 
     def leftovers(self) -> list[str]:
-        """Everything of this agent on this host: our devices ('link vmcb1000'), DHCP
+        """Everything of this agent on this host: our devices ('link vmcb1000', those
+        with our alias: another agent's in this namespace are not ours), DHCP
         namespaces ('netns vmcloud-1000-TAG') and dnsmasq processes ('dnsmasq PID').
 
         :raises: NetworkError if they cannot be listed.
         """
-        found = [f'link {name}' for name in sorted(self._links()) if _DEVICE.match(name)]
+        found = [f'link {name}' for name, link in sorted(self._links().items())
+                 if _DEVICE.match(name) and _alias(link) == self.alias]
         found += [f'netns {ns}' for ns in sorted(self._namespaces())
                   if self._namespace_re.match(ns)]
         found += [f'dnsmasq {pid}' for pid in self._dnsmasq_pids()]
@@ -186,10 +203,13 @@ class NetworkAgent:
 
         :returns: the bridge name.
         :raises: NetworkError naming the command that failed (nothing half-made is left
-            for a new network).
+            for a new network); NetworkError naming the device and its owner, with
+            nothing made, if another agent's device has one of the network's names.
         """
         bridge = self.bridge_name(network['vni'])
         with self._locked():
+            links = self._links()
+            self._check_owner(links, network['vni'])
             record = self._read(network['id'])
             new = record is None
             if new:
@@ -200,7 +220,8 @@ class NetworkAgent:
             record['ports'][instance] = dict(port)
             record['owners'][instance] = self.conf.host
             try:
-                self._ensure(record, fresh=new, hosts_changed=_hosts_file(record) != old_hosts)
+                self._ensure(record, fresh=new, hosts_changed=_hosts_file(record) != old_hosts,
+                             links=links)
                 self._write(record)
             except (exception.NetworkError, OSError) as exc:
                 if new:
@@ -220,11 +241,30 @@ class NetworkAgent:
                  port['mac'], network['id'], bridge)
         return bridge
 
-    def _ensure(self, record: dict, fresh: bool = False, hosts_changed: bool = True) -> None:
+    def _check_owner(self, links: dict[str, dict], vni: int) -> None:
+        """:raises: NetworkError if a device of the network's names is another agent's."""
+        for prefix, kind in _KINDS.items():
+            name = self._device(prefix, vni)
+            owner = _alias(links.get(name, {}))
+            if owner and owner != self.alias:
+                raise exception.NetworkError(
+                    f'{kind} {name} belongs to another vmcloud network agent ({owner}): '
+                    f'one machine namespace serves one cloud')
+
+    def _claim(self, name: str, links: dict[str, dict]) -> None:
+        """Mark ``name`` ours unless it is: a device just made, or one without an alias
+        (left by an agent from before aliases, or by us between add and alias)."""
+        if _alias(links.get(name, {})) != self.alias:
+            self.runner.run(['ip', 'link', 'set', name, 'alias', self.alias])
+
+    def _ensure(self, record: dict, fresh: bool = False, hosts_changed: bool = True,
+                links: dict[str, dict] | None = None) -> None:
         """Make every missing part of the network, then its dnsmasq serve the record's
         ports: started if it is not running, else told of a changed hosts file.
+        ``links``: what _links() just said, when the caller has it.
 
-        :raises: NetworkError, OSError.
+        :raises: NetworkError (also for a device of another agent, before any
+            change), OSError.
         """
         network, dhcp = record['network'], record['dhcp_port']
         vni = network['vni']
@@ -233,12 +273,16 @@ class NetworkAgent:
         mtu = str(self.conf.network.mtu)
         vtep = self.conf.network.vtep_address
         run = self.runner.run
-        links = {} if fresh else self._links()
-        namespaces = set() if fresh else self._namespaces()
+        # Listed even for a new network: a device of its names may be there already
+        # (another agent's, which stops us here, or one left unowned).
+        links = self._links() if links is None else links
+        self._check_owner(links, vni)
+        namespaces = self._namespaces()
 
         if bridge not in links:
             run(['ip', 'link', 'add', bridge, 'mtu', mtu, 'type', 'bridge'])
             self.runner.disable_ipv6(bridge)
+        self._claim(bridge, links)
         if 'UP' not in links.get(bridge, {}).get('flags', ()):
             run(['ip', 'link', 'set', bridge, 'up'])
 
@@ -249,6 +293,7 @@ class NetworkAgent:
                      'dstport', str(self.conf.network.vxlan_port), 'local', vtep,
                      'nolearning'])
                 self.runner.disable_ipv6(vxlan)
+            self._claim(vxlan, links)
             link = links.get(vxlan, {})
             if link.get('master') != bridge or 'UP' not in link.get('flags', ()):
                 run(['ip', 'link', 'set', vxlan, 'master', bridge, 'up'])
@@ -266,10 +311,13 @@ class NetworkAgent:
             run(['ip', 'link', 'add', veth, 'mtu', mtu, 'type', 'veth',
                  'peer', 'name', 'eth0', 'mtu', mtu, 'netns', namespace])
             self.runner.disable_ipv6(veth)
+            self._claim(veth, {})
             run(['ip', '-n', namespace, 'link', 'set', 'eth0', 'address', dhcp['mac']])
             run(['ip', '-n', namespace, 'addr', 'add', f'{dhcp["address"]}/{prefix}',
                  'dev', 'eth0'])
             run(['ip', '-n', namespace, 'link', 'set', 'eth0', 'up'])
+        else:
+            self._claim(veth, links)
         link = links.get(veth, {})
         if link.get('master') != bridge or 'UP' not in link.get('flags', ()):
             run(['ip', 'link', 'set', veth, 'master', bridge, 'up'])
@@ -421,7 +469,13 @@ class NetworkAgent:
     def _delete_links(self, names: list[str]) -> None:
         links = self._links()
         for name in names:
-            if name in links:
+            owner = _alias(links.get(name, {}))
+            if owner and owner != self.alias:
+                # Another agent's, made after ours went (or ours never was): not ours
+                # to remove.
+                LOG.warning('leaving %s: it belongs to another vmcloud network agent (%s)',
+                            name, owner)
+            elif name in links:
                 try:
                     self.runner.run(['ip', 'link', 'del', name])
                 except exception.NetworkError:
@@ -490,9 +544,20 @@ class NetworkAgent:
         for kind in ('vmcd', 'vmcx', 'vmcb'):
             for name in sorted(links):
                 match = _DEVICE.match(name)
-                if name.startswith(kind) and match and int(match.group(1)) not in vnis:
+                # Only devices with our alias. Not another agent's sharing this
+                # namespace; and not one without an alias either: it may be a device
+                # of an agent from before aliases (or of another cloud's such agent)
+                # whose network this agent has no record of. An unaliased device of a
+                # network we do have a record of is adopted by _ensure instead.
+                if name.startswith(kind) and match and int(match.group(1)) not in vnis \
+                        and _alias(links[name]) == self.alias:
                     LOG.info('reconcile: deleting device %s of no network', name)
                     self.runner.run(['ip', 'link', 'del', name])
+
+
+def _alias(link: dict) -> str:
+    """The ifalias of a link as `ip -j -d link show` lists it ('' for none)."""
+    return link.get('ifalias') or ''
 
 
 def _peers(peers: list[str]) -> list[str]:

@@ -1,12 +1,18 @@
 """What the network agent asks of the machine: commands (ip, bridge, dnsmasq) run with a
 timeout, and the processes it finds and signals. One small interface, so that unit tests
 substitute a recording fake for all of it."""
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
+import tempfile
 from typing import Iterator, Sequence
 
 from vmcloud import exception
+
+# Where the locks of network namespaces live (a tmpfs, so none outlives a boot).
+LOCK_DIR = '/run/lock'
 
 # ip and bridge return in milliseconds unless the kernel is stuck; dnsmasq daemonises at once.
 COMMAND_TIMEOUT = 30.0
@@ -70,3 +76,25 @@ class Runner:
             pass
         except OSError as exc:
             raise exception.NetworkError(f'cannot disable IPv6 on {device}: {exc}') from exc
+
+    @contextlib.contextmanager
+    def namespace_lock(self) -> Iterator[None]:
+        """Hold the lock of this process's network namespace: agents of different state
+        directories whose devices share it take it around their changes.
+
+        The lock file is named by the namespace's inode (the same for every process in
+        it, different for every live namespace); a file left by a namespace long gone
+        holds nothing, so one whose inode is reused is harmless.
+
+        :raises: NetworkError if the lock file cannot be opened.
+        """
+        try:
+            inode = os.stat('/proc/self/ns/net').st_ino
+            directory = LOCK_DIR if os.path.isdir(LOCK_DIR) else tempfile.gettempdir()
+            lock = open(os.path.join(directory, f'vmcloud-network-netns-{inode}.lock'), 'a')
+        except OSError as exc:
+            raise exception.NetworkError(
+                f'cannot open the lock of this network namespace: {exc}') from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield

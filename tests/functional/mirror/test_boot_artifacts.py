@@ -33,6 +33,7 @@ class BootFromWarehouseArtifactsTest(base.TestCase):
     def setUp(self):
         super().setUp()
         self.conf.set_override('heartbeat_interval', 1)
+        self.use_private_vni_range()
         self.cloud = allinone.AllInOne(self.conf, hosts=1, driver='qemu')
         self.cloud.warehouse.import_image(guest.path('disk.img'), 'guest')
         for leaf, image in ARTIFACTS.items():

@@ -55,6 +55,10 @@ except OSError as exc:
 '''
 
 
+def tag_of(state_dir: str) -> str:
+    return hashlib.sha1(os.path.realpath(state_dir).encode()).hexdigest()[:8]
+
+
 def network(name: str, vni: int, cidr: str) -> dict:
     return {'id': f'{name}-{secrets.token_hex(4)}', 'vni': vni, 'cidr': cidr}
 
@@ -106,17 +110,19 @@ class AgentOnTwoHostsTest(base.TestCase):
 
     # -- helpers -------------------------------------------------------------
 
-    def _sweep_agent(self, host) -> None:
-        """Whatever the agent of ``host`` left: its DHCP namespaces (and the dnsmasq in
-        them); its devices go with the host's namespace."""
-        tag = hashlib.sha1(os.path.realpath(host.state_dir).encode()).hexdigest()[:8]
+    def _sweep_agent(self, host, state_dir: str | None = None) -> None:
+        """Whatever the agent of ``host`` (or of ``state_dir`` in it) left: its DHCP
+        namespaces (and the dnsmasq in them); its devices go with the host's namespace."""
+        tag = tag_of(state_dir or host.state_dir)
         for namespace in netns.namespaces():
             if namespace.startswith('vmcloud-') and namespace.endswith(f'-{tag}'):
                 netns.delete_namespace(namespace)
 
-    def call(self, host, method: str, *args, check=True):
-        request = {'state_dir': host.state_dir, 'vtep': host.address, 'host': host.name,
-                   'call': method, 'args': list(args)}
+    def call(self, host, method: str, *args, check=True, state_dir: str | None = None):
+        """``method`` of the agent of ``host`` (of ``state_dir`` in it: another agent
+        in the host's namespace)."""
+        request = {'state_dir': state_dir or host.state_dir, 'vtep': host.address,
+                   'host': host.name, 'call': method, 'args': list(args)}
         # nsenter, not `ip netns exec`: only the network namespace is the host's. ip's
         # private mount namespace would hide the DHCP namespaces' mounts that the agent
         # makes in /run/netns from every other process.
@@ -297,3 +303,41 @@ class AgentOnTwoHostsTest(base.TestCase):
         self.assertEqual(f'{guest.address}/24 router= dns=', self.dhcp(guest))
         self.call(host, 'reconcile', {})
         self.assertEqual([], self.call(host, 'leftovers'))
+
+    def _links(self, host) -> dict[str, dict]:
+        """Our devices in the host's namespace, checked independently of the agent."""
+        links = json.loads(host.run(['ip', '-j', '-d', 'link', 'show']).stdout)
+        keys = ('ifindex', 'ifalias', 'master', 'flags')
+        return {link['ifname']: {k: link.get(k) for k in keys}
+                for link in links if re.match(r'^vmc[bxd]\d+$', link['ifname'])}
+
+    def test_a_second_agent_in_one_namespace_is_refused_and_leaves_the_first_alone(self):
+        host = self.hosts[0]
+        other = os.path.join(self.tmp, 'other-agent')
+        self.addCleanup(self._sweep_agent, host, other)
+        bridge = self.plug(host, self.a, 254, 'g1', 2)
+        guest = self.guest(host, bridge, port(self.a, 2))
+        before = self._links(host)
+        self.assertEqual({'vmcb1000', 'vmcx1000', 'vmcd1000'}, set(before))
+        for name, link in before.items():
+            self.assertEqual(f'vmcloud:{tag_of(host.state_dir)}', link['ifalias'], name)
+        [dnsmasq] = self._dnsmasqs(host)
+
+        # Another cloud's agent on the same machine namespace, the same VNI.
+        b = network('b', 1000, '10.200.1.0/24')
+        done = self.call(host, 'plug', b, port(b, 254), [], 'x1', port(b, 2), check=False,
+                         state_dir=other)
+        self.assertNotEqual(0, done.returncode)
+        self.assertIn(f'bridge vmcb1000 belongs to another vmcloud network agent '
+                      f'(vmcloud:{tag_of(host.state_dir)}): one machine namespace serves '
+                      f'one cloud', done.stderr)
+        self.assertEqual({}, self.call(host, 'networks', state_dir=other))
+        self.assertEqual([], self.call(host, 'leftovers', state_dir=other))
+        # Its reconcile (it has no record) removes nothing of the first's.
+        self.call(host, 'reconcile', {}, state_dir=other)
+        self.assertEqual(before, self._links(host))
+        self.assertEqual([dnsmasq], self._dnsmasqs(host))
+        self.assertIn(self.call(host, 'namespace', self.a['id']), netns.namespaces())
+        self.assertEqual(f'{guest.address}/24 router= dns=', self.dhcp(guest))
+        self.assertEqual(sorted(f'link {n}' for n in before), [
+            x for x in self.call(host, 'leftovers') if x.startswith('link ')])

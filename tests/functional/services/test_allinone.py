@@ -18,6 +18,7 @@ class AllInOneQemuTest(base.TestCase):
     def setUp(self):
         super().setUp()
         self.conf.set_override('heartbeat_interval', 1)
+        self.use_private_vni_range()
         self.cloud = allinone.AllInOne(self.conf, hosts=2, driver='qemu')
         self.cloud.warehouse.import_image(guest.path('disk.img'), 'guest')
         self.cloud.start()
@@ -61,6 +62,7 @@ class ComputeRestartQemuTest(base.TestCase):
     def setUp(self):
         super().setUp()
         self.conf.set_override('heartbeat_interval', 1)
+        self.use_private_vni_range()
         self.cloud = allinone.AllInOne(self.conf, hosts=1, driver='qemu')
         self.cloud.warehouse.import_image(guest.path('disk.img'), 'guest')
         self.cloud.start()

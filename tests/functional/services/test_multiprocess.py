@@ -49,6 +49,8 @@ class MultiProcessTest(base.TestCase):
                         'rpc_call_timeout': 30},
             'database': {'connection':
                          f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}'},
+            # Its compute managers' Linux network agent runs in the machine's namespace.
+            'network': self.use_private_vni_range(),
         }
         self.config = self.write_config(**self.options)
         rpc.register_opts(self.conf)

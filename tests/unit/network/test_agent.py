@@ -1,4 +1,5 @@
 """The network agent against a fake machine: the exact commands it runs."""
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ P2 = {'mac': '52:54:00:00:03:03', 'address': '10.200.3.3'}
 class FakeRunner:
     """A machine that keeps the links, namespaces, FDB entries and dnsmasq processes
     the commands make, and records every command (queries apart, in ``calls``) and
-    signal (``signals``). ``fail`` = a command prefix that fails."""
+    signal (``signals``). ``fail`` = a command prefix that fails. Like the kernel, ``ip
+    link add`` of a name that is there fails; ``locks`` counts namespace_lock()s held."""
 
     def __init__(self):
         self.calls: list[list[str]] = []
@@ -27,6 +29,7 @@ class FakeRunner:
         self.procs: dict[int, list[str]] = {}
         self.next_pid = 4000
         self.fail: list[str] | None = None
+        self.locks = 0
 
     def run(self, argv, timeout=None):
         argv = list(argv)
@@ -41,6 +44,8 @@ class FakeRunner:
         if self.fail is not None and argv[:len(self.fail)] == self.fail:
             raise exception.NetworkError(f'{" ".join(argv)} failed (2): boom')
         if argv[:3] == ['ip', 'link', 'add']:
+            if argv[3] in self.links:
+                raise exception.NetworkError(f'{" ".join(argv)} failed (2): File exists')
             self.links[argv[3]] = {'flags': [], 'master': None}
             if 'veth' in argv:
                 self.links[argv[3]]['peer'] = argv[argv.index('netns') + 1]
@@ -50,6 +55,8 @@ class FakeRunner:
                 link['flags'] = ['UP']
             if 'master' in argv:
                 link['master'] = argv[argv.index('master') + 1]
+            if 'alias' in argv:
+                link['ifalias'] = argv[argv.index('alias') + 1]
         elif argv[:3] == ['ip', 'link', 'del']:
             self.links.pop(argv[3])
         elif argv[:3] == ['ip', 'netns', 'add']:
@@ -80,6 +87,14 @@ class FakeRunner:
             del self.procs[pid]
         return True
 
+    @contextlib.contextmanager
+    def namespace_lock(self):
+        self.locks += 1
+        try:
+            yield
+        finally:
+            self.locks -= 1
+
     def disable_ipv6(self, device):
         self.calls.append(['disable_ipv6', device])
 
@@ -97,6 +112,10 @@ class AgentTest(base.TestCase):
         self.agent = agent_mod.NetworkAgent(self.conf, runner=self.runner)
         self.ns = f'vmcloud-1000-{self.agent.tag}'
         self.files = os.path.join(self.state_path, 'network', 'net-1')
+        self.alias = f'vmcloud:{self.agent.tag}'
+
+    def claim(self, name: str) -> list[str]:
+        return ['ip', 'link', 'set', name, 'alias', self.alias]
 
     def dnsmasq(self) -> list[str]:
         return ['ip', 'netns', 'exec', self.ns, 'dnsmasq', '--conf-file=/dev/null',
@@ -111,10 +130,12 @@ class AgentTest(base.TestCase):
         return [
             ['ip', 'link', 'add', 'vmcb1000', 'mtu', '1450', 'type', 'bridge'],
             ['disable_ipv6', 'vmcb1000'],
+            self.claim('vmcb1000'),
             ['ip', 'link', 'set', 'vmcb1000', 'up'],
             ['ip', 'link', 'add', 'vmcx1000', 'mtu', '1450', 'type', 'vxlan', 'id', '1000',
              'dstport', '4789', 'local', '10.77.0.1', 'nolearning'],
             ['disable_ipv6', 'vmcx1000'],
+            self.claim('vmcx1000'),
             ['ip', 'link', 'set', 'vmcx1000', 'master', 'vmcb1000', 'up'],
             ['bridge', 'fdb', 'append', '00:00:00:00:00:00', 'dev', 'vmcx1000', 'dst',
              '10.77.0.2'],
@@ -123,6 +144,7 @@ class AgentTest(base.TestCase):
             ['ip', 'link', 'add', 'vmcd1000', 'mtu', '1450', 'type', 'veth', 'peer', 'name',
              'eth0', 'mtu', '1450', 'netns', self.ns],
             ['disable_ipv6', 'vmcd1000'],
+            self.claim('vmcd1000'),
             ['ip', '-n', self.ns, 'link', 'set', 'eth0', 'address', DHCP['mac']],
             ['ip', '-n', self.ns, 'addr', 'add', '10.200.3.254/24', 'dev', 'eth0'],
             ['ip', '-n', self.ns, 'link', 'set', 'eth0', 'up'],
@@ -157,18 +179,66 @@ class AgentTest(base.TestCase):
         self.assertEqual(1, len(self.runner.signals))    # nothing changed: no SIGHUP
         self.assertEqual(['i-1', 'i-2'], sorted(self.agent.networks()['net-1']['ports']))
 
-    def test_a_device_already_there_is_reused(self):
+    def test_every_device_made_carries_our_alias(self):
+        self.agent.plug(NET, DHCP, ['10.77.0.2'], 'i-1', P1)
+        self.assertEqual({'vmcb1000', 'vmcx1000', 'vmcd1000'}, set(self.runner.links))
+        for name, link in self.runner.links.items():
+            self.assertEqual(self.alias, link.get('ifalias'), name)
+        # Set right after each add, under the namespace's lock.
+        calls = self.runner.take()
+        for name in ('vmcb1000', 'vmcx1000', 'vmcd1000'):
+            add = next(i for i, c in enumerate(calls) if c[:4] == ['ip', 'link', 'add', name])
+            self.assertEqual(self.claim(name), calls[add + 2])
+        self.assertEqual(0, self.runner.locks)
+
+    def test_a_device_already_there_is_reused_and_adopted(self):
+        # Without an alias: an agent's from before aliases.
         self.runner.links['vmcb1000'] = {'flags': ['UP'], 'master': None}
         self.agent.plug(NET, DHCP, [], 'i-1', P1)
-        self.runner.take()
+        self.assertNotIn(['ip', 'link', 'add', 'vmcb1000', 'mtu', '1450', 'type', 'bridge'],
+                         self.runner.calls)
+        self.assertEqual(self.claim('vmcb1000'), self.runner.take()[0])
+        self.assertEqual(self.alias, self.runner.links['vmcb1000']['ifalias'])
         self.runner.links.pop('vmcx1000')   # lost: made again
         self.agent.plug(NET, DHCP, [], 'i-2', P2)
         self.assertEqual([
             ['ip', 'link', 'add', 'vmcx1000', 'mtu', '1450', 'type', 'vxlan', 'id', '1000',
              'dstport', '4789', 'local', '10.77.0.1', 'nolearning'],
             ['disable_ipv6', 'vmcx1000'],
+            self.claim('vmcx1000'),
             ['ip', 'link', 'set', 'vmcx1000', 'master', 'vmcb1000', 'up']],
             self.runner.take())
+
+    def test_another_agents_device_is_refused_and_nothing_made(self):
+        for name, kind in (('vmcb1000', 'bridge'), ('vmcx1000', 'VXLAN device'),
+                           ('vmcd1000', 'veth')):
+            theirs = {name: {'flags': ['UP'], 'master': None, 'ifalias': 'vmcloud:abcd1234'}}
+            self.runner.links = json.loads(json.dumps(theirs))
+            error = self.assertRaises(exception.NetworkError, self.agent.plug, NET, DHCP,
+                                      ['10.77.0.2'], 'i-1', P1)
+            self.assertIn(f'{kind} {name} belongs to another vmcloud network agent '
+                          f'(vmcloud:abcd1234): one machine namespace serves one cloud',
+                          str(error))
+            self.assertEqual([], self.runner.take())
+            self.assertEqual(theirs, self.runner.links)
+            self.assertEqual(set(), self.runner.namespaces)
+            self.assertEqual({}, self.runner.procs)
+            self.assertEqual({}, self.agent.networks())
+            self.assertEqual([], self.agent.leftovers())
+
+    def test_a_device_taken_by_another_agent_is_left_by_reconcile_and_unplug(self):
+        self.agent.plug(NET, DHCP, [], 'i-1', P1)
+        # Ours went (deleted by hand) and another agent made one of that name.
+        self.runner.links['vmcb1000'] = {'flags': ['UP'], 'master': None,
+                                         'ifalias': 'vmcloud:abcd1234'}
+        self.runner.take()
+        error = self.assertRaises(exception.NetworkError, self.agent.reconcile,
+                                  {'net-1': {'i-1'}})
+        self.assertIn('bridge vmcb1000 belongs to another', str(error))
+        self.agent.unplug('net-1', 'i-1')
+        self.assertNotIn(['ip', 'link', 'del', 'vmcb1000'], self.runner.take())
+        self.assertEqual('vmcloud:abcd1234', self.runner.links['vmcb1000']['ifalias'])
+        self.assertEqual([], self.agent.leftovers())
 
     def test_unplug_of_the_last_port_tears_down(self):
         self.agent.plug(NET, DHCP, ['10.77.0.2'], 'i-1', P1)
@@ -220,8 +290,17 @@ class AgentTest(base.TestCase):
         self.agent.plug(NET, DHCP, [], 'i-2', P2)
         other = {'id': 'net-2', 'vni': 1001, 'cidr': '10.200.4.0/24'}
         self.agent.plug(other, DHCP, [], 'i-3', P1)
-        # Strays: a bridge and a namespace of no record, and a dead dnsmasq.
-        self.runner.links['vmcb1077'] = {'flags': ['UP'], 'master': None}
+        # Strays: a bridge and a namespace of no record, and a dead dnsmasq. Another
+        # agent's devices of no record of ours (one of our records' VNI too), and one
+        # without an alias, stay.
+        self.runner.links['vmcb1077'] = {'flags': ['UP'], 'master': None,
+                                         'ifalias': self.alias}
+        theirs = {'vmcb1078': {'flags': ['UP'], 'master': None, 'ifalias': 'vmcloud:0ther000'},
+                  'vmcd1078': {'flags': ['UP'], 'master': 'vmcb1078',
+                               'ifalias': 'vmcloud:0ther000'},
+                  'vmcx1079': {'flags': ['UP'], 'master': None, 'ifalias': 'vmcloud:0ther000'},
+                  'vmcb1080': {'flags': ['UP'], 'master': None}}
+        self.runner.links.update(theirs)
         self.runner.namespaces.add(f'vmcloud-1077-{self.agent.tag}')
         self.runner.namespaces.add('vmcloud-1077-someoneelse')
         for pid, argv in list(self.runner.procs.items()):
@@ -240,6 +319,8 @@ class AgentTest(base.TestCase):
                           ['ip', 'netns', 'delete', f'vmcloud-1077-{self.agent.tag}'],
                           ['ip', 'link', 'del', 'vmcb1077']], calls[1:])
         self.assertIn('vmcloud-1077-someoneelse', self.runner.namespaces)
+        for name, link in theirs.items():
+            self.assertEqual(link, self.runner.links[name])
         self.assertEqual(['link vmcb1000', 'link vmcd1000', 'link vmcx1000', f'netns {self.ns}'],
                          [x for x in self.agent.leftovers() if not x.startswith('dnsmasq')])
 

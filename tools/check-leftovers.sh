@@ -2,8 +2,9 @@
 # After the test suite (tools/run-tests.sh): nothing the tests made may be left on the
 # machine: guest network devices (bridges vmcb*, VXLAN vmcx*, DHCP veths vmcd*, taps vmct*,
 # the driver tests' bridges vtbr*), the network agents' DHCP namespaces (vmcloud-*) and the
-# harness's host namespaces (vmcnet-*), the agents' dnsmasq and any qemu. Each test cleans
-# up after itself; this catches what one forgot. Exits 1 listing every leftover.
+# harness's host namespaces (vmcnet-*), the bridges' nftables guards, the agents' dnsmasq
+# and any qemu. Each test cleans up after itself; this catches what one forgot. Exits 1
+# listing every leftover.
 set -uo pipefail
 left=()
 while read -r name; do
@@ -13,6 +14,10 @@ done < <(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 \
 while read -r name _; do
     left+=("netns $name")
 done < <(ip netns list | grep -E '^(vmcloud|vmcnet)-')
+# The bridges' guards: nftables netdev tables vmcloud_<vni>_<tag>.
+while read -r _ _ name; do
+    left+=("nft netdev table $name")
+done < <(nft list tables netdev 2>/dev/null | grep -E '^table netdev vmcloud_')
 # The agents' dnsmasq: no config file, one hosts file per network (libvirt's own has a
 # config file of its own and is not ours).
 while read -r pid _; do

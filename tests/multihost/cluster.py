@@ -781,7 +781,8 @@ class Cluster:
     def network_leftovers(self, host: str) -> list[str]:
         """What vmcloud made of guest networks on compute host ``host`` and is still
         there, one line each: its devices (bridges, VXLAN devices, veths, taps), its
-        agent's DHCP namespaces, and dnsmasq processes naming its state directory.
+        agent's DHCP namespaces, dnsmasq processes naming its state directory, and the
+        bridges' nftables guards.
 
         :raises: NetnsError.
         """
@@ -791,6 +792,9 @@ class Cluster:
                  if NETWORK_DEVICE.match(link['ifname'])]
         found += [f'{host}: netns {n}' for n in netns.agent_namespaces([node.state_dir])]
         found += [f'{host}: dnsmasq {p}' for p in node.processes() if p.program == 'dnsmasq']
+        # The bridges' guards (nftables netdev tables, doc/networking.md).
+        tables = node.run(['nft', 'list', 'tables', 'netdev']).stdout.split()
+        found += [f'{host}: nft netdev {t}' for t in tables if t.startswith('vmcloud_')]
         return found
 
     def agent_namespace(self, host: str, vni: int) -> str:

@@ -80,6 +80,33 @@ COMMAND_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 _NAME = re.compile(r'^[a-z][a-z0-9]{0,11}$')
 _NAMESPACE = re.compile(rf'^{PREFIX}-(\d+)-([0-9a-f]+)-([a-z0-9]+)$')
+
+
+# Programs a test runs inside a host with ``sys.executable -c``: an HTTP server answering
+# every GET with ``argv[1]`` on address ``argv[2]``, port ``argv[3]``; a GET of URL
+# ``argv[1]`` within ``argv[2]`` seconds, printing the body (exit 1 if it fails).
+HTTP_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (sys.argv[1] + "\\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer((sys.argv[2], int(sys.argv[3])), H).serve_forever()
+"""
+
+HTTP_FETCH = """
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode(), end="")
+except OSError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(1)
+"""
 # Where a host's network agent keeps its state ([network] state_dir, as
 # tests/multihost/cluster.py sets it) and how the agent names its DHCP namespaces
 # (vmcloud/network/agent.py: the tag is sha1 of that directory's real path).

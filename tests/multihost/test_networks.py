@@ -62,29 +62,6 @@ REACH_TRIES = 150
 REACH = re.compile(r'^VMCLOUD-REACH (\S+):(\d+) (yes|no)(?: (.*?))?\r?$', re.MULTILINE)
 STRAY_VNI = 4242
 
-SERVER = '''
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = (sys.argv[1] + "\\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer((sys.argv[2], int(sys.argv[3])), H).serve_forever()
-'''
-
-FETCH = '''
-import sys, urllib.request
-try:
-    print(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode(), end="")
-except OSError as exc:
-    print(exc, file=sys.stderr)
-    sys.exit(1)
-'''
-
 
 def reaches(console: str) -> list[tuple[str, bool, str]]:
     """The guest's reach probes in order: (address, answered, first line of the body)."""
@@ -146,8 +123,8 @@ class NetworkTestCase(test_cluster.CloudTestCase):
         return answer[1]
 
     def fetch(self, host: netns.Host, address: str) -> subprocess.CompletedProcess:
-        return host.run([sys.executable, '-c', FETCH, f'http://{address}/', str(PROBE_TIMEOUT)],
-                        check=False, timeout=PROBE_TIMEOUT + 30)
+        return host.run([sys.executable, '-c', netns.HTTP_FETCH, f'http://{address}/',
+                         str(PROBE_TIMEOUT)], check=False, timeout=PROBE_TIMEOUT + 30)
 
     def link(self, host: str, name: str) -> dict | None:
         done = self.cloud.computes[host].run(['ip', '-j', '-d', '-s', 'link', 'show', name],
@@ -204,7 +181,8 @@ class DeploymentNetworkTest(NetworkTestCase):
         """The client host answers HTTP on an address of the first deployment's subnet,
         on its underlay link (the only link it has)."""
         self.client.run(['ip', 'addr', 'add', f'{CLIENT}/{SUBNET.prefixlen}', 'dev', 'eth0'])
-        server = self.client.popen([sys.executable, '-c', SERVER, 'client', CLIENT, '80'])
+        server = self.client.popen([sys.executable, '-c', netns.HTTP_SERVER, 'client',
+                                    CLIENT, '80'])
         self.client.wait_for_tcp(CLIENT, 80, 30, server)
         return server
 
@@ -308,8 +286,11 @@ class DeploymentNetworkTest(NetworkTestCase):
         for pid in self.dnsmasqs('node1', net['id']):
             os.kill(pid, signal.SIGKILL)
         node1.run(['ip', 'link', 'del', f'vmcx{vni}'])
-        node1.run(['ip', 'link', 'add', f'vmcb{STRAY_VNI}', 'type', 'bridge'])
         stray = self.cloud.agent_namespace('node1', STRAY_VNI)
+        # Marked as its agent marks what it makes (one of another agent would be left).
+        node1.run(['ip', 'link', 'add', f'vmcb{STRAY_VNI}', 'type', 'bridge'])
+        node1.run(['ip', 'link', 'set', f'vmcb{STRAY_VNI}', 'alias',
+                   f'vmcloud:{stray.rsplit("-", 1)[1]}'])
         self.addCleanup(netns.delete_namespace, stray)
         subprocess.run(['ip', 'netns', 'add', stray], check=True, timeout=30)
         self.cloud.restart('compute-node1')

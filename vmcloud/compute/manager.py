@@ -280,10 +280,12 @@ class ComputeManager:
 
     def _reconcile_networks(self, by_name: dict[str, dict]) -> None:
         wanted: dict[str, set[str]] = {}
+        peers: dict[str, list[str]] = {}
         for name, instance in by_name.items():
             network = instance.get('network')
             if instance['state'] in KEPT and network:
                 wanted.setdefault(network['id'], set()).add(name)
+                peers[network['id']] = list(instance.get('peers') or ())
         if self.shared_driver:
             # The all-in-one's agent also holds the other nodes' ports, and those are not
             # this node's to decide: every port of a guest the dispatcher does not place
@@ -298,7 +300,11 @@ class ComputeManager:
                 wanted.setdefault(network_id, set()).update(
                     set(record.get('ports', {})) - set(by_name))
         try:
-            self.network_agent.reconcile(wanted)
+            self.network_agent.reconcile(wanted, owner=self.host)
+            # The peers as the dispatcher knows them now: a set_network_peers cast sent
+            # while this manager was away was lost with it.
+            for network_id, network_peers in sorted(peers.items()):
+                self.network_agent.set_peers(network_id, network_peers)
         except exception.VmcloudError as exc:
             # The guests kept run on: a network left wrong is named, not a refused start.
             LOG.error('adopting: cannot put the guest networks of %s right: %s', self.host,
@@ -442,7 +448,8 @@ class ComputeManager:
             if network:
                 port = instance['port']
                 bridge = self.network_agent.plug(network, instance['dhcp_port'],
-                                                 list(instance.get('peers') or ()), name, port)
+                                                 list(instance.get('peers') or ()), name, port,
+                                                 owner=self.host)
                 nics = (driver_base.Nic(mac=port['mac'], bridge=bridge),)
                 address = port['address']
             mirror = self.mirrors.create(name, instance['image'])
@@ -496,15 +503,18 @@ class ComputeManager:
             except exception.InstanceNotFound:
                 pass  # gone meanwhile
         # After the guest: its tap, in the bridge, goes with it (the driver's), then the
-        # network may go with its last port.
-        self._unplug(name)
+        # network may go with its last port. A port the agent cannot let go of (it stays
+        # for reconcile) keeps neither the disk nor the directory.
         try:
-            self.mirrors.remove(name)
-        except exception.MirrorNotFound:
-            pass
-        if not self.shared_driver:
-            shutil.rmtree(os.path.join(self.conf.compute.instances_path, name),
-                          ignore_errors=True)
+            self._unplug(name)
+        finally:
+            try:
+                self.mirrors.remove(name)
+            except exception.MirrorNotFound:
+                pass
+            if not self.shared_driver:
+                shutil.rmtree(os.path.join(self.conf.compute.instances_path, name),
+                              ignore_errors=True)
 
     def _unplug(self, name: str) -> None:
         """Forget ``name``'s port in whichever network of this machine has it (the destroy
@@ -513,7 +523,7 @@ class ComputeManager:
         :raises: NetworkError naming the command that failed.
         """
         for network_id in self.network_agent.networks():
-            self.network_agent.unplug(network_id, name)
+            self.network_agent.unplug(network_id, name, owner=self.host)
 
     @rpc.expose
     def set_network_peers(self, ctxt: dict, network_id: str, peers: list[str]) -> None:

@@ -4,7 +4,6 @@ import collections
 import datetime
 import json
 import logging
-import re
 import threading
 import uuid
 from typing import Callable
@@ -13,6 +12,7 @@ from typing import NamedTuple
 from oslo_config import cfg
 
 from vmcloud import exception
+from vmcloud.compute import readiness
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
 from vmcloud.db import models
@@ -28,46 +28,21 @@ LOG = logging.getLogger(__name__)
 
 Notify = Callable[[str, dict], None]
 
-HEALTH_KINDS = {'marker': (), 'tcp': ('port',), 'http': ('port', 'path'),
-                'console': ('pattern',)}
 
-
-def health_check(health: dict | None) -> dict:
-    """A deployment's readiness check, checked and completed: {'kind': 'marker'} (the
-    default: the guest's boot-done marker), {'kind': 'tcp', 'port'}, {'kind': 'http',
-    'port', 'path'} (path '/' by default) or {'kind': 'console', 'pattern'}, each with
-    an optional 'timeout' in seconds.
+def health_check(health: dict | None, build_timeout: int) -> dict:
+    """A deployment's readiness check, checked as its compute hosts check it
+    (``readiness.check``: what they would refuse is refused here, not a deployment whose
+    every build fails), its timeout at most ``build_timeout`` (the dispatcher ends a
+    build then, whatever the host still waits for).
 
     :raises: InvalidRequest naming what is wrong.
     """
-    health = dict(health or {'kind': 'marker'})
-    kind = health.get('kind')
-    if kind not in HEALTH_KINDS:
-        raise exception.InvalidRequest(f'health check kind {kind!r} is not one of '
-                                       f'{", ".join(HEALTH_KINDS)}')
-    if kind == 'http':
-        health.setdefault('path', '/')
-    unknown = set(health) - {'kind', 'timeout', *HEALTH_KINDS[kind]}
-    missing = set(HEALTH_KINDS[kind]) - set(health)
-    if unknown or missing:
+    health = readiness.check(health)
+    timeout = health.get('timeout')
+    if timeout is not None and not timeout <= build_timeout:
         raise exception.InvalidRequest(
-            f'a {kind} health check takes {", ".join(HEALTH_KINDS[kind]) or "no option"} '
-            f'and an optional timeout (got {", ".join(sorted(health)) or "nothing"})')
-    port, path, pattern = health.get('port', 1), health.get('path', '/'), health.get('pattern')
-    if type(port) is not int or not 1 <= port <= 65535:
-        raise exception.InvalidRequest(f'health check port {port!r} is not in 1..65535')
-    if not isinstance(path, str) or not path.startswith('/'):
-        raise exception.InvalidRequest(f'health check path {path!r} does not start with /')
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError) as exc:
-            raise exception.InvalidRequest(
-                f'health check pattern {pattern!r} is not a regular expression: {exc}') from exc
-    timeout = health.get('timeout', 1)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise exception.InvalidRequest(f'health check timeout {timeout!r} is not a number '
-                                       f'of seconds above 0')
+            f'health check timeout {timeout:g} s is above the dispatcher\'s '
+            f'build_timeout ({build_timeout} s), which ends every build')
     return health
 
 
@@ -94,7 +69,7 @@ class Deployer:
         :raises: InvalidRequest (a bad health check), NoValidHost, AddressPoolExhausted
             naming the pool (nothing written for either), DatabaseError.
         """
-        health = health_check(health)
+        health = health_check(health, self.conf.build_timeout)
         with self._claims:
             try:
                 deployment_id, placed, builds = self._place(refs, min_count, vcpus,

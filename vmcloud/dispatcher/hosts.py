@@ -3,6 +3,7 @@ dispatcher wants there, fencing, their free capacity, and the monitor that marks
 silent ones unknown and ends what passed its deadline."""
 import collections
 import datetime
+import ipaddress
 import logging
 import threading
 from typing import Callable
@@ -95,10 +96,20 @@ class HostRegistry:
 
         :returns: the host's instances that may have a guest there, for the manager to
             adopt or clean up: [{'id', 'name', 'state', 'attempts', 'image', 'network':
-            {'id', 'vni', 'cidr'} | None, 'port': {'mac', 'address'} | None}].
+            {'id', 'vni', 'cidr'} | None, 'port': {'mac', 'address'} | None, 'peers':
+            [VTEP addresses]}].
         :raises: HostNameInUse if another node holds the name, is not fenced and sent a
-            heartbeat within service_down_time; DatabaseError.
+            heartbeat within service_down_time; InvalidRequest if ``vtep_address`` is
+            neither '' nor an IP address (every other host would take it for a peer);
+            DatabaseError.
         """
+        if vtep_address:
+            try:
+                ipaddress.ip_address(vtep_address)
+            except ValueError:
+                raise exception.InvalidRequest(
+                    f'compute host {host}: [network] vtep_address {vtep_address!r} is not '
+                    f'an IP address') from None
         now = models.utcnow()
         alive_since = now - datetime.timedelta(seconds=self.conf.service_down_time)
         with self.db.session() as session:

@@ -138,11 +138,15 @@ def _address(port: models.Port) -> dict:
 
 def adoption_keys(session: db_api.Session, instance: models.Instance) -> dict:
     """What a registering host learns of an instance's network: {'network': {'id',
-    'vni', 'cidr'} | None, 'port': {'mac', 'address'} | None}."""
+    'vni', 'cidr'} | None, 'port': {'mac', 'address'} | None, 'peers': [VTEP address of
+    every other host running the deployment]}: the peers as they are now, so a host
+    that missed a set_network_peers cast (down, restarted) is put right as it starts."""
     network = db_api.network_of(session, instance.deployment_id)
     port = db_api.port_of_instance(session, instance.id)
     return {'network': show(network) if network is not None else None,
-            'port': _address(port) if port is not None else None}
+            'port': _address(port) if port is not None else None,
+            'peers': (peers(session, instance.deployment_id, instance.host)
+                      if network is not None else [])}
 
 
 def ports_by_instance(session: db_api.Session, deployment_id: str) -> dict[str, models.Port]:

@@ -11,7 +11,14 @@ Per network (VNI ``V``) on this host:
   Neutron's l2population does it);
 - namespace ``vmcloud-V-<tag>`` holding ``eth0`` (the DHCP port's address) of a veth
   pair whose other end ``vmcdV`` is a port of the bridge; no route, no forwarding;
-- one dnsmasq in that namespace, DHCP only, serving this host's ports of the network.
+- one dnsmasq in that namespace, DHCP only, serving this host's ports of the network;
+- nftables table ``vmcloud_V_<tag>`` (family netdev) whose one chain drops, at the
+  bridge's ingress, every frame the bridge would pass up to this host's own stack. A
+  bridge without an address still hands the host its broadcasts and any unicast to it,
+  and the host's IPv4 takes them (Linux answers for all its addresses on every
+  interface): without the guard a guest reaches the host's services, and a datagram it
+  sends to 255.255.255.255:4789 is taken by the host's VXLAN socket and its inner frame
+  delivered into another network of this host.
 
 Ownership: the kernel names of these devices carry no owner, yet two agents may share
 one network namespace (two clouds on one machine by mistake, two all-in-one test clouds
@@ -50,6 +57,7 @@ ZERO_MAC = '00:00:00:00:00:00'
 # dnsmasq gets this long to exit after SIGTERM, then again after SIGKILL.
 STOP_TIMEOUT = 5.0
 _DEVICE = re.compile(r'^vmc[bxd](\d+)$')
+GUARD_CHAIN = 'host'
 _NETWORK_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$')
 _HOSTNAME_JUNK = re.compile(r'[^A-Za-z0-9-]+')
 
@@ -65,6 +73,7 @@ class NetworkAgent:
         self.tag = hashlib.sha1(self.state_dir.encode()).hexdigest()[:8]
         self.runner = runner or linux.Runner()
         self._namespace_re = re.compile(rf'^vmcloud-(\d+)-{self.tag}$')
+        self._guard_re = re.compile(rf'^vmcloud_(\d+)_{self.tag}$')
         # Set on every device this agent makes in the host's namespace (the DHCP
         # namespaces carry the tag in their names already).
         self.alias = f'{ALIAS_PREFIX}{self.tag}'
@@ -83,6 +92,10 @@ class NetworkAgent:
 
     def _namespace_name(self, vni: int) -> str:
         return f'vmcloud-{int(vni)}-{self.tag}'
+
+    def _guard_name(self, vni: int) -> str:
+        # nftables names take no '-'.
+        return f'vmcloud_{int(vni)}_{self.tag}'
 
     def namespace(self, network_id: str) -> str:
         """The DHCP namespace of a network on this host.
@@ -165,6 +178,15 @@ class NetworkAgent:
         out = self.runner.run(['ip', '-j', 'netns', 'list'])
         return {entry['name'] for entry in json.loads(out or '[]')}
 
+    def _guards(self) -> tuple[set[str], set[str]]:
+        """The netdev tables of nftables, and those of them that hold a guard chain."""
+        out = self.runner.run(['nft', '-j', 'list', 'ruleset', 'netdev'])
+        items = json.loads(out or '{}').get('nftables', [])
+        tables = {item['table']['name'] for item in items if 'table' in item}
+        guarded = {item['chain']['table'] for item in items
+                   if item.get('chain', {}).get('name') == GUARD_CHAIN}
+        return tables, guarded
+
     def _fdb_peers(self, vxlan: str) -> set[str]:
         out = self.runner.run(['bridge', '-j', 'fdb', 'show', 'dev', vxlan])
         return {entry['dst'] for entry in json.loads(out or '[]')
@@ -174,14 +196,18 @@ class NetworkAgent:
         """Our dnsmasq processes (of one network, or all): found by the pid file their
         command line names, so a lost or stale pid file does not hide one."""
         prefix = f'--pid-file={self.state_dir}/'
-        suffix = f'{network_id}/pid' if network_id else '/pid'
+        if network_id:
+            # The whole argument: another network's id may end in this one's.
+            wanted = f'{prefix}{network_id}/pid'
+            return [pid for pid, argv in self.runner.processes() if wanted in argv]
         return [pid for pid, argv in self.runner.processes()
-                if any(a.startswith(prefix) and a.endswith(suffix) for a in argv)]
+                if any(a.startswith(prefix) and a.endswith('/pid') for a in argv)]
 
     def leftovers(self) -> list[str]:
         """Everything of this agent on this host: our devices ('link vmcb1000', those
         with our alias: another agent's in this namespace are not ours), DHCP
-        namespaces ('netns vmcloud-1000-TAG') and dnsmasq processes ('dnsmasq PID').
+        namespaces ('netns vmcloud-1000-TAG'), dnsmasq processes ('dnsmasq PID') and
+        guards ('nft netdev vmcloud_1000_TAG').
 
         :raises: NetworkError if they cannot be listed.
         """
@@ -190,12 +216,14 @@ class NetworkAgent:
         found += [f'netns {ns}' for ns in sorted(self._namespaces())
                   if self._namespace_re.match(ns)]
         found += [f'dnsmasq {pid}' for pid in self._dnsmasq_pids()]
+        found += [f'nft netdev {table}' for table in sorted(self._guards()[0])
+                  if self._guard_re.match(table)]
         return found
 
     # -- building ----------------------------------------------------------
 
     def plug(self, network: dict, dhcp_port: dict, peers: list[str], instance: str,
-             port: dict) -> str:
+             port: dict, owner: str | None = None) -> str:
         """Make sure the network exists on this host (bridge, vxlan+fdb, namespace,
         dnsmasq), record the instance's port in dnsmasq's hosts file (SIGHUP).
         Idempotent: a second plug of the same port changes nothing; a missing part of
@@ -208,6 +236,7 @@ class NetworkAgent:
         """
         bridge = self.bridge_name(network['vni'])
         with self._locked():
+            self._drop_stale(network)
             links = self._links()
             self._check_owner(links, network['vni'])
             record = self._read(network['id'])
@@ -218,7 +247,7 @@ class NetworkAgent:
             old_hosts = _hosts_file(record)
             record['peers'] = _peers(peers)
             record['ports'][instance] = dict(port)
-            record['owners'][instance] = self.conf.host
+            record['owners'][instance] = owner or self.conf.host
             try:
                 self._ensure(record, fresh=new, hosts_changed=_hosts_file(record) != old_hosts,
                              links=links)
@@ -240,6 +269,22 @@ class NetworkAgent:
         LOG.info('plugged %s (%s %s) into network %s (%s)', instance, port['address'],
                  port['mac'], network['id'], bridge)
         return bridge
+
+    def _drop_stale(self, network: dict) -> None:
+        """Tear down another network of ours that has this one's VNI: the dispatcher gives
+        a VNI again only once it released the network that had it, so what is left of
+        that one here (an unplug that failed, a host that missed the delete) is stale,
+        and its devices, which have this network's names, must not be taken for this
+        one's (its veth has the old subnet's address, its dnsmasq the old hosts).
+
+        :raises: NetworkError if it cannot be torn down (this network is not made)."""
+        for other_id, other in self.networks().items():
+            if other_id != network['id'] and other['network']['vni'] == network['vni']:
+                LOG.warning('network %s takes VNI %d of network %s, which is gone: tearing '
+                            'down what is left of that one here', network['id'],
+                            network['vni'], other_id)
+                self._teardown(other)
+                self._forget(other_id)
 
     def _check_owner(self, links: dict[str, dict], vni: int) -> None:
         """:raises: NetworkError if a device of the network's names is another agent's."""
@@ -279,10 +324,14 @@ class NetworkAgent:
         self._check_owner(links, vni)
         namespaces = self._namespaces()
 
-        if bridge not in links:
+        bridge_made = bridge not in links
+        if bridge_made:
             run(['ip', 'link', 'add', bridge, 'mtu', mtu, 'type', 'bridge'])
             self.runner.disable_ipv6(bridge)
         self._claim(bridge, links)
+        # Before the bridge is up; made again with a bridge made again (a chain's hook
+        # is on the device it was made for).
+        self._guard(vni, bridge, remake=bridge_made)
         if 'UP' not in links.get(bridge, {}).get('flags', ()):
             run(['ip', 'link', 'set', bridge, 'up'])
 
@@ -306,7 +355,8 @@ class NetworkAgent:
                 del links[veth]
             run(['ip', 'netns', 'add', namespace])
             run(['ip', '-n', namespace, 'link', 'set', 'lo', 'up'])
-        if veth not in links:
+        eth0_made = veth not in links
+        if eth0_made:
             prefix = ipaddress.ip_network(network['cidr']).prefixlen
             run(['ip', 'link', 'add', veth, 'mtu', mtu, 'type', 'veth',
                  'peer', 'name', 'eth0', 'mtu', mtu, 'netns', namespace])
@@ -328,12 +378,38 @@ class NetworkAgent:
         if hosts_changed or not os.path.exists(hosts):
             _write_atomically(hosts, _hosts_file(record))
         pids = [] if fresh else self._dnsmasq_pids(network['id'])
+        if pids and eth0_made:
+            # It serves the eth0 that went (in the namespace that went, if that was
+            # deleted: dnsmasq keeps it alive, unnamed), not the new one.
+            LOG.info('network %s: restarting dnsmasq %s on its new eth0', network['id'], pids)
+            self._stop_dnsmasq(network['id'], pids)
+            pids = []
         if not pids:
             self._start_dnsmasq(record, namespace, files)
         elif hosts_changed:
             for pid in pids:
                 # SIGHUP: dnsmasq reads --dhcp-hostsfile again.
                 self.runner.kill(pid, signal.SIGHUP)
+
+    def _guard(self, vni: int, bridge: str, remake: bool = False) -> None:
+        """The bridge's guard (see the module's docstring): a netdev table whose chain,
+        on the bridge's ingress (what the bridge passes up to this host, not what it
+        forwards between its ports), drops everything. Made unless it is there."""
+        table = self._guard_name(vni)
+        tables, guarded = self._guards()
+        if table in guarded and not remake:
+            return
+        if table in tables:
+            self.runner.run(['nft', 'delete', 'table', 'netdev', table])
+        self.runner.run(['nft', 'add', 'table', 'netdev', table])
+        self.runner.run(['nft', 'add', 'chain', 'netdev', table, GUARD_CHAIN,
+                         f'{{ type filter hook ingress device "{bridge}" priority 0; '
+                         f'policy drop; }}'])
+
+    def _delete_guard(self, vni: int) -> None:
+        table = self._guard_name(vni)
+        if table in self._guards()[0]:
+            self.runner.run(['nft', 'delete', 'table', 'netdev', table])
 
     def _start_dnsmasq(self, record: dict, namespace: str, files: str) -> None:
         subnet = ipaddress.ip_network(record['network']['cidr'])
@@ -400,9 +476,11 @@ class NetworkAgent:
 
     # -- tearing down ------------------------------------------------------
 
-    def unplug(self, network_id: str, instance: str) -> None:
+    def unplug(self, network_id: str, instance: str, owner: str | None = None) -> None:
         """Forget the port; tear the network down when it was the last one. Unknown
-        ids and instances: no error.
+        ids and instances: no error. With ``owner``, only a port that compute host
+        plugged (managers of one machine share the records, and an instance rebuilt on
+        another of them has its port there under the same name).
 
         :raises: NetworkError if dnsmasq cannot be told or the network torn down (its
             record stays, without ports: reconcile() tears it down).
@@ -411,19 +489,26 @@ class NetworkAgent:
             record = self._read(network_id)
             if record is None or instance not in record['ports']:
                 return
+            if owner and record.get('owners', {}).get(instance, owner) != owner:
+                return
             del record['ports'][instance]
             record.get('owners', {}).pop(instance, None)
-            self._write(record)
-            if record['ports']:
-                self._ensure(record)
-            else:
-                self._teardown(record)
-                self._forget(network_id)
+            self._settle(record)
         LOG.info('unplugged %s from network %s', instance, network_id)
+
+    def _settle(self, record: dict) -> None:
+        """Write a record whose ports changed: its network kept right while it has
+        ports, torn down with its last. :raises: NetworkError, OSError."""
+        self._write(record)
+        if record['ports']:
+            self._ensure(record)
+        else:
+            self._teardown(record)
+            self._forget(record['network']['id'])
 
     def _teardown(self, record: dict, best_effort: bool = False) -> None:
         """dnsmasq, then the namespace (with eth0 and so its veth peer), the veth, the
-        VXLAN device, the bridge; each only if there.
+        VXLAN device, the bridge, its guard; each only if there.
 
         :raises: NetworkError naming the first step that failed, after trying every
             step (unless ``best_effort``: logged only).
@@ -443,6 +528,7 @@ class NetworkAgent:
         step(self._stop_dnsmasq, network_id)
         step(self._delete_namespace, namespace)
         step(self._delete_links, [self._device(p, vni) for p in ('vmcd', 'vmcx', 'vmcb')])
+        step(self._delete_guard, vni)
         if errors and not best_effort:
             raise exception.NetworkError(
                 f'cannot tear down network {network_id} (VNI {vni}): {errors[0]}'
@@ -486,13 +572,13 @@ class NetworkAgent:
 
     # -- after a restart ---------------------------------------------------
 
-    def reconcile(self, wanted: dict[str, set[str]]) -> None:
+    def reconcile(self, wanted: dict[str, set[str]], owner: str | None = None) -> None:
         """After a restart: ``wanted`` = network id -> instance names that should stay
         plugged on this host. Ports not wanted are unplugged, networks left without
         ports torn down, a dead dnsmasq restarted, a missing device recreated;
         devices, namespaces and dnsmasqs named like ours but in no record removed.
-        Only ports this compute host plugged are considered (managers of one machine
-        share the records).
+        Only ports compute host ``owner`` (default ``[DEFAULT] host``) plugged are
+        considered (managers of one machine share the records).
 
         :raises: NetworkError naming the first network that could not be reconciled,
             after trying every one.
@@ -503,20 +589,15 @@ class NetworkAgent:
             for network_id, record in records.items():
                 keep = wanted.get(network_id, set())
                 owners = record.setdefault('owners', {})
+                mine = owner or self.conf.host
                 for instance in list(record['ports']):
-                    if owners.get(instance, self.conf.host) == self.conf.host and \
-                            instance not in keep:
+                    if owners.get(instance, mine) == mine and instance not in keep:
                         LOG.info('reconcile: unplugging %s from network %s', instance,
                                  network_id)
                         del record['ports'][instance]
                         owners.pop(instance, None)
                 try:
-                    self._write(record)
-                    if record['ports']:
-                        self._ensure(record)
-                    else:
-                        self._teardown(record)
-                        self._forget(network_id)
+                    self._settle(record)
                 except (exception.NetworkError, OSError) as exc:
                     errors.append(exc)
             try:
@@ -553,6 +634,11 @@ class NetworkAgent:
                         and _alias(links[name]) == self.alias:
                     LOG.info('reconcile: deleting device %s of no network', name)
                     self.runner.run(['ip', 'link', 'del', name])
+        for table in sorted(self._guards()[0]):
+            match = self._guard_re.match(table)
+            if match and int(match.group(1)) not in vnis:
+                LOG.info('reconcile: deleting guard %s of no network', table)
+                self.runner.run(['nft', 'delete', 'table', 'netdev', table])
 
 
 def _alias(link: dict) -> str:

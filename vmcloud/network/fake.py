@@ -75,7 +75,7 @@ class FakeNetworkAgent:
     # -- the interface of NetworkAgent -------------------------------------
 
     def plug(self, network: dict, dhcp_port: dict, peers: list[str], instance: str,
-             port: dict) -> str:
+             port: dict, owner: str | None = None) -> str:
         """:returns: the bridge name. :raises: NetworkError for a VNI that names no
         device."""
         with self._lock:
@@ -87,7 +87,7 @@ class FakeNetworkAgent:
                 'ports': {}, 'owners': {}})
             record['peers'] = sorted({p for p in peers if p})
             record['ports'][instance] = dict(port)
-            record['owners'][instance] = self.conf.host
+            record['owners'][instance] = owner or self.conf.host
             for driver in self.drivers:
                 self._model(driver, record)
             return bridge
@@ -98,11 +98,13 @@ class FakeNetworkAgent:
         for port in record['ports'].values():
             driver.leases[port['mac'].lower()] = f'{port["address"]}/{prefix}'
 
-    def unplug(self, network_id: str, instance: str) -> None:
+    def unplug(self, network_id: str, instance: str, owner: str | None = None) -> None:
         with self._lock:
             self.calls.append(('unplug', network_id, instance))
             record = self._records.get(network_id)
             if record is None or instance not in record['ports']:
+                return
+            if owner and record['owners'].get(instance, owner) != owner:
                 return
             port = record['ports'].pop(instance)
             record['owners'].pop(instance, None)
@@ -126,7 +128,7 @@ class FakeNetworkAgent:
         with self._lock:
             return copy.deepcopy(self._records)
 
-    def reconcile(self, wanted: dict[str, set[str]]) -> None:
+    def reconcile(self, wanted: dict[str, set[str]], owner: str | None = None) -> None:
         """As NetworkAgent.reconcile: ports of this host not wanted are unplugged (other
         hosts' ports in shared records stay), networks left without ports go."""
         with self._lock:
@@ -134,8 +136,8 @@ class FakeNetworkAgent:
             for network_id, record in list(self._records.items()):
                 keep = wanted.get(network_id, set())
                 for instance in list(record['ports']):
-                    owner = record['owners'].get(instance, self.conf.host)
-                    if owner == self.conf.host and instance not in keep:
+                    mine = owner or self.conf.host
+                    if record['owners'].get(instance, mine) == mine and instance not in keep:
                         self.unplug(network_id, instance)
 
     def leftovers(self) -> list[str]:
@@ -149,6 +151,7 @@ class FakeNetworkAgent:
                 if self.conf.network.vtep_address:
                     found.append(f'link vmcx{vni}')
                 found.append(f'netns {self._namespace(record)}')
+                found.append(f'nft netdev vmcloud_{vni}_{self.tag}')
             return sorted(found)
 
     # -- probes ------------------------------------------------------------

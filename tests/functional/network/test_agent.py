@@ -31,27 +31,43 @@ bound|renew)
 esac
 '''
 
-SERVER = '''
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = (sys.argv[1] + "\\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer((sys.argv[2], int(sys.argv[3])), H).serve_forever()
+
+# A VXLAN datagram carrying one Ethernet frame with a UDP datagram to a guest:
+#   VXLAN_SEND VNI DST_MAC DST_ADDRESS PORT PAYLOAD TARGET [DEVICE]
+# sends it three times to TARGET:4789 (from DEVICE, SO_BINDTODEVICE, when given).
+VXLAN_SEND = '''
+import socket, struct, sys
+vni, mac, address, port, payload, target = sys.argv[1:7]
+def checksum(data):
+    words = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    words = (words >> 16) + (words & 0xffff)
+    return ~(words + (words >> 16)) & 0xffff
+udp = struct.pack("!HHHH", 4321, int(port), 8 + len(payload), 0) + payload.encode()
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                 socket.inet_aton(address.rsplit(".", 1)[0] + ".99"), socket.inet_aton(address))
+ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+frame = bytes.fromhex(mac.replace(":", "")) + bytes.fromhex("02000000aa01") + b"\\x08\\x00"
+datagram = struct.pack("!II", 0x08000000, int(vni) << 8) + frame + ip + udp
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+if len(sys.argv) > 7:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[7].encode())
+for _ in range(3):
+    s.sendto(datagram, (target, 4789))
 '''
 
-FETCH = '''
-import sys, urllib.request
-try:
-    print(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode(), end="")
-except OSError as exc:
-    print(exc, file=sys.stderr)
-    sys.exit(1)
+# Prints "ready", then the payload of every UDP datagram to PORT, until one reads "control".
+UDP_LISTEN = '''
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+while True:
+    payload = s.recv(2048).decode()
+    print(payload, flush=True)
+    if payload == "control":
+        break
 '''
 
 
@@ -174,12 +190,12 @@ class AgentOnTwoHostsTest(base.TestCase):
 
     def serve(self, guest: Guest, name: str) -> None:
         process = subprocess.Popen(
-            ['ip', 'netns', 'exec', guest.namespace, sys.executable, '-c', SERVER, name,
+            ['ip', 'netns', 'exec', guest.namespace, sys.executable, '-c', netns.HTTP_SERVER, name,
              guest.address, str(HTTP_PORT)], start_new_session=True)
         self.addCleanup(base.stop_process, process, 10)
 
     def fetch(self, guest: Guest, address: str, timeout=PROBE_TIMEOUT):
-        return guest.run([sys.executable, '-c', FETCH, f'http://{address}:{HTTP_PORT}/',
+        return guest.run([sys.executable, '-c', netns.HTTP_FETCH, f'http://{address}:{HTTP_PORT}/',
                           str(timeout)], check=False, timeout=timeout + 30)
 
     def wait_fetch(self, guest: Guest, address: str) -> str:
@@ -303,6 +319,49 @@ class AgentOnTwoHostsTest(base.TestCase):
         self.assertEqual(f'{guest.address}/24 router= dns=', self.dhcp(guest))
         self.call(host, 'reconcile', {})
         self.assertEqual([], self.call(host, 'leftovers'))
+
+    def test_a_dnsmasq_whose_namespace_was_deleted_is_replaced_by_reconcile(self):
+        host = self.hosts[0]
+        self.plug(host, self.a, 254, 'g1', 2)
+        namespace = self.call(host, 'namespace', self.a['id'])
+        [pid] = self._dnsmasqs(host)
+        # By hand: the dnsmasq keeps the namespace alive, unnamed, and serves nobody.
+        subprocess.run(['ip', 'netns', 'delete', namespace], check=True, timeout=WAIT)
+        self.call(host, 'reconcile', {self.a['id']: ['g1']})
+        self.assertIn(namespace, netns.namespaces())
+        [again] = self._dnsmasqs(host)
+        self.assertNotEqual(pid, again)
+        guest = self.guest(host, 'vmcb1000', port(self.a, 2))
+        self.assertEqual(f'{guest.address}/24 router= dns=', self.dhcp(guest))
+
+    def test_a_guest_injects_nothing_through_the_hosts_vxlan_socket(self):
+        # A bridge without an address still passes broadcasts up to the host, whose
+        # VXLAN socket listens on every address: a guest of network a sending a VXLAN
+        # datagram to 255.255.255.255 (or to the host's address) would put its inner
+        # frame into network b on this host.
+        host, other = self.hosts
+        b = network('b', 1001, '10.200.1.0/24')
+        bridges = [self.plug(host, net, 254, name, 2) for net, name in ((self.a, 'a1'),
+                                                                        (b, 'b1'))]
+        a1, b1 = (self.guest(host, bridge, port(net, 2))
+                  for bridge, net in zip(bridges, (self.a, b)))
+        for guest_ in (a1, b1):
+            guest_.run(['ip', 'addr', 'add', f'{guest_.address}/24', 'dev', 'eth0'])
+        a1.run(['ip', 'route', 'add', f'{host.address}/32', 'dev', 'eth0'])
+        listener = subprocess.Popen(
+            ['ip', 'netns', 'exec', b1.namespace, sys.executable, '-c', UDP_LISTEN, '9999',
+             str(WAIT)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.addCleanup(base.stop_process, listener, 10)
+        self.assertEqual('ready\n', listener.stdout.readline())
+        frame = [str(b['vni']), b1.port['mac'], b1.address, '9999']
+        for target in ('255.255.255.255', host.address):
+            a1.run([sys.executable, '-c', VXLAN_SEND, *frame, 'attack', target, 'eth0'])
+        # The same datagram from the other host, on the underlay: it is delivered (so
+        # the datagram is right and the listener listens), after the attacks.
+        other.run([sys.executable, '-c', VXLAN_SEND, *frame, 'control', host.address])
+        out, _ = listener.communicate(timeout=WAIT + 10)
+        self.assertEqual(0, listener.returncode, out)
+        self.assertEqual(['control'], out.split())
 
     def _links(self, host) -> dict[str, dict]:
         """Our devices in the host's namespace, checked independently of the agent."""

@@ -159,8 +159,12 @@ class MultiProcessTest(base.TestCase):
             base.stop_process(self.services[host])
             self.start(host, 'compute', '--host', host)
         self.wait_hosts_up('the restarts')
-        deployment = self.api.show_deployment(deployment['id'])
-        self.assertEqual(['active', 'active'], [i['state'] for i in deployment['instances']])
+        # A host whose restart outlasted service_down_time was unknown, and so were its
+        # instances until its first heartbeat after registering reports them running.
+        deployment = polling.wait(
+            lambda: self.api.show_deployment(deployment['id']),
+            lambda d: [i['state'] for i in d['instances']] == ['active', 'active'],
+            TIMEOUT, 'both instances active again after the restarts')
         self.assertEqual(pids, {i['name']: guest.qemu_processes_named(i['name'])
                                 for i in deployment['instances']})
         snapshot = self.api.wait_snapshot(self.api.snapshot(deployment['id'])['id'], TIMEOUT)

@@ -74,6 +74,10 @@ class FakeAgent:
         self.records: dict[str, dict] = {}
         self.calls: list[tuple] = []
         self.failures: dict[str, Exception] = {}
+        # The compute host each call acted for (managers of one machine share an agent).
+        self.owners: dict[str, str | None] = {}
+        self.unplug_owners: list[str | None] = []
+        self.reconcile_owners: list[str | None] = []
 
     def _call(self, method: str, *args) -> None:
         self.calls.append((method, *args))
@@ -83,8 +87,9 @@ class FakeAgent:
     def of(self, method: str) -> list[tuple]:
         return [call[1:] for call in self.calls if call[0] == method]
 
-    def plug(self, network, dhcp_port, peers, instance, port) -> str:
+    def plug(self, network, dhcp_port, peers, instance, port, owner=None) -> str:
         self._call('plug', network['id'], instance)
+        self.owners[instance] = owner
         record = self.records.setdefault(network['id'], {
             'network': dict(network), 'dhcp_port': dict(dhcp_port), 'ports': {}})
         record['peers'] = list(peers)
@@ -104,8 +109,9 @@ class FakeAgent:
         self._call('http_get', network_id, address, port, path, timeout)
         return 200, b'vm1 1\n'
 
-    def unplug(self, network_id: str, instance: str) -> None:
+    def unplug(self, network_id: str, instance: str, owner=None) -> None:
         self._call('unplug', network_id, instance)
+        self.unplug_owners.append(owner)
         record = self.records.get(network_id)
         if record is not None:
             record['ports'].pop(instance, None)
@@ -120,8 +126,9 @@ class FakeAgent:
     def networks(self) -> dict[str, dict]:
         return copy.deepcopy(self.records)
 
-    def reconcile(self, wanted: dict[str, set[str]]) -> None:
+    def reconcile(self, wanted: dict[str, set[str]], owner=None) -> None:
         self._call('reconcile', copy.deepcopy(wanted))
+        self.reconcile_owners.append(owner)
         for network_id, record in list(self.records.items()):
             for name in set(record['ports']) - wanted.get(network_id, set()):
                 self.unplug(network_id, name)
@@ -680,13 +687,29 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual([('node1', 'vm1'), ('node1', 'vm2')],
                          self.reports.of('instance_destroyed'))
 
+    def test_a_port_that_cannot_be_unplugged_leaves_no_mirror_nor_directory(self):
+        self.on_network()
+        self.network_build('vm1')
+        directory = os.path.join(self.conf.compute.instances_path, 'vm1')
+        os.makedirs(directory, exist_ok=True)
+        self.agent.failures['unplug'] = exception.NetworkError('dnsmasq outlived SIGKILL, '
+                                                               'on purpose')
+        self.assertRaises(exception.NetworkError, self.compute.destroy_instance, {}, 'vm1')
+        self.assertEqual([], self.driver.list_instances())
+        # The disk is none of the network's business: it goes all the same (the port
+        # stays for the agent's reconcile, and the destroy is not confirmed).
+        self.assertEqual([], self.mirrors.names())
+        self.assertFalse(os.path.exists(directory))
+        self.assertEqual([], self.reports.of('instance_destroyed'))
+
     def restart_on_network(self, **states: str) -> manager.ComputeManager:
         """restart(), each instance the dispatcher has placed here on net1 but vm5."""
         self.log = self.useFixture(fixtures.FakeLogger(level=logging.INFO,
                                                        name='vmcloud.compute'))
         self.reports.instances = [
             {'id': f'id-{name}', 'name': name, 'state': state, 'attempts': 1,
-             'image': self.image, **({'network': self.NETWORK} if name != 'vm5' else {})}
+             'image': self.image,
+             **({'network': self.NETWORK, 'peers': ['10.77.0.9']} if name != 'vm5' else {})}
             for name, state in states.items()]
         self.compute = self.new_manager()
         self.compute.start()
@@ -706,6 +729,11 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual({'net1': {'vm1', 'vm2'}}, self.agent.ports())
         # Those destroyed were unplugged as they went, before the reconcile.
         self.assertEqual({'vm3', 'vm4'}, {name for _, name in self.agent.of('unplug')})
+        # The peers as the dispatcher has them now (a cast missed while away is lost).
+        self.assertEqual([('net1', ['10.77.0.9'])], self.agent.of('set_peers'))
+        # Each for this compute host only: managers of one machine share the agent.
+        self.assertEqual({self.compute.host}, set(self.agent.reconcile_owners)
+                         | set(self.agent.unplug_owners) | set(self.agent.owners.values()))
         self.assertEqual(['vm1', 'vm2', 'vm5'], self.driver.list_instances())
 
     def test_a_shared_agent_keeps_the_ports_of_the_other_nodes_guests(self):

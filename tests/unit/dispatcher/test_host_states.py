@@ -350,10 +350,12 @@ class HostStatesTest(base.TestCase):
             network = views.show_deployment(session, deployment_id)['network']
         self.assertEqual([{'id': first.id, 'name': first.name, 'state': states.ACTIVE,
                            'attempts': 1, 'image': 'guest:1', 'network': network,
-                           'port': {'address': '10.200.0.2', 'mac': '52:54:00:c8:00:02'}},
+                           'port': {'address': '10.200.0.2', 'mac': '52:54:00:c8:00:02'},
+                           'peers': []},
                           {'id': second.id, 'name': second.name, 'state': states.ERROR,
                            'attempts': 1, 'image': 'guest:1', 'network': network,
-                           'port': {'address': '10.200.0.3', 'mac': '52:54:00:c8:00:03'}}],
+                           'port': {'address': '10.200.0.3', 'mac': '52:54:00:c8:00:03'},
+                           'peers': []}],
                          sorted(held, key=lambda i: i['name']))
 
     # -- fencing -----------------------------------------------------------------------

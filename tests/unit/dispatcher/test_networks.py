@@ -117,6 +117,22 @@ class NetworksTest(base.TestCase):
         macs = [p.mac for p in self.rows(models.Port)]
         self.assertEqual(len(macs), len(set(macs)))
 
+    def test_a_registering_host_learns_each_instances_network_port_and_peers(self):
+        # What a restarted host needs to put its networks right, peers included: a
+        # set_network_peers cast sent while it was away is lost.
+        self.register('node1', 'node2')
+        deployment = self.deploy(4)
+        adopted = self.registry.register('node1', 'id-node1', 'inc-node1b', CAPACITY,
+                                         VTEPS['node1'])
+        by_name = {i['name']: i for i in deployment['instances']}
+        self.assertEqual(2, len(adopted))
+        for instance in adopted:
+            self.assertEqual(deployment['network'], instance['network'])
+            self.assertEqual({'mac': by_name[instance['name']]['mac'],
+                              'address': by_name[instance['name']]['address']},
+                             instance['port'])
+            self.assertEqual([VTEPS['node2']], instance['peers'])
+
     def test_hosts_without_a_vtep_are_no_peers(self):
         self.registry.register('node1', 'id-node1', 'inc-node1', CAPACITY)  # all-in-one
         self.register('node2')
@@ -124,6 +140,19 @@ class NetworksTest(base.TestCase):
         peers = {b['host']: b['peers'] for b in self.builds_of(deployment)}
         self.assertEqual({'node1': [VTEPS['node2']], 'node2': []}, peers)
         self.assertEqual('', self.registry.list_hosts()[0]['vtep_address'])
+
+    def test_a_vtep_address_that_is_no_ip_address_is_refused_at_registration(self):
+        # Sent to every other host as a peer, it would fail their plugs (bridge fdb
+        # append ... dst 10.77.0.9/24), not the misconfigured host's start.
+        self.register('node1')
+        for bad in ('10.77.0.9/24', 'node2.example', ' 10.77.0.9'):
+            error = self.assertRaises(exception.InvalidRequest, self.registry.register,
+                                      'node2', 'id-node2', 'inc-node2', CAPACITY, bad)
+            self.assertIn(f'node2: [network] vtep_address {bad!r} is not an IP address',
+                          str(error))
+        self.assertEqual(['node1'], [h['name'] for h in self.registry.list_hosts()])
+        self.registry.register('node2', 'id-node2', 'inc-node2', CAPACITY, 'fd00::2')
+        self.assertEqual('fd00::2', self.registry.list_hosts()[1]['vtep_address'])
 
     def assert_nothing_written(self) -> None:
         for model in (models.Deployment, models.Instance, models.Network, models.Port):
@@ -288,16 +317,25 @@ class NetworksTest(base.TestCase):
             self.assertEqual(stored, deployment['health'])
             self.assertEqual(stored, self.builds_of(deployment)[0]['health'])
         for health, named in (({'kind': 'ping'}, "'ping'"), ({'port': 80}, 'None'),
-                              ({'kind': 'tcp'}, 'takes port'),
+                              ({'kind': 'tcp'}, 'needs a port'),
                               ({'kind': 'tcp', 'port': 0}, '0'),
                               ({'kind': 'tcp', 'port': 65536}, '65536'),
                               ({'kind': 'tcp', 'port': '80'}, "'80'"),
                               ({'kind': 'tcp', 'port': True}, 'True'),
                               ({'kind': 'http', 'port': 80, 'path': 'ready'}, "'ready'"),
                               ({'kind': 'console', 'pattern': '(unclosed'}, '(unclosed'),
-                              ({'kind': 'marker', 'timeout': 0}, 'timeout 0'),
+                              ({'kind': 'marker', 'timeout': 0}, 'not 0'),
                               ({'kind': 'marker', 'timeout': 'soon'}, 'soon'),
-                              ({'kind': 'marker', 'port': 80}, 'takes no option')):
+                              ({'kind': 'marker', 'port': 80}, 'has no port'),
+                              # What every compute host would refuse, refused here: not
+                              # a deployment whose every build fails.
+                              ({'kind': 'console', 'pattern': ''}, 'needs a pattern'),
+                              ({'kind': 'http', 'port': 80, 'path': '/a b'}, "'/a b'"),
+                              ('tcp:80', "'tcp:80'"), ([('kind', 'marker')], 'a dict'),
+                              # The dispatcher would give up on the build first.
+                              ({'kind': 'marker', 'timeout': 901}, 'build_timeout (900 s)'),
+                              ({'kind': 'tcp', 'port': 80, 'timeout': float('inf')},
+                               'build_timeout')):
             before = len(self.rows(models.Deployment))
             error = self.assertRaises(exception.InvalidRequest, self.deploy, 1, health=health)
             self.assertIn(named, str(error))

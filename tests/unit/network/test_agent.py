@@ -27,6 +27,8 @@ class FakeRunner:
         self.namespaces: set[str] = set()
         self.fdb: dict[str, set[str]] = {}
         self.procs: dict[int, list[str]] = {}
+        #: nftables netdev table -> its chains (name -> the chain's spec)
+        self.tables: dict[str, dict[str, str]] = {}
         self.next_pid = 4000
         self.fail: list[str] | None = None
         self.locks = 0
@@ -40,6 +42,13 @@ class FakeRunner:
         if argv[:3] == ['bridge', '-j', 'fdb']:
             return json.dumps([{'mac': '00:00:00:00:00:00', 'dst': d}
                                for d in sorted(self.fdb.get(argv[-1], ()))])
+        if argv == ['nft', '-j', 'list', 'ruleset', 'netdev']:
+            items = [{'metainfo': {'json_schema_version': 1}}]
+            for table, chains in sorted(self.tables.items()):
+                items.append({'table': {'family': 'netdev', 'name': table}})
+                items += [{'chain': {'family': 'netdev', 'table': table, 'name': c}}
+                          for c in sorted(chains)]
+            return json.dumps({'nftables': items})
         self.calls.append(argv)
         if self.fail is not None and argv[:len(self.fail)] == self.fail:
             raise exception.NetworkError(f'{" ".join(argv)} failed (2): boom')
@@ -68,6 +77,12 @@ class FakeRunner:
         elif argv[:2] == ['bridge', 'fdb']:
             peers = self.fdb.setdefault(argv[5], set())
             (peers.add if argv[2] == 'append' else peers.discard)(argv[7])
+        elif argv[:4] == ['nft', 'add', 'table', 'netdev']:
+            self.tables.setdefault(argv[4], {})
+        elif argv[:4] == ['nft', 'add', 'chain', 'netdev']:
+            self.tables[argv[4]][argv[5]] = argv[6]
+        elif argv[:4] == ['nft', 'delete', 'table', 'netdev']:
+            del self.tables[argv[4]]
         elif argv[:3] == ['ip', 'netns', 'exec']:
             self.next_pid += 1
             self.procs[self.next_pid] = argv[4:]
@@ -113,9 +128,17 @@ class AgentTest(base.TestCase):
         self.ns = f'vmcloud-1000-{self.agent.tag}'
         self.files = os.path.join(self.state_path, 'network', 'net-1')
         self.alias = f'vmcloud:{self.agent.tag}'
+        self.guard = f'vmcloud_1000_{self.agent.tag}'
 
     def claim(self, name: str) -> list[str]:
         return ['ip', 'link', 'set', name, 'alias', self.alias]
+
+    def make_guard(self, vni: int = 1000) -> list[list[str]]:
+        table = f'vmcloud_{vni}_{self.agent.tag}'
+        return [['nft', 'add', 'table', 'netdev', table],
+                ['nft', 'add', 'chain', 'netdev', table, 'host',
+                 f'{{ type filter hook ingress device "vmcb{vni}" priority 0; '
+                 'policy drop; }']]
 
     def dnsmasq(self) -> list[str]:
         return ['ip', 'netns', 'exec', self.ns, 'dnsmasq', '--conf-file=/dev/null',
@@ -131,6 +154,7 @@ class AgentTest(base.TestCase):
             ['ip', 'link', 'add', 'vmcb1000', 'mtu', '1450', 'type', 'bridge'],
             ['disable_ipv6', 'vmcb1000'],
             self.claim('vmcb1000'),
+            *self.make_guard(),
             ['ip', 'link', 'set', 'vmcb1000', 'up'],
             ['ip', 'link', 'add', 'vmcx1000', 'mtu', '1450', 'type', 'vxlan', 'id', '1000',
              'dstport', '4789', 'local', '10.77.0.1', 'nolearning'],
@@ -253,13 +277,48 @@ class AgentTest(base.TestCase):
         # dnsmasq, the namespace (its veth goes with it), the vxlan, the bridge.
         self.assertEqual([['ip', 'netns', 'delete', self.ns],
                           ['ip', 'link', 'del', 'vmcx1000'],
-                          ['ip', 'link', 'del', 'vmcb1000']], self.runner.take())
+                          ['ip', 'link', 'del', 'vmcb1000'],
+                          ['nft', 'delete', 'table', 'netdev', self.guard]], self.runner.take())
+        self.assertEqual({}, self.runner.tables)
         self.assertEqual({}, self.agent.networks())
         self.assertEqual([], self.agent.leftovers())
         self.assertFalse(os.path.exists(self.files))
         self.agent.unplug('net-1', 'i-2')      # unknown: no error
         self.agent.unplug('other', 'i-2')
         self.assertRaises(exception.NetworkNotFound, self.agent.namespace, 'net-1')
+
+    def test_a_network_with_the_vni_of_one_gone_tears_that_one_down_first(self):
+        # net-1 was released by the dispatcher while its unplug here failed; its VNI went
+        # to net-2, whose devices have the same names: net-1's must not pass for net-2's.
+        self.agent.plug(NET, DHCP, ['10.77.0.2'], 'i-1', P1)
+        [old_dnsmasq] = self.runner.procs
+        self.runner.take()
+        net2 = dict(NET, id='net-2', cidr='10.200.4.0/24')
+        dhcp2 = {'mac': '52:54:00:00:04:fe', 'address': '10.200.4.254'}
+        self.agent.plug(net2, dhcp2, [], 'i-9', {'mac': '52:54:00:00:04:02',
+                                                 'address': '10.200.4.2'})
+        self.assertEqual(['net-2'], list(self.agent.networks()))
+        self.assertIn((old_dnsmasq, signal.SIGTERM), self.runner.signals)
+        commands = self.runner.take()
+        # net-1's parts went first, then net-2's were made anew, its DHCP port the new one.
+        self.assertLess(commands.index(['ip', 'netns', 'delete', self.ns]),
+                        commands.index(['ip', 'netns', 'add', self.ns]))
+        self.assertIn(['ip', '-n', self.ns, 'addr', 'add', '10.200.4.254/24', 'dev', 'eth0'],
+                      commands)
+        self.assertFalse(os.path.exists(self.files))
+
+    def test_managers_of_one_machine_unplug_and_reconcile_only_their_own_ports(self):
+        # Two compute managers share the agent's records (one machine): a restarted one
+        # reconciles its own ports, and an instance rebuilt on the other under the same
+        # name keeps the port the other plugged.
+        self.agent.plug(NET, DHCP, [], 'i-1', P1, owner='node1')
+        self.agent.plug(NET, DHCP, [], 'i-2', P2, owner='node2')
+        self.agent.reconcile({}, owner='node1')
+        self.assertEqual({'i-2': P2}, self.agent.networks()['net-1']['ports'])
+        self.agent.unplug('net-1', 'i-2', owner='node1')
+        self.assertEqual({'i-2': P2}, self.agent.networks()['net-1']['ports'])
+        self.agent.unplug('net-1', 'i-2', owner='node2')
+        self.assertEqual({}, self.agent.networks())
 
     def test_set_peers_adds_and_removes_fdb_entries(self):
         self.agent.plug(NET, DHCP, ['10.77.0.2', '10.77.0.3'], 'i-1', P1)
@@ -284,6 +343,7 @@ class AgentTest(base.TestCase):
         self.assertEqual({}, self.agent.networks())
         self.assertEqual({}, self.runner.links)
         self.assertEqual(set(), self.runner.namespaces)
+        self.assertEqual({}, self.runner.tables)
 
     def test_reconcile(self):
         self.agent.plug(NET, DHCP, [], 'i-1', P1)
@@ -303,6 +363,8 @@ class AgentTest(base.TestCase):
         self.runner.links.update(theirs)
         self.runner.namespaces.add(f'vmcloud-1077-{self.agent.tag}')
         self.runner.namespaces.add('vmcloud-1077-someoneelse')
+        self.runner.tables[f'vmcloud_1077_{self.agent.tag}'] = {}
+        self.runner.tables['vmcloud_1077_someoneelse'] = {}
         for pid, argv in list(self.runner.procs.items()):
             if f'--pid-file={self.files}/pid' in argv:
                 del self.runner.procs[pid]
@@ -316,13 +378,66 @@ class AgentTest(base.TestCase):
         self.assertEqual([['ip', 'netns', 'delete', f'vmcloud-1001-{self.agent.tag}'],
                           ['ip', 'link', 'del', 'vmcx1001'],
                           ['ip', 'link', 'del', 'vmcb1001'],
+                          ['nft', 'delete', 'table', 'netdev', f'vmcloud_1001_{self.agent.tag}'],
                           ['ip', 'netns', 'delete', f'vmcloud-1077-{self.agent.tag}'],
-                          ['ip', 'link', 'del', 'vmcb1077']], calls[1:])
+                          ['ip', 'link', 'del', 'vmcb1077'],
+                          ['nft', 'delete', 'table', 'netdev', f'vmcloud_1077_{self.agent.tag}']],
+                         calls[1:])
         self.assertIn('vmcloud-1077-someoneelse', self.runner.namespaces)
+        self.assertEqual({self.guard, 'vmcloud_1077_someoneelse'}, set(self.runner.tables))
         for name, link in theirs.items():
             self.assertEqual(link, self.runner.links[name])
-        self.assertEqual(['link vmcb1000', 'link vmcd1000', 'link vmcx1000', f'netns {self.ns}'],
+        self.assertEqual(['link vmcb1000', 'link vmcd1000', 'link vmcx1000', f'netns {self.ns}',
+                          f'nft netdev {self.guard}'],
                          [x for x in self.agent.leftovers() if not x.startswith('dnsmasq')])
+
+    def test_the_bridge_is_guarded_before_it_is_up_and_again_when_made_again(self):
+        # What the bridge passes up to the host is dropped (a guest reaches nothing
+        # of the host through it): the guard is there before the bridge goes up.
+        self.agent.plug(NET, DHCP, [], 'i-1', P1)
+        calls = self.runner.take()
+        self.assertLess(calls.index(self.make_guard()[1]),
+                        calls.index(['ip', 'link', 'set', 'vmcb1000', 'up']))
+        self.assertEqual({self.guard: {'host': self.make_guard()[1][-1]}}, self.runner.tables)
+        # Lost: made again.
+        self.runner.tables.clear()
+        self.agent.reconcile({'net-1': {'i-1'}})
+        self.assertEqual(self.make_guard(), [c for c in self.runner.take() if c[0] == 'nft'])
+        # A table without its chain is no guard; a bridge made again needs a chain on
+        # the new device.
+        for damage in (lambda: self.runner.tables[self.guard].clear(),
+                       lambda: self.runner.links.pop('vmcb1000')):
+            damage()
+            self.agent.reconcile({'net-1': {'i-1'}})
+            self.assertEqual([['nft', 'delete', 'table', 'netdev', self.guard],
+                              *self.make_guard()],
+                             [c for c in self.runner.take() if c[0] == 'nft'])
+        self.agent.plug(NET, DHCP, [], 'i-2', P2)   # all there: nothing to do
+        self.assertEqual([], self.runner.take())
+
+    def test_a_dnsmasq_whose_namespace_went_is_replaced(self):
+        self.agent.plug(NET, DHCP, [], 'i-1', P1)
+        [old] = self.runner.procs
+        # `ip netns delete` by hand: dnsmasq keeps the old namespace (and the veth's eth0
+        # in it) alive, so it runs on, serving nobody.
+        self.runner.namespaces.discard(self.ns)
+        self.runner.take()
+        self.agent.reconcile({'net-1': {'i-1'}})
+        self.assertIn((old, signal.SIGTERM), self.runner.signals)
+        [new] = self.runner.procs
+        self.assertNotEqual(old, new)
+        calls = self.runner.take()
+        self.assertIn(['ip', 'netns', 'add', self.ns], calls)
+        self.assertEqual(self.dnsmasq(), calls[-1])
+
+    def test_a_network_whose_id_ends_in_anothers_keeps_its_dnsmasq(self):
+        self.agent.plug(NET, DHCP, [], 'i-1', P1)
+        other = {'id': 'xnet-1', 'vni': 1001, 'cidr': '10.200.4.0/24'}
+        self.agent.plug(other, DHCP, [], 'i-2', P2)
+        self.assertEqual(2, len(self.runner.procs))
+        self.agent.unplug('net-1', 'i-1')
+        [(_, argv)] = self.runner.procs.items()
+        self.assertIn(f'--pid-file={self.state_path}/network/xnet-1/pid', argv)
 
     def test_names_fit_15_characters(self):
         self.conf.set_override('vtep_address', '', group='network')

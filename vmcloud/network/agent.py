@@ -62,6 +62,16 @@ _NETWORK_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$')
 _HOSTNAME_JUNK = re.compile(r'[^A-Za-z0-9-]+')
 
 
+def device_name(prefix: str, vni: int) -> str:
+    """Network ``vni``'s device of kind ``prefix`` ('vmcb': its bridge, 'vmcx': its VXLAN
+    device, 'vmcd': its DHCP veth). :raises: NetworkError if the name cannot be one."""
+    name = f'{prefix}{int(vni)}'
+    if int(vni) < 1 or len(name) > MAX_IFNAME:
+        raise exception.NetworkError(f'VNI {vni} makes device name {name} (at most '
+                                     f'{MAX_IFNAME} characters, VNI at least 1)')
+    return name
+
+
 class NetworkAgent:
     def __init__(self, conf: cfg.ConfigOpts, runner: linux.Runner | None = None):
         self.conf = conf
@@ -84,11 +94,7 @@ class NetworkAgent:
         return self._device('vmcb', vni)
 
     def _device(self, prefix: str, vni: int) -> str:
-        name = f'{prefix}{int(vni)}'
-        if int(vni) < 1 or len(name) > MAX_IFNAME:
-            raise exception.NetworkError(f'VNI {vni} makes device name {name} (at most '
-                                         f'{MAX_IFNAME} characters, VNI at least 1)')
-        return name
+        return device_name(prefix, vni)
 
     def _namespace_name(self, vni: int) -> str:
         return f'vmcloud-{int(vni)}-{self.tag}'

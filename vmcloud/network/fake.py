@@ -21,8 +21,7 @@ import threading
 from oslo_config import cfg
 
 from vmcloud import exception
-
-MAX_IFNAME = 15
+from vmcloud.network import agent
 
 
 class FakeNetworkAgent:
@@ -51,11 +50,7 @@ class FakeNetworkAgent:
     # -- names -------------------------------------------------------------
 
     def bridge_name(self, vni: int) -> str:
-        name = f'vmcb{int(vni)}'
-        if int(vni) < 1 or len(name) > MAX_IFNAME:
-            raise exception.NetworkError(f'VNI {vni} makes device name {name} (at most '
-                                         f'{MAX_IFNAME} characters, VNI at least 1)')
-        return name
+        return agent.device_name('vmcb', vni)
 
     def namespace(self, network_id: str) -> str:
         """:raises: NetworkNotFound if the network is not on this host."""

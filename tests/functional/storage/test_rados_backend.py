@@ -184,6 +184,15 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
                    '--lock-cookie', held._cookie]
         subprocess.run(command, check=True, capture_output=True, timeout=30)
 
+    def _writing(self, chunk):
+        """Inside a shared lock (entered, left to the test), a write session that put
+        ``chunk``. :returns: (the lock's context, the session, the held lock)."""
+        lock = self.backend.shared_lock()
+        lock.__enter__()
+        session = self.backend.begin_write()
+        session.put_chunk(*chunk)
+        return lock, session, self.backend._held()[-1]
+
     def _wait_until_lost(self, held):
         # Bounded: a renewal runs every third of the 2 s duration.
         for _ in range(300):
@@ -208,11 +217,7 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
         self.conf.set_override('lock_duration', 2, 'storage_rados')
         gc_host = self.make_backend()
         a = self.chunk()
-        lock = self.backend.shared_lock()
-        lock.__enter__()
-        session = self.backend.begin_write()
-        session.put_chunk(*a)
-        held = self.backend._held()[-1]
+        lock, session, held = self._writing(a)
         self._break(self.backend, held)
         self._wait_until_lost(held)
         # Not taken back by the next renewal: gc on another host gets in.
@@ -228,11 +233,7 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
         # believes the cluster (as after a freeze past the duration, when gc ran).
         self.conf.set_override('lock_duration', 30, 'storage_rados')
         a = self.chunk()
-        lock = self.backend.shared_lock()
-        lock.__enter__()
-        session = self.backend.begin_write()
-        session.put_chunk(*a)
-        held = self.backend._held()[-1]
+        lock, session, held = self._writing(a)
         self._break(self.backend, held)
         self.assertIsNone(held.lost)
         error = self.assertRaises(exception.LeaseLost, session.commit)
@@ -259,12 +260,8 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
             return take(held, duration, flags)
 
         a = self.chunk()
-        lock = self.backend.shared_lock()
-        lock.__enter__()
-        session = self.backend.begin_write()
-        session.put_chunk(*a)
+        lock, session, held = self._writing(a)
         with mock.patch.object(rados_backend._HeldLock, '_take', renewal_fails):
-            held = self.backend._held()[-1]
             self._wait_until_lost(held)
             b = self._assert_write_refused(session, lock, 'past its duration of 2 s')
         self.assertIn('injected: the cluster does not answer', str(held.lost))
@@ -315,11 +312,7 @@ class RadosBackendTest(test_backend_conformance.BackendContract, RadosTestCase):
 
     def test_lock_lost_while_commit_waits_indexes_nothing(self):
         a = self.chunk()
-        lock = self.backend.shared_lock()
-        lock.__enter__()
-        session = self.backend.begin_write()
-        session.put_chunk(*a)
-        held = self.backend._held()[-1]
+        lock, session, held = self._writing(a)
         collect = rados_backend._Session._collect
 
         def lost_meanwhile(self_, block):

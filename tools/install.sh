@@ -22,6 +22,8 @@ PACKAGES=(
     iproute2 nftables curl
     # Guest networks: each network's DHCP server (tests: busybox udhcpc, above)
     dnsmasq-base
+    # The gateway's load balancer, and the load tool of its benchmark
+    haproxy wrk
 )
 
 # The rados warehouse backend and the single-node Ceph cluster its tests run on

@@ -351,3 +351,61 @@ class NetworkNotFound(NetworkError):
 
 class AddressPoolExhausted(NetworkError):
     """No subnet, address or VNI is left in a pool; the message names the pool."""
+
+
+# -- clouds, applications and the gateway ----------------------------------
+
+class CloudNotFound(InvalidRequest):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f'cloud {name} not found')
+
+
+class ApplicationNotFound(InvalidRequest):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f'application {name} not found')
+
+
+class ListenerPortsExhausted(InvalidRequest):
+    """Every port of the gateway's listener range for the protocol is held by a live
+    deployment."""
+
+    def __init__(self, protocol: str, port_range: str):
+        self.protocol = protocol
+        self.port_range = port_range
+        super().__init__(f'no {protocol} listener port is free in the gateway\'s range '
+                         f'{port_range}: delete a deployment or widen [gateway] '
+                         f'{"listener_ports" if protocol == "http" else "tcp_listener_ports"}')
+
+
+class GatewayError(VmcloudError):
+    """The gateway cannot do what was asked: the message names what failed."""
+
+
+class GatewayUnavailable(GatewayError):
+    """No registered gateway answered."""
+
+    def __init__(self, gateways: list[str], timeout: float):
+        self.gateways = gateways
+        self.timeout = timeout
+        super().__init__(
+            f'no gateway answered within {timeout:g} s (registered: '
+            f'{", ".join(gateways) or "none"}): is `vmcloud gateway` running?')
+
+
+class HAProxyError(GatewayError):
+    """HAProxy refused a runtime command, did not answer, or did not start."""
+
+    def __init__(self, command: str, answer: str):
+        self.command = command
+        self.answer = answer
+        super().__init__(f'HAProxy: {command!r} failed: {answer.strip() or "no answer"}')
+
+
+class BackendSlotsExhausted(GatewayError):
+    def __init__(self, protocol: str, slots: int):
+        self.protocol = protocol
+        self.slots = slots
+        super().__init__(f'the gateway serves {slots} {protocol} deployments already, '
+                         f'all its [gateway] backend_slots')

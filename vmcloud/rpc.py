@@ -385,10 +385,14 @@ class Client:
         with self._errors(method, server):
             return client.call(_context(), method, **kwargs)
 
-    def cast(self, method: str, server: str | None = None, **kwargs) -> None:
-        """:raises: MessagingError if the message cannot be sent."""
+    def cast(self, method: str, server: str | None = None, fanout: bool = False,
+             **kwargs) -> None:
+        """``fanout``: every server of the topic gets it.
+
+        :raises: MessagingError if the message cannot be sent.
+        """
         with self._errors(method, server):
-            self._client.prepare(server=server).cast(_context(), method, **kwargs)
+            self._client.prepare(server=server, fanout=fanout).cast(_context(), method, **kwargs)
 
     @contextlib.contextmanager
     def _errors(self, method: str, server: str | None) -> Iterator[None]:

@@ -30,6 +30,15 @@ What runs where:
   for every process. Each compute host is a VTEP of the guest networks at its own
   address (``[network] vtep_address``), its agent's state under its state directory.
 
+- gateway hosts (``gw``, ``start_gateway``): ``vmcloud gateway``, whose HAProxy
+  outlives it (a gateway killed and started again adopts it), a VTEP at its own
+  address that joins the deployment networks it serves; HAProxy listens on the
+  host's address. Client hosts (``add_client``) are on the switch and nothing more.
+- with ``host_cgroups``, each compute host's processes (its two services, and so
+  its guests and their dnsmasq) run in a cgroup v2 of its own, which its compute
+  service measures its CPU load in (``[compute] load_cgroup``; ``cpu_hog`` loads
+  one host alone): the hosts share one kernel, whose /proc/stat is the machine's.
+
 Each host's config files live in its state directory and name no path outside it
 (``assert_nothing_shared`` checks). Nothing of the machine's own RabbitMQ, PostgreSQL
 or /var/lib/vmcloud is used: the namespaces have no route out, and the two servers'
@@ -37,8 +46,8 @@ unix sockets and data live in the controller's state directory. Every start is a
 bounded wait that fails as soon as the process exits, with the tail of its log;
 ``logs()`` names every service's log for a test to attach. Closing stops the
 services in reverse order of their start, then the Network kills whatever is left in
-the namespaces (guests included) and removes them and every state directory, also
-when the block fails.
+the namespaces (guests included) and removes them, every state directory and the
+hosts' cgroups, also when the block fails.
 
 Faults (doc/operations.md says what vmcloud does about each): ``kill`` a service
 (SIGKILL) and ``restart`` it, as it was started, its log appended; ``stop`` one
@@ -101,10 +110,35 @@ GUEST_IMAGES = {'guest': 'disk.img', 'guest-kernel': 'vmlinuz', 'guest-initrd': 
 # RabbitMQ daemonizes its port mapper: it belongs to the controller, not to a service.
 # The network agent daemonizes one dnsmasq per guest network on a compute host: it
 # outlives the compute service by design (guests keep their leases across a restart).
-DAEMONS = ('epmd', 'dnsmasq')
-# What vmcloud makes of a guest network on a compute host: bridges, VXLAN devices, the
-# DHCP namespaces' veths (vmcloud/network/agent.py) and the guests' taps (drivers).
-NETWORK_DEVICE = re.compile(r'^vmc[bxdt][0-9a-f]+$')
+# The gateway's HAProxy runs in a session of its own and outlives ``vmcloud gateway`` by
+# design (a restarted gateway adopts it, its connections kept).
+DAEMONS = ('epmd', 'dnsmasq', 'haproxy')
+# What vmcloud makes of a guest network on a host: bridges, VXLAN devices, the DHCP
+# namespaces' veths (vmcloud/network/agent.py), the guests' taps (drivers) and the
+# gateway host's veth into a network it joined.
+NETWORK_DEVICE = re.compile(r'^vmc[bxdtg][0-9a-f]+$')
+# Where the machine mounts cgroup v2: the whole of /sys/fs/cgroup, or (a hybrid
+# machine, cgroup v1 controllers beside it) its unified/ directory.
+CGROUP2_MOUNTS = ('/sys/fs/cgroup', '/sys/fs/cgroup/unified')
+# A host's cgroup is vmcloud-<pid>-<tag>-<host> (the pid of the test process, so a
+# later run removes those of a run that was killed), bind-mounted into its state
+# directory at CGROUP_LEAF: a compute service sees the sysfs of its own host, not the
+# machine's cgroup mounts, and its config names no path outside its directory.
+CGROUP_PREFIX = 'vmcloud'
+CGROUP_LEAF = 'cgroup'
+_CGROUP = re.compile(rf'^{CGROUP_PREFIX}-(\d+)-([0-9a-f]+)-([a-z0-9]+)$')
+# A cgroup's processes get this long to be gone once killed.
+CGROUP_TIMEOUT = 10.0
+# The dispatcher's gateway_state() as the controller's CLI config reaches it: the loads
+# the gateway weighs (there is no CLI command for it; a test computes expected shares).
+GATEWAY_STATE = """
+import json, sys
+import vmcloud.conf
+from vmcloud.dispatcher import rpcapi
+conf = vmcloud.conf.CONF
+conf(["--config-file", sys.argv[1]], project="vmcloud", default_config_files=[])
+print(json.dumps(rpcapi.DispatcherAPI(conf).gateway_state()))
+"""
 _STATE_PATH = '$state_path/'
 
 
@@ -140,6 +174,79 @@ def postgres_bin() -> str:
     return os.path.join(POSTGRES_ROOT, versions[-1], 'bin')
 
 
+def cgroup2_root() -> str:
+    """Where the machine's cgroup v2 hierarchy is mounted.
+
+    :raises: ClusterError if it has none.
+    """
+    for path in CGROUP2_MOUNTS:
+        if os.path.exists(os.path.join(path, 'cgroup.controllers')):
+            return path
+    raise ClusterError(f'no cgroup v2 hierarchy at {" or ".join(CGROUP2_MOUNTS)}: the '
+                       'emulated hosts cannot measure their own CPU load')
+
+
+def remove_cgroup(path: str) -> None:
+    """Kill every process in cgroup ``path`` (bounded wait), then remove it; no error if
+    it is gone. Never raises (best effort, logged)."""
+    deadline = time.monotonic() + CGROUP_TIMEOUT
+    while os.path.isdir(path):
+        try:
+            with open(os.path.join(path, 'cgroup.procs')) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # EBUSY while a killed process is still exiting
+            if time.monotonic() >= deadline:
+                print(f'cluster: cannot remove cgroup {path}: {exc}', file=sys.stderr)
+                return
+        time.sleep(0.05)
+
+
+def sweep_stale_cgroups() -> list[str]:
+    """Remove the hosts' cgroups of test processes that are dead (a run killed before
+    it closed its cloud), and unmount their bind mounts; those of live runs stay.
+
+    :returns: the cgroups removed.
+    """
+    try:
+        root = cgroup2_root()
+        entries = os.listdir(root)
+    except (ClusterError, OSError):
+        return []
+    stale = [os.path.join(root, e) for e in entries
+             if (m := _CGROUP.match(e)) and not netns._alive(int(m.group(1)))]
+    for path in stale:
+        remove_cgroup(path)
+    state_root = os.path.realpath(netns.DEFAULT_STATE_ROOT) + os.sep
+    for mount_point in _mount_points():
+        if not mount_point.startswith(state_root):
+            continue
+        owner = re.match(r'^[^-]+-(\d+)-', mount_point[len(state_root):])
+        if owner and not netns._alive(int(owner.group(1))):
+            subprocess.run(['umount', '-l', mount_point], capture_output=True,
+                           timeout=netns.COMMAND_TIMEOUT)
+    return stale
+
+
+def _mount_points() -> list[str]:
+    try:
+        with open('/proc/self/mounts') as f:
+            return [line.split()[1] for line in f]
+    except OSError:
+        return []
+
+
 def render(sections: dict[str, dict[str, object]]) -> str:
     """oslo.config INI text of ``sections``."""
     lines = []
@@ -163,6 +270,8 @@ class Start:
     sig: int = signal.SIGTERM
     #: run in the machine's mount namespace (netns.Host.command)
     machine_mounts: bool = False
+    #: the cgroup v2 directory it runs in (netns.Host.command), None: the test's own
+    cgroup: str | None = None
 
 
 @dataclasses.dataclass
@@ -216,11 +325,21 @@ class Cluster:
 
     def __init__(self, rate: str = '1gbit', state_root: str = netns.DEFAULT_STATE_ROOT,
                  subnet: str = netns.DEFAULT_SUBNET,
-                 options: dict[str, dict[str, object]] | None = None):
+                 options: dict[str, dict[str, object]] | None = None,
+                 host_cgroups: bool = False):
         """``options``: sections merged into every vmcloud config the cloud renders
-        (after its own, so they win), e.g. ``{'compute': {'sync_before_freeze': False}}``."""
+        (after its own, so they win), e.g. ``{'compute': {'sync_before_freeze': False}}``.
+        ``host_cgroups``: each compute host's processes (its services, and so its
+        guests) in a cgroup of its own, which its compute service measures its CPU
+        load in (``[compute] load_cgroup``): the hosts share one kernel, whose
+        /proc/stat would give each the whole machine's load."""
         self.rate = rate
         self.options = options or {}
+        self.host_cgroups = host_cgroups
+        # host name -> its cgroup directory (the machine's view), and the bind mounts
+        # of them in the hosts' state directories (removed before the directories).
+        self.cgroups: dict[str, str] = {}
+        self._cgroup_mounts: list[str] = []
         self.network = netns.Network(subnet=subnet, state_root=state_root)
         # Fresh per cloud: nothing of one run can log in to another.
         self.password = secrets.token_hex(12)
@@ -231,6 +350,8 @@ class Cluster:
         # Every service's log, also of those stopped since (a failure may be theirs).
         self.log_files: dict[str, str] = {}
         self.computes: dict[str, netns.Host] = {}
+        self.gateways: dict[str, netns.Host] = {}
+        self.clients: dict[str, netns.Host] = {}
         # Each compute host's own options, merged last into its config.
         self.host_options: dict[str, dict[str, dict[str, object]]] = {}
         self.configs: dict[str, list[str]] = {}
@@ -255,6 +376,7 @@ class Cluster:
         :raises: ClusterError (a server did not start: its log's tail), NetnsError.
         """
         self.network.open()
+        sweep_stale_cgroups()
         self.controller = self.network.add_host('ctl', rate=self.rate)
         self.start_rabbitmq()
         self.start_postgres()
@@ -262,10 +384,19 @@ class Cluster:
         self.start_dispatcher()
 
     def close(self) -> None:
-        """Stop every service, newest first, then remove the network. Never raises."""
+        """Stop every service, newest first, then remove the network and the hosts'
+        cgroups. Never raises."""
         for name in reversed(list(self.services)):
             self.services.pop(name).stop()
+        # Before the state directories go: rmtree would reach into the cgroups.
+        for mount_point in reversed(self._cgroup_mounts):
+            subprocess.run(['umount', '-l', mount_point], capture_output=True,
+                           timeout=netns.COMMAND_TIMEOUT)
+        self._cgroup_mounts.clear()
         self.network.close()
+        for path in self.cgroups.values():
+            remove_cgroup(path)
+        self.cgroups.clear()
 
     def logs(self) -> dict[str, str]:
         """Every service's log file, by service name, stopped services' too."""
@@ -285,10 +416,11 @@ class Cluster:
 
     def start_service(self, name: str, host: netns.Host, argv: Sequence[str],
                       ready: str, timeout: float, env: dict | None = None,
-                      sig: int = signal.SIGTERM, machine_mounts: bool = False) -> Service:
+                      sig: int = signal.SIGTERM, machine_mounts: bool = False,
+                      cgroup: str | None = None) -> Service:
         """Start ``argv`` on ``host``, logging to its state directory, and wait until
-        its log holds ``ready``; ``sig`` stops it gracefully; ``machine_mounts``: see
-        netns.Host.command.
+        its log holds ``ready``; ``sig`` stops it gracefully; ``machine_mounts``,
+        ``cgroup``: see netns.Host.command.
         A service started again under the same name appends to its log, after a line
         saying so, and is ready only when this run says it is.
 
@@ -297,15 +429,17 @@ class Cluster:
         """
         if name in self.services:
             raise ClusterError(f'{host.name}: {name} runs already')
-        self.starts[name] = Start(host, list(argv), ready, timeout, env, sig, machine_mounts)
+        self.starts[name] = Start(host, list(argv), ready, timeout, env, sig, machine_mounts,
+                                  cgroup)
         log_path = os.path.join(host.state_dir, f'{name}.log')
         with open(log_path, 'ab') as log:
             start = log.tell()
             if start:
                 log.write(f'\n--- harness: {name} started again ---\n'.encode())
                 start = log.tell()
-            process = host.popen(list(argv), machine_mounts=machine_mounts, stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            process = host.popen(list(argv), machine_mounts=machine_mounts, cgroup=cgroup,
+                                 stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=env)
         service = self.services[name] = Service(name, host, process, log_path, sig)
         self.log_files[name] = log_path
         self._wait(service, lambda: ready in _read(log_path)[start:], timeout,
@@ -319,7 +453,7 @@ class Cluster:
         """
         start = self.starts[name]
         return self.start_service(name, start.host, start.argv, start.ready, start.timeout,
-                                  start.env, start.sig, start.machine_mounts)
+                                  start.env, start.sig, start.machine_mounts, start.cgroup)
 
     def kill(self, name: str) -> None:
         """SIGKILL service ``name``, as a crash would end it: what it started in
@@ -500,8 +634,52 @@ class Cluster:
         """
         host = self.computes[name] = self.network.add_host(name, rate=self.rate)
         self.host_options[name] = options or {}
+        if self.host_cgroups:
+            self._add_cgroup(host)
         self._render_compute(name)
         return host
+
+    def _add_cgroup(self, host: netns.Host) -> str:
+        """A cgroup of ``host``'s own, bind-mounted at CGROUP_LEAF of its state directory.
+
+        :returns: its directory. :raises: ClusterError, NetnsError.
+        """
+        path = os.path.join(cgroup2_root(),
+                            f'{CGROUP_PREFIX}-{os.getpid()}-{self.network.tag}-{host.name}')
+        # Registered first: close() removes it also if what follows fails.
+        self.cgroups[host.name] = path
+        try:
+            os.mkdir(path)
+        except OSError as exc:
+            raise ClusterError(f'{host.name}: cannot make cgroup {path}: {exc}') from exc
+        mount_point = os.path.join(host.state_dir, CGROUP_LEAF)
+        os.mkdir(mount_point)
+        self._cgroup_mounts.append(mount_point)
+        netns._command(['mount', '--bind', path, mount_point])
+        return path
+
+    def cpu_usage_usec(self, name: str) -> int:
+        """CPU time host ``name``'s processes used so far (its cgroup's usage_usec).
+
+        :raises: ClusterError if the host has no cgroup, OSError.
+        """
+        if name not in self.cgroups:
+            raise ClusterError(f'{name} has no cgroup of its own: Cluster(host_cgroups=True)')
+        with open(os.path.join(self.cgroups[name], 'cpu.stat')) as f:
+            stat = dict(line.split() for line in f if line.strip())
+        return int(stat['usage_usec'])
+
+    def cpu_hog(self, name: str, seconds: float, loops: int = 1) -> list[subprocess.Popen]:
+        """``loops`` busy loops on host ``name`` (in its cgroup if it has one), each
+        ended by ``timeout`` after ``seconds`` at the latest; the Network stops what is
+        left when it closes.
+
+        :raises: NetnsError.
+        """
+        host = self.network.hosts[name]
+        return [host.popen(['timeout', f'{seconds:g}', 'sh', '-c', 'while :; do :; done'],
+                           cgroup=self.cgroups.get(name), stdin=subprocess.DEVNULL)
+                for _ in range(loops)]
 
     def set_options(self, name: str, options: dict[str, dict[str, object]]) -> None:
         """Merge ``options`` into compute host ``name``'s own and rewrite its config; a
@@ -522,6 +700,8 @@ class Cluster:
         sections['network'] = {
             'vtep_address': host.address,
             'state_dir': os.path.join(host.state_dir, netns.AGENT_STATE_LEAF)}
+        if name in self.cgroups:
+            sections['compute']['load_cgroup'] = os.path.join(host.state_dir, CGROUP_LEAF)
         sections = self._merged(sections, self.options, self.host_options[name])
         path = os.path.join(host.state_dir, 'vmcloud.conf')
         if path in self.configs.get(name, ()):
@@ -542,7 +722,7 @@ class Cluster:
         host = self.computes.get(name) or self.add_compute(name)
         return self.start_service(f'mirrors-{name}', host,
                                   self._vmcloud(self.config(name), 'mirror-service'),
-                                  'running\n', SERVICE_TIMEOUT)
+                                  'running\n', SERVICE_TIMEOUT, cgroup=self.cgroups.get(name))
 
     def start_compute(self, name: str) -> netns.Host:
         """Add compute host ``name`` if new, start its mirror service if it has none
@@ -555,7 +735,55 @@ class Cluster:
             self.start_mirror_service(name)
         self.start_service(f'compute-{name}', host,
                            self._vmcloud(self.config(name), 'compute'), 'running\n',
-                           SERVICE_TIMEOUT, machine_mounts=True)
+                           SERVICE_TIMEOUT, machine_mounts=True, cgroup=self.cgroups.get(name))
+        return host
+
+    def add_gateway(self, name: str,
+                    options: dict[str, dict[str, object]] | None = None) -> netns.Host:
+        """A gateway host ``name`` (also the gateway's name), its link shaped as the
+        controller's; its config in its state directory: HAProxy's listeners on its
+        address only (not on the deployment networks it joins), its VTEP at that
+        address, ``options`` merged last; not started.
+
+        :raises: NetnsError.
+        """
+        host = self.gateways[name] = self.network.add_host(name, rate=self.rate)
+        sections = self._common(host, name)
+        sections['gateway'] = {'name': name, 'listen_address': host.address,
+                               'state_path': os.path.join(host.state_dir, 'gateway')}
+        sections['network'] = {
+            'vtep_address': host.address,
+            'state_dir': os.path.join(host.state_dir, netns.AGENT_STATE_LEAF)}
+        sections = self._merged(sections, self.options, options)
+        self._write(host, 'vmcloud.conf', render(sections))
+        return host
+
+    def start_gateway(self, name: str = 'gw') -> netns.Host:
+        """Add gateway host ``name`` if new and start ``vmcloud gateway`` on it (service
+        ``gateway-<name>``): stopped gracefully, it stops its HAProxy too; killed
+        (``kill``), its HAProxy runs on, as after a crash, for ``restart`` to adopt.
+        In the machine's mounts: its network agent joins the deployment networks.
+
+        :raises: ClusterError, NetnsError.
+        """
+        host = self.gateways.get(name) or self.add_gateway(name)
+        self.start_service(f'gateway-{name}', host,
+                           self._vmcloud(self.config(name), 'gateway', '--stop-haproxy'),
+                           'running\n', SERVICE_TIMEOUT, machine_mounts=True)
+        return host
+
+    def haproxy_pids(self, name: str = 'gw') -> list[int]:
+        """The HAProxy processes (master and worker) running on gateway host ``name``."""
+        return sorted(p.pid for p in self.gateways[name].processes()
+                      if p.program == 'haproxy')
+
+    def add_client(self, name: str) -> netns.Host:
+        """A client host on the switch, no part of the cloud: it reaches the
+        applications through the gateway's address only (it has no route anywhere).
+
+        :raises: NetnsError.
+        """
+        host = self.clients[name] = self.network.add_host(name, rate=self.rate)
         return host
 
     def stop_compute(self, name: str) -> None:
@@ -677,6 +905,19 @@ class Cluster:
                                    f'{json.dumps(seen, default=str)[-LOG_TAIL:]}')
             time.sleep(interval)
 
+    def gateway_state(self) -> dict:
+        """The dispatcher's ``gateway_state()``: what the gateway serves, and the hosts'
+        loads it weighs.
+
+        :raises: ClusterError with the snippet's stderr if it fails.
+        """
+        done = self.controller.run([sys.executable, '-c', GATEWAY_STATE, self.cli_config],
+                                   timeout=CLI_TIMEOUT, check=False)
+        if done.returncode != 0:
+            raise ClusterError(f'gateway_state failed ({done.returncode}): '
+                               f'{done.stderr.strip()[-LOG_TAIL:]}')
+        return json.loads(done.stdout)
+
     def host_states(self) -> dict[str, str]:
         """Every compute host's state as the dispatcher sees it (``vmcloud hosts``)."""
         return {h['name']: h.get('state', 'up' if h['up'] else 'down')
@@ -779,22 +1020,23 @@ class Cluster:
         return peers
 
     def network_leftovers(self, host: str) -> list[str]:
-        """What vmcloud made of guest networks on compute host ``host`` and is still
-        there, one line each: its devices (bridges, VXLAN devices, veths, taps), its
-        agent's DHCP namespaces, dnsmasq processes naming its state directory, and the
-        bridges' nftables guards.
+        """What vmcloud made of guest networks on host ``host`` (a compute or gateway
+        host) and is still there, one line each: its devices (bridges, VXLAN devices,
+        veths, taps), its agent's DHCP namespaces, dnsmasq processes naming its state
+        directory, the bridges' nftables guards and the gateway's forward guard.
 
         :raises: NetnsError.
         """
-        node = self.computes[host]
+        node = self.network.hosts[host]
         links = json.loads(node.run(['ip', '-j', 'link', 'show']).stdout or '[]')
         found = [f'{host}: link {link["ifname"]}' for link in links
                  if NETWORK_DEVICE.match(link['ifname'])]
         found += [f'{host}: netns {n}' for n in netns.agent_namespaces([node.state_dir])]
         found += [f'{host}: dnsmasq {p}' for p in node.processes() if p.program == 'dnsmasq']
         # The bridges' guards (nftables netdev tables, doc/networking.md).
-        tables = node.run(['nft', 'list', 'tables', 'netdev']).stdout.split()
-        found += [f'{host}: nft netdev {t}' for t in tables if t.startswith('vmcloud_')]
+        for family in ('netdev', 'inet'):
+            tables = node.run(['nft', 'list', 'tables', family]).stdout.split()
+            found += [f'{host}: nft {family} {t}' for t in tables if t.startswith('vmcloud_')]
         return found
 
     def agent_namespace(self, host: str, vni: int) -> str:

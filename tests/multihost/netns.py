@@ -39,6 +39,11 @@ network agent, which makes namespaces of its own (``ip netns add`` mounts them i
 everyone's while /sys still shows the host's devices (the drivers read bridges and
 MTUs there).
 
+Sockets and cgroups: ``Host.connect`` makes a connection from the host in the calling
+thread (setns for the socket's creation only), so a test holds hundreds of a host's
+connections without a process each; ``popen(..., cgroup=DIR)`` starts a process, and
+so everything it starts, in a cgroup v2 directory (a host's CPU load measured alone).
+
 Cleanup: a Network deletes every namespace it created (which removes every
 veth, the bridge and the qdiscs with them), stops every process it started
 (and any other process still inside its namespaces), and removes the hosts'
@@ -53,6 +58,7 @@ Every command and every wait is bounded in time. Needs root (CAP_NET_ADMIN,
 CAP_SYS_ADMIN).
 """
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import ipaddress
@@ -62,6 +68,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,6 +122,10 @@ _AGENT_NAMESPACE = re.compile(r'^vmcloud-\d+-([0-9a-f]{8})$')
 # A host's own namespaces only: its sysfs, so /sys/class/net lists its devices; the
 # /run/netns mounts its processes make are the machine's (see "Mounts" above).
 _OWN_SYSFS = 'mount --make-rprivate /sys && mount -t sysfs sysfs /sys && exec "$@"'
+# A process that moves itself into the cgroup v2 directory $0 and becomes "$@": before
+# ``ip netns exec`` or the own sysfs above, whose /sys no longer shows the cgroup mounts.
+_INTO_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+_CLONE_NEWNET = 0x40000000
 
 
 class NetnsError(exception.VmcloudError):
@@ -291,6 +302,43 @@ def read_process(pid: int) -> Process | None:
     return Process(pid, int(fields[1]), fields[0], argv)
 
 
+def _setns(fd: int, what: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise NetnsError(f'cannot enter the network namespace of {what}: '
+                         f'{os.strerror(errno)}')
+
+
+@contextlib.contextmanager
+def _entered(path: str, what: str):
+    """The calling thread in the network namespace ``path`` for the block (setns moves
+    one thread only: the process's other threads stay where they are), back in its own
+    afterwards, also when the block fails.
+
+    :raises: NetnsError.
+    """
+    try:
+        own = os.open('/proc/thread-self/ns/net', os.O_RDONLY)
+    except OSError as exc:
+        raise NetnsError(f'cannot open this thread\'s network namespace: {exc}') from exc
+    try:
+        try:
+            target = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise NetnsError(f'no network namespace of {what}: {exc}') from exc
+        try:
+            _setns(target, what)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own, 'this thread (back from ' + what + ')')
+    finally:
+        os.close(own)
+
+
 def _pids() -> list[int]:
     return [int(p) for p in os.listdir('/proc') if p.isdigit()]
 
@@ -311,15 +359,21 @@ class Host:
     def __repr__(self) -> str:
         return f'Host({self.name}, {self.address})'
 
-    def command(self, argv: Sequence[str], machine_mounts: bool = False) -> list[str]:
+    def command(self, argv: Sequence[str], machine_mounts: bool = False,
+                cgroup: str | None = None) -> list[str]:
         """``argv`` as run inside this host: in a private mount namespace (``ip netns
         exec``), or with ``machine_mounts`` in the machine's, but for a sysfs of the
-        host's own (see "Mounts" above)."""
+        host's own (see "Mounts" above); with ``cgroup`` (a cgroup v2 directory) in
+        that cgroup, and so are the processes it starts."""
         if not machine_mounts:
-            return ['ip', 'netns', 'exec', self.namespace, *argv]
-        return ['nsenter', f'--net=/run/netns/{self.namespace}', '--',
-                'unshare', '--mount', '--propagation', 'unchanged', '--',
-                'sh', '-c', _OWN_SYSFS, 'sh', *argv]
+            inside = ['ip', 'netns', 'exec', self.namespace, *argv]
+        else:
+            inside = ['nsenter', f'--net=/run/netns/{self.namespace}', '--',
+                      'unshare', '--mount', '--propagation', 'unchanged', '--',
+                      'sh', '-c', _OWN_SYSFS, 'sh', *argv]
+        if cgroup is None:
+            return inside
+        return ['sh', '-c', _INTO_CGROUP, cgroup, *inside]
 
     def run(self, argv: Sequence[str], timeout: float = 60.0, check: bool = True,
             **kwargs) -> subprocess.CompletedProcess:
@@ -341,20 +395,46 @@ class Host:
         return done
 
     def popen(self, argv: Sequence[str], machine_mounts: bool = False,
-              **kwargs) -> subprocess.Popen:
-        """Start ``argv`` inside this host in a session of its own (``machine_mounts``:
-        see ``command``); the Network stops it (SIGTERM to its process group, then
-        SIGKILL) when it closes, if it still runs.
+              cgroup: str | None = None, **kwargs) -> subprocess.Popen:
+        """Start ``argv`` inside this host in a session of its own (``machine_mounts``,
+        ``cgroup``: see ``command``); the Network stops it (SIGTERM to its process
+        group, then SIGKILL) when it closes, if it still runs.
 
         :raises: NetnsError if it cannot be started.
         """
         try:
-            process = subprocess.Popen(self.command(argv, machine_mounts),
+            process = subprocess.Popen(self.command(argv, machine_mounts, cgroup),
                                        start_new_session=True, **kwargs)
         except OSError as exc:
             raise NetnsError(f'{self.name}: cannot start {" ".join(argv)}: {exc}') from exc
         self.network.processes.append(process)
         return process
+
+    def new_socket(self, family: int = socket.AF_INET,
+                   kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket of this host's network: made while the calling thread is in the
+        host's namespace (a socket keeps the namespace it was made in), so that a test
+        holds hundreds of connections of a host without a process per connection.
+
+        :raises: NetnsError if the namespace cannot be entered or left.
+        """
+        with _entered(f'/run/netns/{self.namespace}', self.name):
+            return socket.socket(family, kind)
+
+    def connect(self, address: str, port: int, timeout: float) -> socket.socket:
+        """A TCP connection from this host to ``address:port`` (``timeout`` s to connect,
+        and then for every operation on it).
+
+        :raises: OSError (refused, unreachable, timed out), NetnsError.
+        """
+        sock = self.new_socket()
+        try:
+            sock.settimeout(timeout)
+            sock.connect((address, int(port)))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def counters(self) -> dict[str, int]:
         """Bytes and packets this host's ``eth0`` sent and received (the kernel's

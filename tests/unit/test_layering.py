@@ -95,3 +95,15 @@ class LayeringTest(testtools.TestCase):
         above = ('vmcloud.mirror', 'vmcloud.compute', 'vmcloud.dispatcher', 'vmcloud.drivers')
         for package in ('vmcloud.storage', 'vmcloud.nbd'):
             self.assertEqual([], violations(package, above), package)
+
+    def test_the_gateway_imports_no_dispatcher_and_nothing_below_imports_it(self):
+        # The gateway sits beside the dispatcher: each talks to the other over RPC only.
+        self.assertEqual([], violations('vmcloud.gateway', ('vmcloud.dispatcher', 'vmcloud.cmd')))
+        for package in ('vmcloud.compute', 'vmcloud.network', 'vmcloud.storage', 'vmcloud.mirror',
+                        'vmcloud.drivers'):
+            self.assertEqual([], violations(package, ('vmcloud.gateway',)), package)
+
+    def test_the_dispatcher_knows_the_gateway_by_its_rpcapi_alone(self):
+        found = violations('vmcloud.dispatcher', ('vmcloud.gateway',))
+        self.assertEqual([], [v for v in found if not v.endswith((' vmcloud.gateway.rpcapi',
+                                                                  ' vmcloud.gateway'))])

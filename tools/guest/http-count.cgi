@@ -7,4 +7,7 @@ until mkdir "$state/count.lock" 2>/dev/null; do usleep 5000; done
 n=$(($(cat "$state/count" 2>/dev/null || echo 0) + 1))
 echo "$n" > "$state/count"
 rmdir "$state/count.lock"
-printf 'Content-Type: text/plain\r\n\r\n%s %s\n' "$(cat "$state/id")" "$n"
+body="$(cat "$state/id") $n"
+# With its length, a proxy in front (the gateway's HAProxy) keeps its client's connection
+# open for the next request; a body that ends when httpd closes would end that too.
+printf 'Content-Type: text/plain\r\nContent-Length: %s\r\n\r\n%s\n' "$((${#body} + 1))" "$body"

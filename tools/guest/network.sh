@@ -54,6 +54,31 @@ net_stream_server() {
     ) &
 }
 
+# Every connection answered at once with one line "ID N" (ID as the HTTP server's, N
+# counting this guest's connections from 1, under the CGI's mkdir lock), then with the
+# same line again for every line the client sends, until it closes: a long-lived
+# connection whose instance and liveness a client can check at any time. nc -ll forks
+# one handler per connection, so they are served concurrently.
+net_tcp_hold() {
+    cat > /run/vmcloud/tcp-hold <<'HOLD'
+#!/bin/sh
+exec 2>/dev/null
+state=/run/vmcloud
+until mkdir "$state/hold.lock"; do usleep 5000; done
+n=$(($(cat "$state/hold-count" || echo 0) + 1))
+echo "$n" > "$state/hold-count"
+rmdir "$state/hold.lock"
+line="$(cat "$state/id") $n"
+echo "$line"
+while read -r _; do echo "$line"; done
+HOLD
+    chmod +x /run/vmcloud/tcp-hold
+    (
+        nc -ll -p "$1" -e /run/vmcloud/tcp-hold \
+            || say "VMCLOUD-TCP-HOLD-FAILED cannot listen on port $1"
+    ) &
+}
+
 net_stream_to() {
     net_count=${1##*:}
     net_target=${1%:*}
@@ -90,6 +115,21 @@ net_reach() {
     ) &
 }
 
+# The default route via the first address of eth0's subnet: where a gateway host joins
+# a deployment network (vmcloud's IPAM keeps it free), as a real image would route.
+net_gateway_route() {
+    net_cidr=$(net_address)
+    [ -n "$net_cidr" ] || { say "VMCLOUD-ROUTE-FAILED eth0 has no address"; return 1; }
+    eval "$(ipcalc -n "$net_cidr")"
+    set -- $(echo "$NETWORK" | tr . ' ')
+    net_router=$1.$2.$3.$(($4 + 1))
+    if ip route replace default via "$net_router" dev eth0; then
+        say "VMCLOUD-ROUTE default via $net_router"
+    else
+        say "VMCLOUD-ROUTE-FAILED cannot route via $net_router"
+    fi
+}
+
 after_boot_done() {
     [ -n "$(arg reach)" ] && net_reach "$(arg reach)"
     [ -n "$(arg stream_to)" ] && net_stream_to "$(arg stream_to)"
@@ -100,4 +140,6 @@ after_boot_done() {
 net_configure
 [ "$(arg http)" = 0 ] || net_http "$(arg http_port)"
 [ -n "$(arg stream_server)" ] && net_stream_server "$(arg stream_server)"
+[ -n "$(arg tcp_hold)" ] && net_tcp_hold "$(arg tcp_hold)"
+[ "$(arg gateway_route)" = 1 ] && net_gateway_route
 :

@@ -27,8 +27,12 @@ COMMANDS = {
     'host': ('vmcloud.cmd.cloud', 'list compute hosts, or fence a dead one'),
     'hosts': ('vmcloud.cmd.cloud', 'list compute hosts (as host list)'),
     'console': ('vmcloud.cmd.cloud', "print an instance's console log, read on its host"),
+    'cloud': ('vmcloud.cmd.clouds', 'manage clouds: a connection limit over a set of compute '
+                                    'hosts'),
+    'app': ('vmcloud.cmd.clouds', 'manage applications; deploy one into a cloud'),
     'dispatcher': ('vmcloud.cmd.service', 'run the dispatcher service'),
     'compute': ('vmcloud.cmd.service', 'run a compute manager service on this node'),
+    'gateway': ('vmcloud.cmd.gateway', 'run the gateway service; its connections and stats'),
     'demo': ('vmcloud.cmd.demo', 'all-in-one: deploy, snapshot and redeploy N guests'),
     'simulate': ('vmcloud.cmd.simulate', 'simulate VM consolidation on a day of PlanetLab traces'),
 }

@@ -1,28 +1,17 @@
 """``vmcloud deploy|list|show|snapshot|delete|host|console``: requests to the dispatcher.
 
 Each command is one request: every call it makes (``deploy --wait`` polls too)
-carries the same request id, which the services' log lines show.
-
-Each first reaches the dispatcher within ``[DEFAULT] cli_timeout`` seconds, the
-bus and then a ping, and fails naming what did not answer: an RPC call to a
-dispatcher that is down would wait out the whole ``rpc_call_timeout`` (which a
-deploy may need) before saying anything.
+carries the same request id, which the services' log lines show. Each reaches the
+dispatcher first, within ``[DEFAULT] cli_timeout`` (see ``common``).
 """
 import argparse
-import functools
 import sys
-import threading
-
-from oslo_config import cfg
 
 from vmcloud import exception
-from vmcloud import rpc
+from vmcloud.cmd import common
 from vmcloud.cmd import output
-from vmcloud.compute import readiness
-from vmcloud.dispatcher import rpcapi
 from vmcloud.dispatcher import states
 
-INSTANCE_COLUMNS = ('name', 'host', 'state', 'image', 'boot_seconds', 'reason')
 SNAPSHOT_COLUMNS = ('id', 'deployment_id', 'state', 'created_at', 'reason')
 ITEM_COLUMNS = ('instance_id', 'state', 'version', 'pause_ms', 'dirty_bytes', 'uploaded_bytes',
                 'reason')
@@ -32,159 +21,38 @@ SNAPSHOT_ACTIONS = ('create', 'list', 'show')
 # A snapshot that is still on its way or complete; partial and error are not success.
 SNAPSHOT_OK = (states.FREEZING, states.UPLOADING, states.AVAILABLE)
 
-
-def _api(conf: cfg.ConfigOpts) -> rpcapi.DispatcherAPI:
-    """The dispatcher's API, once a dispatcher answered a ping.
-
-    :raises: ConfigError, MessageBusRefused, MessageBusUnreachable naming the bus;
-        DispatcherUnavailable naming the bus and the topic if no dispatcher answers
-        within ``cli_timeout`` s.
-    """
-    api = _connect(conf)
-    try:
-        api.ping(timeout=conf.cli_timeout)
-    except (exception.MessageBusUnreachable, exception.MessageBusRefused):
-        raise
-    except exception.MessagingError as exc:
-        # Imported by rpc already, which silences the warnings its import prints.
-        import oslo_messaging
-        if not isinstance(exc.__cause__, oslo_messaging.MessagingTimeout):
-            raise
-        raise exception.DispatcherUnavailable(_bus(conf), rpcapi.TOPIC,
-                                              conf.cli_timeout) from exc
-    return api
-
-
-def _bus(conf: cfg.ConfigOpts) -> str:
-    """The bus as errors name it, its passwords masked."""
-    url = conf.transport_url or 'rabbit://'
-    if url.rstrip('/') == 'rabbit:':
-        # The driver's default: say where that is, 'rabbit://' alone does not.
-        return f'{url} (guest@localhost:5672)'
-    return rpc.masked_url(url)
-
-
-def _connect(conf: cfg.ConfigOpts) -> rpcapi.DispatcherAPI:
-    """The client, its bus reached within ``cli_timeout`` s.
-
-    Connecting is bounded in attempts (rpc_connect_retries), not in time: a bus whose
-    host drops packets or never answers costs kombu's connect timeout per attempt, and
-    a host name lookup has no timeout at all. The attempts run in a thread left behind
-    when the time is up; the command exits right after.
-
-    :raises: ConfigError, MessageBusRefused, MessageBusUnreachable.
-    """
-    outcome: dict = {}
-
-    def connect() -> None:
-        try:
-            outcome['api'] = rpcapi.DispatcherAPI(conf)
-        except BaseException as exc:  # re-raised in the command's thread
-            outcome['error'] = exc
-    worker = threading.Thread(target=rpc.with_current_request(connect), daemon=True,
-                              name='vmcloud-connect')
-    worker.start()
-    worker.join(conf.cli_timeout)
-    if worker.is_alive():
-        raise exception.MessageBusUnreachable(
-            f'cannot reach the message bus at {_bus(conf)} within {conf.cli_timeout} s '
-            '([DEFAULT] cli_timeout)')
-    if 'error' in outcome:
-        raise outcome['error']
-    return outcome['api']
-
-
-def _one_request(handler):
-    @functools.wraps(handler)
-    def run(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
-        with rpc.request_context():
-            return handler(conf, args)
-    return run
-
-
-def _boot(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in (('kernel', args.kernel), ('initrd', args.initrd),
-                              ('cmdline', args.cmdline)) if v}
-
-
-def health_check(text: str) -> dict:
-    """``--health``'s value as the dispatcher takes it (see ``readiness.parse``).
-
-    :raises: argparse.ArgumentTypeError naming the value and the syntax.
-    """
-    try:
-        return readiness.parse(text)
-    except exception.InvalidRequest as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _health(args: argparse.Namespace) -> dict:
-    health = dict(args.health or readiness.DEFAULT)
-    if args.health_timeout is not None:
-        health['timeout'] = args.health_timeout
-    return health
-
-
-def _waiting(what: str, ident: str, timeout: float, look: str) -> None:
-    """Say what is waited for, and how to look at it, before waiting: if the wait
-    fails, the id is on the terminal already."""
-    print(f'vmcloud: {what} {ident}: waiting up to {timeout:g} s (`{look}` shows it)',
-          file=sys.stderr, flush=True)
-
-
-def _timed_out(error: exception.WaitTimedOut, look: str) -> exception.WaitTimedOut:
-    return exception.WaitTimedOut(f'{error}; it goes on: `{look}` shows it')
-
-
-def _wait_deployment(api: rpcapi.DispatcherAPI, deployment: dict, args) -> dict:
-    """:raises: WaitTimedOut naming the deployment and the command that shows it."""
-    ident = deployment['id']
-    look = f'vmcloud show {ident}'
-    _waiting('deployment', ident, args.timeout, look)
-    bar = output.ProgressBar(f'deploying {ident[:8]}', unit='instances',
-                             enabled=args.progress)
-
-    def progress(current: dict) -> None:
-        bar(sum(1 for i in current['instances'] if i['state'] != states.BUILDING),
-            len(current['instances']))
-    try:
-        return api.wait_deployment(ident, args.timeout, progress)
-    except exception.WaitTimedOut as exc:
-        raise _timed_out(exc, look) from exc
-    finally:
-        bar.close()
-
-
-def _show_nested(record: dict, rows: str, columns: tuple, fmt: str) -> None:
-    """``record`` with its list ``rows`` as a table below it (json: all as one)."""
-    if fmt == 'json':
-        output.emit_record(record, fmt)
-        return
-    output.emit_record({k: v for k, v in record.items() if k != rows}, fmt)
-    output.emit(record[rows], columns, fmt)
-
-
-def _show(deployment: dict, fmt: str) -> None:
-    _show_nested(deployment, 'instances', INSTANCE_COLUMNS, fmt)
+# Looked up at each call, as module names: a test gives the commands a fake API.
+_api = common.dispatcher_api
+_show = common.show_deployment
+_one_request = common.one_request
 
 
 def _show_snapshot(snapshot: dict, fmt: str) -> None:
-    _show_nested(snapshot, 'items', ITEM_COLUMNS, fmt)
+    common.show_nested(snapshot, 'items', ITEM_COLUMNS, fmt)
+
+
+def _exposure(args: argparse.Namespace) -> dict:
+    """``--cloud``, ``--port``, ``--protocol`` as deploy's keyword arguments, only those
+    given: without them a deployment is in the default cloud and has no listener."""
+    # getattr: a Namespace made by a caller other than this parser may lack them.
+    given = {name: getattr(args, name, None) for name in ('cloud', 'port', 'protocol')}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 @_one_request
 def do_deploy(conf, args) -> int:
     api = _api(conf)
     if args.from_snapshot:
-        deployment = api.deploy_snapshot(args.from_snapshot, _boot(args),
+        deployment = api.deploy_snapshot(args.from_snapshot, common.boot(args),
                                          allow_partial=args.partial)
     else:
         deployment = api.deploy(args.image, args.count, args.min_count, args.vcpus,
-                                args.memory, _boot(args), health=_health(args))
+                                args.memory, common.boot(args), health=common.health(args),
+                                **_exposure(args))
     if args.wait:
-        deployment = _wait_deployment(api, deployment, args)
+        deployment = common.wait_deployment(api, deployment, args)
     _show(deployment, args.fmt)
-    return 0 if deployment['state'] in states.RUNNING_STATES else 1
+    return common.deployed(deployment)
 
 
 @_one_request
@@ -207,11 +75,11 @@ def do_snapshot_create(conf, args) -> int:
     snapshot = api.snapshot(args.deployment)
     if args.wait:
         look = f'vmcloud snapshot show {snapshot["id"]}'
-        _waiting('snapshot', snapshot['id'], args.timeout, look)
+        common.say_waiting('snapshot', snapshot['id'], args.timeout, look)
         try:
             snapshot = api.wait_snapshot(snapshot['id'], args.timeout)
         except exception.WaitTimedOut as exc:
-            raise _timed_out(exc, look) from exc
+            raise common.timed_out(exc, look) from exc
     _show_snapshot(snapshot, args.fmt)
     return 0 if snapshot['state'] in SNAPSHOT_OK else 1
 
@@ -268,46 +136,35 @@ def do_console(conf, args) -> int:
 
 
 def add_parsers(groups: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('-f', dest='fmt', choices=('table', 'json'), default='table')
-    waiting = argparse.ArgumentParser(add_help=False)
-    waiting.add_argument('--wait', action='store_true',
-                         help='wait until it is done (its id is printed on stderr first)')
-    waiting.add_argument('--timeout', type=float, default=600, help='seconds --wait waits')
-    waiting.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None)
+    formatted = common.format_parent()
+    waiting = common.waiting_parent()
 
-    sub = groups.add_parser('deploy', parents=[common, waiting],
+    sub = groups.add_parser('deploy', parents=[formatted, waiting],
                             help='deploy N instances of an image, or redeploy a snapshot')
     sub.set_defaults(handler=do_deploy)
     sub.add_argument('image', nargs='?', metavar='IMAGE[:VERSION]')
     sub.add_argument('-n', '--count', type=int, default=1)
     sub.add_argument('--min-count', type=int, help='deploy if at least this many fit')
-    sub.add_argument('--vcpus', type=int, default=1)
-    sub.add_argument('--memory', type=int, default=256, help='MiB per instance')
-    sub.add_argument('--kernel', metavar='IMAGE[:VERSION]|/PATH',
-                     help='boot this kernel directly: a warehouse image (pinned to its '
-                          'current version at deploy; each compute node fetches it once), '
-                          'or an absolute path of a file that exists on every compute node')
-    sub.add_argument('--initrd', metavar='IMAGE[:VERSION]|/PATH',
-                     help='initrd for --kernel, named the same two ways')
-    sub.add_argument('--cmdline', help="kernel command line; '{name}' is the instance name")
-    sub.add_argument('--health', type=health_check, metavar='CHECK',
-                     help='when an instance is ready (built): tcp:PORT (a connection to it '
-                          'opens), http:PORT[/PATH] (a GET answers below 500), '
-                          'console:REGEX (a console line matches), or marker (the image '
-                          'prints VMCLOUD-PHASE boot-done; the default)')
-    sub.add_argument('--health-timeout', type=float, metavar='SECONDS',
-                     help='seconds an instance gets to pass it (default: [compute] '
-                          'boot_timeout of its host)')
+    common.add_size_arguments(sub)
+    common.add_boot_arguments(sub)
+    common.add_health_arguments(sub)
+    sub.add_argument('--cloud', metavar='CLOUD',
+                     help='deploy in this cloud: on its hosts, within its connection limit '
+                          '(default: the cloud named default)')
+    sub.add_argument('--port', type=common.port_number, metavar='PORT',
+                     help='with --protocol: the port the guests serve on, which the gateway '
+                          'exposes on a listener port of its own (shown as listener_port)')
+    sub.add_argument('--protocol', choices=common.PROTOCOLS,
+                     help='with --port: what the gateway relays, HTTP requests or TCP')
     sub.add_argument('--from-snapshot', metavar='SNAPSHOT',
                      help='one instance per instance of this snapshot, from its version')
     sub.add_argument('--partial', '--allow-partial', dest='partial', action='store_true',
                      help='with --from-snapshot: deploy a partial snapshot, only the '
                           'instances it stored')
 
-    groups.add_parser('list', parents=[common], help='list deployments').set_defaults(
+    groups.add_parser('list', parents=[formatted], help='list deployments').set_defaults(
         handler=do_list)
-    sub = groups.add_parser('show', parents=[common], help='show a deployment')
+    sub = groups.add_parser('show', parents=[formatted], help='show a deployment')
     sub.set_defaults(handler=do_show)
     sub.add_argument('deployment')
 
@@ -315,36 +172,36 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
         'snapshot', help='snapshot a deployment at one cut; list, show',
         description='`vmcloud snapshot DEPLOYMENT` is `vmcloud snapshot create DEPLOYMENT`.')
     actions = snapshot.add_subparsers(dest='action', required=True, metavar='ACTION')
-    sub = actions.add_parser('create', parents=[common, waiting],
+    sub = actions.add_parser('create', parents=[formatted, waiting],
                              help='snapshot every instance of a deployment at one cut')
     sub.set_defaults(handler=do_snapshot_create)
     sub.add_argument('deployment')
-    sub = actions.add_parser('list', parents=[common], help='list snapshots, newest first')
+    sub = actions.add_parser('list', parents=[formatted], help='list snapshots, newest first')
     sub.set_defaults(handler=do_snapshot_list)
     sub.add_argument('--deployment', metavar='DEPLOYMENT', help='only those of this one')
-    sub = actions.add_parser('show', parents=[common],
+    sub = actions.add_parser('show', parents=[formatted],
                              help="show a snapshot and each instance's item")
     sub.set_defaults(handler=do_snapshot_show)
     sub.add_argument('snapshot', metavar='SNAPSHOT')
 
-    sub = groups.add_parser('delete', parents=[common], help='delete a deployment')
+    sub = groups.add_parser('delete', parents=[formatted], help='delete a deployment')
     sub.set_defaults(handler=do_delete)
     sub.add_argument('deployment')
 
     host = groups.add_parser('host', help='list compute hosts, or fence a dead one')
     actions = host.add_subparsers(dest='action', required=True, metavar='ACTION')
-    actions.add_parser('list', parents=[common],
+    actions.add_parser('list', parents=[formatted],
                        help='list compute hosts: state up, unknown (silent) or fenced'
                        ).set_defaults(handler=do_host_list)
-    sub = actions.add_parser('fence', parents=[common], help='declare a compute host dead',
+    sub = actions.add_parser('fence', parents=[formatted], help='declare a compute host dead',
                              description=FENCE_EFFECT.format(host='HOST') + '.')
     sub.set_defaults(handler=do_host_fence)
     sub.add_argument('host', metavar='HOST')
     sub.add_argument('--yes', action='store_true', help='yes, it is down: fence it')
-    groups.add_parser('hosts', parents=[common], help='list compute hosts (as host list)'
+    groups.add_parser('hosts', parents=[formatted], help='list compute hosts (as host list)'
                       ).set_defaults(handler=do_host_list)
 
-    sub = groups.add_parser('console', parents=[common],
+    sub = groups.add_parser('console', parents=[formatted],
                             help="print an instance's console log, read on its host")
     sub.set_defaults(handler=do_console)
     sub.add_argument('instance', metavar='INSTANCE', help='its name or id')
@@ -368,7 +225,13 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error('--partial goes with --from-snapshot')
         if args.from_snapshot and (args.health or args.health_timeout is not None):
             parser.error('--health and --health-timeout go with IMAGE, not --from-snapshot')
-        if args.health_timeout is not None and not args.health_timeout > 0:
-            parser.error('--health-timeout must be above 0')
+        if problem := common.health_timeout_problem(args):
+            parser.error(problem)
+        if (args.port is None) != (args.protocol is None):
+            parser.error('--port and --protocol go together: the port the guests serve on '
+                         'and what the gateway relays to it (http or tcp)')
+        if args.from_snapshot and (args.cloud or args.port is not None):
+            # deploy_snapshot takes none of them: refused rather than silently ignored.
+            parser.error('--cloud, --port and --protocol go with IMAGE, not --from-snapshot')
     if getattr(args, 'handler', None) is do_console and args.bytes < 1:
         parser.error('--bytes must be at least 1')

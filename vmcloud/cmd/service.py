@@ -24,7 +24,7 @@ CONTEXT_FORMAT = ('%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s '
                   '[%(request_id)s] %(message)s')
 
 
-def _run(service, stop_service) -> int:
+def run(service, stop_service) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -40,7 +40,7 @@ def do_dispatcher(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     log.setup(conf, 'vmcloud')
     rpc.wait_for_bus(conf)
     dispatcher = dispatcher_manager.Dispatcher(conf)
-    return _run(dispatcher, dispatcher.stop)
+    return run(dispatcher, dispatcher.stop)
 
 
 def do_compute(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def do_compute(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     mirrors.wait(conf.rpc_startup_timeout)
     try:
         compute = compute_manager.ComputeManager(conf, mirrors, host=args.host, driver=driver)
-        return _run(compute, compute.stop)
+        return run(compute, compute.stop)
     finally:
         mirrors.close()
 

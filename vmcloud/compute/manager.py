@@ -25,6 +25,7 @@ from vmcloud import exception
 from vmcloud import network as network_mod
 from vmcloud import rpc
 from vmcloud.compute import artifacts as artifacts_mod
+from vmcloud.compute import load
 from vmcloud.compute import phases
 from vmcloud.compute import readiness
 from vmcloud.compute import rpcapi as compute_rpcapi
@@ -135,6 +136,9 @@ class ComputeManager:
         self.artifacts = artifacts_mod.BootArtifacts(
             conf.compute.boot_artifacts_path, self.warehouse, conf.compute.boot_timeout)
         self.dispatcher = dispatcher_rpcapi.DispatcherAPI(conf, retry=-1)
+        # Made here, so a load_cgroup that cannot be read stops the manager at once; each
+        # heartbeat then reports the load since the one before.
+        self.cpu_sampler = load.sampler(conf)
         self._lock = threading.Lock()
         self._freezes: dict[str, _Freeze] = {}
         self._expired: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -367,9 +371,22 @@ class ComputeManager:
     # -- heartbeat ---------------------------------------------------------------
 
     def capacity(self) -> dict:
+        """What the node offers and how busy it is since the last call, for the
+        dispatcher: 'vcpus', 'memory_mib', 'disk_bytes_free', 'cpus', 'cpu_busy' and
+        'fetched_bytes' (each of the last two left out if it cannot be measured now).
+
+        :raises: what the driver's host_capacity raises.
+        """
         measured = self.driver.host_capacity()
         capacity = {'vcpus': measured.cpus, 'memory_mib': measured.memory_mib,
-                    'disk_bytes_free': measured.free_disk_bytes}
+                    'disk_bytes_free': measured.free_disk_bytes,
+                    'cpus': self.cpu_sampler.cpus}
+        try:
+            capacity['cpu_busy'] = self.cpu_sampler.busy()
+        except exception.ConfigError as exc:
+            # Only a figure, as fetched_bytes: a cgroup removed under the node must not
+            # have the node and its guests taken for unknown.
+            LOG.warning('heartbeat of %s without its CPU load: %s', self.host, exc)
         try:
             capacity['fetched_bytes'] = self.mirrors.fetched_bytes()
         except exception.MirrorError as exc:

@@ -5,6 +5,7 @@ Importing this package registers every group on the global ``cfg.CONF``.
 from oslo_config import cfg
 
 from vmcloud.conf import compute
+from vmcloud.conf import gateway
 from vmcloud.conf import mirror
 from vmcloud.conf import network
 from vmcloud.conf import paths
@@ -16,6 +17,7 @@ from vmcloud.conf import warehouse
 CONF = cfg.CONF
 
 compute.register_opts(CONF)
+gateway.register_opts(CONF)
 mirror.register_opts(CONF)
 network.register_opts(CONF)
 paths.register_opts(CONF)

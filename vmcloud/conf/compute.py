@@ -36,6 +36,16 @@ compute_opts = [
                      'before a snapshot freezes it: the freeze then has little left to '
                      'flush, so the guest\'s pause does not grow with the data it wrote. '
                      'Off only to measure that pause without it.'),
+    cfg.StrOpt('load_cgroup', default='',
+               help='A cgroup v2 directory (e.g. /sys/fs/cgroup/vmcloud) holding this '
+                    'host\'s processes and guests: the CPU load every heartbeat reports '
+                    '(which the gateway weighs the host\'s instances by) is then their '
+                    'CPU time (its cpu.stat usage_usec) against wall time x load_cpus. '
+                    'Empty: the whole machine\'s, from /proc/stat. Set it when hosts '
+                    'share one kernel (containers), or each reports the load of all.'),
+    cfg.IntOpt('load_cpus', default=0, min=0,
+               help='Logical CPUs this host reports, and the CPUs load_cgroup\'s usage '
+                    'is a fraction of. 0: the machine\'s (os.cpu_count()).'),
 ]
 
 

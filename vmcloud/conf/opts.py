@@ -5,6 +5,7 @@ import warnings
 from stevedore import extension
 
 from vmcloud.conf import compute
+from vmcloud.conf import gateway
 from vmcloud.conf import mirror
 from vmcloud.conf import network
 from vmcloud.conf import paths
@@ -13,7 +14,8 @@ from vmcloud.conf import service
 from vmcloud.conf import storage
 from vmcloud.conf import warehouse
 
-_CONF_MODULES = (paths, storage, warehouse, compute, mirror, network, scheduler, service)
+_CONF_MODULES = (paths, storage, warehouse, compute, mirror, network, scheduler, service,
+                 gateway)
 
 # Plugin namespaces whose classes declare their own options as
 # ``OPTION_GROUP`` and ``OPTIONS`` class attributes.

@@ -7,10 +7,11 @@ scheduler_group = cfg.OptGroup(
 
 scheduler_opts = [
     cfg.ListOpt('enabled_filters',
-                default=['compute_up', 'ram', 'cpu', 'disk', 'instance_count'],
+                default=['cloud', 'compute_up', 'ram', 'cpu', 'disk', 'instance_count'],
                 help='Filters (entry points in the vmcloud.scheduler.filters namespace) '
                      'a host must pass, run in this order: put cheap filters that '
-                     'eliminate many hosts first.'),
+                     'eliminate many hosts first. Leaving out cloud lets a deployment '
+                     'of a cloud that lists its hosts be placed on any host.'),
     cfg.ListOpt('weighers', default=['ram', 'cpu'],
                 help='Weighers (entry points in the vmcloud.scheduler.weights namespace) '
                      'that rank the hosts left after filtering.'),

@@ -2,8 +2,10 @@
 import contextlib
 import datetime
 import os
+import logging
 import threading
 from collections.abc import Sequence
+from typing import Callable
 from typing import Iterator
 
 import alembic.command
@@ -17,6 +19,8 @@ from vmcloud.db import models
 
 # The unit of work every query below takes; callers need not import SQLAlchemy.
 Session = orm.Session
+
+LOG = logging.getLogger(__name__)
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'migrations')
 
@@ -49,6 +53,7 @@ class Database:
             sqlalchemy.event.listen(self.engine, 'connect', _sqlite_pragmas)
             sqlalchemy.event.listen(self.engine, 'begin', _sqlite_begin)
         self._sessions = orm.sessionmaker(self.engine, expire_on_commit=False)
+        self._default_connection_limit = conf.gateway.default_connection_limit
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration. :raises: DatabaseError."""
@@ -56,15 +61,21 @@ class Database:
         config.set_main_option('script_location', MIGRATIONS)
         with self._errors('upgrade the schema'), self.engine.begin() as connection:
             config.attributes['connection'] = connection
+            # The limit of the default cloud migration 0004 makes.
+            config.attributes['default_connection_limit'] = self._default_connection_limit
             alembic.command.upgrade(config, 'head')
 
     @contextlib.contextmanager
     def session(self) -> Iterator[orm.Session]:
-        """:raises: DatabaseError if the database cannot be reached or refuses the work;
+        """Once it committed, the work ``after_commit`` registered in it runs.
+
+        :raises: DatabaseError if the database cannot be reached or refuses the work;
             Conflict (a DatabaseError) if a unique constraint refused it."""
         with self._writer, self._errors('use the database'), \
                 self._sessions.begin() as session:
             yield session
+        # Not reached if the work raised: it rolled back, and nothing of it is to tell.
+        _run_after_commit(session)
 
     @contextlib.contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -80,6 +91,21 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def after_commit(session: orm.Session, key: str, work: Callable[[], None]) -> None:
+    """Run ``work`` once ``session`` committed (not if it rolls back), with no lock
+    held: what is told of the change (a cast) must never tell of work that did not
+    happen. Registered several times under one ``key``, it runs once."""
+    session.info.setdefault('after_commit', {})[key] = work
+
+
+def _run_after_commit(session: orm.Session) -> None:
+    for key, work in session.info.pop('after_commit', {}).items():
+        try:
+            work()
+        except Exception:  # the work committed: what follows it must not fail it
+            LOG.exception('after commit: %s failed', key)
 
 
 def _sqlite_pragmas(connection, _record) -> None:
@@ -132,6 +158,35 @@ def usage_by_host(session: orm.Session,
                           models.Deployment.memory_mib)
         .join(models.Deployment, models.Instance.deployment_id == models.Deployment.id)
         .where(models.Instance.state.in_(states), models.Instance.host.is_not(None)))]
+
+
+# vmcloud.dispatcher.states.DELETED (this layer is below the dispatcher's): a
+# deployment in it is gone but for its row.
+_DELETED = 'deleted'
+
+
+def live_deployment_ids(session: orm.Session, cloud: str | None = None,
+                        application: str | None = None) -> list[str]:
+    """The ids of the deployments not deleted in ``cloud`` and/or of ``application``."""
+    query = sqlalchemy.select(models.Deployment.id).where(models.Deployment.state != _DELETED)
+    if cloud is not None:
+        query = query.where(models.Deployment.cloud == cloud)
+    if application is not None:
+        query = query.where(models.Deployment.application == application)
+    return list(session.scalars(query.order_by(models.Deployment.id)))
+
+
+def listener_ports_in_use(session: orm.Session) -> set[int]:
+    """The listener ports deployments hold (a deleted one holds none)."""
+    return set(session.scalars(sqlalchemy.select(models.Deployment.listener_port).where(
+        models.Deployment.listener_port.is_not(None))))
+
+
+def listener_deployments(session: orm.Session) -> list[models.Deployment]:
+    """The deployments holding a listener port, by port."""
+    return list(session.scalars(sqlalchemy.select(models.Deployment).where(
+        models.Deployment.listener_port.is_not(None)).order_by(
+            models.Deployment.listener_port)))
 
 
 def deployment_create(session: orm.Session, **fields) -> models.Deployment:
@@ -275,6 +330,84 @@ def vtep_addresses(session: orm.Session, hosts: Sequence[str]) -> dict[str, str]
     """{host: its VTEP address ('' if none)} of those of ``hosts`` that are known."""
     return dict(session.execute(sqlalchemy.select(models.Host.name, models.Host.vtep_address)
                                 .where(models.Host.name.in_(list(hosts)))).tuples().all())
+
+
+def cloud_create(session: orm.Session, **fields) -> models.Cloud:
+    cloud = models.Cloud(**fields)
+    session.add(cloud)
+    session.flush()  # its hosts refer to it
+    return cloud
+
+
+def cloud_get(session: orm.Session, name: str, lock: bool = False) -> models.Cloud | None:
+    return session.get(models.Cloud, name, with_for_update=lock)
+
+
+def clouds(session: orm.Session) -> list[models.Cloud]:
+    """Every cloud, by name."""
+    return list(session.scalars(sqlalchemy.select(models.Cloud).order_by(models.Cloud.name)))
+
+
+def cloud_delete(session: orm.Session, cloud: models.Cloud) -> None:
+    """The cloud and its host list."""
+    session.execute(sqlalchemy.delete(models.CloudHost).where(
+        models.CloudHost.cloud == cloud.name))
+    session.delete(cloud)
+
+
+def cloud_hosts(session: orm.Session, cloud: str) -> list[str]:
+    """The hosts listed for ``cloud``, by name."""
+    return list(session.scalars(sqlalchemy.select(models.CloudHost.host).where(
+        models.CloudHost.cloud == cloud).order_by(models.CloudHost.host)))
+
+
+def cloud_host_add(session: orm.Session, cloud: str, host: str) -> None:
+    """List ``host`` for ``cloud`` (a host listed already stays listed once)."""
+    if session.get(models.CloudHost, (cloud, host)) is None:
+        session.add(models.CloudHost(cloud=cloud, host=host))
+        session.flush()
+
+
+def cloud_host_remove(session: orm.Session, cloud: str, host: str) -> None:
+    session.execute(sqlalchemy.delete(models.CloudHost).where(
+        models.CloudHost.cloud == cloud, models.CloudHost.host == host))
+
+
+def application_create(session: orm.Session, **fields) -> models.Application:
+    application = models.Application(**fields)
+    session.add(application)
+    session.flush()  # a second one of the name is refused here (Conflict)
+    return application
+
+
+def application_get(session: orm.Session, name: str) -> models.Application | None:
+    return session.get(models.Application, name)
+
+
+def applications(session: orm.Session) -> list[models.Application]:
+    """Every application, by name."""
+    return list(session.scalars(sqlalchemy.select(models.Application)
+                                .order_by(models.Application.name)))
+
+
+def application_delete(session: orm.Session, application: models.Application) -> None:
+    session.delete(application)
+
+
+def gateway_get(session: orm.Session, name: str, lock: bool = False) -> models.Gateway | None:
+    return session.get(models.Gateway, name, with_for_update=lock)
+
+
+def gateway_create(session: orm.Session, name: str) -> models.Gateway:
+    gateway = models.Gateway(name=name)
+    session.add(gateway)
+    return gateway
+
+
+def gateways(session: orm.Session) -> list[models.Gateway]:
+    """Every registered gateway, by name."""
+    return list(session.scalars(sqlalchemy.select(models.Gateway)
+                                .order_by(models.Gateway.name)))
 
 
 def snapshot_create(session: orm.Session, **fields) -> models.Snapshot:

@@ -2,7 +2,9 @@
 import datetime
 
 from sqlalchemy import BigInteger
+from sqlalchemy import Float
 from sqlalchemy import ForeignKey
+from sqlalchemy import PrimaryKeyConstraint
 from sqlalchemy import String
 from sqlalchemy import UniqueConstraint
 from sqlalchemy import text
@@ -38,6 +40,11 @@ class Host(Base):
     # [network] vtep_address); empty: it takes part in no VXLAN (one host only).
     # (Server default: see migration 0003.)
     vtep_address: Mapped[str] = mapped_column(String(64), default='', server_default=text("''"))
+    # Load from the last heartbeat: logical CPUs (0: a manager of before, which did not
+    # report them; read as its vcpus) and the fraction of them busy over the last
+    # heartbeat interval. (Server defaults: see migration 0004.)
+    cpus: Mapped[int] = mapped_column(default=0, server_default=text('0'))
+    cpu_busy: Mapped[float] = mapped_column(Float, default=0.0, server_default=text('0'))
     last_heartbeat: Mapped[datetime.datetime] = mapped_column(default=utcnow)
 
 
@@ -57,6 +64,18 @@ class Deployment(Base):
     health: Mapped[str] = mapped_column(String(2000), default='{}', server_default='{}')
     state: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(2000), default='')
+    # The cloud it runs in, and the application it deploys (None: a plain deploy). No
+    # foreign keys: a deleted deployment keeps the names of what may be gone since,
+    # and adding one would make SQLite copy the table (see migration 0003).
+    cloud: Mapped[str] = mapped_column(String(32), default='default',
+                                       server_default='default')
+    application: Mapped[str | None] = mapped_column(String(64))
+    # The service in its guests (port, 'http' | 'tcp'), and the gateway port clients
+    # reach it on: held while the deployment lives (None once deleted), unique so that
+    # two dispatchers cannot hand out one port twice.
+    port: Mapped[int | None]
+    protocol: Mapped[str | None] = mapped_column(String(8))
+    listener_port: Mapped[int | None] = mapped_column(unique=True, index=True)
     created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
 
 
@@ -145,3 +164,49 @@ class SnapshotItem(Base):
     thawed_at: Mapped[float | None]
     # An item still freezing or uploading past it ends in error.
     deadline: Mapped[datetime.datetime | None]
+
+
+class Cloud(Base):
+    """A share of the compute hosts (all of them if it lists none) with a limit on the
+    connections its deployments' listeners hold at once."""
+    __tablename__ = 'clouds'
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    connection_limit: Mapped[int]
+    created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+
+
+class CloudHost(Base):
+    """A compute host a cloud places on (a host may be in several clouds)."""
+    __tablename__ = 'cloud_hosts'
+    __table_args__ = (PrimaryKeyConstraint('cloud', 'host'),)
+
+    cloud: Mapped[str] = mapped_column(ForeignKey('clouds.name'))
+    host: Mapped[str] = mapped_column(ForeignKey('hosts.name'))
+
+
+class Application(Base):
+    """What to deploy and how it is served: the image and boot of deploy, the service
+    port in the guests and its protocol, and a limit on its connections."""
+    __tablename__ = 'applications'
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    image: Mapped[str] = mapped_column(String(255))  # IMAGE[:VERSION]
+    boot: Mapped[str] = mapped_column(String(4000), default='{}')  # JSON, as deploy's
+    health: Mapped[str] = mapped_column(String(2000), default='{}')  # JSON, as deploy's
+    vcpus: Mapped[int]
+    memory_mib: Mapped[int]
+    port: Mapped[int]
+    protocol: Mapped[str] = mapped_column(String(8))
+    connection_limit: Mapped[int | None]  # None: only its cloud's
+    created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+
+
+class Gateway(Base):
+    """A registered gateway host: the compute hosts flood the networks of exposed
+    deployments to its VTEP address."""
+    __tablename__ = 'gateways'
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    vtep_address: Mapped[str] = mapped_column(String(64), default='')
+    last_seen: Mapped[datetime.datetime] = mapped_column(default=utcnow)

@@ -16,6 +16,7 @@ from vmcloud.compute import readiness
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
 from vmcloud.db import models
+from vmcloud.dispatcher import clouds
 from vmcloud.dispatcher import hosts as hosts_mod
 from vmcloud.dispatcher import networks
 from vmcloud.dispatcher import states
@@ -51,36 +52,45 @@ class Deployer:
 
     def __init__(self, conf: cfg.ConfigOpts, db: db_api.Database,
                  scheduler: handler.FilterScheduler, compute: compute_rpcapi.ComputeAPI,
-                 notify: Notify):
+                 notify: Notify, gateway: clouds.Gateway | None = None):
+        """``gateway``: told to refresh when what it serves changes (None: no gateway
+        to tell)."""
         self.conf = conf
         self.db = db
         self.scheduler = scheduler
         self.compute = compute
         self.notify = notify
+        self.gateway = gateway
         # Scheduling reads free capacity and claims it: one request at a time.
         self._claims = threading.Lock()
 
     def deploy(self, refs: list[str], min_count: int, vcpus: int, memory_mib: int,
-               boot: dict, health: dict | None = None) -> dict:
-        """One instance per image reference, placed all at once, with the deployment's
-        network and the instances' ports allocated in the same unit of work; builds
-        cast after commit. ``health``: see health_check.
+               boot: dict, health: dict | None = None, cloud: str = clouds.DEFAULT,
+               application: str | None = None, port: int | None = None,
+               protocol: str | None = None) -> dict:
+        """One instance per image reference, placed all at once on hosts of ``cloud``,
+        with the deployment's network, the instances' ports and (with a service:
+        ``port`` and ``protocol``) a listener port allocated in the same unit of work;
+        builds cast after commit. ``health``: see health_check.
 
-        :raises: InvalidRequest (a bad health check), NoValidHost, AddressPoolExhausted
-            naming the pool (nothing written for either), DatabaseError.
+        :raises: InvalidRequest (a bad health check or service), CloudNotFound,
+            NoValidHost, AddressPoolExhausted naming the pool, ListenerPortsExhausted
+            naming the range (nothing written for any), DatabaseError.
         """
         health = health_check(health, self.conf.build_timeout)
+        clouds.check_service(port, protocol)
+        spec = Spec(refs, min_count, vcpus, memory_mib, boot, health, cloud, application,
+                    port, protocol)
         with self._claims:
             try:
-                deployment_id, placed, builds = self._place(refs, min_count, vcpus,
-                                                            memory_mib, boot, health)
+                deployment_id, placed, builds = self._place(spec)
             except db_api.Conflict as exc:
-                # Another dispatcher took the subnet or VNI picked (see networks): this
-                # one wrote nothing; once more, it reads what the other committed.
+                # Another dispatcher took the subnet, VNI or listener port picked (see
+                # networks): this one wrote nothing; once more, it reads what the other
+                # committed.
                 LOG.warning('deployment of %s refused by the database (%s); trying again',
                             refs[0], exc)
-                deployment_id, placed, builds = self._place(refs, min_count, vcpus,
-                                                            memory_mib, boot, health)
+                deployment_id, placed, builds = self._place(spec)
         LOG.info('deployment %s: %d instances of %s on %s', deployment_id, len(builds),
                  refs[0], dict(collections.Counter(placed)))
         for build in builds:
@@ -89,22 +99,27 @@ class Deployer:
         with self.db.session() as session:
             return views.show_deployment(session, deployment_id)
 
-    def _place(self, refs: list[str], min_count: int, vcpus: int, memory_mib: int,
-               boot: dict, health: dict) -> tuple[str, list[str], list[dict]]:
+    def _place(self, spec: 'Spec') -> tuple[str, list[str], list[dict]]:
         """One unit of work of deploy, under self._claims.
 
         :returns: (deployment id, hosts placed on, build requests).
-        :raises: NoValidHost, AddressPoolExhausted, Conflict, DatabaseError.
+        :raises: CloudNotFound, NoValidHost, AddressPoolExhausted, ListenerPortsExhausted,
+            Conflict, DatabaseError.
         """
         deployment_id = str(uuid.uuid4())
-        request = InstanceRequest(vcpus=vcpus, memory_mib=memory_mib)
+        refs = spec.refs
         with self.db.session() as session:
+            request = self._request(session, spec.vcpus, spec.memory_mib, spec.cloud)
             placed = self.scheduler.select_hosts(hosts_mod.host_states(session),
-                                                 request, len(refs), min_count)
+                                                 request, len(refs), spec.min_count)
+            listener_port = (clouds.allocate_listener_port(self.conf, session, spec.protocol)
+                             if spec.protocol is not None else None)
             deployment = db_api.deployment_create(
                 session, id=deployment_id, image=refs[0], count=len(refs),
-                min_count=min_count, vcpus=vcpus, memory_mib=memory_mib,
-                boot=json.dumps(boot), health=json.dumps(health), state=states.BUILDING)
+                min_count=spec.min_count, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+                boot=json.dumps(spec.boot), health=json.dumps(spec.health),
+                state=states.BUILDING, cloud=spec.cloud, application=spec.application,
+                port=spec.port, protocol=spec.protocol, listener_port=listener_port)
             instances = [db_api.instance_create(
                 session, id=str(uuid.uuid4()), name=f'vm-{deployment_id[:8]}-{index}',
                 deployment_id=deployment_id, image=ref, host=host, state=states.BUILDING,
@@ -112,7 +127,21 @@ class Deployer:
             networks.allocate(self.conf, session, deployment_id, instances)
             builds = [self._build_request(session, instance, deployment)
                       for instance in instances]
+            if listener_port is not None:
+                clouds.refresh_after_commit(session, self.gateway)
         return deployment_id, placed, builds
+
+    @staticmethod
+    def _request(session: db_api.Session, vcpus: int, memory_mib: int,
+                 cloud: str) -> InstanceRequest:
+        """What one instance of a deployment of ``cloud`` asks the scheduler for: its
+        size, and the cloud's hosts (None: any).
+
+        :raises: CloudNotFound.
+        """
+        hosts = clouds.placement_hosts(session, cloud)
+        return InstanceRequest(vcpus=vcpus, memory_mib=memory_mib,
+                               cloud_hosts=tuple(hosts) if hosts is not None else None)
 
     def _build_request(self, session: db_api.Session, instance: models.Instance,
                        deployment: models.Deployment) -> dict:
@@ -220,7 +249,11 @@ class Deployer:
         :returns: (its build request and the peer sets the move changed, '') or (None,
             why no host can take it, or no DHCP port is left for it).
         """
-        request = InstanceRequest(vcpus=deployment.vcpus, memory_mib=deployment.memory_mib)
+        try:
+            request = self._request(session, deployment.vcpus, deployment.memory_mib,
+                                    deployment.cloud)
+        except exception.CloudNotFound:  # deleted while it ran: no cloud's hosts to limit
+            request = InstanceRequest(vcpus=deployment.vcpus, memory_mib=deployment.memory_mib)
         candidates = [h for h in hosts_mod.host_states(session) if h.name not in excluded]
         try:
             instance.host = self.scheduler.select_hosts(candidates, request, 1)[0]
@@ -392,10 +425,13 @@ class Deployer:
             networks.release_port(session, instance)
         self.update_deployment(session, instance.deployment_id)
 
-    @staticmethod
-    def update_deployment(session: db_api.Session, deployment_id: str) -> None:
-        """Derive the deployment's state from its instances' (a deleted one stays so)."""
+    def update_deployment(self, session: db_api.Session, deployment_id: str) -> None:
+        """Derive the deployment's state from its instances' (a deleted one stays so).
+        An instance of it changed: if it is exposed, the gateways are told once the
+        session committed (an instance may have become active, or stopped being)."""
         deployment = db_api.deployment_get(session, deployment_id)
+        if deployment.listener_port is not None:
+            clouds.refresh_after_commit(session, self.gateway)
         if deployment.state == states.DELETED:
             return
         outcome = transitions.deployment(db_api.instance_state_counts(session, deployment_id),
@@ -424,6 +460,10 @@ class Deployer:
                     networks.release_port(session, instance)
                 instance.deadline = None
             networks.release_network(session, deployment_id)
+            if deployment.listener_port is not None:
+                # Free for the next exposed deployment; the gateways drop the listener.
+                deployment.listener_port = None
+                clouds.refresh_after_commit(session, self.gateway)
         for host, names in doomed.items():
             self.destroy(host, names)
         self.notify('deployment.delete.end', {'id': deployment_id})
@@ -455,6 +495,22 @@ class Deployer:
                                            f'which is {host_state}: its console cannot be read')
         return {'instance': name, 'host': host,
                 'console': self.compute.console_log(host, name, max_bytes)}
+
+
+class Spec(NamedTuple):
+    """What deploy places: one instance per image reference, of one size and boot, in
+    one cloud, of an application (None: a plain deploy), with a service (port and
+    protocol, or neither)."""
+    refs: list[str]
+    min_count: int
+    vcpus: int
+    memory_mib: int
+    boot: dict
+    health: dict
+    cloud: str
+    application: str | None
+    port: int | None
+    protocol: str | None
 
 
 class Rebuild(NamedTuple):

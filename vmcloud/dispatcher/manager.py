@@ -4,6 +4,7 @@
   the monitor that marks silent hosts unknown and ends what is past its deadline;
 - ``deploy``: placing, building, retrying and deleting instances;
 - ``snapshot``: the barrier across hosts and the uploads;
+- ``clouds``: clouds, applications, listener ports, what the gateways serve;
 - ``transitions``: what a deployment, snapshot or instance becomes (no database);
 - ``views``: rows as the dicts the endpoints answer;
 - every SQL statement is a named function of ``vmcloud.db.api``.
@@ -18,11 +19,13 @@ from vmcloud import rpc
 from vmcloud.compute import artifacts
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
+from vmcloud.dispatcher import clouds as clouds_mod
 from vmcloud.dispatcher import deploy as deploy_mod
 from vmcloud.dispatcher import hosts as hosts_mod
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.dispatcher import snapshot as snapshot_mod
 from vmcloud.dispatcher import views
+from vmcloud.gateway import rpcapi as gateway_rpcapi
 from vmcloud.scheduler import handler
 from vmcloud.storage import warehouse as warehouse_mod
 
@@ -39,9 +42,11 @@ class Dispatcher:
         self.db.upgrade()
         self.scheduler = handler.FilterScheduler(conf)
         self.compute = compute_rpcapi.ComputeAPI(conf)
+        self.gateway = gateway_rpcapi.GatewayAPI(conf)
         self.notifier = rpc.notifier(conf, f'dispatcher.{conf.host}')
         self.deployer = deploy_mod.Deployer(conf, self.db, self.scheduler, self.compute,
-                                            self._notify)
+                                            self._notify, self.gateway)
+        self.clouds = clouds_mod.Clouds(conf, self.db, self.gateway, self.compute)
         self.hosts = hosts_mod.HostRegistry(conf, self.db, self.deployer)
         self.snapshots = snapshot_mod.Snapshotter(conf, self.db, self.compute, self._notify)
         self.monitor = hosts_mod.HostMonitor(conf, self.db, self.deployer,
@@ -98,21 +103,43 @@ class Dispatcher:
 
     @rpc.expose
     def deploy(self, ctxt: dict, image: str, count: int, min_count: int | None, vcpus: int,
-               memory_mib: int, boot: dict, health: dict | None = None) -> dict:
-        """``boot``'s kernel and initrd, if images, are pinned to their versions of now.
+               memory_mib: int, boot: dict, health: dict | None = None,
+               cloud: str = clouds_mod.DEFAULT, port: int | None = None,
+               protocol: str | None = None) -> dict:
+        """``boot``'s kernel and initrd, if images, are pinned to their versions of now;
+        with ``port`` and ``protocol`` (both or neither) the deployment gets a listener
+        port on the gateway.
 
-        :raises: InvalidRequest, ImageNotFound, NoValidHost, AddressPoolExhausted.
+        :raises: InvalidRequest, CloudNotFound, ImageNotFound, NoValidHost,
+            AddressPoolExhausted, ListenerPortsExhausted.
         """
-        if count < 1 or vcpus < 1 or memory_mib < 1:
-            raise exception.InvalidRequest(
-                f'count, vcpus and memory must be at least 1 (got {count}, {vcpus}, '
-                f'{memory_mib})')
-        min_count = count if min_count is None else min_count
-        if not 1 <= min_count <= count:
-            raise exception.InvalidRequest(f'min count {min_count} must be between 1 and {count}')
+        min_count = _counts(count, min_count, vcpus, memory_mib)
         ref = str(self.warehouse.lookup(image).ref)
         return self.deployer.deploy([ref] * count, min_count, vcpus, memory_mib,
-                                    artifacts.pinned(boot, self.warehouse.lookup), health)
+                                    artifacts.pinned(boot, self.warehouse.lookup), health,
+                                    cloud=cloud, port=port, protocol=protocol)
+
+    @rpc.expose
+    def deploy_application(self, ctxt: dict, application: str, cloud: str, count: int,
+                           min_count: int | None = None) -> dict:
+        """``count`` instances of the application in ``cloud``, as ``deploy`` with its
+        image (its version of now), boot, health check, size and service: the
+        deployment gets a listener port.
+
+        :raises: ApplicationNotFound, CloudNotFound, InvalidRequest, ImageNotFound,
+            NoValidHost, AddressPoolExhausted, ListenerPortsExhausted.
+        """
+        with self.db.session() as session:
+            app = clouds_mod.application(session, application)
+            min_count = _counts(count, min_count, app.vcpus, app.memory_mib)
+            image, vcpus, memory_mib = app.image, app.vcpus, app.memory_mib
+            boot, health = json.loads(app.boot), json.loads(app.health) or None
+            port, protocol = app.port, app.protocol
+        ref = str(self.warehouse.lookup(image).ref)
+        return self.deployer.deploy([ref] * count, min_count, vcpus, memory_mib,
+                                    artifacts.pinned(boot, self.warehouse.lookup), health,
+                                    cloud=cloud, application=application, port=port,
+                                    protocol=protocol)
 
     @rpc.expose
     def deploy_snapshot(self, ctxt: dict, snapshot_id: str, boot: dict,
@@ -179,6 +206,87 @@ class Dispatcher:
         """:raises: DeploymentNotFound."""
         return self.deployer.delete(deployment_id)
 
+    # -- clouds and applications -------------------------------------------------
+
+    @rpc.expose
+    def create_cloud(self, ctxt: dict, name: str, connection_limit: int,
+                     hosts: list[str] | None = None) -> dict:
+        """:raises: InvalidRequest, HostNotFound."""
+        return self.clouds.create_cloud(name, connection_limit, hosts)
+
+    @rpc.expose
+    def update_cloud(self, ctxt: dict, name: str, connection_limit: int | None = None,
+                     add_hosts: list[str] | None = None,
+                     remove_hosts: list[str] | None = None) -> dict:
+        """:raises: CloudNotFound, InvalidRequest, HostNotFound."""
+        return self.clouds.update_cloud(name, connection_limit, add_hosts, remove_hosts)
+
+    @rpc.expose
+    def show_cloud(self, ctxt: dict, name: str) -> dict:
+        """:raises: CloudNotFound."""
+        return self.clouds.show_cloud(name)
+
+    @rpc.expose
+    def list_clouds(self, ctxt: dict) -> list[dict]:
+        return self.clouds.list_clouds()
+
+    @rpc.expose
+    def delete_cloud(self, ctxt: dict, name: str) -> dict:
+        """:raises: CloudNotFound; InvalidRequest for default or a cloud in use."""
+        return self.clouds.delete_cloud(name)
+
+    @rpc.expose
+    def create_application(self, ctxt: dict, name: str, image: str, port: int, protocol: str,
+                           vcpus: int, memory_mib: int, boot: dict | None = None,
+                           health: dict | None = None,
+                           connection_limit: int | None = None) -> dict:
+        """Its image, boot artifacts and health check are checked as deploy checks
+        them (each deploy pins the versions of then).
+
+        :raises: InvalidRequest, ImageNotFound.
+        """
+        self.warehouse.lookup(image)
+        boot = boot or {}
+        artifacts.pinned(boot, self.warehouse.lookup)
+        health = deploy_mod.health_check(health, self.conf.build_timeout) if health else None
+        return self.clouds.create_application(name, image, port, protocol, vcpus, memory_mib,
+                                              boot, health, connection_limit)
+
+    @rpc.expose
+    def show_application(self, ctxt: dict, name: str) -> dict:
+        """:raises: ApplicationNotFound."""
+        return self.clouds.show_application(name)
+
+    @rpc.expose
+    def list_applications(self, ctxt: dict) -> list[dict]:
+        return self.clouds.list_applications()
+
+    @rpc.expose
+    def delete_application(self, ctxt: dict, name: str) -> dict:
+        """:raises: ApplicationNotFound; InvalidRequest while it is deployed."""
+        return self.clouds.delete_application(name)
+
+    # -- gateways ----------------------------------------------------------------
+
+    @rpc.expose
+    def register_gateway(self, ctxt: dict, name: str, vtep_address: str = '') -> dict:
+        """:returns: gateway_state. :raises: InvalidRequest (a bad VTEP address)."""
+        return self.clouds.register_gateway(name, vtep_address)
+
+    @rpc.expose
+    def gateway_state(self, ctxt: dict) -> dict:
+        return self.clouds.gateway_state()
+
+    @rpc.expose
+    def gateway_connections(self, ctxt: dict, cloud: str | None = None) -> list[dict]:
+        """:raises: CloudNotFound, GatewayUnavailable."""
+        return self.clouds.gateway_connections(cloud)
+
+    @rpc.expose
+    def gateway_stats(self, ctxt: dict, cloud: str | None = None) -> dict:
+        """:raises: CloudNotFound, GatewayUnavailable."""
+        return self.clouds.gateway_stats(cloud)
+
     # -- snapshots ---------------------------------------------------------------
 
     @rpc.expose
@@ -201,3 +309,15 @@ class Dispatcher:
     @rpc.expose
     def list_snapshots(self, ctxt: dict, deployment_id: str | None = None) -> list[dict]:
         return self.snapshots.list(deployment_id)
+
+
+def _counts(count: int, min_count: int | None, vcpus: int, memory_mib: int) -> int:
+    """:returns: ``min_count``, ``count`` if None. :raises: InvalidRequest."""
+    if count < 1 or vcpus < 1 or memory_mib < 1:
+        raise exception.InvalidRequest(
+            f'count, vcpus and memory must be at least 1 (got {count}, {vcpus}, '
+            f'{memory_mib})')
+    min_count = count if min_count is None else min_count
+    if not 1 <= min_count <= count:
+        raise exception.InvalidRequest(f'min count {min_count} must be between 1 and {count}')
+    return min_count

@@ -73,9 +73,36 @@ def running_hosts(session: db_api.Session, deployment_id: str) -> list[str]:
 
 def peers(session: db_api.Session, deployment_id: str, host: str) -> list[str]:
     """The VTEP addresses of every other host running instances of the deployment (hosts
-    without one, all-in-one, left out): where ``host`` sends the network's floods."""
+    without one, all-in-one, left out), and of every registered gateway if the
+    deployment has a listener (its clients' connections come from there): where
+    ``host`` sends the network's floods. Never ``host``'s own address (a gateway may
+    share a machine with a compute host)."""
     others = [h for h in running_hosts(session, deployment_id) if h != host]
-    return sorted({vtep for vtep in db_api.vtep_addresses(session, others).values() if vtep})
+    addresses = set(db_api.vtep_addresses(session, others).values())
+    deployment = db_api.deployment_get(session, deployment_id)
+    if deployment is not None and deployment.listener_port is not None:
+        addresses |= {g.vtep_address for g in db_api.gateways(session)}
+    addresses.discard(db_api.vtep_addresses(session, [host]).get(host, ''))
+    return sorted(address for address in addresses if address)
+
+
+def gateway_peers(session: db_api.Session, deployment_id: str) -> list[str]:
+    """The VTEP addresses of every host running instances of the deployment: where a
+    gateway sends the network's floods."""
+    hosts = running_hosts(session, deployment_id)
+    return sorted({vtep for vtep in db_api.vtep_addresses(session, hosts).values() if vtep})
+
+
+def listener_peer_updates(session: db_api.Session) -> list[tuple[str, str, list[str]]]:
+    """(host, network id, its peers) for every host running instances of a deployment
+    with a listener: what to cast set_network_peers with once the gateways changed."""
+    updates = []
+    for deployment in db_api.listener_deployments(session):
+        network = db_api.network_of(session, deployment.id)
+        if network is not None:
+            updates.extend((host, network.id, peers(session, deployment.id, host))
+                           for host in running_hosts(session, deployment.id))
+    return updates
 
 
 def build_keys(session: db_api.Session, instance: models.Instance) -> dict:

@@ -6,6 +6,7 @@ from oslo_config import cfg
 from vmcloud import polling
 from vmcloud import rpc
 from vmcloud.dispatcher import states
+from vmcloud.gateway import rpcapi as gateway_rpcapi
 
 TOPIC = 'vmcloud-dispatcher'
 
@@ -33,7 +34,8 @@ class DispatcherAPI:
 
     def deploy(self, image: str, count: int, min_count: int | None = None, vcpus: int = 1,
                memory_mib: int = 256, boot: dict | None = None,
-               health: dict | None = None) -> dict:
+               health: dict | None = None, cloud: str = 'default', port: int | None = None,
+               protocol: str | None = None) -> dict:
         """Deploy ``count`` instances of ``image`` (all or at least ``min_count``).
 
         ``boot`` may name a ``kernel``, ``initrd`` and ``cmdline`` (``{name}`` in
@@ -50,12 +52,31 @@ class DispatcherAPI:
         Every deployment gets a network of its own; each instance an address and MAC in
         it (shown as the deployment's 'network' and each instance's 'address', 'mac').
 
-        :raises: ImageNotFound, NoValidHost, InvalidRequest, AddressPoolExhausted (no
-            subnet, VNI or address left: the message names the pool), MessagingError.
+        The instances go on hosts of ``cloud`` (all hosts if it lists none). With
+        ``port`` and ``protocol`` ('http' | 'tcp'), both or neither, the service on
+        that port of the guests is exposed on the gateway: the deployment shows its
+        'listener_port'.
+
+        :raises: ImageNotFound, NoValidHost, InvalidRequest, CloudNotFound,
+            AddressPoolExhausted (no subnet, VNI or address left: the message names the
+            pool), ListenerPortsExhausted (naming the range), MessagingError.
         """
         return self._client.call('deploy', image=image, count=count, min_count=min_count,
                                  vcpus=vcpus, memory_mib=memory_mib, boot=boot or {},
-                                 health=health)
+                                 health=health, cloud=cloud, port=port, protocol=protocol)
+
+    def deploy_application(self, application: str, cloud: str, count: int,
+                           min_count: int | None = None) -> dict:
+        """``count`` instances (all or at least ``min_count``) of an application in
+        ``cloud``, as ``deploy`` with the application's image (its version of now),
+        boot, health check, size and service: the deployment shows its
+        'listener_port'.
+
+        :raises: ApplicationNotFound, CloudNotFound, InvalidRequest, ImageNotFound,
+            NoValidHost, AddressPoolExhausted, ListenerPortsExhausted, MessagingError.
+        """
+        return self._client.call('deploy_application', application=application, cloud=cloud,
+                                 count=count, min_count=min_count)
 
     def deploy_snapshot(self, snapshot_id: str, boot: dict | None = None,
                         allow_partial: bool = False) -> dict:
@@ -134,6 +155,122 @@ class DispatcherAPI:
 
     def list_hosts(self) -> list[dict]:
         return self._client.call('list_hosts')
+
+    # -- clouds and applications ---------------------------------------------------
+
+    def create_cloud(self, name: str, connection_limit: int,
+                     hosts: list[str] | None = None) -> dict:
+        """A cloud ``name`` ([a-z0-9-]{1,32}) of ``hosts`` (none: every host), whose
+        deployments' listeners hold at most ``connection_limit`` connections at once.
+
+        :returns: {'name', 'connection_limit', 'created_at', 'hosts', 'deployments'}.
+        :raises: InvalidRequest (a bad name or limit, a name taken), HostNotFound.
+        """
+        return self._client.call('create_cloud', name=name, connection_limit=connection_limit,
+                                 hosts=list(hosts or []))
+
+    def update_cloud(self, name: str, connection_limit: int | None = None,
+                     add_hosts: list[str] | None = None,
+                     remove_hosts: list[str] | None = None) -> dict:
+        """A new limit holds at once on the gateway; host changes hold for instances
+        placed from now on. :raises: CloudNotFound, InvalidRequest, HostNotFound."""
+        return self._client.call('update_cloud', name=name, connection_limit=connection_limit,
+                                 add_hosts=list(add_hosts or []),
+                                 remove_hosts=list(remove_hosts or []))
+
+    def show_cloud(self, name: str) -> dict:
+        """:raises: CloudNotFound."""
+        return self._client.call('show_cloud', name=name)
+
+    def list_clouds(self) -> list[dict]:
+        return self._client.call('list_clouds')
+
+    def delete_cloud(self, name: str) -> dict:
+        """:returns: the cloud as it was. :raises: CloudNotFound; InvalidRequest for the
+        default cloud or while a deployment in it is not deleted."""
+        return self._client.call('delete_cloud', name=name)
+
+    def create_application(self, name: str, image: str, port: int, protocol: str,
+                           vcpus: int = 1, memory_mib: int = 256, boot: dict | None = None,
+                           health: dict | None = None,
+                           connection_limit: int | None = None) -> dict:
+        """An application ``name`` ([a-z0-9-]{1,64}): ``image`` (IMAGE[:VERSION]),
+        ``boot`` and ``health`` as deploy's, ``vcpus`` and ``memory_mib`` per
+        instance, its service ``port`` (1-65535) and ``protocol`` ('http' | 'tcp'),
+        at most ``connection_limit`` connections at once (None: its cloud's only).
+
+        :returns: its columns, boot and health decoded, and 'deployments' (ids).
+        :raises: InvalidRequest, ImageNotFound.
+        """
+        return self._client.call('create_application', name=name, image=image, port=port,
+                                 protocol=protocol, vcpus=vcpus, memory_mib=memory_mib,
+                                 boot=boot or {}, health=health,
+                                 connection_limit=connection_limit)
+
+    def show_application(self, name: str) -> dict:
+        """:raises: ApplicationNotFound."""
+        return self._client.call('show_application', name=name)
+
+    def list_applications(self) -> list[dict]:
+        return self._client.call('list_applications')
+
+    def delete_application(self, name: str) -> dict:
+        """:returns: the application as it was. :raises: ApplicationNotFound;
+        InvalidRequest while a deployment of it is not deleted."""
+        return self._client.call('delete_application', name=name)
+
+    # -- the gateway ---------------------------------------------------------------
+
+    def gateway_connections(self, cloud: str | None = None) -> list[dict]:
+        """The connections the gateway holds now (of ``cloud`` if given): [{'client',
+        'client_port', 'cloud', 'application', 'deployment', 'instance',
+        'listener_port', 'started_at'}].
+
+        :raises: CloudNotFound; GatewayUnavailable if no registered gateway answers.
+        """
+        return self._client.call('gateway_connections', timeout=self._gateway_timeout(),
+                                 cloud=cloud)
+
+    def gateway_stats(self, cloud: str | None = None) -> dict:
+        """The gateway's counters of each cloud (of ``cloud`` if given): see
+        vmcloud.gateway.rpcapi.GatewayAPI.stats.
+
+        :raises: CloudNotFound; GatewayUnavailable if no registered gateway answers.
+        """
+        return self._client.call('gateway_stats', timeout=self._gateway_timeout(),
+                                 cloud=cloud)
+
+    def _gateway_timeout(self) -> float:
+        # The dispatcher waits up to ANSWER_TIMEOUT for each gateway (one in practice,
+        # a second one gone): its own answer is worth waiting that long for.
+        return self._conf.rpc_call_timeout + 2 * gateway_rpcapi.ANSWER_TIMEOUT
+
+    # -- for gateways ----------------------------------------------------------------
+
+    def register_gateway(self, name: str, vtep_address: str = '') -> dict:
+        """Gateway ``name`` starts serving; the compute hosts flood the networks of
+        exposed deployments to its ``vtep_address`` ('' for none).
+
+        :returns: gateway_state. :raises: InvalidRequest if ``vtep_address`` is not an
+            IP address.
+        """
+        return self._client.call('register_gateway', name=name, vtep_address=vtep_address)
+
+    def gateway_state(self) -> dict:
+        """Everything a gateway serves:
+
+        {'clouds': {name: {'connection_limit': int}},
+         'applications': {name: {'connection_limit': int | None}},
+         'hosts': {name: {'cpus', 'cpu_busy', 'vcpus', 'vcpus_used', 'memory_mib',
+                          'memory_mib_used', 'up'}},
+         'listeners': [{'deployment', 'cloud', 'application', 'listener_port',
+                        'protocol', 'port', 'network': {'id', 'vni', 'cidr'},
+                        'peers': [VTEP addresses of its hosts],
+                        'instances': [{'id', 'name', 'host', 'address', 'state'}]}]}
+
+        A listener's instances are its active ones only.
+        """
+        return self._client.call('gateway_state')
 
     # -- for compute managers ------------------------------------------------------
 

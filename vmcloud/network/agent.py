@@ -20,6 +20,20 @@ Per network (VNI ``V``) on this host:
   sends to 255.255.255.255:4789 is taken by the host's VXLAN socket and its inner frame
   delivered into another network of this host.
 
+The gateway host joins a network (join()) instead: the same bridge, guard and VXLAN
+device (the gateway host is a VTEP at ``[network] vtep_address``), no DHCP, and veth
+``vmcgV`` in the host's own namespace holding the subnet's gateway address (.1, see
+ipam.gateway_address), whose other end ``vmcpV`` is a port of the bridge: the bridge's
+guard does not see it (frames to the gateway leave the bridge through a port, they are
+not passed up by the bridge), so the gateway reaches the guests and hears their answers.
+It must not be their router, nor a way into itself: one nftables table
+``vmcloud_gw_<tag>`` (family inet, one per agent, made before the first vmcg device and
+removed after the last) drops everything forwarded from or to a vmcg device (a client
+that routes a network's subnet via the gateway host reaches no guest, a guest reaches
+no other network) and every packet from a vmcg device that opens something (only the
+answers to the gateway's own connections come in: a guest reaches neither the host's
+services nor the other deployments' listeners on its .1).
+
 Ownership: the kernel names of these devices carry no owner, yet two agents may share
 one network namespace (two clouds on one machine by mistake, two all-in-one test clouds
 side by side): each device this agent makes carries the ifalias ``vmcloud:<tag>``. A
@@ -45,6 +59,7 @@ import time
 from oslo_config import cfg
 
 from vmcloud import exception
+from vmcloud.network import ipam
 from vmcloud.network import linux
 from vmcloud.network import probe
 
@@ -52,12 +67,26 @@ LOG = logging.getLogger(__name__)
 
 MAX_IFNAME = 15
 ALIAS_PREFIX = 'vmcloud:'
-_KINDS = {'vmcb': 'bridge', 'vmcx': 'VXLAN device', 'vmcd': 'veth'}
+_KINDS = {'vmcb': 'bridge', 'vmcx': 'VXLAN device', 'vmcd': 'veth',
+          'vmcg': 'gateway veth', 'vmcp': 'bridge port of the gateway veth'}
 ZERO_MAC = '00:00:00:00:00:00'
 # dnsmasq gets this long to exit after SIGTERM, then again after SIGKILL.
 STOP_TIMEOUT = 5.0
-_DEVICE = re.compile(r'^vmc[bxd](\d+)$')
+_DEVICE = re.compile(r'^vmc[bxdgp](\d+)$')
 GUARD_CHAIN = 'host'
+# The gateway guard's chains and rules (see the module's docstring). Made in one nft
+# transaction, so a table of this name holding these chains with this many rules each
+# is whole.
+GATEWAY_RULES = {
+    'forward': ('iifname "vmcg*" drop', 'oifname "vmcg*" drop'),
+    'input': ('iifname "vmcg*" ct state established,related accept',
+              'iifname "vmcg*" drop'),
+}
+# On the gateway veth: no proxy ARP (the gateway answers for no guest), no reverse path
+# filter (the brief's choice: an answer is never dropped for the host's routing), and
+# ARP answered only for the veth's own address and sent from it, so a guest learns none
+# of the host's other addresses.
+GATEWAY_IPV4_CONF = {'proxy_arp': 0, 'rp_filter': 0, 'arp_ignore': 1, 'arp_announce': 2}
 _NETWORK_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$')
 _HOSTNAME_JUNK = re.compile(r'[^A-Za-z0-9-]+')
 
@@ -93,8 +122,15 @@ class NetworkAgent:
     def bridge_name(self, vni: int) -> str:
         return self._device('vmcb', vni)
 
+    def gateway_interface(self, vni: int) -> str:
+        """The gateway host's interface on network ``vni`` (see join)."""
+        return self._device('vmcg', vni)
+
     def _device(self, prefix: str, vni: int) -> str:
         return device_name(prefix, vni)
+
+    def _gateway_guard_name(self) -> str:
+        return f'vmcloud_gw_{self.tag}'
 
     def _namespace_name(self, vni: int) -> str:
         return f'vmcloud-{int(vni)}-{self.tag}'
@@ -151,17 +187,22 @@ class NetworkAgent:
         _write_atomically(path, json.dumps(record, indent=1, sort_keys=True))
 
     def _forget(self, network_id: str) -> None:
+        self._forget_dhcp_files(network_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._record_path(network_id))
+
+    def _forget_dhcp_files(self, network_id: str) -> None:
         for name in ('hosts', 'leases', 'pid'):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self._files(network_id), name))
         with contextlib.suppress(OSError):
             os.rmdir(self._files(network_id))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._record_path(network_id))
 
     def networks(self) -> dict[str, dict]:
-        """Network id -> its record: ``network``, ``dhcp_port``, ``peers``, ``ports``
-        (instance name -> port) and ``owners`` (instance name -> compute host).
+        """Network id -> its record: ``network``, ``dhcp_port`` (None while this host
+        has no port of it), ``peers``, ``ports`` (instance name -> port), ``owners``
+        (instance name -> compute host) and, while this host is the network's gateway,
+        ``gateway`` ({'address'}).
 
         :raises: NetworkError if a record cannot be read.
         """
@@ -193,6 +234,27 @@ class NetworkAgent:
                    if item.get('chain', {}).get('name') == GUARD_CHAIN}
         return tables, guarded
 
+    def _gateway_guards(self) -> dict[str, dict[str, int]]:
+        """The inet tables of nftables: name -> its chains (name -> number of rules)."""
+        out = self.runner.run(['nft', '-j', 'list', 'ruleset', 'inet'])
+        tables: dict[str, dict[str, int]] = {}
+        for item in json.loads(out or '{}').get('nftables', []):
+            if 'table' in item:
+                tables.setdefault(item['table']['name'], {})
+            elif 'chain' in item:
+                tables.setdefault(item['chain']['table'], {}).setdefault(
+                    item['chain']['name'], 0)
+            elif 'rule' in item:
+                chains = tables.setdefault(item['rule']['table'], {})
+                chains[item['rule']['chain']] = chains.get(item['rule']['chain'], 0) + 1
+        return tables
+
+    def _addresses(self, device: str) -> set[str]:
+        """The IPv4 addresses ('ADDRESS/PREFIX') of ``device``."""
+        out = self.runner.run(['ip', '-j', 'addr', 'show', 'dev', device])
+        return {f'{a["local"]}/{a["prefixlen"]}' for link in json.loads(out or '[]')
+                for a in link.get('addr_info', ()) if a.get('family') == 'inet'}
+
     def _fdb_peers(self, vxlan: str) -> set[str]:
         out = self.runner.run(['bridge', '-j', 'fdb', 'show', 'dev', vxlan])
         return {entry['dst'] for entry in json.loads(out or '[]')
@@ -212,8 +274,9 @@ class NetworkAgent:
     def leftovers(self) -> list[str]:
         """Everything of this agent on this host: our devices ('link vmcb1000', those
         with our alias: another agent's in this namespace are not ours), DHCP
-        namespaces ('netns vmcloud-1000-TAG'), dnsmasq processes ('dnsmasq PID') and
-        guards ('nft netdev vmcloud_1000_TAG').
+        namespaces ('netns vmcloud-1000-TAG'), dnsmasq processes ('dnsmasq PID'),
+        guards ('nft netdev vmcloud_1000_TAG') and the gateway guard ('nft inet
+        vmcloud_gw_TAG').
 
         :raises: NetworkError if they cannot be listed.
         """
@@ -224,6 +287,8 @@ class NetworkAgent:
         found += [f'dnsmasq {pid}' for pid in self._dnsmasq_pids()]
         found += [f'nft netdev {table}' for table in sorted(self._guards()[0])
                   if self._guard_re.match(table)]
+        if self._gateway_guard_name() in self._gateway_guards():
+            found.append(f'nft inet {self._gateway_guard_name()}')
         return found
 
     # -- building ----------------------------------------------------------
@@ -248,15 +313,19 @@ class NetworkAgent:
             record = self._read(network['id'])
             new = record is None
             if new:
-                record = {'network': dict(network), 'dhcp_port': dict(dhcp_port),
-                          'peers': [], 'ports': {}, 'owners': {}}
+                record = _new_record(network)
+            # The first port of a network this host is only the gateway of so far: its
+            # DHCP server is new.
+            first_port = not record['ports']
+            if record.get('dhcp_port') is None:
+                record['dhcp_port'] = dict(dhcp_port)
             old_hosts = _hosts_file(record)
             record['peers'] = _peers(peers)
             record['ports'][instance] = dict(port)
             record['owners'][instance] = owner or self.conf.host
             try:
-                self._ensure(record, fresh=new, hosts_changed=_hosts_file(record) != old_hosts,
-                             links=links)
+                self._ensure(record, fresh=first_port,
+                             hosts_changed=_hosts_file(record) != old_hosts, links=links)
                 self._write(record)
             except (exception.NetworkError, OSError) as exc:
                 if new:
@@ -264,6 +333,10 @@ class NetworkAgent:
                                 instance, network['id'], exc)
                     self._teardown(record, best_effort=True)
                     self._forget(network['id'])
+                elif first_port:
+                    LOG.warning('plugging %s into network %s failed: removing its DHCP '
+                                'server (%s)', instance, network['id'], exc)
+                    self._remove_dhcp(record, best_effort=True)
                 else:
                     with contextlib.suppress(OSError):
                         _write_atomically(os.path.join(self._files(network['id']), 'hosts'),
@@ -310,25 +383,34 @@ class NetworkAgent:
 
     def _ensure(self, record: dict, fresh: bool = False, hosts_changed: bool = True,
                 links: dict[str, dict] | None = None) -> None:
-        """Make every missing part of the network, then its dnsmasq serve the record's
-        ports: started if it is not running, else told of a changed hosts file.
-        ``links``: what _links() just said, when the caller has it.
+        """Make every missing part of the network: its segment (bridge, guard, VXLAN
+        device); while it has ports, its DHCP server, whose dnsmasq serves them
+        (started if it is not running, else told of a changed hosts file); while this
+        host is its gateway, the gateway veth. ``links``: what _links() just said, when
+        the caller has it; ``fresh``: the DHCP server is new (no dnsmasq to look for).
 
         :raises: NetworkError (also for a device of another agent, before any
             change), OSError.
         """
-        network, dhcp = record['network'], record['dhcp_port']
-        vni = network['vni']
-        bridge, vxlan, veth = (self._device(p, vni) for p in ('vmcb', 'vmcx', 'vmcd'))
-        namespace = self._namespace_name(vni)
-        mtu = str(self.conf.network.mtu)
-        vtep = self.conf.network.vtep_address
-        run = self.runner.run
+        vni = record['network']['vni']
         # Listed even for a new network: a device of its names may be there already
         # (another agent's, which stops us here, or one left unowned).
         links = self._links() if links is None else links
         self._check_owner(links, vni)
-        namespaces = self._namespaces()
+        self._ensure_segment(record, links)
+        if record['ports']:
+            self._ensure_dhcp(record, links, fresh, hosts_changed)
+        if record.get('gateway'):
+            self._ensure_gateway(record, links)
+
+    def _ensure_segment(self, record: dict, links: dict[str, dict]) -> None:
+        """The bridge, its guard, the VXLAN device and its FDB entries (to the record's
+        peers). :raises: NetworkError."""
+        vni = record['network']['vni']
+        bridge, vxlan = self._device('vmcb', vni), self._device('vmcx', vni)
+        mtu = str(self.conf.network.mtu)
+        vtep = self.conf.network.vtep_address
+        run = self.runner.run
 
         bridge_made = bridge not in links
         if bridge_made:
@@ -353,6 +435,18 @@ class NetworkAgent:
             if link.get('master') != bridge or 'UP' not in link.get('flags', ()):
                 run(['ip', 'link', 'set', vxlan, 'master', bridge, 'up'])
             self._sync_fdb(vxlan, record['peers'], set() if vxlan not in links else None)
+
+    def _ensure_dhcp(self, record: dict, links: dict[str, dict], fresh: bool,
+                     hosts_changed: bool) -> None:
+        """The DHCP namespace, its veth on the bridge, dnsmasq serving the record's
+        ports. :raises: NetworkError, OSError."""
+        network, dhcp = record['network'], record['dhcp_port']
+        vni = network['vni']
+        bridge, veth = self._device('vmcb', vni), self._device('vmcd', vni)
+        namespace = self._namespace_name(vni)
+        mtu = str(self.conf.network.mtu)
+        run = self.runner.run
+        namespaces = self._namespaces()
 
         if namespace not in namespaces:
             if veth in links:
@@ -417,6 +511,73 @@ class NetworkAgent:
         if table in self._guards()[0]:
             self.runner.run(['nft', 'delete', 'table', 'netdev', table])
 
+    def _ensure_gateway(self, record: dict, links: dict[str, dict]) -> None:
+        """The gateway veth (see join): made with its address, or given back what it
+        lost (its address, a port of the bridge, up); the gateway guard before it.
+
+        :raises: NetworkError.
+        """
+        vni = record['network']['vni']
+        bridge, interface, port = (self._device(p, vni) for p in ('vmcb', 'vmcg', 'vmcp'))
+        prefix = ipaddress.ip_network(record['network']['cidr']).prefixlen
+        gateway = record['gateway']['address']
+        address = f'{gateway}/{prefix}'
+        mtu = str(self.conf.network.mtu)
+        run = self.runner.run
+        # Before the interface exists: the host never forwards for it, not for a moment.
+        self._gateway_guard()
+        if interface not in links:
+            if port in links:
+                # Half of a pair whose other end went with a namespace or by hand.
+                self._delete_link(port)
+                del links[port]
+            # The MAC of the address, as for a port (ipam.mac_for): a joining again
+            # gateway answers with the MAC the guests' ARP caches have.
+            run(['ip', 'link', 'add', interface, 'mtu', mtu,
+                 'address', ipam.mac_for(gateway, vni), 'type', 'veth',
+                 'peer', 'name', port, 'mtu', mtu])
+            for name in (interface, port):
+                self.runner.disable_ipv6(name)
+                self._claim(name, {})
+            self.runner.ipv4_conf(interface, GATEWAY_IPV4_CONF)
+            addresses: set[str] = set()
+        else:
+            self._claim(interface, links)
+            self._claim(port, links)
+            addresses = self._addresses(interface)
+        for stale in sorted(addresses - {address}):
+            run(['ip', 'addr', 'del', stale, 'dev', interface])
+        if address not in addresses:
+            run(['ip', 'addr', 'add', address, 'dev', interface])
+        link = links.get(port, {})
+        if link.get('master') != bridge or 'UP' not in link.get('flags', ()):
+            run(['ip', 'link', 'set', port, 'master', bridge, 'up'])
+        if 'UP' not in links.get(interface, {}).get('flags', ()):
+            run(['ip', 'link', 'set', interface, 'up'])
+
+    def _gateway_guard(self) -> None:
+        """The gateway guard (see the module's docstring), unless it is there whole:
+        replaced in one nft transaction (made if missing, then deleted, then made), so
+        there is never a moment without it once it was there.
+
+        :raises: NetworkError.
+        """
+        table = self._gateway_guard_name()
+        wanted = {chain: len(rules) for chain, rules in GATEWAY_RULES.items()}
+        if self._gateway_guards().get(table) == wanted:
+            return
+        chains = ' '.join(
+            f'chain {chain} {{ type filter hook {chain} priority 0; policy accept; '
+            + ' '.join(f'{rule};' for rule in rules) + ' };'
+            for chain, rules in GATEWAY_RULES.items())
+        self.runner.run(['nft', f'table inet {table}; delete table inet {table}; '
+                                f'table inet {table} {{ {chains} }}'])
+
+    def _delete_gateway_guard(self) -> None:
+        table = self._gateway_guard_name()
+        if table in self._gateway_guards():
+            self.runner.run(['nft', 'delete', 'table', 'inet', table])
+
     def _start_dnsmasq(self, record: dict, namespace: str, files: str) -> None:
         subnet = ipaddress.ip_network(record['network']['cidr'])
         run_dir = files
@@ -459,6 +620,108 @@ class NetworkAgent:
             if self.conf.network.vtep_address:
                 self._sync_fdb(self._device('vmcx', record['network']['vni']), record['peers'])
             self._write(record)
+
+    # -- the gateway host --------------------------------------------------
+
+    def join(self, network: dict, address: str, peers: list[str]) -> str:
+        """Put this host on ``network`` ({'id', 'vni', 'cidr'}) as its gateway: the
+        network's bridge, guard and VXLAN device as on a compute host (FDB entries to
+        ``peers``, the VTEPs of the hosts of its guests), and ``address`` (the subnet's
+        gateway address, ipam.gateway_address) on the veth ``vmcgV`` in this host's own
+        namespace, whose other end is a port of the bridge; no DHCP server. The host
+        reaches the guests then, but neither forwards to or from them nor takes a
+        connection from them (the gateway guard, see the module's docstring).
+        Idempotent: joining again makes what is missing and takes the new peers (as
+        set_peers) and address.
+
+        :returns: the host-side interface (vmcgV).
+        :raises: NetworkError for an address that is no host address of the subnet, for
+            a device of the network's names that another agent made (nothing made), or
+            naming the command that failed (nothing of a network new here is left).
+        """
+        check_gateway_address(network, address)
+        interface = self.gateway_interface(network['vni'])
+        with self._locked():
+            self._drop_stale(network)
+            links = self._links()
+            self._check_owner(links, network['vni'])
+            record = self._read(network['id'])
+            new = record is None
+            if new:
+                record = _new_record(network)
+            was_joined = bool(record.get('gateway'))
+            record['peers'] = _peers(peers)
+            record['gateway'] = {'address': address}
+            try:
+                self._ensure(record, hosts_changed=False, links=links)
+                self._write(record)
+            except (exception.NetworkError, OSError) as exc:
+                if not was_joined:
+                    LOG.warning('joining network %s failed: removing what was made (%s)',
+                                network['id'], exc)
+                    self._unjoin(record, whole=new, best_effort=True)
+                if isinstance(exc, OSError):
+                    raise exception.NetworkError(
+                        f'cannot write the state of network {network["id"]}: {exc}') from exc
+                raise
+        LOG.info('joined network %s (%s) as its gateway, %s on %s', network['id'],
+                 network['cidr'], address, interface)
+        return interface
+
+    def leave(self, network_id: str) -> None:
+        """Take this host off the network as its gateway: the gateway veth goes, and
+        the rest of the network with it unless ports of this host's guests need it
+        (one agent for the compute host and the gateway: the all-in-one), and the
+        gateway guard with the last network joined. Not joined: nothing.
+
+        :raises: NetworkError naming what could not be removed (the network stays
+            joined: leave or reconcile again).
+        """
+        with self._locked():
+            record = self._read(network_id)
+            if record is None or not record.get('gateway'):
+                return
+            self._unjoin(record, whole=not record['ports'])
+            if record['ports']:
+                del record['gateway']
+                self._write(record)
+        LOG.info('left network %s', network_id)
+
+    def _unjoin(self, record: dict, whole: bool, best_effort: bool = False) -> None:
+        """Remove the gateway veth, or the ``whole`` network (no port needs it: its
+        record is forgotten too), then the gateway guard unless another record is
+        joined.
+
+        :raises: NetworkError, unless ``best_effort`` (logged only).
+        """
+        network_id = record['network']['id']
+        vni = record['network']['vni']
+        try:
+            if whole:
+                self._teardown(record)
+            else:
+                self._delete_links([self._device(p, vni) for p in ('vmcg', 'vmcp')])
+            if not any(r.get('gateway') for i, r in self.networks().items()
+                       if i != network_id):
+                self._delete_gateway_guard()
+        except exception.NetworkError as exc:
+            if not best_effort:
+                raise
+            LOG.warning('leaving network %s: %s', network_id, exc)
+        if whole:
+            self._forget(network_id)
+
+    def joined(self) -> dict[str, dict]:
+        """Network id -> ``network``, ``address``, ``peers`` and ``interface`` of each
+        network this host is the gateway of.
+
+        :raises: NetworkError if a record cannot be read.
+        """
+        return {network_id: {'network': record['network'],
+                             'address': record['gateway']['address'],
+                             'peers': record['peers'],
+                             'interface': self.gateway_interface(record['network']['vni'])}
+                for network_id, record in self.networks().items() if record.get('gateway')}
 
     # -- probes ------------------------------------------------------------
 
@@ -504,11 +767,19 @@ class NetworkAgent:
 
     def _settle(self, record: dict) -> None:
         """Write a record whose ports changed: its network kept right while it has
-        ports, torn down with its last. :raises: NetworkError, OSError."""
-        self._write(record)
+        ports or this host is its gateway (without ports: no DHCP server), torn down
+        with its last port otherwise. :raises: NetworkError, OSError."""
         if record['ports']:
+            self._write(record)
+            self._ensure(record)
+        elif record.get('gateway'):
+            self._remove_dhcp(record)
+            # The dispatcher gives the next first port's DHCP port anew.
+            record['dhcp_port'] = None
+            self._write(record)
             self._ensure(record)
         else:
+            self._write(record)
             self._teardown(record)
             self._forget(record['network']['id'])
 
@@ -519,25 +790,42 @@ class NetworkAgent:
         :raises: NetworkError naming the first step that failed, after trying every
             step (unless ``best_effort``: logged only).
         """
+        vni = record['network']['vni']
+        self._steps(record, 'tear down', best_effort, [
+            (self._stop_dnsmasq, record['network']['id']),
+            (self._delete_namespace, self._namespace_name(vni)),
+            (self._delete_links, [self._device(p, vni)
+                                  for p in ('vmcd', 'vmcg', 'vmcp', 'vmcx', 'vmcb')]),
+            (self._delete_guard, vni)])
+
+    def _remove_dhcp(self, record: dict, best_effort: bool = False) -> None:
+        """The network's DHCP server (dnsmasq, namespace, veth) and its files; the
+        segment stays for the gateway. :raises: as _teardown."""
+        vni = record['network']['vni']
+        self._steps(record, 'remove the DHCP server of', best_effort, [
+            (self._stop_dnsmasq, record['network']['id']),
+            (self._delete_namespace, self._namespace_name(vni)),
+            (self._delete_links, [self._device('vmcd', vni)])])
+        self._forget_dhcp_files(record['network']['id'])
+
+    def _steps(self, record: dict, what: str, best_effort: bool, steps: list) -> None:
+        """Run every (function, argument) of ``steps``, also after one failed.
+
+        :raises: NetworkError naming ``what`` was done to the network and the first
+            step that failed (unless ``best_effort``: logged only).
+        """
         network_id = record['network']['id']
         vni = record['network']['vni']
-        namespace = self._namespace_name(vni)
         errors: list[exception.NetworkError] = []
-
-        def step(fn, *args):
+        for fn, arg in steps:
             try:
-                fn(*args)
+                fn(arg)
             except exception.NetworkError as exc:
-                LOG.warning('tearing down network %s: %s', network_id, exc)
+                LOG.warning('%s network %s: %s', what, network_id, exc)
                 errors.append(exc)
-
-        step(self._stop_dnsmasq, network_id)
-        step(self._delete_namespace, namespace)
-        step(self._delete_links, [self._device(p, vni) for p in ('vmcd', 'vmcx', 'vmcb')])
-        step(self._delete_guard, vni)
         if errors and not best_effort:
             raise exception.NetworkError(
-                f'cannot tear down network {network_id} (VNI {vni}): {errors[0]}'
+                f'cannot {what} network {network_id} (VNI {vni}): {errors[0]}'
             ) from errors[0]
 
     def _stop_dnsmasq(self, network_id: str | None = None, pids: list[int] | None = None
@@ -568,21 +856,28 @@ class NetworkAgent:
                 LOG.warning('leaving %s: it belongs to another vmcloud network agent (%s)',
                             name, owner)
             elif name in links:
-                try:
-                    self.runner.run(['ip', 'link', 'del', name])
-                except exception.NetworkError:
-                    # The kernel removes a veth whose peer's namespace was deleted a
-                    # moment later: gone by now is what was wanted.
-                    if name in self._links():
-                        raise
+                self._delete_link(name)
+
+    def _delete_link(self, name: str) -> None:
+        """:raises: NetworkError unless ``name`` is gone (also when it went meanwhile)."""
+        try:
+            self.runner.run(['ip', 'link', 'del', name])
+        except exception.NetworkError:
+            # A veth goes with its peer (deleted before it, or with its namespace a
+            # moment ago): gone by now is what was wanted.
+            if name in self._links():
+                raise
 
     # -- after a restart ---------------------------------------------------
 
     def reconcile(self, wanted: dict[str, set[str]], owner: str | None = None) -> None:
         """After a restart: ``wanted`` = network id -> instance names that should stay
         plugged on this host. Ports not wanted are unplugged, networks left without
-        ports torn down, a dead dnsmasq restarted, a missing device recreated;
-        devices, namespaces and dnsmasqs named like ours but in no record removed.
+        ports torn down (unless this host is their gateway: only their DHCP server
+        goes), a dead dnsmasq restarted, a missing device recreated (the gateway's
+        too); devices, namespaces, guards and dnsmasqs named like ours but in no
+        record (or of a part no record needs) removed. Joined networks stay joined:
+        leave() is how the gateway leaves one.
         Only ports compute host ``owner`` (default ``[DEFAULT] host``) plugged are
         considered (managers of one machine share the records).
 
@@ -607,14 +902,21 @@ class NetworkAgent:
                 except (exception.NetworkError, OSError) as exc:
                     errors.append(exc)
             try:
-                self._remove_strays({r['network']['vni'] for r in records.values()
-                                     if r['ports']}, set(self.networks()))
-            except exception.NetworkError as exc:
+                self._remove_strays(self.networks())
+            except (exception.NetworkError, OSError) as exc:
                 errors.append(exc)
         if errors:
             raise exception.NetworkError(f'reconcile: {errors[0]}') from errors[0]
 
-    def _remove_strays(self, vnis: set[int], network_ids: set[str]) -> None:
+    def _remove_strays(self, records: dict[str, dict]) -> None:
+        """Remove what is ours but no record needs: dnsmasq and DHCP parts of networks
+        without ports, gateway veths of networks not joined, segments of neither, the
+        gateway guard with no network joined. :raises: NetworkError."""
+        served = {r['network']['vni'] for r in records.values() if r['ports']}
+        joined = {r['network']['vni'] for r in records.values() if r.get('gateway')}
+        vnis = served | joined
+        needed = {'vmcd': served, 'vmcg': joined, 'vmcp': joined, 'vmcx': vnis, 'vmcb': vnis}
+        network_ids = {i for i, r in records.items() if r['ports']}
         strays = [pid for pid, argv in self.runner.processes()
                   if any(a.startswith(f'--pid-file={self.state_dir}/') and
                          a[len(f'--pid-file={self.state_dir}/'):-len('/pid')]
@@ -624,11 +926,11 @@ class NetworkAgent:
             self._stop_dnsmasq(None, strays)
         for namespace in sorted(self._namespaces()):
             match = self._namespace_re.match(namespace)
-            if match and int(match.group(1)) not in vnis:
+            if match and int(match.group(1)) not in served:
                 LOG.info('reconcile: deleting namespace %s of no network', namespace)
                 self.runner.run(['ip', 'netns', 'delete', namespace])
         links = self._links()
-        for kind in ('vmcd', 'vmcx', 'vmcb'):
+        for kind, vnis_of_kind in needed.items():
             for name in sorted(links):
                 match = _DEVICE.match(name)
                 # Only devices with our alias. Not another agent's sharing this
@@ -636,20 +938,44 @@ class NetworkAgent:
                 # of an agent from before aliases (or of another cloud's such agent)
                 # whose network this agent has no record of. An unaliased device of a
                 # network we do have a record of is adopted by _ensure instead.
-                if name.startswith(kind) and match and int(match.group(1)) not in vnis \
-                        and _alias(links[name]) == self.alias:
+                if name.startswith(kind) and match and \
+                        int(match.group(1)) not in vnis_of_kind and \
+                        _alias(links[name]) == self.alias:
                     LOG.info('reconcile: deleting device %s of no network', name)
-                    self.runner.run(['ip', 'link', 'del', name])
+                    self._delete_link(name)
         for table in sorted(self._guards()[0]):
             match = self._guard_re.match(table)
             if match and int(match.group(1)) not in vnis:
                 LOG.info('reconcile: deleting guard %s of no network', table)
                 self.runner.run(['nft', 'delete', 'table', 'netdev', table])
+        if not joined:
+            self._delete_gateway_guard()
 
 
 def _alias(link: dict) -> str:
     """The ifalias of a link as `ip -j -d link show` lists it ('' for none)."""
     return link.get('ifalias') or ''
+
+
+def _new_record(network: dict) -> dict:
+    return {'network': dict(network), 'dhcp_port': None, 'peers': [], 'ports': {},
+            'owners': {}}
+
+
+def check_gateway_address(network: dict, address: str) -> None:
+    """:raises: NetworkError unless ``address`` is a host address of the network's
+    subnet (not its own address, not its broadcast address)."""
+    try:
+        subnet = ipaddress.IPv4Network(network['cidr'])
+        host = ipaddress.IPv4Address(address)
+    except (ValueError, TypeError) as exc:
+        raise exception.NetworkError(
+            f'network {network.get("id")}: bad gateway address {address!r} or subnet '
+            f'{network.get("cidr")!r}: {exc}') from exc
+    if host not in subnet or host in (subnet.network_address, subnet.broadcast_address):
+        raise exception.NetworkError(
+            f'network {network["id"]}: gateway address {address} is no host address of '
+            f'its subnet {network["cidr"]}')
 
 
 def _peers(peers: list[str]) -> list[str]:

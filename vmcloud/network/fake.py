@@ -7,7 +7,9 @@ network's bridge to each driver (``add_bridge``) and gives the port's MAC its ad
 (``leases``: the fake's DHCP), the last port's unplug takes both away. The probes are
 answered by the fake guests (``answer``) on the network's bridge: an address that is no
 running guest of that network, or a port it does not serve, is refused, as a real
-probe from the DHCP namespace would be. Every call is recorded in ``calls``.
+probe from the DHCP namespace would be. The gateway host's join and leave are
+records only (``joined()``): nothing is modelled on the drivers for them. Every call is
+recorded in ``calls``.
 
 The drivers are duck-typed (``add_bridge``, ``remove_bridge``, ``leases``, ``answer``:
 see vmcloud.drivers.fake): the network layer does not import the drivers.
@@ -37,6 +39,8 @@ class FakeNetworkAgent:
         #: (method, args...) of every call of the agent's interface, in order
         self.calls: list[tuple] = []
         self._records: dict[str, dict] = {}
+        #: network id -> what join() was given (see NetworkAgent.joined)
+        self._joined: dict[str, dict] = {}
         # Compute managers call from many threads (builds run in parallel).
         self._lock = threading.RLock()
 
@@ -51,6 +55,9 @@ class FakeNetworkAgent:
 
     def bridge_name(self, vni: int) -> str:
         return agent.device_name('vmcb', vni)
+
+    def gateway_interface(self, vni: int) -> str:
+        return agent.device_name('vmcg', vni)
 
     def namespace(self, network_id: str) -> str:
         """:raises: NetworkNotFound if the network is not on this host."""
@@ -116,12 +123,36 @@ class FakeNetworkAgent:
     def set_peers(self, network_id: str, peers: list[str]) -> None:
         with self._lock:
             self.calls.append(('set_peers', network_id, list(peers)))
-            if network_id in self._records:
-                self._records[network_id]['peers'] = sorted({p for p in peers if p})
+            for records in (self._records, self._joined):
+                if network_id in records:
+                    records[network_id]['peers'] = sorted({p for p in peers if p})
 
     def networks(self) -> dict[str, dict]:
         with self._lock:
             return copy.deepcopy(self._records)
+
+    def join(self, network: dict, address: str, peers: list[str]) -> str:
+        """As NetworkAgent.join, recorded only. :returns: the gateway interface.
+        :raises: NetworkError for an address that is no host address of the subnet or a
+            VNI that names no device."""
+        with self._lock:
+            self.calls.append(('join', copy.deepcopy(network), address, list(peers)))
+            agent.check_gateway_address(network, address)
+            interface = self.gateway_interface(network['vni'])
+            self._joined[network['id']] = {
+                'network': dict(network), 'address': address,
+                'peers': sorted({p for p in peers if p}), 'interface': interface}
+            return interface
+
+    def leave(self, network_id: str) -> None:
+        """As NetworkAgent.leave: not joined is no error."""
+        with self._lock:
+            self.calls.append(('leave', network_id))
+            self._joined.pop(network_id, None)
+
+    def joined(self) -> dict[str, dict]:
+        with self._lock:
+            return copy.deepcopy(self._joined)
 
     def reconcile(self, wanted: dict[str, set[str]], owner: str | None = None) -> None:
         """As NetworkAgent.reconcile: ports of this host not wanted are unplugged (other
@@ -139,14 +170,21 @@ class FakeNetworkAgent:
         """What the modelled networks would have made on a host: empty once every
         network is torn down."""
         with self._lock:
-            found = []
-            for record in self._records.values():
+            found = set()
+            for record in (*self._records.values(), *self._joined.values()):
                 vni = record['network']['vni']
-                found += [f'link vmcb{vni}', f'link vmcd{vni}']
+                found.add(f'link vmcb{vni}')
                 if self.conf.network.vtep_address:
-                    found.append(f'link vmcx{vni}')
-                found.append(f'netns {self._namespace(record)}')
-                found.append(f'nft netdev vmcloud_{vni}_{self.tag}')
+                    found.add(f'link vmcx{vni}')
+                found.add(f'nft netdev vmcloud_{vni}_{self.tag}')
+            for record in self._records.values():
+                found.add(f'link vmcd{record["network"]["vni"]}')
+                found.add(f'netns {self._namespace(record)}')
+            for record in self._joined.values():
+                found |= {f'link vmcg{record["network"]["vni"]}',
+                          f'link vmcp{record["network"]["vni"]}'}
+            if self._joined:
+                found.add(f'nft inet vmcloud_gw_{self.tag}')
             return sorted(found)
 
     # -- probes ------------------------------------------------------------

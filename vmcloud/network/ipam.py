@@ -71,6 +71,20 @@ def _first_free(cidr: str, candidates: Iterator[int], used: set[str], what: str)
                                          f'{len(taken)} are in use')
 
 
+def gateway_address(cidr: str) -> str:
+    """The gateway's address in subnet ``cidr``: its first host address (.1 of a /24),
+    which next_address and next_dhcp_address never hand out.
+
+    :raises: ConfigError if ``cidr`` is not an IPv4 network with a host address besides
+        the gateway's (a /30 or larger).
+    """
+    network = _network(cidr)
+    if network.prefixlen > 30:
+        raise exception.ConfigError(f'subnet {cidr} has no room for a gateway address '
+                                    f'(a /30 or larger is needed)')
+    return str(network.network_address + 1)
+
+
 def next_address(cidr: str, used: set[str]) -> str:
     """The lowest free address of subnet ``cidr`` from its second one (.2) up: an
     instance's port. ``used``: the addresses of every port of the subnet.

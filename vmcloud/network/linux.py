@@ -77,6 +77,21 @@ class Runner:
         except OSError as exc:
             raise exception.NetworkError(f'cannot disable IPv6 on {device}: {exc}') from exc
 
+    def ipv4_conf(self, device: str, settings: dict[str, int]) -> None:
+        """Write ``settings`` (name -> value) to ``device``'s IPv4 settings in this
+        namespace (/proc/sys/net/ipv4/conf/<device>/<name>).
+
+        :raises: NetworkError naming the setting that cannot be written.
+        """
+        for name, value in settings.items():
+            path = f'/proc/sys/net/ipv4/conf/{device}/{name}'
+            try:
+                with open(path, 'w') as f:
+                    f.write(str(value))
+            except OSError as exc:
+                raise exception.NetworkError(f'cannot set {name} of {device} to {value}: '
+                                             f'{exc}') from exc
+
     @contextlib.contextmanager
     def namespace_lock(self) -> Iterator[None]:
         """Hold the lock of this process's network namespace: agents of different state

@@ -46,3 +46,5 @@ class InstanceRequest:
     memory_mib: int
     disk_bytes: int = 0
     mips: int = 0
+    # The hosts of the deployment's cloud (None: any host), read by the cloud filter.
+    cloud_hosts: tuple[str, ...] | None = None

@@ -12,6 +12,7 @@ import fixtures
 from vmcloud import exception
 from vmcloud import polling
 from vmcloud import rpc
+from vmcloud.compute import load
 from vmcloud.compute import manager
 from vmcloud.compute import phases
 from vmcloud.drivers import base as driver_base
@@ -21,6 +22,7 @@ from vmcloud.mirror import profile
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
 from tests.unit.compute import test_artifacts
+from tests.unit.compute import test_load
 from tests.unit.dispatcher import helpers
 
 WAIT = 30
@@ -275,6 +277,44 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual(('node1', self.compute.incarnation, ['vm1']),
                          (host, incarnation, running))
         self.assertEqual(self.mirrors.fetched_bytes(), capacity['fetched_bytes'])
+
+    def test_capacity_reports_the_cpus_and_their_load_since_the_last_report(self):
+        cgroup = os.path.join(self.tmp, 'host-cgroup')
+        os.mkdir(cgroup)
+        usage = os.path.join(cgroup, 'cpu.stat')
+        with open(usage, 'w') as f:
+            f.write('usage_usec 0\n')
+        self.conf.set_override('load_cgroup', cgroup, 'compute')
+        self.conf.set_override('load_cpus', 3, 'compute')
+        compute = self.new_manager()
+        capacity = compute.capacity()
+        # The cgroup's usage only: nothing ran in it.
+        self.assertEqual((3, 0.0), (capacity['cpus'], capacity['cpu_busy']))
+        clock = test_load.Clock()
+        compute.cpu_sampler = load.CpuSampler(cgroup, cpus=3, clock=clock)
+        with open(usage, 'w') as f:
+            f.write('usage_usec 1500000\n')
+        clock.now += 1
+        self.assertEqual(0.5, compute.capacity()['cpu_busy'])
+        clock.now += 1
+        self.assertEqual(0.0, compute.capacity()['cpu_busy'])
+
+    def test_the_heartbeat_goes_on_without_a_load_that_cannot_be_read(self):
+        cgroup = os.path.join(self.tmp, 'host-cgroup')
+        os.mkdir(cgroup)
+        with open(os.path.join(cgroup, 'cpu.stat'), 'w') as f:
+            f.write('usage_usec 0\n')
+        self.conf.set_override('load_cgroup', cgroup, 'compute')
+        compute = self.new_manager()
+        os.remove(os.path.join(cgroup, 'cpu.stat'))
+        capacity = compute.capacity()
+        self.assertNotIn('cpu_busy', capacity)
+        self.assertEqual(os.cpu_count(), capacity['cpus'])
+
+    def test_a_load_cgroup_that_cannot_be_read_stops_the_manager_at_once(self):
+        self.conf.set_override('load_cgroup', os.path.join(self.tmp, 'nowhere'), 'compute')
+        error = self.assertRaises(exception.ConfigError, self.new_manager)
+        self.assertIn(os.path.join(self.tmp, 'nowhere'), str(error))
 
     def test_a_guest_whose_state_cannot_be_read_counts_as_running(self):
         # Raised, it would stop every heartbeat: the whole node would become unknown.

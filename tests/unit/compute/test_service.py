@@ -51,7 +51,7 @@ class ComputeServiceTest(base.TestCase):
         self.mirrors.close.assert_called_once_with()
 
     def test_stopping_leaves_the_guests_running(self):
-        run = self.useFixture(fixtures.MockPatchObject(service, '_run', return_value=0)).mock
+        run = self.useFixture(fixtures.MockPatchObject(service, 'run', return_value=0)).mock
         self.assertEqual(0, service.do_compute(self.conf, self.args))
         compute = self.manager.return_value
         run.assert_called_once_with(compute, mock.ANY)

@@ -10,6 +10,7 @@ import sqlalchemy
 
 from vmcloud.db import api as db_api
 from vmcloud.db import models
+from vmcloud.dispatcher import clouds
 from vmcloud.dispatcher import views
 from tests import base
 
@@ -150,6 +151,73 @@ class Upgrade0002WithRowsTest(base.TestCase):
         admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
         self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
         self.upgrade_0002_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
+
+
+class Upgrade0003WithRowsTest(base.TestCase):
+    """0004 (the gateway) on a database of 0003 with a host, a deployment and its
+    instance in it, on SQLite and on PostgreSQL: the default cloud is made with
+    [gateway] default_connection_limit, the deployment is in it and not exposed, the
+    host's load is unknown (its vCPUs stand for its CPUs); listener ports are unique."""
+
+    def upgrade_0003_rows(self, url: str) -> None:
+        self.conf.set_override('connection', url, 'database')
+        self.conf.set_override('default_connection_limit', 77, 'gateway')
+        db = db_api.Database(self.conf)
+        self.addCleanup(db.dispose)
+        config = alembic.config.Config()
+        config.set_main_option('script_location', db_api.MIGRATIONS)
+        with db.engine.begin() as connection:
+            config.attributes['connection'] = connection
+            alembic.command.upgrade(config, '0003')
+            for statement in (
+                    "INSERT INTO hosts (name, up, state, node_id, incarnation, vcpus, "
+                    "memory_mib, disk_bytes_free, last_heartbeat, vtep_address) VALUES "
+                    "('node1', true, 'up', 'id-node1', 'inc', 4, 4096, 1, '2026-01-01', '')",
+                    "INSERT INTO deployments (id, image, count, min_count, vcpus, memory_mib, "
+                    "boot, health, state, reason, created_at) VALUES ('d1', 'guest:1', 1, 1, "
+                    "1, 512, '{}', '{}', 'active', '', '2026-01-01')",
+                    "INSERT INTO instances (id, name, deployment_id, image, host, state, "
+                    "reason, attempts, failed_hosts, fetched_bytes, created_at, updated_at) "
+                    "VALUES ('i1', 'vm-d1-0', 'd1', 'guest:1', 'node1', 'active', '', 1, '', "
+                    "0, '2026-01-01', '2026-01-01')"):
+                connection.execute(sqlalchemy.text(statement))
+        db.upgrade()
+        with db.engine.connect() as connection:
+            context = alembic.migration.MigrationContext.configure(
+                connection, opts={'compare_type': True, 'compare_server_default': True})
+            self.assertEqual([], alembic.autogenerate.compare_metadata(
+                context, models.Base.metadata))
+        with db.session() as session:
+            self.assertEqual([('default', 77)], [(c.name, c.connection_limit)
+                                                 for c in db_api.clouds(session)])
+            old = views.show_deployment(session, 'd1')
+            state = clouds.gateway_state(session)
+        self.assertEqual(('default', None, None, None, None),
+                         (old['cloud'], old['application'], old['port'], old['protocol'],
+                          old['listener_port']))
+        self.assertEqual({'cpus': 4, 'cpu_busy': 0.0, 'vcpus': 4, 'vcpus_used': 1,
+                          'memory_mib': 4096, 'memory_mib_used': 512, 'up': True},
+                         state['hosts']['node1'])
+        self.assertEqual([], state['listeners'])
+        with db.session() as session:
+            db_api.deployment_get(session, 'd1').listener_port = 21000
+        self.assertRaises(db_api.Conflict, self._second_listener, db)
+
+    @staticmethod
+    def _second_listener(db: db_api.Database) -> None:
+        with db.session() as session:
+            db_api.deployment_create(session, id='d2', image='guest:1', count=1,
+                                     min_count=1, vcpus=1, memory_mib=512, state='active',
+                                     listener_port=21000)
+
+    def test_sqlite(self):
+        self.upgrade_0003_rows(f'sqlite:///{self.tmp}/old.sqlite')
+
+    def test_postgresql(self):
+        database = f'vmcloud_migrations_0004_{os.getpid()}'
+        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
+        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
+        self.upgrade_0003_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
 
 
 def admin(*args: str) -> None:

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 
 from vmcloud import exception
@@ -18,7 +19,8 @@ class FakeRunner:
     """A machine that keeps the links, namespaces, FDB entries and dnsmasq processes
     the commands make, and records every command (queries apart, in ``calls``) and
     signal (``signals``). ``fail`` = a command prefix that fails. Like the kernel, ``ip
-    link add`` of a name that is there fails; ``locks`` counts namespace_lock()s held."""
+    link add`` of a name that is there fails, and a veth goes with its peer; ``locks``
+    counts namespace_lock()s held."""
 
     def __init__(self):
         self.calls: list[list[str]] = []
@@ -29,6 +31,12 @@ class FakeRunner:
         self.procs: dict[int, list[str]] = {}
         #: nftables netdev table -> its chains (name -> the chain's spec)
         self.tables: dict[str, dict[str, str]] = {}
+        #: nftables inet table -> its chains (name -> its rules)
+        self.inet: dict[str, dict[str, list[str]]] = {}
+        #: device -> its IPv4 addresses ('ADDRESS/PREFIX')
+        self.addresses: dict[str, list[str]] = {}
+        #: device -> its IPv4 settings written (ipv4_conf)
+        self.ipv4: dict[str, dict[str, int]] = {}
         self.next_pid = 4000
         self.fail: list[str] | None = None
         self.locks = 0
@@ -49,6 +57,19 @@ class FakeRunner:
                 items += [{'chain': {'family': 'netdev', 'table': table, 'name': c}}
                           for c in sorted(chains)]
             return json.dumps({'nftables': items})
+        if argv == ['nft', '-j', 'list', 'ruleset', 'inet']:
+            items = [{'metainfo': {'json_schema_version': 1}}]
+            for table, chains in sorted(self.inet.items()):
+                items.append({'table': {'family': 'inet', 'name': table}})
+                items += [{'chain': {'family': 'inet', 'table': table, 'name': c}}
+                          for c in sorted(chains)]
+                items += [{'rule': {'family': 'inet', 'table': table, 'chain': c, 'expr': r}}
+                          for c, rules in sorted(chains.items()) for r in rules]
+            return json.dumps({'nftables': items})
+        if argv[:5] == ['ip', '-j', 'addr', 'show', 'dev']:
+            return json.dumps([{'ifname': argv[5], 'addr_info': [
+                {'family': 'inet', 'local': a.split('/')[0], 'prefixlen': int(a.split('/')[1])}
+                for a in self.addresses.get(argv[5], ())]}])
         self.calls.append(argv)
         if self.fail is not None and argv[:len(self.fail)] == self.fail:
             raise exception.NetworkError(f'{" ".join(argv)} failed (2): boom')
@@ -56,8 +77,13 @@ class FakeRunner:
             if argv[3] in self.links:
                 raise exception.NetworkError(f'{" ".join(argv)} failed (2): File exists')
             self.links[argv[3]] = {'flags': [], 'master': None}
-            if 'veth' in argv:
+            if 'veth' in argv and 'netns' in argv:
                 self.links[argv[3]]['peer'] = argv[argv.index('netns') + 1]
+            elif 'veth' in argv:
+                # Both ends here: each goes with the other.
+                end = argv[argv.index('peer') + 2]
+                self.links[argv[3]]['pair'] = end
+                self.links[end] = {'flags': [], 'master': None, 'pair': argv[3]}
         elif argv[:3] == ['ip', 'link', 'set'] and argv[3] in self.links:
             link = self.links[argv[3]]
             if 'up' in argv:
@@ -67,7 +93,15 @@ class FakeRunner:
             if 'alias' in argv:
                 link['ifalias'] = argv[argv.index('alias') + 1]
         elif argv[:3] == ['ip', 'link', 'del']:
-            self.links.pop(argv[3])
+            if argv[3] not in self.links:
+                raise exception.NetworkError(f'{" ".join(argv)} failed (1): no such device')
+            link = self.links.pop(argv[3])
+            self.links.pop(link.get('pair'), None)
+            self.addresses.pop(argv[3], None)
+        elif argv[:3] == ['ip', 'addr', 'add']:
+            self.addresses.setdefault(argv[-1], []).append(argv[3])
+        elif argv[:3] == ['ip', 'addr', 'del']:
+            self.addresses[argv[-1]].remove(argv[3])
         elif argv[:3] == ['ip', 'netns', 'add']:
             self.namespaces.add(argv[3])
         elif argv[:3] == ['ip', 'netns', 'delete']:
@@ -83,10 +117,28 @@ class FakeRunner:
             self.tables[argv[4]][argv[5]] = argv[6]
         elif argv[:4] == ['nft', 'delete', 'table', 'netdev']:
             del self.tables[argv[4]]
+        elif argv[:4] == ['nft', 'delete', 'table', 'inet']:
+            del self.inet[argv[4]]
+        elif argv[0] == 'nft' and len(argv) == 2:
+            self._nft_script(argv[1])
         elif argv[:3] == ['ip', 'netns', 'exec']:
             self.next_pid += 1
             self.procs[self.next_pid] = argv[4:]
         return ''
+
+    def _nft_script(self, script: str) -> None:
+        """``table inet T; delete table inet T; table inet T { chain C { ...; R; ... } ...}``:
+        the table replaced by one with those chains and rules, as one transaction."""
+        match = re.fullmatch(r'table inet (\S+); delete table inet \1; table inet \1 '
+                             r'\{ (.*) \}', script)
+        if match is None:
+            raise exception.NetworkError(f'nft: cannot parse {script!r}')
+        chains = {}
+        for name, body in re.findall(r'chain (\w+) \{ ([^}]*) \}', match.group(2)):
+            parts = [p.strip() for p in body.split(';') if p.strip()]
+            # The first two are the hook and the policy.
+            chains[name] = parts[2:]
+        self.inet[match.group(1)] = chains
 
     def processes(self):
         return list(self.procs.items())
@@ -112,6 +164,10 @@ class FakeRunner:
 
     def disable_ipv6(self, device):
         self.calls.append(['disable_ipv6', device])
+
+    def ipv4_conf(self, device, settings):
+        self.calls.append(['ipv4_conf', device, dict(settings)])
+        self.ipv4.setdefault(device, {}).update(settings)
 
     def take(self) -> list[list[str]]:
         calls, self.calls = self.calls, []

@@ -90,3 +90,23 @@ class MacTest(testtools.TestCase):
     def test_a_vni_out_of_range_is_refused(self):
         for vni in (0, 1 << 24):
             self.assertRaises(exception.ConfigError, ipam.mac_for, '10.200.0.2', vni)
+
+
+class GatewayAddressTest(testtools.TestCase):
+    def test_the_gateway_has_the_first_host_address_which_no_port_gets(self):
+        self.assertEqual('10.200.3.1', ipam.gateway_address('10.200.3.0/24'))
+        self.assertEqual('10.200.0.9', ipam.gateway_address('10.200.0.8/29'))
+        cidr = '10.200.0.8/29'
+        used: set[str] = set()
+        while True:
+            try:
+                used.add(ipam.next_address(cidr, used))
+            except exception.AddressPoolExhausted:
+                break
+        self.assertNotIn(ipam.gateway_address(cidr), used)
+        self.assertNotIn(ipam.gateway_address(cidr), {ipam.next_dhcp_address(cidr, set())})
+
+    def test_a_subnet_without_room_or_no_subnet_is_a_config_error(self):
+        for cidr in ('10.200.0.4/31', '10.200.0.4/32', 'nonsense', '10.200.0.1/24'):
+            error = self.assertRaises(exception.ConfigError, ipam.gateway_address, cidr)
+            self.assertIn(cidr, str(error))

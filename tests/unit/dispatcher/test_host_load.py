@@ -1,0 +1,49 @@
+"""The load each compute host reports (its CPUs and how busy they are) as the host
+registry keeps it, for the gateway to weigh instances by: on SQLite."""
+from vmcloud.db import api as db_api
+from vmcloud.db import models
+from vmcloud.dispatcher import deploy
+from vmcloud.dispatcher import hosts
+from vmcloud.scheduler import handler
+from tests import base
+from tests.unit.dispatcher import test_host_states
+
+CAPACITY = test_host_states.CAPACITY
+
+
+class HostLoadTest(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.db = db_api.Database(self.conf)
+        self.db.upgrade()
+        self.addCleanup(self.db.dispose)
+        deployer = deploy.Deployer(self.conf, self.db, handler.FilterScheduler(self.conf),
+                                   test_host_states.Compute(), lambda *args: None)
+        self.registry = hosts.HostRegistry(self.conf, self.db, deployer)
+
+    def host(self, name: str) -> models.Host:
+        with self.db.session() as session:
+            return db_api.host_get(session, name)
+
+    def heartbeat(self, capacity: dict) -> None:
+        self.registry.report_heartbeat('node1', capacity, 'inc-node1', [])
+
+    def test_register_and_heartbeats_keep_the_cpus_and_their_load(self):
+        self.registry.register('node1', 'id-node1', 'inc-node1',
+                               dict(CAPACITY, cpus=8, cpu_busy=0.25))
+        self.assertEqual((8, 0.25), (self.host('node1').cpus, self.host('node1').cpu_busy))
+        self.heartbeat(dict(CAPACITY, cpus=8, cpu_busy=0.75))
+        self.assertEqual((8, 0.75), (self.host('node1').cpus, self.host('node1').cpu_busy))
+
+    def test_a_manager_of_before_reports_no_load(self):
+        self.registry.register('node1', 'id-node1', 'inc-node1',
+                               dict(CAPACITY, cpus=8, cpu_busy=0.5))
+        # Not the figure of an earlier heartbeat: cpus 0 is read as the host's vcpus.
+        self.heartbeat(CAPACITY)
+        self.assertEqual((0, 0.0), (self.host('node1').cpus, self.host('node1').cpu_busy))
+
+    def test_a_load_that_could_not_be_measured_is_not_the_last_one(self):
+        self.registry.register('node1', 'id-node1', 'inc-node1',
+                               dict(CAPACITY, cpus=8, cpu_busy=0.5))
+        self.heartbeat(dict(CAPACITY, cpus=8))
+        self.assertEqual((8, 0.0), (self.host('node1').cpus, self.host('node1').cpu_busy))

@@ -1,0 +1,1 @@
+"""The gateway: HAProxy in front of the applications' instances, programmed at runtime."""

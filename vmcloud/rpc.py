@@ -364,6 +364,33 @@ def server(conf: cfg.ConfigOpts, topic: str, name: str, endpoints: list):
                                     access_policy=rpc_dispatcher.ExplicitRPCAccessPolicy)
 
 
+def call_until_answered(work: Callable[[], T], who: str, timeout: float,
+                        stopping: threading.Event, longest_pause: float = 10.0) -> T:
+    """``work()`` (a service's first call to the dispatcher: its registration), again
+    after each MessagingError, pausing 1 s, then twice as long each time up to
+    ``longest_pause``, for ``timeout`` s in all: services may start before the dispatcher.
+
+    :raises: MessagingError naming ``who`` once ``timeout`` s have passed (its cause the
+        last error), or when ``stopping`` is set meanwhile; any other error of ``work``.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 1.0
+    while True:
+        try:
+            return work()
+        except exception.MessagingError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise exception.MessagingError(
+                    f'{who} could not register with the dispatcher within {timeout} s: '
+                    f'{exc}') from exc
+            problem = str(exc)
+        LOG.warning('%s; registering %s again in %.0f s', problem, who, min(pause, left))
+        if stopping.wait(min(pause, left)):
+            raise exception.MessagingError(f'{who} stopped while registering')
+        pause = min(pause * 2, longest_pause)
+
+
 class Client:
     """Calls one service's topic; errors come back as vmcloud errors."""
 

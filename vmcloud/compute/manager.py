@@ -207,30 +207,14 @@ class ComputeManager:
     # -- registering and adopting ----------------------------------------------------
 
     def _register(self) -> list[dict]:
-        """:returns: the instances the dispatcher has on this host (register_host)."""
-        timeout = self.conf.rpc_startup_timeout
-        deadline = time.monotonic() + timeout
-        pause = 1.0
-        while True:
-            try:
-                return self.dispatcher.register_host(
-                    self.host, self.node_id, self.incarnation, self.capacity(),
-                    vtep_address=self.conf.network.vtep_address)['instances']
-            except exception.HostNameInUse:
-                raise
-            except exception.MessagingError as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise exception.MessagingError(
-                        f'compute host {self.host} could not register with the dispatcher '
-                        f'within {timeout} s: {exc}') from exc
-                problem = str(exc)
-            LOG.warning('%s; registering %s again in %.0f s', problem, self.host,
-                        min(pause, left))
-            if self._stopping.wait(min(pause, left)):
-                raise exception.MessagingError(f'compute host {self.host} stopped while '
-                                               'registering')
-            pause = min(pause * 2, 10.0)
+        """:returns: the instances the dispatcher has on this host (register_host).
+        :raises: HostNameInUse; MessagingError if the dispatcher does not answer within
+            [DEFAULT] rpc_startup_timeout."""
+        return rpc.call_until_answered(
+            lambda: self.dispatcher.register_host(
+                self.host, self.node_id, self.incarnation, self.capacity(),
+                vtep_address=self.conf.network.vtep_address)['instances'],
+            f'compute host {self.host}', self.conf.rpc_startup_timeout, self._stopping)
 
     def _adopt(self, wanted: list[dict]) -> None:
         """Decide the fate of every guest and mirror found here, one log line each:

@@ -29,7 +29,6 @@ manager adopts it (``stop(haproxy=True)`` stops it too).
 import dataclasses
 import logging
 import threading
-import time
 
 from oslo_config import cfg
 
@@ -50,7 +49,6 @@ WATCHDOG_INTERVAL = 0.5
 # Seconds stop() waits for each of the manager's threads to end.
 _JOIN_TIMEOUT = 10.0
 # Longest pause between two registration attempts.
-_LONGEST_PAUSE = 10.0
 
 # The maps a listener is in, other than the slot map, and what each holds of it.
 _LISTENER_MAPS = (config_mod.MAP_CLOUD, config_mod.MAP_CLOUD_LIMIT, config_mod.MAP_APP,
@@ -147,26 +145,9 @@ class GatewayManager:
         """:returns: the gateway state register_gateway answers.
         :raises: MessagingError if the dispatcher does not answer within
             [DEFAULT] rpc_startup_timeout."""
-        timeout = self.conf.rpc_startup_timeout
-        deadline = time.monotonic() + timeout
-        pause = 1.0
-        while True:
-            try:
-                return self.dispatcher.register_gateway(self.name,
-                                                        self.conf.network.vtep_address)
-            except exception.MessagingError as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise exception.MessagingError(
-                        f'gateway {self.name} could not register with the dispatcher '
-                        f'within {timeout} s: {exc}') from exc
-                problem = str(exc)
-            LOG.warning('%s; registering gateway %s again in %.0f s', problem, self.name,
-                        min(pause, left))
-            if self._stopping.wait(min(pause, left)):
-                raise exception.MessagingError(f'gateway {self.name} stopped while '
-                                               'registering')
-            pause = min(pause * 2, _LONGEST_PAUSE)
+        return rpc.call_until_answered(
+            lambda: self.dispatcher.register_gateway(self.name, self.conf.network.vtep_address),
+            f'gateway {self.name}', self.conf.rpc_startup_timeout, self._stopping)
 
     def _poll(self) -> None:
         """Read the state and apply it every poll_interval, or at once when woken

@@ -3,7 +3,6 @@ servers on loopback addresses (127.0.0.N, each the deployment's port), the dispa
 stand-in answering a fixed gateway state, the network agent the fake one."""
 import copy
 import http.client
-import itertools
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from vmcloud.gateway import load
 from vmcloud.gateway import manager
 from vmcloud.network import fake as fake_network
 from tests import base
+from tests.functional.gateway import free_port_block
 
 SLOTS = 4
 # Bound on waiting for HAProxy to take a server (its first check) or to come back.
@@ -27,27 +27,6 @@ SETTLE = 15.0
 # weights' sum; the slack covers a partial cycle and a connection that failed over).
 REQUESTS = 400
 SHARE_SLACK = 0.05
-_blocks = itertools.count()
-
-
-def free_port_block(size: int) -> int:
-    """The first of ``size`` consecutive loopback ports free now, from a block derived
-    from this process's pid (two test workers run at once)."""
-    for attempt in range(300):
-        low = 40000 + ((os.getpid() * 13 + next(_blocks) + attempt) % 500) * 30
-        sockets = []
-        try:
-            for port in range(low, low + size):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(('127.0.0.1', port))
-            return low
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f'no {size} free consecutive ports')
 
 
 class _Instance(socketserver.ThreadingTCPServer):

@@ -202,8 +202,8 @@ def _add_app_parsers(groups: argparse._SubParsersAction, formatted: argparse.Arg
     sub.add_argument('--protocol', choices=common.PROTOCOLS, required=True,
                      help='what the gateway relays to it: HTTP requests or TCP')
     sub.add_argument('--connection-limit', type=common.connection_limit, metavar='N',
-                     help='connections each deployment of it serves at once (default: '
-                          "only its cloud's limit)")
+                     help='connections all its deployments together serve at once, in '
+                          "every cloud (default: only each cloud's limit)")
     common.add_size_arguments(sub)
     common.add_boot_arguments(sub)
     common.add_health_arguments(sub)

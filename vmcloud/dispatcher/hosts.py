@@ -72,11 +72,12 @@ def _set_capacity(row: models.Host, capacity: dict) -> None:
     row.vcpus = capacity['vcpus']
     row.memory_mib = capacity['memory_mib']
     row.disk_bytes_free = capacity['disk_bytes_free']
-    # A manager of before reports no load (cpus 0 is read as its vcpus), and one that
-    # could not measure it this time reports no cpu_busy: either way the figure of an
-    # earlier heartbeat must not stay, so each heartbeat sets both.
+    # Each heartbeat sets both: the figure of an earlier one must not stay. A manager of
+    # before reports no load (cpus 0 is read as its vcpus; counted idle, as all its
+    # peers of before are). One that could not measure it this time counts as busy:
+    # the gateway must not send a host it knows nothing of the most connections.
     row.cpus = capacity.get('cpus', 0)
-    row.cpu_busy = capacity.get('cpu_busy', 0.0)
+    row.cpu_busy = capacity.get('cpu_busy', 1.0 if 'cpus' in capacity else 0.0)
 
 
 def _set_state(row: models.Host, state: str) -> None:

@@ -210,6 +210,11 @@ def _frontend_http(conf: cfg.ConfigOpts, paths: Paths, ports: range) -> list[str
         f'frontend {FRONTENDS["http"]}',
         'mode http',
         f'bind {_bind(conf.gateway.listen_address, ports)}',
+        # A client has 10 s to send its request: a connection refused by the limit is
+        # counted nowhere until its 503 is sent, and must not hold a socket an hour
+        # long. Between requests an admitted one may idle as long as a TCP one.
+        'timeout http-request 10s',
+        'timeout http-keep-alive 1h',
         *_admission(paths),
         *_counting(),
         '# A refused HTTP client is told why, then the connection is closed.',

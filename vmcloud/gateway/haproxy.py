@@ -110,8 +110,14 @@ class HAProxy:
         with open(self.paths.log, 'ab') as log:
             # -D: the parent exits once the master is daemonized (its own session, child
             # of init, so it outlives us and leaves no zombie), after binding the ports.
-            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, timeout=START_TIMEOUT, check=False)
+            try:
+                result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=log, timeout=START_TIMEOUT, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                # Not there, not runnable, or stuck before daemonizing: nothing half
+                # started is left holding the ports.
+                self._kill_orphans()
+                raise exception.HAProxyError(' '.join(argv), str(exc)) from exc
         if result.returncode != 0:
             raise exception.HAProxyError(' '.join(argv), self._log_tail())
         self._wait_until_answering(argv)

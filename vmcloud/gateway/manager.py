@@ -87,6 +87,7 @@ class GatewayManager:
         self._counters = accounting.Counters(config_mod.paths(conf).counters)
         # One apply at a time: the poll thread, the watchdog and a direct caller.
         self._lock = threading.Lock()
+        self._count_lock = threading.RLock()
         self._state: dict | None = None
         # network id -> the peers it was joined with; None: joined by an earlier
         # manager, with peers this one does not know (joined again at the first apply).
@@ -239,9 +240,11 @@ class GatewayManager:
         state = self._state_or_empty()
         if cloud is not None and cloud not in state['clouds']:
             raise exception.CloudNotFound(cloud)
-        cloud_rows = self.haproxy.show_table(config_mod.TABLE_CLOUDS)
+        with self._count_lock:
+            cloud_rows = self.haproxy.show_table(config_mod.TABLE_CLOUDS)
+            totals = self._count(cloud_rows)
         return accounting.cloud_stats(state, self._connections(state, cloud), cloud_rows,
-                                      self._count(cloud_rows), cloud)
+                                      totals, cloud)
 
     def _state_or_empty(self) -> dict:
         return self._state or {'clouds': {}, 'applications': {}, 'hosts': {},
@@ -260,11 +263,14 @@ class GatewayManager:
 
         :raises: HAProxyError, GatewayError.
         """
-        if cloud_rows is None:
-            cloud_rows = self.haproxy.show_table(config_mod.TABLE_CLOUDS)
-        current = accounting.run_counters(cloud_rows,
-                                          self.haproxy.show_table(config_mod.TABLE_REJECTS))
-        return self._counters.update(self.haproxy.run_id(), current)
+        # One reading at a time (the poll thread and stats requests): a reading of an
+        # HAProxy run that ended must not be recorded after its successor's.
+        with self._count_lock:
+            if cloud_rows is None:
+                cloud_rows = self.haproxy.show_table(config_mod.TABLE_CLOUDS)
+            current = accounting.run_counters(
+                cloud_rows, self.haproxy.show_table(config_mod.TABLE_REJECTS))
+            return self._counters.update(self.haproxy.run_id(), current)
 
     # -- applying a state --------------------------------------------------------------
 
@@ -282,7 +288,9 @@ class GatewayManager:
             problems: list[exception.VmcloudError] = []
             live = self._read()
             wanted = {listener['listener_port']: listener for listener in state['listeners']}
-            for port in sorted(set(live.slots) - set(wanted)):
+            # Every map, not the slot map only: an entry a failed removal left in another
+            # map must not wait there for the next deployment given its port.
+            for port in sorted(set().union(*live.maps.values()) - set(wanted)):
                 self._unmap(live, port)
             # Before placing: a slot that has just emptied is free for a waiting listener.
             kept = {live.slots[port] for port in wanted if port in live.slots}
@@ -291,18 +299,18 @@ class GatewayManager:
                     for name in self._retire(backend, list(servers.values())):
                         del servers[name]
             placed = self._place(live, wanted, problems)
-            served = {}
             for port, slot in placed.items():
+                # One listener's failure (its network, a command HAProxy refused)
+                # leaves the others served.
                 try:
                     self._join(wanted[port])
-                except exception.NetworkError as exc:
+                    self._serve(live, slot, wanted[port], state['hosts'])
+                    self._map(live, port, slot, wanted[port], state)
+                except exception.VmcloudError as exc:
                     problems.append(exc)
-                    continue
-                served[port] = slot
-            for port, slot in served.items():
-                self._serve(live, slot, wanted[port], state['hosts'])
-                self._map(live, port, slot, wanted[port], state)
-            self._leave_unused({wanted[port]['network']['id'] for port in served})
+            # A network is left only once no listener wants it: one whose join failed
+            # this time may still carry the connections of its deployment.
+            self._leave_unused({listener['network']['id'] for listener in wanted.values()})
             if problems:
                 raise problems[0]
 
@@ -346,7 +354,8 @@ class GatewayManager:
     def _unmap(self, live: _Live, port: int) -> None:
         """Take a listener that went out of the maps, its slot first: its port refuses
         new connections from then on."""
-        LOG.info('gateway %s: listener %d goes (slot %s)', self.name, port, live.slots[port])
+        LOG.info('gateway %s: listener %d goes (slot %s)', self.name, port,
+                 live.slots.get(port))
         for name in (config_mod.MAP_SLOT,) + _LISTENER_MAPS:
             if port in live.maps[name]:
                 self.haproxy.del_map_entry(name, port)
@@ -427,7 +436,8 @@ class GatewayManager:
         :raises: NetworkError.
         """
         network = listener['network']
-        peers = tuple(sorted(set(listener['peers'])))
+        # A gateway sharing a machine (and its VTEP) with a compute host floods to no itself.
+        peers = tuple(sorted(set(listener['peers']) - {self.conf.network.vtep_address}))
         if self._joined.get(network['id']) == peers:
             return
         self.network_agent.join(dict(network), ipam.gateway_address(network['cidr']),

@@ -25,6 +25,8 @@ RANGE = 16
 # every 500 ms failing twice takes a server out within about 1 s.
 SETTLE = 10.0
 CHECK_BOUND = 2.0
+# [gateway]'s HTTP listeners give a client this long to send its request.
+HTTP_REQUEST_TIMEOUT = 10.0
 
 
 class _Quiet:
@@ -277,6 +279,21 @@ class HAProxyLimitTest(HAProxyTestCase):
         for _ in range(5):
             self.assertEqual(200, get(self.client(port)).status)
         self.assertEqual(503, get(self.client(port)).status)
+
+    def test_a_silent_client_of_a_cloud_at_its_limit_is_closed(self):
+        # A refused connection is counted nowhere until its 503 goes out: one that
+        # never sends a request must not hold its socket for timeout client (1 h).
+        self.haproxy.start()
+        port = self.expose('http', 0, 'c1', 1, [self.backend(WebServer, 'i-web')])
+        admitted = self.client(port)
+        self.assertEqual(200, get(admitted).status)
+        silent = self.client(port)
+        silent.settimeout(HTTP_REQUEST_TIMEOUT + SETTLE)
+        answer = silent.recv(4096)  # HAProxy's 408, then the close
+        self.assertIn(b'408', answer.split(b'\r\n')[0])
+        self.assertTrue(closed_by_peer(silent))
+        # An admitted client idle as long keeps its connection.
+        self.assertEqual(200, get(admitted).status)
 
     def test_the_application_limit_and_the_cloud_limit_both_apply(self):
         self.haproxy.start()

@@ -42,8 +42,9 @@ class HostLoadTest(base.TestCase):
         self.heartbeat(CAPACITY)
         self.assertEqual((0, 0.0), (self.host('node1').cpus, self.host('node1').cpu_busy))
 
-    def test_a_load_that_could_not_be_measured_is_not_the_last_one(self):
+    def test_a_load_that_could_not_be_measured_counts_as_busy(self):
+        # Neither the last figure nor idle: the gateway sends such a host the least.
         self.registry.register('node1', 'id-node1', 'inc-node1',
                                dict(CAPACITY, cpus=8, cpu_busy=0.5))
         self.heartbeat(dict(CAPACITY, cpus=8))
-        self.assertEqual((8, 0.0), (self.host('node1').cpus, self.host('node1').cpu_busy))
+        self.assertEqual((8, 1.0), (self.host('node1').cpus, self.host('node1').cpu_busy))

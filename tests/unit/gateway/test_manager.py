@@ -374,6 +374,48 @@ class GatewayApplyTest(base.TestCase):
         self.gateway.apply(state(first))
         self.assertEqual('http_slot1', self.haproxy.slot_of(21005))
 
+    def test_a_command_refused_for_one_listener_leaves_the_others_served(self):
+        first = listener('d0', 21000, [instance('x', 'h1', '10.9.0.2')], vni=1009)
+        second = listener('d1', 21001, [self.a, self.b])
+        refuse = self.haproxy.add_server
+
+        def add_server(backend, name, *args, **kwargs):
+            if name == 'x':
+                raise exception.HAProxyError(f'add server {backend}/{name}', 'Refused.')
+            return refuse(backend, name, *args, **kwargs)
+
+        self.haproxy.add_server = add_server
+        error = self.assertRaises(exception.HAProxyError, self.gateway.apply,
+                                  state(first, second))
+        self.assertIn('x', error.command)
+        slot = self.haproxy.slot_of(21001)
+        self.assertEqual({'a', 'b'}, set(self.haproxy.weights(slot)))
+
+    def test_a_failed_join_again_does_not_leave_a_serving_network(self):
+        self.gateway.apply(state(self.web))
+        moved = listener('d1', 21000, [self.a, self.b], peers=('192.0.2.9',))
+
+        def join(network, address, peers):
+            raise exception.NetworkError(f'bridge fdb append to {peers} failed')
+
+        self.agent.join = join
+        self.assertRaises(exception.NetworkError, self.gateway.apply, state(moved))
+        self.assertIn('net-d1', self.agent.records)
+        self.assertNotIn(('leave', 'net-d1'), self.log)
+        self.assertEqual({'a', 'b'}, set(self.haproxy.weights(self.haproxy.slot_of(21000))))
+
+    def test_an_entry_left_in_a_listener_map_goes_with_the_next_apply(self):
+        # A removal cut short after the slot map: the port's cloud must not wait there
+        # for the next deployment given the port.
+        self.haproxy.set_map_entry(config_mod.MAP_CLOUD, 21009, 'c2')
+        self.gateway.apply(state(self.web))
+        self.assertNotIn('21009', self.haproxy.maps[config_mod.MAP_CLOUD])
+
+    def test_the_gateways_own_vtep_is_no_peer_of_its_own(self):
+        self.conf.set_override('vtep_address', '192.0.2.1', 'network')
+        self.gateway.apply(state(self.web))
+        self.assertEqual(['192.0.2.2'], self.agent.records['net-d1']['peers'])
+
     def test_no_free_slot_raises_and_serves_the_others(self):
         many = [listener(f'd{n}', 21000 + n, [instance(f'i{n}', 'h1', f'10.{n}.0.2')],
                          vni=1000 + n) for n in range(4)]

@@ -4,9 +4,9 @@
 # the gateway's veths vmcg*, the driver tests' bridges vtbr*), the network agents' DHCP
 # namespaces (vmcloud-*) and the harness's host namespaces (vmcnet-*), the bridges'
 # nftables guards and the gateway's forward guards, the agents' dnsmasq, any qemu, any
-# HAProxy of a test (every one but the machine's own service, /etc/haproxy) and the
-# harness's host cgroups. Each test cleans up after itself; this catches what one
-# forgot. Exits 1 listing every leftover.
+# HAProxy of a test (every one but the machine's own service, /etc/haproxy), any
+# chromedriver or Chromium of the browser tests and the harness's host cgroups. Each test
+# cleans up after itself; this catches what one forgot. Exits 1 listing every leftover.
 set -uo pipefail
 left=()
 while read -r name; do
@@ -36,6 +36,13 @@ done < <(pgrep -a -f '^qemu-system-|/qemu-system-' || true)
 while read -r pid _; do
     left+=("haproxy pid $pid")
 done < <(pgrep -a -x haproxy | grep -v -- ' /etc/haproxy/' || true)
+# The dashboard tests' browser: chromedriver and the Chromium it drives (the browser's
+# processes, its crash handler included; /proc's names are cut at 15 characters).
+for program in chromedriver chromium chrome_crashpad; do
+    while read -r pid _; do
+        left+=("$program pid $pid")
+    done < <(pgrep -a -x "$program" || true)
+done
 # The multi-host harness's per-host cgroups (tests/multihost/cluster.py).
 for root in /sys/fs/cgroup /sys/fs/cgroup/unified; do
     [ -e "$root/cgroup.controllers" ] || continue

@@ -24,6 +24,9 @@ PACKAGES=(
     dnsmasq-base
     # The gateway's load balancer, and the load tool of its benchmark
     haproxy wrk
+    # The dashboard's browser tests (tests/multihost/test_dashboard.py): headless Chromium
+    # and its WebDriver, Debian's own (Selenium never downloads a browser or driver)
+    chromium chromium-driver
 )
 
 # The rados warehouse backend and the single-node Ceph cluster its tests run on
@@ -62,5 +65,5 @@ fi
 # build that does not see Debian's dist-packages: link Debian's module in.
 site_packages=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sf /usr/lib/python3/dist-packages/rados.cpython-311-x86_64-linux-gnu.so "$site_packages/"
-.venv/bin/python -W ignore -c 'import vmcloud, libvirt, qemu.qmp, oslo_messaging, rados' \
+.venv/bin/python -W ignore -c 'import vmcloud, libvirt, qemu.qmp, oslo_messaging, rados, selenium' \
     || { echo 'install: the virtualenv is incomplete' >&2; exit 1; }

@@ -260,6 +260,41 @@ class InvalidRequest(VmcloudError):
     """A request to the dispatcher makes no sense (a count below 1, min above max...)."""
 
 
+class MarkerNotFound(InvalidRequest):
+    """A page was asked for after a marker (the key of the last item of the previous
+    page) that names nothing in the collection."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+        super().__init__(f'marker {marker} not found')
+
+
+class NameInUse(InvalidRequest):
+    """A cloud or application (``kind``) of this name exists already."""
+
+    def __init__(self, kind: str, name: str):
+        self.kind = kind
+        self.name = name
+        super().__init__(f'{kind} {name} exists already')
+
+
+class InUse(InvalidRequest):
+    """A cloud or application (``kind``) cannot be deleted: ``reason`` says why (the
+    default cloud, deployments of it that are not deleted)."""
+
+    def __init__(self, kind: str, name: str, reason: str):
+        self.kind = kind
+        self.name = name
+        self.reason = reason
+        super().__init__(f'{kind} {name} {reason}')
+
+
+class SnapshotNotFound(InvalidRequest):
+    def __init__(self, snapshot_id: str):
+        self.snapshot_id = snapshot_id
+        super().__init__(f'snapshot {snapshot_id} not found')
+
+
 class AttachmentTooLarge(StorageError):
     """An image attachment is larger than a backend keeps (backend.MAX_ATTACHMENT_BYTES)."""
 
@@ -409,3 +444,48 @@ class BackendSlotsExhausted(GatewayError):
         self.slots = slots
         super().__init__(f'the gateway serves {slots} {protocol} deployments already, '
                          f'all its [gateway] backend_slots')
+
+
+# -- the REST API ----------------------------------------------------------
+
+class Unauthorized(VmcloudError):
+    """No valid credentials: no token, an unknown or expired one, a wrong password."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+
+class Forbidden(VmcloudError):
+    """The caller is known, but its role does not allow what it asked."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+
+class LoginThrottled(VmcloudError):
+    """Too many failed logins of late: the next attempt is taken in ``retry_after`` s."""
+
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f'too many failed logins: try again in {retry_after} s')
+
+
+class UserNotFound(InvalidRequest):
+    """No user of the REST API of that name."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f'user {name} not found')
+
+
+class ApiError(VmcloudError):
+    """The REST API answered an error no other class stands for: its HTTP ``status``,
+    its message, and the request id to find it in the API's log."""
+
+    def __init__(self, status: int, message: str, request_id: str = ''):
+        self.status = status
+        self.message = message
+        self.request_id = request_id
+        super().__init__(message)

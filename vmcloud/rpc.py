@@ -11,6 +11,7 @@ it writes, and every call and cast it makes, carry the id of the request that
 caused them, across services.
 """
 import contextlib
+import contextvars
 import functools
 import inspect
 import json
@@ -45,6 +46,53 @@ LOG = logging.getLogger(__name__)
 
 
 # -- request ids -----------------------------------------------------------
+# The current request id is oslo.context's current context, which oslo.context keeps
+# in a thread-local. That is not enough for the REST API: uvicorn serves every request
+# in one event loop thread, and FastAPI runs each sync dependency and each ``def``
+# endpoint in whichever worker thread of its pool is free, not necessarily the same
+# one. So the store is a context variable instead (swapped in once, at this module's
+# import: before any service sets a context): asyncio gives each request's task its
+# own copy, and FastAPI's thread pool (anyio) runs each dependency and endpoint in a
+# copy of its request's, so they see their request's id. A thread started plainly has
+# its own, empty one (Python 3.11 starts a thread with an empty context), and a pool
+# thread keeps what it set, as with the thread-local: nothing changes for the other
+# services.
+
+_current: contextvars.ContextVar[oslo_context.RequestContext | None] = \
+    contextvars.ContextVar('vmcloud_request_context', default=None)
+
+
+class _TaskLocalStore:
+    """Stands in for oslo.context's thread-local store, with a context variable: its one
+    attribute, ``context``, read, written and deleted as the thread-local's."""
+
+    @property
+    def context(self) -> oslo_context.RequestContext | None:
+        return _current.get()
+
+    @context.setter
+    def context(self, value: oslo_context.RequestContext | None) -> None:
+        _current.set(value)
+
+    @context.deleter
+    def context(self) -> None:
+        _current.set(None)
+
+
+def _use_task_local_request_ids() -> None:
+    """Swap ``_TaskLocalStore`` in for oslo.context's store; the context current in this
+    thread stays current. (The store is oslo.context's private ``_request_store``:
+    oslo.context offers no hook for it.)"""
+    if isinstance(oslo_context._request_store, _TaskLocalStore):
+        return
+    current = oslo_context.get_current()
+    oslo_context._request_store = _TaskLocalStore()
+    if current is not None:
+        current.update_store()
+
+
+_use_task_local_request_ids()
+
 
 def current_request_id() -> str | None:
     """The request id current in this thread, if any."""
@@ -54,7 +102,8 @@ def current_request_id() -> str | None:
 
 @contextlib.contextmanager
 def request_context(request_id: str | None = None) -> Iterator[str]:
-    """Make ``request_id`` (default: a new one) current in this thread for the block.
+    """Make ``request_id`` (default: a new one) current in this thread (and asyncio task)
+    for the block.
 
     oslo.log's formatter shows the current context's request id on every line,
     and every call and cast sent from the block carries it.
@@ -480,12 +529,31 @@ def local_error(exc_type: str | None, value: str | None) -> exception.VmcloudErr
             pass
     if not isinstance(carried, dict):
         return exception.VmcloudError(f'{exc_type}: {value}')
-    cls = getattr(exception, carried.get('class') or '', None)
-    message = str(carried.get('message', ''))
-    if not (inspect.isclass(cls) and issubclass(cls, exception.VmcloudError)):
-        return exception.VmcloudError(f'{carried.get("class")}: {message}')
     fields = carried.get('fields')
-    fields = fields if isinstance(fields, dict) else {}
+    return rebuilt_error(str(carried.get('class') or ''), str(carried.get('message', '')),
+                         fields if isinstance(fields, dict) else {})
+
+
+def error_class(class_name: str) -> type[exception.VmcloudError] | None:
+    """The VmcloudError class of vmcloud.exception named ``class_name``, if there is one
+    (only those: a name received is never looked up anywhere else)."""
+    cls = getattr(exception, class_name, None) if class_name else None
+    if inspect.isclass(cls) and issubclass(cls, exception.VmcloudError):
+        return cls
+    return None
+
+
+def rebuilt_error(class_name: str, message: str, fields: dict) -> exception.VmcloudError:
+    """The VmcloudError of class ``class_name`` (looked up in vmcloud.exception), with
+    ``fields`` (as ``error_fields`` gave them) and ``message``: how an error that crossed
+    a boundary as its class name, message and fields (an RPC answer, an API error body)
+    is raised again on this side.
+
+    A name of no such class gives a VmcloudError naming it.
+    """
+    cls = error_class(class_name)
+    if cls is None:
+        return exception.VmcloudError(f'{class_name}: {message}')
     if fields:
         try:
             error = cls(**fields)

@@ -17,7 +17,9 @@ What runs where:
   listening on the controller's address only, password login), ``vmcloud warehouse``
   (file backend in the controller's state directory, bearer token), ``vmcloud
   dispatcher`` (PostgreSQL over TCP, RabbitMQ and the warehouse service at the
-  controller's address) and every ``vmcloud`` CLI command of the test.
+  controller's address), with ``start_api`` ``vmcloud api`` (the dispatcher's config,
+  listening on the controller's address; ``create_api_user`` adds its users) and every
+  ``vmcloud`` CLI command of the test.
 - compute hosts (``node1``...): ``vmcloud mirror-service`` (the node's mirrors and
   their NBD server, which outlive the manager) and ``vmcloud compute`` with the qemu
   driver, two services started, killed and restarted separately; ``[storage]
@@ -84,6 +86,7 @@ POSTGRES_ROOT = '/usr/lib/postgresql'
 RABBITMQ_PORT = 5672
 POSTGRES_PORT = 5432
 WAREHOUSE_PORT = 9494
+API_PORT = 8780
 USER = 'vmcloud'
 # RabbitMQ boots its Erlang node and mnesia in about 8-10 s on the CI machine.
 RABBITMQ_TIMEOUT = 90.0
@@ -356,6 +359,10 @@ class Cluster:
         self.host_options: dict[str, dict[str, dict[str, object]]] = {}
         self.configs: dict[str, list[str]] = {}
         self.controller: netns.Host | None = None
+        # Where start_api runs the API, and its config.
+        self.api_host: netns.Host | None = None
+        self.api_port = API_PORT
+        self.api_config: str | None = None
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -375,8 +382,10 @@ class Cluster:
 
         :raises: ClusterError (a server did not start: its log's tail), NetnsError.
         """
-        self.network.open()
+        # The cgroup bind mounts of a killed run first: its state directories, which the
+        # network's sweep removes, cannot go while they are mounted.
         sweep_stale_cgroups()
+        self.network.open()
         self.controller = self.network.add_host('ctl', rate=self.rate)
         self.start_rabbitmq()
         self.start_postgres()
@@ -618,12 +627,79 @@ class Cluster:
         """
         host = self.controller
         sections = self._common(host, 'controller')
-        sections['database'] = {'connection': f'postgresql+psycopg://{USER}:{self.password}@'
-                                              f'{host.address}:{POSTGRES_PORT}/{USER}'}
+        sections['database'] = {'connection': self.database_url}
         self.cli_config = self._write(host, 'vmcloud.conf',
                                       render(self._merged(sections, self.options)))
         self.start_service('dispatcher', host, self._vmcloud(self.cli_config, 'dispatcher'),
                            'running\n', SERVICE_TIMEOUT)
+
+    @property
+    def database_url(self) -> str:
+        """The dispatcher's database: the controller's PostgreSQL over TCP."""
+        return (f'postgresql+psycopg://{USER}:{self.password}@{self.controller.address}:'
+                f'{POSTGRES_PORT}/{USER}')
+
+    @property
+    def api_url(self) -> str:
+        """Where ``start_api``'s API answers (from any host of the network).
+
+        :raises: ClusterError if no API was started.
+        """
+        if self.api_host is None:
+            raise ClusterError('no API runs: start_api first')
+        return f'http://{self.api_host.address}:{self.api_port}'
+
+    def start_api(self, name: str = 'controller', port: int = API_PORT) -> Service:
+        """``vmcloud api`` (service ``api``) on the controller, or with another ``name``
+        on a host of its own of that name (added if new, its link shaped as the
+        controller's; the API reaches the database over TCP either way): the
+        dispatcher's config (the same [database] connection, transport_url and
+        warehouse) with ``[api] listen_address`` its host's address and ``port``;
+        waited for until that port takes connections.
+
+        :raises: ClusterError (it exited or did not listen: its log's tail), NetnsError.
+        """
+        host = (self.controller if name == 'controller'
+                else self.network.hosts.get(name) or self.network.add_host(name, rate=self.rate))
+        sections = self._common(host, name)
+        sections['database'] = {'connection': self.database_url}
+        sections['api'] = {'listen_address': host.address, 'port': port}
+        self.api_config = self._write(host, 'api.conf',
+                                      render(self._merged(sections, self.options)))
+        self.api_host, self.api_port = host, port
+        # Ready once it listens: no log line of its own is part of its interface.
+        service = self.start_service('api', host, self._vmcloud(self.api_config, 'api'), '',
+                                     SERVICE_TIMEOUT)
+
+        def listening() -> bool:
+            try:
+                host.wait_for_tcp(host.address, port, 0, service.process)
+            except netns.NetnsError:
+                return False
+            return True
+        self._wait(service, listening, SERVICE_TIMEOUT, f'api to listen on {port}')
+        return service
+
+    def create_api_user(self, name: str, password: str, role: str = 'admin') -> None:
+        """``vmcloud user create NAME --role ROLE --password-file F`` on the controller
+        (straight to the database, no API needed): F a file of the controller's, mode
+        0600, removed afterwards; the password is never on a command line.
+
+        :raises: ClusterError with the command's stderr if it fails.
+        """
+        path = os.path.join(self.controller.state_dir, f'password-{secrets.token_hex(4)}')
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, 'w') as f:
+                f.write(password)
+            done = self.controller.run(
+                self._vmcloud(self.cli_config, 'user', 'create', name, '--role', role,
+                              '--password-file', path), timeout=CLI_TIMEOUT, check=False)
+        finally:
+            os.unlink(path)
+        if done.returncode != 0:
+            raise ClusterError(f'vmcloud user create {name} failed ({done.returncode}): '
+                               f'{done.stderr.strip()[-LOG_TAIL:]}')
 
     def add_compute(self, name: str,
                     options: dict[str, dict[str, object]] | None = None) -> netns.Host:

@@ -43,6 +43,9 @@ Sockets and cgroups: ``Host.connect`` makes a connection from the host in the ca
 thread (setns for the socket's creation only), so a test holds hundreds of a host's
 connections without a process each; ``popen(..., cgroup=DIR)`` starts a process, and
 so everything it starts, in a cgroup v2 directory (a host's CPU load measured alone).
+``Host.forward`` carries the connections to a local port of the machine's namespace
+(which has no route to the hosts) to an address as the host reaches it: a browser
+running outside the emulated network uses a service inside it.
 
 Cleanup: a Network deletes every namespace it created (which removes every
 veth, the bridge and the qdiscs with them), stops every process it started
@@ -66,11 +69,13 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -126,6 +131,13 @@ _OWN_SYSFS = 'mount --make-rprivate /sys && mount -t sysfs sysfs /sys && exec "$
 # ``ip netns exec`` or the own sysfs above, whose /sys no longer shows the cgroup mounts.
 _INTO_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 _CLONE_NEWNET = 0x40000000
+# A forwarder's bounds (Host.forward): connections it carries at once (a browser opens
+# about 6 per origin), the seconds a connection into the host, or a send either way,
+# may take, and how often its threads look whether it is closing.
+FORWARD_CONNECTIONS = 32
+FORWARD_IO_TIMEOUT = 30.0
+FORWARD_POLL = 0.2
+FORWARD_THREAD = 'netns-forward'
 
 
 class NetnsError(exception.VmcloudError):
@@ -436,6 +448,24 @@ class Host:
             raise
         return sock
 
+    @contextlib.contextmanager
+    def forward(self, address: str, port: int, limit: int = FORWARD_CONNECTIONS):
+        """A TCP port of 127.0.0.1 in the calling thread's namespace (the machine's,
+        which has no route to the hosts) whose every connection is carried to
+        ``address:port`` as this host reaches it (``connect``): a browser of the
+        machine's talks to a service inside the emulated network. At most ``limit``
+        connections at once (one more is closed at once); every socket and thread of
+        it closed when the block ends, also when it fails.
+
+        :returns: (yields) the local port.
+        :raises: OSError if the local port cannot be opened.
+        """
+        forwarder = Forwarder(self, address, port, limit)
+        try:
+            yield forwarder.port
+        finally:
+            forwarder.close()
+
     def counters(self) -> dict[str, int]:
         """Bytes and packets this host's ``eth0`` sent and received (the kernel's
         counts per frame handed to the link: headers included).
@@ -590,6 +620,149 @@ class Host:
                 raise NetnsError(f'{self.name}: nothing listens on {address}:{port} after '
                                  f'{timeout:g} s')
             time.sleep(0.1)
+
+
+class _Pair:
+    """A connection accepted outside and its twin made from the host: two pumps carry
+    its bytes, the one that ends last closes both sockets."""
+
+    def __init__(self, outside: socket.socket, inside: socket.socket):
+        self.sockets = (outside, inside)
+        self._lock = threading.Lock()
+        self._running = 2
+
+    def pump_ended(self) -> bool:
+        """Count one pump out. :returns: whether it was the last."""
+        with self._lock:
+            self._running -= 1
+            return self._running == 0
+
+    def shut(self) -> None:
+        """Both connections shut both ways, so that both pumps see their end at once;
+        never raises."""
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+class Forwarder:
+    """Connections to a local port carried to ``address:port`` as a host reaches it
+    (see Host.forward): a listening socket in the creating thread's namespace, an
+    accepting thread, and per connection two pump threads (one each way)."""
+
+    def __init__(self, host: Host, address: str, port: int,
+                 limit: int = FORWARD_CONNECTIONS):
+        """:raises: OSError if the local port cannot be opened."""
+        self.host = host
+        self.target = (address, int(port))
+        self.limit = limit
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._pairs: set[_Pair] = set()
+        self._threads: list[threading.Thread] = []
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(('127.0.0.1', 0))
+            self.listener.listen(limit)
+            # So that the accepting thread sees a close within FORWARD_POLL.
+            self.listener.settimeout(FORWARD_POLL)
+        except BaseException:
+            self.listener.close()
+            raise
+        self.port = self.listener.getsockname()[1]
+        self._acceptor = self._thread(self._accept, 'accept')
+
+    def _thread(self, target, what: str, *args) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, daemon=True,
+                                  name=f'{FORWARD_THREAD}-{self.port}-{what}')
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def _refuse(self, outside: socket.socket, why: str) -> None:
+        print(f'netns: forward 127.0.0.1:{self.port} -> {self.host.name} '
+              f'{self.target[0]}:{self.target[1]}: {why}', file=sys.stderr)
+        outside.close()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                outside, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return  # the listener closed
+            with self._lock:
+                full = len(self._pairs) >= self.limit
+            if full:
+                self._refuse(outside, f'more than {self.limit} connections at once')
+                continue
+            self._thread(self._carry, 'pump', outside)
+
+    def _carry(self, outside: socket.socket) -> None:
+        """Connect from the host (in this thread, so that the accepting one never waits
+        on it), then pump outside -> inside here, the other way in a thread of its own."""
+        try:
+            inside = self.host.connect(*self.target, FORWARD_IO_TIMEOUT)
+        except (OSError, NetnsError) as exc:
+            self._refuse(outside, f'cannot connect: {exc}')
+            return
+        outside.settimeout(FORWARD_IO_TIMEOUT)
+        pair = _Pair(outside, inside)
+        with self._lock:
+            if self._closing.is_set():
+                pair.close()
+                return
+            self._pairs.add(pair)
+        self._thread(self._pump, 'pump', pair, inside, outside)
+        self._pump(pair, outside, inside)
+
+    def _pump(self, pair: _Pair, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while not self._closing.is_set():
+                readable, _, _ = select.select([source], [], [], FORWARD_POLL)
+                if not readable:
+                    continue
+                data = source.recv(65536)
+                if not data:
+                    # A half close passes on: the other way may still carry an answer.
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                sink.sendall(data)
+        except (OSError, ValueError):
+            # A reset or a stuck send ends the other way too; ValueError: close() closed
+            # the socket of a pump that did not end in time.
+            pair.shut()
+        finally:
+            if pair.pump_ended():
+                with self._lock:
+                    self._pairs.discard(pair)
+                pair.close()
+
+    def close(self) -> None:
+        """Stop accepting, end every connection, wait (bounded) for every thread. Never
+        raises."""
+        self._closing.set()
+        self.listener.close()
+        with self._lock:
+            pairs = list(self._pairs)
+            threads = list(self._threads)
+        for pair in pairs:
+            pair.shut()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = list(self._pairs)
+            self._pairs.clear()
+        for pair in left:  # pumps that did not end in time: their sockets go anyway
+            pair.close()
 
 
 class Network:

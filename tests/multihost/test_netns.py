@@ -7,10 +7,13 @@ than skip: a harness nobody can check is not a checked harness.
 """
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import types
+import urllib.request
 import uuid
 from unittest import mock
 
@@ -207,6 +210,30 @@ class TrafficTest(NetnsTestCase):
             server.wait(WAIT)
             exc = self.assertRaises(netns.NetnsError, a.wait_for_tcp, a.address, 8002, 30, server)
             self.assertIn('exited (3)', str(exc))
+
+    def test_forward_carries_the_machine_s_connections_into_a_host_then_closes(self):
+        with self.network() as net:
+            a = net.add_host('a')
+            server = a.popen([sys.executable, '-c', netns.HTTP_SERVER, 'inside', a.address,
+                              '8003'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            a.wait_for_tcp(a.address, 8003, WAIT, server)
+            with a.forward(a.address, 8003) as port:
+                bodies = [urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=WAIT)
+                          .read() for _ in range(3)]
+                # Two connections held at once, each paired with one of the host's.
+                held = [socket.create_connection(('127.0.0.1', port), timeout=WAIT)
+                        for _ in range(2)]
+                self.addCleanup(lambda: [s.close() for s in held])
+                wait_until(lambda: len(a.run(['ss', '-Htn', 'state', 'established',
+                                              'sport = :8003']).stdout.splitlines()) == 2,
+                           'both held connections reach the host')
+            self.assertEqual([b'inside\n'] * 3, bodies)
+            # The block's end closed the held connections, the port and every thread.
+            self.assertEqual([b'', b''], [s.recv(16) for s in held])
+            self.assertRaises(ConnectionRefusedError, socket.create_connection,
+                              ('127.0.0.1', port), WAIT)
+            self.assertEqual([], [t.name for t in threading.enumerate()
+                                  if t.name.startswith(netns.FORWARD_THREAD)])
 
 
 class ShapingTest(NetnsTestCase):

@@ -107,3 +107,17 @@ class LayeringTest(testtools.TestCase):
         found = violations('vmcloud.dispatcher', ('vmcloud.gateway',))
         self.assertEqual([], [v for v in found if not v.endswith((' vmcloud.gateway.rpcapi',
                                                                   ' vmcloud.gateway'))])
+
+    def test_only_the_commands_import_the_api(self):
+        # The API sits on top, beside the commands: nothing it serves may depend on it.
+        for package in ('vmcloud.dispatcher', 'vmcloud.gateway', 'vmcloud.compute',
+                        'vmcloud.network', 'vmcloud.storage', 'vmcloud.mirror', 'vmcloud.drivers',
+                        'vmcloud.db', 'vmcloud.scheduler'):
+            self.assertEqual([], violations(package, ('vmcloud.api',)), package)
+
+    def test_the_api_knows_the_dispatcher_by_its_rpcapi_and_states_alone(self):
+        found = violations('vmcloud.api', ('vmcloud.dispatcher', 'vmcloud.cmd',
+                                           'vmcloud.compute', 'vmcloud.allinone'))
+        allowed = (' vmcloud.dispatcher.rpcapi', ' vmcloud.dispatcher.states',
+                   ' vmcloud.dispatcher')
+        self.assertEqual([], [v for v in found if not v.endswith(allowed)])

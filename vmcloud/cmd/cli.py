@@ -30,14 +30,18 @@ COMMANDS = {
     'cloud': ('vmcloud.cmd.clouds', 'manage clouds: a connection limit over a set of compute '
                                     'hosts'),
     'app': ('vmcloud.cmd.clouds', 'manage applications; deploy one into a cloud'),
+    'deployment': ('vmcloud.cmd.deployments', 'manage deployments: list, show, create '
+                                              '(deploy), delete, snapshot'),
     'dispatcher': ('vmcloud.cmd.service', 'run the dispatcher service'),
     'compute': ('vmcloud.cmd.service', 'run a compute manager service on this node'),
     'gateway': ('vmcloud.cmd.gateway', 'run the gateway service; its connections and stats'),
+    'api': ('vmcloud.cmd.api', 'run the REST API service (and its dashboard)'),
+    'user': ('vmcloud.cmd.users', "manage the REST API's users"),
     'demo': ('vmcloud.cmd.demo', 'all-in-one: deploy, snapshot and redeploy N guests'),
     'simulate': ('vmcloud.cmd.simulate', 'simulate VM consolidation on a day of PlanetLab traces'),
 }
 
-_OPTIONS_WITH_VALUES = ('--config-file', '--config-dir')
+_OPTIONS_WITH_VALUES = ('--config-file', '--config-dir', '--api-url', '--password-file')
 
 
 def chosen_command(argv: list[str]) -> str | None:
@@ -81,6 +85,13 @@ def build_parser(argv: list[str] | None = None):
                         help='configuration file (may be repeated)')
     parser.add_argument('--config-dir', metavar='DIR',
                         help='directory of *.conf files read after --config-file')
+    parser.add_argument('--api-url', metavar='URL',
+                        help='ask the REST API at URL (`vmcloud api`), not the dispatcher '
+                             'over the bus (default: $VMCLOUD_API_URL), with $VMCLOUD_TOKEN, '
+                             'or $VMCLOUD_USERNAME and $VMCLOUD_PASSWORD or --password-file')
+    parser.add_argument('--password-file', dest='api_password_file', metavar='FILE',
+                        help="with --api-url: the password of $VMCLOUD_USERNAME, the file's "
+                             'first line')
     groups = parser.add_subparsers(dest='group', required=True, metavar='COMMAND')
     command = chosen_command(sys.argv[1:] if argv is None else argv)
     module = importlib.import_module(COMMANDS[command][0]) if command in COMMANDS else None

@@ -2,7 +2,8 @@
 
 Each command is one request: every call it makes (``deploy --wait`` polls too)
 carries the same request id, which the services' log lines show. Each reaches the
-dispatcher first, within ``[DEFAULT] cli_timeout`` (see ``common``).
+dispatcher first, within ``[DEFAULT] cli_timeout`` (see ``common``); given the REST
+API's URL, all but ``console`` ask the API instead (``common.client``).
 """
 import argparse
 import sys
@@ -17,6 +18,7 @@ ITEM_COLUMNS = ('instance_id', 'state', 'version', 'pause_ms', 'dirty_bytes', 'u
                 'reason')
 HOST_COLUMNS = ('name', 'state', 'vcpus', 'vcpus_used', 'memory_mib', 'memory_mib_used',
                 'instances', 'last_heartbeat')
+DEPLOYMENT_COLUMNS = ('id', 'image', 'count', 'state', 'created_at', 'reason')
 SNAPSHOT_ACTIONS = ('create', 'list', 'show')
 # A snapshot that is still on its way or complete; partial and error are not success.
 SNAPSHOT_OK = (states.FREEZING, states.UPLOADING, states.AVAILABLE)
@@ -25,6 +27,11 @@ SNAPSHOT_OK = (states.FREEZING, states.UPLOADING, states.AVAILABLE)
 _api = common.dispatcher_api
 _show = common.show_deployment
 _one_request = common.one_request
+
+
+def _client(conf, args):
+    """The REST API's client if the command was given one, else ``_api(conf)``."""
+    return common.client(conf, args, _api)
 
 
 def _show_snapshot(snapshot: dict, fmt: str) -> None:
@@ -41,7 +48,12 @@ def _exposure(args: argparse.Namespace) -> dict:
 
 @_one_request
 def do_deploy(conf, args) -> int:
-    api = _api(conf)
+    return deploy(_client(conf, args), args)
+
+
+def deploy(api, args: argparse.Namespace) -> int:
+    """``deploy``'s work, and ``deployment create``'s of an image or a snapshot, with
+    ``api`` (either client): deploy, maybe wait, show; the exit status."""
     if args.from_snapshot:
         deployment = api.deploy_snapshot(args.from_snapshot, common.boot(args),
                                          allow_partial=args.partial)
@@ -57,21 +69,20 @@ def do_deploy(conf, args) -> int:
 
 @_one_request
 def do_list(conf, args) -> int:
-    output.emit(_api(conf).list_deployments(),
-                ('id', 'image', 'count', 'state', 'created_at', 'reason'), args.fmt)
+    output.emit(_client(conf, args).list_deployments(), DEPLOYMENT_COLUMNS, args.fmt)
     return 0
 
 
 @_one_request
 def do_show(conf, args) -> int:
-    _show(_api(conf).show_deployment(args.deployment), args.fmt)
+    _show(_client(conf, args).show_deployment(args.deployment), args.fmt)
     return 0
 
 
 @_one_request
 def do_snapshot_create(conf, args) -> int:
     """:raises: WaitTimedOut naming the snapshot and the command that shows it."""
-    api = _api(conf)
+    api = _client(conf, args)
     snapshot = api.snapshot(args.deployment)
     if args.wait:
         look = f'vmcloud snapshot show {snapshot["id"]}'
@@ -86,25 +97,25 @@ def do_snapshot_create(conf, args) -> int:
 
 @_one_request
 def do_snapshot_list(conf, args) -> int:
-    output.emit(_api(conf).list_snapshots(args.deployment), SNAPSHOT_COLUMNS, args.fmt)
+    output.emit(_client(conf, args).list_snapshots(args.deployment), SNAPSHOT_COLUMNS, args.fmt)
     return 0
 
 
 @_one_request
 def do_snapshot_show(conf, args) -> int:
-    _show_snapshot(_api(conf).show_snapshot(args.snapshot), args.fmt)
+    _show_snapshot(_client(conf, args).show_snapshot(args.snapshot), args.fmt)
     return 0
 
 
 @_one_request
 def do_delete(conf, args) -> int:
-    _show(_api(conf).delete_deployment(args.deployment), args.fmt)
+    _show(_client(conf, args).delete_deployment(args.deployment), args.fmt)
     return 0
 
 
 @_one_request
 def do_host_list(conf, args) -> int:
-    output.emit(_api(conf).list_hosts(), HOST_COLUMNS, args.fmt)
+    output.emit(_client(conf, args).list_hosts(), HOST_COLUMNS, args.fmt)
     return 0
 
 
@@ -119,7 +130,7 @@ def do_host_fence(conf, args) -> int:
     if not args.yes:
         raise exception.InvalidRequest(
             FENCE_EFFECT.format(host=args.host) + '; make sure it is down, then add --yes')
-    result = _api(conf).fence_host(args.host)
+    result = _client(conf, args).fence_host(args.host)
     output.emit_record(result, args.fmt)
     return 0
 
@@ -221,17 +232,24 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if getattr(args, 'handler', None) is do_deploy:
         if not (args.image or args.from_snapshot):
             parser.error('deploy needs an IMAGE or --from-snapshot')
-        if args.partial and not args.from_snapshot:
-            parser.error('--partial goes with --from-snapshot')
-        if args.from_snapshot and (args.health or args.health_timeout is not None):
-            parser.error('--health and --health-timeout go with IMAGE, not --from-snapshot')
-        if problem := common.health_timeout_problem(args):
-            parser.error(problem)
-        if (args.port is None) != (args.protocol is None):
-            parser.error('--port and --protocol go together: the port the guests serve on '
-                         'and what the gateway relays to it (http or tcp)')
-        if args.from_snapshot and (args.cloud or args.port is not None):
-            # deploy_snapshot takes none of them: refused rather than silently ignored.
-            parser.error('--cloud, --port and --protocol go with IMAGE, not --from-snapshot')
+        check_deploy(args, parser)
     if getattr(args, 'handler', None) is do_console and args.bytes < 1:
         parser.error('--bytes must be at least 1')
+
+
+def check_deploy(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                 snapshot_option: str = '--from-snapshot') -> None:
+    """What deploy's options refuse of each other (``snapshot_option``: the name of the
+    option that names a snapshot)."""
+    if args.partial and not args.from_snapshot:
+        parser.error(f'--partial goes with {snapshot_option}')
+    if args.from_snapshot and (args.health or args.health_timeout is not None):
+        parser.error(f'--health and --health-timeout go with IMAGE, not {snapshot_option}')
+    if problem := common.health_timeout_problem(args):
+        parser.error(problem)
+    if (args.port is None) != (args.protocol is None):
+        parser.error('--port and --protocol go together: the port the guests serve on '
+                     'and what the gateway relays to it (http or tcp)')
+    if args.from_snapshot and (args.cloud or args.port is not None):
+        # deploy_snapshot takes none of them: refused rather than silently ignored.
+        parser.error(f'--cloud, --port and --protocol go with IMAGE, not {snapshot_option}')

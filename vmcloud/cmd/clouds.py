@@ -3,7 +3,8 @@ application into a cloud, as requests to the dispatcher.
 
 A cloud is a connection limit over a set of compute hosts (none listed: every host);
 an application is an image serving one port, which the gateway exposes on a listener
-port of each deployment of it. Each command is one request (see ``common``).
+port of each deployment of it. Each command is one request (see ``common``), to the
+dispatcher or, given its URL, to the REST API (``common.client``).
 """
 import argparse
 
@@ -21,6 +22,11 @@ NO_LIMIT = '(none)'
 
 # Looked up at each call, as a module name: a test may give the commands a fake API.
 _api = common.dispatcher_api
+
+
+def _client(conf, args):
+    """The REST API's client if the command was given one, else ``_api(conf)``."""
+    return common.client(conf, args, _api)
 
 
 def _cloud_cells(cloud: dict) -> dict:
@@ -51,30 +57,30 @@ def _list(records: list[dict], columns: tuple, cells, fmt: str) -> None:
 @common.one_request
 def do_cloud_create(conf, args) -> int:
     """:raises: InvalidRequest (a bad or taken name), HostNotFound."""
-    cloud = _api(conf).create_cloud(args.name, args.connection_limit, hosts=args.hosts)
+    cloud = _client(conf, args).create_cloud(args.name, args.connection_limit, hosts=args.hosts)
     _show_record(cloud, _cloud_cells, args.fmt)
     return 0
 
 
 @common.one_request
 def do_cloud_list(conf, args) -> int:
-    _list(_api(conf).list_clouds(), CLOUD_COLUMNS, _cloud_cells, args.fmt)
+    _list(_client(conf, args).list_clouds(), CLOUD_COLUMNS, _cloud_cells, args.fmt)
     return 0
 
 
 @common.one_request
 def do_cloud_show(conf, args) -> int:
     """:raises: CloudNotFound."""
-    _show_record(_api(conf).show_cloud(args.name), _cloud_cells, args.fmt)
+    _show_record(_client(conf, args).show_cloud(args.name), _cloud_cells, args.fmt)
     return 0
 
 
 @common.one_request
 def do_cloud_update(conf, args) -> int:
     """:raises: CloudNotFound, HostNotFound, InvalidRequest."""
-    cloud = _api(conf).update_cloud(args.name, connection_limit=args.connection_limit,
-                                    add_hosts=args.add_hosts,
-                                    remove_hosts=args.remove_hosts)
+    cloud = _client(conf, args).update_cloud(
+        args.name, connection_limit=args.connection_limit, add_hosts=args.add_hosts,
+        remove_hosts=args.remove_hosts)
     _show_record(cloud, _cloud_cells, args.fmt)
     return 0
 
@@ -83,7 +89,7 @@ def do_cloud_update(conf, args) -> int:
 def do_cloud_delete(conf, args) -> int:
     """:raises: CloudNotFound; InvalidRequest for ``default`` or a cloud with a live
     deployment."""
-    deleted = _api(conf).delete_cloud(args.name)
+    deleted = _client(conf, args).delete_cloud(args.name)
     # What the cloud was, if the dispatcher says; its name at least.
     _show_record(deleted or {'name': args.name}, _cloud_cells, args.fmt)
     return 0
@@ -94,7 +100,7 @@ def do_cloud_delete(conf, args) -> int:
 @common.one_request
 def do_app_create(conf, args) -> int:
     """:raises: InvalidRequest (a bad or taken name, a bad health check), ImageNotFound."""
-    application = _api(conf).create_application(
+    application = _client(conf, args).create_application(
         args.name, args.image, args.port, args.protocol, args.vcpus, args.memory,
         boot=common.boot(args), health=common.health(args),
         connection_limit=args.connection_limit)
@@ -104,7 +110,7 @@ def do_app_create(conf, args) -> int:
 
 @common.one_request
 def do_app_list(conf, args) -> int:
-    _list(_api(conf).list_applications(), APPLICATION_COLUMNS, _application_cells,
+    _list(_client(conf, args).list_applications(), APPLICATION_COLUMNS, _application_cells,
           args.fmt)
     return 0
 
@@ -112,14 +118,14 @@ def do_app_list(conf, args) -> int:
 @common.one_request
 def do_app_show(conf, args) -> int:
     """:raises: ApplicationNotFound."""
-    _show_record(_api(conf).show_application(args.name), _application_cells, args.fmt)
+    _show_record(_client(conf, args).show_application(args.name), _application_cells, args.fmt)
     return 0
 
 
 @common.one_request
 def do_app_delete(conf, args) -> int:
     """:raises: ApplicationNotFound; InvalidRequest while it is deployed."""
-    deleted = _api(conf).delete_application(args.name)
+    deleted = _client(conf, args).delete_application(args.name)
     _show_record(deleted or {'name': args.name}, _application_cells, args.fmt)
     return 0
 
@@ -132,8 +138,13 @@ def do_app_deploy(conf, args) -> int:
     :raises: ApplicationNotFound, CloudNotFound, NoValidHost, ListenerPortsExhausted,
         WaitTimedOut naming the deployment and the command that shows it.
     """
-    api = _api(conf)
-    deployment = api.deploy_application(args.name, args.cloud, args.count,
+    return deploy_application(_client(conf, args), args.name, args.cloud, args)
+
+
+def deploy_application(api, application: str, cloud: str, args: argparse.Namespace) -> int:
+    """``app deploy``'s work, and ``deployment create --application``'s, with ``api``
+    (either client): deploy, maybe wait, show; the exit status."""
+    deployment = api.deploy_application(application, cloud, args.count,
                                         min_count=args.min_count)
     if args.wait:
         deployment = common.wait_deployment(api, deployment, args)

@@ -1,13 +1,19 @@
-"""What the commands that ask the dispatcher share: reaching it, one request id per
-command, the boot and health arguments of a deployment, waiting for one and showing it.
+"""What the commands that ask the dispatcher share: reaching it (over the bus, or through
+the REST API), one request id per command, the boot and health arguments of a
+deployment, waiting for one and showing it.
 
 Each command first reaches the dispatcher within ``[DEFAULT] cli_timeout`` seconds,
 the bus and then a ping, and fails naming what did not answer: an RPC call to a
 dispatcher that is down would wait out the whole ``rpc_call_timeout`` (which a deploy
 may need) before saying anything.
+
+Given the REST API's URL (``--api-url`` or $VMCLOUD_API_URL), the commands that have a
+REST counterpart ask it instead, with ``vmcloud.api.client.Client``: the same methods
+with the same answers, so each command takes whichever ``client`` chooses.
 """
 import argparse
 import functools
+import os
 import sys
 import threading
 
@@ -24,6 +30,11 @@ INSTANCE_COLUMNS = ('name', 'host', 'state', 'image', 'boot_seconds', 'reason')
 PROTOCOLS = ('http', 'tcp')
 # A deployment's fields that say where clients reach it (through the gateway).
 EXPOSURE_FIELDS = ('cloud', 'application', 'listener_port', 'protocol', 'port')
+# Where the REST API and its credentials come from when no option says.
+API_URL_ENV = 'VMCLOUD_API_URL'
+TOKEN_ENV = 'VMCLOUD_TOKEN'
+USERNAME_ENV = 'VMCLOUD_USERNAME'
+PASSWORD_ENV = 'VMCLOUD_PASSWORD'
 
 
 def dispatcher_api(conf: cfg.ConfigOpts) -> rpcapi.DispatcherAPI:
@@ -46,6 +57,66 @@ def dispatcher_api(conf: cfg.ConfigOpts) -> rpcapi.DispatcherAPI:
         raise exception.DispatcherUnavailable(bus(conf), rpcapi.TOPIC,
                                               conf.cli_timeout) from exc
     return api
+
+
+def client(conf: cfg.ConfigOpts, args: argparse.Namespace, rpc_client=None):
+    """What a command asks: the REST API when ``args`` or the environment name one
+    (see ``api_url``), else the dispatcher over the bus, ``rpc_client(conf)`` (by
+    default ``dispatcher_api``: once it answered a ping).
+
+    :raises: ConfigError (a bad URL, missing credentials), OSError (an unreadable
+        password file), and whatever ``rpc_client`` raises.
+    """
+    url = api_url(args)
+    if url is None:
+        return (rpc_client or dispatcher_api)(conf)
+    return rest_client(conf, url, args)
+
+
+def api_url(args: argparse.Namespace) -> str | None:
+    """``--api-url``, else $VMCLOUD_API_URL, else None (the bus)."""
+    return getattr(args, 'api_url', None) or os.environ.get(API_URL_ENV) or None
+
+
+def rest_client(conf: cfg.ConfigOpts, url: str, args: argparse.Namespace):
+    """The REST API's client at ``url``, with $VMCLOUD_TOKEN, or $VMCLOUD_USERNAME and
+    its password (``--password-file``, else $VMCLOUD_PASSWORD). An answer may take
+    ``rpc_call_timeout`` s, as the dispatcher's does; reaching the API ``cli_timeout``.
+
+    :raises: ConfigError naming the URL and what is missing; OSError.
+    """
+    # Imported here: httpx is of no use to a command that goes over the bus.
+    from vmcloud.api import client as api_client
+
+    token = os.environ.get(TOKEN_ENV) or None
+    username = os.environ.get(USERNAME_ENV) or None
+    password = api_password(args)
+    if not token and not username:
+        raise exception.ConfigError(
+            f'the vmcloud API at {url} needs credentials: ${TOKEN_ENV}, or ${USERNAME_ENV} '
+            f'with ${PASSWORD_ENV} or --password-file')
+    if username and not password and not token:
+        raise exception.ConfigError(
+            f'user {username} needs a password for the vmcloud API at {url}: '
+            f'${PASSWORD_ENV} or --password-file')
+    return api_client.Client(url, token=token, username=username, password=password,
+                             timeout=conf.rpc_call_timeout, connect_timeout=conf.cli_timeout)
+
+
+def api_password(args: argparse.Namespace) -> str | None:
+    """The first line of ``--password-file``, else $VMCLOUD_PASSWORD, else None.
+
+    :raises: ConfigError if the file holds none; OSError if it cannot be read.
+    """
+    path = getattr(args, 'api_password_file', None)
+    if path is None:
+        return os.environ.get(PASSWORD_ENV) or None
+    with open(path) as f:
+        password = f.readline().rstrip('\r\n')
+    if not password:
+        raise exception.ConfigError(f'password file {path} holds no password on its '
+                                    'first line')
+    return password
 
 
 def bus(conf: cfg.ConfigOpts) -> str:
@@ -243,7 +314,8 @@ def show_nested(record: dict, rows: str, columns: tuple, fmt: str) -> None:
         output.emit_record(record, fmt)
         return
     output.emit_record({k: v for k, v in record.items() if k != rows}, fmt)
-    output.emit(record[rows], columns, fmt)
+    # (a deleted deployment, as the REST API answers its deletion, may list none)
+    output.emit(record.get(rows) or [], columns, fmt)
 
 
 def show_deployment(deployment: dict, fmt: str) -> None:

@@ -1,12 +1,16 @@
-"""``vmcloud demo``: the all-in-one cloud deploys, snapshots and redeploys real guests."""
+"""``vmcloud demo``: the all-in-one cloud deploys, snapshots and redeploys real guests,
+with the API and its dashboard serving it (the transport is fake://, in this process)."""
 import argparse
 import os
+import secrets
+import sys
 import time
 
 from oslo_config import cfg
 
 from vmcloud import allinone
 from vmcloud import exception
+from vmcloud.api import app as api_app
 from vmcloud.cmd import output
 from vmcloud.dispatcher import states
 from vmcloud.drivers import base as driver_base
@@ -89,14 +93,43 @@ class _Demo:
                                 'dirty_bytes', 'image_bytes'), 'table')
 
 
+def _start_api(conf: cfg.ConfigOpts, port: int) -> api_app.ApiServer:
+    """The API over the all-in-one cloud, and an admin login for its dashboard: a new
+    password each run, printed (the demo's state directory is its own)."""
+    try:
+        server = api_app.ApiServer(conf, port=port).start()
+    except exception.ConfigError as exc:
+        if port == 0:
+            raise
+        # Another program holds the port: the demo is no reason to fail on that.
+        print(f'{exc}; serving on a free port instead', flush=True)
+        server = api_app.ApiServer(conf, port=0).start()
+    password = secrets.token_urlsafe(12)
+    identity = server.services.identity
+    try:
+        identity.create_user('admin', password, 'admin')
+    except exception.NameInUse:
+        identity.update_user('admin', password=password)
+    print(f'dashboard: {server.url}/dashboard/  login: admin  password: {password}',
+          flush=True)
+    return server
+
+
 def do_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     demo = _Demo(conf, args)
     demo.cloud.start()
     try:
-        demo.run()
+        api = _start_api(conf, args.api_port) if args.api_port >= 0 else None
+        try:
+            demo.run()
+            demo.report()
+            if api is not None and sys.stdin.isatty():
+                input(f'the API serves on {api.url}/dashboard/: press Enter to stop ')
+        finally:
+            if api is not None:
+                api.stop()
     finally:
         demo.cloud.stop()
-    demo.report()
     return 0
 
 
@@ -109,3 +142,6 @@ def add_parser(groups: argparse._SubParsersAction) -> None:
     sub.add_argument('--hosts', type=int, default=2)
     sub.add_argument('--driver', default='qemu', choices=('qemu', 'libvirt'))
     sub.add_argument('--timeout', type=float, default=300)
+    sub.add_argument('--api-port', type=int, default=8780,
+                     help='port of the API and dashboard on [api] listen_address (0: any '
+                          'free port, -1: no API); on a terminal it serves until Enter')

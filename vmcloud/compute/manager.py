@@ -356,8 +356,10 @@ class ComputeManager:
 
     def capacity(self) -> dict:
         """What the node offers and how busy it is since the last call, for the
-        dispatcher: 'vcpus', 'memory_mib', 'disk_bytes_free', 'cpus', 'cpu_busy' and
-        'fetched_bytes' (each of the last two left out if it cannot be measured now).
+        dispatcher: 'vcpus', 'memory_mib', 'disk_bytes_free', 'cpus', 'cpu_busy',
+        'fetched_bytes' and 'cache_bytes' (the bytes its chunk cache holds) (each of the
+        last three left out if it cannot be measured now). No 'peer_bytes': the mirrors
+        have chunks from the warehouse alone.
 
         :raises: what the driver's host_capacity raises.
         """
@@ -371,12 +373,16 @@ class ComputeManager:
             # Only a figure, as fetched_bytes: a cgroup removed under the node must not
             # have the node and its guests taken for unknown.
             LOG.warning('heartbeat of %s without its CPU load: %s', self.host, exc)
-        try:
-            capacity['fetched_bytes'] = self.mirrors.fetched_bytes()
-        except exception.MirrorError as exc:
-            # Only a figure: without the heartbeat, a mirror service restarting would have
-            # the node and every guest of it taken for unknown.
-            LOG.warning('heartbeat of %s without its fetched bytes: %s', self.host, exc)
+        for figure, read in (('fetched_bytes', self.mirrors.fetched_bytes),
+                             ('cache_bytes', self.mirrors.cached_bytes)):
+            try:
+                capacity[figure] = read()
+            except exception.MirrorError as exc:
+                # Only a figure: without the heartbeat, a mirror service restarting (or
+                # one of before, which cannot tell it) would have the node and every
+                # guest of it taken for unknown.
+                LOG.warning('heartbeat of %s without its %s: %s', self.host,
+                            figure.replace('_', ' '), exc)
         return capacity
 
     def _beat(self) -> None:

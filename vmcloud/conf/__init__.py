@@ -4,6 +4,7 @@ Importing this package registers every group on the global ``cfg.CONF``.
 """
 from oslo_config import cfg
 
+from vmcloud.conf import api
 from vmcloud.conf import compute
 from vmcloud.conf import gateway
 from vmcloud.conf import mirror
@@ -16,6 +17,7 @@ from vmcloud.conf import warehouse
 
 CONF = cfg.CONF
 
+api.register_opts(CONF)
 compute.register_opts(CONF)
 gateway.register_opts(CONF)
 mirror.register_opts(CONF)

@@ -4,6 +4,7 @@ import warnings
 
 from stevedore import extension
 
+from vmcloud.conf import api
 from vmcloud.conf import compute
 from vmcloud.conf import gateway
 from vmcloud.conf import mirror
@@ -15,7 +16,7 @@ from vmcloud.conf import storage
 from vmcloud.conf import warehouse
 
 _CONF_MODULES = (paths, storage, warehouse, compute, mirror, network, scheduler, service,
-                 gateway)
+                 gateway, api)
 
 # Plugin namespaces whose classes declare their own options as
 # ``OPTION_GROUP`` and ``OPTIONS`` class attributes.

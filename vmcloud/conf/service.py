@@ -27,6 +27,9 @@ service_opts = [
                     'dispatcher died, the network was cut).'),
     cfg.IntOpt('snapshot_upload_timeout', default=1800, min=1,
                help='Seconds a snapshot item may stay uploading before it ends in error.'),
+    cfg.IntOpt('event_history', default=500, min=1,
+               help='Events (the notifications it sends) the dispatcher keeps in memory for '
+                    'the monitoring (`GET /v1/monitoring/events`); the oldest go first.'),
     cfg.IntOpt('cli_timeout', default=10, min=1,
                help='Seconds the CLI waits to reach the message bus, and then for the '
                     'dispatcher to answer a ping, before it fails naming what did not answer '

@@ -138,9 +138,10 @@ def host_create(session: orm.Session, name: str) -> models.Host:
     return host
 
 
-def hosts(session: orm.Session) -> list[models.Host]:
-    """Every host, by name."""
-    return list(session.scalars(sqlalchemy.select(models.Host).order_by(models.Host.name)))
+def hosts(session: orm.Session, limit: int | None = None,
+          marker: str | None = None) -> list[models.Host]:
+    """Every host (a page of them: see _by_name), by name. :raises: MarkerNotFound."""
+    return _by_name(session, models.Host, limit, marker)
 
 
 def hosts_silent_since(session: orm.Session, deadline: datetime.datetime) -> list[models.Host]:
@@ -201,10 +202,16 @@ def deployment_get(session: orm.Session, deployment_id: str,
     return session.get(models.Deployment, deployment_id, with_for_update=lock)
 
 
-def deployments(session: orm.Session) -> list[models.Deployment]:
-    """Every deployment, oldest first."""
-    return list(session.scalars(sqlalchemy.select(models.Deployment)
-                                .order_by(models.Deployment.created_at)))
+def deployments(session: orm.Session, limit: int | None = None, marker: str | None = None,
+                cloud: str | None = None, owner: str | None = None) -> list[models.Deployment]:
+    """Every deployment (in ``cloud``, of ``owner``, if given; a page of them: see
+    _newest_first), newest first. :raises: MarkerNotFound."""
+    query = sqlalchemy.select(models.Deployment)
+    if cloud is not None:
+        query = query.where(models.Deployment.cloud == cloud)
+    if owner is not None:
+        query = query.where(models.Deployment.owner == owner)
+    return _newest_first(session, models.Deployment, query, limit, marker)
 
 
 def instance_create(session: orm.Session, **fields) -> models.Instance:
@@ -343,9 +350,10 @@ def cloud_get(session: orm.Session, name: str, lock: bool = False) -> models.Clo
     return session.get(models.Cloud, name, with_for_update=lock)
 
 
-def clouds(session: orm.Session) -> list[models.Cloud]:
-    """Every cloud, by name."""
-    return list(session.scalars(sqlalchemy.select(models.Cloud).order_by(models.Cloud.name)))
+def clouds(session: orm.Session, limit: int | None = None,
+           marker: str | None = None) -> list[models.Cloud]:
+    """Every cloud (a page of them: see _by_name), by name. :raises: MarkerNotFound."""
+    return _by_name(session, models.Cloud, limit, marker)
 
 
 def cloud_delete(session: orm.Session, cloud: models.Cloud) -> None:
@@ -380,14 +388,18 @@ def application_create(session: orm.Session, **fields) -> models.Application:
     return application
 
 
-def application_get(session: orm.Session, name: str) -> models.Application | None:
-    return session.get(models.Application, name)
+def application_get(session: orm.Session, name: str,
+                    lock: bool = False) -> models.Application | None:
+    return session.get(models.Application, name, with_for_update=lock)
 
 
-def applications(session: orm.Session) -> list[models.Application]:
-    """Every application, by name."""
-    return list(session.scalars(sqlalchemy.select(models.Application)
-                                .order_by(models.Application.name)))
+def applications(session: orm.Session, limit: int | None = None,
+                 marker: str | None = None) -> list[models.Application]:
+    """Every application (a page of them: see _by_name), by name.
+
+    :raises: MarkerNotFound.
+    """
+    return _by_name(session, models.Application, limit, marker)
 
 
 def application_delete(session: orm.Session, application: models.Application) -> None:
@@ -422,13 +434,14 @@ def snapshot_get(session: orm.Session, snapshot_id: str,
     return session.get(models.Snapshot, snapshot_id, with_for_update=lock)
 
 
-def snapshots(session: orm.Session, deployment_id: str | None = None) -> list[models.Snapshot]:
-    """Every snapshot (of ``deployment_id`` if given), newest first."""
-    query = sqlalchemy.select(models.Snapshot).order_by(models.Snapshot.created_at.desc(),
-                                                        models.Snapshot.id)
+def snapshots(session: orm.Session, deployment_id: str | None = None,
+              limit: int | None = None, marker: str | None = None) -> list[models.Snapshot]:
+    """Every snapshot (of ``deployment_id`` if given; a page of them: see
+    _newest_first), newest first. :raises: MarkerNotFound."""
+    query = sqlalchemy.select(models.Snapshot)
     if deployment_id is not None:
         query = query.where(models.Snapshot.deployment_id == deployment_id)
-    return list(session.scalars(query))
+    return _newest_first(session, models.Snapshot, query, limit, marker)
 
 
 def snapshot_item_create(session: orm.Session, **fields) -> models.SnapshotItem:
@@ -459,6 +472,149 @@ def snapshot_item_state_counts(session: orm.Session, snapshot_id: str) -> dict[s
     """{state: how many of the snapshot's items are in it}."""
     return _state_counts(session, models.SnapshotItem,
                          models.SnapshotItem.snapshot_id == snapshot_id)
+
+
+# -- what the monitoring shows -------------------------------------------------
+# Counts, one GROUP BY each: they must stay cheap with 100,000 deployments.
+
+def deployment_counts(session: orm.Session) -> dict[tuple[str, str], int]:
+    """{(cloud, state): how many deployments of the cloud are in it}."""
+    rows = session.execute(sqlalchemy.select(
+        models.Deployment.cloud, models.Deployment.state, sqlalchemy.func.count())
+        .group_by(models.Deployment.cloud, models.Deployment.state))
+    return {(cloud, state): count for cloud, state, count in rows}
+
+
+def instance_counts(session: orm.Session) -> dict[tuple[str, str], int]:
+    """{(cloud, state): how many instances of the cloud's deployments are in it}."""
+    rows = session.execute(sqlalchemy.select(
+        models.Deployment.cloud, models.Instance.state, sqlalchemy.func.count())
+        .join(models.Deployment, models.Instance.deployment_id == models.Deployment.id)
+        .group_by(models.Deployment.cloud, models.Instance.state))
+    return {(cloud, state): count for cloud, state, count in rows}
+
+
+def deployed_applications(session: orm.Session,
+                          instance_state: str | None = None) -> list[tuple[str, str]]:
+    """The (cloud, application) pairs, sorted, of every deployment of an application
+    that is not deleted; with ``instance_state``, only those with an instance in it."""
+    query = sqlalchemy.select(models.Deployment.cloud, models.Deployment.application).where(
+        models.Deployment.application.is_not(None), models.Deployment.state != _DELETED)
+    if instance_state is not None:
+        query = query.join(models.Instance,
+                           models.Instance.deployment_id == models.Deployment.id).where(
+            models.Instance.state == instance_state)
+    return [tuple(row) for row in session.execute(
+        query.distinct().order_by(models.Deployment.cloud, models.Deployment.application))]
+
+
+def cloud_host_pairs(session: orm.Session) -> list[tuple[str, str]]:
+    """Every (cloud, host) a cloud lists, sorted."""
+    return [tuple(row) for row in session.execute(
+        sqlalchemy.select(models.CloudHost.cloud, models.CloudHost.host)
+        .order_by(models.CloudHost.cloud, models.CloudHost.host))]
+
+
+def instance_counts_by_host(session: orm.Session, states: Sequence[str]) -> dict[str, int]:
+    """{host: how many instances placed on it are in one of ``states``}."""
+    rows = session.execute(sqlalchemy.select(models.Instance.host, sqlalchemy.func.count())
+                           .where(models.Instance.state.in_(states),
+                                  models.Instance.host.is_not(None))
+                           .group_by(models.Instance.host))
+    return {host: count for host, count in rows}
+
+
+# -- the REST API's users and tokens ----------------------------------------------
+
+def api_user_create(session: orm.Session, name: str, password_hash: str,
+                    role: str) -> models.ApiUser:
+    user = models.ApiUser(name=name, password_hash=password_hash, role=role)
+    session.add(user)
+    session.flush()  # a second one of the name is refused here (Conflict)
+    return user
+
+
+def api_user_get(session: orm.Session, name: str) -> models.ApiUser | None:
+    return session.get(models.ApiUser, name)
+
+
+def api_users(session: orm.Session, limit: int | None = None,
+              marker: str | None = None) -> list[models.ApiUser]:
+    """Every user (a page of them: see _by_name), by name. :raises: MarkerNotFound."""
+    return _by_name(session, models.ApiUser, limit, marker)
+
+
+def api_user_delete(session: orm.Session, user: models.ApiUser) -> None:
+    """The user and every token of it."""
+    api_tokens_delete_of(session, user)
+    session.delete(user)
+
+
+def api_token_create(session: orm.Session, token_id: str, user: str,
+                     expires_at: datetime.datetime) -> models.ApiToken:
+    """``token_id``: the token's sha256 (hex)."""
+    token = models.ApiToken(id=token_id, user=user, expires_at=expires_at)
+    session.add(token)
+    session.flush()
+    return token
+
+
+def api_token_get(session: orm.Session, token_id: str) -> models.ApiToken | None:
+    return session.get(models.ApiToken, token_id)
+
+
+def api_token_delete(session: orm.Session, token: models.ApiToken) -> None:
+    session.delete(token)
+
+
+def api_tokens_delete_of(session: orm.Session, user: models.ApiUser) -> int:
+    """Delete every token of ``user`` (expired or not). :returns: how many."""
+    return session.execute(sqlalchemy.delete(models.ApiToken).where(
+        models.ApiToken.user == user.name)).rowcount
+
+
+def api_tokens_delete_expired(session: orm.Session, now: datetime.datetime) -> int:
+    """Delete the tokens that expired before ``now``. :returns: how many."""
+    return session.execute(sqlalchemy.delete(models.ApiToken).where(
+        models.ApiToken.expires_at < now)).rowcount
+
+
+# -- pages --------------------------------------------------------------------------
+# A page is ``limit`` rows (None: all) after ``marker``, the key of the last row of
+# the previous page (None: from the first). Keyset, not OFFSET: a page costs the same
+# however far down, and rows added meanwhile shift no row into the next page twice.
+
+def _by_name(session: orm.Session, model: type[models.Base], limit: int | None,
+             marker: str | None) -> list:
+    """A page of the rows of ``model`` (its primary key ``name``), by name.
+
+    :raises: MarkerNotFound if ``marker`` names no row.
+    """
+    query = sqlalchemy.select(model).order_by(model.name)
+    if marker is not None:
+        if session.get(model, marker) is None:
+            raise exception.MarkerNotFound(marker)
+        query = query.where(model.name > marker)
+    return list(session.scalars(query.limit(limit)))
+
+
+def _newest_first(session: orm.Session, model: type[models.Base], query,
+                  limit: int | None, marker: str | None) -> list:
+    """A page of what ``query`` selects of ``model`` (a primary key ``id`` and a
+    ``created_at``), newest first: (created_at, id) descending, so rows made in the
+    same instant still have one order.
+
+    :raises: MarkerNotFound if ``marker`` is the id of no row.
+    """
+    if marker is not None:
+        last = session.get(model, marker)
+        if last is None:
+            raise exception.MarkerNotFound(marker)
+        query = query.where(sqlalchemy.or_(
+            model.created_at < last.created_at,
+            sqlalchemy.and_(model.created_at == last.created_at, model.id < last.id)))
+    query = query.order_by(model.created_at.desc(), model.id.desc())
+    return list(session.scalars(query.limit(limit)))
 
 
 def _state_counts(session: orm.Session, model: type[models.Base], where) -> dict[str, int]:

@@ -4,6 +4,7 @@ import datetime
 from sqlalchemy import BigInteger
 from sqlalchemy import Float
 from sqlalchemy import ForeignKey
+from sqlalchemy import Index
 from sqlalchemy import PrimaryKeyConstraint
 from sqlalchemy import String
 from sqlalchemy import UniqueConstraint
@@ -45,11 +46,24 @@ class Host(Base):
     # heartbeat interval. (Server defaults: see migration 0004.)
     cpus: Mapped[int] = mapped_column(default=0, server_default=text('0'))
     cpu_busy: Mapped[float] = mapped_column(Float, default=0.0, server_default=text('0'))
+    # The node's chunk cache from the last heartbeat that told them: the bytes it holds,
+    # those it fetched from the warehouse and those it had from peer nodes since its
+    # mirror service started. (Server defaults: see migration 0005.)
+    cache_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text('0'))
+    fetched_bytes: Mapped[int] = mapped_column(BigInteger, default=0,
+                                               server_default=text('0'))
+    peer_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text('0'))
     last_heartbeat: Mapped[datetime.datetime] = mapped_column(default=utcnow)
 
 
 class Deployment(Base):
     __tablename__ = 'deployments'
+    # Pages of the list, newest first, are read along it.
+    # Pages newest first; a cloud's and an application's deployments (shown with each
+    # cloud and application: without them a page of 100 scans every deployment 100 times).
+    __table_args__ = (Index('ix_deployments_created_at_id', 'created_at', 'id'),
+                      Index('ix_deployments_cloud', 'cloud'),
+                      Index('ix_deployments_application', 'application'))
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     image: Mapped[str] = mapped_column(String(255))  # IMAGE:VERSION
@@ -76,6 +90,8 @@ class Deployment(Base):
     port: Mapped[int | None]
     protocol: Mapped[str | None] = mapped_column(String(8))
     listener_port: Mapped[int | None] = mapped_column(unique=True, index=True)
+    # The API user who deployed it (None: deployed over RPC, or before users existed).
+    owner: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
 
 
@@ -139,6 +155,7 @@ class Port(Base):
 
 class Snapshot(Base):
     __tablename__ = 'snapshots'
+    __table_args__ = (Index('ix_snapshots_created_at_id', 'created_at', 'id'),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     deployment_id: Mapped[str] = mapped_column(ForeignKey('deployments.id'), index=True)
@@ -210,3 +227,24 @@ class Gateway(Base):
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     vtep_address: Mapped[str] = mapped_column(String(64), default='')
     last_seen: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+
+
+class ApiUser(Base):
+    """A user of the REST API: its password as a slow hash (argon2), its role."""
+    __tablename__ = 'api_users'
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))  # admin | member
+    created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """A token a user logged in for, until it expires or is revoked. Kept by its sha256
+    (hex), never the token itself: whoever reads the table cannot log in with it."""
+    __tablename__ = 'api_tokens'
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(ForeignKey('api_users.name'), index=True)
+    expires_at: Mapped[datetime.datetime] = mapped_column(index=True)
+    created_at: Mapped[datetime.datetime] = mapped_column(default=utcnow)

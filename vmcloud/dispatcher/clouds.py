@@ -158,6 +158,33 @@ def _check_limit(limit) -> None:
                                        f'of at least 1')
 
 
+def check_size(vcpus, memory_mib) -> None:
+    """:raises: InvalidRequest unless both are integers of at least 1."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+               for v in (vcpus, memory_mib)):
+        raise exception.InvalidRequest(f'vcpus and memory must be at least 1 (got '
+                                       f'{vcpus}, {memory_mib})')
+
+
+def check_application(port, protocol: str, vcpus, memory_mib,
+                      connection_limit: int | None) -> None:
+    """What an application must be, but for its name and artifacts (image, boot,
+    health: see vmcloud.dispatcher.deploy.check_artifacts): a service, a size, a limit
+    (None: its cloud's only).
+
+    :raises: InvalidRequest naming what is wrong.
+    """
+    check_service(port, protocol)
+    check_size(vcpus, memory_mib)
+    if connection_limit is not None:
+        _check_limit(connection_limit)
+
+
+# What update_application may change of an application: all but its name.
+APPLICATION_FIELDS = ('image', 'port', 'protocol', 'vcpus', 'memory_mib', 'boot', 'health',
+                      'connection_limit')
+
+
 def _known_hosts(session: db_api.Session, hosts: list[str]) -> None:
     """:raises: HostNotFound naming the first unknown one."""
     for host in hosts:
@@ -242,15 +269,15 @@ class Clouds:
 
     def create_cloud(self, name: str, connection_limit: int,
                      hosts: list[str] | None = None) -> dict:
-        """:raises: InvalidRequest (a bad name or limit, a name taken), HostNotFound,
-            DatabaseError."""
+        """:raises: InvalidRequest (a bad name or limit), NameInUse (an InvalidRequest),
+            HostNotFound, DatabaseError."""
         _check_name('cloud', name, CLOUD_NAME)
         _check_limit(connection_limit)
         hosts = sorted(set(hosts or []))
         try:
             with self.db.session() as session:
                 if db_api.cloud_get(session, name) is not None:
-                    raise exception.InvalidRequest(f'cloud {name} exists already')
+                    raise exception.NameInUse('cloud', name)
                 _known_hosts(session, hosts)
                 db_api.cloud_create(session, name=name, connection_limit=connection_limit)
                 for host in hosts:
@@ -259,7 +286,7 @@ class Clouds:
                          ', '.join(hosts) or 'all')
                 return show_cloud(session, name)
         except db_api.Conflict as exc:  # another dispatcher made it meanwhile
-            raise exception.InvalidRequest(f'cloud {name} exists already') from exc
+            raise exception.NameInUse('cloud', name) from exc
 
     def update_cloud(self, name: str, connection_limit: int | None = None,
                      add_hosts: list[str] | None = None,
@@ -267,7 +294,8 @@ class Clouds:
         """A new limit reaches the gateways at once; the hosts change only where new
         instances of the cloud go (those placed stay).
 
-        :raises: CloudNotFound, InvalidRequest (a bad limit), HostNotFound, DatabaseError.
+        :raises: CloudNotFound, InvalidRequest (a bad limit), HostNotFound, InUse (its
+            last host removed), DatabaseError.
         """
         if connection_limit is not None:
             _check_limit(connection_limit)
@@ -276,8 +304,14 @@ class Clouds:
             _known_hosts(session, add_hosts or [])
             for host in sorted(set(add_hosts or [])):
                 db_api.cloud_host_add(session, name, host)
+            had_hosts = bool(db_api.cloud_hosts(session, name))
             for host in sorted(set(remove_hosts or [])):
                 db_api.cloud_host_remove(session, name, host)
+            if had_hosts and not db_api.cloud_hosts(session, name):
+                # A cloud that lists no host places on every host: removing its last
+                # one would widen it, not shrink it.
+                raise exception.InUse('cloud', name, 'would be left with no host, which '
+                                      'means every host: add another host first')
             if connection_limit is not None and connection_limit != row.connection_limit:
                 LOG.info('cloud %s: connection limit %d -> %d', name, row.connection_limit,
                          connection_limit)
@@ -291,26 +325,28 @@ class Clouds:
         with self.db.session() as session:
             return show_cloud(session, name)
 
-    def list_clouds(self) -> list[dict]:
-        """:raises: DatabaseError."""
+    def list_clouds(self, limit: int | None = None, marker: str | None = None) -> list[dict]:
+        """By name; ``limit`` of them after the one named ``marker``.
+
+        :raises: MarkerNotFound, DatabaseError."""
         with self.db.session() as session:
-            return [show_cloud(session, c.name) for c in db_api.clouds(session)]
+            return [show_cloud(session, c.name)
+                    for c in db_api.clouds(session, limit, marker)]
 
     def delete_cloud(self, name: str) -> dict:
         """:returns: the cloud as it was.
-        :raises: CloudNotFound; InvalidRequest for the default cloud, or while a
-            deployment of it is not deleted (naming them); DatabaseError.
+        :raises: CloudNotFound; InUse (an InvalidRequest) for the default cloud, or
+            while a deployment of it is not deleted (naming them); DatabaseError.
         """
         if name == DEFAULT:
-            raise exception.InvalidRequest(f'cloud {DEFAULT} cannot be deleted: plain '
-                                           f'deploys use it')
+            raise exception.InUse('cloud', DEFAULT, 'cannot be deleted: plain deploys use it')
         with self.db.session() as session:
             row = cloud(session, name, lock=True)
             shown = show_cloud(session, name)
             if shown['deployments']:
-                raise exception.InvalidRequest(
-                    f'cloud {name} has deployments: {", ".join(shown["deployments"])}; '
-                    f'delete them first')
+                raise exception.InUse(
+                    'cloud', name, f'has deployments: {", ".join(shown["deployments"])}; '
+                                   f'delete them first')
             db_api.cloud_delete(session, row)
             refresh_after_commit(session, self.gateway)
         LOG.info('cloud %s deleted', name)
@@ -325,20 +361,15 @@ class Clouds:
         """``image``, ``boot`` and ``health`` as the caller checked them (see the
         dispatcher's endpoint); they are used as deploy's at each deploy.
 
-        :raises: InvalidRequest (a bad name, service, size or limit, a name taken),
-            DatabaseError.
+        :raises: InvalidRequest (a bad name, service, size or limit), NameInUse (an
+            InvalidRequest), DatabaseError.
         """
         _check_name('application', name, APPLICATION_NAME)
-        check_service(port, protocol)
-        if vcpus < 1 or memory_mib < 1:
-            raise exception.InvalidRequest(f'vcpus and memory must be at least 1 (got '
-                                           f'{vcpus}, {memory_mib})')
-        if connection_limit is not None:
-            _check_limit(connection_limit)
+        check_application(port, protocol, vcpus, memory_mib, connection_limit)
         try:
             with self.db.session() as session:
                 if db_api.application_get(session, name) is not None:
-                    raise exception.InvalidRequest(f'application {name} exists already')
+                    raise exception.NameInUse('application', name)
                 db_api.application_create(
                     session, name=name, image=image, port=port, protocol=protocol,
                     vcpus=vcpus, memory_mib=memory_mib, boot=json.dumps(boot or {}),
@@ -347,28 +378,67 @@ class Clouds:
                          port)
                 return show_application(session, name)
         except db_api.Conflict as exc:
-            raise exception.InvalidRequest(f'application {name} exists already') from exc
+            raise exception.NameInUse('application', name) from exc
+
+    def update_application(self, name: str, changes: dict) -> dict:
+        """Change any of APPLICATION_FIELDS (a None ``connection_limit``: its cloud's
+        only); ``image``, ``boot`` and ``health`` as the caller checked them (see the
+        dispatcher's endpoint), the whole checked as create_application checks it.
+        Deployments from now on use it; those made before keep what they were made
+        with, but for a new limit, which holds at once on the gateways.
+
+        :raises: ApplicationNotFound; InvalidRequest (a field it does not have, a bad
+            service, size or limit), DatabaseError.
+        """
+        unknown = sorted(set(changes) - set(APPLICATION_FIELDS))
+        if unknown:
+            raise exception.InvalidRequest(
+                f'application {name}: cannot change {", ".join(unknown)} (only '
+                f'{", ".join(APPLICATION_FIELDS)})')
+        with self.db.session() as session:
+            row = db_api.application_get(session, name, lock=True)
+            if row is None:
+                raise exception.ApplicationNotFound(name)
+            merged = {field: getattr(row, field) for field in APPLICATION_FIELDS}
+            merged.update(changes)
+            check_application(merged['port'], merged['protocol'], merged['vcpus'],
+                              merged['memory_mib'], merged['connection_limit'])
+            if merged['connection_limit'] != row.connection_limit:
+                refresh_after_commit(session, self.gateway)
+            for field, value in changes.items():
+                if field in ('boot', 'health'):
+                    value = json.dumps(value or {})
+                setattr(row, field, value)
+            session.flush()
+            LOG.info('application %s changed: %s', name, ', '.join(sorted(changes)) or
+                     'nothing')
+            return show_application(session, name)
 
     def show_application(self, name: str) -> dict:
         """:raises: ApplicationNotFound, DatabaseError."""
         with self.db.session() as session:
             return show_application(session, name)
 
-    def list_applications(self) -> list[dict]:
-        """:raises: DatabaseError."""
+    def list_applications(self, limit: int | None = None,
+                          marker: str | None = None) -> list[dict]:
+        """By name; ``limit`` of them after the one named ``marker``.
+
+        :raises: MarkerNotFound, DatabaseError."""
         with self.db.session() as session:
-            return [show_application(session, a.name) for a in db_api.applications(session)]
+            return [show_application(session, a.name)
+                    for a in db_api.applications(session, limit, marker)]
 
     def delete_application(self, name: str) -> dict:
         """:returns: the application as it was.
-        :raises: ApplicationNotFound; InvalidRequest while a deployment of it is not
-            deleted (naming them); DatabaseError.
+        :raises: ApplicationNotFound; InUse (an InvalidRequest) while a deployment of
+            it is not deleted (naming them); DatabaseError.
         """
         with self.db.session() as session:
             shown = show_application(session, name)
             if shown['deployments']:
-                raise exception.InvalidRequest(
-                    f'application {name} is deployed: {", ".join(shown["deployments"])}; '
+                raise exception.InUse(
+                    'application', name,
+                    f'is deployed: {", ".join(shown["deployments"])}; '
                     f'delete those deployments first')
             db_api.application_delete(session, application(session, name))
             refresh_after_commit(session, self.gateway)

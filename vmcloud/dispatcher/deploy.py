@@ -12,6 +12,7 @@ from typing import NamedTuple
 from oslo_config import cfg
 
 from vmcloud import exception
+from vmcloud.compute import artifacts
 from vmcloud.compute import readiness
 from vmcloud.compute import rpcapi as compute_rpcapi
 from vmcloud.db import api as db_api
@@ -47,6 +48,36 @@ def health_check(health: dict | None, build_timeout: int) -> dict:
     return health
 
 
+def check_artifacts(fields: dict, lookup: Callable[[str], object],
+                    build_timeout: int) -> dict:
+    """``fields`` of an application (or the changes to one) with what deploy would refuse
+    of its artifacts refused now: 'image' must be in the warehouse, the images 'boot'
+    names too (each deploy pins their versions of then), 'health' is checked by
+    health_check. Those of them missing from ``fields`` are not looked at.
+
+    :param lookup: ``Warehouse.lookup``.
+    :returns: ``fields``, 'boot' as stored ({} for None), 'health' as health_check
+        makes it (None for none: the marker).
+    :raises: ImageNotFound, InvalidRequest naming what is wrong.
+    """
+    if not isinstance(fields, dict):
+        raise exception.InvalidRequest(f'an application\'s fields are a mapping, not '
+                                       f'{fields!r}')
+    checked = dict(fields)
+    if 'image' in checked:
+        lookup(checked['image'])
+    if 'boot' in checked:
+        checked['boot'] = checked['boot'] or {}
+        if not isinstance(checked['boot'], dict):
+            raise exception.InvalidRequest(f'boot must be a mapping, not '
+                                           f'{checked["boot"]!r}')
+        artifacts.pinned(checked['boot'], lookup)
+    if 'health' in checked:
+        checked['health'] = (health_check(checked['health'], build_timeout)
+                             if checked['health'] else None)
+    return checked
+
+
 class Deployer:
     """Places, builds and tracks the instances of deployments (the hosts' InstanceKeeper)."""
 
@@ -67,11 +98,12 @@ class Deployer:
     def deploy(self, refs: list[str], min_count: int, vcpus: int, memory_mib: int,
                boot: dict, health: dict | None = None, cloud: str = clouds.DEFAULT,
                application: str | None = None, port: int | None = None,
-               protocol: str | None = None) -> dict:
+               protocol: str | None = None, owner: str | None = None) -> dict:
         """One instance per image reference, placed all at once on hosts of ``cloud``,
         with the deployment's network, the instances' ports and (with a service:
         ``port`` and ``protocol``) a listener port allocated in the same unit of work;
-        builds cast after commit. ``health``: see health_check.
+        builds cast after commit. ``health``: see health_check. ``owner``: the API
+        user it is deployed for (None: none).
 
         :raises: InvalidRequest (a bad health check or service), CloudNotFound,
             NoValidHost, AddressPoolExhausted naming the pool, ListenerPortsExhausted
@@ -80,7 +112,7 @@ class Deployer:
         health = health_check(health, self.conf.build_timeout)
         clouds.check_service(port, protocol)
         spec = Spec(refs, min_count, vcpus, memory_mib, boot, health, cloud, application,
-                    port, protocol)
+                    port, protocol, owner)
         with self._claims:
             try:
                 deployment_id, placed, builds = self._place(spec)
@@ -119,7 +151,8 @@ class Deployer:
                 min_count=spec.min_count, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
                 boot=json.dumps(spec.boot), health=json.dumps(spec.health),
                 state=states.BUILDING, cloud=spec.cloud, application=spec.application,
-                port=spec.port, protocol=spec.protocol, listener_port=listener_port)
+                port=spec.port, protocol=spec.protocol, listener_port=listener_port,
+                owner=spec.owner)
             instances = [db_api.instance_create(
                 session, id=str(uuid.uuid4()), name=f'vm-{deployment_id[:8]}-{index}',
                 deployment_id=deployment_id, image=ref, host=host, state=states.BUILDING,
@@ -500,7 +533,7 @@ class Deployer:
 class Spec(NamedTuple):
     """What deploy places: one instance per image reference, of one size and boot, in
     one cloud, of an application (None: a plain deploy), with a service (port and
-    protocol, or neither)."""
+    protocol, or neither), for an owner (None: none)."""
     refs: list[str]
     min_count: int
     vcpus: int
@@ -511,6 +544,7 @@ class Spec(NamedTuple):
     application: str | None
     port: int | None
     protocol: str | None
+    owner: str | None = None
 
 
 class Rebuild(NamedTuple):

@@ -68,6 +68,11 @@ class InstanceKeeper(Protocol):
         """End every build past its deadline. :returns: their instance ids."""
 
 
+# What a heartbeat's capacity may tell of the node's chunk cache: the bytes it holds,
+# and those it fetched from the warehouse and had from peers since it opened.
+CACHE_FIGURES = ('cache_bytes', 'fetched_bytes', 'peer_bytes')
+
+
 def _set_capacity(row: models.Host, capacity: dict) -> None:
     row.vcpus = capacity['vcpus']
     row.memory_mib = capacity['memory_mib']
@@ -78,6 +83,11 @@ def _set_capacity(row: models.Host, capacity: dict) -> None:
     # the gateway must not send a host it knows nothing of the most connections.
     row.cpus = capacity.get('cpus', 0)
     row.cpu_busy = capacity.get('cpu_busy', 1.0 if 'cpus' in capacity else 0.0)
+    # The chunk cache's figures are only shown, never decided on: one the node could not
+    # read this time (its mirror service restarting) leaves the last one told.
+    for figure in CACHE_FIGURES:
+        if figure in capacity:
+            setattr(row, figure, capacity[figure])
 
 
 def _set_state(row: models.Host, state: str) -> None:
@@ -185,14 +195,17 @@ class HostRegistry:
         # Committed first: the rebuilds must not be placed on the fenced host.
         return dict(host=host, state=states.HOST_FENCED, **self.keeper.host_fenced(host))
 
-    def list_hosts(self) -> list[dict]:
-        """:raises: DatabaseError."""
+    def list_hosts(self, limit: int | None = None, marker: str | None = None) -> list[dict]:
+        """By name; ``limit`` of them after the one named ``marker``.
+
+        :raises: MarkerNotFound, DatabaseError."""
         with self.db.session() as session:
+            page = db_api.hosts(session, limit, marker)
             usage = {s.name: s for s in host_states(session)}
             return [dict(views.row(h), instances=usage[h.name].instance_count,
                          vcpus_used=usage[h.name].vcpus_used,
                          memory_mib_used=usage[h.name].memory_mib_used)
-                    for h in db_api.hosts(session)]
+                    for h in page]
 
 
 class HostMonitor:

@@ -5,6 +5,7 @@
 - ``deploy``: placing, building, retrying and deleting instances;
 - ``snapshot``: the barrier across hosts and the uploads;
 - ``clouds``: clouds, applications, listener ports, what the gateways serve;
+- ``monitoring``: counts per cloud and state, the events sent of late;
 - ``transitions``: what a deployment, snapshot or instance becomes (no database);
 - ``views``: rows as the dicts the endpoints answer;
 - every SQL statement is a named function of ``vmcloud.db.api``.
@@ -22,6 +23,7 @@ from vmcloud.db import api as db_api
 from vmcloud.dispatcher import clouds as clouds_mod
 from vmcloud.dispatcher import deploy as deploy_mod
 from vmcloud.dispatcher import hosts as hosts_mod
+from vmcloud.dispatcher import monitoring as monitoring_mod
 from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.dispatcher import snapshot as snapshot_mod
 from vmcloud.dispatcher import views
@@ -44,6 +46,7 @@ class Dispatcher:
         self.compute = compute_rpcapi.ComputeAPI(conf)
         self.gateway = gateway_rpcapi.GatewayAPI(conf)
         self.notifier = rpc.notifier(conf, f'dispatcher.{conf.host}')
+        self.events = monitoring_mod.EventHistory(conf.event_history)
         self.deployer = deploy_mod.Deployer(conf, self.db, self.scheduler, self.compute,
                                             self._notify, self.gateway)
         self.clouds = clouds_mod.Clouds(conf, self.db, self.gateway, self.compute)
@@ -67,6 +70,7 @@ class Dispatcher:
         self.db.dispose()
 
     def _notify(self, event: str, payload: dict) -> None:
+        self.events.record(event, payload)
         try:
             self.notifier.info({}, event, payload)
         except Exception as exc:  # a notification must never fail the operation
@@ -96,8 +100,10 @@ class Dispatcher:
         return self.hosts.fence(host)
 
     @rpc.expose
-    def list_hosts(self, ctxt: dict) -> list[dict]:
-        return self.hosts.list_hosts()
+    def list_hosts(self, ctxt: dict, limit: int | None = None,
+                   marker: str | None = None) -> list[dict]:
+        """:raises: MarkerNotFound."""
+        return self.hosts.list_hosts(limit, marker)
 
     # -- deploying ---------------------------------------------------------------
 
@@ -105,7 +111,7 @@ class Dispatcher:
     def deploy(self, ctxt: dict, image: str, count: int, min_count: int | None, vcpus: int,
                memory_mib: int, boot: dict, health: dict | None = None,
                cloud: str = clouds_mod.DEFAULT, port: int | None = None,
-               protocol: str | None = None) -> dict:
+               protocol: str | None = None, owner: str | None = None) -> dict:
         """``boot``'s kernel and initrd, if images, are pinned to their versions of now;
         with ``port`` and ``protocol`` (both or neither) the deployment gets a listener
         port on the gateway.
@@ -117,11 +123,11 @@ class Dispatcher:
         ref = str(self.warehouse.lookup(image).ref)
         return self.deployer.deploy([ref] * count, min_count, vcpus, memory_mib,
                                     artifacts.pinned(boot, self.warehouse.lookup), health,
-                                    cloud=cloud, port=port, protocol=protocol)
+                                    cloud=cloud, port=port, protocol=protocol, owner=owner)
 
     @rpc.expose
     def deploy_application(self, ctxt: dict, application: str, cloud: str, count: int,
-                           min_count: int | None = None) -> dict:
+                           min_count: int | None = None, owner: str | None = None) -> dict:
         """``count`` instances of the application in ``cloud``, as ``deploy`` with its
         image (its version of now), boot, health check, size and service: the
         deployment gets a listener port.
@@ -139,17 +145,18 @@ class Dispatcher:
         return self.deployer.deploy([ref] * count, min_count, vcpus, memory_mib,
                                     artifacts.pinned(boot, self.warehouse.lookup), health,
                                     cloud=cloud, application=application, port=port,
-                                    protocol=protocol)
+                                    protocol=protocol, owner=owner)
 
     @rpc.expose
     def deploy_snapshot(self, ctxt: dict, snapshot_id: str, boot: dict,
-                        allow_partial: bool = False) -> dict:
+                        allow_partial: bool = False, owner: str | None = None) -> dict:
         """One instance per stored version, all or none; ``boot`` (by default the
         snapshotted deployment's) pinned as by ``deploy``; the snapshotted deployment's
         health check.
 
-        :raises: InvalidRequest (a partial snapshot without ``allow_partial`` names the
-            missing instances), ImageNotFound, NoValidHost, AddressPoolExhausted.
+        :raises: SnapshotNotFound, InvalidRequest (a partial snapshot without
+            ``allow_partial`` names the missing instances), ImageNotFound, NoValidHost,
+            AddressPoolExhausted.
         """
         refs, deployment_id = self.snapshots.stored_versions(snapshot_id, allow_partial)
         # A version removed since (nothing holds a finished snapshot's) fails the request
@@ -162,7 +169,8 @@ class Dispatcher:
             health = json.loads(deployment.health) or None
         # Pinned again: a version the old deployment pinned may have been deleted since.
         return self.deployer.deploy(refs, len(refs), vcpus, memory_mib,
-                                    artifacts.pinned(boot, self.warehouse.lookup), health)
+                                    artifacts.pinned(boot, self.warehouse.lookup), health,
+                                    owner=owner)
 
     @rpc.expose
     def instance_built(self, ctxt: dict, instance_id: str, host: str, boot_seconds: float,
@@ -197,9 +205,12 @@ class Dispatcher:
             return views.show_deployment(session, deployment_id)
 
     @rpc.expose
-    def list_deployments(self, ctxt: dict) -> list[dict]:
+    def list_deployments(self, ctxt: dict, limit: int | None = None,
+                         marker: str | None = None, cloud: str | None = None,
+                         owner: str | None = None) -> list[dict]:
+        """:raises: MarkerNotFound."""
         with self.db.session() as session:
-            return views.list_deployments(session)
+            return views.list_deployments(session, limit, marker, cloud, owner)
 
     @rpc.expose
     def delete_deployment(self, ctxt: dict, deployment_id: str) -> dict:
@@ -211,7 +222,7 @@ class Dispatcher:
     @rpc.expose
     def create_cloud(self, ctxt: dict, name: str, connection_limit: int,
                      hosts: list[str] | None = None) -> dict:
-        """:raises: InvalidRequest, HostNotFound."""
+        """:raises: InvalidRequest, NameInUse, HostNotFound."""
         return self.clouds.create_cloud(name, connection_limit, hosts)
 
     @rpc.expose
@@ -227,12 +238,14 @@ class Dispatcher:
         return self.clouds.show_cloud(name)
 
     @rpc.expose
-    def list_clouds(self, ctxt: dict) -> list[dict]:
-        return self.clouds.list_clouds()
+    def list_clouds(self, ctxt: dict, limit: int | None = None,
+                    marker: str | None = None) -> list[dict]:
+        """:raises: MarkerNotFound."""
+        return self.clouds.list_clouds(limit, marker)
 
     @rpc.expose
     def delete_cloud(self, ctxt: dict, name: str) -> dict:
-        """:raises: CloudNotFound; InvalidRequest for default or a cloud in use."""
+        """:raises: CloudNotFound; InUse for default or a cloud in use."""
         return self.clouds.delete_cloud(name)
 
     @rpc.expose
@@ -243,14 +256,23 @@ class Dispatcher:
         """Its image, boot artifacts and health check are checked as deploy checks
         them (each deploy pins the versions of then).
 
-        :raises: InvalidRequest, ImageNotFound.
+        :raises: InvalidRequest, NameInUse, ImageNotFound.
         """
-        self.warehouse.lookup(image)
-        boot = boot or {}
-        artifacts.pinned(boot, self.warehouse.lookup)
-        health = deploy_mod.health_check(health, self.conf.build_timeout) if health else None
+        checked = deploy_mod.check_artifacts({'image': image, 'boot': boot, 'health': health},
+                                             self.warehouse.lookup, self.conf.build_timeout)
         return self.clouds.create_application(name, image, port, protocol, vcpus, memory_mib,
-                                              boot, health, connection_limit)
+                                              checked['boot'], checked['health'],
+                                              connection_limit)
+
+    @rpc.expose
+    def update_application(self, ctxt: dict, name: str, changes: dict) -> dict:
+        """Checked as create_application checks them (the artifacts changed, the whole).
+
+        :raises: ApplicationNotFound, InvalidRequest, ImageNotFound.
+        """
+        checked = deploy_mod.check_artifacts(changes, self.warehouse.lookup,
+                                             self.conf.build_timeout)
+        return self.clouds.update_application(name, checked)
 
     @rpc.expose
     def show_application(self, ctxt: dict, name: str) -> dict:
@@ -258,12 +280,14 @@ class Dispatcher:
         return self.clouds.show_application(name)
 
     @rpc.expose
-    def list_applications(self, ctxt: dict) -> list[dict]:
-        return self.clouds.list_applications()
+    def list_applications(self, ctxt: dict, limit: int | None = None,
+                          marker: str | None = None) -> list[dict]:
+        """:raises: MarkerNotFound."""
+        return self.clouds.list_applications(limit, marker)
 
     @rpc.expose
     def delete_application(self, ctxt: dict, name: str) -> dict:
-        """:raises: ApplicationNotFound; InvalidRequest while it is deployed."""
+        """:raises: ApplicationNotFound; InUse while it is deployed."""
         return self.clouds.delete_application(name)
 
     # -- gateways ----------------------------------------------------------------
@@ -302,13 +326,27 @@ class Dispatcher:
 
     @rpc.expose
     def show_snapshot(self, ctxt: dict, snapshot_id: str) -> dict:
-        """:raises: InvalidRequest if there is no such snapshot."""
+        """:raises: SnapshotNotFound."""
         with self.db.session() as session:
             return views.show_snapshot(session, snapshot_id)
 
     @rpc.expose
-    def list_snapshots(self, ctxt: dict, deployment_id: str | None = None) -> list[dict]:
-        return self.snapshots.list(deployment_id)
+    def list_snapshots(self, ctxt: dict, deployment_id: str | None = None,
+                       limit: int | None = None, marker: str | None = None) -> list[dict]:
+        """:raises: DeploymentNotFound, MarkerNotFound."""
+        return self.snapshots.list(deployment_id, limit, marker)
+
+    # -- monitoring --------------------------------------------------------------
+
+    @rpc.expose
+    def monitoring(self, ctxt: dict) -> dict:
+        """See vmcloud.dispatcher.monitoring.monitoring."""
+        with self.db.session() as session:
+            return monitoring_mod.monitoring(session)
+
+    @rpc.expose
+    def recent_events(self, ctxt: dict, limit: int = 50) -> list[dict]:
+        return self.events.recent(limit)
 
 
 def _counts(count: int, min_count: int | None, vcpus: int, memory_mib: int) -> int:

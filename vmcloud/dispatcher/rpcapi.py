@@ -19,6 +19,12 @@ def snapshot_seconds(conf: cfg.ConfigOpts) -> int:
             + conf.rpc_call_timeout)
 
 
+def _given(**arguments) -> dict:
+    """The optional ``arguments`` that were given: a call without them is the call of
+    before, which a dispatcher of before still takes."""
+    return {name: value for name, value in arguments.items() if value is not None}
+
+
 class DispatcherAPI:
     def __init__(self, conf: cfg.ConfigOpts, retry: int | None = None):
         """``retry=-1`` for services, whose reports must wait out a bus outage."""
@@ -35,7 +41,7 @@ class DispatcherAPI:
     def deploy(self, image: str, count: int, min_count: int | None = None, vcpus: int = 1,
                memory_mib: int = 256, boot: dict | None = None,
                health: dict | None = None, cloud: str = 'default', port: int | None = None,
-               protocol: str | None = None) -> dict:
+               protocol: str | None = None, owner: str | None = None) -> dict:
         """Deploy ``count`` instances of ``image`` (all or at least ``min_count``).
 
         ``boot`` may name a ``kernel``, ``initrd`` and ``cmdline`` (``{name}`` in
@@ -55,7 +61,8 @@ class DispatcherAPI:
         The instances go on hosts of ``cloud`` (all hosts if it lists none). With
         ``port`` and ``protocol`` ('http' | 'tcp'), both or neither, the service on
         that port of the guests is exposed on the gateway: the deployment shows its
-        'listener_port'.
+        'listener_port'. ``owner``: the API user it is deployed for, shown as its
+        'owner' (None: none).
 
         :raises: ImageNotFound, NoValidHost, InvalidRequest, CloudNotFound,
             AddressPoolExhausted (no subnet, VNI or address left: the message names the
@@ -63,34 +70,43 @@ class DispatcherAPI:
         """
         return self._client.call('deploy', image=image, count=count, min_count=min_count,
                                  vcpus=vcpus, memory_mib=memory_mib, boot=boot or {},
-                                 health=health, cloud=cloud, port=port, protocol=protocol)
+                                 health=health, cloud=cloud, port=port, protocol=protocol,
+                                 **_given(owner=owner))
 
     def deploy_application(self, application: str, cloud: str, count: int,
-                           min_count: int | None = None) -> dict:
+                           min_count: int | None = None, owner: str | None = None) -> dict:
         """``count`` instances (all or at least ``min_count``) of an application in
         ``cloud``, as ``deploy`` with the application's image (its version of now),
         boot, health check, size and service: the deployment shows its
-        'listener_port'.
+        'listener_port'. ``owner`` as for ``deploy``.
 
         :raises: ApplicationNotFound, CloudNotFound, InvalidRequest, ImageNotFound,
             NoValidHost, AddressPoolExhausted, ListenerPortsExhausted, MessagingError.
         """
         return self._client.call('deploy_application', application=application, cloud=cloud,
-                                 count=count, min_count=min_count)
+                                 count=count, min_count=min_count, **_given(owner=owner))
 
     def deploy_snapshot(self, snapshot_id: str, boot: dict | None = None,
-                        allow_partial: bool = False) -> dict:
+                        allow_partial: bool = False, owner: str | None = None) -> dict:
         """One instance per instance of a finished snapshot, each from its own version;
-        ``boot`` as for ``deploy``, by default the snapshotted deployment's.
+        ``boot`` as for ``deploy``, by default the snapshotted deployment's; ``owner``
+        as for ``deploy``.
 
-        :raises: InvalidRequest naming the missing instances if the snapshot is partial
-            and not ``allow_partial``.
+        :raises: SnapshotNotFound; InvalidRequest naming the missing instances if the
+            snapshot is partial and not ``allow_partial``.
         """
         return self._client.call('deploy_snapshot', snapshot_id=snapshot_id, boot=boot or {},
-                                 allow_partial=allow_partial)
+                                 allow_partial=allow_partial, **_given(owner=owner))
 
-    def list_deployments(self) -> list[dict]:
-        return self._client.call('list_deployments')
+    def list_deployments(self, limit: int | None = None, marker: str | None = None,
+                         cloud: str | None = None, owner: str | None = None) -> list[dict]:
+        """Every deployment (in ``cloud``, of ``owner``, if given), newest first: at most
+        ``limit`` of them, after the one of id ``marker`` (the last of the page before).
+
+        :raises: MarkerNotFound if no deployment has the id ``marker``.
+        """
+        return self._client.call('list_deployments', **_given(
+            limit=limit, marker=marker, cloud=cloud, owner=owner))
 
     def show_deployment(self, deployment_id: str) -> dict:
         return self._client.call('show_deployment', deployment_id=deployment_id)
@@ -105,11 +121,18 @@ class DispatcherAPI:
                                  deployment_id=deployment_id)
 
     def show_snapshot(self, snapshot_id: str) -> dict:
+        """:raises: SnapshotNotFound."""
         return self._client.call('show_snapshot', snapshot_id=snapshot_id)
 
-    def list_snapshots(self, deployment_id: str | None = None) -> list[dict]:
-        """Every snapshot (of one deployment if given), newest first."""
-        return self._client.call('list_snapshots', deployment_id=deployment_id)
+    def list_snapshots(self, deployment_id: str | None = None, limit: int | None = None,
+                       marker: str | None = None) -> list[dict]:
+        """Every snapshot (of one deployment if given), newest first: at most ``limit``
+        of them, after the one of id ``marker``.
+
+        :raises: DeploymentNotFound, MarkerNotFound.
+        """
+        return self._client.call('list_snapshots', deployment_id=deployment_id,
+                                 **_given(limit=limit, marker=marker))
 
     def console(self, instance: str, max_bytes: int = 65536) -> dict:
         """The end of an instance's console log, read by its compute host.
@@ -153,8 +176,11 @@ class DispatcherAPI:
                             timeout,
                             f'snapshot {snapshot_id}')
 
-    def list_hosts(self) -> list[dict]:
-        return self._client.call('list_hosts')
+    def list_hosts(self, limit: int | None = None, marker: str | None = None) -> list[dict]:
+        """By name: at most ``limit`` of them, after the one named ``marker``.
+
+        :raises: MarkerNotFound."""
+        return self._client.call('list_hosts', **_given(limit=limit, marker=marker))
 
     # -- clouds and applications ---------------------------------------------------
 
@@ -164,7 +190,8 @@ class DispatcherAPI:
         deployments' listeners hold at most ``connection_limit`` connections at once.
 
         :returns: {'name', 'connection_limit', 'created_at', 'hosts', 'deployments'}.
-        :raises: InvalidRequest (a bad name or limit, a name taken), HostNotFound.
+        :raises: InvalidRequest (a bad name or limit), NameInUse (the name is taken),
+            HostNotFound.
         """
         return self._client.call('create_cloud', name=name, connection_limit=connection_limit,
                                  hosts=list(hosts or []))
@@ -182,12 +209,15 @@ class DispatcherAPI:
         """:raises: CloudNotFound."""
         return self._client.call('show_cloud', name=name)
 
-    def list_clouds(self) -> list[dict]:
-        return self._client.call('list_clouds')
+    def list_clouds(self, limit: int | None = None, marker: str | None = None) -> list[dict]:
+        """By name: at most ``limit`` of them, after the one named ``marker``.
+
+        :raises: MarkerNotFound."""
+        return self._client.call('list_clouds', **_given(limit=limit, marker=marker))
 
     def delete_cloud(self, name: str) -> dict:
-        """:returns: the cloud as it was. :raises: CloudNotFound; InvalidRequest for the
-        default cloud or while a deployment in it is not deleted."""
+        """:returns: the cloud as it was. :raises: CloudNotFound; InUse for the default
+        cloud or while a deployment in it is not deleted."""
         return self._client.call('delete_cloud', name=name)
 
     def create_application(self, name: str, image: str, port: int, protocol: str,
@@ -200,7 +230,7 @@ class DispatcherAPI:
         at most ``connection_limit`` connections at once (None: its cloud's only).
 
         :returns: its columns, boot and health decoded, and 'deployments' (ids).
-        :raises: InvalidRequest, ImageNotFound.
+        :raises: InvalidRequest, NameInUse, ImageNotFound.
         """
         return self._client.call('create_application', name=name, image=image, port=port,
                                  protocol=protocol, vcpus=vcpus, memory_mib=memory_mib,
@@ -211,13 +241,52 @@ class DispatcherAPI:
         """:raises: ApplicationNotFound."""
         return self._client.call('show_application', name=name)
 
-    def list_applications(self) -> list[dict]:
-        return self._client.call('list_applications')
+    def update_application(self, name: str, changes: dict) -> dict:
+        """Change any of 'image', 'port', 'protocol', 'vcpus', 'memory_mib', 'boot',
+        'health', 'connection_limit' (None: its cloud's only), checked as
+        create_application checks them. Deployments from now on use the application
+        as it is now; a new limit holds at once on the gateway.
+
+        :returns: the application, as show_application.
+        :raises: ApplicationNotFound, InvalidRequest, ImageNotFound.
+        """
+        return self._client.call('update_application', name=name, changes=dict(changes))
+
+    def list_applications(self, limit: int | None = None,
+                          marker: str | None = None) -> list[dict]:
+        """By name: at most ``limit`` of them, after the one named ``marker``.
+
+        :raises: MarkerNotFound."""
+        return self._client.call('list_applications', **_given(limit=limit, marker=marker))
 
     def delete_application(self, name: str) -> dict:
-        """:returns: the application as it was. :raises: ApplicationNotFound;
-        InvalidRequest while a deployment of it is not deleted."""
+        """:returns: the application as it was. :raises: ApplicationNotFound; InUse
+        while a deployment of it is not deleted."""
         return self._client.call('delete_application', name=name)
+
+    # -- monitoring ----------------------------------------------------------------
+
+    def monitoring(self) -> dict:
+        """What the dispatcher counts of the cloud, from its database:
+
+        {'clouds': {name: {'connection_limit', 'hosts': [names] ([]: every host),
+                           'hosts_up', 'hosts_total',
+                           'deployments': {state: n}, 'instances': {state: n},
+                           'applications_deployed': [names],
+                           'applications_running': [names]}},
+         'deployments': {state: n}, 'instances': {state: n},
+         'hosts': {name: {'state', 'up', 'cpus', 'cpu_busy', 'cache_bytes',
+                          'fetched_bytes', 'peer_bytes', 'instances'}}}
+
+        A cloud's counts leave deleted deployments and instances out; the totals count
+        every state. Connections are the gateway's (gateway_stats, gateway_connections).
+        """
+        return self._client.call('monitoring')
+
+    def recent_events(self, limit: int = 50) -> list[dict]:
+        """The events the dispatcher sent of late (it keeps [DEFAULT] event_history of
+        them, in memory), newest first: [{'at': ISO time (UTC), 'event', 'payload'}]."""
+        return self._client.call('recent_events', limit=limit)
 
     # -- the gateway ---------------------------------------------------------------
 

@@ -369,7 +369,7 @@ class Snapshotter:
                         allow_partial: bool = False) -> tuple[list[str], str]:
         """The versions a snapshot stored (by instance name), and its deployment's id.
 
-        :raises: InvalidRequest if there is no such snapshot, it has not ended, it
+        :raises: SnapshotNotFound; InvalidRequest if it has not ended, it
             failed, or it is partial and ``allow_partial`` is not set (naming the
             instances it misses and why).
         """
@@ -393,15 +393,18 @@ class Snapshotter:
             return ([i.version for i in items if i.state == states.AVAILABLE and i.version],
                     snapshot.deployment_id)
 
-    def list(self, deployment_id: str | None = None) -> list[dict]:
-        """Every snapshot (of ``deployment_id`` if given), newest first.
+    def list(self, deployment_id: str | None = None, limit: int | None = None,
+             marker: str | None = None) -> list[dict]:
+        """Every snapshot (of ``deployment_id`` if given; ``limit`` of them after the
+        one of id ``marker``), newest first.
 
-        :raises: DeploymentNotFound if ``deployment_id`` names none.
+        :raises: DeploymentNotFound if ``deployment_id`` names none; MarkerNotFound.
         """
         with self.db.session() as session:
             if deployment_id is not None:
                 views.deployment(session, deployment_id)
-            return [views.row(s) for s in db_api.snapshots(session, deployment_id)]
+            return [views.row(s) for s in db_api.snapshots(session, deployment_id, limit,
+                                                           marker)]
 
 
 def _names(session: db_api.Session, snapshot: models.Snapshot) -> dict[str, str]:

@@ -28,10 +28,10 @@ def deployment(session: db_api.Session, deployment_id: str,
 
 
 def snapshot(session: db_api.Session, snapshot_id: str) -> models.Snapshot:
-    """:raises: InvalidRequest if there is no such snapshot."""
+    """:raises: SnapshotNotFound (an InvalidRequest)."""
     found = db_api.snapshot_get(session, snapshot_id)
     if found is None:
-        raise exception.InvalidRequest(f'snapshot {snapshot_id} not found')
+        raise exception.SnapshotNotFound(snapshot_id)
     return found
 
 
@@ -54,12 +54,15 @@ def show_deployment(session: db_api.Session, deployment_id: str) -> dict:
     return result
 
 
-def list_deployments(session: db_api.Session) -> list[dict]:
-    return [row(d) for d in db_api.deployments(session)]
+def list_deployments(session: db_api.Session, limit: int | None = None,
+                     marker: str | None = None, cloud: str | None = None,
+                     owner: str | None = None) -> list[dict]:
+    """Newest first (see db_api.deployments). :raises: MarkerNotFound."""
+    return [row(d) for d in db_api.deployments(session, limit, marker, cloud, owner)]
 
 
 def show_snapshot(session: db_api.Session, snapshot_id: str) -> dict:
-    """:raises: InvalidRequest if there is no such snapshot."""
+    """:raises: SnapshotNotFound."""
     result = row(snapshot(session, snapshot_id))
     names = {i.id: i.name for i in db_api.instances_of(session, result['deployment_id'])}
     result['items'] = [dict(row(i), name=names.get(i.instance_id, ''))

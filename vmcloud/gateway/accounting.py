@@ -63,7 +63,9 @@ def connections(table_rows: Iterable[dict], sessions: Iterable[dict],
                 slots: Mapping[int | str, str], cloud: str | None = None) -> list[dict]:
     """The open client connections, each ``{'client', 'client_port', 'cloud',
     'application', 'deployment', 'instance' (id, or None before an HTTP connection's
-    first answer), 'listener_port', 'started_at' (epoch s)}``, sorted.
+    first answer), 'instance_name' (its name, as the listener's instances say it; None
+    when unknown: no instance yet, or one that left the listener and still holds the
+    connection), 'listener_port', 'started_at' (epoch s)}``, sorted.
 
     ``table_rows``: st_conns entries (HAProxy.show_table); ``sessions``:
     HAProxy.sessions(); ``servers_by_backend``: backend -> HAProxy.servers(backend);
@@ -72,6 +74,10 @@ def connections(table_rows: Iterable[dict], sessions: Iterable[dict],
     being deleted) is left out; so are other clouds' if ``cloud`` is given.
     """
     by_port = {int(listener['listener_port']): listener for listener in listeners}
+    # The servers are named by instance id; the state knows each one's name.
+    instance_names = {instance['id']: instance.get('name')
+                      for listener in by_port.values()
+                      for instance in listener.get('instances', ())}
     slots = {int(port): backend for port, backend in slots.items()}
     stream_servers = _session_servers(sessions)
     names = {backend: _server_names(servers)
@@ -92,6 +98,7 @@ def connections(table_rows: Iterable[dict], sessions: Iterable[dict],
             'client': client, 'client_port': client_port,
             'cloud': listener['cloud'], 'application': listener.get('application'),
             'deployment': listener['deployment'], 'instance': instance,
+            'instance_name': instance_names.get(instance),
             'listener_port': listener_port, 'started_at': row.get('gpt0', 0)})
     records.sort(key=lambda r: (r['listener_port'], r['client'], r['client_port']))
     return records

@@ -92,6 +92,10 @@ class Mirrors(abc.ABC):
         """Bytes the node's chunk cache has fetched from the warehouse since it opened."""
 
     @abc.abstractmethod
+    def cached_bytes(self) -> int:
+        """Bytes the node's chunk cache holds now."""
+
+    @abc.abstractmethod
     def sync(self, name: str) -> None:
         """Make every write acknowledged so far durable, as an NBD FLUSH would, while the
         guest runs: a freeze that follows has little left to flush.
@@ -179,6 +183,9 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
 
     def fetched_bytes(self) -> int:
         return self.cache.stats.fetched_bytes
+
+    def cached_bytes(self) -> int:
+        return self.cache.held_bytes
 
     def sync(self, name: str) -> None:
         self.get(name).disk.flush()
@@ -434,6 +441,9 @@ class RemoteMirrors(Mirrors):
 
     def fetched_bytes(self) -> int:
         return self.call('fetched_bytes')
+
+    def cached_bytes(self) -> int:
+        return self.call('cached_bytes')
 
     def sync(self, name: str) -> None:
         self.call('sync', name=name)

@@ -115,6 +115,12 @@ class ChunkCache:
                 return
         self._fetch_once(chunk_id)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the slots that hold chunks now (what counts against capacity)."""
+        with self._lock:
+            return self._used
+
     def __contains__(self, chunk_id: str) -> bool:
         with self._lock:
             return chunk_id in self._entries

@@ -52,6 +52,7 @@ METHODS: dict[str, Callable[..., Any]] = {
     'set_phase': lambda mirrors, name, phase: mirrors.set_phase(name, phase),
     'needed_bytes': lambda mirrors, name: mirrors.needed_bytes(name),
     'fetched_bytes': lambda mirrors: mirrors.fetched_bytes(),
+    'cached_bytes': lambda mirrors: mirrors.cached_bytes(),
     'sync': lambda mirrors, name: mirrors.sync(name),
     'barrier': lambda mirrors, key, names: mirrors.barrier(key, names),
     'upload': lambda mirrors, key, targets: mirrors.upload(key, targets),

@@ -278,6 +278,15 @@ class ComputeManagerTest(base.TestCase):
                          (host, incarnation, running))
         self.assertEqual(self.mirrors.fetched_bytes(), capacity['fetched_bytes'])
 
+    def test_capacity_reports_the_bytes_the_chunk_cache_holds(self):
+        self.build('vm1')
+        self.assertEqual(0, self.compute.capacity()['cache_bytes'])
+        self.mirrors.get('vm1').disk.read(0, 10)  # the guest reads: its chunk is fetched
+        capacity = self.compute.capacity()
+        self.assertLess(0, capacity['cache_bytes'])
+        self.assertEqual(self.mirrors.cached_bytes(), capacity['cache_bytes'])
+        self.assertNotIn('peer_bytes', capacity)  # no peer exchange: nothing to tell
+
     def test_capacity_reports_the_cpus_and_their_load_since_the_last_report(self):
         cgroup = os.path.join(self.tmp, 'host-cgroup')
         os.mkdir(cgroup)
@@ -343,11 +352,13 @@ class ComputeManagerTest(base.TestCase):
         def away():
             raise exception.MirrorServiceUnavailable('/run/m.sock', 'restarting, on purpose')
         self.mirrors.fetched_bytes = away
+        self.mirrors.cached_bytes = away
         count = len(self.reports.of('report_heartbeat'))
         (_host, capacity, _incarnation, running), = self.reports.wait_for(
             'report_heartbeat', count + 1)[count:count + 1]
         self.assertEqual(['vm1'], running)
         self.assertNotIn('fetched_bytes', capacity)
+        self.assertNotIn('cache_bytes', capacity)
 
     def test_stopping_leaves_guests_and_mirrors_running(self):
         self.build('vm1')

@@ -1,4 +1,5 @@
 """The models and the migrations describe the same schema."""
+import datetime
 import os
 import subprocess
 
@@ -218,6 +219,71 @@ class Upgrade0003WithRowsTest(base.TestCase):
         admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
         self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
         self.upgrade_0003_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
+
+
+class Upgrade0004WithRowsTest(base.TestCase):
+    """0005 (the REST API) on a database of 0004 with a host, a deployment, its instance
+    and a snapshot in it, on SQLite and on PostgreSQL: the rows stay, the host with no
+    cache figures yet, the deployment of no owner, still listed; users and their tokens
+    take rows, a token only of a known user."""
+
+    def upgrade_0004_rows(self, url: str) -> None:
+        self.conf.set_override('connection', url, 'database')
+        db = db_api.Database(self.conf)
+        self.addCleanup(db.dispose)
+        config = alembic.config.Config()
+        config.set_main_option('script_location', db_api.MIGRATIONS)
+        with db.engine.begin() as connection:
+            config.attributes['connection'] = connection
+            alembic.command.upgrade(config, '0004')
+            for statement in (
+                    "INSERT INTO hosts (name, up, state, node_id, incarnation, vcpus, "
+                    "memory_mib, disk_bytes_free, last_heartbeat, vtep_address, cpus, "
+                    "cpu_busy) VALUES ('node1', true, 'up', 'id-node1', 'inc', 4, 4096, 1, "
+                    "'2026-01-01', '', 4, 0.5)",
+                    "INSERT INTO deployments (id, image, count, min_count, vcpus, memory_mib, "
+                    "boot, health, state, reason, created_at, cloud) VALUES ('d1', 'guest:1', "
+                    "1, 1, 1, 512, '{}', '{}', 'active', '', '2026-01-01', 'default')",
+                    "INSERT INTO instances (id, name, deployment_id, image, host, state, "
+                    "reason, attempts, failed_hosts, fetched_bytes, created_at, updated_at) "
+                    "VALUES ('i1', 'vm-d1-0', 'd1', 'guest:1', 'node1', 'active', '', 1, '', "
+                    "0, '2026-01-01', '2026-01-01')",
+                    "INSERT INTO snapshots (id, deployment_id, state, reason, created_at) "
+                    "VALUES ('s1', 'd1', 'available', '', '2026-01-02')"):
+                connection.execute(sqlalchemy.text(statement))
+        db.upgrade()
+        with db.engine.connect() as connection:
+            context = alembic.migration.MigrationContext.configure(
+                connection, opts={'compare_type': True, 'compare_server_default': True})
+            self.assertEqual([], alembic.autogenerate.compare_metadata(
+                context, models.Base.metadata))
+        with db.session() as session:
+            host, = db_api.hosts(session)
+            self.assertEqual(('node1', 4, 0, 0, 0), (host.name, host.cpus, host.cache_bytes,
+                                                     host.fetched_bytes, host.peer_bytes))
+            self.assertEqual([('d1', None)],
+                             [(d['id'], d['owner']) for d in views.list_deployments(session)])
+            self.assertEqual(['s1'], [s.id for s in db_api.snapshots(session, limit=10)])
+        with db.session() as session:
+            db_api.api_user_create(session, 'alice', 'hash', 'admin')
+            db_api.api_token_create(session, 'a' * 64, 'alice', datetime.datetime(2030, 1, 1))
+        with db.session() as session:
+            self.assertEqual('alice', db_api.api_token_get(session, 'a' * 64).user)
+        self.assertRaises(db_api.Conflict, self._token_of_nobody, db)
+
+    @staticmethod
+    def _token_of_nobody(db: db_api.Database) -> None:
+        with db.session() as session:
+            db_api.api_token_create(session, 'b' * 64, 'nobody', datetime.datetime(2030, 1, 1))
+
+    def test_sqlite(self):
+        self.upgrade_0004_rows(f'sqlite:///{self.tmp}/old.sqlite')
+
+    def test_postgresql(self):
+        database = f'vmcloud_migrations_0005_{os.getpid()}'
+        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
+        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
+        self.upgrade_0004_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
 
 
 def admin(*args: str) -> None:

@@ -68,7 +68,10 @@ class RecordingScheduler(handler.FilterScheduler):
         return super().select_hosts(hosts, request, count, min_count)
 
 
-class CloudsTest(base.TestCase):
+class CloudsTestCase(base.TestCase):
+    """The deployer, the host registry and the clouds on one database, the compute
+    managers and the gateway recording stand-ins."""
+
     def setUp(self):
         super().setUp()
         self.configure_database()
@@ -115,6 +118,8 @@ class CloudsTest(base.TestCase):
         with self.db.session() as session:
             return session.query(model).count()
 
+
+class CloudsTest(CloudsTestCase):
     # -- the unit of work ----------------------------------------------------------
 
     def test_work_after_commit_runs_once_committed_and_never_after_a_rollback(self):
@@ -172,6 +177,13 @@ class CloudsTest(base.TestCase):
                           add_hosts=['nosuch'])
         self.assertRaises(exception.CloudNotFound, self.clouds.update_cloud, 'red', 5)
         self.assertRaises(exception.InvalidRequest, self.clouds.update_cloud, 'blue-1', 0)
+        # Its last host removed, a cloud would place on every host: refused, kept.
+        error = self.assertRaises(exception.InUse, self.clouds.update_cloud, 'blue-1',
+                                  remove_hosts=['node1'])
+        self.assertIn('no host', str(error))
+        self.assertEqual(['node1'], self.clouds.show_cloud('blue-1')['hosts'])
+        cloud = self.clouds.update_cloud('blue-1', add_hosts=['node2'], remove_hosts=['node1'])
+        self.assertEqual(['node2'], cloud['hosts'])
 
         deployment = self.deploy(1, cloud='blue-1')
         error = self.assertRaises(exception.InvalidRequest, self.clouds.delete_cloud,
@@ -422,6 +434,75 @@ class CloudsTest(base.TestCase):
         self.assertRaises(exception.ApplicationNotFound, self.clouds.show_application, 'web')
         self.assertEqual({}, self.state()['applications'])
 
+    def test_an_application_is_changed_checked_as_made_and_a_new_limit_reaches_the_gateway(
+            self):
+        self.clouds.create_application('web', 'guest:1', 8080, 'http', 1, 512, {}, None, 20)
+        self.register('node1')
+        before = self.expose(1, application='web')
+        refreshes = len(self.gateway.states)
+        changed = self.clouds.update_application('web', {
+            'image': 'guest:2', 'port': 9090, 'protocol': 'tcp', 'vcpus': 2,
+            'memory_mib': 256, 'boot': {'cmdline': 'console=ttyS0'},
+            'health': {'kind': 'tcp', 'port': 9090}})
+        self.assertEqual(('guest:2', 9090, 'tcp', 2, 256, {'cmdline': 'console=ttyS0'},
+                          {'kind': 'tcp', 'port': 9090}, 20, [before['id']]),
+                         tuple(changed[k] for k in (
+                             'image', 'port', 'protocol', 'vcpus', 'memory_mib', 'boot',
+                             'health', 'connection_limit', 'deployments')))
+        self.assertEqual(changed, self.clouds.show_application('web'))
+        self.assertEqual((8080, 'http'), (self.show(before['id'])['port'],
+                                          self.show(before['id'])['protocol']))
+        # What the gateway serves of an application is its limit: that alone is told.
+        self.assertEqual(refreshes, len(self.gateway.states))
+        self.clouds.update_application('web', {'connection_limit': 5})
+        self.assertEqual({'web': {'connection_limit': 5}},
+                         self.gateway.states[-1]['applications'])
+        self.assertIsNone(self.clouds.update_application(
+            'web', {'connection_limit': None})['connection_limit'])  # its cloud's only
+        self.assertEqual({'web': {'connection_limit': None}},
+                         self.gateway.states[-1]['applications'])
+        self.assertEqual(refreshes + 2, len(self.gateway.states))
+        self.clouds.update_application('web', {'health': None, 'boot': None})
+        self.assertEqual(({}, {'kind': 'marker'}),
+                         (self.clouds.show_application('web')['boot'],
+                          self.clouds.show_application('web')['health']))
+
+        # Refused as create refuses them, judged with what it has: nothing changes.
+        shown = self.clouds.show_application('web')
+        for changes in ({'port': 0}, {'port': '80'}, {'protocol': 'udp'}, {'protocol': None},
+                        {'vcpus': 0}, {'memory_mib': -1}, {'vcpus': True},
+                        {'connection_limit': 0}, {'connection_limit': '5'}):
+            self.assertRaises(exception.InvalidRequest, self.clouds.update_application,
+                              'web', changes)
+        error = self.assertRaises(exception.InvalidRequest, self.clouds.update_application,
+                                  'web', {'name': 'other', 'port': 80})
+        self.assertIn('cannot change name', str(error))
+        self.assertEqual(shown, self.clouds.show_application('web'))
+        self.assertRaises(exception.ApplicationNotFound, self.clouds.update_application,
+                          'nosuch', {'port': 80})
+
+    def test_names_in_use_and_what_cannot_be_deleted_are_errors_of_their_own(self):
+        self.register('node1')
+        self.clouds.create_cloud('blue', 5)
+        self.clouds.create_application('web', 'guest:1', 8080, 'http', 1, 512)
+        for kind, create in (('cloud', lambda: self.clouds.create_cloud('blue', 5)),
+                             ('application', lambda: self.clouds.create_application(
+                                 'web', 'guest:1', 80, 'http', 1, 1))):
+            error = self.assertRaises(exception.NameInUse, create)
+            self.assertEqual((kind, f'{kind} {error.name} exists already'),
+                             (error.kind, str(error)))
+        error = self.assertRaises(exception.InUse, self.clouds.delete_cloud, 'default')
+        self.assertEqual(('cloud', 'default', 'cloud default cannot be deleted: plain '
+                                              'deploys use it'),
+                         (error.kind, error.name, str(error)))
+        deployment = self.expose(1, application='web', cloud='blue')
+        error = self.assertRaises(exception.InUse, self.clouds.delete_cloud, 'blue')
+        self.assertEqual(f'has deployments: {deployment["id"]}; delete them first',
+                         error.reason)
+        error = self.assertRaises(exception.InUse, self.clouds.delete_application, 'web')
+        self.assertEqual(f'application web is deployed: {deployment["id"]}; delete those '
+                         f'deployments first', str(error))
+
 
 class CloudsPostgresTest(CloudsTest):
     """The same on PostgreSQL (row locks, the unique index, real concurrency)."""
@@ -523,3 +604,65 @@ class DispatcherEndpointsTest(helpers.CloudTestCase):
             polling.wait(lambda: gateway.refreshes, bool, helpers.TIMEOUT,
                          'a refresh of each gateway', interval=0.05)
         self.assertEqual(7, self.api.show_cloud('default')['connection_limit'])
+
+    def test_an_application_changed_is_checked_as_made_and_what_deploys_from_now_on(self):
+        gateway = self.start_gateway()
+        self.api.register_gateway('gw', '')
+        self.api.create_application('web', 'guest', 8080, 'http', connection_limit=10)
+        shown = self.api.show_application('web')
+        for changes, error in (({'image': 'nosuch'}, exception.ImageNotFound),
+                               ({'boot': {'kernel': 'nosuch'}}, exception.ImageNotFound),
+                               ({'boot': {'kernel': 'not a name'}}, exception.InvalidRequest),
+                               ({'health': {'kind': 'bogus'}}, exception.InvalidRequest),
+                               ({'health': {'kind': 'tcp', 'port': 80, 'timeout': 10 ** 6}},
+                                exception.InvalidRequest),
+                               ({'port': 70000}, exception.InvalidRequest),
+                               ({'owner': 'x'}, exception.InvalidRequest)):
+            self.assertRaises(error, self.api.update_application, 'web', changes)
+        self.assertEqual(shown, self.api.show_application('web'))  # nothing written
+        self.assertRaises(exception.ApplicationNotFound, self.api.update_application,
+                          'nosuch', {'port': 80})
+
+        refreshes = gateway.refreshes
+        # (A check the fake guests pass: they serve no port.)
+        changed = self.api.update_application('web', {
+            'port': 9000, 'protocol': 'tcp', 'memory_mib': 128, 'connection_limit': 3,
+            'health': {'kind': 'marker', 'timeout': 60}})
+        self.assertEqual((9000, 'tcp', 128, 3, {'kind': 'marker', 'timeout': 60}),
+                         (changed['port'], changed['protocol'], changed['memory_mib'],
+                          changed['connection_limit'], changed['health']))
+        polling.wait(lambda: gateway.refreshes > refreshes, bool, helpers.TIMEOUT,
+                     'a refresh of the gateway', interval=0.05)
+        self.assertEqual({'web': {'connection_limit': 3}},
+                         self.api.gateway_state()['applications'])
+        deployment = self.api.deploy_application('web', 'default', 1)
+        self.assertEqual((9000, 'tcp', 128, {'kind': 'marker', 'timeout': 60}, 22000),
+                         (deployment['port'], deployment['protocol'],
+                          deployment['memory_mib'], deployment['health'],
+                          deployment['listener_port']))
+
+    def test_names_in_use_things_in_use_and_unknown_snapshots_cross_rpc_as_their_class(self):
+        self.api.create_cloud('blue', 5)
+        self.api.create_application('web', 'guest', 8080, 'http')
+        error = self.assertRaises(exception.NameInUse, self.api.create_cloud, 'blue', 5)
+        self.assertEqual(('cloud', 'blue', 'cloud blue exists already'),
+                         (error.kind, error.name, str(error)))
+        error = self.assertRaises(exception.NameInUse, self.api.create_application, 'web',
+                                  'guest', 80, 'tcp')
+        self.assertEqual(('application', 'web'), (error.kind, error.name))
+        error = self.assertRaises(exception.InUse, self.api.delete_cloud, 'default')
+        self.assertEqual(('cloud', 'default', 'cannot be deleted: plain deploys use it'),
+                         (error.kind, error.name, error.reason))
+        deployment = self.api.deploy_application('web', 'blue', 1)
+        for delete, kind, name in ((self.api.delete_cloud, 'cloud', 'blue'),
+                                   (self.api.delete_application, 'application', 'web')):
+            error = self.assertRaises(exception.InUse, delete, name)
+            self.assertEqual((kind, name), (error.kind, error.name))
+            self.assertIn(deployment['id'], error.reason)
+        for call in (self.api.show_snapshot, self.api.deploy_snapshot):
+            error = self.assertRaises(exception.SnapshotNotFound, call, 'nosuch')
+            self.assertEqual(('nosuch', 'snapshot nosuch not found'),
+                             (error.snapshot_id, str(error)))
+        error = self.assertRaises(exception.MarkerNotFound, self.api.list_clouds, 10,
+                                  'nosuch')
+        self.assertEqual('nosuch', error.marker)

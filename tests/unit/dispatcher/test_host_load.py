@@ -1,5 +1,6 @@
 """The load each compute host reports (its CPUs and how busy they are) as the host
-registry keeps it, for the gateway to weigh instances by: on SQLite."""
+registry keeps it, for the gateway to weigh instances by, and its chunk cache's figures
+for the monitoring: on SQLite."""
 from vmcloud.db import api as db_api
 from vmcloud.db import models
 from vmcloud.dispatcher import deploy
@@ -48,3 +49,18 @@ class HostLoadTest(base.TestCase):
                                dict(CAPACITY, cpus=8, cpu_busy=0.5))
         self.heartbeat(dict(CAPACITY, cpus=8))
         self.assertEqual((8, 1.0), (self.host('node1').cpus, self.host('node1').cpu_busy))
+
+    def test_the_chunk_cache_figures_are_kept_and_a_missing_one_keeps_the_last(self):
+        def figures():
+            host = self.host('node1')
+            return host.cache_bytes, host.fetched_bytes, host.peer_bytes
+        self.registry.register('node1', 'id-node1', 'inc-node1', CAPACITY)
+        self.assertEqual((0, 0, 0), figures())  # a manager of before tells none
+        self.registry.register('node1', 'id-node1', 'inc-node1',
+                               dict(CAPACITY, cache_bytes=1 << 33, fetched_bytes=5 << 30))
+        self.assertEqual((1 << 33, 5 << 30, 0), figures())
+        self.heartbeat(dict(CAPACITY, cache_bytes=7, fetched_bytes=8, peer_bytes=9))
+        self.assertEqual((7, 8, 9), figures())
+        # The mirror service was away for this one: the last figures stay.
+        self.heartbeat(dict(CAPACITY, cache_bytes=10))
+        self.assertEqual((10, 8, 9), figures())

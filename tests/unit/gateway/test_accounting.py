@@ -35,8 +35,9 @@ def listener(deployment, cloud, application, port, instances):
     return {'deployment': deployment, 'cloud': cloud, 'application': application,
             'listener_port': port, 'protocol': 'http', 'port': 80,
             'network': {'id': 'n', 'vni': 5, 'cidr': '10.1.0.0/24'}, 'peers': [],
-            'instances': [{'id': i, 'name': i, 'host': 'h', 'address': '10.1.0.2',
-                           'state': 'active'} for i in instances]}
+            'instances': [{'id': i, 'name': f'{deployment}-{n}', 'host': 'h',
+                           'address': '10.1.0.2', 'state': 'active'}
+                          for n, i in enumerate(instances, 1)]}
 
 
 STATE = {'clouds': {'c1': {'connection_limit': 10}, 'c2': {'connection_limit': 4},
@@ -84,17 +85,26 @@ class ConnectionsTest(base.TestCase):
     def test_each_connection_names_its_client_listener_and_instance(self):
         self.assertEqual([
             {'client': '10.0.0.7', 'client_port': 56746, 'cloud': 'c1', 'application': 'web',
-             'deployment': 'd-web', 'instance': 'i-h1', 'listener_port': 21000,
-             'started_at': 1700000002},
+             'deployment': 'd-web', 'instance': 'i-h1', 'instance_name': 'd-web-1',
+             'listener_port': 21000, 'started_at': 1700000002},
             # An HTTP connection before its first answer: no instance yet.
             {'client': '2001:db8::9', 'client_port': 56754, 'cloud': 'c1',
              'application': 'web', 'deployment': 'd-web', 'instance': None,
-             'listener_port': 21000, 'started_at': 1700000003},
+             'instance_name': None, 'listener_port': 21000, 'started_at': 1700000003},
             # A TCP stream names its server.
             {'client': '10.0.0.7', 'client_port': 47734, 'cloud': 'c2', 'application': None,
-             'deployment': 'd-tcp', 'instance': 'i-t1', 'listener_port': 22000,
-             'started_at': 1700000001},
+             'deployment': 'd-tcp', 'instance': 'i-t1', 'instance_name': 'd-tcp-1',
+             'listener_port': 22000, 'started_at': 1700000001},
         ], self.records())
+
+    def test_an_instance_that_left_its_listener_has_no_name(self):
+        # Taken out of the state (deleted, rebuilt), its server still holds connections.
+        listeners = [dict(lst, instances=[i for i in lst['instances'] if i['id'] != 'i-h1'])
+                     for lst in STATE['listeners']]
+        sessions = [haproxy.parse_session(line) for line in SESSIONS.splitlines()]
+        records = accounting.connections(rows(TABLE), sessions, SERVERS, listeners, SLOTS)
+        self.assertEqual([('i-h1', None), (None, None), ('i-t1', 'd-tcp-1')],
+                         [(r['instance'], r['instance_name']) for r in records])
 
     def test_one_cloud(self):
         self.assertEqual({'c2'}, {r['cloud'] for r in self.records(cloud='c2')})

@@ -66,15 +66,17 @@ class LocalMirrorsTest(test_disk.MirrorTestCase):
         self.assertFalse(os.path.exists(self.directory('vm1')))
         self.assertIn('cannot release the hold mirror.node1.vm1 on img:1', self.logs.output)
 
-    def test_needed_and_fetched_bytes(self):
+    def test_needed_fetched_and_cached_bytes(self):
         self.mirrors.create('vm1', 'img')
         self.assertEqual(0, self.mirrors.needed_bytes('vm1'))
+        self.assertEqual(0, self.mirrors.cached_bytes())
         disk = self.mirrors.get('vm1').disk
         disk.read(CHUNK + 5, 10)  # chunk 1
         disk.read(2 * CHUNK, 10)  # chunk 2, a hole: nothing needed from the image
         self.assertEqual(CHUNK, self.mirrors.needed_bytes('vm1'))
         self.assertEqual(len(self.warehouse.read_chunk(self.manifest.chunks[1])),
                          self.mirrors.fetched_bytes())
+        self.assertEqual(CHUNK, self.mirrors.cached_bytes())  # the slot chunk 1 takes
         self.assertRaises(exception.MirrorNotFound, self.mirrors.needed_bytes, 'nosuch')
 
     def test_sync_makes_the_writes_durable_while_the_guest_runs(self):
@@ -356,6 +358,7 @@ class ServiceTest(test_disk.MirrorTestCase):
         client.sync('vm1')
         self.assertEqual(0, client.needed_bytes('vm1'))
         self.assertEqual(0, client.fetched_bytes())
+        self.assertEqual(0, client.cached_bytes())
 
 
 class AbsentServiceTest(test_disk.MirrorTestCase):

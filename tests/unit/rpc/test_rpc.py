@@ -1,4 +1,7 @@
 """The RPC layer over fake://: errors come back whole, request ids travel, policy holds."""
+import asyncio
+import concurrent.futures
+import contextvars
 import json
 import logging
 import sys
@@ -126,13 +129,38 @@ class RpcTest(ServerTestCase):
         self.assertIn('[req-shown-in-the-log] echo x', lines[0])
 
     def test_another_thread_keeps_the_request_id_when_asked(self):
-        import concurrent.futures
         with rpc.request_context('req-in-a-pool'):
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 carried = pool.submit(rpc.with_current_request(rpc.current_request_id))
                 plain = pool.submit(rpc.current_request_id)
         self.assertEqual('req-in-a-pool', carried.result())
         self.assertIsNone(plain.result())
+
+
+class TaskLocalRequestIdsTest(base.TestCase):
+    """The request id is current per asyncio task, and in a thread that runs in a copy
+    of its task's context, as FastAPI runs sync dependencies and endpoints: the API
+    serves many requests in one event loop thread."""
+
+    def test_concurrent_tasks_and_their_pool_threads_each_see_their_own(self):
+        async def request(name: str, both_in: asyncio.Barrier,
+                          pool: concurrent.futures.Executor) -> tuple:
+            with rpc.request_context(f'req-{name}'):
+                await both_in.wait()  # both ids made current in the one loop thread
+                in_loop = rpc.current_request_id()
+                # What anyio's run_sync does: the call in a copy of the task's context.
+                in_pool = await asyncio.get_running_loop().run_in_executor(
+                    pool, contextvars.copy_context().run, rpc.current_request_id)
+            return in_loop, in_pool, rpc.current_request_id()
+
+        async def serve() -> list:
+            both_in = asyncio.Barrier(2)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                return await asyncio.gather(request('a', both_in, pool),
+                                            request('b', both_in, pool))
+        self.assertEqual([('req-a', 'req-a', None), ('req-b', 'req-b', None)],
+                         asyncio.run(serve()))
+        self.assertIsNone(rpc.current_request_id())
 
 
 class OverRabbitTest(ServerTestCase):
@@ -198,3 +226,31 @@ class LocalErrorTest(base.TestCase):
                                 ('RuntimeError', 'a bug')):
             error = rpc.local_error(exc_type, value)
             self.assertIs(exception.VmcloudError, type(error))
+
+
+class RebuiltErrorTest(base.TestCase):
+    """rpc.rebuilt_error: a class name, a message and fields as the same VmcloudError."""
+
+    def test_the_class_with_its_fields_and_message(self):
+        original = exception.NoValidHost(3, 2, 1, 4, 'RamFilter', 3)
+        error = rpc.rebuilt_error('NoValidHost', str(original), rpc.error_fields(original))
+        self.assertIs(exception.NoValidHost, type(error))
+        self.assertEqual(str(original), str(error))
+        self.assertEqual(rpc.error_fields(original), rpc.error_fields(error))
+
+    def test_the_message_given_stays_with_the_fields(self):
+        # Fields that would make another message (or none the class takes): the message
+        # as it was said, the fields as attributes.
+        error = rpc.rebuilt_error('CloudNotFound', 'cloud c1 is gone', {'name': 'c1'})
+        self.assertEqual((exception.CloudNotFound, 'cloud c1 is gone', 'c1'),
+                         (type(error), str(error), error.name))
+        error = rpc.rebuilt_error('InvalidRequest', 'count below 1', {})
+        self.assertEqual((exception.InvalidRequest, 'count below 1'),
+                         (type(error), str(error)))
+
+    def test_only_vmcloud_errors_of_vmcloud_exception(self):
+        for name in ('KeyError', 'os', 'Exception', '', '__builtins__'):
+            error = rpc.rebuilt_error(name, 'm', {})
+            self.assertIs(exception.VmcloudError, type(error), name)
+            self.assertIsNone(rpc.error_class(name), name)
+        self.assertIs(exception.LoginThrottled, rpc.error_class('LoginThrottled'))

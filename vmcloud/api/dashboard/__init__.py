@@ -1,0 +1,1 @@
+"""The web dashboard the API serves under /dashboard (``views.router``)."""

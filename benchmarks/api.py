@@ -3,8 +3,8 @@
 visible in the API against at the gateway itself.
 
     sudo .venv/bin/python benchmarks/api.py [--rounds N] [--requests N]
-        [--small ROWS] [--large ROWS] [--no-postgres] [--quick]
-        [--guests [--freshness-rounds M]]
+        [--turn-budget S] [--small ROWS] [--large ROWS] [--no-postgres]
+        [--no-monitor] [--quick] [--guests [--freshness-rounds M]]
 
 a) Lists. One stack per database, each a process of its own: a real dispatcher
    (vmcloud.allinone.AllInOne, the fake driver and network agent, one host) over its
@@ -31,7 +31,9 @@ a) Lists. One stack per database, each a process of its own: a real dispatcher
    long, and is counted). The stacks not taking their turn are stopped (SIGSTOP,
    SIGCONT after): on a two-core machine the others' monitor sampling would otherwise
    run during the one measured. p50 and p95 of each endpoint over all turns; the goal
-   is p95 at ROWS large / p95 at ROWS small <= 2.
+   is p95 at ROWS large / p95 at ROWS small <= 2. ``--no-monitor`` (a diagnosis, not
+   production) stops each stack's API monitor once started: what the lists cost
+   without its sampling of every cloud each second.
 b) ``--guests`` (root): the multi-host harness (tests/multihost/cluster.py) with 2
    compute hosts, a gateway host running ``vmcloud gateway``, a client host and
    ``vmcloud api`` on the controller; application ``hold`` (TCP, the test guest's
@@ -283,10 +285,12 @@ class Stack:
         spec = {'state_dir': self.state_dir, 'rows': rows, 'database': database,
                 'monitor': monitor}
         with open(self.log, 'w') as log:
+            # A session of its own: a signal meant for its process group is not this
+            # process's.
             self.process = subprocess.Popen(
                 [sys.executable, SCRIPT, '--stack-worker', json.dumps(spec)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                cwd=common.REPO)
+                cwd=common.REPO, start_new_session=True)
         self.client = None
         self.ready: dict = {}
         self.samples: dict[str, list[float]] = {}
@@ -316,9 +320,17 @@ class Stack:
                 'GET /v1/applications': ('/v1/applications', {})}
 
     def get(self, path: str, params: dict) -> tuple[float, object]:
-        """One request. :returns: (seconds, the answer). :raises: BenchError if not 200."""
+        """One request. :returns: (seconds, the answer). :raises: BenchError if not 200
+        or the stack process is gone."""
+        import httpx
         started = time.perf_counter()
-        answer = self.client.get(path, params=params)
+        try:
+            answer = self.client.get(path, params=params)
+        except httpx.TransportError as exc:
+            if self.process.poll() is None:
+                raise
+            raise BenchError(f'{self.name}: the stack process ended '
+                             f'({self.process.returncode}):\n{tail(self.log)}') from exc
         elapsed = time.perf_counter() - started
         if answer.status_code != 200:
             raise BenchError(f'{self.name}: GET {path} {params} answered '
@@ -919,6 +931,8 @@ def main() -> int:
         return 0
 
     def terminate(signum, frame):
+        print(f'benchmarks/api.py: stopped by signal {signum} at '
+              f'{time.strftime("%H:%M:%S")}; cleaning up', file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, terminate)
     facts = common.machine()

@@ -24,15 +24,28 @@ class AllInOne:
 
     Its nodes share one machine, so they share one network agent: the guests of a
     network, on whichever node, are ports of its one bridge (no VXLAN: no other host).
+
+    With ``peers`` (by default when there is more than one node) the nodes' mirrors run
+    the peer exchange over loopback, each its peer chunk server on 127.0.0.1 and a port
+    of its own, and learn the peer set as compute nodes do, from the dispatcher
+    (chunk_peers, after each heartbeat): an image's chunks are fetched from the
+    warehouse once, whichever nodes read them.
     """
 
     def __init__(self, conf: cfg.ConfigOpts, hosts: int = 2, driver: str | None = None,
-                 network_agent: network_agent_mod.NetworkAgent | None = None):
-        """``network_agent``: the nodes' (default: the one ``[network] agent`` names)."""
+                 network_agent: network_agent_mod.NetworkAgent | None = None,
+                 peers: bool | None = None):
+        """``network_agent``: the nodes' (default: the one ``[network] agent`` names);
+        ``peers``: whether the nodes exchange chunks (None: if ``hosts`` > 1; overrides
+        [mirror] peer_address and peer_port)."""
         rpc.register_opts(conf)
         conf.set_override('transport_url', 'fake://')
         # One machine: no tunnel to make, and no peer to tell the dispatcher of.
         conf.set_override('vtep_address', '', 'network')
+        self.peers = hosts > 1 if peers is None else peers
+        # Every node's server on loopback; port 0: several nodes on one machine.
+        conf.set_override('peer_address', '127.0.0.1' if self.peers else '', 'mirror')
+        conf.set_override('peer_port', 0, 'mirror')
         if driver is not None:
             conf.set_override('driver', driver, 'compute')
         self.conf = conf
@@ -69,6 +82,10 @@ class AllInOne:
                          lambda hosts: len([h for h in hosts if h['up']]) == len(self.computes),
                          timeout, 'the compute managers reporting in', interval=0.05,
                          error=exception.MessagingError)
+            # Each node learns the whole peer set now rather than at its next heartbeat
+            # (the first nodes' first ones came before the others registered).
+            for compute in self.computes:
+                compute.refresh_peers()
         except BaseException:
             self.stop()
             raise

@@ -204,6 +204,33 @@ class FetchFailed(MirrorError):
         super().__init__(f'cannot fetch chunk {chunk_id} after {attempts} attempts: {cause}')
 
 
+class PeerError(MirrorError):
+    """Another node's peer chunk server did not serve a request: it could not be reached,
+    was silent too long, answered an error, or a short or malformed answer. ``chunk_id``
+    is None for a request about no chunk (its stats)."""
+
+    def __init__(self, peer: str, chunk_id: str | None, reason: str):
+        self.peer = peer
+        self.chunk_id = chunk_id
+        self.reason = reason
+        what = f'chunk {chunk_id}' if chunk_id else 'its stats'
+        super().__init__(f'peer {peer} did not serve {what}: {reason}')
+
+
+class ReplicaBudgetFull(MirrorError):
+    """A node cannot keep one more chunk not yet in the repository: its unpersisted
+    replicas fill ``[mirror] replica_size`` (``budget`` bytes), or its cache holds
+    nothing it may evict for it."""
+
+    def __init__(self, chunk_id: str, held: int, budget: int):
+        self.chunk_id = chunk_id
+        self.held = held
+        self.budget = budget
+        super().__init__(f'cannot keep chunk {chunk_id} as a replica: {held} bytes of '
+                         f'replicas not yet in the repository are held, the budget is '
+                         f'{budget} ([mirror] replica_size)')
+
+
 # -- NBD server ------------------------------------------------------------
 
 class NbdError(VmcloudError):

@@ -31,6 +31,10 @@ What runs where:
   ``machine_mounts``): its network agent's DHCP namespaces are mounted in /run/netns
   for every process. Each compute host is a VTEP of the guest networks at its own
   address (``[network] vtep_address``), its agent's state under its state directory.
+  With ``peer_replicas`` the compute hosts run the peer exchange: each mirror
+  service's peer chunk server on its host's address at PEER_PORT, one token for the
+  cloud (``peer_stats``, ``stage_chunk``); ``cached_chunks`` reads a host's chunk
+  cache journal, ``warehouse_stats`` the warehouse's counters (its egress).
 
 - gateway hosts (``gw``, ``start_gateway``): ``vmcloud gateway``, whose HAProxy
   outlives it (a gateway killed and started again adopts it), a VTEP at its own
@@ -55,14 +59,16 @@ Faults (doc/operations.md says what vmcloud does about each): ``kill`` a service
 (SIGKILL) and ``restart`` it, as it was started, its log appended; ``stop`` one
 gracefully; a host's link down for N s or its packets to the warehouse dropped
 (``netns.Host.link_down``, ``dropping``); ``stop_node`` powers a compute host off
-(every process in it killed). ``network_leftovers`` lists what vmcloud made of the guest
-networks on a host (devices, DHCP namespaces, dnsmasq): empty once no guest of any
-network runs there. What is left is checked by ``problems``: every
-process of every host accounted for (a service, a process a service started, or
-the one qemu of an instance the dispatcher wants there), no wanted guest missing or
-paused (QMP ``query-status`` on its monitor socket).
+(every process in it killed); ``corrupt_cached_chunks`` flips the bytes of chunks in a
+host's cache slot files (a disk that returns wrong data). ``network_leftovers`` lists
+what vmcloud made of the guest networks on a host (devices, DHCP namespaces,
+dnsmasq): empty once no guest of any network runs there. What is left is checked by
+``problems``: every process of every host accounted for (a service, a process a
+service started, or the one qemu of an instance the dispatcher wants there), no
+wanted guest missing or paused (QMP ``query-status`` on its monitor socket).
 """
 import dataclasses
+import http.client
 import json
 import os
 import re
@@ -73,11 +79,15 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from typing import Callable, Sequence
 
 from vmcloud.conf import compute as conf_compute
 from vmcloud.conf import mirror as conf_mirror
 from vmcloud.drivers import console
+from vmcloud.mirror import cache as cache_mod
+from vmcloud.storage import manifest as manifest_mod
+from vmcloud.storage import protocol
 from tests import guest
 from tests.multihost import netns
 
@@ -87,6 +97,9 @@ RABBITMQ_PORT = 5672
 POSTGRES_PORT = 5432
 WAREHOUSE_PORT = 9494
 API_PORT = 8780
+# Every compute host's peer chunk server (with Cluster(peer_replicas=...)).
+PEER_PORT = 9495
+HTTP_TIMEOUT = 30.0
 USER = 'vmcloud'
 # RabbitMQ boots its Erlang node and mnesia in about 8-10 s on the CI machine.
 RABBITMQ_TIMEOUT = 90.0
@@ -141,6 +154,21 @@ from vmcloud.dispatcher import rpcapi
 conf = vmcloud.conf.CONF
 conf(["--config-file", sys.argv[1]], project="vmcloud", default_config_files=[])
 print(json.dumps(rpcapi.DispatcherAPI(conf).gateway_state()))
+"""
+# A compute host's own copies of boot artifacts, fetched as a build fetches them
+# (vmcloud.compute.artifacts), so that a deploy after it reads the warehouse for its
+# disks alone.
+FETCH_BOOT_ARTIFACTS = """
+import sys
+import vmcloud.conf
+from vmcloud.compute import artifacts
+from vmcloud.storage import warehouse
+conf = vmcloud.conf.CONF
+conf(["--config-file", sys.argv[1]], project="vmcloud", default_config_files=[])
+node = artifacts.BootArtifacts(conf.compute.boot_artifacts_path, warehouse.Warehouse(conf),
+                               conf.compute.boot_timeout)
+for ref in sys.argv[2:]:
+    print(node.path_of(ref))
 """
 _STATE_PATH = '$state_path/'
 
@@ -329,15 +357,19 @@ class Cluster:
     def __init__(self, rate: str = '1gbit', state_root: str = netns.DEFAULT_STATE_ROOT,
                  subnet: str = netns.DEFAULT_SUBNET,
                  options: dict[str, dict[str, object]] | None = None,
-                 host_cgroups: bool = False):
+                 host_cgroups: bool = False, peer_replicas: int | None = None):
         """``options``: sections merged into every vmcloud config the cloud renders
         (after its own, so they win), e.g. ``{'compute': {'sync_before_freeze': False}}``.
         ``host_cgroups``: each compute host's processes (its services, and so its
         guests) in a cgroup of its own, which its compute service measures its CPU
         load in (``[compute] load_cgroup``): the hosts share one kernel, whose
-        /proc/stat would give each the whole machine's load."""
+        /proc/stat would give each the whole machine's load.
+        ``peer_replicas``: the compute hosts run the peer exchange, each chunk owned by
+        that many of them (``[mirror] peer_replicas``); None: no peer exchange, every
+        host's mirrors read the warehouse alone."""
         self.rate = rate
         self.options = options or {}
+        self.peer_replicas = peer_replicas
         self.host_cgroups = host_cgroups
         # host name -> its cgroup directory (the machine's view), and the bind mounts
         # of them in the hosts' state directories (removed before the directories).
@@ -347,6 +379,7 @@ class Cluster:
         # Fresh per cloud: nothing of one run can log in to another.
         self.password = secrets.token_hex(12)
         self.token = secrets.token_hex(16)
+        self.peer_token = secrets.token_hex(16)
         self.services: dict[str, Service] = {}
         # How each service was last started, also once stopped (restart uses it).
         self.starts: dict[str, Start] = {}
@@ -778,6 +811,11 @@ class Cluster:
             'state_dir': os.path.join(host.state_dir, netns.AGENT_STATE_LEAF)}
         if name in self.cgroups:
             sections['compute']['load_cgroup'] = os.path.join(host.state_dir, CGROUP_LEAF)
+        if self.peer_replicas is not None:
+            # Its peer chunk server on its own address, reached by the others' mirrors.
+            sections['mirror'].update(peer_address=host.address, peer_port=PEER_PORT,
+                                      peer_replicas=self.peer_replicas,
+                                      peer_token=self.peer_token)
         sections = self._merged(sections, self.options, self.host_options[name])
         path = os.path.join(host.state_dir, 'vmcloud.conf')
         if path in self.configs.get(name, ()):
@@ -944,17 +982,149 @@ class Cluster:
             imported[name] = self.cli_json('image', 'import', path, name, '--format', 'raw')
         return imported
 
+    def fetch_boot_artifacts(self, name: str, refs: Sequence[str]) -> list[str]:
+        """Compute host ``name`` fetches the boot artifacts ``refs`` (pinned
+        ``NAME:VERSION``) into its ``[compute] boot_artifacts_path`` from the warehouse,
+        with the code and config its builds use.
+
+        :returns: their files. :raises: ClusterError with its stderr if it fails.
+        """
+        done = self.computes[name].run(
+            [sys.executable, '-c', FETCH_BOOT_ARTIFACTS, self.config(name), *refs],
+            timeout=CLI_TIMEOUT, check=False)
+        if done.returncode != 0:
+            raise ClusterError(f'{name}: cannot fetch boot artifacts {list(refs)}: '
+                               f'{done.stderr.strip()[-LOG_TAIL:]}')
+        return done.stdout.split()
+
+    # -- HTTP from the controller --------------------------------------------------
+
+    def http(self, address: str, port: int, method: str, path: str, token: str = '',
+             ok: Sequence[int] = (200,)) -> bytes:
+        """``method path`` to ``address:port`` from the controller (the test's own
+        namespace has no route to the hosts), with bearer ``token`` if any.
+
+        :returns: the body. :raises: ClusterError naming the request and what its
+            server answered, if that is not a status of ``ok`` or there is no answer.
+        """
+        where = f'{method} http://{address}:{port}{path}'
+        connection = http.client.HTTPConnection(address, port, timeout=HTTP_TIMEOUT)
+        try:
+            connection.sock = self.controller.connect(address, port, HTTP_TIMEOUT)
+            headers = {'Authorization': f'Bearer {token}'} if token else {}
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException, netns.NetnsError) as exc:
+            raise ClusterError(f'{where}: no answer: {exc}') from exc
+        finally:
+            connection.close()
+        if response.status not in ok:
+            raise ClusterError(f'{where}: {response.status} '
+                               f'{body.decode("utf-8", "replace")[-LOG_TAIL:]}')
+        return body
+
+    def warehouse_stats(self) -> dict:
+        """The warehouse service's ``GET /v1/stats``: the bytes it stores, and its
+        request counters since it started (``requests.chunk_get_bytes``: chunk bytes it
+        sent, the repository's egress).
+
+        :raises: ClusterError.
+        """
+        return json.loads(self.http(self.controller.address, WAREHOUSE_PORT, 'GET',
+                                    f'{protocol.API}/stats', self.token))
+
+    def manifest(self, image: str, version: int) -> manifest_mod.Manifest:
+        """The warehouse's manifest of ``image:version``.
+
+        :raises: ClusterError; CorruptManifest.
+        """
+        data = self.http(self.controller.address, WAREHOUSE_PORT, 'GET',
+                         f'{protocol.API}/images/{image}/versions/{int(version)}', self.token)
+        return manifest_mod.Manifest.decode(data, f'{image}:{version} of the warehouse')
+
+    def peer_url(self, name: str) -> str:
+        """Where the other compute hosts reach compute host ``name``'s peer chunk server."""
+        return f'http://{self.computes[name].address}:{PEER_PORT}'
+
+    def peer_stats(self, name: str) -> dict:
+        """``GET /v1/stats`` of compute host ``name``'s peer chunk server (its mirror
+        service): the live nodes it knows (``peers``), what it served, and what it
+        fetched from the warehouse and had from peers since its mirror service started.
+
+        :raises: ClusterError (also if the cloud runs no peer exchange).
+        """
+        if self.peer_replicas is None:
+            raise ClusterError('this cloud runs no peer exchange: Cluster(peer_replicas=...)')
+        return json.loads(self.http(self.computes[name].address, PEER_PORT, 'GET',
+                                    f'{protocol.API}/stats', self.peer_token))
+
+    def stage_chunk(self, name: str, chunk_id: str) -> None:
+        """``POST /v1/chunks/ID/stage`` to compute host ``name``'s peer chunk server:
+        answered once the host holds the chunk.
+
+        :raises: ClusterError.
+        """
+        self.http(self.computes[name].address, PEER_PORT, 'POST',
+                  f'{protocol.API}/chunks/{chunk_id}/stage', self.peer_token, ok=(204,))
+
+    # -- the compute hosts' chunk caches ---------------------------------------------
+
+    def cache_dir(self, name: str) -> str:
+        """Compute host ``name``'s chunk cache directory."""
+        return os.path.join(self.computes[name].state_dir, HOST_PATHS['mirror']['cache_path'])
+
+    def cached_chunks(self, name: str) -> dict[str, 'CachedChunk']:
+        """The chunks compute host ``name``'s chunk cache holds, as its journal says
+        (vmcloud.mirror.cache), by chunk id.
+
+        :raises: OSError.
+        """
+        return read_cache_journal(self.cache_dir(name))
+
+    def corrupt_cached_chunks(self, name: str, chunk_ids: Sequence[str]) -> None:
+        """Flip every byte of the chunks ``chunk_ids`` in compute host ``name``'s cache
+        slot files, under its running mirror service: a disk that returns wrong data.
+        The cache checked them when it stored them, and does not again.
+
+        :raises: ClusterError for a chunk the cache does not hold; OSError.
+        """
+        held = self.cached_chunks(name)
+        for chunk_id in chunk_ids:
+            if chunk_id not in held:
+                raise ClusterError(f'{name}: its chunk cache holds no chunk {chunk_id}')
+            place = held[chunk_id]
+            with open(place.path(self.cache_dir(name)), 'r+b') as f:
+                f.seek(place.offset)
+                data = f.read(place.length)
+                f.seek(place.offset)
+                f.write(bytes(b ^ 0xff for b in data))
+
+    def wipe_chunk_cache(self, name: str) -> Service:
+        """Compute host ``name``'s mirror service stopped, its chunk cache removed and the
+        service started again (with an empty cache and fresh peer counters). It must
+        serve no mirror: a guest's disk would go with it.
+
+        :raises: ClusterError, NetnsError.
+        """
+        self.stop(f'mirrors-{name}')
+        shutil.rmtree(self.cache_dir(name), ignore_errors=True)
+        return self.restart(f'mirrors-{name}')
+
     def deploy(self, count: int, cmdline: str, memory_mib: int = 256, image: str = 'guest',
                wait: bool = True, timeout: float = CLI_TIMEOUT, health: str | None = None,
-               health_timeout: float | None = None) -> dict:
+               health_timeout: float | None = None, cloud: str | None = None) -> dict:
         """``vmcloud deploy`` of ``count`` test guests booted from the imported kernel and
         initrd with ``cmdline``; with ``wait``, until none is building (``timeout`` s).
-        ``health``: the deploy's ``--health`` (``tcp:80``, ``http:80/``, ...).
+        ``health``: the deploy's ``--health`` (``tcp:80``, ``http:80/``, ...); ``cloud``:
+        its ``--cloud`` (on that cloud's hosts).
 
         :raises: ClusterError.
         """
         args = ['deploy', image, '-n', str(count), '--memory', str(memory_mib),
                 '--kernel', 'guest-kernel', '--initrd', 'guest-initrd', '--cmdline', cmdline]
+        if cloud is not None:
+            args += ['--cloud', cloud]
         if health is not None:
             args += ['--health', health]
         if health_timeout is not None:
@@ -1171,6 +1341,46 @@ class Cluster:
                         problems.append(f'{name}\'s config {path} names {other.name}\'s '
                                         f'{other.state_dir}')
         return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedChunk:
+    """Where a chunk cache keeps one chunk: slot ``slot`` of its slot file of
+    ``slot_size`` bytes a slot, the chunk's ``length`` bytes first in it."""
+    slot_size: int
+    slot: int
+    length: int
+
+    def path(self, cache_dir: str) -> str:
+        return os.path.join(cache_dir, f'slots-{self.slot_size}')
+
+    @property
+    def offset(self) -> int:
+        return self.slot * self.slot_size
+
+
+def read_cache_journal(cache_dir: str) -> dict[str, CachedChunk]:
+    """The chunks a chunk cache's journal says it holds, read as the cache reads it
+    (vmcloud.mirror.cache: of each slot its last record; a torn record ends the
+    journal), of each chunk its last slot. A chunk evicted since, whose slot nothing
+    took yet, is still listed (the cache drops it when it opens the journal again).
+
+    :raises: OSError (no journal: FileNotFoundError); MirrorError (a journal format
+        this vmcloud does not read).
+    """
+    path = os.path.join(cache_dir, 'journal')
+    with open(path, 'rb') as f:
+        data = f.read()
+    # The cache's own reader, not a copy of its format: the journal is the cache's,
+    # versioned with it. It needs of its cache only the journal's path.
+    records = cache_mod.ChunkCache._records(types.SimpleNamespace(_journal_path=lambda: path),
+                                            data)
+    by_slot: dict[tuple[int, int], tuple[str, int]] = {}
+    for raw_id, slot_size, slot, length, _flags in records:
+        by_slot.pop((slot_size, slot), None)  # re-inserted last: records stay in order
+        by_slot[(slot_size, slot)] = raw_id.hex(), length
+    return {chunk_id: CachedChunk(slot_size, slot, length)
+            for (slot_size, slot), (chunk_id, length) in by_slot.items()}
 
 
 def render_rabbitmq(address: str, user: str, password: str) -> str:

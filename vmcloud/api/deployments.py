@@ -146,6 +146,11 @@ class Snapshot(applications.Shown):
                                             'error')
     reason: str | None = None
     created_at: str | None = None
+    replicated: bool | None = pydantic.Field(
+        None, description='Deployable: every instance it stored is on its owners among the '
+                          'compute nodes or in the repository')
+    persistent: bool | None = pydantic.Field(
+        None, description='Every chunk of every instance it stored is in the repository')
 
 
 class SnapshotBody(pydantic.BaseModel):

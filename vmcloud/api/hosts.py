@@ -26,6 +26,9 @@ class Host(applications.Shown):
                                                              'guest there')
     vcpus_used: int | None = None
     memory_mib_used: int | None = None
+    peer_url: str | None = pydantic.Field(None, description='Where other compute hosts ask '
+                                                            'it for chunks (empty: no peer '
+                                                            'exchange)')
 
 
 class HostBody(pydantic.BaseModel):

@@ -20,7 +20,8 @@ page_of = fastapi.Depends(pagination.params)
 
 class SnapshotShown(deployments.Snapshot):
     items: list[dict[str, Any]] | None = pydantic.Field(
-        None, description='One per instance: its state, the version stored, the bytes')
+        None, description='One per instance: its state, the version stored, the bytes, '
+                          'whether it is replicated and persistent')
 
 
 class SnapshotBody(pydantic.BaseModel):

@@ -13,11 +13,12 @@ from vmcloud.cmd import common
 from vmcloud.cmd import output
 from vmcloud.dispatcher import states
 
-SNAPSHOT_COLUMNS = ('id', 'deployment_id', 'state', 'created_at', 'reason')
-ITEM_COLUMNS = ('instance_id', 'state', 'version', 'pause_ms', 'dirty_bytes', 'uploaded_bytes',
-                'reason')
+SNAPSHOT_COLUMNS = ('id', 'deployment_id', 'state', 'replicated', 'persistent', 'created_at',
+                    'reason')
+ITEM_COLUMNS = ('instance_id', 'state', 'replicated', 'persistent', 'version', 'pause_ms',
+                'dirty_bytes', 'uploaded_bytes', 'reason')
 HOST_COLUMNS = ('name', 'state', 'vcpus', 'vcpus_used', 'memory_mib', 'memory_mib_used',
-                'instances', 'last_heartbeat')
+                'instances', 'peer_url', 'last_heartbeat')
 DEPLOYMENT_COLUMNS = ('id', 'image', 'count', 'state', 'created_at', 'reason')
 SNAPSHOT_ACTIONS = ('create', 'list', 'show')
 # A snapshot that is still on its way or complete; partial and error are not success.

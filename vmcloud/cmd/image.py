@@ -1,7 +1,14 @@
-"""``vmcloud image ...``: the warehouse from the command line."""
+"""``vmcloud image ...``: the warehouse from the command line.
+
+``stage`` (and ``import --stage``) also asks the dispatcher, for the compute nodes of
+the peer exchange, and those nodes' peer chunk servers; its modules are imported only
+when it runs (``image list`` must not load the message bus).
+"""
 import argparse
 import dataclasses
 import sys
+import time
+from typing import TextIO
 
 from oslo_config import cfg
 
@@ -41,13 +48,155 @@ def _run_with_progress(args, label, work, unit='bytes'):
 
 
 def do_import(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    if args.stage:
+        _chunk_peers(conf, args)  # no peer to stage to: refused before a long import
     warehouse = warehouse_mod.Warehouse(conf)
     result = _run_with_progress(
         args, f'importing {args.name}',
         lambda bar: warehouse.import_image(args.file, args.name, args.format, bar))
-    output.emit_record(dict(_version_row(result.manifest), stored_bytes=result.new_bytes),
-                       args.fmt)
-    return 0
+    record = dict(_version_row(result.manifest), stored_bytes=result.new_bytes)
+    if not args.stage:
+        output.emit_record(record, args.fmt)
+        return 0
+    ref = str(result.manifest.ref)
+    try:
+        staged, status = _stage(conf, args, warehouse, ref, args.stage_threads)
+    except exception.VmcloudError as exc:
+        output.emit_record(record, args.fmt)
+        print(f'vmcloud: error: {ref} is imported but not staged: {exc}; '
+              f"'vmcloud image stage {ref}' tries again", file=sys.stderr)
+        return 1
+    output.emit_record(dict(record, **{f'staged_{k}': v for k, v in staged.items()
+                                       if k != 'image'}), args.fmt)
+    return status
+
+
+def do_stage(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    warehouse = warehouse_mod.Warehouse(conf)
+    record, status = _stage(conf, args, warehouse, args.image, args.threads)
+    output.emit_record(record, args.fmt)
+    return status
+
+
+MIB = 1024 * 1024
+
+
+def _stage(conf: cfg.ConfigOpts, args: argparse.Namespace, warehouse: warehouse_mod.Warehouse,
+           ref: str, threads: int) -> tuple[dict, int]:
+    """Stage version ``ref`` on the peers up now, with a progress bar and a summary
+    line on stderr.
+
+    :returns: the record to show, and the exit status: 1 if a peer was given up (the
+        chunks it owns are a copy short).
+    :raises: ImageNotFound, StorageError; NoPeers; StagingFailed (a chunk no owner took);
+        what reaching the dispatcher raises.
+    """
+    from vmcloud.mirror import staging
+
+    planned = staging.plan(warehouse, ref)
+    peers = _chunk_peers(conf, args)
+    bar = StageProgress(f'staging {planned.ref}', planned.total_bytes,
+                        enabled=args.progress is not False)
+    try:
+        result = staging.stage(planned.chunk_ids, peers, conf.mirror.peer_replicas,
+                               _peer_client(conf), progress=bar, threads=threads,
+                               sizes=planned.sizes)
+    finally:
+        bar.close()
+    print(f'vmcloud: staged {result.chunks} chunks ({result.bytes / MIB:.1f} MiB, '
+          f'{planned.source}) of {planned.ref} on {result.peers} peers in '
+          f'{result.seconds:.1f} s', file=sys.stderr)
+    for host, why in sorted(result.failed_peers.items()):
+        short = sum(1 for hosts in result.short.values() if host in hosts)
+        print(f'vmcloud: error: peer {host} failed every attempt and was given up: {why}; '
+              f'{short} chunks it owns are a copy short', file=sys.stderr)
+    record = {'image': planned.ref, 'source': planned.source, 'chunks': result.chunks,
+              'bytes': result.bytes, 'peers': result.peers, 'copies': result.copies,
+              'short_chunks': len(result.short),
+              'failed_peers': ' '.join(sorted(result.failed_peers)),
+              'seconds': round(result.seconds, 3)}
+    return record, 1 if result.failed_peers else 0
+
+
+def _chunk_peers(conf: cfg.ConfigOpts, args: argparse.Namespace) -> dict[str, str]:
+    """{host: peer URL} of the compute hosts up with one, from the dispatcher (over the
+    bus or the REST API: ``common.client``).
+
+    :raises: NoPeers naming every host known and its state; what reaching the
+        dispatcher raises.
+    """
+    from vmcloud import rpc
+    from vmcloud.cmd import common
+    from vmcloud.dispatcher import states
+    from vmcloud.mirror import staging
+
+    with rpc.request_context():
+        hosts = common.client(conf, args).list_hosts()
+    peers = {h['name']: h['peer_url'] for h in hosts
+             if h.get('state') == states.HOST_UP and h.get('peer_url')}
+    if not peers:
+        known = ', '.join(f"{h['name']} ({h.get('state')}"
+                          f"{'' if h.get('peer_url') else ', no peer URL'})" for h in hosts)
+        raise staging.NoPeers(
+            f'no compute host is up with a peer URL (hosts: {known or "none"}); the '
+            'compute nodes take part in the peer exchange with [mirror] peer_address set')
+    return peers
+
+
+def _peer_client(conf: cfg.ConfigOpts):
+    """The client of the peer chunk servers (looked up at each call: a test gives the
+    commands a fake)."""
+    from vmcloud.mirror import peer_http
+
+    return peer_http.PeerClient(conf.mirror.peer_token, conf.mirror.peer_timeout)
+
+
+class StageProgress:
+    """Staging's progress on ``stream`` (default: sys.stderr as it is now): on a
+    terminal, one line redrawn with a bar, chunks and MiB (at most every 0.1 s, and at
+    the end); elsewhere (a log, a pipe), one line at each tenth of the chunks done."""
+
+    WIDTH = 30
+    REDRAW = 0.1
+
+    def __init__(self, label: str, total_bytes: int, stream: TextIO | None = None,
+                 enabled: bool = True):
+        self.label = label
+        self.total_bytes = total_bytes
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.terminal = self.stream.isatty()
+        self._last_draw = float('-inf')
+        self._tenths = 0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int, done_bytes: int) -> None:
+        if not self.enabled:
+            return
+        fraction = done / total if total else 1.0
+        amount = (f'{done}/{total} chunks {done_bytes / MIB:.1f}/'
+                  f'{self.total_bytes / MIB:.1f} MiB')
+        if self.terminal:
+            now = time.monotonic()
+            if done < total and now - self._last_draw < self.REDRAW:
+                return
+            self._last_draw = now
+            filled = int(self.WIDTH * fraction)
+            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
+                              f'{fraction:4.0%} {amount}   ')
+            self._drawn = True
+        else:
+            tenths = int(fraction * 10)
+            if tenths <= self._tenths:
+                return
+            self._tenths = tenths
+            self.stream.write(f'{self.label}: {fraction:.0%} {amount}\n')
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write('\n')
+            self.stream.flush()
 
 
 def do_snapshot(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
@@ -175,6 +324,11 @@ def add_parser(groups: argparse._SubParsersAction) -> None:
     sub.add_argument('name')
     sub.add_argument('--format', choices=inspect_mod.SUPPORTED_FORMATS,
                      help='declared format; refused if the file is something else')
+    sub.add_argument('--stage', action='store_true',
+                     help="then stage it, as 'image stage' does (refused before the import "
+                          'if no compute node of the peer exchange is up)')
+    sub.add_argument('--stage-threads', type=_positive, default=8, metavar='N',
+                     help='chunks staged at once (default: 8)')
 
     sub = command('snapshot', do_snapshot, 'store a modified disk file as a new version')
     sub.add_argument('parent', metavar='IMAGE[:VERSION]')
@@ -212,3 +366,21 @@ def add_parser(groups: argparse._SubParsersAction) -> None:
                      help='seconds to wait for writes in progress')
 
     command('stats', do_stats, 'warehouse totals: logical, referenced and stored bytes')
+
+    sub = command('stage', do_stage,
+                  "push a version's boot-profile chunks (without a profile, all its chunks) "
+                  'to their owner compute nodes before a large deployment')
+    sub.add_argument('image', metavar='IMAGE[:VERSION]')
+    sub.add_argument('--threads', type=_positive, default=8, metavar='N',
+                     help='chunks staged at once (default: 8)')
+
+
+def _positive(text: str) -> int:
+    """A whole number of at least 1. :raises: argparse.ArgumentTypeError naming it."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return number

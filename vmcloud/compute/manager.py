@@ -152,6 +152,10 @@ class ComputeManager:
         self._serving = False  # an RPC server never started cannot be stopped: it hangs
         self._heartbeat = threading.Thread(target=self._beat, daemon=True,
                                            name=f'heartbeat-{self.host}')
+        # The URL of the node's peer chunk server as registered ('': the node takes no
+        # part in the peer exchange).
+        self.peer_url = ''
+        self._peers_lock = threading.Lock()
 
     def start(self) -> 'ComputeManager':
         """Register, adopt what the node runs, then serve and report.
@@ -209,12 +213,27 @@ class ComputeManager:
     def _register(self) -> list[dict]:
         """:returns: the instances the dispatcher has on this host (register_host).
         :raises: HostNameInUse; MessagingError if the dispatcher does not answer within
-            [DEFAULT] rpc_startup_timeout."""
+            [DEFAULT] rpc_startup_timeout; InvalidRequest naming a bad VTEP address or
+            peer URL."""
+        self.peer_url = self._mirrors_peer_url()
         return rpc.call_until_answered(
             lambda: self.dispatcher.register_host(
                 self.host, self.node_id, self.incarnation, self.capacity(),
-                vtep_address=self.conf.network.vtep_address)['instances'],
+                vtep_address=self.conf.network.vtep_address,
+                peer_url=self.peer_url)['instances'],
             f'compute host {self.host}', self.conf.rpc_startup_timeout, self._stopping)
+
+    def _mirrors_peer_url(self) -> str:
+        """Where the other nodes reach this node's mirrors for chunks; '' if they run
+        no peer exchange, or cannot tell (a mirror service of before, which has none)."""
+        try:
+            return self.mirrors.peer_url()
+        except exception.MirrorError as exc:
+            # A node out of the exchange still runs guests: its mirrors read from the
+            # warehouse, as they did before peers.
+            LOG.warning('compute host %s takes no part in the peer exchange: its mirrors '
+                        'cannot tell their peer URL: %s', self.host, exc)
+            return ''
 
     def _adopt(self, wanted: list[dict]) -> None:
         """Decide the fate of every guest and mirror found here, one log line each:
@@ -357,9 +376,9 @@ class ComputeManager:
     def capacity(self) -> dict:
         """What the node offers and how busy it is since the last call, for the
         dispatcher: 'vcpus', 'memory_mib', 'disk_bytes_free', 'cpus', 'cpu_busy',
-        'fetched_bytes' and 'cache_bytes' (the bytes its chunk cache holds) (each of the
-        last three left out if it cannot be measured now). No 'peer_bytes': the mirrors
-        have chunks from the warehouse alone.
+        'fetched_bytes' (from the warehouse), 'cache_bytes' (the bytes its chunk cache
+        holds) and, on a node of the peer exchange, 'peer_bytes' (had from other
+        nodes' mirrors) (each of the last four left out if it cannot be measured now).
 
         :raises: what the driver's host_capacity raises.
         """
@@ -383,7 +402,41 @@ class ComputeManager:
                 # guest of it taken for unknown.
                 LOG.warning('heartbeat of %s without its %s: %s', self.host,
                             figure.replace('_', ' '), exc)
+        if self.peer_url:
+            try:
+                capacity['peer_bytes'] = self.mirrors.peer_stats().get('peer_bytes', 0)
+            except exception.MirrorError as exc:
+                LOG.warning('heartbeat of %s without its peer bytes: %s', self.host, exc)
         return capacity
+
+    def refresh_peers(self) -> dict[str, str] | None:
+        """Hand the node's mirrors the peer set the dispatcher knows now (chunk_peers),
+        as every heartbeat does; the all-in-one calls it once all its nodes are up.
+
+        :returns: the set handed over; None if the node takes no part in the peer
+            exchange, or if the set could not be had or handed over: the mirrors keep
+            the last one (a peer gone meanwhile they skip by themselves). Raises no
+            VmcloudError.
+        """
+        if not self.peer_url:
+            return None
+        # One refresh at a time: an older answer must not replace a newer one.
+        with self._peers_lock:
+            try:
+                # Within a heartbeat interval: a dispatcher slow to answer must not hold
+                # the next heartbeat back until the node is taken for silent.
+                peers = self.dispatcher.chunk_peers(timeout=self.conf.heartbeat_interval)
+            except exception.VmcloudError as exc:
+                LOG.warning('peers of %s not refreshed, the last known set stays: cannot '
+                            'ask the dispatcher: %s', self.host, exc)
+                return None
+            try:
+                self.mirrors.set_peers(self.host, peers)
+            except exception.MirrorError as exc:
+                LOG.warning('peers of %s not refreshed, the last known set stays: its '
+                            'mirrors refused the set: %s', self.host, exc)
+                return None
+            return peers
 
     def _beat(self) -> None:
         while not self._stopping.is_set():
@@ -394,6 +447,10 @@ class ComputeManager:
                 LOG.warning('heartbeat of %s not sent: %s', self.host, exc)
             except Exception:  # a dead thread would have this node marked unknown
                 LOG.exception('heartbeat of %s not sent', self.host)
+            try:
+                self.refresh_peers()
+            except Exception:  # a bug: the heartbeats must go on all the same
+                LOG.exception('peers of %s not refreshed', self.host)
             self._stopping.wait(self.conf.heartbeat_interval)
 
     # -- building ----------------------------------------------------------------
@@ -886,7 +943,28 @@ class ComputeManager:
                          result.get('version'), result.get('uploaded_bytes', 0))
             self._report(self.dispatcher.snapshot_item_done, snapshot_id, instance_ids[name],
                          result.get('version', ''), result.get('uploaded_bytes', 0),
-                         result.get('error', ''))
+                         result.get('error', ''), result.get('persistent', True))
+        on_peers = [name for name in targets
+                    if (results.get(name) or {}).get('persistent') is False]
+        if on_peers:
+            self._wait_persistent(snapshot_id, on_peers, instance_ids)
+
+    def _wait_persistent(self, snapshot_id: str, names: list[str],
+                         instance_ids: dict[str, str]) -> None:
+        """Wait (up to [DEFAULT] snapshot_upload_timeout) for the mirrors to write the
+        chunks of ``names`` they left on peers to the warehouse, then tell the
+        dispatcher which are persistent. Unsaid (this manager stopped, the wait ran
+        out), the dispatcher finds out when it shows the snapshot."""
+        try:
+            persisted = self.mirrors.wait_persistent(snapshot_id,
+                                                     self.conf.snapshot_upload_timeout)
+        except exception.VmcloudError as exc:
+            LOG.warning('snapshot %s: cannot tell whether %s reached the warehouse: %s',
+                        snapshot_id, ', '.join(names), exc)
+            return
+        done = [instance_ids[name] for name in names if persisted.get(name)]
+        if done:
+            self._report(self.dispatcher.snapshot_items_persisted, snapshot_id, done)
 
     @rpc.expose
     def thaw(self, ctxt: dict, snapshot_id: str) -> dict:

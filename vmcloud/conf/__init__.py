@@ -10,6 +10,7 @@ from vmcloud.conf import gateway
 from vmcloud.conf import mirror
 from vmcloud.conf import network
 from vmcloud.conf import paths
+from vmcloud.conf import replay
 from vmcloud.conf import scheduler
 from vmcloud.conf import service
 from vmcloud.conf import storage
@@ -23,6 +24,7 @@ gateway.register_opts(CONF)
 mirror.register_opts(CONF)
 network.register_opts(CONF)
 paths.register_opts(CONF)
+replay.register_opts(CONF)
 scheduler.register_opts(CONF)
 service.register_opts(CONF)
 storage.register_opts(CONF)

@@ -8,8 +8,8 @@ compute_group = cfg.OptGroup(
 compute_opts = [
     cfg.StrOpt('driver', default='qemu',
                help='Hypervisor driver (entry point in the vmcloud.drivers namespace): '
-                    'qemu, libvirt, fake or sim. Each declares its own options in a '
-                    'group of its name ([qemu], [libvirt], [sim]).'),
+                    'qemu, libvirt, fake, sim or replay. Each declares its own options in '
+                    'a group of its name ([qemu], [libvirt], [sim], [replay]).'),
     cfg.StrOpt('instances_path', default='$state_path/instances',
                help='Directory of per-instance runtime files: console log, QMP socket.'),
     cfg.StrOpt('boot_artifacts_path', default='$state_path/boot-artifacts',

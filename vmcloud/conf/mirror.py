@@ -34,6 +34,58 @@ mirror_opts = [
     cfg.IntOpt('nbd_buffer', default=256 * 1024 ** 2, min=1024 ** 2,
                help='Bytes of requests and unsent replies all NBD connections of the '
                     'node may hold together; beyond it no connection reads requests.'),
+    cfg.StrOpt('peer_address', default='',
+               help='Address on which the node serves the chunks of its cache to the other '
+                    'compute nodes (its peer chunk server), and turns the peer exchange on: '
+                    'a cache miss asks the chunk\'s owners among the live nodes before the '
+                    'warehouse. Empty: no peer server and no exchange, chunks come from the '
+                    'warehouse alone.'),
+    cfg.PortOpt('peer_port', default=9495,
+                help='TCP port of the peer chunk server; 0 takes an ephemeral port (several '
+                     'nodes in one process, tests).'),
+    cfg.IntOpt('peer_replicas', default=2, min=1,
+               help='Owners of each chunk among the live compute nodes (rendezvous hashing); '
+                    'the other nodes get the chunk from them, and only the first (its '
+                    'primary) fetches it from the warehouse while it is alive.'),
+    cfg.FloatOpt('peer_timeout', default=5.0, min=0.01,
+                 help='Seconds a peer may stay silent, on connect or between two bytes, '
+                      'before the chunk is asked of the next owner (or the warehouse).'),
+    cfg.FloatOpt('peer_skip_time', default=10.0, min=0,
+                 help='Seconds a peer that failed (refused, timed out, answered an HTTP '
+                      'error or corrupt bytes) is passed over before it is asked again.'),
+    cfg.IntOpt('peer_upload_rate', default=100 * 1024 ** 2, min=0,
+               help='Bytes per second the node serves to its peers, all connections '
+                    'together; 0 is no limit.'),
+    cfg.StrOpt('peer_token', default='', secret=True,
+               help='Bearer token every peer chunk server of the cluster asks for and '
+                    'every node sends; empty: none.'),
+    cfg.IntOpt('peer_threads', default=64, min=1,
+               help='Peer requests the node serves at once; more are answered 503 (busy) '
+                    'and the asking node goes on to the next owner.'),
+    cfg.FloatOpt('owned_cache_share', default=0.5, min=0, max=1,
+                 help='Share of cache_size kept for the chunks this node owns (the ones '
+                      'its peers ask it for): while owned chunks hold less, eviction takes '
+                      'chunks the node does not own; while they hold more, owned ones.'),
+    cfg.BoolOpt('replicate_snapshots', default=True,
+                help='With the peer exchange on, a snapshot\'s new chunks go to their owners '
+                     'among the compute nodes first (deployable at once: replicated) and '
+                     'are written to the warehouse in the background (then persistent). '
+                     'False: a snapshot is written to the warehouse before it is available, '
+                     'as without peers.'),
+    cfg.IntOpt('replica_size', default=2 * 1024 ** 3, min=0,
+               help='Bytes of the chunk cache that may hold snapshot chunks not yet in the '
+                    'warehouse (unpersisted replicas: never evicted); a node over it refuses '
+                    'more, and the uploader writes those chunks to the warehouse itself.'),
+    cfg.FloatOpt('persist_check_interval', default=30.0, min=0.01,
+                 help='Seconds between two looks at the unpersisted replicas the node '
+                      'holds: one the warehouse has becomes an ordinary cache entry; one it '
+                      'lacks whose uploader is gone is written by its primary owner. Also '
+                      'how long an uploader that cannot reach the warehouse waits before it '
+                      'tries again.'),
+    cfg.StrOpt('trace_path', default='',
+               help='Directory in which every mirror records its NBD block I/O, as '
+                    '<trace_path>/<mirror name>.trace (the format is in doc/replay.md), '
+                    'for the replay driver. Empty: nothing is recorded.'),
 ]
 
 

@@ -10,13 +10,14 @@ from vmcloud.conf import gateway
 from vmcloud.conf import mirror
 from vmcloud.conf import network
 from vmcloud.conf import paths
+from vmcloud.conf import replay
 from vmcloud.conf import scheduler
 from vmcloud.conf import service
 from vmcloud.conf import storage
 from vmcloud.conf import warehouse
 
 _CONF_MODULES = (paths, storage, warehouse, compute, mirror, network, scheduler, service,
-                 gateway, api)
+                 gateway, api, replay)
 
 # Plugin namespaces whose classes declare their own options as
 # ``OPTION_GROUP`` and ``OPTIONS`` class attributes.

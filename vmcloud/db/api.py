@@ -151,6 +151,14 @@ def hosts_silent_since(session: orm.Session, deadline: datetime.datetime) -> lis
         models.Host.state == 'up', models.Host.last_heartbeat < deadline).with_for_update()))
 
 
+def peer_urls(session: orm.Session, state: str) -> dict[str, str]:
+    """{host: its peer URL} of every host in ``state`` that has one."""
+    return dict(session.execute(
+        sqlalchemy.select(models.Host.name, models.Host.peer_url)
+        .where(models.Host.state == state, models.Host.peer_url != '')
+        .order_by(models.Host.name)).tuples().all())
+
+
 def usage_by_host(session: orm.Session,
                   states: Sequence[str]) -> list[tuple[str, int, int]]:
     """(host, vcpus, memory_mib) of every placed instance in one of ``states``."""
@@ -458,6 +466,15 @@ def snapshot_item_get(session: orm.Session, snapshot_id: str, instance_id: str,
 def snapshot_items(session: orm.Session, snapshot_id: str) -> list[models.SnapshotItem]:
     return list(session.scalars(sqlalchemy.select(models.SnapshotItem).where(
         models.SnapshotItem.snapshot_id == snapshot_id)))
+
+
+def snapshot_items_of(session: orm.Session,
+                      snapshot_ids: list[str]) -> list[models.SnapshotItem]:
+    """The items of every snapshot of ``snapshot_ids`` (a page of a listing)."""
+    if not snapshot_ids:
+        return []
+    return list(session.scalars(sqlalchemy.select(models.SnapshotItem).where(
+        models.SnapshotItem.snapshot_id.in_(snapshot_ids))))
 
 
 def snapshot_items_past_deadline(session: orm.Session,

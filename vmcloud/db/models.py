@@ -53,6 +53,10 @@ class Host(Base):
     fetched_bytes: Mapped[int] = mapped_column(BigInteger, default=0,
                                                server_default=text('0'))
     peer_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text('0'))
+    # Where the other nodes' mirrors ask this node for chunks (its mirrors' peer chunk
+    # server, e.g. http://10.0.0.2:9495); empty: it takes no part in the peer exchange.
+    # (Server default: see migration 0006.)
+    peer_url: Mapped[str] = mapped_column(String(255), default='', server_default=text("''"))
     last_heartbeat: Mapped[datetime.datetime] = mapped_column(default=utcnow)
 
 
@@ -181,6 +185,11 @@ class SnapshotItem(Base):
     thawed_at: Mapped[float | None]
     # An item still freezing or uploading past it ends in error.
     deadline: Mapped[datetime.datetime | None]
+    # Deployable: its version is stored and every chunk of it is in the repository or on
+    # its owners among the compute nodes (peer replicas). True once available.
+    replicated: Mapped[bool] = mapped_column(default=False)
+    # Every chunk of its version is in the repository, not only on peers (migration 0007).
+    persistent: Mapped[bool] = mapped_column(default=False)
 
 
 class Cloud(Base):

@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import logging
 import threading
+import urllib.parse
 from typing import Callable
 from typing import Protocol
 
@@ -90,6 +91,43 @@ def _set_capacity(row: models.Host, capacity: dict) -> None:
             setattr(row, figure, capacity[figure])
 
 
+# The hosts table's peer_url column holds this many characters.
+_PEER_URL_LENGTH = models.Host.peer_url.type.length
+
+
+def check_peer_url(host: str, url: str) -> None:
+    """Refuse a peer URL of ``host`` that is neither '' nor a peer chunk server's URL,
+    http://HOST[:PORT] and nothing more: the other nodes append the protocol's paths.
+
+    :raises: InvalidRequest naming the host and what is wrong with the URL.
+    """
+    if not url:
+        return
+    problem = None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a port out of range raises ValueError only as it is read
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme != 'http':
+            problem = 'the peer exchange speaks plain http'
+        elif not parts.hostname:
+            problem = 'it names no host'
+        elif parts.username is not None or parts.password is not None:
+            problem = 'it carries credentials ([mirror] peer_token is the secret)'
+        elif parts.path or parts.query or parts.fragment:
+            problem = 'it has more than http://HOST[:PORT]'
+        elif parts.port == 0:
+            problem = 'port 0 is what a server binds to, not where it is reached'
+    if problem is None and len(url) > _PEER_URL_LENGTH:
+        problem = f'it is longer than {_PEER_URL_LENGTH} characters'
+    if problem is not None:
+        raise exception.InvalidRequest(
+            f'compute host {host}: its mirrors\' peer URL {url[:100]!r} is not '
+            f'http://HOST[:PORT]: {problem}')
+
+
 def _set_state(row: models.Host, state: str) -> None:
     row.state = state
     row.up = state == states.HOST_UP  # kept for the scheduler, which reads ``up``
@@ -105,10 +143,12 @@ class HostRegistry:
         self.keeper = keeper
 
     def register(self, host: str, node_id: str, incarnation: str, capacity: dict,
-                 vtep_address: str = '') -> list[dict]:
+                 vtep_address: str = '', peer_url: str = '') -> list[dict]:
         """A manager starting on ``node_id`` claims ``host``; its reports from now on
         carry ``incarnation``; other hosts send its guests' frames to ``vtep_address``
-        (builds cast from now on name it; '' for none).
+        (builds cast from now on name it; '' for none), and their mirrors ask its
+        mirrors for chunks at ``peer_url`` ('' for none: it takes no part in the peer
+        exchange).
 
         :returns: the host's instances that may have a guest there, for the manager to
             adopt or clean up: [{'id', 'name', 'state', 'attempts', 'image', 'network':
@@ -116,9 +156,11 @@ class HostRegistry:
             [VTEP addresses]}].
         :raises: HostNameInUse if another node holds the name, is not fenced and sent a
             heartbeat within service_down_time; InvalidRequest if ``vtep_address`` is
-            neither '' nor an IP address (every other host would take it for a peer);
+            neither '' nor an IP address (every other host would take it for a peer),
+            or ``peer_url`` neither '' nor http://HOST[:PORT] (see check_peer_url);
             DatabaseError.
         """
+        check_peer_url(host, peer_url)
         if vtep_address:
             try:
                 ipaddress.ip_address(vtep_address)
@@ -143,6 +185,7 @@ class HostRegistry:
                          node_id, row.state, row.node_id or 'none')
             row.node_id, row.incarnation = node_id, incarnation
             row.vtep_address = vtep_address
+            row.peer_url = peer_url
             _set_state(row, states.HOST_UP)
             _set_capacity(row, capacity)
             row.last_heartbeat = now
@@ -194,6 +237,17 @@ class HostRegistry:
             _set_state(row, states.HOST_FENCED)
         # Committed first: the rebuilds must not be placed on the fenced host.
         return dict(host=host, state=states.HOST_FENCED, **self.keeper.host_fenced(host))
+
+    def chunk_peers(self) -> dict[str, str]:
+        """The nodes of the peer exchange now: {host: peer URL} of every host that is
+        up and has one. A host silent for service_down_time (unknown) or fenced is out
+        of it until it reports again or registers; the mirrors skip a peer that fails
+        meanwhile by themselves.
+
+        :raises: DatabaseError.
+        """
+        with self.db.session() as session:
+            return db_api.peer_urls(session, states.HOST_UP)
 
     def list_hosts(self, limit: int | None = None, marker: str | None = None) -> list[dict]:
         """By name; ``limit`` of them after the one named ``marker``.

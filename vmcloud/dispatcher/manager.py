@@ -51,7 +51,8 @@ class Dispatcher:
                                             self._notify, self.gateway)
         self.clouds = clouds_mod.Clouds(conf, self.db, self.gateway, self.compute)
         self.hosts = hosts_mod.HostRegistry(conf, self.db, self.deployer)
-        self.snapshots = snapshot_mod.Snapshotter(conf, self.db, self.compute, self._notify)
+        self.snapshots = snapshot_mod.Snapshotter(conf, self.db, self.compute, self._notify,
+                                                  self.warehouse)
         self.monitor = hosts_mod.HostMonitor(conf, self.db, self.deployer,
                                              self.snapshots.expire)
         self._server = rpc.server(conf, dispatcher_rpcapi.TOPIC, conf.host, [self])
@@ -84,10 +85,16 @@ class Dispatcher:
 
     @rpc.expose
     def register_host(self, ctxt: dict, host: str, node_id: str, incarnation: str,
-                      capacity: dict, vtep_address: str = '') -> dict:
-        """:raises: HostNameInUse if another live node holds the name."""
+                      capacity: dict, vtep_address: str = '', peer_url: str = '') -> dict:
+        """:raises: HostNameInUse if another live node holds the name; InvalidRequest
+        (a bad VTEP address or peer URL)."""
         return {'instances': self.hosts.register(host, node_id, incarnation, capacity,
-                                                 vtep_address)}
+                                                 vtep_address, peer_url)}
+
+    @rpc.expose
+    def chunk_peers(self, ctxt: dict) -> dict[str, str]:
+        """{host: peer URL} of every host up with one (HostRegistry.chunk_peers)."""
+        return self.hosts.chunk_peers()
 
     @rpc.expose
     def report_heartbeat(self, ctxt: dict, host: str, capacity: dict, incarnation: str,
@@ -321,14 +328,19 @@ class Dispatcher:
 
     @rpc.expose
     def snapshot_item_done(self, ctxt: dict, snapshot_id: str, instance_id: str, version: str,
-                           uploaded_bytes: int, error: str) -> None:
-        self.snapshots.item_done(snapshot_id, instance_id, version, uploaded_bytes, error)
+                           uploaded_bytes: int, error: str, persistent: bool = True) -> None:
+        self.snapshots.item_done(snapshot_id, instance_id, version, uploaded_bytes, error,
+                                 persistent)
+
+    @rpc.expose
+    def snapshot_items_persisted(self, ctxt: dict, snapshot_id: str,
+                                 instance_ids: list[str]) -> None:
+        self.snapshots.items_persisted(snapshot_id, instance_ids)
 
     @rpc.expose
     def show_snapshot(self, ctxt: dict, snapshot_id: str) -> dict:
         """:raises: SnapshotNotFound."""
-        with self.db.session() as session:
-            return views.show_snapshot(session, snapshot_id)
+        return self.snapshots.show(snapshot_id)
 
     @rpc.expose
     def list_snapshots(self, ctxt: dict, deployment_id: str | None = None,

@@ -344,19 +344,36 @@ class DispatcherAPI:
     # -- for compute managers ------------------------------------------------------
 
     def register_host(self, host: str, node_id: str, incarnation: str, capacity: dict,
-                      vtep_address: str = '') -> dict:
+                      vtep_address: str = '', peer_url: str = '') -> dict:
         """A compute manager starting on node ``node_id`` claims the name ``host``; other
-        hosts' VXLAN devices send its guests' frames to ``vtep_address`` ('' for none).
+        hosts' VXLAN devices send its guests' frames to ``vtep_address`` ('' for none);
+        other hosts' mirrors ask its mirrors for chunks at ``peer_url``
+        (http://HOST[:PORT], '' for none: the node takes no part in the peer exchange).
 
         :returns: {'instances': [{'id', 'name', 'state', 'attempts', 'image', 'network':
             {'id', 'vni', 'cidr'} | None, 'port': {'mac', 'address'} | None}]}: what the
             dispatcher has on this host (running or still holding its resources), for the
             manager to adopt or clean up.
-        :raises: HostNameInUse if another node holds the name and is alive.
+        :raises: HostNameInUse if another node holds the name and is alive;
+            InvalidRequest naming a ``vtep_address`` that is no IP address or a
+            ``peer_url`` that is not http://HOST[:PORT].
         """
+        # Without a peer URL, the call of before, which a dispatcher of before takes.
         return self._client.call('register_host', host=host, node_id=node_id,
                                  incarnation=incarnation, capacity=capacity,
-                                 vtep_address=vtep_address)
+                                 vtep_address=vtep_address,
+                                 **_given(peer_url=peer_url or None))
+
+    def chunk_peers(self, timeout: float | None = None) -> dict[str, str]:
+        """The nodes of the peer exchange now: {host: peer URL} of every compute host
+        that is up (not silent for service_down_time, not fenced) and registered a
+        peer URL. Each compute manager asks after each heartbeat and hands the set to
+        its mirrors (Mirrors.set_peers), which stripe the chunks over it.
+
+        :raises: MessagingError if the dispatcher does not answer within ``timeout`` s
+            ([DEFAULT] rpc_call_timeout) or is one of before, which does not offer it.
+        """
+        return self._client.call('chunk_peers', timeout=timeout)
 
     def report_heartbeat(self, host: str, capacity: dict, incarnation: str,
                          running: list[str]) -> None:
@@ -383,7 +400,15 @@ class DispatcherAPI:
         self._client.cast('build_failed', instance_id=instance_id, host=host, reason=reason)
 
     def snapshot_item_done(self, snapshot_id: str, instance_id: str, version: str,
-                           uploaded_bytes: int, error: str = '') -> None:
+                           uploaded_bytes: int, error: str = '', persistent: bool = True) -> None:
+        """``persistent``: every chunk the upload wrote is in the repository (not only on
+        peers). Sent only when false, so a dispatcher of before takes the others."""
+        extra = {} if persistent else {'persistent': False}
         self._client.cast('snapshot_item_done', snapshot_id=snapshot_id,
                           instance_id=instance_id, version=version,
-                          uploaded_bytes=uploaded_bytes, error=error)
+                          uploaded_bytes=uploaded_bytes, error=error, **extra)
+
+    def snapshot_items_persisted(self, snapshot_id: str, instance_ids: list[str]) -> None:
+        """A host wrote these items' chunks to the repository (the dispatcher checks)."""
+        self._client.cast('snapshot_items_persisted', snapshot_id=snapshot_id,
+                          instance_ids=list(instance_ids))

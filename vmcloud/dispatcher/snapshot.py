@@ -12,11 +12,19 @@ deployed from: deploying the base image still means the base).
 A snapshot always ends available, partial (its reason names each missing instance and
 why) or error: barriers and uploads have deadlines (``expire``), and a barrier the
 dispatcher did not live to finish is ended by ``recover`` when it starts again.
+
+An item stored is ``replicated``: deployable. With the peer exchange its new chunks may
+be on their owners among the compute nodes only, written to the repository in the
+background; it is ``persistent`` once the repository holds every chunk of its version.
+The warehouse says so (``Warehouse.is_whole``), asked when an upload or its host's
+persister says it is done and whenever a snapshot not yet persistent is shown or listed,
+so no lost report (its host died) leaves it wrong; the true answer is kept in the row.
 """
 import collections
 import concurrent.futures
 import datetime
 import logging
+import threading
 import uuid
 from typing import Callable
 
@@ -31,6 +39,8 @@ from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.dispatcher import states
 from vmcloud.dispatcher import transitions
 from vmcloud.dispatcher import views
+from vmcloud.storage import manifest as manifest_mod
+from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -39,6 +49,8 @@ LOG = logging.getLogger(__name__)
 REASON_LENGTH = 2000
 PENDING = (states.FREEZING, states.UPLOADING)
 RESTARTED = 'dispatcher restarted during the barrier'
+# Versions known whole, remembered up to this many (then forgotten and asked again).
+WHOLE_KEPT = 65536
 
 
 def clip(reason: str) -> str:
@@ -50,11 +62,17 @@ def clip(reason: str) -> str:
 
 class Snapshotter:
     def __init__(self, conf: cfg.ConfigOpts, db: db_api.Database,
-                 compute: compute_rpcapi.ComputeAPI, notify: Callable[[str, dict], None]):
+                 compute: compute_rpcapi.ComputeAPI, notify: Callable[[str, dict], None],
+                 warehouse: warehouse_mod.Warehouse | None = None):
+        """``warehouse``: where persistence is checked; without it the hosts' reports
+        are taken as they come."""
         self.conf = conf
         self.db = db
         self.compute = compute
         self.notify = notify
+        self.warehouse = warehouse
+        self._whole: set[manifest_mod.VersionRef] = set()
+        self._whole_lock = threading.Lock()
 
     # -- the cut -----------------------------------------------------------------
 
@@ -260,9 +278,10 @@ class Snapshotter:
     # -- after the cut -----------------------------------------------------------
 
     def item_done(self, snapshot_id: str, instance_id: str, version: str, uploaded_bytes: int,
-                  error: str) -> None:
-        """An upload ended (``error`` empty: stored as ``version``). An item already given
-        up (its deadline passed, its barrier failed) stays as it ended."""
+                  error: str, persistent: bool = True) -> None:
+        """An upload ended (``error`` empty: stored as ``version``, replicated, and
+        ``persistent`` if its host wrote every new chunk to the repository). An item
+        already given up (its deadline passed, its barrier failed) stays as it ended."""
         with self.db.session() as session:
             if db_api.snapshot_get(session, snapshot_id, lock=True) is None:
                 return
@@ -276,15 +295,83 @@ class Snapshotter:
                 return
             row.state = states.ERROR if error else states.AVAILABLE
             row.reason, row.version, row.uploaded_bytes = clip(error), version, uploaded_bytes
+            row.replicated = not error
+            if not error and persistent and self.warehouse is None:
+                row.persistent = True
             self.update_snapshot(session, snapshot_id)
             if error:
                 LOG.error('snapshot %s: instance %s not stored: %s', snapshot_id, instance_id,
                           error)
             else:
-                LOG.info('snapshot %s: instance %s stored as %s, %d bytes new', snapshot_id,
-                         instance_id, version, uploaded_bytes)
+                LOG.info('snapshot %s: instance %s stored as %s, %d bytes new%s', snapshot_id,
+                         instance_id, version, uploaded_bytes,
+                         '' if persistent else ', on peers until persisted')
+        if not error and persistent:
+            # Its own chunks are in the repository; its parent's may not be yet.
+            self._check_persistent([(snapshot_id, instance_id, version)])
         self.notify('snapshot.upload.end', {'snapshot': snapshot_id, 'instance': instance_id,
                                             'version': version, 'error': error})
+
+    def items_persisted(self, snapshot_id: str, instance_ids: list[str]) -> None:
+        """A host wrote the chunks of these items to the repository: each one is
+        persistent once the repository holds all of its version."""
+        with self.db.session() as session:
+            items = [db_api.snapshot_item_get(session, snapshot_id, instance_id)
+                     for instance_id in instance_ids]
+            waiting = [(i.snapshot_id, i.instance_id, i.version) for i in items
+                       if i is not None and i.replicated and not i.persistent]
+        if self.warehouse is None:
+            self._mark_persistent(waiting)
+        else:
+            self._check_persistent(waiting)
+
+    def _check_persistent(self, items: list[tuple[str, str, str]]) -> None:
+        """Mark persistent each (snapshot id, instance id, version) whose version the
+        warehouse holds whole. One it cannot tell stays as it is, with a warning, and the
+        next show asks again; a warehouse that cannot be reached is asked no more this
+        time (a listing must not wait for its timeout once per item)."""
+        if self.warehouse is None:
+            return
+        whole = []
+        for snapshot_id, instance_id, version in items:
+            try:
+                image, number = manifest_mod.VersionRef.parse(version)
+                with self._whole_lock:
+                    known = set(self._whole)
+                if number is not None and self.warehouse.is_whole(image, number, known):
+                    whole.append((snapshot_id, instance_id, version))
+                with self._whole_lock:
+                    if len(self._whole) > WHOLE_KEPT:
+                        self._whole.clear()
+                    self._whole |= known
+            except (exception.ImageNotFound, exception.CorruptManifest,
+                    exception.InvalidName) as exc:
+                LOG.warning('snapshot %s: instance %s (%s) cannot become persistent: %s',
+                            snapshot_id, instance_id, version, exc)
+            except exception.VmcloudError as exc:
+                LOG.warning('snapshot %s: cannot tell whether instance %s (%s) is persistent: '
+                            '%s', snapshot_id, instance_id, version, exc)
+                break
+        self._mark_persistent(whole)
+
+    def _mark_persistent(self, items: list[tuple[str, str, str]]) -> None:
+        if not items:
+            return
+        with self.db.session() as session:
+            for snapshot_id, instance_id, version in items:
+                row = db_api.snapshot_item_get(session, snapshot_id, instance_id, lock=True)
+                if row is not None and row.replicated and not row.persistent:
+                    row.persistent = True
+                    LOG.info('snapshot %s: instance %s (%s) is persistent', snapshot_id,
+                             instance_id, version)
+
+    def _check_snapshots(self, snapshot_ids: list[str]) -> None:
+        """Check every replicated item of these snapshots not yet persistent."""
+        with self.db.session() as session:
+            waiting = [(i.snapshot_id, i.instance_id, i.version)
+                       for i in db_api.snapshot_items_of(session, snapshot_ids)
+                       if i.replicated and not i.persistent]
+        self._check_persistent(waiting)
 
     def expire(self, now: datetime.datetime) -> list[tuple[str, str]]:
         """End in error every item still freezing or uploading past its deadline.
@@ -393,18 +480,37 @@ class Snapshotter:
             return ([i.version for i in items if i.state == states.AVAILABLE and i.version],
                     snapshot.deployment_id)
 
+    def show(self, snapshot_id: str) -> dict:
+        """The snapshot as views.show_snapshot shows it, its items not yet persistent
+        checked first.
+
+        :raises: SnapshotNotFound.
+        """
+        self._check_snapshots([snapshot_id])
+        with self.db.session() as session:
+            return views.show_snapshot(session, snapshot_id)
+
     def list(self, deployment_id: str | None = None, limit: int | None = None,
              marker: str | None = None) -> list[dict]:
         """Every snapshot (of ``deployment_id`` if given; ``limit`` of them after the
-        one of id ``marker``), newest first.
+        one of id ``marker``), newest first, each with ``replicated`` and ``persistent``
+        (its items not yet persistent checked first).
 
         :raises: DeploymentNotFound if ``deployment_id`` names none; MarkerNotFound.
         """
         with self.db.session() as session:
             if deployment_id is not None:
                 views.deployment(session, deployment_id)
-            return [views.row(s) for s in db_api.snapshots(session, deployment_id, limit,
-                                                           marker)]
+            ids = [s.id for s in db_api.snapshots(session, deployment_id, limit, marker)]
+        self._check_snapshots(ids)
+        with self.db.session() as session:
+            found = [db_api.snapshot_get(session, snapshot_id) for snapshot_id in ids]
+            items = collections.defaultdict(list)
+            for item in db_api.snapshot_items_of(session, ids):
+                items[item.snapshot_id].append(item)
+            # (One deleted between the two sessions is left out.)
+            return [dict(views.row(s), **views.snapshot_replicas(s, items[s.id]))
+                    for s in found if s is not None]
 
 
 def _names(session: db_api.Session, snapshot: models.Snapshot) -> dict[str, str]:

@@ -7,6 +7,7 @@ from vmcloud import exception
 from vmcloud.db import api as db_api
 from vmcloud.db import models
 from vmcloud.dispatcher import networks
+from vmcloud.dispatcher import states
 
 
 def row(obj: models.Base) -> dict:
@@ -62,9 +63,25 @@ def list_deployments(session: db_api.Session, limit: int | None = None,
 
 
 def show_snapshot(session: db_api.Session, snapshot_id: str) -> dict:
-    """:raises: SnapshotNotFound."""
-    result = row(snapshot(session, snapshot_id))
+    """With its items and ``replicated``/``persistent`` (snapshot_replicas).
+
+    :raises: SnapshotNotFound.
+    """
+    found = snapshot(session, snapshot_id)
+    result = row(found)
     names = {i.id: i.name for i in db_api.instances_of(session, result['deployment_id'])}
-    result['items'] = [dict(row(i), name=names.get(i.instance_id, ''))
-                       for i in db_api.snapshot_items(session, snapshot_id)]
+    items = db_api.snapshot_items(session, snapshot_id)
+    result.update(snapshot_replicas(found, items))
+    result['items'] = [dict(row(i), name=names.get(i.instance_id, '')) for i in items]
     return result
+
+
+def snapshot_replicas(found: models.Snapshot, items: list[models.SnapshotItem]) -> dict:
+    """{'replicated', 'persistent'} of a snapshot: replicated (deployable) once it ended
+    available or partial with every item it stored replicated; persistent once every
+    such item is in the repository too."""
+    stored = [i for i in items if i.state == states.AVAILABLE]
+    replicated = (found.state in (states.AVAILABLE, states.PARTIAL) and bool(stored)
+                  and all(i.replicated for i in stored))
+    return {'replicated': replicated,
+            'persistent': replicated and all(i.persistent for i in stored)}

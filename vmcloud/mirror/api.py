@@ -29,6 +29,7 @@ from vmcloud import exception
 from vmcloud import rpc
 from vmcloud.mirror import disk as disk_mod
 from vmcloud.mirror import manager as manager_mod
+from vmcloud.mirror import persist as persist_mod
 from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class Mirrors(abc.ABC):
 
     @abc.abstractmethod
     def fetched_bytes(self) -> int:
-        """Bytes the node's chunk cache has fetched from the warehouse since it opened."""
+        """Bytes the node's chunk cache has fetched from the warehouse since it opened
+        (with peers: for itself and for the peers that asked it, not what peers sent)."""
 
     @abc.abstractmethod
     def cached_bytes(self) -> int:
@@ -115,13 +117,48 @@ class Mirrors(abc.ABC):
         """Store the barriers of ``key``, mirror ``name`` as a new version of image
         ``targets[name]``, in one warehouse write session; then exit every barrier of
         ``key``. Blocks until stored: ``{name: {'version': 'IMAGE:V', 'uploaded_bytes':
-        int} | {'error': str}}``. A name without a barrier under ``key`` is an error
-        for it alone.
+        int, 'replicated': True, 'persistent': bool} | {'error': str}}``. A name
+        without a barrier under ``key`` is an error for it alone.
+
+        With the peer exchange and ``[mirror] replicate_snapshots``, the new chunks go
+        to their owners among the live nodes rather than the warehouse (a chunk an
+        owner refuses goes to the warehouse); ``persistent`` is then false for an item
+        with chunks on peers only, written to the warehouse in the background
+        (``wait_persistent``). Without, every item is persistent.
         """
+
+    @abc.abstractmethod
+    def wait_persistent(self, key: str, timeout: float) -> dict[str, bool]:
+        """Once the chunks the upload of ``key`` left on peers are in the warehouse (or
+        after ``timeout`` seconds): ``{name: persistent}`` of its items that were not;
+        {} if this node has nothing of ``key`` to persist (it restarted since, or every
+        item was persistent)."""
 
     @abc.abstractmethod
     def discard(self, key: str) -> None:
         """Exit every barrier of ``key`` without storing it; idempotent."""
+
+    @abc.abstractmethod
+    def peer_url(self) -> str:
+        """The URL the other compute nodes ask this node's chunks at, e.g.
+        'http://10.0.0.2:9495'; '' when peers are off ([mirror] peer_address empty)."""
+
+    @abc.abstractmethod
+    def set_peers(self, me: str, peers: dict[str, str]) -> None:
+        """The live node set ``{host: peer_url}``, this node (``me``, its host name)
+        included when it is up: whom cache misses ask, and which chunks it owns. A
+        no-op when peers are off.
+
+        :raises: MirrorError naming what is wrong with the arguments.
+        """
+
+    @abc.abstractmethod
+    def peer_stats(self) -> dict:
+        """The node's peer document (as its /v1/stats): 'host', 'peers', 'replicas',
+        what it served ('served_chunks', 'served_bytes', 'staged_chunks') and what it had
+        from the warehouse and from peers ('repository_chunks', 'repository_bytes',
+        'peer_chunks', 'peer_bytes', 'peer_failures', 'corrupt_from_peers'); {} when
+        peers are off."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -182,7 +219,7 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
         return sum(disk.manifest.chunk_length(i) for i in disk.fetched_indexes())
 
     def fetched_bytes(self) -> int:
-        return self.cache.stats.fetched_bytes
+        return self.warehouse_bytes()
 
     def cached_bytes(self) -> int:
         return self.cache.held_bytes
@@ -226,13 +263,16 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
                 items.append((name, target, taken[name]))
             else:
                 results[name] = {'error': f'mirror {name} has no barrier for snapshot {key}'}
+        placer = self._placer()
+        # Without one, the call is the one of before peers (which the tests wrap).
+        sink = {} if placer is None else {'chunk_sink': placer}
         try:
             with contextlib.ExitStack() as exits:
                 for name in taken:
                     exits.callback(self._exit, name, taken[name])
                 written = self.warehouse.snapshot_many(
                     [(t.disk.manifest.ref, _BarrierChanges(t.barrier)) for _, _, t in items],
-                    targets=[target for _, target, _ in items]) if items else []
+                    targets=[target for _, target, _ in items], **sink) if items else []
         except Exception as exc:  # the session failed, so every item did
             written = [exc] * len(items)
         finally:
@@ -241,16 +281,36 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
                 for done in [n for n, count in self._uploading.items() if count <= 0]:
                     del self._uploading[done]
                 self._barriers_changed.notify_all()
+        pending = {name: set(result.pending) for (name, _, _), result in zip(items, written)
+                   if isinstance(result, warehouse_mod.WriteResult) and result.pending}
+        if placer is not None:
+            # Chunks placed that no stored version waits for are released at once.
+            holders = placer.settle(set().union(*pending.values()))
+            if pending:
+                self.persister.submit(key, pending, holders)
         for (name, _target, _taken), result in zip(items, written):
             if isinstance(result, warehouse_mod.WriteResult):
                 results[name] = {'version': str(result.manifest.ref),
-                                 'uploaded_bytes': result.new_bytes}
-                LOG.info('snapshot %s of %s stored as %s: %d bytes new', key, name,
-                         results[name]['version'], result.new_bytes)
+                                 'uploaded_bytes': result.new_bytes, 'replicated': True,
+                                 'persistent': name not in pending}
+                LOG.info('snapshot %s of %s stored as %s: %d bytes new%s', key, name,
+                         results[name]['version'], result.new_bytes,
+                         f', {len(result.pending)} chunks on peers until persisted'
+                         if name in pending else '')
             else:
                 results[name] = {'error': f'{type(result).__name__}: {result}'}
                 LOG.error('snapshot %s of %s failed: %s', key, name, result)
         return results
+
+    def _placer(self) -> persist_mod.ReplicaPlacer | None:
+        """The chunk sink of an upload: the owners among the live nodes, with peers on
+        and [mirror] replicate_snapshots; None: the warehouse alone."""
+        if self.persister is None or not self.conf.mirror.replicate_snapshots:
+            return None
+        return persist_mod.ReplicaPlacer(self.cache, self.peers, self._peer_client)
+
+    def wait_persistent(self, key: str, timeout: float) -> dict[str, bool]:
+        return self.persister.wait(key, timeout) if self.persister is not None else {}
 
     @staticmethod
     def _exit(name: str, taken: _Taken) -> None:
@@ -456,6 +516,20 @@ class RemoteMirrors(Mirrors):
 
     def discard(self, key: str) -> None:
         self.call('discard', key=key)
+
+    def wait_persistent(self, key: str, timeout: float) -> dict[str, bool]:
+        # The service's wait, and the call's own time on top.
+        return self.call('wait_persistent', timeout=timeout + self.timeout, key=key,
+                         seconds=timeout)
+
+    def peer_url(self) -> str:
+        return self.call('peer_url')
+
+    def set_peers(self, me: str, peers: dict[str, str]) -> None:
+        self.call('set_peers', me=me, peers=peers)
+
+    def peer_stats(self) -> dict:
+        return self.call('peer_stats')
 
     def close(self) -> None:
         """Nothing to give up: each call has its own connection, and the mirrors stay served."""

@@ -9,8 +9,32 @@ The journal is written without fsync: after a crash a journal record may name a
 slot whose data never reached the disk. So a chunk is hashed on its first read
 after the cache is opened, and a mismatch means a re-fetch, never wrong data.
 
+Unpersisted replicas. A chunk ``put`` as a replica is a snapshot's chunk the
+repository does not hold yet (``vmcloud.mirror.persist``): the cluster's copies of it
+are the replicas on its owners. So its data is fdatasync'd and its journal record
+(flagged) fsync'd before ``put`` returns, it is never evicted, and at most
+``replica_size`` bytes of them are held (``put`` refuses more with ReplicaBudgetFull).
+``mark_persisted`` makes them ordinary entries once the repository has them. After a
+restart they are hashed on first read like every entry; one found corrupt is logged
+as an ERROR naming the chunk (the cluster may have lost a copy) before it is dropped.
+
+The journal starts with a header naming its format (``JOURNAL_FORMAT``); a journal
+without one is of format 1 (no flags), read as such and rewritten in the current
+format when the cache opens.
+
 One cache object owns the directory at a time (the ``lock`` file in it): two
 owners would hand out the same slots for different chunks.
+
+Eviction. Without ``owned`` the least recently used chunk that no read is using
+goes first. With the peer exchange, ``owned(chunk_id)`` tells the chunks this node
+owns (other nodes ask it for them) from the others, and the cache is split in two
+shares: ``owned_share`` of ``capacity`` for owned chunks, the rest for the others.
+While owned chunks hold no more than their share, the least recently used chunk
+*not* owned is evicted; once they hold more, the least recently used owned one is.
+Either kind falls back on the other when none of it can go. So under pressure each
+kind keeps its share, and either may use the other's while the other does not need
+it. Which chunks are owned changes with the live node set: ``reclassify()`` sorts
+them again.
 """
 import collections
 import concurrent.futures
@@ -31,8 +55,15 @@ from vmcloud.storage import manifest as manifest_mod
 
 LOG = logging.getLogger(__name__)
 
+JOURNAL_FORMAT = 2
+# magic, format, crc32 of the rest: the first bytes of a journal of format 2 or later
+_HEADER = struct.Struct('<8sIL')
+_MAGIC = b'vmcjrnl\0'
 # chunk id (sha256), slot size, slot number, chunk length, crc32 of the rest
-_RECORD = struct.Struct('<32sIIIL')
+_RECORD_V1 = struct.Struct('<32sIIIL')
+# chunk id (sha256), slot size, slot number, chunk length, flags, crc32 of the rest
+_RECORD = struct.Struct('<32sIIIIL')
+_REPLICA = 1  # flag: an unpersisted replica
 
 
 @dataclasses.dataclass
@@ -50,23 +81,49 @@ class _Entry:
     slot: int
     length: int
     verified: bool
+    owned: bool = False
     pins: int = 0
+    # An unpersisted replica (never evicted, in no eviction order), put by ``origin``.
+    replica: bool = False
+    origin: str = ''
 
 
 class ChunkCache:
-    """Thread safe; ``fetch(chunk_id) -> bytes`` reads a chunk from the warehouse."""
+    """Thread safe; ``fetch(chunk_id) -> bytes`` reads a chunk from the warehouse (or
+    wherever the node gets chunks from: the peer exchange)."""
 
     def __init__(self, path: str, capacity: int, fetch: Callable[[str], bytes],
-                 attempts: int = 4, retry_wait: float = 0.5):
-        """:raises: StateLocked naming the owner if another cache object has ``path``."""
+                 attempts: int = 4, retry_wait: float = 0.5,
+                 owned: Callable[[str], bool] | None = None, owned_share: float = 0.5,
+                 replica_size: int | None = None):
+        """``owned`` and ``owned_share``: see the module's docstring on eviction;
+        ``replica_size``: bytes of unpersisted replicas held at most (within
+        ``capacity``, its default).
+
+        :raises: StateLocked naming the owner if another cache object has ``path``;
+            MirrorError if ``owned_share`` is not within 0..1, or if the journal is of
+            a format newer than this code reads.
+        """
+        if not 0 <= owned_share <= 1:
+            raise exception.MirrorError(
+                f'the share of the chunk cache for owned chunks must be within 0..1, '
+                f'not {owned_share!r}')
         self.path = path
         self.capacity = capacity
         self.stats = CacheStats()
         self._fetch = fetch
         self._attempts = attempts
         self._retry_wait = retry_wait
+        self._owned = owned
+        self._owned_capacity = owned_share * capacity
+        self._owned_bytes = 0
+        self.replica_size = capacity if replica_size is None else min(replica_size, capacity)
+        self._replica_bytes = 0
         self._lock = threading.Lock()
+        # Every chunk held, least recently used first; and the same split by ownership.
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._by_ownership: dict[bool, collections.OrderedDict[str, None]] = {
+            True: collections.OrderedDict(), False: collections.OrderedDict()}
         self._inflight: dict[str, concurrent.futures.Future] = {}
         self._free: dict[int, list[int]] = collections.defaultdict(list)
         self._next_slot: dict[int, int] = collections.defaultdict(int)
@@ -88,14 +145,7 @@ class ChunkCache:
         :raises: FetchFailed once the bounded retries are spent.
         """
         while True:
-            with self._lock:
-                entry = self._entries.get(chunk_id)
-                if entry is not None:
-                    entry.pins += 1
-                    self._entries.move_to_end(chunk_id)
-                    self.stats.hits += 1
-                else:
-                    self.stats.misses += 1
+            entry = self._pin(chunk_id)
             if entry is None:
                 data = self._fetch_once(chunk_id)
                 target[:] = memoryview(data)[offset:offset + len(target)]
@@ -103,10 +153,49 @@ class ChunkCache:
             try:
                 done = self._read_entry(chunk_id, entry, offset, target)
             finally:
-                with self._lock:
-                    entry.pins -= 1
+                self._unpin(entry)
             if done:
                 return
+
+    def read_chunk(self, chunk_id: str, fetch: Callable[[str], bytes] | None = None) -> bytes:
+        """The whole chunk, fetched if need be (concurrent misses share one fetch).
+
+        ``fetch``, if given, is where this miss is fetched from instead of the cache's
+        own fetch (the peer server fetches from the warehouse: a peer asking is the
+        node's "every other node" for the chunk). A miss that joins a fetch already
+        under way gets that fetch's bytes, wherever they come from.
+
+        :raises: FetchFailed once the bounded retries are spent.
+        """
+        while True:
+            entry = self._pin(chunk_id)
+            if entry is None:
+                return self._fetch_once(chunk_id, fetch)
+            try:
+                data = bytearray(entry.length)
+                done = self._read_entry(chunk_id, entry, 0, memoryview(data))
+            finally:
+                self._unpin(entry)
+            if done:
+                return bytes(data)
+
+    def _pin(self, chunk_id: str) -> _Entry | None:
+        """The chunk's entry, pinned (eviction passes it by) until _unpin; None: a miss."""
+        with self._lock:
+            entry = self._entries.get(chunk_id)
+            if entry is None:
+                self.stats.misses += 1
+                return None
+            entry.pins += 1
+            self._entries.move_to_end(chunk_id)
+            if not entry.replica:
+                self._by_ownership[entry.owned].move_to_end(chunk_id)
+            self.stats.hits += 1
+            return entry
+
+    def _unpin(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.pins -= 1
 
     def ensure(self, chunk_id: str) -> None:
         """Fetch a chunk unless the node has it (for prefetching). :raises: FetchFailed."""
@@ -134,11 +223,16 @@ class ChunkCache:
             return True
         data = os.pread(fd, entry.length, base)
         if manifest_mod.chunk_id(data) != chunk_id:
-            LOG.warning('cached chunk %s did not survive a restart; fetching it again', chunk_id)
+            if entry.replica:
+                LOG.error('unpersisted replica of chunk %s is corrupt on this node\'s disk '
+                          '(%s); dropped: the repository does not hold it yet, its other '
+                          'owners may', chunk_id, self.path)
+            else:
+                LOG.warning('cached chunk %s did not survive a restart; fetching it again',
+                            chunk_id)
             with self._lock:
                 if self._entries.get(chunk_id) is entry:
-                    del self._entries[chunk_id]
-                    self._release_slot(entry)
+                    self._forget(chunk_id)
             return False
         entry.verified = True
         target[:] = memoryview(data)[offset:offset + len(target)]
@@ -146,8 +240,9 @@ class ChunkCache:
 
     # -- fetching ------------------------------------------------------------------
 
-    def _fetch_once(self, chunk_id: str) -> bytes:
-        """Fetch and store a chunk; concurrent callers for one chunk share one fetch."""
+    def _fetch_once(self, chunk_id: str, fetch: Callable[[str], bytes] | None = None) -> bytes:
+        """Fetch and store a chunk (with ``fetch`` if given, else the cache's own);
+        concurrent callers for one chunk share one fetch."""
         with self._lock:
             future = self._inflight.get(chunk_id)
             owner = future is None
@@ -156,7 +251,7 @@ class ChunkCache:
         if not owner:
             return future.result()
         try:
-            data = self._fetch_with_retries(chunk_id)
+            data = self._fetch_with_retries(chunk_id, fetch or self._fetch)
             self._store(chunk_id, data)
         except BaseException as exc:
             future.set_exception(exc)
@@ -168,7 +263,7 @@ class ChunkCache:
             with self._lock:
                 del self._inflight[chunk_id]
 
-    def _fetch_with_retries(self, chunk_id: str) -> bytes:
+    def _fetch_with_retries(self, chunk_id: str, fetch: Callable[[str], bytes]) -> bytes:
         def log_retry(state: tenacity.RetryCallState) -> None:
             LOG.warning('fetching chunk %s failed (attempt %d): %s; retrying', chunk_id,
                         state.attempt_number, state.outcome.exception())
@@ -180,7 +275,7 @@ class ChunkCache:
             retry=tenacity.retry_if_exception_type((OSError, exception.StorageError)),
             before_sleep=log_retry, reraise=True)
         try:
-            data = retrying(self._fetch, chunk_id)
+            data = retrying(fetch, chunk_id)
         except (OSError, exception.StorageError) as exc:
             with self._lock:
                 self.stats.failed_fetches += 1
@@ -194,6 +289,7 @@ class ChunkCache:
 
     def _store(self, chunk_id: str, data: bytes) -> None:
         slot_size = _slot_size(len(data))
+        owned = self._is_owned(chunk_id)
         with self._lock:
             slot = self._allocate(slot_size)
         if slot is None:
@@ -208,22 +304,211 @@ class ChunkCache:
                 self._free[slot_size].append(slot)
             return
         with self._lock:
-            entry = self._entries[chunk_id] = _Entry(slot_size, slot, len(data), verified=True)
-            self._used += slot_size
+            if chunk_id in self._entries:
+                # A put of the same chunk kept it meanwhile: one entry per chunk.
+                self._free[slot_size].append(slot)
+                return
+            entry = _Entry(slot_size, slot, len(data), verified=True, owned=owned)
+            self._keep(chunk_id, entry)
             self._append_journal(chunk_id, entry)
 
+    # -- unpersisted replicas --------------------------------------------------------
+
+    def put(self, chunk_id: str, data: bytes, replica: bool = True, origin: str = '') -> None:
+        """Keep ``data`` as chunk ``chunk_id``: with ``replica``, as an unpersisted
+        replica put by node ``origin``, durable (data and journal record synced) when
+        this returns; putting one held already is putting it once.
+
+        :raises: CorruptChunk if ``data`` does not hash to ``chunk_id``;
+            ReplicaBudgetFull if it would take the replicas past ``replica_size`` or the
+            cache has nothing it may evict for it; OSError if it cannot be made durable
+            (nothing is kept as a replica then).
+        """
+        actual = manifest_mod.chunk_id(data)
+        if actual != chunk_id:
+            raise exception.CorruptChunk(chunk_id, actual)
+        slot_size = _slot_size(len(data))
+        for _ in range(3):  # an entry evicted or found corrupt between the steps: again
+            with self._lock:
+                entry = self._entries.get(chunk_id)
+                if entry is not None and entry.replica:
+                    entry.origin = origin or entry.origin
+                    return
+                if replica and self._replica_bytes + slot_size > self.replica_size:
+                    raise exception.ReplicaBudgetFull(chunk_id, self._replica_bytes,
+                                                      self.replica_size)
+                if entry is not None:
+                    entry.pins += 1
+            if entry is None:
+                self._store(chunk_id, data)
+                if not replica:
+                    return
+                continue
+            try:
+                if self._convert(chunk_id, entry, replica, origin):
+                    return
+            finally:
+                self._unpin(entry)
+        raise exception.ReplicaBudgetFull(chunk_id, self._replica_bytes, self.replica_size)
+
+    def _convert(self, chunk_id: str, entry: _Entry, replica: bool, origin: str) -> bool:
+        """Make the held (pinned) ``entry`` a durable replica; False if it went meanwhile
+        or its data is not the chunk's (it is dropped then).
+
+        :raises: ReplicaBudgetFull; OSError.
+        """
+        if not replica:
+            return True
+        fd = self._slot_fd(entry.slot_size)
+        if not entry.verified:
+            if manifest_mod.chunk_id(os.pread(fd, entry.length,
+                                              entry.slot * entry.slot_size)) != chunk_id:
+                with self._lock:
+                    if self._entries.get(chunk_id) is entry and not entry.replica:
+                        self._forget(chunk_id)
+                return False
+            entry.verified = True
+        with self._lock:
+            if self._entries.get(chunk_id) is not entry:
+                return False
+            if entry.replica:
+                return True
+            if self._replica_bytes + entry.slot_size > self.replica_size:
+                raise exception.ReplicaBudgetFull(chunk_id, self._replica_bytes,
+                                                  self.replica_size)
+            # Out of the eviction order first: the chunk stays while it is synced.
+            self._set_replica(chunk_id, entry, True)
+            entry.origin = origin
+        try:
+            os.fdatasync(fd)
+            with self._lock:
+                self._append_journal(chunk_id, entry)
+            os.fsync(self._journal.fileno())
+        except OSError:
+            with self._lock:
+                if self._entries.get(chunk_id) is entry:
+                    self._set_replica(chunk_id, entry, False)
+            raise
+        return True
+
+    def _set_replica(self, chunk_id: str, entry: _Entry, replica: bool) -> None:
+        """Make a held entry a replica (out of the eviction order) or an ordinary entry
+        (the most recently used); with the lock."""
+        if entry.replica == replica:
+            return
+        entry.replica = replica
+        if replica:
+            del self._by_ownership[entry.owned][chunk_id]
+            self._replica_bytes += entry.slot_size
+            if entry.owned:
+                self._owned_bytes -= entry.slot_size
+        else:
+            entry.origin = ''
+            self._by_ownership[entry.owned][chunk_id] = None
+            self._replica_bytes -= entry.slot_size
+            if entry.owned:
+                self._owned_bytes += entry.slot_size
+
+    def mark_persisted(self, chunk_ids) -> None:
+        """These chunks are in the repository: their replicas (ids held otherwise, or
+        not at all, are passed over) become ordinary entries, evicted as any."""
+        with self._lock:
+            for chunk_id in chunk_ids:
+                entry = self._entries.get(chunk_id)
+                if entry is not None and entry.replica:
+                    self._set_replica(chunk_id, entry, False)
+                    self._entries.move_to_end(chunk_id)
+                    # Not synced: lost in a crash, the replica's sweep finds it persisted.
+                    self._append_journal(chunk_id, entry)
+
+    def unpersisted(self) -> dict[str, str]:
+        """{chunk id: the node that put it ('' if not known: put before a restart)} of
+        every unpersisted replica held."""
+        with self._lock:
+            return {chunk_id: entry.origin for chunk_id, entry in self._entries.items()
+                    if entry.replica}
+
+    @property
+    def replica_bytes(self) -> int:
+        """Bytes of the slots that hold unpersisted replicas."""
+        with self._lock:
+            return self._replica_bytes
+
+    def _is_owned(self, chunk_id: str) -> bool:
+        # Asked outside the cache's lock: the answer takes the exchange's.
+        return self._owned is not None and self._owned(chunk_id)
+
+    def _keep(self, chunk_id: str, entry: _Entry) -> None:
+        """Hold ``entry`` as the most recently used chunk; with the lock."""
+        self._entries[chunk_id] = entry
+        self._used += entry.slot_size
+        if entry.replica:
+            self._replica_bytes += entry.slot_size
+            return
+        self._by_ownership[entry.owned][chunk_id] = None
+        if entry.owned:
+            self._owned_bytes += entry.slot_size
+
+    def _forget(self, chunk_id: str) -> None:
+        """Stop holding the chunk and free its slot; with the lock."""
+        entry = self._entries.pop(chunk_id)
+        if entry.replica:
+            self._replica_bytes -= entry.slot_size
+        else:
+            del self._by_ownership[entry.owned][chunk_id]
+            if entry.owned:
+                self._owned_bytes -= entry.slot_size
+        self._release_slot(entry)
+
     def _allocate(self, slot_size: int) -> int | None:
-        """A free slot, evicting least recently used chunks to stay within capacity."""
+        """A free slot, evicting chunks (see the module's docstring) to stay within capacity."""
         while self._used + slot_size > self.capacity:
-            victim = next((cid for cid, e in self._entries.items() if e.pins == 0), None)
+            victim = self._victim()
             if victim is None:
                 return None
-            self._release_slot(self._entries.pop(victim))
+            self._forget(victim)
         if self._free[slot_size]:
             return self._free[slot_size].pop()
         slot = self._next_slot[slot_size]
         self._next_slot[slot_size] = slot + 1
         return slot
+
+    def _victim(self) -> str | None:
+        """The chunk to evict next, None if every chunk held is being read; with the lock."""
+        first = self._owned_bytes > self._owned_capacity  # owned chunks over their share
+        for owned in (first, not first):
+            victim = next((chunk_id for chunk_id in self._by_ownership[owned]
+                           if self._entries[chunk_id].pins == 0), None)
+            if victim is not None:
+                return victim
+        return None
+
+    def reclassify(self) -> None:
+        """Which chunks the node owns has changed (the live node set did): sort every
+        chunk held again, keeping how recently each was used."""
+        if self._owned is None:
+            return
+        with self._lock:
+            held = list(self._entries)
+        owned = {chunk_id: self._owned(chunk_id) for chunk_id in held}
+        with self._lock:
+            self._owned_bytes = 0
+            for ids in self._by_ownership.values():
+                ids.clear()
+            for chunk_id, entry in self._entries.items():
+                # A chunk stored meanwhile was sorted by the new node set already.
+                entry.owned = owned.get(chunk_id, entry.owned)
+                if entry.replica:
+                    continue  # in no eviction order until persisted
+                self._by_ownership[entry.owned][chunk_id] = None
+                if entry.owned:
+                    self._owned_bytes += entry.slot_size
+
+    @property
+    def owned_bytes(self) -> int:
+        """Bytes of the slots that hold chunks this node owns."""
+        with self._lock:
+            return self._owned_bytes
 
     def _release_slot(self, entry: _Entry) -> None:
         self._used -= entry.slot_size
@@ -252,32 +537,61 @@ class ChunkCache:
         except FileNotFoundError:
             data = b''
         # A slot reused after eviction appears again: its last record wins.
-        by_slot: dict[tuple[int, int], tuple[str, int]] = {}
-        for start in range(0, len(data) - _RECORD.size + 1, _RECORD.size):
-            raw_id, slot_size, slot, length, crc = _RECORD.unpack_from(data, start)
-            if zlib.crc32(data[start:start + _RECORD.size - 4]) != crc:
-                break  # a torn record ends the journal
-            by_slot[(slot_size, slot)] = raw_id.hex(), length
-        for (slot_size, slot), (chunk_id, length) in by_slot.items():
+        by_slot: dict[tuple[int, int], tuple[str, int, int]] = {}
+        for raw_id, slot_size, slot, length, flags in self._records(data):
+            by_slot[(slot_size, slot)] = raw_id.hex(), length, flags
+        for (slot_size, slot), (chunk_id, length, flags) in by_slot.items():
             self._next_slot[slot_size] = max(self._next_slot[slot_size], slot + 1)
-            old = self._entries.pop(chunk_id, None)
-            if old is not None:
-                self._release_slot(old)
-            self._entries[chunk_id] = _Entry(slot_size, slot, length, verified=False)
-            self._used += slot_size
+            if chunk_id in self._entries:
+                self._forget(chunk_id)
+            self._keep(chunk_id, _Entry(slot_size, slot, length, verified=False,
+                                        owned=self._is_owned(chunk_id),
+                                        replica=bool(flags & _REPLICA)))
+        # Built afresh: a chunk recorded in two slots freed one of them above already,
+        # and a slot listed twice would be handed to two chunks.
         for slot_size, count in self._next_slot.items():
             used = {e.slot for e in self._entries.values() if e.slot_size == slot_size}
-            self._free[slot_size].extend(s for s in range(count) if s not in used)
+            self._free[slot_size] = [s for s in range(count) if s not in used]
         self._rewrite_journal()
         self._journal = open(self._journal_path(), 'ab', buffering=0)
 
+    def _records(self, data: bytes):
+        """(raw id, slot size, slot, length, flags) of each whole record of a journal,
+        of format 1 (no header) or JOURNAL_FORMAT; a torn record ends it.
+
+        :raises: MirrorError for a journal of a format newer than JOURNAL_FORMAT.
+        """
+        if data[:len(_MAGIC)] != _MAGIC:
+            for start in range(0, len(data) - _RECORD_V1.size + 1, _RECORD_V1.size):
+                raw_id, slot_size, slot, length, crc = _RECORD_V1.unpack_from(data, start)
+                if zlib.crc32(data[start:start + _RECORD_V1.size - 4]) != crc:
+                    return
+                yield raw_id, slot_size, slot, length, 0
+            return
+        if len(data) < _HEADER.size:
+            return
+        _magic, version, crc = _HEADER.unpack_from(data)
+        if zlib.crc32(data[:_HEADER.size - 4]) != crc:
+            return  # a torn header: nothing after it was written either
+        if version != JOURNAL_FORMAT:
+            raise exception.MirrorError(
+                f'chunk cache journal {self._journal_path()} is of format {version}; this '
+                f'vmcloud reads formats 1 to {JOURNAL_FORMAT}')
+        for start in range(_HEADER.size, len(data) - _RECORD.size + 1, _RECORD.size):
+            raw_id, slot_size, slot, length, flags, crc = _RECORD.unpack_from(data, start)
+            if zlib.crc32(data[start:start + _RECORD.size - 4]) != crc:
+                return
+            yield raw_id, slot_size, slot, length, flags
+
     def _rewrite_journal(self) -> None:
-        records = b''.join(_record(cid, e.slot_size, e.slot, e.length)
+        records = b''.join(_record(cid, e.slot_size, e.slot, e.length,
+                                   _REPLICA if e.replica else 0)
                            for cid, e in self._entries.items())
-        durable.replace(self._journal_path(), records)
+        durable.replace(self._journal_path(), _header() + records)
 
     def _append_journal(self, chunk_id: str, entry: _Entry) -> None:
-        self._journal.write(_record(chunk_id, entry.slot_size, entry.slot, entry.length))
+        self._journal.write(_record(chunk_id, entry.slot_size, entry.slot, entry.length,
+                                    _REPLICA if entry.replica else 0))
 
     def close(self) -> None:
         """Stop using the directory and give it up to the next owner; idempotent."""
@@ -289,8 +603,13 @@ class ChunkCache:
             self._owner.release()
 
 
-def _record(chunk_id: str, slot_size: int, slot: int, length: int) -> bytes:
-    body = struct.pack('<32sIII', bytes.fromhex(chunk_id), slot_size, slot, length)
+def _header() -> bytes:
+    body = struct.pack('<8sI', _MAGIC, JOURNAL_FORMAT)
+    return body + struct.pack('<L', zlib.crc32(body))
+
+
+def _record(chunk_id: str, slot_size: int, slot: int, length: int, flags: int = 0) -> bytes:
+    body = struct.pack('<32sIIII', bytes.fromhex(chunk_id), slot_size, slot, length, flags)
     return body + struct.pack('<L', zlib.crc32(body))
 
 

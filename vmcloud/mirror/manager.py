@@ -7,6 +7,11 @@ naming the first.
 
 The mirrors do not watch the guests: whoever runs them (the compute manager)
 follows the guest's phase markers and reports each one with ``set_phase``.
+
+With ``[mirror] peer_address`` set the node also serves its cache to the other
+compute nodes (``peer_http.PeerServer``) and its cache misses ask the chunk's owners
+first (``peers.PeerExchange``); whoever runs the mirrors tells them the live node
+set with ``set_peers``.
 """
 import dataclasses
 import json
@@ -21,7 +26,11 @@ from oslo_config import cfg
 from vmcloud import exception
 from vmcloud.mirror import cache as cache_mod
 from vmcloud.mirror import disk as disk_mod
+from vmcloud.mirror import peer_http
+from vmcloud.mirror import peers as peers_mod
+from vmcloud.mirror import persist as persist_mod
 from vmcloud.mirror import profile as profile_mod
+from vmcloud.mirror import trace as trace_mod
 from vmcloud.nbd import server as nbd_server
 from vmcloud.storage import durable
 from vmcloud.storage import manifest as manifest_mod
@@ -38,6 +47,8 @@ class Mirror:
     prefetcher: profile_mod.Prefetcher | None
     # Whether this deployment's first touches should become the image's profile.
     records_profile: bool
+    # What the NBD server serves in the disk's place with [mirror] trace_path set.
+    trace: trace_mod.TracingDevice | None = None
 
 
 class MirrorManager:
@@ -47,15 +58,32 @@ class MirrorManager:
         configured paths: several nodes in one process (the all-in-one mode) each get one.
 
         :raises: StateLocked naming the owner if another process (or manager)
-            serves this node's chunk cache or NBD socket; NbdError.
+            serves this node's chunk cache or NBD socket; NbdError; MirrorError if the
+            peer server cannot listen on [mirror] peer_address and peer_port.
         """
         self.conf = conf
         self.warehouse = warehouse or warehouse_mod.Warehouse(conf)
         options = conf.mirror
         self.mirrors_path = options.mirrors_path if root is None else f'{root}/mirrors'
+        # The peer exchange, None without [mirror] peer_address: the warehouse alone.
+        self.peers: peers_mod.PeerExchange | None = None
+        self.peer_server: peer_http.PeerServer | None = None
+        self._peer_client: peer_http.PeerClient | None = None
+        fetch, owned = self.warehouse.read_chunk, None
+        if options.peer_address:
+            self._peer_client = peer_http.PeerClient(options.peer_token, options.peer_timeout)
+            self.peers = peers_mod.PeerExchange(
+                self.warehouse.read_chunk, self._peer_client, options.peer_replicas,
+                options.peer_skip_time)
+            fetch, owned = self.peers.fetch, self.peers.owns
         self.cache = cache_mod.ChunkCache(
             options.cache_path if root is None else f'{root}/chunk-cache', options.cache_size,
-            self.warehouse.read_chunk, options.fetch_attempts, options.fetch_retry_wait)
+            fetch, options.fetch_attempts, options.fetch_retry_wait,
+            owned=owned, owned_share=options.owned_cache_share,
+            replica_size=options.replica_size)
+        # With peers: writes snapshots' replicated chunks to the warehouse, sweeps the
+        # node's replicas (vmcloud.mirror.persist).
+        self.persister: persist_mod.Persister | None = None
         self.profiles = profile_mod.ProfileStore(self.warehouse)
         self.socket = options.nbd_socket if root is None else f'{root}/nbd.sock'
         self._lock = threading.Lock()
@@ -67,7 +95,19 @@ class MirrorManager:
             os.makedirs(os.path.dirname(self.socket), exist_ok=True)
             self.server.listen_unix(self.socket)
             self.server.start()
+            if self.peers is not None:
+                self.peer_server = peer_http.PeerServer(
+                    self.cache, self.peers, options.peer_address, options.peer_port,
+                    options.peer_token, options.peer_upload_rate, options.peer_threads)
+                self.peer_server.start()
+                self.persister = persist_mod.Persister(
+                    self.warehouse, self.cache, self.peers, self._peer_client,
+                    options.persist_check_interval).start()
         except BaseException:
+            if self.persister is not None:
+                self.persister.stop()
+            if self.peer_server is not None:
+                self.peer_server.stop()
             self.server.stop()
             self.cache.close()
             raise
@@ -139,23 +179,59 @@ class MirrorManager:
 
     def _serve(self, name: str, directory: str, manifest: manifest_mod.Manifest) -> Mirror:
         disk = disk_mod.MirrorDisk(directory, manifest, self.cache)
+        trace = None
         try:
             profile = self.profiles.load(manifest)
-            self.server.add_export(name, disk)
+            if self.conf.mirror.trace_path:
+                trace = trace_mod.TracingDevice(
+                    disk, os.path.join(self.conf.mirror.trace_path, f'{name}.trace'),
+                    manifest.chunk_size)
+            self.server.add_export(name, disk if trace is None else trace)
         except BaseException:
+            if trace is not None:
+                trace.close()
             disk.close()
             raise
         prefetcher = None
         if profile is not None and self.conf.mirror.prefetch_threads:
             prefetcher = profile_mod.Prefetcher(
                 profile, disk.prefetch, self.conf.mirror.prefetch_threads).start()
-        mirror = Mirror(name, disk, self.uri(name), prefetcher, records_profile=profile is None)
+        mirror = Mirror(name, disk, self.uri(name), prefetcher, records_profile=profile is None,
+                        trace=trace)
         with self._lock:
             self._mirrors[name] = mirror
         return mirror
 
     def uri(self, name: str) -> str:
         return f'nbd+unix:///{name}?socket={urllib.parse.quote(self.socket)}'
+
+    # -- peers -------------------------------------------------------------------------
+
+    def peer_url(self) -> str:
+        """The URL the other nodes ask this node's chunks at; '' without peers."""
+        return self.peer_server.url if self.peer_server is not None else ''
+
+    def set_peers(self, me: str, peers: dict[str, str]) -> None:
+        """The live node set: ``peers`` maps every node up (this one too) to its peer
+        URL, ``me`` is this node's host name. Which chunks the node owns follows it.
+        Without peers ([mirror] peer_address empty) nothing changes.
+
+        :raises: MirrorError naming what is wrong with the arguments.
+        """
+        if self.peers is not None and self.peers.update(me, peers):
+            self.cache.reclassify()
+
+    def peer_stats(self) -> dict:
+        """The peer server's /v1/stats document: the node set, what it served to peers,
+        and what it fetched from the warehouse and had from peers; {} without peers."""
+        return self.peer_server.document() if self.peer_server is not None else {}
+
+    def warehouse_bytes(self) -> int:
+        """Bytes of chunks the node has read from the warehouse since it started (for
+        itself and, with peers, for the peers that asked it)."""
+        if self.peers is None:
+            return self.cache.stats.fetched_bytes
+        return self.peers.stats()['repository_bytes']
 
     def names(self) -> list[str]:
         with self._lock:
@@ -184,14 +260,19 @@ class MirrorManager:
             raise exception.MirrorError(
                 f'unknown guest phase {phase!r} for mirror {name}; expected one of '
                 f'{", ".join(profile_mod.MARKERS)}') from None
-        self.get(name).disk.recorder.advance(recording)
+        mirror = self.get(name)
+        mirror.disk.recorder.advance(recording)
+        if mirror.trace is not None:
+            mirror.trace.mark(phase)
 
     def _close(self, mirror: Mirror, delete: bool = False) -> None:
         self.server.remove_export(mirror.name)
+        if mirror.trace is not None:
+            mirror.trace.close()  # the server no longer touches it: the trace is whole
         needed = mirror.disk.fetched_indexes()
         LOG.info('mirror %s: needed %d chunks of %s from the node cache; the node has fetched '
                  '%d bytes from the warehouse', mirror.name, len(needed),
-                 mirror.disk.manifest.ref, self.cache.stats.fetched_bytes)
+                 mirror.disk.manifest.ref, self.warehouse_bytes())
         if mirror.prefetcher is not None:
             mirror.prefetcher.stop()
         if mirror.records_profile and any(mirror.disk.recorder.profile().values()):
@@ -243,9 +324,17 @@ class MirrorManager:
                 LOG.error('mirror %s did not close cleanly: %s', mirror.name, exc)
                 failure = failure or exc
         try:
-            self.server.stop()
+            if self.persister is not None:
+                # Before the cache closes: a write cut short is the sweeps' to finish.
+                self.persister.stop()
+            if self.peer_server is not None:
+                self.peer_server.stop()  # first: no peer reads the cache once it is closed
+                self._peer_client.close()
         finally:
-            self.cache.close()
+            try:
+                self.server.stop()
+            finally:
+                self.cache.close()
         if failure is not None:
             raise failure
 

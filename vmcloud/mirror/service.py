@@ -57,6 +57,10 @@ METHODS: dict[str, Callable[..., Any]] = {
     'barrier': lambda mirrors, key, names: mirrors.barrier(key, names),
     'upload': lambda mirrors, key, targets: mirrors.upload(key, targets),
     'discard': lambda mirrors, key: mirrors.discard(key),
+    'wait_persistent': lambda mirrors, key, seconds: mirrors.wait_persistent(key, seconds),
+    'peer_url': lambda mirrors: mirrors.peer_url(),
+    'set_peers': lambda mirrors, me, peers: mirrors.set_peers(me, peers),
+    'peer_stats': lambda mirrors: mirrors.peer_stats(),
 }
 
 

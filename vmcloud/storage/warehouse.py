@@ -3,7 +3,11 @@
 An image is a sequence of versions; a version is a Manifest. A snapshot is a
 version that names its parent and shares every chunk it did not change. A
 version becomes visible only when its manifest is stored, and its manifest is
-stored only after all its chunks are durable.
+stored only after all its chunks are durable: in the store, or, for a snapshot
+written with a ``ChunkSink`` (the compute nodes' peer replicas), on the disks the
+sink names, until they are written to the store in the background
+(``store_chunks``). Such a version says so in its source (``REPLICATED_CHUNKS``)
+and ``is_whole`` tells whether the store holds all of it yet.
 """
 import collections
 import concurrent.futures
@@ -13,7 +17,7 @@ import os
 import shutil
 import stat
 import tempfile
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from oslo_config import cfg
 
@@ -40,13 +44,46 @@ MISSING_BATCH_BYTES = 16 * 1024 ** 2
 HOLD_PREFIX = 'hold.'
 # So that hold.VERSION.HOLDER fits an attachment name (128) with an 18-digit version.
 MAX_HOLDER_LENGTH = 96
+# Chunks a writer with a sink offers it at a time, whatever the store's own batch: a
+# sink places them on peers in parallel, and a batch of one would be one round trip each.
+SINK_BATCH = 64
+# The manifest source field of a version some of whose chunks a sink took: how many.
+REPLICATED_CHUNKS = 'replicated_chunks'
+
+
+class ChunkSink(Protocol):
+    """Where a snapshot's new chunks may go instead of the store, for now.
+
+    ``take`` gets chunks the store lacks and answers the ids it has made durable
+    elsewhere (on peer nodes); the writer stores every other one itself, in the same
+    session. Whoever provides the sink writes what it took to the store later
+    (``Warehouse.store_chunks``).
+    """
+
+    def take(self, chunks: dict[str, bytes]) -> set[str]:
+        """The ids among ``chunks`` kept durably elsewhere from now on. Never raises
+        for a place that refuses or fails: its chunks are simply not taken."""
 
 
 @dataclasses.dataclass
 class WriteResult:
     manifest: Manifest
     new_bytes: int
-    """Chunk bytes this write added to the store, after deduplication."""
+    """Chunk bytes this write added to the store, after deduplication (with those a
+    sink took: the store gets them later)."""
+    pending: frozenset[str] = frozenset()
+    """Chunks of the version that a sink took: not in the store yet."""
+
+
+@dataclasses.dataclass
+class StoredChunks:
+    """What ``store_chunks`` did."""
+    present: set[str] = dataclasses.field(default_factory=set)
+    """The ids given that the store holds now (stored by this call or before)."""
+    new_bytes: int = 0
+    """Bytes this call stored."""
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Ids whose bytes could not be had (or did not match the id), with the reason."""
 
 
 @dataclasses.dataclass
@@ -99,45 +136,63 @@ class Stats:
 
 
 class _Uploader:
-    """Feeds one write session: asks missing() a batch at a time, puts only the lacking.
+    """Feeds one write session: asks missing() a batch at a time, puts only the lacking
+    (offering them to ``sink`` first, if given: it keeps some elsewhere).
 
-    ``new_bytes[owner]``: bytes of the chunks put for each owner (an item of a
-    snapshot_many), a chunk counting for the first owner that fed it.
+    ``new_bytes[owner]``: bytes of the chunks put (or taken by the sink) for each owner
+    (an item of a snapshot_many), a chunk counting for the first owner that fed it.
+    ``taken``: the ids the sink took.
     """
 
-    def __init__(self, session: backend_mod.WriteSession):
+    def __init__(self, session: backend_mod.WriteSession, sink: ChunkSink | None = None):
         self.session = session
+        self.sink = sink
         self.new_bytes: collections.Counter[int] = collections.Counter()
+        self.taken: set[str] = set()
         self.failed = False
         """Whether a call to the session raised: the session is broken, not an item."""
         self._batch: dict[str, tuple[bytes, int]] = {}
         self._batch_bytes = 0
+        self._batch_size = (session.MISSING_BATCH if sink is None
+                            else max(session.MISSING_BATCH, SINK_BATCH))
         # A chunk waiting for the answer must outlive the caller's buffer.
-        self._copy = session.MISSING_BATCH > 1
+        self._copy = self._batch_size > 1
 
     def feed(self, chunks: Iterable[chunker.Chunk], owner: int) -> list[str | None]:
         """Send what the store lacks of ``chunks``. :returns: every chunk's id, in order."""
         chunk_ids = []
         for _index, data, chunk_id in chunks:
             chunk_ids.append(chunk_id)
-            if data is not None and chunk_id not in self._batch:
+            # A chunk the sink took is not in the session: the session would call it
+            # missing again, and it would be placed twice.
+            if data is not None and chunk_id not in self._batch and chunk_id not in self.taken:
                 self._batch[chunk_id] = (bytes(data) if self._copy else data, owner)
                 self._batch_bytes += len(data)
-                if (len(self._batch) >= self.session.MISSING_BATCH
+                if (len(self._batch) >= self._batch_size
                         or self._batch_bytes >= MISSING_BATCH_BYTES):
                     self.flush()
         return chunk_ids
 
     def flush(self) -> None:
-        """Ask about the batch, put what is missing. :raises: StorageError."""
+        """Ask about the batch, put what is missing (and the sink did not take).
+
+        :raises: StorageError; what the sink raised.
+        """
         batch, self._batch, self._batch_bytes = self._batch, {}, 0
         if not batch:
             return
         try:
             lacking = self.session.missing(batch)
+            taken = set()
+            if self.sink is not None and lacking:
+                taken = self.sink.take({chunk_id: data for chunk_id, (data, _owner)
+                                        in batch.items() if chunk_id in lacking})
             for chunk_id, (data, owner) in batch.items():
                 if chunk_id in lacking:
-                    self.session.put_chunk(chunk_id, data)
+                    if chunk_id in taken:
+                        self.taken.add(chunk_id)
+                    else:
+                        self.session.put_chunk(chunk_id, data)
                     self.new_bytes[owner] += len(data)
         except BaseException:
             self.failed = True
@@ -280,7 +335,8 @@ class Warehouse:
             source={'changed_chunks': len(changes)})
 
     def snapshot_many(self, items: Sequence[tuple[VersionRef, Mapping[int, bytes]]],
-                      targets: Sequence[str] | None = None
+                      targets: Sequence[str] | None = None,
+                      chunk_sink: ChunkSink | None = None
                       ) -> list[WriteResult | exception.StorageError]:
         """snapshot_chunks for several parents at once, in one write session.
 
@@ -301,9 +357,15 @@ class Warehouse:
         until gc. ``new_bytes`` of a chunk shared by items counts for the first of
         them.
 
+        With ``chunk_sink``, the chunks the store lacks are offered to it first, a
+        batch at a time; those it takes are not written to the store, and each
+        manifest is stored as soon as the session commits all the same: the sink
+        holds them durably. A result's ``pending`` names the chunks of its version
+        the sink took, and its manifest's source counts them (``REPLICATED_CHUNKS``).
+
         :raises: StorageError if ``targets`` does not name one image per item
             (before anything is written), or if the write session fails (no
-            item's manifest is written then).
+            item's manifest is written then); what the sink raised.
         """
         if targets is not None and len(targets) != len(items):
             raise exception.StorageError(
@@ -313,7 +375,7 @@ class Warehouse:
         planned = []
         with self.backend.shared_lock():
             session = self.backend.begin_write()
-            uploader = _Uploader(session)
+            uploader = _Uploader(session, chunk_sink)
             try:
                 bases: dict[VersionRef, Manifest] = {}
                 for number, (parent, changes) in enumerate(items):
@@ -342,16 +404,130 @@ class Warehouse:
                 session.abort()
                 raise
             for number, target, base, chunk_ids, count in planned:
+                pending = frozenset(c for c in chunk_ids if c in uploader.taken)
+                source = {'changed_chunks': count}
+                if pending:
+                    source[REPLICATED_CHUNKS] = len(pending)
                 try:
                     manifest = self._store_manifest(
                         target, base.ref, False,
-                        base.size, base.chunk_size, chunk_ids, {'changed_chunks': count})
+                        base.size, base.chunk_size, chunk_ids, source)
                 except exception.StorageError as exc:
                     results[number] = exc
                 else:
                     results[number] = WriteResult(manifest=manifest,
-                                                  new_bytes=uploader.new_bytes[number])
+                                                  new_bytes=uploader.new_bytes[number],
+                                                  pending=pending)
         return results
+
+    def store_chunks(self, chunk_ids: Iterable[str],
+                     read: Callable[[str], bytes]) -> StoredChunks:
+        """Write the chunks ``chunk_ids`` the store lacks, in one write session, their
+        bytes from ``read(chunk_id)`` (asked only for those the store lacks): what a
+        sink took for a snapshot, made persistent. Bytes that do not hash to their id
+        are never stored.
+
+        A chunk ``read`` cannot give (it raises VmcloudError or OSError) or gives
+        wrong is left out and named in ``unreadable``; the others are stored.
+
+        :raises: StorageError if the store cannot be asked or the session fails
+            (nothing of it is stored then).
+        """
+        result = StoredChunks()
+        wanted = list(dict.fromkeys(chunk_ids))
+        with self.backend.shared_lock():
+            session = self.backend.begin_write()
+            try:
+                for start in range(0, len(wanted), SINK_BATCH):
+                    batch = wanted[start:start + SINK_BATCH]
+                    lacking = session.missing(batch)
+                    for chunk_id in batch:
+                        if chunk_id not in lacking:
+                            result.present.add(chunk_id)
+                            continue
+                        try:
+                            data = read(chunk_id)
+                        except (exception.VmcloudError, OSError) as exc:
+                            result.unreadable[chunk_id] = f'{type(exc).__name__}: {exc}'
+                            continue
+                        actual = manifest_mod.chunk_id(data)
+                        if actual != chunk_id:
+                            result.unreadable[chunk_id] = str(
+                                exception.CorruptChunk(chunk_id, actual))
+                            continue
+                        session.put_chunk(chunk_id, data)
+                        result.present.add(chunk_id)
+                        result.new_bytes += len(data)
+                session.commit()
+            except BaseException:
+                session.abort()
+                raise
+        return result
+
+    def missing(self, chunk_ids: Iterable[str]) -> set[str]:
+        """The ids among ``chunk_ids`` the store does not hold now: one another writer
+        (another node, another process) stored before the call is never among them.
+
+        A backend may answer its own missing() from what it last looked at (the file
+        backend's pack index), so the ids it calls missing are asked again of a write
+        session, which looks afresh; it is aborted, nothing written.
+
+        :raises: StorageError if the store cannot be asked.
+        """
+        lacking = self.backend.missing(list(dict.fromkeys(chunk_ids)))
+        if not lacking:
+            return lacking
+        with self.backend.shared_lock():
+            session = self.backend.begin_write()
+            try:
+                return session.missing(sorted(lacking))
+            finally:
+                session.abort()
+
+    def is_whole(self, image: str, version: int,
+                 known: set[VersionRef] | None = None) -> bool:
+        """Whether the store holds every chunk of ``image:version``.
+
+        A version written without a sink is whole once its parent is (its own chunks
+        were committed before its manifest); one a sink took chunks of
+        (``REPLICATED_CHUNKS`` in its source) is whole once the store has the chunks
+        it has and its parent has not, and its parent is whole. So the store is asked
+        only about chunks sinks took, whatever the size of the image. ``known``: the
+        versions known whole already (a whole version stays whole); the ones found
+        whole are added to it.
+
+        :raises: ImageNotFound, CorruptManifest; StorageError.
+        """
+        known = set() if known is None else known
+        read: dict[VersionRef, Manifest] = {}
+
+        def manifest_of(ref: VersionRef) -> Manifest:
+            if ref not in read:
+                read[ref] = self.manifest(ref.image, ref.version)
+            return read[ref]
+
+        chain: list[Manifest] = []
+        ref: VersionRef | None = VersionRef(image, int(version))
+        while ref is not None and ref not in known:
+            chain.append(manifest_of(ref))
+            ref = chain[-1].parent
+        # The chunks each version has and its parent has not, for those a sink took
+        # chunks of: the only ones the store may lack.
+        asked: dict[VersionRef, set[str]] = {}
+        for manifest in chain:
+            if manifest.source.get(REPLICATED_CHUNKS):
+                own = manifest.data_chunk_ids()
+                if manifest.parent is not None:
+                    own -= manifest_of(manifest.parent).data_chunk_ids()
+                asked[manifest.ref] = own
+        lacking = self.missing(set().union(*asked.values())) if asked else set()
+        whole = True
+        # Oldest first: a version is whole only if every one before it is.
+        for manifest in reversed(chain):
+            whole = whole and not asked.get(manifest.ref, set()) & lacking
+            if whole:
+                known.add(manifest.ref)
+        return whole
 
     @staticmethod
     def _changed_chunks(base: Manifest, changes: Mapping[int, bytes],

@@ -1,5 +1,7 @@
 """The all-in-one cloud's compute managers: a node restarts without losing its guests, and
 stale work for it is dropped (fake driver, fake:// transport, SQLite)."""
+import threading
+
 from vmcloud import allinone
 from vmcloud import exception
 from vmcloud import polling
@@ -100,6 +102,29 @@ class AllInOneComputeTest(helpers.CloudTestCase):
 
 
 class AllInOneStartTest(base.TestCase):
+    def test_every_node_learns_the_whole_peer_set_as_the_cloud_starts(self):
+        # Not at its next heartbeat: the first nodes' first ones came before the last
+        # node registered.
+        self.addCleanup(allinone.rpc.cleanup)
+        self.conf.set_override('agent', 'fake', 'network')
+        self.conf.set_override('heartbeat_interval', 600)
+        cloud = allinone.AllInOne(self.conf, hosts=3, driver='fake')
+        started = []
+        for compute in cloud.computes:
+            def refresh(compute=compute, refresh=compute.refresh_peers):
+                peers = refresh()
+                if threading.current_thread() is threading.main_thread():
+                    started.append((compute.host, sorted(peers)))
+                return peers
+            compute.refresh_peers = refresh
+        cloud.start()
+        self.addCleanup(cloud.stop)
+        self.assertEqual([(f'node{i}', ['node1', 'node2', 'node3']) for i in (1, 2, 3)],
+                         started)
+        for compute in cloud.computes:
+            self.assertEqual(['node1', 'node2', 'node3'],
+                             sorted(compute.mirrors.peer_stats()['peers']))
+
     def test_a_start_that_fails_stops_what_it_started(self):
         self.addCleanup(allinone.rpc.cleanup)
         self.conf.set_override('agent', 'fake', 'network')

@@ -38,6 +38,8 @@ class Reports:
         self.instances: list[dict] = []
         self.wanted = True
         self.register_errors: list[Exception] = []
+        # chunk_peers' answers, one per call (the last one stays), or errors to raise.
+        self.peers: list[dict | Exception] = [{}]
 
     def _record(self, method: str, *args) -> None:
         with self.changed:
@@ -48,9 +50,9 @@ class Reports:
         return lambda *args: self._record(method, *args)
 
     def register_host(self, host: str, node_id: str, incarnation: str, capacity: dict,
-                      vtep_address: str) -> dict:
+                      vtep_address: str, peer_url: str = '') -> dict:
         self._record('register_host', host, node_id, incarnation)
-        self.vtep_address = vtep_address
+        self.vtep_address, self.peer_url, self.capacity = vtep_address, peer_url, capacity
         if self.register_errors:
             raise self.register_errors.pop(0)
         return {'instances': self.instances}
@@ -58,6 +60,13 @@ class Reports:
     def build_wanted(self, instance_id: str, host: str, attempt: int) -> bool:
         self._record('build_wanted', instance_id, host, attempt)
         return self.wanted
+
+    def chunk_peers(self, timeout: float | None = None) -> dict[str, str]:
+        self._record('chunk_peers', timeout)
+        answer = self.peers.pop(0) if len(self.peers) > 1 else self.peers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def of(self, method: str) -> list[tuple]:
         return [r[1:] for r in self.sent if r[0] == method]
@@ -161,7 +170,8 @@ class ComputeManagerTest(base.TestCase):
         finds them: the node's mirror service outlives its managers."""
         kwargs.setdefault('driver', self.driver)
         kwargs.setdefault('network_agent', self.agent)
-        compute = manager.ComputeManager(self.conf, self.mirrors, 'node1',
+        mirrors = kwargs.pop('mirrors', self.mirrors)
+        compute = manager.ComputeManager(self.conf, mirrors, 'node1',
                                          warehouse=self.warehouse, **kwargs)
         compute.dispatcher = self.reports
         return compute
@@ -359,6 +369,122 @@ class ComputeManagerTest(base.TestCase):
         self.assertEqual(['vm1'], running)
         self.assertNotIn('fetched_bytes', capacity)
         self.assertNotIn('cache_bytes', capacity)
+
+    # -- the peer exchange ------------------------------------------------------------
+
+    def peer_mirrors(self) -> mirror_api.LocalMirrors:
+        """In-process mirrors of the peer exchange: their chunk server on loopback."""
+        self.conf.set_override('peer_address', '127.0.0.1', 'mirror')
+        self.conf.set_override('peer_port', 0, 'mirror')
+        mirrors = mirror_api.LocalMirrors(self.conf, self.warehouse,
+                                          root=os.path.join(self.tmp, 'peer-node'))
+        self.addCleanup(mirrors.close)
+        return mirrors
+
+    def started(self, compute: manager.ComputeManager) -> manager.ComputeManager:
+        compute.start()
+        self.addCleanup(compute.stop)
+        return compute
+
+    def test_registration_carries_the_peer_url_and_each_heartbeat_the_peers(self):
+        self.conf.set_override('heartbeat_interval', 1)
+        mirrors = self.peer_mirrors()
+        url = mirrors.peer_url()
+        self.assertTrue(url.startswith('http://127.0.0.1:'), url)
+        first = {'node1': url, 'node2': 'http://10.0.0.2:9495'}
+        second = {'node1': url, 'node3': 'http://10.0.0.3:9495'}
+        self.reports.peers = [first, second]
+        compute = self.started(self.new_manager(mirrors=mirrors))
+        self.assertEqual((url, url), (self.reports.peer_url, compute.peer_url))
+        # The node set the dispatcher answers after each heartbeat reaches the mirrors.
+        polling.wait(lambda: mirrors.peer_stats()['peers'], lambda peers: peers == second,
+                     WAIT, 'the second peer set in the mirrors', interval=0.05)
+        self.assertEqual('node1', mirrors.peer_stats()['host'])
+        # Asked within a heartbeat interval, after a heartbeat each time.
+        self.assertEqual({1}, set(t for t, in self.reports.wait_for('chunk_peers', 2)))
+        methods = [r[0] for r in self.reports.sent if r[0] in ('report_heartbeat',
+                                                               'chunk_peers')]
+        self.assertEqual(['report_heartbeat', 'chunk_peers'] * 2, methods[:4])
+        # The heartbeat carries the bytes had from peers (none yet).
+        (_host, capacity, _incarnation, _running), = self.reports.of('report_heartbeat')[:1]
+        self.assertEqual(0, capacity['peer_bytes'])
+
+    def test_without_peers_no_url_no_peer_set_and_no_peer_bytes(self):
+        self.conf.set_override('heartbeat_interval', 1)
+        self.started(self.compute)
+        self.reports.wait_for('report_heartbeat', 2)  # the first beat's refresh is over
+        self.assertEqual('', self.reports.peer_url)
+        self.assertEqual([], self.reports.of('chunk_peers'))
+        self.assertNotIn('peer_bytes', self.reports.of('report_heartbeat')[0][1])
+        self.assertIsNone(self.compute.refresh_peers())
+
+    def test_a_mirror_service_of_before_leaves_the_node_out_of_the_exchange(self):
+        self.conf.set_override('heartbeat_interval', 1)
+        mirrors = self.peer_mirrors()
+
+        def of_before(*args):
+            raise exception.MirrorRequestInvalid("unknown method 'peer_url'; the mirror "
+                                                 'service offers create, names')
+        mirrors.peer_url = mirrors.set_peers = mirrors.peer_stats = of_before
+        logged = self.useFixture(fixtures.FakeLogger(level=logging.WARNING))
+        compute = self.started(self.new_manager(mirrors=mirrors))
+        self.reports.wait_for('report_heartbeat', 2)
+        self.assertEqual('', self.reports.peer_url)
+        self.assertEqual([], self.reports.of('chunk_peers'))
+        self.assertNotIn('peer_bytes', self.reports.of('report_heartbeat')[-1][1])
+        self.assertIn('compute host node1 takes no part in the peer exchange: its mirrors '
+                      "cannot tell their peer URL: unknown method 'peer_url'", logged.output)
+        self.assertTrue(compute._heartbeat.is_alive())
+
+    def test_a_peer_set_not_had_or_not_taken_leaves_the_last_one(self):
+        self.conf.set_override('heartbeat_interval', 60)  # one beat, at the start
+        mirrors = self.peer_mirrors()
+        first = {'node1': mirrors.peer_url(), 'node2': 'http://10.0.0.2:9495'}
+        self.reports.peers = [first, exception.MessagingError('the dispatcher is away, on '
+                                                              'purpose'),
+                              {'node1': mirrors.peer_url()}]
+        compute = self.started(self.new_manager(mirrors=mirrors))
+        polling.wait(lambda: mirrors.peer_stats()['peers'], lambda peers: peers == first,
+                     WAIT, 'the first peer set', interval=0.05)
+        logged = self.useFixture(fixtures.FakeLogger(level=logging.WARNING))
+        self.assertIsNone(compute.refresh_peers())
+        self.assertIn('peers of node1 not refreshed, the last known set stays: cannot ask '
+                      'the dispatcher: the dispatcher is away', logged.output)
+        self.assertEqual(first, mirrors.peer_stats()['peers'])
+        taken = mirrors.set_peers
+
+        def refused(me, peers):
+            raise exception.MirrorServiceUnavailable('/run/m.sock', 'restarting, on purpose')
+        mirrors.set_peers = refused
+        self.assertIsNone(compute.refresh_peers())
+        self.assertIn('its mirrors refused the set: mirror service', logged.output)
+        mirrors.set_peers = taken
+        self.assertEqual({'node1': mirrors.peer_url()}, compute.refresh_peers())
+        self.assertEqual({'node1': mirrors.peer_url()}, mirrors.peer_stats()['peers'])
+
+    def test_the_heartbeat_outlives_a_bug_in_the_peer_refresh(self):
+        self.conf.set_override('heartbeat_interval', 1)
+        mirrors = self.peer_mirrors()
+        self.reports.peers = [RuntimeError('a bug, on purpose')]
+        logged = self.useFixture(fixtures.FakeLogger(level=logging.WARNING))
+        compute = self.started(self.new_manager(mirrors=mirrors))
+        self.reports.wait_for('report_heartbeat', 3)
+        self.assertTrue(compute._heartbeat.is_alive())
+        self.assertIn('peers of node1 not refreshed', logged.output)
+
+    def test_capacity_carries_the_bytes_had_from_peers_when_they_can_be_read(self):
+        mirrors = self.peer_mirrors()
+        compute = self.started(self.new_manager(mirrors=mirrors))
+        read = mirrors.peer_stats
+        mirrors.peer_stats = lambda: dict(read(), peer_bytes=12345)
+        self.assertEqual(12345, compute.capacity()['peer_bytes'])
+
+        def away():
+            raise exception.MirrorServiceUnavailable('/run/m.sock', 'restarting, on purpose')
+        mirrors.peer_stats = away
+        capacity = compute.capacity()
+        self.assertNotIn('peer_bytes', capacity)
+        self.assertIn('cache_bytes', capacity)
 
     def test_stopping_leaves_guests_and_mirrors_running(self):
         self.build('vm1')
@@ -876,7 +1002,8 @@ class ComputeManagerTest(base.TestCase):
             self.assertGreater(results[name]['pause_ms'], 0)
         done = self.reports.wait_for('snapshot_item_done', 2)
         by_id = {d[1]: d for d in done}
-        _, _, version, uploaded, error = by_id['id-vm1']
+        _, _, version, uploaded, error, persistent = by_id['id-vm1']
+        self.assertTrue(persistent)  # no peers: in the warehouse at once
         self.assertEqual('', error)
         self.assertEqual(chunk, uploaded)
         self.assertEqual('vm1-snap', version.split(':')[0])  # its own lineage
@@ -890,7 +1017,8 @@ class ComputeManagerTest(base.TestCase):
             self.assertIn('frozen_at', result)
         self.compute.barrier_and_thaw({}, 'snap1', self.items(names))
         done = self.reports.wait_for('snapshot_item_done', len(names))
-        return {instance_id: rest for _snapshot, instance_id, *rest in done}
+        # (The last, persistent, is true without peers: tests/unit/mirror/test_api.py.)
+        return {instance_id: rest[:3] for _snapshot, instance_id, *rest in done}
 
     def test_each_disk_is_synced_while_its_guest_runs_then_frozen(self):
         self.build('vm1')
@@ -1011,7 +1139,7 @@ class ComputeManagerTest(base.TestCase):
         results = self.compute.barrier_and_thaw({}, 'snap1', self.items(['vm1', 'vm2']))
         self.assertIn('No space left on device, on purpose', results['vm2']['error'])
         self.assertFalse(self.driver.instances['vm2'].io_frozen)
-        (_snapshot, instance_id, _version, _uploaded, error), = self.reports.wait_for(
+        (_snapshot, instance_id, _version, _uploaded, error, _persistent), = self.reports.wait_for(
             'snapshot_item_done')
         self.assertEqual(('id-vm1', ''), (instance_id, error))
 

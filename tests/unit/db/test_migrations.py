@@ -286,5 +286,49 @@ class Upgrade0004WithRowsTest(base.TestCase):
         self.upgrade_0004_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
 
 
+class Upgrade0005WithRowsTest(base.TestCase):
+    """0006 (the peer exchange) on a database of 0005 with a host in it, on SQLite and
+    on PostgreSQL: the host has no peer URL, so it is in no peer set until its manager
+    registers again with one."""
+
+    def upgrade_0005_rows(self, url: str) -> None:
+        self.conf.set_override('connection', url, 'database')
+        db = db_api.Database(self.conf)
+        self.addCleanup(db.dispose)
+        config = alembic.config.Config()
+        config.set_main_option('script_location', db_api.MIGRATIONS)
+        with db.engine.begin() as connection:
+            config.attributes['connection'] = connection
+            alembic.command.upgrade(config, '0005')
+            connection.execute(sqlalchemy.text(
+                "INSERT INTO hosts (name, up, state, node_id, incarnation, vcpus, "
+                "memory_mib, disk_bytes_free, last_heartbeat, vtep_address, cpus, "
+                "cpu_busy, cache_bytes, fetched_bytes, peer_bytes) VALUES ('node1', true, "
+                "'up', 'id-node1', 'inc', 4, 4096, 1, '2026-01-01', '', 4, 0.5, 10, 20, 0)"))
+        db.upgrade()
+        with db.engine.connect() as connection:
+            context = alembic.migration.MigrationContext.configure(
+                connection, opts={'compare_type': True, 'compare_server_default': True})
+            self.assertEqual([], alembic.autogenerate.compare_metadata(
+                context, models.Base.metadata))
+        with db.session() as session:
+            host, = db_api.hosts(session)
+            self.assertEqual(('node1', 10, ''), (host.name, host.cache_bytes, host.peer_url))
+            self.assertEqual({}, db_api.peer_urls(session, 'up'))
+            host.peer_url = 'http://10.0.0.1:9495'
+        with db.session() as session:
+            self.assertEqual({'node1': 'http://10.0.0.1:9495'},
+                             db_api.peer_urls(session, 'up'))
+
+    def test_sqlite(self):
+        self.upgrade_0005_rows(f'sqlite:///{self.tmp}/old.sqlite')
+
+    def test_postgresql(self):
+        database = f'vmcloud_migrations_0006_{os.getpid()}'
+        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
+        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
+        self.upgrade_0005_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
+
+
 def admin(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=60)

@@ -460,8 +460,8 @@ class ListTest(SnapshotterTestCase):
         self.assertEqual(['s-3', 's-2', 's-1'], [s['id'] for s in self.snapshots.list()])
         listed = self.snapshots.list(self.deployment_id)
         self.assertEqual(['s-3', 's-1'], [s['id'] for s in listed])
-        self.assertEqual({'id', 'deployment_id', 'state', 'reason', 'created_at'},
-                         set(listed[0]))
+        self.assertEqual({'id', 'deployment_id', 'state', 'reason', 'created_at',
+                          'replicated', 'persistent'}, set(listed[0]))
         self.assertRaises(exception.DeploymentNotFound, self.snapshots.list, 'nope')
 
 

@@ -4,6 +4,11 @@ The fake and sim drivers run it at unit level (tests/unit/drivers/test_conforman
 qemu and libvirt boot the real test guest (tests/functional/drivers/test_conformance.py).
 A subclass sets ``driver_name`` and may override ``instance_spec`` (how a spec of this
 driver's guest is made) and the writing-guest hooks of the snapshot barrier case.
+
+Tests that need what not every driver has are in groups: a capability
+(``GROUP_CAPABILITIES``), or a guest that answers on its network (``GUEST_NETWORK``). A
+driver without it leaves the group out of ``groups``, and those tests are then not
+collected for it at all (they do not apply; a skip would say they might).
 """
 import dataclasses
 import os
@@ -24,6 +29,21 @@ Capability = driver_base.Capability
 # it unreachable is the bridge alone.
 A1, A2, B1 = '10.99.1.2', '10.99.1.3', '10.99.1.4'
 PREFIX = 24
+
+# The groups of tests that only a driver with the capability runs.
+GROUP_CAPABILITIES = {'pause': Capability.PAUSE, 'barrier': Capability.SNAPSHOT_BARRIER,
+                      'nics': Capability.BRIDGED_NIC}
+# Tests of a guest that talks on its NICs (DHCP, HTTP): there is one to boot.
+GUEST_NETWORK = 'guest-network'
+GROUPS = frozenset(GROUP_CAPABILITIES) | {GUEST_NETWORK}
+
+
+def needs(*groups: str):
+    """Put a test of the suite in ``groups``: it runs for a driver that has them all."""
+    def mark(test):
+        test.conformance_groups = frozenset(groups)
+        return test
+    return mark
 
 
 def replace(spec: driver_base.InstanceSpec, **changes) -> driver_base.InstanceSpec:
@@ -54,6 +74,15 @@ class DriverConformance:
 
     driver_name: str
     boots_real_guest = True
+    #: the test groups this driver runs (see GROUP_CAPABILITIES and GUEST_NETWORK)
+    groups: frozenset[str] = GROUPS
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for attr, test in vars(DriverConformance).items():
+            if getattr(cls, attr) is test and \
+                    not getattr(test, 'conformance_groups', frozenset()) <= cls.groups:
+                setattr(cls, attr, None)  # not callable: the test loader passes it by
 
     def setUp(self):
         super().setUp()
@@ -114,6 +143,7 @@ class DriverConformance:
         phases = re.findall(r'^VMCLOUD-PHASE (\S+)', log, re.MULTILINE)
         self.assertEqual(list(driver_base.PHASES), phases)
 
+    @needs('pause')
     def test_pause_and_resume(self):
         spec = self.boot()
         self.driver.wait_for_event(spec.name, driver_base.APP_RUNNING, BOOT_TIMEOUT)
@@ -133,6 +163,7 @@ class DriverConformance:
                 time.sleep(0.1)
             self.assertGreater(self.ticks(spec.name), paused_at)
 
+    @needs('pause', 'barrier')
     def test_pause_of_a_stopped_guest_is_refused(self):
         spec = self.boot()
         self.driver.stop(spec.name, timeout=BOOT_TIMEOUT)
@@ -141,6 +172,7 @@ class DriverConformance:
             self.assertNotIsInstance(error, exception.NotSupported)
         self.assertEqual(driver_base.PowerState.SHUTDOWN, self.driver.power_state(spec.name))
 
+    @needs('barrier')
     def test_freeze_and_thaw_io(self):
         spec = self.boot()
         self.driver.freeze_io(spec.name)
@@ -161,6 +193,7 @@ class DriverConformance:
     def while_frozen(self, spec: driver_base.InstanceSpec) -> None:
         """What the guest tries while frozen (a real guest keeps trying by itself)."""
 
+    @needs('barrier')
     def test_freeze_flushes_the_guests_writes_and_holds_new_ones(self):
         spec, events = self.writing_guest()
         self.guest_writes(spec, events)
@@ -173,6 +206,7 @@ class DriverConformance:
         assert_barrier_held(self, events)
         self.assertEqual(driver_base.PowerState.RUNNING, self.driver.power_state(spec.name))
 
+    @needs('pause')
     def test_forced_stop_of_a_guest_that_ignores_acpi(self):
         spec = self.boot()
         # A paused guest cannot answer the power button, on any hypervisor.
@@ -191,10 +225,13 @@ class DriverConformance:
     def test_capabilities_are_declared_and_kept(self):
         capabilities = self.driver.capabilities
         self.assertIsInstance(capabilities, Capability)
-        # Every driver here runs the compute manager's whole job.
-        for needed in (Capability.PAUSE, Capability.SNAPSHOT_BARRIER, Capability.CONSOLE_LOG,
-                       Capability.PHASE_EVENTS, Capability.NBD_DISK, Capability.BRIDGED_NIC):
+        # Every driver here boots from a mirror and shows the compute manager its phases.
+        for needed in (Capability.CONSOLE_LOG, Capability.PHASE_EVENTS, Capability.NBD_DISK):
             self.assertTrue(self.driver.has(needed), f'{self.driver_name} lacks {needed}')
+        # A group is left out exactly when the driver does not claim its capability.
+        for group, capability in GROUP_CAPABILITIES.items():
+            self.assertEqual(group in self.groups, self.driver.has(capability),
+                             f'{self.driver_name}: test group {group} and {capability}')
         spec = self.boot()
         self.assertTrue(self.driver.has(Capability.CONSOLE_LOG))
         self.assertIn('VMCLOUD-PHASE boot-done', self.driver.console_log(spec.name))
@@ -255,6 +292,7 @@ class DriverConformance:
                           f'{self.driver.console_log(name)[-600:]}')
             time.sleep(0.5)
 
+    @needs('nics', GUEST_NETWORK)
     def test_guests_on_one_bridge_reach_each_other_and_no_other(self):
         # bridge 1 as small as the network agent's (VXLAN room): the NIC follows it
         bridge1, bridge2 = self.make_bridge(mtu=1450), self.make_bridge()
@@ -310,6 +348,7 @@ class DriverConformance:
             (({'mac': '52:54:00:12:34:56', 'bridge': bridge},), 'NIC 0 is a dict'),
         ]
 
+    @needs('nics')
     def test_validate_refuses_bad_nics(self):
         bridge = self.make_bridge()
         good = self.make_spec(nics=(driver_base.Nic('52:54:00:12:34:56', bridge),
@@ -325,9 +364,13 @@ class DriverConformance:
 
     # -- errors -----------------------------------------------------------------------
 
+    def remove_disk(self, spec: driver_base.InstanceSpec) -> None:
+        """Make ``spec``'s disk go away: by default a file, removed."""
+        os.unlink(spec.disk)
+
     def test_missing_disk(self):
         spec = self.make_spec()
-        os.unlink(spec.disk)
+        self.remove_disk(spec)
         error = self.assertRaises(exception.DiskNotFound, self.driver.spawn, spec)
         self.assertIn(spec.disk, str(error))
         self.assert_gone(spec.name)

@@ -61,7 +61,6 @@ from vmcloud.storage import protocol
 
 LOG = logging.getLogger(__name__)
 
-_CHUNK_ID = re.compile(r'[0-9a-f]{64}')
 _CHUNK_PATH = re.compile(protocol.API + r'/chunks/([^/]+)')
 _STAGE_PATH = re.compile(protocol.API + r'/chunks/([^/]+)/stage')
 _STATS_PATH = protocol.API + '/stats'
@@ -112,7 +111,7 @@ def _check_token(token: str) -> str:
 
 def check_chunk_id(chunk_id: str) -> str:
     """:raises: InvalidName unless ``chunk_id`` is 64 lowercase hex digits (a sha256)."""
-    if not isinstance(chunk_id, str) or not _CHUNK_ID.fullmatch(chunk_id):
+    if not isinstance(chunk_id, str) or not manifest_mod.CHUNK_ID.fullmatch(chunk_id):
         raise exception.InvalidName(
             f'invalid chunk id {chunk_id!r:.80}: a chunk id is 64 lowercase hex digits')
     return chunk_id

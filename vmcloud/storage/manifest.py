@@ -28,7 +28,8 @@ _IMAGE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
 # ASCII digits only: str.isdigit() accepts '²', which int() then refuses. 18 digits
 # keep int() far from its length limit and a version far from overflow anywhere.
 _VERSION = re.compile(r'[0-9]{1,18}')
-_CHUNK_ID = re.compile(r'[0-9a-f]{64}')
+# What a chunk id looks like: a sha256 in lowercase hex.
+CHUNK_ID = re.compile(r'[0-9a-f]{64}')
 
 
 def validate_image_name(name: str, what: str = 'image') -> str:
@@ -197,7 +198,7 @@ class Manifest:
             fields = _fields_of(header)
             for entry in chunks:
                 if entry is not None and not (isinstance(entry, str)
-                                              and _CHUNK_ID.fullmatch(entry)):
+                                              and CHUNK_ID.fullmatch(entry)):
                     raise ValueError(f'invalid chunk id {entry!r}')
             manifest = cls(chunks=chunks, **fields)
             if newline and header['data_chunks'] != sum(1 for c in chunks if c):

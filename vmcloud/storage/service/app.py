@@ -13,7 +13,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import re
 
 from aiohttp import web
 
@@ -28,7 +27,6 @@ LOG = logging.getLogger(__name__)
 
 CHUNK = r'{chunk_id:[0-9a-f]{64}}'
 VERSION = r'{version:[1-9][0-9]{0,17}}'
-_CHUNK_ID = re.compile(r'[0-9a-f]{64}')
 # The longest a client may make the service hold a request open waiting for a lease.
 MAX_LEASE_WAIT = 20.0
 _ITER_BATCH = 4096
@@ -149,7 +147,7 @@ class WarehouseApp:
     async def missing(self, request: web.Request) -> web.Response:
         ids = (await _body_json(request)).get('chunks')
         if (not isinstance(ids, list) or len(ids) > protocol.MAX_MISSING_QUERY
-                or not all(isinstance(i, str) and _CHUNK_ID.fullmatch(i) for i in ids)):
+                or not all(isinstance(i, str) and manifest_mod.CHUNK_ID.fullmatch(i) for i in ids)):
             raise protocol.RequestRefused(
                 f'"chunks" must be a list of at most {protocol.MAX_MISSING_QUERY} chunk ids')
         self.counters['missing_queries'] += 1
@@ -323,7 +321,7 @@ class WarehouseApp:
                 complete = True
                 break
             if word:
-                if not _CHUNK_ID.fullmatch(word):
+                if not manifest_mod.CHUNK_ID.fullmatch(word):
                     raise protocol.RequestRefused(f'not a chunk id in the referenced set: '
                                                   f'{word[:70]!r}')
                 referenced.add(word)

@@ -29,7 +29,7 @@ from tests import guest  # noqa: E402
 from vmcloud import exception  # noqa: E402
 from vmcloud.drivers import base as driver_base  # noqa: E402
 from vmcloud.mirror import manager as manager_mod  # noqa: E402
-from vmcloud.mirror import trace as trace_mod  # noqa: E402
+from vmcloud.nbd import trace as trace_mod  # noqa: E402
 from vmcloud.storage import warehouse as warehouse_mod  # noqa: E402
 
 CONF = cfg.CONF

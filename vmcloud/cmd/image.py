@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from oslo_config import cfg
 
@@ -19,6 +19,9 @@ from vmcloud.storage import warehouse as warehouse_mod
 from vmcloud.storage.manifest import Manifest
 from vmcloud.storage.manifest import ManifestSummary
 from vmcloud.storage.manifest import VersionRef
+
+if TYPE_CHECKING:
+    from vmcloud.mirror import staging as staging_types
 
 
 def _version_row(manifest: Manifest | ManifestSummary) -> dict:
@@ -49,7 +52,7 @@ def _run_with_progress(args, label, work, unit='bytes'):
 
 def do_import(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     if args.stage:
-        _chunk_peers(conf, args)  # no peer to stage to: refused before a long import
+        _stage_target(conf, args)  # nothing to stage to: refused before a long import
     warehouse = warehouse_mod.Warehouse(conf)
     result = _run_with_progress(
         args, f'importing {args.name}',
@@ -88,34 +91,50 @@ def _stage(conf: cfg.ConfigOpts, args: argparse.Namespace, warehouse: warehouse_
 
     :returns: the record to show, and the exit status: 1 if a peer was given up (the
         chunks it owns are a copy short).
-    :raises: ImageNotFound, StorageError; NoPeers; StagingFailed (a chunk no owner took);
-        what reaching the dispatcher raises.
+    :raises: ImageNotFound, StorageError; NoPeers; ReplicasUnknown; StagingFailed (a
+        chunk no owner took); what reaching the dispatcher raises.
     """
     from vmcloud.mirror import staging
 
     planned = staging.plan(warehouse, ref)
-    peers = _chunk_peers(conf, args)
+    peers, replicas, client = _stage_target(conf, args)
     bar = StageProgress(f'staging {planned.ref}', planned.total_bytes,
                         enabled=args.progress is not False)
     try:
-        result = staging.stage(planned.chunk_ids, peers, conf.mirror.peer_replicas,
-                               _peer_client(conf), progress=bar, threads=threads,
-                               sizes=planned.sizes)
+        result = staging.stage(planned.chunk_ids, peers, replicas, client, progress=bar,
+                               threads=threads, sizes=planned.sizes)
     finally:
         bar.close()
     print(f'vmcloud: staged {result.chunks} chunks ({result.bytes / MIB:.1f} MiB, '
-          f'{planned.source}) of {planned.ref} on {result.peers} peers in '
-          f'{result.seconds:.1f} s', file=sys.stderr)
+          f'{planned.source}) of {planned.ref} on {result.peers} peers, {replicas} owners '
+          f'a chunk, in {result.seconds:.1f} s', file=sys.stderr)
     for host, why in sorted(result.failed_peers.items()):
         short = sum(1 for hosts in result.short.values() if host in hosts)
         print(f'vmcloud: error: peer {host} failed every attempt and was given up: {why}; '
               f'{short} chunks it owns are a copy short', file=sys.stderr)
     record = {'image': planned.ref, 'source': planned.source, 'chunks': result.chunks,
-              'bytes': result.bytes, 'peers': result.peers, 'copies': result.copies,
+              'bytes': result.bytes, 'peers': result.peers, 'replicas': replicas,
+              'copies': result.copies,
               'short_chunks': len(result.short),
               'failed_peers': ' '.join(sorted(result.failed_peers)),
               'seconds': round(result.seconds, 3)}
     return record, 1 if result.failed_peers else 0
+
+
+def _stage_target(conf: cfg.ConfigOpts, args: argparse.Namespace
+                  ) -> tuple[dict[str, str], int, 'staging_types.Stager']:
+    """Where to stage: the peers up now (``_chunk_peers``), the number of owners a chunk
+    has among them as the nodes tell it (this CLI's own [mirror] peer_replicas is not
+    theirs), and the peer client to ask them with.
+
+    :returns: (peers, replicas, client).
+    :raises: NoPeers; ReplicasUnknown; what reaching the dispatcher raises.
+    """
+    from vmcloud.mirror import staging
+
+    peers = _chunk_peers(conf, args)
+    client = _peer_client(conf)
+    return peers, staging.peer_replicas(peers, client), client
 
 
 def _chunk_peers(conf: cfg.ConfigOpts, args: argparse.Namespace) -> dict[str, str]:

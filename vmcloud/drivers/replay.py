@@ -46,8 +46,8 @@ from vmcloud.drivers import base
 from vmcloud.drivers import console
 from vmcloud.drivers import nbd_uri
 from vmcloud.drivers import tap
-from vmcloud.mirror import trace as trace_mod
 from vmcloud.nbd import client as client_mod
+from vmcloud.nbd import trace as trace_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -280,8 +280,9 @@ class ReplayInstance:
             self._perform(index, event)
 
     def _perform(self, index: int, event: trace_mod.Event) -> None:
-        """One request on connection ``index``; a failure becomes the instance's crash.
-        Never raises."""
+        """One request on connection ``index``; any failure becomes the instance's crash,
+        named. Never raises: on a worker's thread an exception would end the thread with
+        the request still counted in flight, and the replay would wait for it forever."""
         client = self.clients[index]
         try:
             if event.op == trace_mod.READ:
@@ -298,6 +299,9 @@ class ReplayInstance:
             failure = None
         except client_mod.NbdClientError as exc:
             failure = str(exc)
+        except Exception as exc:  # a bug, here or in the client: still the guest's crash
+            LOG.exception('replay of %s: request %s failed', self.spec.name, event.line())
+            failure = f'internal error in request "{event.line()}": {type(exc).__name__}: {exc}'
         with self.condition:
             self.in_flight -= 1
             self._busy[index] = False

@@ -8,6 +8,11 @@ it reaches the secondaries from the primary (their exchange asks it first), so t
 warehouse serves each chunk once. Staging asks each owner's peer chunk server
 (``POST /v1/chunks/{id}/stage``) to hold the chunk, fetched its normal way; the bytes
 never pass through the caller.
+
+The owners are computed as the nodes compute them, with the number of owners a chunk
+has (``[mirror] peer_replicas``) the nodes use, which each tells in its /v1/stats
+(``replicas``; peer_replicas() asks them), not the caller's own configuration, which may
+well differ (a CLI on an operator's machine, with the default).
 """
 import dataclasses
 import logging
@@ -42,6 +47,13 @@ class Stager(Protocol):
         :raises: VmcloudError (PeerError, or the peer's StorageError).
         """
 
+    def stats(self, url: str) -> dict:
+        """The /v1/stats document of the peer chunk server at ``url``; its ``replicas``
+        is the node's ``[mirror] peer_replicas``.
+
+        :raises: VmcloudError (PeerError).
+        """
+
 
 class NoPeers(exception.MirrorError):
     """No compute node takes part in the peer exchange now: nothing to stage to."""
@@ -61,6 +73,26 @@ class StagingFailed(exception.MirrorError):
         tried = '; '.join(f'{host} at {url}: {why}' for host, (url, why) in failures.items())
         super().__init__(f'chunk {chunk_id} could not be staged on any of its owners '
                          f'({ATTEMPTS} attempts each): {tried}')
+
+
+class ReplicasUnknown(exception.MirrorError):
+    """The peers tell no one number of owners a chunk has: none told one, or two told
+    different ones. ``told``: {host: the replicas it told}; ``failures``: {host: why it
+    told none}."""
+
+    def __init__(self, told: dict[str, int], failures: dict[str, str]):
+        self.told = told
+        self.failures = failures
+        if told:
+            problem = ('the peers disagree on the owners of a chunk ([mirror] peer_replicas): '
+                       + ', '.join(f'{host} has {count}' for host, count in sorted(told.items()))
+                       + '; give the nodes one value')
+        else:
+            problem = 'no peer told its [mirror] peer_replicas'
+        if failures:
+            problem += ' (' + '; '.join(f'{host}: {why}'
+                                        for host, why in sorted(failures.items())) + ')'
+        super().__init__(f'cannot stage: {problem}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +157,45 @@ def _distinct(chunk_ids) -> list[str]:
     return list(dict.fromkeys(c for c in chunk_ids if c is not None))
 
 
+def peer_replicas(peers: Mapping[str, str], client: Stager) -> int:
+    """The number of owners a chunk has that the nodes of ``peers`` ({host: peer URL})
+    use, as each tells in its /v1/stats: staging must compute the owners they compute.
+    A peer that tells none (down, or not answering) is left out: the others decide, and
+    staging then gives that peer up as it gives up any peer that fails.
+
+    :raises: NoPeers if ``peers`` is empty; ReplicasUnknown if no peer told a number, or
+        two told different ones.
+    """
+    if not peers:
+        raise NoPeers('no compute host is up with a peer URL')
+    told: dict[str, int] = {}
+    failures: dict[str, str] = {}
+    for host in sorted(peers):
+        try:
+            replicas = client.stats(peers[host]).get('replicas')
+        except exception.VmcloudError as exc:
+            failures[host] = str(exc)
+            continue
+        try:
+            ownership.check_replicas(replicas)
+        except exception.MirrorError:
+            failures[host] = f'its stats at {peers[host]} have no replicas count: {replicas!r}'
+            continue
+        told[host] = replicas
+    if len(set(told.values())) != 1:
+        raise ReplicasUnknown(told, failures)
+    for host, why in failures.items():
+        LOG.info('staging: %s told no replicas count, the other peers decide: %s', host, why)
+    return next(iter(told.values()))
+
+
 def stage(chunk_ids: Sequence[str], peers: Mapping[str, str], replicas: int,
           client: Stager, progress: Progress | None = None, threads: int = 8,
           sizes: Mapping[str, int] | None = None) -> StageResult:
     """Stage each chunk on each of its ``replicas`` owners among ``peers`` ({host: peer
     URL}), the primary first, ``threads`` chunks at a time, in the order given (the
-    first ones start first).
+    first ones start first). ``replicas`` must be the nodes' own (peer_replicas tells
+    it), or the chunks go to nodes that do not own them.
 
     An owner that fails is tried once more; one that fails that too is given up for
     the rest of the run (a dead peer would cost two timeouts per chunk it owns), and

@@ -1,213 +1,66 @@
-"""Block I/O traces of a guest's disk: the format, a recorder and a reader.
+"""The recorder of block I/O traces: a mirror's disk, served as it is, its requests written
+down.
 
-A trace is what one guest asked of its disk, in the order it asked, with the
-time it spent between requests: the replay driver issues the same requests
-against another mirror, so an "instance" that runs no CPU has the storage
-behaviour of a real boot. The format (version 1, doc/replay.md) is text, one
-event a line, gzip-compressed when the file name ends in ``.gz``::
+With ``[mirror] trace_path`` set, the mirror manager serves each mirror's disk through a
+TracingDevice: a BlockDevice that forwards every call to the device it wraps, so the NBD
+server serves it exactly as it would serve that device, and appends an event for each
+request to a trace in the format of ``vmcloud.nbd.trace`` (doc/replay.md). Lines are
+written as requests finish; the reader orders events by their time.
 
-    vmcloud-trace 1 size=<bytes> block=<bytes>
-    <ms> R|W|Z|T|F <offset> <length> [<service ms>]
-    <ms> P <marker>
-
-``ms`` is the time since the disk was opened at which the request arrived,
-``service ms`` how long the disk took to answer it. The recorder is a
-BlockDevice that forwards every call to the device it wraps, so the NBD server
-serves it exactly as it would serve that device, and appends an event for each
-request; lines are written as requests finish, so the reader orders events by
-their time.
+Each time a mirror is served is a session of its own, in a file of its own: the first
+one records into the path it is given (``<trace_path>/<mirror>.trace``), a later one
+(the mirror served again after a restart, or a new mirror of the same name) into the
+first free ``<mirror>@2.trace``, ``<mirror>@3.trace``, ...; an earlier session's file is
+never opened for writing again. The sessions are not joined into one trace: each counts
+its times from its own start, and what the guest did between two of them was not seen.
 """
-import dataclasses
-import gzip
 import io
 import logging
 import os
-import re
 import threading
 import time
-from typing import Iterable
 
-from vmcloud import exception
-from vmcloud.mirror import profile as profile_mod
 from vmcloud.nbd import device as device_mod
+from vmcloud.nbd import trace as trace_format
 
 LOG = logging.getLogger(__name__)
 
-VERSION = 1
-MAGIC = 'vmcloud-trace'
-
-READ = 'R'
-WRITE = 'W'
-WRITE_ZEROES = 'Z'
-TRIM = 'T'
-FLUSH = 'F'
-PHASE = 'P'
-#: requests that carry a byte range
-RANGED = (READ, WRITE, WRITE_ZEROES, TRIM)
-REQUESTS = RANGED + (FLUSH,)
-#: the phase markers a trace may hold: the guest's, as the mirror takes them
-MARKERS = tuple(profile_mod.MARKERS)
+#: between a trace file's stem and the number of its session, from the second one on:
+#: no mirror name has it (letters, digits, '.', '_', '-'), so the file of one mirror's
+#: later session is never the first file of another mirror
+SESSION_MARK = '@'
+# Suffixes a session number goes in front of, longest first.
+_SUFFIXES = ('.trace.gz', '.trace', '.gz')
 
 # Lines kept in memory before they go to the file: a boot makes tens of thousands
 # of requests, and a write per request would put a system call on each guest I/O.
 _BUFFERED_LINES = 4096
-_HEADER = re.compile(rf'^{MAGIC} (\d+) size=(\d+) block=(\d+)$')
-_NUMBER = re.compile(r'^\d+(\.\d+)?$')
-_INTEGER = re.compile(r'^\d+$')
 
 
-class TraceError(exception.VmcloudError):
-    """A trace file cannot be read: missing, not a trace, or a line that does not parse."""
+def session_path(path: str, session: int) -> str:
+    """The file of session ``session`` (1, 2, ...) of the trace ``path``: ``path`` itself
+    for the first, ``dir/vm1@2.trace`` for the second of ``dir/vm1.trace`` (likewise
+    ``vm1@2.trace.gz``).
 
-    def __init__(self, path: str, problem: str, line: int | None = None):
-        self.path = path
-        self.problem = problem
-        self.line = line
-        where = f'{path} line {line}' if line is not None else path
-        super().__init__(f'trace {where}: {problem}')
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """One line of a trace: a request (``op`` in REQUESTS) or a phase marker (PHASE)."""
-
-    ms: float
-    op: str
-    offset: int = 0
-    length: int = 0
-    service_ms: float = 0.0
-    marker: str = ''
-
-    def line(self) -> str:
-        if self.op == PHASE:
-            return f'{self.ms:.3f} {PHASE} {self.marker}'
-        return f'{self.ms:.3f} {self.op} {self.offset} {self.length} {self.service_ms:.3f}'
-
-
-@dataclasses.dataclass(frozen=True)
-class Trace:
-    """A whole trace, events in time order (ties in file order)."""
-
-    path: str
-    size: int
-    block: int
-    events: tuple[Event, ...]
-
-    def requests(self) -> list[Event]:
-        return [e for e in self.events if e.op != PHASE]
-
-    def markers(self) -> list[str]:
-        return [e.marker for e in self.events if e.op == PHASE]
-
-    def bytes_of(self, op: str) -> int:
-        return sum(e.length for e in self.events if e.op == op)
-
-    def blocks(self, ops: Iterable[str] = RANGED) -> set[int]:
-        """Indexes of the ``block``-sized blocks that requests of ``ops`` touch."""
-        wanted = set(ops)
-        found: set[int] = set()
-        for event in self.events:
-            if event.op in wanted and event.length:
-                found.update(range(event.offset // self.block,
-                                   (event.offset + event.length - 1) // self.block + 1))
-        return found
-
-    @property
-    def duration_ms(self) -> float:
-        return max((e.ms + e.service_ms for e in self.events), default=0.0)
-
-
-def _open_text(path: str, mode: str):
-    """The trace file as text; gzip by name."""
-    if path.endswith('.gz'):
-        return gzip.open(path, mode + 't', encoding='ascii', newline='\n')
-    return open(path, mode, encoding='ascii', newline='\n')
-
-
-def _parse_event(fields: list[str], size: int) -> Event:
-    """:raises: ValueError saying what is wrong with the line."""
-    if len(fields) < 2:
-        raise ValueError('expected "<ms> <op> ..."')
-    ms_text, op = fields[0], fields[1]
-    if not _NUMBER.match(ms_text):
-        raise ValueError(f'time {ms_text!r} is not a number of milliseconds')
-    ms = float(ms_text)
-    if op == PHASE:
-        if len(fields) != 3:
-            raise ValueError('a phase line is "<ms> P <marker>"')
-        if fields[2] not in MARKERS:
-            raise ValueError(f'unknown phase marker {fields[2]!r}; expected one of '
-                             f'{", ".join(MARKERS)}')
-        return Event(ms, PHASE, marker=fields[2])
-    if op not in REQUESTS:
-        raise ValueError(f'unknown operation {op!r}; expected one of '
-                         f'{", ".join(REQUESTS + (PHASE,))}')
-    if len(fields) not in (4, 5):
-        raise ValueError(f'a request line is "<ms> {op} <offset> <length> [<service ms>]"')
-    for text, what in ((fields[2], 'offset'), (fields[3], 'length')):
-        if not _INTEGER.match(text):
-            raise ValueError(f'{what} {text!r} is not a whole number of bytes')
-    offset, length = int(fields[2]), int(fields[3])
-    service = 0.0
-    if len(fields) == 5:
-        if not _NUMBER.match(fields[4]):
-            raise ValueError(f'service time {fields[4]!r} is not a number of milliseconds')
-        service = float(fields[4])
-    if op == FLUSH and (offset or length):
-        raise ValueError('a flush has no range: "<ms> F 0 0"')
-    if offset + length > size:
-        raise ValueError(f'range {offset}+{length} ends beyond the disk ({size} bytes)')
-    return Event(ms, op, offset, length, service)
-
-
-def read(path: str) -> Trace:
-    """Read and check a whole trace.
-
-    :raises: TraceError naming the file, and the line for a line that does not parse.
+    :raises: ValueError for a session below 1.
     """
-    try:
-        with _open_text(path, 'r') as f:
-            header = f.readline().rstrip('\n')
-            found = _HEADER.match(header)
-            if not found:
-                raise TraceError(path, f'not a vmcloud trace: the first line is {header[:80]!r}, '
-                                       f'expected "{MAGIC} {VERSION} size=<bytes> '
-                                       f'block=<bytes>"', 1)
-            version, size, block = (int(g) for g in found.groups())
-            if version != VERSION:
-                raise TraceError(path, f'format version {version}; this vmcloud reads '
-                                       f'version {VERSION}', 1)
-            if block < 1:
-                raise TraceError(path, 'block size 0', 1)
-            events = []
-            for number, text in enumerate(f, start=2):
-                fields = text.split()
-                if not fields:
-                    continue
-                try:
-                    events.append(_parse_event(fields, size))
-                except ValueError as exc:
-                    raise TraceError(path, str(exc), number) from None
-    except FileNotFoundError:
-        raise TraceError(path, 'no such file') from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        # gzip.BadGzipFile is an OSError; a cut gzip stream is an EOFError
-        raise TraceError(path, f'cannot be read: {exc}') from exc
-    # Lines are written as requests finish: a request issued earlier may come later.
-    events.sort(key=lambda e: e.ms)
-    return Trace(path, size, block, tuple(events))
-
-
-def write(path: str, size: int, block: int, events: Iterable[Event]) -> None:
-    """Write a whole trace (for tools and tests that make one). :raises: OSError."""
-    with _open_text(path, 'w') as f:
-        f.write(f'{MAGIC} {VERSION} size={size} block={block}\n')
-        for event in events:
-            f.write(event.line() + '\n')
+    if session < 1:
+        raise ValueError(f'trace sessions count from 1, not {session}')
+    if session == 1:
+        return path
+    directory, leaf = os.path.split(path)
+    for suffix in _SUFFIXES:
+        if leaf.endswith(suffix) and len(leaf) > len(suffix):
+            stem = leaf[:-len(suffix)]
+            break
+    else:
+        stem, suffix = leaf, ''
+    return os.path.join(directory, f'{stem}{SESSION_MARK}{session}{suffix}')
 
 
 class TracingDevice(device_mod.BlockDevice):
-    """Serves ``device`` unchanged and records every request it gets into ``path``.
+    """Serves ``device`` unchanged and records every request it gets into the first free
+    session file of ``path`` (session_path; ``self.path`` names the one it took).
 
     Tracing never fails the guest: a trace that cannot be opened or written logs one
     warning and stops, and the device goes on being served. Lines are kept in memory
@@ -223,11 +76,27 @@ class TracingDevice(device_mod.BlockDevice):
         self._started = time.monotonic()
         try:
             os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-            self._file = _open_text(path, 'w')
-            self._file.write(f'{MAGIC} {VERSION} size={device.size} block={block}\n')
+            self._file = self._open_session(path)
+            self._file.write(trace_format.header(device.size, block) + '\n')
             self._file.flush()  # a trace read while it is recorded is a trace already
         except OSError as exc:
             self._give_up(exc)
+
+    def _open_session(self, path: str) -> io.TextIOBase:
+        """The first session file of ``path`` that does not exist yet, created: an
+        earlier session's records stay as they are. :raises: OSError."""
+        session = 1
+        while True:
+            self.path = session_path(path, session)
+            try:
+                opened = trace_format.open_text(self.path, 'x')
+            except FileExistsError:
+                session += 1
+                continue
+            if session > 1:
+                LOG.info('block I/O trace %s has a session already: this one is recorded '
+                         'into %s', path, self.path)
+            return opened
 
     # -- the wrapped device, forwarded --------------------------------------------
 
@@ -244,7 +113,7 @@ class TracingDevice(device_mod.BlockDevice):
         try:
             return self.device.read(offset, length)
         finally:
-            self._record(READ, started, offset, length)
+            self._record(trace_format.READ, started, offset, length)
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         # Overridden whatever the wrapped device does, so the server takes its fast
@@ -254,35 +123,35 @@ class TracingDevice(device_mod.BlockDevice):
         try:
             self.device.read_into(offset, buffer)
         finally:
-            self._record(READ, started, offset, len(buffer))
+            self._record(trace_format.READ, started, offset, len(buffer))
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         started = time.monotonic()
         try:
             self.device.write(offset, data, fua)
         finally:
-            self._record(WRITE, started, offset, len(data), fua)
+            self._record(trace_format.WRITE, started, offset, len(data), fua)
 
     def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
         started = time.monotonic()
         try:
             self.device.write_zeroes(offset, length, fua)
         finally:
-            self._record(WRITE_ZEROES, started, offset, length, fua)
+            self._record(trace_format.WRITE_ZEROES, started, offset, length, fua)
 
     def trim(self, offset: int, length: int) -> None:
         started = time.monotonic()
         try:
             self.device.trim(offset, length)
         finally:
-            self._record(TRIM, started, offset, length)
+            self._record(trace_format.TRIM, started, offset, length)
 
     def flush(self) -> None:
         started = time.monotonic()
         try:
             self.device.flush()
         finally:
-            self._record(FLUSH, started, 0, 0)
+            self._record(trace_format.FLUSH, started, 0, 0)
 
     def block_status(self, offset: int, length: int) -> list[device_mod.Extent]:
         # Not a request of the guest's storage behaviour (no data moves): not recorded.
@@ -303,20 +172,24 @@ class TracingDevice(device_mod.BlockDevice):
         if self._file is None:
             return
         finished = time.monotonic()
-        line = Event(self._ms(started), op, offset, length, (finished - started) * 1000).line()
+        line = trace_format.Event(self._ms(started), op, offset, length,
+                                  (finished - started) * 1000).line()
         with self._lock:
             self._lines.append(line)
             if fua:
                 # Durable on its own: to a replay, as good as the write and a flush.
-                self._lines.append(Event(self._ms(finished), FLUSH).line())
+                self._lines.append(trace_format.Event(self._ms(finished),
+                                                      trace_format.FLUSH).line())
             if len(self._lines) >= _BUFFERED_LINES:
                 self._write_out(flush=False)
 
     def mark(self, marker: str) -> None:
-        """The guest reached phase ``marker`` (one of MARKERS) now; the file is flushed."""
+        """The guest reached phase ``marker`` (one of trace_format.MARKERS) now; the file
+        is flushed."""
         if self._file is None:
             return
-        line = Event(self._ms(time.monotonic()), PHASE, marker=marker).line()
+        line = trace_format.Event(self._ms(time.monotonic()), trace_format.PHASE,
+                                  marker=marker).line()
         with self._lock:
             self._lines.append(line)
             self._write_out(flush=True)

@@ -10,8 +10,8 @@ from vmcloud import exception
 from vmcloud.drivers import base as driver_base
 from vmcloud.drivers import replay
 from vmcloud.mirror import manager as manager_mod
-from vmcloud.mirror import trace as trace_mod
 from vmcloud.nbd import server as server_mod
+from vmcloud.nbd import trace as trace_mod
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
 from tests import guest

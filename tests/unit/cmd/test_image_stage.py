@@ -90,7 +90,8 @@ class StageCommandTest(base.TestCase):
         record = json.loads(out)
         self.assertEqual({'image': 'disk:1', 'source': staging.STORED_CHUNKS,
                           'chunks': CHUNKS, 'bytes': CHUNKS * CHUNK, 'peers': 3,
-                          'copies': 2 * CHUNKS, 'short_chunks': 0, 'failed_peers': ''},
+                          'replicas': 2, 'copies': 2 * CHUNKS, 'short_chunks': 0,
+                          'failed_peers': ''},
                          {k: v for k, v in record.items() if k != 'seconds'})
         expected = set()
         for chunk_id in warehouse.lookup('disk').chunks:
@@ -101,21 +102,41 @@ class StageCommandTest(base.TestCase):
         self.assertEqual([('cluster-secret', 0.5)], self.clients)
         summary, = [line for line in err.splitlines() if line.startswith('vmcloud: staged')]
         self.assertTrue(summary.startswith(f'vmcloud: staged {CHUNKS} chunks (0.1 MiB, stored '
-                                           'chunks) of disk:1 on 3 peers in '), summary)
+                                           'chunks) of disk:1 on 3 peers, 2 owners a chunk, '
+                                           'in '), summary)
         self.assertTrue(summary.endswith(' s'), summary)
 
-    def test_the_boot_profile_and_the_replicas_of_the_cluster(self):
+    def test_the_boot_profile_and_the_replicas_the_nodes_tell(self):
         warehouse = self.imported()
         manifest = warehouse.lookup('disk')
         profile_mod.ProfileStore(warehouse).save(manifest, {profile_mod.BOOT: [4, 2]})
-        self.conf.set_override('peer_replicas', 1, 'mirror')
+        # The CLI's own configuration is not the nodes': their owners are what count.
+        self.conf.set_override('peer_replicas', 3, 'mirror')
+        for url in self.up.values():
+            self.peers.replicas[url] = 1
         rc, out, err = self.cli('image', 'stage', 'disk:1', '-f', 'json', '--threads', '1')
         self.assertEqual(0, rc, err)
-        self.assertEqual((staging.BOOT_PROFILE, 2, 2),
-                         (json.loads(out)['source'], json.loads(out)['chunks'],
-                          json.loads(out)['copies']))
-        self.assertEqual([manifest.chunks[4], manifest.chunks[2]],
-                         [c for _, c in self.peers.requests])
+        record = json.loads(out)
+        self.assertEqual((staging.BOOT_PROFILE, 2, 1, 2),
+                         (record['source'], record['chunks'], record['replicas'],
+                          record['copies']))
+        self.assertEqual([(self.up[ownership.owners(manifest.chunks[i], self.up, 1)[0]],
+                           manifest.chunks[i]) for i in (4, 2)], self.peers.requests)
+
+    def test_nodes_that_disagree_on_the_replicas_are_named_and_nothing_is_staged(self):
+        self.imported()
+        self.peers.replicas[self.up['node2']] = 3
+        rc, out, err = self.cli('image', 'stage', 'disk')
+        self.assertEqual((1, ''), (rc, out))
+        self.assertEqual(['vmcloud: error: cannot stage: the peers disagree on the owners of a '
+                          'chunk ([mirror] peer_replicas): node1 has 2, node2 has 3, node3 has '
+                          '2; give the nodes one value'], err.splitlines())
+        self.assertEqual([], self.peers.requests)
+        # Before a long import, too.
+        rc, out, err = self.cli('image', 'import', self.raw, 'other', '--stage')
+        self.assertEqual((1, ''), (rc, out))
+        self.assertIn('the peers disagree', err)
+        self.assertEqual(['disk'], warehouse_mod.Warehouse(self.conf).images())
 
     def test_progress_off_a_terminal_is_a_line_at_each_tenth(self):
         self.imported()

@@ -11,9 +11,11 @@ import fixtures
 from vmcloud import exception
 from vmcloud.drivers import base as driver_base
 from vmcloud.drivers import replay
-from vmcloud.mirror import trace as trace_mod
+from vmcloud.nbd import client as client_mod
 from vmcloud.nbd import server as server_mod
+from vmcloud.nbd import trace as trace_mod
 from tests import base
+from tests.unit import test_layering
 from tests.unit.nbd import MemoryDevice
 
 SIZE = 1024 * 1024
@@ -54,6 +56,15 @@ class PlanTest(base.TestCase):
                             replay.write_data('vm2', 4096, 100))
         self.assertNotEqual(replay.write_data('vm1', 4096, 100),
                             replay.write_data('vm1', 8192, 100))
+
+
+class LayeringTest(base.TestCase):
+    def test_the_driver_knows_traces_by_their_format_not_by_the_mirror(self):
+        with open(replay.__file__) as f:
+            imported = test_layering.imported_modules(f.read(), replay.__name__)
+        self.assertIn(trace_mod.__name__, imported)
+        self.assertEqual([], sorted(m for m in imported
+                                    if m == 'vmcloud.mirror' or m.startswith('vmcloud.mirror.')))
 
 
 class ReplayTestCase(base.TestCase):
@@ -204,6 +215,32 @@ class LifecycleTest(ReplayTestCase):
                 self.assertIn('VMCLOUD-REPLAY the guest crashed', log)
                 self.assertIn('crashed', str(error))
                 self.assertFalse(self.driver.stop(name, timeout=1))
+
+    def test_any_error_of_a_request_crashes_the_instance_naming_it(self):
+        # Not an NBD error: a bug, in the client or the driver, on the request's thread.
+        def broken_read(client, offset, length):
+            raise RuntimeError('a bug in the client')
+        self.useFixture(fixtures.MockPatchObject(client_mod.NbdClient, 'read', broken_read))
+        logs = self.useFixture(fixtures.FakeLogger(name='vmcloud.drivers.replay'))
+        self.use_trace(E(0, 'R', 0, 4096), E(1, 'P', marker='boot-done'))
+        for depth in (1, 3):
+            with self.subTest(depth=depth):
+                self.conf.set_override('queue_depth', depth, 'replay')
+                name = f'vm{depth}'
+                self.driver.spawn(self.spec(name))
+                instance = self.driver.instances[name]
+                error = self.assertRaises(exception.GuestTimeout, self.driver.wait_for_event,
+                                          name, 'boot-done', TIMEOUT)
+                self.assertIn('the guest stopped first', str(error))
+                self.assertEqual(driver_base.PowerState.SHUTDOWN,
+                                 self.driver.power_state(name))
+                self.assertIn('VMCLOUD-REPLAY I/O error: internal error in request '
+                              '"0.000 R 0 4096 0.000": RuntimeError: a bug in the client',
+                              self.driver.console_log(name))
+                self.assertEqual((0, 0), (instance.in_flight, instance.done))
+                wait_until(lambda: not any(t.is_alive() for t in instance._threads),
+                           'the instance\'s threads ending')
+        self.assertIn('RuntimeError: a bug in the client', logs.output)
 
     def test_destroy_and_a_forced_stop_end_a_replay_stuck_in_a_request(self):
         self.use_trace(E(0, 'R', 0, 512), E(1, 'P', marker='boot-done'))

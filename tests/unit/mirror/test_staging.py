@@ -23,12 +23,22 @@ def chunk_bytes(index: int) -> bytes:
 
 class FakePeers:
     """Records every stage request as (url, chunk id), in order; ``failures``: url -> how
-    many of its next requests fail (-1: all), with a PeerError as PeerClient's."""
+    many of its next requests fail (-1: all), with a PeerError as PeerClient's.
+    ``replicas``: url -> the replicas its stats tell (default 2, a node's default; None:
+    its stats have none); ``silent``: the urls whose stats fail."""
 
     def __init__(self):
         self.requests: list[tuple[str, str]] = []
         self.failures: dict[str, int] = {}
+        self.replicas: dict[str, object] = {}
+        self.silent: set[str] = set()
         self.lock = threading.Lock()
+
+    def stats(self, url: str) -> dict:
+        if url in self.silent:
+            raise exception.PeerError(url, None, 'connection refused, on purpose')
+        replicas = self.replicas.get(url, 2)
+        return {'served_chunks': 0} if replicas is None else {'replicas': replicas}
 
     def stage(self, url: str, chunk_id: str) -> None:
         with self.lock:
@@ -180,6 +190,52 @@ class StagingTest(base.TestCase):
         result = staging.stage([], PEERS, 2, self.peers)
         self.assertEqual((0, 0, 0), (result.chunks, result.bytes, result.copies))
         self.assertEqual([], self.peers.requests)
+
+    # -- the nodes' replicas ---------------------------------------------------------
+
+    def test_the_replicas_are_the_ones_the_peers_tell(self):
+        for count in (1, 3):
+            for url in PEERS.values():
+                self.peers.replicas[url] = count
+            self.assertEqual(count, staging.peer_replicas(PEERS, self.peers))
+        self.assertEqual([], self.peers.requests)
+
+    def test_a_peer_that_tells_none_is_left_out(self):
+        self.peers.silent.add(PEERS['node2'])
+        self.peers.replicas[PEERS['node3']] = None
+        for url in (PEERS['node1'], PEERS['node4']):
+            self.peers.replicas[url] = 3
+        logged = self.useFixture(fixtures.FakeLogger())
+        self.assertEqual(3, staging.peer_replicas(PEERS, self.peers))
+        self.assertIn('staging: node2 told no replicas count, the other peers decide: peer '
+                      'http://10.0.0.2:9495', logged.output)
+        self.assertIn('node3 told no replicas count, the other peers decide: its stats at '
+                      'http://10.0.0.3:9495 have no replicas count: None', logged.output)
+
+    def test_peers_that_disagree_or_tell_nothing_are_refused_naming_them(self):
+        self.peers.replicas.update({PEERS['node1']: 1, PEERS['node3']: 3})
+        self.peers.silent.add(PEERS['node4'])
+        error = self.assertRaises(staging.ReplicasUnknown, staging.peer_replicas, PEERS,
+                                  self.peers)
+        self.assertEqual({'node1': 1, 'node2': 2, 'node3': 3}, error.told)
+        self.assertTrue(str(error).startswith(
+            'cannot stage: the peers disagree on the owners of a chunk ([mirror] '
+            'peer_replicas): node1 has 1, node2 has 2, node3 has 3; give the nodes one '
+            'value (node4: peer http://10.0.0.4:9495'), str(error))
+        self.peers.silent.update(PEERS.values())
+        error = self.assertRaises(staging.ReplicasUnknown, staging.peer_replicas, PEERS,
+                                  self.peers)
+        self.assertEqual(({}, sorted(PEERS)), (error.told, sorted(error.failures)))
+        self.assertIn('cannot stage: no peer told its [mirror] peer_replicas (node1: peer '
+                      'http://10.0.0.1:9495', str(error))
+        self.peers.silent.clear()
+        for bad in (0, 'two', True, None):
+            with self.subTest(bad=bad):
+                self.peers.replicas = {url: bad for url in PEERS.values()}
+                error = self.assertRaises(staging.ReplicasUnknown, staging.peer_replicas,
+                                          PEERS, self.peers)
+                self.assertIn(f'have no replicas count: {bad!r}', str(error))
+        self.assertRaises(staging.NoPeers, staging.peer_replicas, {}, self.peers)
 
     def test_bad_replicas_or_threads_are_refused(self):
         self.assertRaises(exception.MirrorError, staging.stage, ['a' * 64], PEERS, 0,

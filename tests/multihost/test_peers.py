@@ -223,8 +223,40 @@ class PeerExchangeTest(test_faults.FaultTestCase):
             'placed': placed})
         self.assert_settled()
 
+    def touched(self) -> set[str]:
+        """The image's chunks a boot of the test guest reads, from one probe boot on
+        node1 (once for the class): which hosts own them depends on the chunk ids, and
+        so on the guest image this machine built, so the tests choose their faulty
+        host from these."""
+        cls = type(self)
+        if getattr(cls, 'touched_by_a_boot', None) is None:
+            deployment = self.cloud.deploy(1, CMDLINE, MEMORY_MIB,
+                                           timeout=test_faults.DEPLOY_TIMEOUT)
+            try:
+                self.booted(deployment)
+                cls.touched_by_a_boot = set().union(
+                    *(self.cloud.cached_chunks(n) for n in sorted(self.live)))
+            finally:
+                self.delete(deployment['id'])
+            self.each(self.cloud.wipe_chunk_cache, sorted(self.live))
+            self.wait_peers(self.live)
+        self.assertTrue(cls.touched_by_a_boot, 'the probe boot read no chunk')
+        return cls.touched_by_a_boot
+
+    def busiest_primary(self, chunk_ids: Iterable[str], among: Iterable[str]) -> str:
+        """The host of ``among`` that is the primary owner of most of ``chunk_ids``."""
+        owners = owners_by_chunk(chunk_ids, sorted(self.live))
+        among = sorted(among)
+        counts = {n: sum(1 for o in owners.values() if o[0] == n) for n in among}
+        chosen = max(among, key=lambda n: (counts[n], n))
+        self.assertGreater(counts[chosen], 0, f'none of {among} is the primary owner of a '
+                           f'chunk a boot reads: {owners}')
+        return chosen
+
     def test_a_peer_killed_mid_deploy_costs_no_instance(self):
-        victim, readers = 'node4', ('node1', 'node2', 'node3')
+        # A host that is the first one asked for some chunk the guests read.
+        victim = self.busiest_primary(self.touched(), NODES)
+        readers = tuple(n for n in NODES if n != victim)
         # Slow to send, so that the test kills it in the middle of a read of it.
         self.cloud.stop(f'mirrors-{victim}')
         self.cloud.set_options(victim, {'mirror': {'peer_upload_rate': SLOW_UPLOAD_RATE}})
@@ -283,7 +315,9 @@ class PeerExchangeTest(test_faults.FaultTestCase):
         self.cloud.wait_host_states({name: 'up'}, test_faults.SETTLE)
 
     def test_a_peer_serving_corrupt_bytes_is_detected_and_skipped(self):
-        liar, reader = 'node4', 'node1'
+        reader = 'node1'
+        # The first owner the reader asks for some chunk its guest reads.
+        liar = self.busiest_primary(self.touched(), set(NODES) - {reader})
         owned = sorted(c for c, owners in owners_by_chunk(self.lengths, NODES).items()
                        if liar in owners)
         self.assertTrue(owned, f'{liar} owns no chunk of the image')

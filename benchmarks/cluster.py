@@ -2,7 +2,8 @@
 and vmcloud's mirrors without and with the peer exchange, side by side in one run.
 
     sudo .venv/bin/python benchmarks/cluster.py [--quick] [--n 16,64,128] [--k 4,8]
-        [--contenders a,b,c,d,e] [--qemu-guests 2] [--no-kill]
+        [--contenders a,b,c,d,e] [--qemu-guests 2] [--no-kill] [--snapshot-n 128]
+        [--no-snapshot]
 
 Needs root: the multi-host harness (tests/multihost/cluster.py) emulates the cluster,
 every host a network namespace on one switch, every link shaped by tc (tbf) to 1 Gbit/s
@@ -43,6 +44,9 @@ peer dies mid-deploy: once node1's peer chunk server has served its first 8 chun
 the others, every other host drops its packets to node1's peer port (nftables, no reset:
 to them node1 is a dead machine, a connection hangs until ``[mirror] peer_timeout``);
 node1's own instances run on and its own requests to its peers pass.
+And after (e)'s deployment (the normal one) at the largest N (``--snapshot-n``) of each K,
+while its instances run: one multi-snapshot of them all, until every item is replicated
+and persistent (its section of the results says what is measured, and how).
 
 Each run starts from empty caches and fresh services. Boot time of an instance: from the
 start (the deployment's creation in the dispatcher for (c)-(e); the workers' start for
@@ -77,8 +81,11 @@ from oslo_config import cfg  # noqa: E402
 import vmcloud.conf  # noqa: E402,F401 - registers options
 from benchmarks import common  # noqa: E402
 from tests import guest  # noqa: E402
+from vmcloud import exception  # noqa: E402
+from vmcloud.dispatcher import states  # noqa: E402
 from vmcloud.drivers import base as driver_base  # noqa: E402
-from vmcloud.mirror import trace as trace_mod  # noqa: E402
+from vmcloud.drivers import replay as replay_driver  # noqa: E402
+from vmcloud.nbd import trace as trace_mod  # noqa: E402
 from vmcloud.storage import warehouse as warehouse_mod  # noqa: E402
 
 CONF = cfg.CONF
@@ -108,6 +115,15 @@ POLL = 0.5
 # others, or this long after the start.
 KILL_AFTER_CHUNKS = 8
 KILL_DEADLINE = 20.0
+# The multi-snapshot after (e)'s deployment: every wait bounded, the states polled
+# finely (a time is when a poll first saw it: up to this much late, plus one query).
+SNAPSHOT_TIMEOUT = 900.0
+SNAPSHOT_POLL = 0.05
+# After the last instance booted, the replay instances play the rest of their trace up
+# to its shutdown marker: this much more than its recorded length before the snapshot.
+SETTLE_MARGIN = 5.0
+# The granularity of the second measure of unique dirty data: a guest's page and block.
+BLOCK = 4096
 QUICK = {'n': [16], 'k': [4], 'contenders': 'cde'}
 CONTENDERS = {
     'a': '(a) Nova-style: full copy, local qcow2 overlays',
@@ -127,6 +143,10 @@ CLOUD_OPTIONS = {
     'compute': {'boot_timeout': int(DEPLOY_TIMEOUT)},
     'scheduler': {'cpu_allocation_ratio': 256.0, 'max_instances_per_host': 1000},
 }
+# The harness's snapshot deadlines are for a few guests: freezing 128 instances on two
+# cores, and uploading them, take longer; a pause still ends by the guests' own limit.
+CLOUD_OPTIONS['DEFAULT'].update({'snapshot_freeze_timeout': 60, 'snapshot_pause_limit': 90,
+                                 'snapshot_upload_timeout': int(SNAPSHOT_TIMEOUT)})
 NFT_TABLE = 'vmcbench'
 
 
@@ -154,6 +174,8 @@ class Run:
     note: str = ''
     #: the real qemu guests among the instances (the others replay the trace)
     qemu: frozenset[str] = frozenset()
+    #: the multi-snapshot of its instances, if one was taken (runs of (e))
+    snapshot: 'SnapshotRun | None' = None
 
     def times(self, replays_only: bool = False) -> list[float]:
         return sorted(t for name, t in self.booted.items()
@@ -174,6 +196,39 @@ class Run:
     def all_booted(self) -> float | None:
         """Until every instance booted; None if one did not."""
         return max(self.booted.values()) if self.booted and not self.failed else None
+
+
+@dataclasses.dataclass
+class SnapshotRun:
+    """The multi-snapshot of every instance of a run of (e), taken while they run."""
+    n: int
+    k: int
+    #: items of the snapshots (one an instance)
+    items: int = 0
+    #: seconds from the snapshots' creation in the dispatcher until every item was
+    #: replicated, and until every item was persistent (None: not reached)
+    replicated: float | None = None
+    persistent: float | None = None
+    #: the longest pause_ms among the qemu guests' items, and among all items
+    qemu_pause_ms: float | None = None
+    longest_pause_ms: float | None = None
+    #: IP bytes the repository host received on the warehouse's port, request to persistent
+    repository_bytes: int = 0
+    #: the distinct chunks the items' versions reference that their parents do not
+    new_chunks: int = 0
+    new_chunk_bytes: int = 0
+    #: distinct 4 KiB blocks the instances wrote data to, per instance, summed (None:
+    #: not known)
+    written_block_bytes: int | None = None
+    #: the items' dirty_bytes and uploaded_bytes, summed (what the mirrors report)
+    dirty_bytes: int = 0
+    uploaded_bytes: int = 0
+    #: IP bytes in and out of the compute hosts' peer chunk servers meanwhile
+    peer_bytes: int = 0
+    #: seconds the phase took in all (settling, requests, waits, collection)
+    wall: float = 0.0
+    #: why the snapshot did not end replicated and persistent ('' if it did)
+    error: str = ''
 
 
 def seconds(value: float | None) -> str:
@@ -218,6 +273,75 @@ def touched_chunks(trace: trace_mod.Trace, chunk_size: int) -> set[int]:
             if (event.offset + event.length) % chunk_size:
                 found.add(last)
     return found
+
+
+def written_blocks(events, block: int = BLOCK) -> set[int]:
+    """Indexes of the ``block``-sized blocks that ``events`` write data to, in part or
+    whole: zeroes and trims are left out (a block of zeros costs a content-addressed
+    repository nothing)."""
+    found: set[int] = set()
+    for event in events:
+        if event.op == trace_mod.WRITE and event.length:
+            found.update(range(event.offset // block,
+                               (event.offset + event.length - 1) // block + 1))
+    return found
+
+
+def replayed_events(trace: trace_mod.Trace) -> list[trace_mod.Event]:
+    """The events a replay instance plays before it idles: up to the shutdown marker."""
+    return [step.event for step in replay_driver.plan(trace).running]
+
+
+def new_chunks(manifests) -> dict[str, int]:
+    """{chunk id: its length} of the distinct chunks the ``(version, parent)`` manifest
+    pairs reference that their parents do not: the new data of a snapshot, each
+    distinct content once (holes are no data)."""
+    found: dict[str, int] = {}
+    for version, parent in manifests:
+        known = parent.data_chunk_ids() if parent is not None else set()
+        for index, chunk_id in enumerate(version.chunks):
+            if chunk_id is not None and chunk_id not in known:
+                found[chunk_id] = version.chunk_length(index)
+    return found
+
+
+def replay_tail(trace: trace_mod.Trace, time_scale: float) -> float:
+    """Seconds a replay instance plays on after its boot-done, at least: the recorded
+    time from that marker to the end of its last request before the shutdown marker,
+    scaled as the replay scales think time (0 without a boot-done)."""
+    events = replayed_events(trace)
+    marks = [e.ms for e in events if e.op == trace_mod.PHASE and e.marker == driver_base.BOOT_DONE]
+    if not marks:
+        return 0.0
+    end = max((e.ms + e.service_ms for e in events if e.op != trace_mod.PHASE), default=0.0)
+    return max(0.0, end - marks[0]) / 1000 * time_scale
+
+
+def snapshot_progress(snapshots: list[dict], items: list[dict], snapshots_expected: int,
+                      items_expected: int) -> tuple[bool, bool]:
+    """(every item replicated, every item persistent) of snapshots as
+    ``Harness.snapshot_rows`` reads them: not yet while fewer snapshots or items than
+    expected are there, or one is still freezing or uploading.
+
+    :raises: BenchError naming the snapshot or item that failed (error, partial).
+    """
+    for snapshot in snapshots:
+        if snapshot['state'] in (states.ERROR, states.PARTIAL):
+            raise BenchError(f'snapshot {snapshot["id"]} ended {snapshot["state"]}: '
+                             f'{snapshot["reason"][-500:]}')
+    for item in items:
+        if item['state'] == states.ERROR:
+            raise BenchError(f'the snapshot of {item["name"]} failed: {item["reason"][-500:]}')
+    if len(snapshots) < snapshots_expected or len(items) < items_expected:
+        return False, False
+    replicated = (all(s['state'] == states.AVAILABLE for s in snapshots)
+                  and all(i['replicated'] for i in items))
+    return replicated, replicated and all(i['persistent'] for i in items)
+
+
+def sql_string(text: str) -> str:
+    """``text`` as an SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def chunk_bytes(manifest, indexes: set[int]) -> int:
@@ -318,11 +442,24 @@ class Harness:
         self.import_image()
         self.controller.run(['nft', '-f', '-'], input=(
             f'table inet {NFT_TABLE} {{\n'
-            ' counter warehouse {}\n counter central {}\n'
+            ' counter warehouse {}\n counter central {}\n counter warehouse_in {}\n'
             ' chain output { type filter hook output priority 0;\n'
             f'  oifname "eth0" tcp sport {self.cluster_mod.WAREHOUSE_PORT} counter name warehouse\n'
             f'  oifname "eth0" tcp sport {CENTRAL_PORT} counter name central\n'
+            ' }\n'
+            ' chain input { type filter hook input priority 0;\n'
+            f'  iifname "eth0" tcp dport {self.cluster_mod.WAREHOUSE_PORT} '
+            'counter name warehouse_in\n'
             ' }\n}\n'))
+        # At the peer chunk servers, so that each exchange between two hosts is counted
+        # once: the requests (a replica's put among them) in, the answers out.
+        for name in self.nodes:
+            self.cloud.computes[name].run(['nft', '-f', '-'], input=(
+                f'table inet {NFT_TABLE} {{\n counter peer_in {{}}\n counter peer_out {{}}\n'
+                ' chain input { type filter hook input priority 0;\n'
+                f'  iifname "eth0" tcp dport {PEER_PORT} counter name peer_in\n }}\n'
+                ' chain output { type filter hook output priority 0;\n'
+                f'  oifname "eth0" tcp sport {PEER_PORT} counter name peer_out\n }}\n}}\n'))
 
     def import_image(self) -> None:
         """The realistic guest's disk into the warehouse (a sparse copy in the
@@ -348,14 +485,24 @@ class Harness:
     def reset_counters(self) -> None:
         self.controller.run(['nft', 'reset', 'counters', 'table', 'inet', NFT_TABLE])
 
-    def counters(self) -> dict[str, int]:
-        out = self.controller.run(['nft', '-j', 'list', 'counters', 'table', 'inet',
-                                   NFT_TABLE]).stdout
+    def counters(self, host=None) -> dict[str, int]:
+        """{name: bytes} of the benchmark's nftables counters on ``host`` (the
+        repository host if None)."""
+        out = (host or self.controller).run(['nft', '-j', 'list', 'counters', 'table',
+                                             'inet', NFT_TABLE]).stdout
         found = {}
         for item in json.loads(out)['nftables']:
             if 'counter' in item:
                 found[item['counter']['name']] = item['counter']['bytes']
         return found
+
+    def peer_traffic(self) -> int:
+        """IP bytes in and out of every compute host's peer chunk server so far."""
+        total = 0
+        for name in self.nodes:
+            counted = self.counters(self.cloud.computes[name])
+            total += counted['peer_in'] + counted['peer_out']
+        return total
 
     def peer_stats(self, name: str) -> dict:
         """Host ``name``'s peer chunk server's /v1/stats ({} if it serves none)."""
@@ -555,12 +702,20 @@ class Harness:
             if row['state'] != 'active' and row['name'] not in seen:
                 failed.setdefault(row['name'], row['reason'] or row['state'])
         touched = self.touched(self.qemu_traces())
+        qemu_guests = frozenset(r['name'] for r in rows if r['host'] == self.qemu_node)
+        snapshot = None
+        if contender == 'e' and n in self.args.snapshot_ns:
+            snapshot = self.attempt_snapshot(n, rows, qemu_guests)
         self.delete_since(since)
+        if snapshot is not None and not snapshot.error:
+            # Once deleted, the qemu guests' mirrors have closed their traces: whole.
+            snapshot.written_block_bytes = self.written_block_bytes(
+                sum(1 for r in rows if r['state'] == states.ACTIVE
+                    and r['name'] not in qemu_guests), self.qemu_traces())
         self.stop_nodes()
         note = '; '.join(problems)
-        qemu_guests = frozenset(r['name'] for r in rows if r['host'] == self.qemu_node)
         return Run(contender, n, self.k, seen, failed, egress, peer_bytes, touched, 0.0, note,
-                   qemu_guests)
+                   qemu_guests, snapshot)
 
     def victim_busy(self, start: float) -> bool:
         """Whether the peer to kill has served KILL_AFTER_CHUNKS chunks to the others (or
@@ -594,6 +749,156 @@ class Harness:
         for trace in qemu_traces:
             indexes |= touched_chunks(trace, size)
         return chunk_bytes(self.manifest, indexes)
+
+    # -- the multi-snapshot after (e)'s deployment --------------------------------------
+
+    def attempt_snapshot(self, n: int, rows: list[dict],
+                         qemu_guests: frozenset[str]) -> SnapshotRun:
+        """``snapshot_all``, or what of it was measured and why it failed: the run's
+        deployment is deleted as usual either way."""
+        print(f'  snapshot of every instance (N={n} K={self.k})', flush=True)
+        started = time.monotonic()
+        result = SnapshotRun(n, self.k)
+        try:
+            self.snapshot_all(result, rows, qemu_guests)
+        except (BenchError, exception.VmcloudError, OSError, ValueError) as exc:
+            result.error = f'{type(exc).__name__}: {exc}'[-1000:]
+            print(f'  the snapshot failed: {result.error}', flush=True)
+        result.wall = time.monotonic() - started
+        return result
+
+    def snapshot_all(self, result: SnapshotRun, rows: list[dict],
+                     qemu_guests: frozenset[str]) -> None:
+        """Snapshot every active instance while they run, once the replay instances
+        played their trace to its end: a request per deployment (one cloud each: the
+        replay instances', the qemu guests'), all at once; polled until every item is
+        replicated, then persistent. Fills ``result`` as it goes.
+
+        :raises: BenchError (an item failed, or the wait timed out), VmcloudError.
+        """
+        active = [r for r in rows if r['state'] == states.ACTIVE]
+        deployments = sorted({r['deployment'] for r in active})
+        if not deployments:
+            raise BenchError('no active instance to snapshot')
+        replays = [r for r in active if r['name'] not in qemu_guests]
+        if replays:
+            settled = (max(r['updated'] for r in replays)
+                       + replay_tail(self.trace, self.args.time_scale) + SETTLE_MARGIN)
+            time.sleep(max(0.0, settled - time.time()))
+        repository = self.counters()['warehouse_in']
+        peers = self.peer_traffic()
+        with concurrent.futures.ThreadPoolExecutor(len(deployments)) as pool:
+            requests = [pool.submit(self.cloud.cli_json, 'snapshot', 'create', deployment)
+                        for deployment in deployments]
+            items = self.wait_snapshots(result, deployments, len(active), requests)
+            for request in requests:
+                request.result()  # the cut's own answer: a refused one is the error
+        result.repository_bytes = self.counters()['warehouse_in'] - repository
+        result.peer_bytes = self.peer_traffic() - peers
+        result.items = len(items)
+        pauses = [i['pause_ms'] for i in items if i['pause_ms'] is not None]
+        qemu_pauses = [i['pause_ms'] for i in items
+                       if i['pause_ms'] is not None and i['name'] in qemu_guests]
+        result.longest_pause_ms = max(pauses, default=None)
+        result.qemu_pause_ms = max(qemu_pauses, default=None)
+        result.dirty_bytes = sum(i['dirty_bytes'] for i in items)
+        result.uploaded_bytes = sum(i['uploaded_bytes'] for i in items)
+        found = new_chunks(self.versions_of(items))
+        result.new_chunks, result.new_chunk_bytes = len(found), sum(found.values())
+
+    def wait_snapshots(self, result: SnapshotRun, deployments: list[str], expected: int,
+                       requests: list[concurrent.futures.Future]) -> list[dict]:
+        """Poll the snapshots of ``deployments`` every SNAPSHOT_POLL s until all
+        ``expected`` items are persistent, noting in ``result`` when every one was
+        replicated and when persistent (from the snapshots' creation: a time is when
+        a poll's answer came back).
+
+        :returns: the items. :raises: BenchError if one failed or SNAPSHOT_TIMEOUT
+            passed; ClusterError if a request was refused.
+        """
+        deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+        while True:
+            for request in requests:
+                if request.done():
+                    request.result()
+            snapshots, items = self.snapshot_rows(deployments)
+            seen = time.time()
+            replicated, persistent = snapshot_progress(snapshots, items, len(deployments),
+                                                       expected)
+            created = min((s['created'] for s in snapshots), default=seen)
+            if replicated and result.replicated is None:
+                result.replicated = seen - created
+            if persistent:
+                result.persistent = seen - created
+                return items
+            if time.monotonic() >= deadline:
+                raise BenchError(
+                    f'the snapshots are not persistent after {SNAPSHOT_TIMEOUT:g} s: '
+                    f'{len(snapshots)} of {len(deployments)} snapshots '
+                    f'({", ".join(s["state"] for s in snapshots)}), of {expected} items '
+                    f'{sum(i["replicated"] for i in items)} replicated, '
+                    f'{sum(i["persistent"] for i in items)} persistent')
+            time.sleep(SNAPSHOT_POLL)
+
+    def snapshot_rows(self, deployments: list[str]) -> tuple[list[dict], list[dict]]:
+        """(snapshots, items) of the snapshots of ``deployments``, from the database.
+
+        :raises: BenchError.
+        """
+        ids = ', '.join(sql_string(d) for d in deployments)
+        rows = self.query(
+            'SELECT s.id, s.state, extract(epoch from s.created_at),'
+            ' translate(s.reason, E\'\\t\\n\', \'  \'), coalesce(i.state, \'\'),'
+            ' coalesce(i.replicated, false), coalesce(i.persistent, false),'
+            ' coalesce(i.pause_ms::text, \'\'), coalesce(i.dirty_bytes, 0),'
+            ' coalesce(i.uploaded_bytes, 0), coalesce(i.version, \'\'),'
+            ' coalesce(inst.name, \'\'), translate(coalesce(i.reason, \'\'), E\'\\t\\n\', \'  \')'
+            ' FROM snapshots s LEFT JOIN snapshot_items i ON i.snapshot_id = s.id'
+            ' LEFT JOIN instances inst ON inst.id = i.instance_id'
+            f' WHERE s.deployment_id IN ({ids})')
+        snapshots: dict[str, dict] = {}
+        items = []
+        for r in rows:
+            snapshots[r[0]] = {'id': r[0], 'state': r[1], 'created': float(r[2]),
+                               'reason': r[3]}
+            if r[4]:
+                items.append({'snapshot': r[0], 'state': r[4], 'replicated': r[5] == 't',
+                              'persistent': r[6] == 't',
+                              'pause_ms': float(r[7]) if r[7] else None,
+                              'dirty_bytes': int(r[8]), 'uploaded_bytes': int(r[9]),
+                              'version': r[10], 'name': r[11], 'reason': r[12]})
+        return list(snapshots.values()), items
+
+    def versions_of(self, items: list[dict]) -> list[tuple]:
+        """(manifest, its parent's manifest or None) of every item's stored version, read
+        from the warehouse's files on the repository host.
+
+        :raises: VmcloudError (a version the warehouse does not have).
+        """
+        conf = _conf_of(os.path.join(self.controller.state_dir, 'warehouse.conf'))
+        warehouse = warehouse_mod.Warehouse(conf)
+        parents: dict[str, object] = {}
+        pairs = []
+        for item in items:
+            manifest = warehouse.lookup(item['version'])
+            parent = None
+            if manifest.parent is not None:
+                key = str(manifest.parent)
+                if key not in parents:
+                    parents[key] = warehouse.lookup(key)
+                parent = parents[key]
+            pairs.append((manifest, parent))
+        return pairs
+
+    def written_block_bytes(self, replays: int, qemu_traces: list[trace_mod.Trace]) -> int:
+        """The distinct 4 KiB blocks written with data, per instance, summed: each of the
+        ``replays`` replay instances writes the trace's up to its shutdown marker (bytes
+        of their own: replay.write_data), each qemu guest what its mirror recorded up to
+        the power button."""
+        total = replays * len(written_blocks(replayed_events(self.trace)))
+        for trace in qemu_traces:
+            total += len(written_blocks(replayed_events(trace)))
+        return total * BLOCK
 
     def delete_since(self, since: float) -> None:
         """Delete the deployments created since ``since`` and wait (bounded) until their
@@ -862,6 +1167,77 @@ def rows_of(runs: list[Run]) -> list[tuple]:
     return rows
 
 
+SNAPSHOT_COLUMNS = ('K', 'N', 'items', 'until replicated s', 'until persistent s',
+                    'longest pause ms: qemu guests / all', 'to repository',
+                    'unique dirty: new chunks', 'repository / new chunks',
+                    'unique dirty: 4 KiB blocks', 'repository / 4 KiB blocks',
+                    'dirty (mirrors)', 'between peers', 'phase s')
+
+
+def milliseconds(value: float | None) -> str:
+    return 'n/a' if value is None else f'{value:.0f}'
+
+
+def per(numerator: int, denominator: int | None) -> str:
+    return f'{numerator / denominator:.2f}' if denominator else ''
+
+
+def snapshot_rows_of(snapshots: list[SnapshotRun]) -> list[tuple]:
+    rows = []
+    for s in snapshots:
+        blocks = s.written_block_bytes
+        rows.append((s.k, s.n, s.items, seconds(s.replicated), seconds(s.persistent),
+                     f'{milliseconds(s.qemu_pause_ms)} / {milliseconds(s.longest_pause_ms)}',
+                     common.mib(s.repository_bytes),
+                     f'{common.mib(s.new_chunk_bytes)} ({s.new_chunks} chunks)',
+                     per(s.repository_bytes, s.new_chunk_bytes),
+                     common.mib(blocks) if blocks is not None else 'n/a',
+                     per(s.repository_bytes, blocks), common.mib(s.dirty_bytes),
+                     common.mib(s.peer_bytes), f'{s.wall:.0f}'))
+    return rows
+
+
+def snapshot_goals(snapshots: list[SnapshotRun]) -> list[str]:
+    """The multi-snapshot's goals, a line each with its numbers (or why unmeasured)."""
+    if not snapshots:
+        return ['not measured: multi-snapshot of all instances (no run of (e) at a '
+                '--snapshot-n, or --no-snapshot)']
+    done = [s for s in snapshots if not s.error]
+    failed = [f'N={s.n} K={s.k}' for s in snapshots if s.error]
+    also = f'; the snapshot failed at {", ".join(failed)} (see Failures)' if failed else ''
+    if not done:
+        return [f'FAIL multi-snapshot of all instances: no snapshot ended persistent{also}']
+    lines = []
+
+    def ratio(s: SnapshotRun) -> float:
+        return s.repository_bytes / s.new_chunk_bytes if s.new_chunk_bytes else math.inf
+    worst = max(done, key=ratio)
+    blocks = per(worst.repository_bytes, worst.written_block_bytes) or 'n/a'
+    ok = all(ratio(s) <= 1.2 for s in done) and not failed
+    lines.append(f'{"PASS" if ok else "FAIL"} bytes to the repository <= 1.2x the unique dirty '
+                 f'bytes (the distinct new chunks) of the multi-snapshot at every N and K '
+                 f'snapshotted: worst N={worst.n} K={worst.k}: '
+                 f'{common.mib(worst.repository_bytes)} / {common.mib(worst.new_chunk_bytes)}'
+                 f' = {ratio(worst):.2f}x (against the distinct 4 KiB blocks written, not the '
+                 f'goal\'s measure: {blocks}x){also}')
+    paused = [s for s in done if s.qemu_pause_ms is not None]
+    if paused:
+        longest = max(paused, key=lambda s: s.qemu_pause_ms)
+        ok = all(s.qemu_pause_ms <= 100 for s in paused) and not failed
+        lines.append(f'{"PASS" if ok else "FAIL"} longest pause of the qemu guests in the '
+                     f'multi-snapshot <= 100 ms at every N and K snapshotted: worst '
+                     f'N={longest.n} K={longest.k}: {longest.qemu_pause_ms:.0f} ms (of all '
+                     f'its items: {milliseconds(longest.longest_pause_ms)} ms){also}')
+    else:
+        lines.append('not measured: longest pause of the qemu guests in the multi-snapshot '
+                     '(no qemu guest: --qemu-guests 0)')
+    times = '; '.join(f'N={s.n} K={s.k}: {seconds(s.replicated)} s / {seconds(s.persistent)} s'
+                      for s in done)
+    lines.append(f'measured: time from the multi-snapshot\'s request until every item was '
+                 f'replicated / persistent: {times}{also}')
+    return lines
+
+
 def goals(runs: list[Run]) -> list[str]:
     """The issue's goals, a PASS/FAIL line each with its numbers (or why unmeasured)."""
     lines = []
@@ -919,9 +1295,41 @@ def goals(runs: list[Run]) -> list[str]:
                          f'{replays(alone[0] / alone[1] if all(alone) else None)}')
     if not any(r.contender == 'e-kill' for r in runs):
         lines.append('not measured: a peer killed mid-deploy (no extra run of (e))')
-    lines.append('not measured: multi-snapshot of all 128 instances (snapshots that land on '
-                 'peers first, replicated then persistent, are not built yet)')
+    lines += snapshot_goals([r.snapshot for r in runs if r.snapshot is not None])
     return lines
+
+
+SNAPSHOT_TEXT = (
+    'Once the instances of (e) booted, at each N of --snapshot-n (the largest N unless '
+    'given) and every K, and before they are deleted: one snapshot request per deployment '
+    '(`vmcloud snapshot create`; the replay instances and the qemu guests are two '
+    'deployments, on two clouds, so two requests at once, each one cut of its instances), '
+    'sent once the replay instances have played their trace to its end (the last boot plus '
+    'the trace\'s recorded time from boot-done to its last request, plus '
+    f'{SETTLE_MARGIN:g} s). The snapshots land on R = {REPLICAS} peers first and are '
+    'persisted to the repository in the background. "until replicated" and "until '
+    'persistent": from the snapshots\' creation in the dispatcher until every item of both '
+    'was replicated, then persistent, as the dispatcher\'s database says (polled every '
+    f'{SNAPSHOT_POLL * 1000:g} ms; a time is when the answer of the first poll that saw it '
+    'came back, so it is late by up to one poll and one query). The pauses are the items\' '
+    'pause_ms: from a guest\'s freeze until its thaw, which includes waiting for every other '
+    'instance of its deployment to freeze. "to repository": IP bytes the repository host '
+    'received on the warehouse\'s port (nftables, headers included) from the requests until '
+    'persistent: chunks, manifests and the protocol around them. "unique dirty: new chunks", '
+    'the goal\'s measure: the distinct chunks the stored versions reference that the image '
+    'version they were deployed from does not, each content once: the least a '
+    'content-addressed repository of these chunks can receive. "unique dirty: 4 KiB blocks": '
+    'the distinct 4 KiB blocks each instance wrote data to (zeroes and trims left out), '
+    'summed over the instances, from the traces: a replay instance writes its trace\'s '
+    'writes up to the shutdown marker, each with bytes of its own (replay.write_data hashes '
+    'the instance\'s name and the offset), so no two instances\' data deduplicate and '
+    'this is what a repository that stored 4 KiB blocks would need; a qemu guest, what its '
+    'mirror recorded until the power button (a little after the cut: an upper bound). A '
+    'chunk a 4 KiB write touches is new whole, so "new chunks" is the larger. "dirty '
+    '(mirrors)": the items\' dirty_bytes summed (whole dirty chunks, per instance). "between '
+    'peers": IP bytes in and out of the compute hosts\' peer chunk servers meanwhile (the '
+    'replicas put, their persisted notices, any chunk fetched). "phase s": the whole phase, '
+    'settling and collection included.')
 
 
 def svg(runs: list[Run]) -> str:
@@ -988,6 +1396,9 @@ def write_doc(runs: list[Run], facts: dict[str, str], args: argparse.Namespace) 
                          for r in runs for name, why in sorted(r.failed.items())[:5])
     notes = '\n'.join(f'- {CONTENDERS[r.contender]} N={r.n} K={r.k}: {r.note}'
                       for r in runs if r.note)
+    snapshots = [r.snapshot for r in runs if r.snapshot is not None]
+    snapshot_errors = '\n'.join(f'- the multi-snapshot at N={s.n} K={s.k}: {s.error}'
+                                for s in snapshots if s.error)
     svg_path = os.path.join(common.RESULTS_DIR, 'cluster.svg')
     os.makedirs(common.RESULTS_DIR, exist_ok=True)
     with open(svg_path, 'w') as f:
@@ -999,6 +1410,9 @@ def write_doc(runs: list[Run], facts: dict[str, str], args: argparse.Namespace) 
          'with the Nova-style copy of the same N and K, "egress / touched" the bytes the '
          'repository host sent with the distinct bytes of stored chunks the instances '
          'touched. "run s" is the whole run, setup and teardown included.\n\n' + result),
+        ('Multi-snapshot of all instances', SNAPSHOT_TEXT + '\n\n' + (
+            common.table(SNAPSHOT_COLUMNS, snapshot_rows_of(snapshots)) if snapshots
+            else 'Not taken in this run (--no-snapshot, or no run of (e) at a --snapshot-n).')),
         ('Goals', goal_lines),
         ('Reading the numbers',
          'The real qemu guests boot under the CPU they emulate (TCG on this 2-core machine, '
@@ -1010,8 +1424,9 @@ def write_doc(runs: list[Run], facts: dict[str, str], args: argparse.Namespace) 
          'wait. --qemu-guests 0 leaves the real guests out.'),
         ('Instances booted over time', '![instances booted over time](cluster.svg)'),
     ]
-    if failures or notes:
-        sections.append(('Failures', '\n'.join(x for x in (failures, notes) if x)))
+    if failures or notes or snapshot_errors:
+        found = (failures, notes, snapshot_errors)
+        sections.append(('Failures', '\n'.join(x for x in found if x)))
     sections.append(('How it was measured', __doc__.split('\n\n', 2)[2].strip()))
     return common.write_results('cluster', 'Cluster deployment benchmark', sections, facts)
 
@@ -1023,6 +1438,8 @@ def report(run: Run) -> None:
     print(common.table(COLUMNS, rows_of([run])), flush=True)
     for name, why in sorted(run.failed.items())[:3]:
         print(f'  {name} failed: {why}', flush=True)
+    if run.snapshot is not None:
+        print(common.table(SNAPSHOT_COLUMNS, snapshot_rows_of([run.snapshot])), flush=True)
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -1036,6 +1453,12 @@ def parse_arguments() -> argparse.Namespace:
                         help='real qemu guests among the N instances (on the K-th host)')
     parser.add_argument('--no-kill', action='store_true',
                         help='no extra run of (e) with a peer killed mid-deploy')
+    parser.add_argument('--snapshot-n', default='',
+                        help='the N (comma-separated, of --n) at which the instances of '
+                             '(e) are snapshotted once booted, at every K; the largest N '
+                             'if not given')
+    parser.add_argument('--no-snapshot', action='store_true',
+                        help='no multi-snapshot after the deployments of (e)')
     parser.add_argument('--time-scale', type=float, default=1.0,
                         help='[replay] time_scale: factor on the recorded think time')
     parser.add_argument('--queue-depth', type=int, default=4,
@@ -1051,8 +1474,15 @@ def parse_arguments() -> argparse.Namespace:
     try:
         args.ns = sorted({int(n) for n in args.n.split(',')})
         args.ks = sorted({int(k) for k in args.k.split(',')})
+        args.snapshot_ns = ({int(n) for n in args.snapshot_n.split(',')} if args.snapshot_n
+                            else {max(args.ns)})
     except ValueError:
-        parser.error(f'--n and --k take numbers separated by commas: {args.n!r}, {args.k!r}')
+        parser.error(f'--n, --k and --snapshot-n take numbers separated by commas: '
+                     f'{args.n!r}, {args.k!r}, {args.snapshot_n!r}')
+    if not args.snapshot_ns <= set(args.ns):
+        parser.error(f'--snapshot-n {args.snapshot_n!r} names an N not in --n {args.n!r}')
+    if args.no_snapshot:
+        args.snapshot_ns = set()
     args.contender_keys = [c for c in 'abcde' if c in args.contenders.replace(',', '')]
     unknown = set(args.contenders.replace(',', '')) - set('abcde')
     if unknown or not args.contender_keys:

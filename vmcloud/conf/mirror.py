@@ -49,7 +49,10 @@ mirror_opts = [
                     'primary) fetches it from the warehouse while it is alive.'),
     cfg.FloatOpt('peer_timeout', default=5.0, min=0.01,
                  help='Seconds a peer may stay silent, on connect or between two bytes, '
-                      'before the chunk is asked of the next owner (or the warehouse).'),
+                      'before the chunk is asked of the next owner (or the warehouse). '
+                      'The first bytes of an answer with a chunk may take 4 times as '
+                      'long: a peer that lacks the chunk reads it from the warehouse '
+                      'first.'),
     cfg.FloatOpt('peer_skip_time', default=10.0, min=0,
                  help='Seconds a peer that failed (refused, timed out, answered an HTTP '
                       'error or corrupt bytes) is passed over before it is asked again.'),
@@ -62,6 +65,13 @@ mirror_opts = [
     cfg.IntOpt('peer_threads', default=64, min=1,
                help='Peer requests the node serves at once; more are answered 503 (busy) '
                     'and the asking node goes on to the next owner.'),
+    cfg.IntOpt('peer_connections_per_address', default=32, min=1,
+               help='Connections the peer chunk server keeps open from one address, idle '
+                    'keep-alive ones included; more are answered 503 (busy) and closed, so '
+                    'one host cannot take every connection. A node keeps up to 8 idle '
+                    'connections to each peer and opens more while it misses many chunks '
+                    'at once; several nodes on one address (the all-in-one mode) share '
+                    'the number.'),
     cfg.FloatOpt('owned_cache_share', default=0.5, min=0, max=1,
                  help='Share of cache_size kept for the chunks this node owns (the ones '
                       'its peers ask it for): while owned chunks hold less, eviction takes '

@@ -23,7 +23,11 @@ without one is of format 1 (no flags), read as such and rewritten in the current
 format when the cache opens.
 
 One cache object owns the directory at a time (the ``lock`` file in it): two
-owners would hand out the same slots for different chunks.
+owners would hand out the same slots for different chunks. Once closed, a cache
+refuses reads and puts with CacheClosed (a late peer-server thread gets an answer, not
+a closed file), and a fetch that ends after the close is returned without being kept;
+close() waits for the disk I/O under way, so no write lands in a descriptor number
+the process has reused meanwhile.
 
 Eviction. Without ``owned`` the least recently used chunk that no read is using
 goes first. With the peer exchange, ``owned(chunk_id)`` tells the chunks this node
@@ -38,6 +42,7 @@ them again.
 """
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -64,6 +69,25 @@ _RECORD_V1 = struct.Struct('<32sIIIL')
 # chunk id (sha256), slot size, slot number, chunk length, flags, crc32 of the rest
 _RECORD = struct.Struct('<32sIIIIL')
 _REPLICA = 1  # flag: an unpersisted replica
+CLOSE_WAIT = 30.0
+"""Seconds close() waits for the disk I/O under way before it closes the files anyway."""
+
+
+class CacheClosed(exception.MirrorError):
+    """The chunk cache was closed (its node's mirror service is stopping)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f'the chunk cache {path} is closed')
+
+
+class FetchInFlight(exception.MirrorError):
+    """A read that may not wait found the chunk being fetched already (``join``)."""
+
+    def __init__(self, chunk_id: str):
+        self.chunk_id = chunk_id
+        super().__init__(f'chunk {chunk_id} is being fetched already, and this read '
+                         'may not wait for that fetch')
 
 
 @dataclasses.dataclass
@@ -129,6 +153,11 @@ class ChunkCache:
         self._next_slot: dict[int, int] = collections.defaultdict(int)
         self._slot_fds: dict[int, int] = {}
         self._used = 0
+        self._closed = False
+        # Threads using the slot files or the journal outside the lock; close() waits
+        # for none to be left.
+        self._disk_users = 0
+        self._disk_idle = threading.Condition(self._lock)
         os.makedirs(path, exist_ok=True)
         self._owner = statelock.StateLock('chunk cache', os.path.join(path, 'lock'))
         try:
@@ -142,12 +171,15 @@ class ChunkCache:
     def read_into(self, chunk_id: str, offset: int, target: memoryview) -> None:
         """Fill ``target`` with the chunk's bytes from ``offset``, fetching it if need be.
 
-        :raises: FetchFailed once the bounded retries are spent.
+        :raises: FetchFailed once the bounded retries are spent (at once if the chunk is
+            not found: that is final); CacheClosed.
         """
         while True:
             entry = self._pin(chunk_id)
             if entry is None:
                 data = self._fetch_once(chunk_id)
+                if data is None:
+                    continue  # kept by a fetch that ended since the miss: read it here
                 target[:] = memoryview(data)[offset:offset + len(target)]
                 return
             try:
@@ -157,20 +189,29 @@ class ChunkCache:
             if done:
                 return
 
-    def read_chunk(self, chunk_id: str, fetch: Callable[[str], bytes] | None = None) -> bytes:
+    def read_chunk(self, chunk_id: str, fetch: Callable[[str], bytes] | None = None,
+                   join: Callable[[str], bool] | None = None) -> bytes:
         """The whole chunk, fetched if need be (concurrent misses share one fetch).
 
         ``fetch``, if given, is where this miss is fetched from instead of the cache's
         own fetch (the peer server fetches from the warehouse: a peer asking is the
         node's "every other node" for the chunk). A miss that joins a fetch already
-        under way gets that fetch's bytes, wherever they come from.
+        under way gets that fetch's bytes, wherever they come from. ``join``, if given,
+        is asked (with the chunk id, outside the cache's lock) before a miss waits for
+        a fetch under way: False, and the miss raises FetchInFlight instead of waiting
+        (the peer server: a fetch that is asking peers may be waiting for the very peer
+        whose request this is).
 
-        :raises: FetchFailed once the bounded retries are spent.
+        :raises: FetchFailed once the bounded retries are spent (at once if the chunk is
+            not found: that is final); FetchInFlight; CacheClosed.
         """
         while True:
             entry = self._pin(chunk_id)
             if entry is None:
-                return self._fetch_once(chunk_id, fetch)
+                data = self._fetch_once(chunk_id, fetch, join)
+                if data is None:
+                    continue  # kept by a fetch that ended since the miss: read it here
+                return data
             try:
                 data = bytearray(entry.length)
                 done = self._read_entry(chunk_id, entry, 0, memoryview(data))
@@ -180,8 +221,13 @@ class ChunkCache:
                 return bytes(data)
 
     def _pin(self, chunk_id: str) -> _Entry | None:
-        """The chunk's entry, pinned (eviction passes it by) until _unpin; None: a miss."""
+        """The chunk's entry, pinned (eviction passes it by) until _unpin; None: a miss.
+
+        :raises: CacheClosed.
+        """
         with self._lock:
+            if self._closed:
+                raise CacheClosed(self.path)
             entry = self._entries.get(chunk_id)
             if entry is None:
                 self.stats.misses += 1
@@ -198,11 +244,11 @@ class ChunkCache:
             entry.pins -= 1
 
     def ensure(self, chunk_id: str) -> None:
-        """Fetch a chunk unless the node has it (for prefetching). :raises: FetchFailed."""
-        with self._lock:
-            if chunk_id in self._entries:
-                return
-        self._fetch_once(chunk_id)
+        """Fetch a chunk unless the node has it (for prefetching).
+
+        :raises: FetchFailed; CacheClosed.
+        """
+        self._fetch_once(chunk_id)  # which finds a chunk held under its lock
 
     @property
     def held_bytes(self) -> int:
@@ -215,6 +261,12 @@ class ChunkCache:
             return chunk_id in self._entries
 
     def _read_entry(self, chunk_id: str, entry: _Entry, offset: int, target: memoryview) -> bool:
+        """Whether ``target`` got the chunk's bytes (False: its slot did not hold them, the
+        entry is gone). :raises: CacheClosed; OSError."""
+        with self._disk():
+            return self._read_slot(chunk_id, entry, offset, target)
+
+    def _read_slot(self, chunk_id: str, entry: _Entry, offset: int, target: memoryview) -> bool:
         fd = self._slot_fd(entry.slot_size)
         base = entry.slot * entry.slot_size
         if entry.verified:
@@ -240,15 +292,26 @@ class ChunkCache:
 
     # -- fetching ------------------------------------------------------------------
 
-    def _fetch_once(self, chunk_id: str, fetch: Callable[[str], bytes] | None = None) -> bytes:
+    def _fetch_once(self, chunk_id: str, fetch: Callable[[str], bytes] | None = None,
+                    join: Callable[[str], bool] | None = None) -> bytes | None:
         """Fetch and store a chunk (with ``fetch`` if given, else the cache's own);
-        concurrent callers for one chunk share one fetch."""
+        concurrent callers for one chunk share one fetch. None: the chunk is held (a
+        fetch that ended since the caller's miss kept it), read it from the node.
+
+        :raises: FetchFailed; FetchInFlight if ``join`` says not to wait; CacheClosed.
+        """
         with self._lock:
+            if self._closed:
+                raise CacheClosed(self.path)
             future = self._inflight.get(chunk_id)
             owner = future is None
             if owner:
+                if chunk_id in self._entries:
+                    return None
                 future = self._inflight[chunk_id] = concurrent.futures.Future()
         if not owner:
+            if join is not None and not future.done() and not join(chunk_id):
+                raise FetchInFlight(chunk_id)
             return future.result()
         try:
             data = self._fetch_with_retries(chunk_id, fetch or self._fetch)
@@ -264,6 +327,14 @@ class ChunkCache:
                 del self._inflight[chunk_id]
 
     def _fetch_with_retries(self, chunk_id: str, fetch: Callable[[str], bytes]) -> bytes:
+        """:raises: FetchFailed: every attempt failed, or one found the chunk missing."""
+        attempts = 0
+
+        def attempt(chunk_id: str) -> bytes:
+            nonlocal attempts
+            attempts += 1
+            return fetch(chunk_id)
+
         def log_retry(state: tenacity.RetryCallState) -> None:
             LOG.warning('fetching chunk %s failed (attempt %d): %s; retrying', chunk_id,
                         state.attempt_number, state.outcome.exception())
@@ -272,14 +343,17 @@ class ChunkCache:
             stop=tenacity.stop_after_attempt(self._attempts),
             wait=tenacity.wait_exponential(multiplier=self._retry_wait / 4,
                                            max=self._retry_wait),
-            retry=tenacity.retry_if_exception_type((OSError, exception.StorageError)),
+            # A chunk not found is the answer, not a failure: asking again would wait
+            # out the back-off to hear it again (the exchange asked every owner already).
+            retry=(tenacity.retry_if_exception_type((OSError, exception.StorageError))
+                   & tenacity.retry_if_not_exception_type(exception.ChunkNotFound)),
             before_sleep=log_retry, reraise=True)
         try:
-            data = retrying(fetch, chunk_id)
+            data = retrying(attempt, chunk_id)
         except (OSError, exception.StorageError) as exc:
             with self._lock:
                 self.stats.failed_fetches += 1
-            raise exception.FetchFailed(chunk_id, self._attempts, exc) from exc
+            raise exception.FetchFailed(chunk_id, attempts, exc) from exc
         with self._lock:
             self.stats.fetched_chunks += 1
             self.stats.fetched_bytes += len(data)
@@ -288,8 +362,16 @@ class ChunkCache:
     # -- storing -------------------------------------------------------------------
 
     def _store(self, chunk_id: str, data: bytes) -> None:
-        slot_size = _slot_size(len(data))
+        """Keep a fetched chunk if there is room; a cache closed meanwhile keeps nothing."""
         owned = self._is_owned(chunk_id)
+        try:
+            with self._disk():
+                self._store_in_slot(chunk_id, data, owned)
+        except CacheClosed:
+            pass  # the chunk is served all the same, from memory
+
+    def _store_in_slot(self, chunk_id: str, data: bytes, owned: bool) -> None:
+        slot_size = _slot_size(len(data))
         with self._lock:
             slot = self._allocate(slot_size)
         if slot is None:
@@ -322,7 +404,7 @@ class ChunkCache:
         :raises: CorruptChunk if ``data`` does not hash to ``chunk_id``;
             ReplicaBudgetFull if it would take the replicas past ``replica_size`` or the
             cache has nothing it may evict for it; OSError if it cannot be made durable
-            (nothing is kept as a replica then).
+            (nothing is kept as a replica then); CacheClosed (nothing is kept).
         """
         actual = manifest_mod.chunk_id(data)
         if actual != chunk_id:
@@ -330,6 +412,8 @@ class ChunkCache:
         slot_size = _slot_size(len(data))
         for _ in range(3):  # an entry evicted or found corrupt between the steps: again
             with self._lock:
+                if self._closed:
+                    raise CacheClosed(self.path)
                 entry = self._entries.get(chunk_id)
                 if entry is not None and entry.replica:
                     entry.origin = origin or entry.origin
@@ -355,10 +439,14 @@ class ChunkCache:
         """Make the held (pinned) ``entry`` a durable replica; False if it went meanwhile
         or its data is not the chunk's (it is dropped then).
 
-        :raises: ReplicaBudgetFull; OSError.
+        :raises: ReplicaBudgetFull; OSError; CacheClosed.
         """
         if not replica:
             return True
+        with self._disk():
+            return self._make_replica(chunk_id, entry, origin)
+
+    def _make_replica(self, chunk_id: str, entry: _Entry, origin: str) -> bool:
         fd = self._slot_fd(entry.slot_size)
         if not entry.verified:
             if manifest_mod.chunk_id(os.pread(fd, entry.length,
@@ -411,8 +499,12 @@ class ChunkCache:
 
     def mark_persisted(self, chunk_ids) -> None:
         """These chunks are in the repository: their replicas (ids held otherwise, or
-        not at all, are passed over) become ordinary entries, evicted as any."""
+        not at all, are passed over) become ordinary entries, evicted as any; a closed
+        cache passes them all over (the replica sweep finds them persisted after the
+        restart)."""
         with self._lock:
+            if self._closed:
+                return
             for chunk_id in chunk_ids:
                 entry = self._entries.get(chunk_id)
                 if entry is not None and entry.replica:
@@ -593,9 +685,32 @@ class ChunkCache:
         self._journal.write(_record(chunk_id, entry.slot_size, entry.slot, entry.length,
                                     _REPLICA if entry.replica else 0))
 
-    def close(self) -> None:
-        """Stop using the directory and give it up to the next owner; idempotent."""
+    @contextlib.contextmanager
+    def _disk(self):
+        """Around a use of the slot files or the journal outside the lock: close() waits
+        for it to end. :raises: CacheClosed."""
         with self._lock:
+            if self._closed:
+                raise CacheClosed(self.path)
+            self._disk_users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._disk_users -= 1
+                if not self._disk_users:
+                    self._disk_idle.notify_all()
+
+    def close(self) -> None:
+        """Stop using the directory and give it up to the next owner, once the disk I/O
+        under way has ended (CLOSE_WAIT s at most); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._disk_idle.wait_for(lambda: not self._disk_users, CLOSE_WAIT):
+                LOG.warning('closing the chunk cache %s with %d disk operations still '
+                            'under way after %g s', self.path, self._disk_users, CLOSE_WAIT)
             self._journal.close()
             for fd in self._slot_fds.values():
                 os.close(fd)

@@ -18,32 +18,44 @@ Plain HTTP/1.1 with keep-alive, the warehouse service's path shape and error bod
   are in the repository now and become ordinary cache entries.
 
 Errors: 401 without the token; 400 for a malformed request or chunk id; 404 for an
-unknown path; 405 for a method the path does not take; 503 WarehouseBusy while the
-server handles ``threads`` requests already (a request is refused, never queued);
-502 when the node could not fetch the chunk (FetchFailed, a repository error); 500
-for its own failure (its cache's disk).
+unknown path; 405 for a method the path does not take; 408 for a request line and
+headers that took over HEAD_TIMEOUT s; 503 WarehouseBusy while the server handles
+``threads`` requests already (a request is refused, never queued), while its node is
+asking peers for the chunk itself (waiting for that could be waiting for the asker),
+or while it is stopping; 502 when the node could not fetch the chunk (FetchFailed, a
+repository error: the body is the repository's error); 500 for its own failure (its
+cache's disk).
 
 The client never checks a chunk's hash: the exchange does, and counts a peer's
 corrupt chunk. It bounds every request: connecting, sending and each wait for the
 next bytes of an answer get ``timeout`` seconds, and a whole answer must arrive
 within ``timeout * 4 + length / SLOWEST_RATE`` of the request's start, so a peer
-that trickles a byte at a time is given up too. A stage waits up to
-``stage_timeout`` for its answer (the peer fetches the chunk first), and its
-deadline grows by as much. Idle connections are kept per peer (POOL_SIZE, for
-KEEP_IDLE s); one that failed is closed, never kept; a kept one the peer has closed
-meanwhile is asked again once on a new connection (both requests are idempotent).
+that trickles a byte at a time is given up too. The head of a chunk's answer may
+take ``answer_timeout`` (ANSWER_WAIT_FACTOR timeouts by default): a peer that lacks
+the chunk reads it from the repository first, or waits for its node's read of it,
+and a slow repository is not a dead peer. A stage waits up to ``stage_timeout`` for
+its answer (the peer fetches the chunk first). A longer wait for the head makes the
+answer's deadline grow by as much. Idle connections are kept per peer (POOL_SIZE,
+for KEEP_IDLE s); one that failed is closed, never kept; a kept one the peer has
+closed meanwhile is asked again once on a new connection (both requests are
+idempotent). A 502 is raised as the repository error it carries (the peer is not at
+fault), every other refusal but ChunkNotFound as a PeerError.
 
 The server takes a thread per connection, at most ``threads *
-CONNECTIONS_PER_THREAD`` connections, and handles at most ``threads`` requests at
-once. A request's line and headers are at most HEAD_LIMIT bytes; a connection is
-closed after IDLE_TIMEOUT s without a request, or IO_TIMEOUT s without progress in
-the middle of one. Chunk bodies go out PIECE bytes at a time through one token
-bucket of ``upload_rate`` bytes/s shared by every connection.
+CONNECTIONS_PER_THREAD`` connections and ``connections_per_address`` from one
+address (more are answered 503 and closed), and handles at most ``threads`` requests
+at once. A request's line and headers are at most HEAD_LIMIT bytes and must arrive
+within HEAD_TIMEOUT s of its first byte; a connection is closed after IDLE_TIMEOUT s
+without a request, or IO_TIMEOUT s without progress in the middle of one. Chunk
+bodies go out PIECE bytes at a time through one token bucket of ``upload_rate``
+bytes/s shared by every connection. The address served must be one the other nodes
+can reach (it is the node's advertised peer URL): a wildcard is refused.
 """
-import hmac
+import collections
 import http
 import http.client
 import io
+import ipaddress
 import json
 import logging
 import re
@@ -58,6 +70,7 @@ from vmcloud import exception
 from vmcloud.mirror import cache as cache_mod
 from vmcloud.storage import manifest as manifest_mod
 from vmcloud.storage import protocol
+from vmcloud.storage.service import auth
 
 LOG = logging.getLogger(__name__)
 
@@ -77,6 +90,8 @@ SLOWEST_RATE = 1024 ** 2
 """Bytes/s: the slowest transfer the total deadline of an answer allows for."""
 STAGE_TIMEOUT = 60.0
 """Default seconds a stage waits for its answer (the peer fetches the chunk first)."""
+ANSWER_WAIT_FACTOR = 4
+"""Timeouts the head of a chunk's answer may take by default (``answer_timeout``)."""
 _READ_PIECE = 1024 ** 2
 _ERROR_BODY_LIMIT = 64 * 1024
 _STATS_LIMIT = 1024 ** 2
@@ -88,6 +103,9 @@ _BODY_LIMITS = {'_put_chunk': protocol.MAX_CHUNK_BYTES, '_persisted': PERSISTED_
 # -- server limits
 HEAD_LIMIT = 8192
 """Bytes of a request line and its headers together; larger requests get 431."""
+HEAD_TIMEOUT = 10.0
+"""Seconds from a request's first byte to the end of its headers; a slower one gets 408
+(a client sending a byte now and then holds a thread no longer)."""
 IDLE_TIMEOUT = 30.0
 """Seconds a server connection waits for the next request before closing."""
 IO_TIMEOUT = 10.0
@@ -97,6 +115,8 @@ PIECE = 64 * 1024
 CONNECTIONS_PER_THREAD = 8
 """Open connections per request thread, idle keep-alive ones included; beyond, a new
 connection is answered 503 and closed."""
+CONNECTIONS_PER_ADDRESS = 32
+"""Default open connections from one address (``[mirror] peer_connections_per_address``)."""
 STOP_WAIT = 5.0
 """Seconds stop() waits for the requests in progress."""
 
@@ -107,6 +127,32 @@ def _check_token(token: str) -> str:
         raise exception.ConfigError('[mirror] peer_token must be printable ASCII without '
                                     'surrounding spaces')
     return token
+
+
+def check_peer_address(address: str) -> str:
+    """:raises: ConfigError naming ``[mirror] peer_address`` if ``address`` is empty or
+    a wildcard (0.0.0.0, ::, and their other spellings): the address served is the
+    peer URL the other nodes are told, so it must be one of this node's own."""
+    host = address.strip() if isinstance(address, str) else ''
+    if host.startswith('[') and host.endswith(']'):
+        host = host[1:-1]
+    wildcard = host in ('', '*')
+    if not wildcard:
+        try:
+            wildcard = ipaddress.ip_address(host.split('%', 1)[0]).is_unspecified
+        except ValueError:
+            try:
+                # What the socket calls accept as IPv4 ('0', '0.0', '0x0'...) binds too.
+                wildcard = socket.inet_aton(host) == bytes(4)
+            except OSError:
+                pass  # a host name
+    if wildcard:
+        raise exception.ConfigError(
+            f'[mirror] peer_address {address!r} is not an address of this node: the '
+            'other compute nodes are told it as this node\'s peer URL, so it must be one '
+            'they can reach (the node\'s own address on their network), not empty nor a '
+            'wildcard such as 0.0.0.0 or ::')
+    return address
 
 
 def check_chunk_id(chunk_id: str) -> str:
@@ -127,11 +173,17 @@ class PeerClient:
     """Requests to other nodes' peer chunk servers; thread safe, one for a whole node."""
 
     def __init__(self, token: str, timeout: float, stage_timeout: float = STAGE_TIMEOUT,
-                 pool_size: int = POOL_SIZE):
-        """:raises: ConfigError if the token cannot travel in an HTTP header."""
+                 pool_size: int = POOL_SIZE, answer_timeout: float | None = None):
+        """``answer_timeout``: seconds the head of a chunk's answer may take (default
+        ``timeout * ANSWER_WAIT_FACTOR``, never less than ``timeout``).
+
+        :raises: ConfigError if the token cannot travel in an HTTP header.
+        """
         _check_token(token)
         self.timeout = timeout
         self.stage_timeout = max(stage_timeout, timeout)
+        self.answer_timeout = max(timeout * ANSWER_WAIT_FACTOR if answer_timeout is None
+                                  else answer_timeout, timeout)
         self._headers = {'Authorization': f'Bearer {token}'} if token else {}
         self._pool_size = pool_size
         self._lock = threading.Lock()
@@ -142,21 +194,24 @@ class PeerClient:
         """The chunk as the peer sent it, unchecked: the caller hashes it.
 
         :raises: InvalidName for a malformed id, before any request; ChunkNotFound if the
-            peer says the repository lacks the chunk; PeerError for every other failure.
+            peer says the repository lacks the chunk; the StorageError of the peer's
+            own repository read if that failed (HTTP 502); PeerError for every other
+            failure (busy: its cause is a WarehouseBusy).
         """
         check_chunk_id(chunk_id)
         return self._call(url, 'GET', f'{protocol.API}/chunks/{chunk_id}', chunk_id,
-                          ok=200, limit=protocol.MAX_CHUNK_BYTES, wait=self.timeout)
+                          ok=200, limit=protocol.MAX_CHUNK_BYTES, wait=self.answer_timeout,
+                          repository_errors=True)
 
     def stage(self, url: str, chunk_id: str) -> None:
         """Have the peer fetch the chunk and keep it; returns once it holds it.
 
         :raises: InvalidName for a malformed id, before any request; ChunkNotFound;
-            PeerError.
+            the StorageError of the peer's repository read (HTTP 502); PeerError.
         """
         check_chunk_id(chunk_id)
         self._call(url, 'POST', f'{protocol.API}/chunks/{chunk_id}/stage', chunk_id,
-                   ok=204, limit=0, wait=self.stage_timeout)
+                   ok=204, limit=0, wait=self.stage_timeout, repository_errors=True)
 
     def put(self, url: str, chunk_id: str, data: bytes, origin: str = '') -> None:
         """Have the peer keep ``data`` as an unpersisted replica of ``chunk_id``, put by
@@ -210,8 +265,12 @@ class PeerClient:
 
     def _call(self, url: str, method: str, path: str, chunk_id: str | None, ok: int,
               limit: int, wait: float, body: bytes | None = None,
-              headers: dict[str, str] | None = None) -> bytes:
-        """The body of an ``ok`` answer; :raises: ChunkNotFound, PeerError."""
+              headers: dict[str, str] | None = None, repository_errors: bool = False) -> bytes:
+        """The body of an ``ok`` answer (``wait``: seconds its head may take).
+
+        :raises: ChunkNotFound; with ``repository_errors``, the StorageError a 502
+            carries; PeerError.
+        """
         host, port = _split_url(url, chunk_id)
         started = time.monotonic()
         conn, sock, response = self._send(url, host, port, method, path, chunk_id, wait,
@@ -229,7 +288,7 @@ class PeerClient:
         else:
             self._give_back(url, conn)
         if response.status != ok:
-            _raise_refusal(url, chunk_id, response.status, body)
+            _raise_refusal(url, chunk_id, response.status, body, repository_errors)
         return body
 
     def _send(self, url: str, host: str, port: int, method: str, path: str,
@@ -355,13 +414,29 @@ def _describe(exc: BaseException, timeout: float) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _raise_refusal(url: str, chunk_id: str | None, status: int, body: bytes) -> None:
-    """:raises: the peer's ChunkNotFound for this chunk as such, PeerError for the rest."""
+def _raise_refusal(url: str, chunk_id: str | None, status: int, body: bytes,
+                   repository_errors: bool) -> None:
+    """:raises: the peer's ChunkNotFound for this chunk as such; with
+    ``repository_errors``, the StorageError of a 502 that is one of the protocol's error
+    bodies (the peer's repository read failed: the peer did its part); PeerError for
+    the rest (a 502 without such a body is the peer's own failure)."""
     error = protocol.decode_error(status, body, f'peer {url}')
     if isinstance(error, exception.ChunkNotFound) and chunk_id is not None \
             and error.chunk_id == chunk_id:
         raise error
+    if repository_errors and status == 502 and _is_error_body(body):
+        raise error
     raise exception.PeerError(url, chunk_id, f'HTTP {status}: {error}') from error
+
+
+def _is_error_body(body: bytes) -> bool:
+    """Whether ``body`` is an error as the protocol encodes it (not a stray page)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get('error'), str) \
+        and isinstance(doc.get('message'), str)
 
 
 # -- the server ------------------------------------------------------------------
@@ -373,6 +448,8 @@ class ServedExchange(Protocol):
     replicas: int
 
     def fetch_from_repository(self, chunk_id: str) -> bytes: ...
+
+    def asking_peers(self, chunk_id: str) -> bool: ...
 
     def stats(self) -> dict: ...
 
@@ -430,20 +507,28 @@ class PeerServer:
 
     def __init__(self, cache: cache_mod.ChunkCache, exchange: ServedExchange, address: str,
                  port: int, token: str, upload_rate: int, threads: int, *,
+                 connections_per_address: int = CONNECTIONS_PER_ADDRESS,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] | None = None):
         """``upload_rate``: bytes/s of chunk bodies to all peers together, 0 = unlimited;
-        ``threads``: requests handled at once, more get 503. ``clock`` and ``sleep`` are
+        ``threads``: requests handled at once, more get 503; ``connections_per_address``:
+        connections open from one address, more get 503. ``clock`` and ``sleep`` are
         the upload limit's (default: monotonic time, a sleep that stop() cuts short).
 
-        :raises: ConfigError if ``threads`` < 1, ``upload_rate`` < 0 or the token cannot
+        :raises: ConfigError if ``address`` is empty or a wildcard, ``threads`` or
+            ``connections_per_address`` < 1, ``upload_rate`` < 0 or the token cannot
             travel in an HTTP header.
         """
         _check_token(token)
+        check_peer_address(address)
         if threads < 1 or upload_rate < 0:
             raise exception.ConfigError(
                 f'a peer server needs at least 1 thread and an upload rate of 0 or more '
                 f'bytes/s, not {threads} and {upload_rate}')
+        if connections_per_address < 1:
+            raise exception.ConfigError(
+                f'[mirror] peer_connections_per_address must be at least 1, not '
+                f'{connections_per_address}')
         self.cache = cache
         self.exchange = exchange
         self.address = address
@@ -456,8 +541,10 @@ class PeerServer:
                                         sleep or self._stopping.wait) if upload_rate else None
         self._slots = threading.BoundedSemaphore(threads)
         self._max_connections = threads * CONNECTIONS_PER_THREAD
+        self.connections_per_address = connections_per_address
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
+        self._per_address: collections.Counter[str] = collections.Counter()
         self._threads: set[threading.Thread] = set()
         self._counts = {'served_chunks': 0, 'served_bytes': 0, 'staged_chunks': 0}
         self._listener: _Listener | None = None
@@ -490,6 +577,11 @@ class PeerServer:
                                            name='peer-server', daemon=True)
         self._accepting.start()
         LOG.info('serving chunks to peers at %s', self.url)
+        if not self._token:
+            LOG.warning('[mirror] peer_token is empty: the peer chunk server at %s '
+                        '([mirror] peer_address) serves and takes chunks for anyone who '
+                        'can reach it; set the same peer_token on every compute node',
+                        self.url)
         return self
 
     def stop(self) -> None:
@@ -542,7 +634,9 @@ class PeerServer:
     def _accepted(self, sock: socket.socket, client: tuple) -> None:
         with self._lock:
             full = self._stopping.is_set() or len(self._connections) >= self._max_connections
-            if not full:
+            crowded = not full and \
+                self._per_address[client[0]] >= self.connections_per_address
+            if not (full or crowded):
                 thread = threading.Thread(target=self._serve, args=(sock, client),
                                           name=f'peer-{client[0]}', daemon=True)
                 try:
@@ -553,12 +647,18 @@ class PeerServer:
                 else:
                     self._connections.add(sock)
                     self._threads.add(thread)
-        if full:
-            self._refuse_connection(sock)
+                    self._per_address[client[0]] += 1
+        if crowded:
+            self._refuse_connection(sock, exception.WarehouseBusy(
+                f'peer {self.url} has {self.connections_per_address} connections open from '
+                f'{client[0]}, the most one address may have ([mirror] '
+                'peer_connections_per_address)'))
+        elif full:
+            self._refuse_connection(sock, exception.WarehouseBusy(
+                f'peer {self.url} has {self._max_connections} connections open, its most'))
 
-    def _refuse_connection(self, sock: socket.socket) -> None:
-        status, body = protocol.encode_error(exception.WarehouseBusy(
-            f'peer {self.url} has {self._max_connections} connections open, its most'))
+    def _refuse_connection(self, sock: socket.socket, error: exception.WarehouseBusy) -> None:
+        status, body = protocol.encode_error(error)
         try:
             # Never block the accepting thread: a fresh socket takes a short answer whole.
             sock.setblocking(False)
@@ -578,6 +678,9 @@ class PeerServer:
             with self._lock:
                 self._connections.discard(sock)
                 self._threads.discard(threading.current_thread())
+                self._per_address[client[0]] -= 1
+                if not self._per_address[client[0]]:
+                    del self._per_address[client[0]]
                 sock.close()  # under the lock: stop() shuts sockets down under it too
 
 
@@ -632,26 +735,28 @@ class _Connection:
     def _read_head(self) -> tuple[str, str, http.client.HTTPMessage, bool] | None:
         """(method, target, headers, keep-alive), None if the client closed first.
 
-        :raises: _Refused for a malformed or oversized head, or one announcing a body.
+        :raises: _Refused for a malformed or oversized head, one announcing a body, or
+            one slower than HEAD_TIMEOUT; OSError (TimeoutError: IDLE_TIMEOUT s without
+            a request, IO_TIMEOUT s without a byte of one).
         """
-        line = self.rfile.readline(HEAD_LIMIT + 1)
-        if not line:
+        if not self.rfile.peek(1):  # the wait for a request: IDLE_TIMEOUT
             return None
-        self.sock.settimeout(IO_TIMEOUT)  # a request begun comes whole, without long pauses
-        lines, size = [line], len(line)
+        deadline = time.monotonic() + HEAD_TIMEOUT
+        lines, size = [], 0
         while True:
-            if size > HEAD_LIMIT:
-                raise _Refused(431, protocol.RequestRefused(
-                    f'the request line and headers exceed {HEAD_LIMIT} bytes'))
-            if not lines[-1].endswith(b'\n'):
-                return None  # the client closed in the middle of a line
-            if len(lines) > 1 and lines[-1] in (b'\r\n', b'\n'):
-                break
-            line = self.rfile.readline(HEAD_LIMIT + 1 - size)
+            line = self._read_line(HEAD_LIMIT + 1 - size, deadline)
             if not line:
                 return None
             lines.append(line)
             size += len(line)
+            if size > HEAD_LIMIT:
+                raise _Refused(431, protocol.RequestRefused(
+                    f'the request line and headers exceed {HEAD_LIMIT} bytes'))
+            if not line.endswith(b'\n'):
+                return None  # the client closed in the middle of a line
+            if len(lines) > 1 and line in (b'\r\n', b'\n'):
+                break
+        self.sock.settimeout(IO_TIMEOUT)  # the body, if any: the deadline was the head's
         request_line = lines[0].rstrip(b'\r\n').decode('latin-1')
         parts = request_line.split(' ')
         if len(parts) != 3 or parts[2] not in ('HTTP/1.0', 'HTTP/1.1'):
@@ -672,13 +777,43 @@ class _Connection:
         keep_alive = 'keep-alive' in tokens if version == 'HTTP/1.0' else 'close' not in tokens
         return method, target, headers, keep_alive
 
+    def _read_line(self, limit: int, deadline: float) -> bytes:
+        """The next line with its newline, at most ``limit`` bytes (fewer without a
+        newline: the client closed), by ``deadline``. A readline() would wait IO_TIMEOUT
+        for each byte, however many: this waits for one socket read at a time.
+
+        :raises: _Refused (408) once the deadline passes; OSError.
+        """
+        line = b''
+        while len(line) < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Refused(408, protocol.RequestRefused(
+                    f'the request line and headers took over {HEAD_TIMEOUT:g} s'))
+            self.sock.settimeout(min(IO_TIMEOUT, left))
+            try:
+                buffered = self.rfile.peek(1)  # one socket read at most
+            except TimeoutError:
+                if left < IO_TIMEOUT:  # the deadline cut this wait short
+                    raise _Refused(408, protocol.RequestRefused(
+                        f'the request line and headers took over {HEAD_TIMEOUT:g} s')) from None
+                raise
+            if not buffered:
+                break
+            room = limit - len(line)
+            end = buffered.find(b'\n', 0, room)
+            line += self.rfile.read(end + 1 if end >= 0 else min(len(buffered), room))
+            if end >= 0:
+                break
+        return line
+
     def _answer(self, method: str, target: str, headers: http.client.HTTPMessage,
                 keep_alive: bool) -> bool:
         server = self.server
         length = int(headers.get('Content-Length', '0'))
         # A refusal leaves a body unread: the connection cannot carry another request.
         open_after = keep_alive and not length
-        if server._token and not _token_ok(headers.get('Authorization'), server._token):
+        if server._token and not auth.token_ok(headers.get('Authorization'), server._token):
             return self._send_error(
                 401, protocol.Unauthorized('missing or wrong bearer token'), open_after,
                 {'WWW-Authenticate': 'Bearer realm="vmcloud-peer"'})
@@ -723,9 +858,17 @@ class _Connection:
 
     def _get_chunk(self, chunk_id: str, keep_alive: bool) -> bool:
         server = self.server
+        exchange = server.exchange
         try:
-            data = server.cache.read_chunk(chunk_id,
-                                           fetch=server.exchange.fetch_from_repository)
+            # Joining the node's own fetch is waiting for it: never for one that asks
+            # peers (it may be waiting for the very peer asking: both would time out).
+            data = server.cache.read_chunk(
+                chunk_id, fetch=exchange.fetch_from_repository,
+                join=lambda chunk_id: not exchange.asking_peers(chunk_id))
+        except cache_mod.FetchInFlight:
+            return self._send_error(503, exception.WarehouseBusy(
+                f'peer {server.url} is asking its peers for chunk {chunk_id} itself: ask '
+                'the next owner'), keep_alive)
         except Exception as exc:  # noqa: B902 - every failure is answered, see _failure
             return self._send_error(*_failure(chunk_id, exc), keep_alive)
         self._send(200, data, 'application/octet-stream', keep_alive, limited=True)
@@ -817,12 +960,6 @@ def _route(target: str) -> tuple[dict[str, str], str | None] | None:
     return None
 
 
-def _token_ok(header: str | None, token: str) -> bool:
-    if not header or not header.startswith('Bearer '):
-        return False
-    return hmac.compare_digest(header[len('Bearer '):].encode(), token.encode())
-
-
 def _head(status: int, content_type: str, length: int, keep_alive: bool,
           headers: dict[str, str] | None = None) -> bytes:
     lines = [f'HTTP/1.1 {status} {http.HTTPStatus(status).phrase}']
@@ -843,8 +980,11 @@ def _causes(exc: BaseException):
 
 def _failure(chunk_id: str, exc: Exception) -> tuple[int, exception.VmcloudError]:
     """The status and error that answer a failure to have a chunk: 404 if the repository
-    lacks it, 503 if the repository was busy, 502 for another failure to fetch it (the
-    error named in the message), 500 for the node's own failure (its cache's disk)."""
+    lacks it, 503 if the repository was busy or the node's cache is closed (it is
+    stopping), 502 for another failure to fetch it (the error named in the message),
+    500 for the node's own failure (its cache's disk)."""
+    if isinstance(exc, cache_mod.CacheClosed):
+        return 503, exception.WarehouseBusy(f'this node is stopping: {exc}')
     causes = list(_causes(exc))
     if any(isinstance(cause, exception.ChunkNotFound) for cause in causes):
         return 404, exception.ChunkNotFound(chunk_id)

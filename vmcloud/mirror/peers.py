@@ -12,16 +12,20 @@ answers ChunkNotFound asks the other owners then: see below).
 Every byte a peer sends is checked against the chunk id. A peer that fails (refused,
 silent for ``[mirror] peer_timeout``, an HTTP error, corrupt bytes) is skipped, by
 every read, for ``skip_time`` seconds: one slow peer costs one read that long, not
-every read. A peer's error that speaks for the warehouse (a StorageError) sends the
-read to the warehouse, the authority, without blaming the peer; but ChunkNotFound
-sends it to the next owner first: a snapshot's new chunk is on its owners only until
-it is persisted (``vmcloud.mirror.persist``), and an owner that joined since lacks it.
+every read. A peer's error that speaks for the warehouse (a StorageError: its own
+read of the repository failed) is no fault of the peer: see ``fetch`` for where the
+read goes then. ChunkNotFound sends it to the next owner: a snapshot's new chunk is on
+its owners only until it is persisted (``vmcloud.mirror.persist``), and an owner that
+joined since lacks it.
 
 The live view (``update``) comes from the dispatcher: the hosts that are up and serve
-peers, with their URLs. Nodes whose views differ for a moment (a heartbeat apart)
-may ask each other for one chunk at once; each then waits at most ``peer_timeout``
-before it goes on, so the read still ends, later.
+peers, with their URLs. Nodes whose views differ for a moment (a heartbeat apart), or
+owners that lack a chunk, may ask each other for one chunk at once. A peer server
+never makes such a request wait for a fetch of its node that is asking peers itself
+(``asking_peers``): it answers busy and the asker goes on, so two nodes never wait
+for each other.
 """
+import collections
 import logging
 import threading
 import time
@@ -44,8 +48,9 @@ class ChunkPeers(Protocol):
     def get(self, url: str, chunk_id: str) -> bytes:
         """The chunk as the peer at ``url`` sends it, not checked against its id.
 
-        :raises: PeerError (the peer failed); the StorageError the peer answered
-            (ChunkNotFound: the warehouse lacks the chunk).
+        :raises: PeerError (the peer failed; busy: its cause is a WarehouseBusy); the
+            StorageError of the peer's own repository read (ChunkNotFound: the
+            repository lacks the chunk).
         """
 
 
@@ -74,6 +79,8 @@ class PeerExchange:
         self._peers: dict[str, str] = {}
         self._skipped_until: dict[str, float] = {}
         self._counts = dict.fromkeys(COUNTERS, 0)
+        # chunk id -> fetches of this node asking peers for it now
+        self._asking: collections.Counter[str] = collections.Counter()
 
     # -- the live view ---------------------------------------------------------------
 
@@ -136,8 +143,24 @@ class PeerExchange:
 
     # -- fetching --------------------------------------------------------------------
 
+    def asking_peers(self, chunk_id: str) -> bool:
+        """Whether a fetch of this node is asking peers for the chunk now (a peer's
+        request for it must not wait for that fetch: it may be waiting for that peer)."""
+        with self._lock:
+            return self._asking[chunk_id] > 0
+
     def fetch(self, chunk_id: str) -> bytes:
         """The chunk from its owners, else the warehouse; checked against its id.
+
+        An owner that failed (see the module's docstring) is skipped for the skip time
+        and the next one asked; a busy one is passed over this time only; one that lacks
+        the chunk as the repository does (ChunkNotFound) too. An owner whose own read
+        of the repository failed (any other StorageError, HTTP 502) is not skipped nor
+        counted as failed, and the read goes to the repository at once, without asking
+        the other owners: they lack the chunk too as a rule (the first owner asked is
+        the one the others' misses went to), and each would make one more read of a
+        repository that is failing. So the repository is read once more, by this node, and its
+        error (if it fails again) is this read's: the cache retries it.
 
         :raises: what the warehouse raises (ChunkNotFound, CorruptChunk, OSError...)
             when every owner failed or was skipped and the warehouse fails too.
@@ -153,6 +176,17 @@ class PeerExchange:
                 # owners (an unpersisted replica, vmcloud.mirror.persist): ask them.
                 LOG.info('the repository lacks chunk %s; asking its other owners', chunk_id)
         if len(nodes) > 1:
+            data = self._from_owners(chunk_id, me, peers, order)
+            if data is not None:
+                return data
+        return self.fetch_from_repository(chunk_id)
+
+    def _from_owners(self, chunk_id: str, me: str, peers: dict[str, str],
+                     order: list[str]) -> bytes | None:
+        """The chunk from the first owner that serves it; None: go to the repository."""
+        with self._lock:
+            self._asking[chunk_id] += 1
+        try:
             for node in order:
                 if node == me or node not in peers or self._skipped(node):
                     continue
@@ -163,10 +197,12 @@ class PeerExchange:
                     LOG.info('peer %s lacks chunk %s, as the repository does', node, chunk_id)
                     continue
                 except exception.StorageError as exc:
-                    # The peer asked the warehouse and this is its answer: ask it ourselves.
-                    LOG.info('peer %s answered %s for chunk %s; asking the warehouse',
-                             node, type(exc).__name__, chunk_id)
-                    break
+                    # The peer's own repository read failed: read it ourselves, once
+                    # (see fetch()); the peer did nothing wrong.
+                    LOG.info('peer %s could not read chunk %s from the repository (%s: '
+                             '%s); reading it from the repository', node, chunk_id,
+                             type(exc).__name__, exc)
+                    return None
                 except (exception.VmcloudError, OSError) as exc:
                     if isinstance(exc.__cause__, exception.WarehouseBusy):
                         # Busy is not broken: the next owner this time, this one still
@@ -182,7 +218,12 @@ class PeerExchange:
                     continue
                 self._count(peer_chunks=1, peer_bytes=len(data))
                 return data
-        return self.fetch_from_repository(chunk_id)
+            return None
+        finally:
+            with self._lock:
+                self._asking[chunk_id] -= 1
+                if not self._asking[chunk_id]:
+                    del self._asking[chunk_id]
 
     def fetch_from_repository(self, chunk_id: str) -> bytes:
         """The chunk from the warehouse (what a peer asking this node gets on a miss).

@@ -6,15 +6,23 @@ holds the "repository" in a dict.
 import hashlib
 import http.client
 import json
+import logging
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
+import time
 from unittest import mock
+
+import fixtures
 
 from vmcloud import exception
 from vmcloud.mirror import cache as cache_mod
+from vmcloud.mirror import ownership
 from vmcloud.mirror import peer_http
+from vmcloud.mirror import peers as peers_mod
 from vmcloud.storage import protocol
 from tests import base
 
@@ -41,6 +49,7 @@ class FakeExchange:
         self.gate: threading.Event | None = None
         self.reading = threading.Event()
         self.failure: Exception | None = None
+        self.asking: set[str] = set()  # chunks "this node" is asking its peers for
 
     def fetch_from_repository(self, chunk_id: str) -> bytes:
         self.reads.append(chunk_id)
@@ -55,6 +64,9 @@ class FakeExchange:
             raise exception.ChunkNotFound(chunk_id) from None
 
     fetch = fetch_from_repository
+
+    def asking_peers(self, chunk_id: str) -> bool:
+        return chunk_id in self.asking
 
     def stats(self) -> dict:
         return {'repository_chunks': len(self.reads),
@@ -97,6 +109,37 @@ def raw_request(url: str, request: bytes, timeout: float = 30.0
 
 def error_of(body: bytes) -> str:
     return json.loads(body)['error']
+
+
+class OneAnswerPeer:
+    """A raw peer: reads each request's head, then sends ``answer`` (None: nothing,
+    the connection held open until the test ends)."""
+
+    def __init__(self, test: base.TestCase, answer: bytes | None):
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.url = f'http://127.0.0.1:{self.listener.getsockname()[1]}'
+        self.answer = answer
+        self.held: list[socket.socket] = []
+        test.addCleanup(self.close)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(sock)
+            with sock.makefile('rb') as rfile:
+                while rfile.readline() not in (b'\r\n', b'\n', b''):
+                    pass
+            if self.answer is not None:
+                sock.sendall(self.answer)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
 
 
 class PeerTestCase(base.TestCase):
@@ -327,17 +370,50 @@ class FailureTest(PeerTestCase):
         # An error answered in full leaves the connection usable.
         self.assertEqual(1, len(client._idle[server.url]))
 
-    def test_a_failed_fetch_is_a_502_naming_it(self):
+    def test_a_failed_fetch_is_a_502_raised_as_the_repository_error(self):
         server = self.serve()
-        self.exchange.failure = exception.StorageError('the repository is on fire')
-        error = self.assertRaises(exception.PeerError, self.client().get, server.url,
+        self.exchange.failure = exception.CorruptManifest('the repository is on fire')
+        for call in (self.client().get, self.client().stage):
+            error = self.assertRaises(exception.StorageError, call, server.url, self.ids[0])
+            self.assertNotIsInstance(error, exception.PeerError)
+            self.assertIn('FetchFailed', str(error))
+            self.assertIn('the repository is on fire', str(error))
+        # The repository's error itself, when it is no FetchFailed, keeps its class.
+        status, body = protocol.encode_error(exception.CorruptManifest('its store is hurt'))
+        peer = OneAnswerPeer(self, b'HTTP/1.1 502 Bad Gateway\r\nContent-Type: '
+                             b'application/json\r\nContent-Length: %d\r\n\r\n%s'
+                             % (len(body), body))
+        self.assertRaises(exception.CorruptManifest, self.client().get, peer.url,
+                          self.ids[0])
+
+    def test_a_502_that_is_no_error_of_the_protocol_is_the_peers_failure(self):
+        peer = OneAnswerPeer(self, b'HTTP/1.1 502 Bad Gateway\r\nContent-Length: 9\r\n'
+                                   b'\r\n<html/>\r\n')
+        error = self.assertRaises(exception.PeerError, self.client().get, peer.url,
                                   self.ids[0])
         self.assertIn('HTTP 502', error.reason)
-        self.assertIn('FetchFailed', error.reason)
-        self.assertIn('the repository is on fire', error.reason)
-        self.assertEqual((server.url, self.ids[0]), (error.peer, error.chunk_id))
-        self.assertIn(server.url, str(error))
-        self.assertIn(self.ids[0], str(error))
+
+    def test_a_peer_whose_repository_failed_is_not_skipped(self):
+        server = self.serve()
+        self.exchange.failure = exception.StorageError('the repository is on fire')
+        chunk = next(c for c in self.chunks
+                     if ownership.owners(c, ['me', 'peer'], 2)[0] == 'peer')
+        reads = []
+
+        def repository(chunk_id):
+            reads.append(chunk_id)
+            return self.chunks[chunk_id]
+
+        exchange = peers_mod.PeerExchange(repository, self.client(), 2, skip_time=3600)
+        exchange.update('me', {'me': 'http://127.0.0.1:1', 'peer': server.url})
+        for attempt in (1, 2):
+            self.assertBytesEqual(self.chunks[chunk], exchange.fetch(chunk))
+            # The peer was asked (again: not skipped), then the repository, once.
+            self.assertEqual([chunk] * attempt, self.exchange.reads)
+            self.assertEqual([chunk] * attempt, reads)
+        stats = exchange.stats()
+        self.assertEqual((0, 0, 2), (stats['peer_failures'], stats['peer_chunks'],
+                                     stats['repository_chunks']))
 
     def test_the_status_of_each_failure(self):
         chunk = self.ids[0]
@@ -413,3 +489,276 @@ class TokenBucketTest(base.TestCase):
         self.assertEqual(peer_http.upload_burst(10 * 1024 ** 2), server.upload_limit.burst)
         self.assertRaises(exception.ConfigError, peer_http.PeerServer, cache,
                           FakeExchange({}), '127.0.0.1', 0, '', 0, 0)
+
+
+class JoinTest(PeerTestCase):
+    """A peer's request for a chunk the node is fetching already."""
+
+    def start_a_gated_read(self, server: peer_http.PeerServer) -> threading.Thread:
+        self.exchange.gate = threading.Event()
+        self.addCleanup(self.exchange.gate.set)
+        client = self.client()
+        self.first = []
+        first = threading.Thread(target=lambda: self.first.append(
+            client.get(server.url, self.ids[0])))
+        first.start()
+        self.assertTrue(self.exchange.reading.wait(30))
+        return first
+
+    def test_a_request_waits_for_the_nodes_repository_read(self):
+        server = self.serve()
+        first = self.start_a_gated_read(server)
+        client = self.client()
+        second = []
+        joined = threading.Thread(target=lambda: second.append(
+            client.get(server.url, self.ids[0])))
+        joined.start()
+        joined.join(0.2)
+        self.assertTrue(joined.is_alive())  # waiting for the repository read, not refused
+        self.exchange.gate.set()
+        first.join(30)
+        joined.join(30)
+        self.assertEqual([self.chunks[self.ids[0]]] * 2, self.first + second)
+        self.assertEqual([self.ids[0]], self.exchange.reads)
+
+    def test_a_request_never_waits_for_a_fetch_that_asks_peers(self):
+        server = self.serve()
+        first = self.start_a_gated_read(server)
+        self.exchange.asking.add(self.ids[0])  # the node's fetch is asking its peers now
+        error = self.assertRaises(exception.PeerError, self.client().get, server.url,
+                                  self.ids[0])
+        self.assertIn('HTTP 503', error.reason)
+        self.assertIn('asking its peers', error.reason)
+        self.assertIsInstance(error.__cause__, exception.WarehouseBusy)
+        self.exchange.gate.set()
+        first.join(30)
+        self.assertEqual([self.chunks[self.ids[0]]], self.first)
+        self.assertEqual([self.ids[0]], self.exchange.reads)
+
+    def test_two_nodes_asking_each_other_for_a_chunk_do_not_wait_for_each_other(self):
+        # R = 3 with the first owner down: x asks y and y asks x, each while fetching.
+        chunks = make_chunks(64, 4096, seed=5)
+        chunk = next(c for c in chunks if ownership.owners(c, ['w', 'x', 'y'], 3)
+                     == ['w', 'x', 'y'])
+        both_fetching = threading.Barrier(2)
+
+        class BothAskAtOnce:
+            def __init__(self, client, other_url):
+                self.client, self.other_url = client, other_url
+
+            def get(self, url, chunk_id):
+                if url == self.other_url:
+                    both_fetching.wait(30)
+                return self.client.get(url, chunk_id)
+
+        nodes = {}
+        for name in ('x', 'y'):
+            reads = []
+
+            def repository(chunk_id, reads=reads):
+                reads.append(chunk_id)
+                return chunks[chunk_id]
+
+            client = peer_http.PeerClient('', timeout=0.5)
+            self.addCleanup(client.close)
+            exchange = peers_mod.PeerExchange(repository, client, 3, skip_time=3600)
+            cache = cache_mod.ChunkCache(os.path.join(self.tmp, name), 1 << 24,
+                                         exchange.fetch, attempts=1)
+            self.addCleanup(cache.close)
+            server = peer_http.PeerServer(cache, exchange, '127.0.0.1', 0, '', 0, 4).start()
+            self.addCleanup(server.stop)
+            nodes[name] = (exchange, cache, server, reads)
+        view = {'w': 'http://127.0.0.1:1', 'x': nodes['x'][2].url, 'y': nodes['y'][2].url}
+        for name, other in (('x', 'y'), ('y', 'x')):
+            exchange = nodes[name][0]
+            exchange._client = BothAskAtOnce(exchange._client, view[other])
+            exchange.update(name, view)
+        results = {}
+        readers = [threading.Thread(target=lambda name=name: results.update(
+            {name: nodes[name][1].read_chunk(chunk)})) for name in nodes]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(60)
+        self.assertEqual({'x': chunks[chunk], 'y': chunks[chunk]}, results)
+        busy = 0
+        for name, (exchange, _cache, _server, reads) in nodes.items():
+            stats = exchange.stats()
+            # w failed (refused); the other node answered at once: busy while it was
+            # asking peers itself, or the chunk once its own read had it. Never a
+            # failure: neither waited for the other until its timeout.
+            self.assertEqual((1, 1), (stats['peer_failures'],
+                                      stats['peer_busy'] + stats['peer_chunks']), name)
+            self.assertEqual(stats['peer_busy'], len(reads), name)
+            self.assertFalse(exchange.asking_peers(chunk))
+            busy += stats['peer_busy']
+        # The first of the two requests answered found the other node asking peers.
+        self.assertGreaterEqual(busy, 1)
+
+
+class AnswerWaitTest(PeerTestCase):
+    def test_the_head_of_a_chunk_may_take_longer_than_the_timeout(self):
+        # A slow repository read is not a dead peer: the head gets answer_timeout.
+        server = self.serve()
+        client = self.client(timeout=0.25)
+        self.assertEqual(1.0, client.answer_timeout)
+        self.exchange.gate = threading.Event()
+        timer = threading.Timer(0.5, self.exchange.gate.set)
+        timer.start()
+        self.addCleanup(timer.cancel)
+        self.assertBytesEqual(self.chunks[self.ids[0]], client.get(server.url, self.ids[0]))
+
+    def test_a_silent_peer_is_given_up_after_the_answer_timeout(self):
+        peer = OneAnswerPeer(self, None)
+        for client, waited in ((self.client(timeout=0.1), '0.4'),
+                               (peer_http.PeerClient('', 0.1, answer_timeout=0.2), '0.2')):
+            self.addCleanup(client.close)
+            error = self.assertRaises(exception.PeerError, client.get, peer.url, self.ids[0])
+            self.assertEqual(f'waiting for the answer: silent for {waited} s', error.reason)
+        # Never less than the timeout.
+        self.assertEqual(2.0, peer_http.PeerClient('', 2.0, answer_timeout=1.0).answer_timeout)
+
+
+class HeadDeadlineTest(PeerTestCase):
+    def test_a_head_sent_a_byte_at_a_time_is_cut_off(self):
+        self.patch(peer_http, 'HEAD_TIMEOUT', 0.3)
+        server = self.serve()
+        host, port = server.url.removeprefix('http://').rsplit(':', 1)
+        request = f'GET /v1/chunks/{self.ids[0]} HTTP/1.1\r\nX-Slow: {"y" * 200}'.encode()
+        sent = []
+        with socket.create_connection((host, int(port)), 30) as sock:
+            def dribble():
+                try:
+                    for byte in request:
+                        sock.sendall(bytes([byte]))
+                        sent.append(byte)
+                        time.sleep(0.02)  # each byte well within IO_TIMEOUT
+                except OSError:
+                    pass  # the server closed the connection
+
+            sender = threading.Thread(target=dribble)
+            sender.start()
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            body = response.read()
+            sender.join(30)
+        self.assertEqual(408, response.status)
+        self.assertEqual('RequestRefused', error_of(body))
+        self.assertIn('took over 0.3 s', json.loads(body)['message'])
+        self.assertLess(len(sent), len(request))  # answered before the head was whole
+        self.assertEqual([], self.exchange.reads)
+
+    def test_a_head_that_comes_whole_is_served_after_an_idle_wait(self):
+        self.patch(peer_http, 'HEAD_TIMEOUT', 0.3)
+        server = self.serve()
+        host, port = server.url.removeprefix('http://').rsplit(':', 1)
+        with socket.create_connection((host, int(port)), 30) as sock:
+            time.sleep(0.5)  # idle longer than HEAD_TIMEOUT before the request: no matter
+            sock.sendall(f'GET /v1/chunks/{self.ids[0]} HTTP/1.1\r\n\r\n'.encode())
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            self.assertEqual(200, response.status)
+            self.assertBytesEqual(self.chunks[self.ids[0]], response.read())
+
+
+class ConnectionsPerAddressTest(PeerTestCase):
+    def test_connections_beyond_the_per_address_cap_are_refused(self):
+        server = self.serve(connections_per_address=2)
+        port = int(server.url.rsplit(':', 1)[1])
+        held = []
+        for _ in range(2):
+            held.append(socket.create_connection(('127.0.0.1', port), 30))
+            self.addCleanup(held[-1].close)
+        error = self.assertRaises(exception.PeerError, self.client().get, server.url,
+                                  self.ids[0])
+        self.assertIn('HTTP 503', error.reason)
+        self.assertIn('[mirror] peer_connections_per_address', error.reason)
+        self.assertIsInstance(error.__cause__, exception.WarehouseBusy)
+        self.assertEqual([], self.exchange.reads)
+        # Another address is served meanwhile.
+        with socket.create_connection(('127.0.0.1', port), 30,
+                                      source_address=('127.0.0.2', 0)) as sock:
+            sock.sendall(f'GET /v1/chunks/{self.ids[0]} HTTP/1.1\r\n\r\n'.encode())
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            self.assertEqual(200, response.status)
+            self.assertBytesEqual(self.chunks[self.ids[0]], response.read())
+        # A connection closed gives its place back.
+        held.pop().close()
+        client = self.client()
+        for _ in range(600):
+            try:
+                self.assertBytesEqual(self.chunks[self.ids[0]],
+                                      client.get(server.url, self.ids[0]))
+                break
+            except exception.PeerError:
+                time.sleep(0.05)  # the server has not seen the close yet
+        else:
+            self.fail('the closed connection\'s place was never given back')
+
+    def test_a_bad_cap_is_refused_by_name(self):
+        error = self.assertRaises(exception.ConfigError, peer_http.PeerServer, self.cache,
+                                  self.exchange, '127.0.0.1', 0, '', 0, 1,
+                                  connections_per_address=0)
+        self.assertIn('[mirror] peer_connections_per_address', str(error))
+
+
+class AddressTest(PeerTestCase):
+    def test_a_wildcard_or_empty_address_is_refused_by_name(self):
+        for address in ('0.0.0.0', '0', '0.0', '0x0', '::', '[::]', '::0', '0:0::0',
+                        '::%lo', '', ' ', '*'):
+            error = self.assertRaises(exception.ConfigError, peer_http.PeerServer,
+                                      self.cache, self.exchange, address, 0, '', 0, 1)
+            self.assertIn('[mirror] peer_address', str(error))
+            self.assertIn('peer URL', str(error))
+
+    def test_an_address_of_the_node_is_taken(self):
+        for address in ('127.0.0.1', '::1', '10.0.0.2', 'localhost', 'node1.example'):
+            self.assertEqual(address, peer_http.check_peer_address(address))
+
+
+class WithoutTokenTest(PeerTestCase):
+    def test_a_server_without_a_token_warns_once(self):
+        logs = self.useFixture(fixtures.FakeLogger(level=logging.WARNING))
+        server = self.serve(token='')
+        client = self.client()
+        client.get(server.url, self.ids[0])
+        client.get(server.url, self.ids[1])
+        warnings = [line for line in logs.output.splitlines() if 'peer_token' in line]
+        self.assertEqual(1, len(warnings), logs.output)
+        self.assertIn('[mirror] peer_token is empty', warnings[0])
+        self.assertIn(server.url, warnings[0])
+        self.serve(token='sesame')
+        self.assertEqual(1, logs.output.count('peer_token is empty'), logs.output)
+
+
+class ClosedCacheTest(PeerTestCase):
+    def test_requests_after_the_cache_closed_are_answered_busy_without_a_traceback(self):
+        logs = self.useFixture(fixtures.FakeLogger(level=logging.DEBUG))
+        server = self.serve()
+        client = self.client()
+        client.get(server.url, self.ids[0])
+        self.cache.close()
+        for call in (lambda: client.get(server.url, self.ids[0]),
+                     lambda: client.get(server.url, self.ids[1]),
+                     lambda: client.stage(server.url, self.ids[1]),
+                     lambda: client.put(server.url, self.ids[2], self.chunks[self.ids[2]])):
+            error = self.assertRaises(exception.PeerError, call)
+            self.assertIn('HTTP 503', error.reason)
+            self.assertIn('stopping', error.reason)
+        client.persisted(server.url, [self.ids[0]])  # a hint a closed cache passes over
+        self.assertNotIn('Traceback', logs.output)
+        self.assertNotIn('ERROR', logs.output)
+        self.assertEqual([self.ids[0]], self.exchange.reads)
+
+
+class SharedTokenCheckTest(base.TestCase):
+    def test_the_peer_protocol_imports_no_aiohttp(self):
+        # The token check is the warehouse service's, without its server stack.
+        result = subprocess.run(
+            [sys.executable, '-c', 'import sys, vmcloud.mirror.peer_http; '
+                                   'print("aiohttp" in sys.modules)'],
+            capture_output=True, text=True, check=True)
+        self.assertEqual('False', result.stdout.strip())
+        self.assertIs(peer_http.auth.token_ok,
+                      __import__('vmcloud.storage.service.auth', fromlist=['x']).token_ok)

@@ -198,6 +198,34 @@ class ExchangeTest(base.TestCase):
         self.assertEqual([missing], self.repository_reads)
         self.assertEqual(0, exchange.stats()['peer_failures'])  # the peer did nothing wrong
 
+    def test_a_peer_whose_repository_failed_is_asked_again_by_the_next_read(self):
+        chunk = chunk_where('node-b', 'node-c')
+        self.client.behaviour[url('node-b')] = exception.StorageError('FetchFailed: EIO')
+        exchange = self.exchange()
+        self.assertEqual(DATA[chunk], exchange.fetch(chunk))
+        del self.client.behaviour[url('node-b')]
+        self.assertEqual(DATA[chunk], exchange.fetch(chunk))
+        self.assertEqual(['node-b', 'node-b'], self.asked_nodes())
+        self.assertEqual([chunk], self.repository_reads)  # the first read's, once
+        self.assertEqual((0, 1), (exchange.stats()['peer_failures'],
+                                  exchange.stats()['peer_chunks']))
+
+    def test_asking_peers_is_true_while_a_fetch_asks_them(self):
+        chunk = chunk_where('node-b', 'node-c')
+        exchange = self.exchange()
+        seen = []
+
+        def look(chunk_id):
+            seen.append((exchange.asking_peers(chunk_id), exchange.asking_peers(
+                next(c for c in DATA if c != chunk_id))))
+            raise exception.PeerError(url('node-b'), chunk_id, 'timed out')
+
+        self.client.behaviour[url('node-b')] = look
+        self.client.behaviour[url('node-c')] = look
+        self.assertEqual(DATA[chunk], exchange.fetch(chunk))  # from the repository
+        self.assertEqual([(True, False), (True, False)], seen)
+        self.assertFalse(exchange.asking_peers(chunk))
+
     def test_a_chunk_the_repository_lacks_is_asked_of_every_owner(self):
         # A snapshot's chunk on its owners only (an unpersisted replica), its primary new.
         missing = next(c for c in (f'{i:064x}' for i in range(1000))

@@ -1,13 +1,15 @@
-"""Bearer-token authentication for the warehouse service.
+"""Bearer-token authentication for the warehouse service, and the token check of
+every vmcloud HTTP server that takes a bearer token (the peer chunk servers too).
 
 Every request carries ``Authorization: Bearer TOKEN``; the token is compared in
 constant time (hmac.compare_digest). Reads (GET, HEAD) may be anonymous only if
 ``[warehouse_service] allow_anonymous_reads`` says so. A refusal is a 401 that
 names nothing secret: not the token expected, not the one received.
+
+aiohttp is imported by ``middleware`` alone: ``token_ok`` serves the peer chunk
+servers of the compute nodes, which run no aiohttp.
 """
 import hmac
-
-from aiohttp import web
 
 from vmcloud import exception
 from vmcloud.storage import protocol
@@ -16,7 +18,8 @@ READ_METHODS = ('GET', 'HEAD')
 
 
 def token_ok(header: str | None, token: str) -> bool:
-    """Whether an Authorization header carries ``token``."""
+    """Whether an Authorization header carries ``token`` as a bearer token, compared in
+    constant time (how long it takes tells nothing of the token)."""
     if not header or not header.startswith('Bearer '):
         return False
     return hmac.compare_digest(header[len('Bearer '):].encode(), token.encode())
@@ -27,6 +30,8 @@ def middleware(token: str, anonymous_reads: bool):
 
     :raises: ConfigError if ``token`` is empty: writes are never anonymous.
     """
+    from aiohttp import web
+
     if not token:
         raise exception.ConfigError(
             '[warehouse_service] token is not set: the service refuses anonymous writes')

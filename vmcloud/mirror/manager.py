@@ -98,7 +98,8 @@ class MirrorManager:
             if self.peers is not None:
                 self.peer_server = peer_http.PeerServer(
                     self.cache, self.peers, options.peer_address, options.peer_port,
-                    options.peer_token, options.peer_upload_rate, options.peer_threads)
+                    options.peer_token, options.peer_upload_rate, options.peer_threads,
+                    connections_per_address=options.peer_connections_per_address)
                 self.peer_server.start()
                 self.persister = persist_mod.Persister(
                     self.warehouse, self.cache, self.peers, self._peer_client,

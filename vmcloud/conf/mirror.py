@@ -95,7 +95,9 @@ mirror_opts = [
     cfg.StrOpt('trace_path', default='',
                help='Directory in which every mirror records its NBD block I/O, as '
                     '<trace_path>/<mirror name>.trace (the format is in doc/replay.md), '
-                    'for the replay driver. Empty: nothing is recorded.'),
+                    'for the replay driver; each later serving of the same mirror into a '
+                    'file of its own, <mirror name>@2.trace, @3 and so on. Empty: nothing '
+                    'is recorded.'),
 ]
 
 

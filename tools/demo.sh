@@ -5,8 +5,10 @@
 #    snapshot, verify the warehouse, print stats;
 # 2. the all-in-one cloud (`vmcloud demo`): a dispatcher and two compute managers in one
 #    process deploy 8 test guests from one image over mirrors, snapshot all 8 at once,
-#    and deploy 8 again from the snapshots; it prints times, bytes fetched and stored. It
-#    also serves the REST API and dashboard and prints their URL and an admin login.
+#    and deploy 8 again from the snapshots; it prints times, bytes fetched from the
+#    repository and from the other node (apart: the nodes are peers on loopback), and
+#    bytes stored. It also serves the REST API and dashboard and prints their URL and an
+#    admin login.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install.sh

@@ -1,4 +1,5 @@
 """The whole cloud in one process: a dispatcher and compute managers on the fake:// transport."""
+import dataclasses
 import logging
 import os
 
@@ -17,6 +18,13 @@ from vmcloud.network import agent as network_agent_mod
 from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """Bytes of chunks the nodes' caches have had since they opened, by source."""
+    repository_bytes: int  # read from the warehouse: what the repository paid
+    peer_bytes: int  # had from another node's cache instead
 
 
 class AllInOne:
@@ -90,6 +98,18 @@ class AllInOne:
             self.stop()
             raise
         return self
+
+    def fetched(self) -> Fetched:
+        """What every node's mirrors fetched so far, from the warehouse and from peers
+        apart: a chunk one node read from the warehouse and the others had from it is
+        paid once by the repository, and counted once in ``repository_bytes``.
+
+        :raises: MirrorError if a node's mirrors cannot tell (closed).
+        """
+        return Fetched(
+            repository_bytes=sum(mirrors.fetched_bytes() for mirrors in self.mirrors),
+            peer_bytes=sum(mirrors.peer_stats().get('peer_bytes', 0)
+                           for mirrors in self.mirrors))
 
     def node(self, host: str) -> compute_manager.ComputeManager:
         """The compute manager called ``host``. :raises: HostNotFound."""

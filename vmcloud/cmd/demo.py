@@ -29,8 +29,14 @@ class _Demo:
         self.rows.append(row)
         print(f'{what}: {row["seconds"]} s', flush=True)
 
-    def fetched(self) -> int:
-        return sum(c.mirrors.cache.stats.fetched_bytes for c in self.cloud.computes)
+    def fetched_since(self, before: allinone.Fetched | None = None) -> dict[str, int]:
+        """The step's bytes from the repository and from peers (the nodes', on loopback)
+        apart: together they would count a chunk the repository served once as many
+        times as nodes read it."""
+        now = self.cloud.fetched()
+        return {'repository_bytes': now.repository_bytes - (before.repository_bytes
+                                                            if before else 0),
+                'peer_bytes': now.peer_bytes - (before.peer_bytes if before else 0)}
 
     def settle(self, deployment: dict) -> dict:
         deployment = self.api.wait_deployment(deployment['id'], self.args.timeout)
@@ -55,8 +61,7 @@ class _Demo:
         started = time.monotonic()
         first = self.settle(self.api.deploy('guest', count, boot=boot))
         self.step(f'deploy {count} on {self.args.hosts} nodes', started,
-                  fetched_bytes=self.fetched(), stored_bytes='',
-                  image_bytes=image.size)
+                  **self.fetched_since(), stored_bytes='', image_bytes=image.size)
 
         started = time.monotonic()
         stored_before = warehouse.stats().stored_bytes
@@ -68,15 +73,16 @@ class _Demo:
                                          f'{snapshot["reason"]}')
         dirty = sum(item['dirty_bytes'] for item in snapshot['items'])
         self.step(f'snapshot {count} (longest pause {pause:.0f} ms)', started,
-                  fetched_bytes='', stored_bytes=warehouse.stats().stored_bytes - stored_before,
+                  repository_bytes='', peer_bytes='',
+                  stored_bytes=warehouse.stats().stored_bytes - stored_before,
                   dirty_bytes=dirty)
 
         self.api.delete_deployment(first['id'])
-        fetched_before = self.fetched()
+        fetched_before = self.cloud.fetched()
         started = time.monotonic()
         second = self.settle(self.api.deploy_snapshot(snapshot['id']))
         self.step(f'deploy {count} from the snapshots', started,
-                  fetched_bytes=self.fetched() - fetched_before, stored_bytes='')
+                  **self.fetched_since(fetched_before), stored_bytes='')
         inherited = 0
         names = {i['id']: i['name'] for i in first['instances']}
         origin = {item['version']: names[item['instance_id']] for item in snapshot['items']}
@@ -89,8 +95,8 @@ class _Demo:
             raise exception.VmcloudError('a snapshot lost what its guest wrote')
 
     def report(self) -> None:
-        output.emit(self.rows, ('step', 'seconds', 'fetched_bytes', 'stored_bytes',
-                                'dirty_bytes', 'image_bytes'), 'table')
+        output.emit(self.rows, ('step', 'seconds', 'repository_bytes', 'peer_bytes',
+                                'stored_bytes', 'dirty_bytes', 'image_bytes'), 'table')
 
 
 def _start_api(conf: cfg.ConfigOpts, port: int) -> api_app.ApiServer:

@@ -13,6 +13,13 @@ version's identity, so a version deleted and imported again under the same
 (exported into a staging directory, fsynced, renamed): a crash leaves at most
 a staging directory, which the next fetch of that artifact removes. A file is
 checked against the version's size before every reuse.
+
+A node of the peer exchange reads an artifact chunk by chunk through the exchange
+(``BootArtifacts.read_chunks_with``): a chunk's owners first, the warehouse last, as
+its mirrors read disks (the compute manager reads a chunk it owns first through its
+node's own cache). While a chunk's primary owner is up, K nodes booting one kernel cost
+the warehouse one read of each chunk, not K. Without peers the warehouse exports the
+artifact whole.
 """
 import contextlib
 import logging
@@ -76,6 +83,14 @@ class BootArtifacts:
         self.path = path
         self.warehouse = warehouse
         self.lock_timeout = lock_timeout
+        self._read_chunk: Callable[[str], bytes] | None = None
+
+    def read_chunks_with(self, read_chunk: Callable[[str], bytes] | None) -> None:
+        """Fetch the artifacts from now on chunk by chunk with ``read_chunk(chunk_id)``,
+        which checks each chunk against its id and raises a StorageError (or OSError)
+        when it cannot be had: the peer exchange's ``fetch``. None: the warehouse
+        exports each artifact whole (the default)."""
+        self._read_chunk = read_chunk
 
     def path_of(self, ref: str) -> str:
         """A local file holding the boot artifact ``ref``: an absolute path as it is, a
@@ -148,8 +163,11 @@ class BootArtifacts:
         try:
             fetched = os.path.join(staging, 'artifact')
             try:
-                # export writes a temporary file, fsyncs it and renames it into place.
-                self.warehouse.export(manifest, fetched)
+                if self._read_chunk is None:
+                    # export writes a temporary file, fsyncs it and renames it into place.
+                    self.warehouse.export(manifest, fetched)
+                else:
+                    _write_chunks(manifest, self._read_chunk, fetched)
             except exception.StorageError as exc:
                 raise exception.BootArtifactError(
                     f'boot artifact {manifest.ref}: cannot fetch it: {exc}') from exc
@@ -159,6 +177,42 @@ class BootArtifacts:
             shutil.rmtree(staging, ignore_errors=True)
         LOG.info('boot artifact %s fetched to %s (%d bytes)', manifest.ref, target,
                  manifest.size)
+
+
+def _write_chunks(manifest: manifest_mod.Manifest, read_chunk: Callable[[str], bytes],
+                  path: str) -> None:
+    """Write the version into the new file ``path``, each distinct chunk read once with
+    ``read_chunk`` (holes left sparse), then fsync it.
+
+    :raises: the StorageError of ``read_chunk`` (its OSError as a StorageError), or
+        one if a chunk is shorter than its place in the version; OSError writing.
+    """
+    first: dict[str, int] = {}  # chunk id -> the offset it was written at
+    with open(path, 'x+b') as out:  # read too: a repeated chunk is read back
+        for index, chunk_id in enumerate(manifest.chunks):
+            if chunk_id is None:
+                continue
+            offset, length = index * manifest.chunk_size, manifest.chunk_length(index)
+            if chunk_id in first:
+                # A chunk repeated within the artifact costs no second read of it.
+                out.flush()
+                data = os.pread(out.fileno(), length, first[chunk_id])
+            else:
+                try:
+                    data = read_chunk(chunk_id)[:length]
+                except OSError as exc:  # the reader's, not this node's disk
+                    raise exception.StorageError(
+                        f'cannot read chunk {chunk_id} of {manifest.ref}: {exc}') from exc
+                first[chunk_id] = offset
+            if len(data) != length:
+                raise exception.StorageError(
+                    f'chunk {chunk_id} of {manifest.ref} holds {len(data)} bytes, not the '
+                    f'{length} of its place at offset {offset}')
+            out.seek(offset)
+            out.write(data)
+        out.truncate(manifest.size)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _size(path: str) -> int | None:

@@ -33,9 +33,12 @@ from vmcloud.dispatcher import rpcapi as dispatcher_rpcapi
 from vmcloud.dispatcher import states
 from vmcloud.drivers import base as driver_base
 from vmcloud.mirror import api as mirror_api
+from vmcloud.mirror import peer_http
+from vmcloud.mirror import peers as peers_mod
 from vmcloud.nbd import statelock
 from vmcloud.network import agent as network_agent_mod
 from vmcloud.storage import durable
+from vmcloud.storage import manifest as manifest_mod
 from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
@@ -156,6 +159,11 @@ class ComputeManager:
         # part in the peer exchange).
         self.peer_url = ''
         self._peers_lock = threading.Lock()
+        # The boot artifacts' way to the peers (None: the node takes no part). Their
+        # own: the mirrors' exchange is in the node's mirror service, whose control
+        # requests read no chunk for a caller.
+        self._artifact_peers: peers_mod.PeerExchange | None = None
+        self._artifact_client: peer_http.PeerClient | None = None
 
     def start(self) -> 'ComputeManager':
         """Register, adopt what the node runs, then serve and report.
@@ -194,6 +202,8 @@ class ComputeManager:
         if self._heartbeat.is_alive():
             # Bounded: a heartbeat blocked on a bus that is away must not hold the stop.
             self._heartbeat.join(_HEARTBEAT_JOIN)
+        if self._artifact_client is not None:
+            self._artifact_client.close()
         with self._lock:
             frozen = list(self._freezes)
         for snapshot_id in frozen:
@@ -214,8 +224,12 @@ class ComputeManager:
         """:returns: the instances the dispatcher has on this host (register_host).
         :raises: HostNameInUse; MessagingError if the dispatcher does not answer within
             [DEFAULT] rpc_startup_timeout; InvalidRequest naming a bad VTEP address or
-            peer URL."""
+            peer URL; the MirrorError of a mirror service that cannot tell its peer URL
+            (see _mirrors_peer_url); ConfigError for a [mirror] peer_token that cannot
+            travel in an HTTP header."""
         self.peer_url = self._mirrors_peer_url()
+        if self.peer_url:
+            self._fetch_artifacts_from_peers()
         return rpc.call_until_answered(
             lambda: self.dispatcher.register_host(
                 self.host, self.node_id, self.incarnation, self.capacity(),
@@ -225,15 +239,59 @@ class ComputeManager:
 
     def _mirrors_peer_url(self) -> str:
         """Where the other nodes reach this node's mirrors for chunks; '' if they run
-        no peer exchange, or cannot tell (a mirror service of before, which has none)."""
+        no peer exchange, or a mirror service of before that has no such request.
+
+        :raises: any other MirrorError of the mirrors (MirrorServiceUnavailable: the
+            service is away or too slow), as every other call of the start does: a node
+            that would silently leave the exchange over a service restarting is none.
+        """
         try:
             return self.mirrors.peer_url()
-        except exception.MirrorError as exc:
+        except exception.MirrorRequestInvalid as exc:
             # A node out of the exchange still runs guests: its mirrors read from the
             # warehouse, as they did before peers.
             LOG.warning('compute host %s takes no part in the peer exchange: its mirrors '
                         'cannot tell their peer URL: %s', self.host, exc)
             return ''
+
+    def _fetch_artifacts_from_peers(self) -> None:
+        """Have the boot artifacts fetched through a peer exchange of their own, which
+        learns the peer set with the mirrors (refresh_peers): many nodes booting one
+        kernel ask its chunks' owners, whose caches read the warehouse once, rather than
+        each reading the warehouse. [mirror] is the node's mirror service's
+        configuration too, so this exchange names the owners the mirrors do.
+
+        :raises: ConfigError if [mirror] peer_token cannot travel in an HTTP header.
+        """
+        options = self.conf.mirror
+        self._artifact_client = peer_http.PeerClient(options.peer_token, options.peer_timeout)
+        self._artifact_peers = peers_mod.PeerExchange(
+            self._read_through_node, self._artifact_client, options.peer_replicas,
+            options.peer_skip_time)
+        self.artifacts.read_chunks_with(self._artifact_peers.fetch)
+
+    def _read_through_node(self, chunk_id: str) -> bytes:
+        """A chunk the artifacts' exchange reads from the repository (this node is its
+        primary owner, or no owner served it), read through this node's own cache (its
+        peer server) instead: kept there, it is there for the other nodes that ask this
+        one, and the warehouse is read once, not once for this process and once more for
+        the cache. The node's server refusing or failing, the warehouse is read here.
+
+        :raises: ChunkNotFound; what the warehouse's read_chunk raises.
+        """
+        try:
+            data = self._artifact_client.get(self.peer_url, chunk_id)
+        except exception.ChunkNotFound:
+            raise  # the repository lacks it: the warehouse would say the same
+        except exception.VmcloudError as exc:
+            LOG.info('boot artifact chunk %s not had through the mirrors of %s, reading the '
+                     'warehouse: %s', chunk_id, self.host, exc)
+            return self.warehouse.read_chunk(chunk_id)
+        if manifest_mod.chunk_id(data) != chunk_id:
+            LOG.warning('the mirrors of %s served corrupt bytes for boot artifact chunk %s: '
+                        'reading the warehouse', self.host, chunk_id)
+            return self.warehouse.read_chunk(chunk_id)
+        return data
 
     def _adopt(self, wanted: list[dict]) -> None:
         """Decide the fate of every guest and mirror found here, one log line each:
@@ -410,8 +468,9 @@ class ComputeManager:
         return capacity
 
     def refresh_peers(self) -> dict[str, str] | None:
-        """Hand the node's mirrors the peer set the dispatcher knows now (chunk_peers),
-        as every heartbeat does; the all-in-one calls it once all its nodes are up.
+        """Hand the node's mirrors, and the exchange its boot artifacts are fetched
+        through, the peer set the dispatcher knows now (chunk_peers), as every heartbeat
+        does; the all-in-one calls it once all its nodes are up.
 
         :returns: the set handed over; None if the node takes no part in the peer
             exchange, or if the set could not be had or handed over: the mirrors keep
@@ -436,6 +495,14 @@ class ComputeManager:
                 LOG.warning('peers of %s not refreshed, the last known set stays: its '
                             'mirrors refused the set: %s', self.host, exc)
                 return None
+            if self._artifact_peers is not None:
+                try:
+                    self._artifact_peers.update(self.host, peers)
+                except exception.MirrorError as exc:
+                    # The mirrors took the set, so this one takes it too as a rule.
+                    LOG.warning('peers of %s not refreshed for its boot artifacts, the '
+                                'last known set stays: %s', self.host, exc)
+                    return None
             return peers
 
     def _beat(self) -> None:

@@ -137,3 +137,44 @@ class AllInOneStartTest(base.TestCase):
         # Its nodes' state was given up: a new cloud on it starts, and node1 with it.
         again = allinone.AllInOne(self.conf, hosts=2, driver='fake').start()
         again.stop()
+
+
+class FetchedTestCase(helpers.CloudTestCase):
+    def read_everywhere(self) -> int:
+        """Every chunk of the guest image read through every node's cache, one node after
+        the other. :returns: the bytes of its distinct chunks."""
+        warehouse = self.cloud.warehouse
+        chunk_ids = warehouse.lookup('guest').data_chunk_ids()
+        for compute in self.cloud.computes:
+            for chunk_id in sorted(chunk_ids):
+                compute.mirrors.cache.read_chunk(chunk_id)
+        return sum(len(warehouse.read_chunk(chunk_id)) for chunk_id in chunk_ids)
+
+
+class AllInOneFetchedTest(FetchedTestCase):
+    """What the nodes fetched, as the demo prints it: from the repository and from peers
+    apart."""
+
+    def test_a_chunk_the_nodes_share_is_paid_once_by_the_repository(self):
+        self.assertTrue(self.cloud.peers)
+        before = self.cloud.fetched()
+        image_bytes = self.read_everywhere()
+        after = self.cloud.fetched()
+        self.assertGreater(image_bytes, 0)
+        # Each chunk read from the warehouse by its owner once, and had by the other
+        # node from it: the caches' own total (twice the image) is neither.
+        self.assertEqual((image_bytes, image_bytes),
+                         (after.repository_bytes - before.repository_bytes,
+                          after.peer_bytes - before.peer_bytes))
+        self.assertEqual(2 * image_bytes, sum(c.mirrors.cache.stats.fetched_bytes
+                                              for c in self.cloud.computes))
+
+
+class AllInOneAloneFetchedTest(FetchedTestCase):
+    HOSTS = 1
+
+    def test_a_node_alone_has_nothing_from_peers(self):
+        self.assertFalse(self.cloud.peers)
+        image_bytes = self.read_everywhere()
+        self.assertEqual(allinone.Fetched(repository_bytes=image_bytes, peer_bytes=0),
+                         self.cloud.fetched())

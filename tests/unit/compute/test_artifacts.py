@@ -223,3 +223,70 @@ class PinnedTest(ArtifactTestCase):
             error = self.assertRaises(exception.InvalidRequest, artifacts.pinned,
                                       {'kernel': bad}, self.warehouse.lookup)
             self.assertIn('boot kernel', str(error))
+
+
+def write_with_repeats_and_a_hole(directory: str) -> str:
+    """An artifact whose chunks 0 and 2 are equal and whose chunk 1 is all zeros."""
+    path = os.path.join(directory, 'repeating')
+    first = write_artifact(directory, 'first-chunk', seed=5, size=CHUNK)
+    with open(path, 'wb') as f:
+        f.write(read(first) + bytes(CHUNK) + read(first) + b'tail' * 100)
+    return path
+
+
+class ChunkByChunkTest(ArtifactTestCase):
+    """An artifact fetched through a reader of chunks (the peer exchange's fetch)."""
+
+    def reader(self) -> list[str]:
+        reads = []
+
+        def read_chunk(chunk_id):
+            reads.append(chunk_id)
+            return self.warehouse.read_chunk(chunk_id)
+        self.cache.read_chunks_with(read_chunk)
+        return reads
+
+    def test_every_chunk_comes_from_the_reader_not_an_export(self):
+        exported = self.count_exports()
+        reads = self.reader()
+        path = self.cache.path_of('vmlinuz:1')
+        self.assertBytesEqual(read(self.source), read(path))
+        self.assertEqual([], exported)
+        manifest = self.warehouse.lookup('vmlinuz:1')
+        self.assertEqual([c for c in manifest.chunks if c is not None], reads)
+        self.assertEqual(path, self.cache.path_of('vmlinuz:1'))  # kept, not read again
+        self.assertEqual(len([c for c in manifest.chunks if c is not None]), len(reads))
+
+    def test_a_repeated_chunk_is_read_once_and_a_hole_not_at_all(self):
+        source = write_with_repeats_and_a_hole(self.tmp)
+        manifest = self.warehouse.import_image(source, 'repeating', fmt='raw').manifest
+        self.assertIsNone(manifest.chunks[1])
+        self.assertEqual(manifest.chunks[0], manifest.chunks[2])
+        reads = self.reader()
+        path = self.cache.path_of('repeating:1')
+        self.assertBytesEqual(read(source), read(path))
+        self.assertEqual([manifest.chunks[0], manifest.chunks[3]], reads)
+
+    def test_a_reader_that_fails_fails_the_fetch_naming_the_artifact(self):
+        for failure in (exception.ChunkNotFound('ab' * 32), OSError(5, 'the peer went')):
+            def failing(chunk_id, failure=failure):
+                raise failure
+            self.cache.read_chunks_with(failing)
+            error = self.assertRaises(exception.BootArtifactError, self.cache.path_of,
+                                      'vmlinuz:1')
+            self.assertIn('boot artifact vmlinuz:1: cannot fetch it', str(error))
+            self.assertIn(str(failure), str(error))
+            self.assertEqual([], [leaf for leaf in os.listdir(self.cache_dir)
+                                  if not leaf.endswith('.lock')])
+
+    def test_a_chunk_shorter_than_its_place_is_refused(self):
+        self.cache.read_chunks_with(lambda chunk_id: self.warehouse.read_chunk(chunk_id)[:10])
+        error = self.assertRaises(exception.BootArtifactError, self.cache.path_of, 'vmlinuz:1')
+        self.assertIn(f'holds 10 bytes, not the {CHUNK} of its place at offset 0', str(error))
+
+    def test_none_goes_back_to_the_export(self):
+        self.reader()
+        self.cache.read_chunks_with(None)
+        exported = self.count_exports()
+        self.assertBytesEqual(read(self.source), read(self.cache.path_of('vmlinuz:1')))
+        self.assertEqual(['vmlinuz:1'], exported)

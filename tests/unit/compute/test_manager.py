@@ -4,6 +4,7 @@ import copy
 import errno
 import logging
 import os
+import random
 import threading
 import time
 
@@ -436,6 +437,24 @@ class ComputeManagerTest(base.TestCase):
                       "cannot tell their peer URL: unknown method 'peer_url'", logged.output)
         self.assertTrue(compute._heartbeat.is_alive())
 
+    def test_a_mirror_service_that_fails_to_tell_its_peer_url_fails_the_start(self):
+        mirrors = self.peer_mirrors()
+        told = mirrors.peer_url
+        for failure in (exception.MirrorServiceUnavailable('/run/m.sock', 'restarting, '
+                                                           'on purpose'),
+                        exception.MirrorError('a malformed answer, on purpose')):
+            def failing(failure=failure):
+                raise failure
+            mirrors.peer_url = failing
+            compute = self.new_manager(mirrors=mirrors)
+            error = self.assertRaises(type(failure), compute.start)
+            self.assertIs(failure, error)
+            # Not registered as a node out of the exchange, and the node is free again.
+            self.assertEqual([], self.reports.of('register_host'))
+        mirrors.peer_url = told
+        compute = self.started(self.new_manager(mirrors=mirrors))
+        self.assertEqual(told(), self.reports.peer_url)
+
     def test_a_peer_set_not_had_or_not_taken_leaves_the_last_one(self):
         self.conf.set_override('heartbeat_interval', 60)  # one beat, at the start
         mirrors = self.peer_mirrors()
@@ -485,6 +504,116 @@ class ComputeManagerTest(base.TestCase):
         capacity = compute.capacity()
         self.assertNotIn('peer_bytes', capacity)
         self.assertIn('cache_bytes', capacity)
+
+    # -- boot artifacts and the peers ---------------------------------------------
+
+    def kernel(self, chunks: int = 8) -> list[str]:
+        """A kernel image of ``chunks`` distinct chunks, imported as vmlinuz:1, and their
+        ids."""
+        source = os.path.join(self.tmp, 'vmlinuz')
+        with open(source, 'wb') as f:
+            # Seeded: the same chunk ids, so the same owners, every run.
+            f.write(random.Random(18).randbytes(chunks * self.conf.storage.chunk_size - 99))
+        self.kernel_bytes = test_artifacts.read(source)
+        return list(self.warehouse.import_image(source, 'vmlinuz', fmt='raw').manifest.chunks)
+
+    def repository_reads(self) -> list[str]:
+        """Every chunk read from the warehouse's store from now on, by anyone."""
+        backend = self.warehouse.backend
+        reads, read_chunk = [], backend.read_chunk
+
+        def counting(chunk_id):
+            reads.append(chunk_id)
+            return read_chunk(chunk_id)
+        backend.read_chunk = counting
+        return reads
+
+    def peer_node(self, host: str, mirrors: mirror_api.LocalMirrors,
+                  peers: dict[str, str]) -> manager.ComputeManager:
+        """Compute manager ``host`` on ``mirrors``, started, with its own driver, state
+        and boot artifacts directory, that knows ``peers``."""
+        self.conf.set_override('heartbeat_interval', 600)  # one beat, at the start
+        compute = manager.ComputeManager(self.conf, mirrors, host,
+                                         driver=fake.FakeDriver(self.conf),
+                                         warehouse=self.warehouse,
+                                         node_root=os.path.join(self.tmp, f'{host}-state'),
+                                         network_agent=self.agent)
+        compute.dispatcher = self.reports
+        compute.artifacts.path = os.path.join(self.tmp, f'{host}-artifacts')
+        self.reports.peers = [peers]
+        self.started(compute)
+        self.assertEqual(peers, compute.refresh_peers())
+        return compute
+
+    def test_nodes_booting_one_kernel_read_each_of_its_chunks_from_the_warehouse_once(self):
+        chunk_ids = self.kernel()
+        node1 = self.peer_mirrors()
+        node2 = mirror_api.LocalMirrors(self.conf, self.warehouse,
+                                        root=os.path.join(self.tmp, 'peer-node2'))
+        self.addCleanup(node2.close)
+        peers = {'node1': node1.peer_url(), 'node2': node2.peer_url()}
+        node1.set_peers('node1', peers)
+        node2.set_peers('node2', peers)
+        computes = [self.peer_node('node1', node1, peers), self.peer_node('node2', node2, peers)]
+        reads = self.repository_reads()
+        exported, export = [], self.warehouse.export
+
+        def counting(manifest, dest, *args, **kwargs):
+            exported.append(str(manifest.ref))
+            return export(manifest, dest, *args, **kwargs)
+        self.warehouse.export = counting
+        for compute in computes:
+            path = compute.artifacts.path_of('vmlinuz:1')
+            self.assertTrue(path.startswith(compute.artifacts.path + os.sep), path)
+            self.assertBytesEqual(self.kernel_bytes, test_artifacts.read(path))
+        self.assertEqual([], exported)
+        self.assertEqual(sorted(chunk_ids), sorted(reads))  # each once, for both nodes
+        # Each node's cache read the chunks it is the primary of, for its own manager
+        # and for the other node's: each chunk is in one cache, served twice.
+        held = [{c for c in chunk_ids if c in mirrors.cache} for mirrors in (node1, node2)]
+        self.assertEqual((set(chunk_ids), set()), (held[0] | held[1], held[0] & held[1]))
+        self.assertNotIn(set(), held)  # both took part
+        self.assertEqual([2 * len(chunks) for chunks in held],
+                         [mirrors.peer_stats()['served_chunks'] for mirrors in (node1, node2)])
+
+    def test_a_peer_that_is_away_leaves_the_kernel_to_the_node_own_cache(self):
+        chunk_ids = self.kernel()
+        node1 = self.peer_mirrors()
+        compute = self.peer_node('node1', node1, {'node1': node1.peer_url(),
+                                                  'node2': 'http://127.0.0.1:9'})
+        reads = self.repository_reads()
+        path = compute.artifacts.path_of('vmlinuz:1')
+        self.assertBytesEqual(self.kernel_bytes, test_artifacts.read(path))
+        self.assertEqual(sorted(chunk_ids), sorted(reads))
+        # Through the node's cache, even the chunks node2 would have served.
+        self.assertEqual(set(chunk_ids), {c for c in chunk_ids if c in node1.cache})
+
+    def test_a_node_whose_own_peer_server_is_away_reads_the_kernel_from_the_warehouse(self):
+        chunk_ids = self.kernel()
+        node1 = self.peer_mirrors()
+        compute = self.peer_node('node1', node1, {'node1': node1.peer_url()})
+        node1.peer_server.stop()
+        logged = self.useFixture(fixtures.FakeLogger(level=logging.INFO))
+        reads = self.repository_reads()
+        path = compute.artifacts.path_of('vmlinuz:1')
+        self.assertBytesEqual(self.kernel_bytes, test_artifacts.read(path))
+        self.assertEqual(sorted(chunk_ids), sorted(reads))
+        self.assertEqual(set(), {c for c in chunk_ids if c in node1.cache})
+        self.assertIn(f'boot artifact chunk {chunk_ids[0]} not had through the mirrors of '
+                      'node1, reading the warehouse', logged.output)
+
+    def test_without_peers_the_warehouse_exports_a_boot_artifact_whole(self):
+        self.kernel(chunks=2)
+        self.started(self.compute)
+        exported, export = [], self.warehouse.export
+
+        def counting(manifest, dest, *args, **kwargs):
+            exported.append(str(manifest.ref))
+            return export(manifest, dest, *args, **kwargs)
+        self.warehouse.export = counting
+        path = self.compute.artifacts.path_of('vmlinuz:1')
+        self.assertBytesEqual(self.kernel_bytes, test_artifacts.read(path))
+        self.assertEqual(['vmlinuz:1'], exported)
 
     def test_stopping_leaves_guests_and_mirrors_running(self):
         self.build('vm1')

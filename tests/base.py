@@ -2,6 +2,8 @@
 import os
 import random
 import subprocess
+import time
+import uuid
 
 import fixtures
 import testtools
@@ -25,6 +27,41 @@ def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def postgres_database(add_cleanup, prefix: str) -> str:
+    """The URL of a new empty PostgreSQL database owned by vmcloud, named ``prefix`` and
+    a random tag, dropped by the cleanup it gives ``add_cleanup`` (a test's addCleanup or
+    a class's addClassCleanup). tools/start-services.sh runs PostgreSQL; creating a
+    database needs root.
+
+    It is copied from template0, which takes no connections: CREATE DATABASE refuses a
+    template that another session is connected to, and template1, createdb's default, is
+    the database anything on the machine falls back to. A refusal is tried again a few
+    times; the last one's error carries what createdb printed."""
+    database = f'{prefix}_{uuid.uuid4().hex[:12]}'
+    for attempt in range(5):
+        try:
+            postgres_admin(f'createdb -T template0 -O vmcloud {database}')
+            break
+        except RuntimeError:
+            if attempt == 4:
+                raise
+            time.sleep(1)
+    add_cleanup(postgres_admin, f'dropdb --force {database}')
+    return f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}'
+
+
+def postgres_admin(command: str) -> None:
+    """Run ``command`` as the postgres user.
+
+    :raises RuntimeError: it failed; the message holds what it printed on stderr.
+    """
+    result = subprocess.run(('su', 'postgres', '-c', command), capture_output=True,
+                            text=True, timeout=60)
+    if result.returncode:
+        raise RuntimeError(f'{command!r} exited with {result.returncode}: '
+                           f'{result.stderr.strip()}')
 
 
 class TestCase(testtools.TestCase):

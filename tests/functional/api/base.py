@@ -10,7 +10,6 @@ each test cleans up what it made. The stack has a configuration of its own
 """
 import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 
@@ -117,10 +116,7 @@ class ApiStackTest(base.TestCase):
     @classmethod
     def _postgres_database(cls) -> str:
         """The URL of a new database, dropped after the class."""
-        database = f'vmcloud_api_{uuid.uuid4().hex[:12]}'
-        _admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        cls.addClassCleanup(_admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
-        return f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}'
+        return base.postgres_database(cls.addClassCleanup, 'vmcloud_api')
 
     @classmethod
     def _stack_client(cls, token: str | None) -> httpx.Client:
@@ -161,7 +157,3 @@ class ApiStackTest(base.TestCase):
     def api_app(self):
         """The API's FastAPI application (its routes, its document)."""
         return self.server.app
-
-
-def _admin(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=60)

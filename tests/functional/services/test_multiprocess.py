@@ -36,19 +36,16 @@ class MultiProcessTest(base.TestCase):
         super().setUp()
         self.addCleanup(self.nothing_left_running)  # runs last, after the services stop
         tag = uuid.uuid4().hex[:10]
-        vhost, database = f'vmcloud-{tag}', f'vmcloud_{tag}'
+        vhost = f'vmcloud-{tag}'
         admin('rabbitmqctl', '-q', 'add_vhost', vhost)
         self.addCleanup(admin, 'rabbitmqctl', '-q', 'delete_vhost', vhost)
         self.addCleanup(rpc.cleanup)  # before the vhost goes: no reconnecting to it
         admin('rabbitmqctl', '-q', 'set_permissions', '-p', vhost, 'guest', '.*', '.*', '.*')
-        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
         self.options = {
             'DEFAULT': {'transport_url': f'rabbit://guest:guest@127.0.0.1:5672/{vhost}',
                         'heartbeat_interval': 1, 'service_down_time': 5,
                         'rpc_call_timeout': 30},
-            'database': {'connection':
-                         f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}'},
+            'database': {'connection': base.postgres_database(self.addCleanup, 'vmcloud')},
             # Its compute managers' Linux network agent runs in the machine's namespace.
             'network': self.use_private_vni_range(),
         }

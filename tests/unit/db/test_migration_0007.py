@@ -1,7 +1,6 @@
 """0007 (snapshots on peers first) on a database of 0006 with snapshot items in it, on
 SQLite and on PostgreSQL: an item stored before is replicated and persistent, the others
 neither."""
-import os
 
 import alembic.autogenerate
 import alembic.command
@@ -12,7 +11,6 @@ import sqlalchemy
 from vmcloud.db import api as db_api
 from vmcloud.db import models
 from tests import base
-from tests.unit.db import test_migrations
 
 
 class Upgrade0006WithRowsTest(base.TestCase):
@@ -57,8 +55,5 @@ class Upgrade0006WithRowsTest(base.TestCase):
         self.upgrade_0006_rows(f'sqlite:///{self.tmp}/old.sqlite')
 
     def test_postgresql(self):
-        database = f'vmcloud_migrations_0007_{os.getpid()}'
-        test_migrations.admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(test_migrations.admin, 'su', 'postgres', '-c',
-                        f'dropdb --force {database}')
-        self.upgrade_0006_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
+        url = base.postgres_database(self.addCleanup, 'vmcloud_migrations_0007')
+        self.upgrade_0006_rows(url)

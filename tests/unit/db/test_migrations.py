@@ -1,7 +1,5 @@
 """The models and the migrations describe the same schema."""
 import datetime
-import os
-import subprocess
 
 import alembic.autogenerate
 import alembic.command
@@ -76,12 +74,10 @@ class UpgradeWithRowsTest(base.TestCase):
                          self.upgrade_0001_rows(f'sqlite:///{self.tmp}/old.sqlite'))
 
     def test_postgresql(self):
-        database = f'vmcloud_migrations_{os.getpid()}'
-        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
+        url = base.postgres_database(self.addCleanup, 'vmcloud_migrations')
         self.assertEqual([('node1', True, 'up', '', ''), ('node2', False, 'unknown', '', '')],
                          self.upgrade_0001_rows(
-                             f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}'))
+                             url))
 
 
 class Upgrade0002WithRowsTest(base.TestCase):
@@ -148,10 +144,8 @@ class Upgrade0002WithRowsTest(base.TestCase):
         self.upgrade_0002_rows(f'sqlite:///{self.tmp}/old.sqlite')
 
     def test_postgresql(self):
-        database = f'vmcloud_migrations_0003_{os.getpid()}'
-        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
-        self.upgrade_0002_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
+        url = base.postgres_database(self.addCleanup, 'vmcloud_migrations_0003')
+        self.upgrade_0002_rows(url)
 
 
 class Upgrade0003WithRowsTest(base.TestCase):
@@ -215,10 +209,8 @@ class Upgrade0003WithRowsTest(base.TestCase):
         self.upgrade_0003_rows(f'sqlite:///{self.tmp}/old.sqlite')
 
     def test_postgresql(self):
-        database = f'vmcloud_migrations_0004_{os.getpid()}'
-        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
-        self.upgrade_0003_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
+        url = base.postgres_database(self.addCleanup, 'vmcloud_migrations_0004')
+        self.upgrade_0003_rows(url)
 
 
 class Upgrade0004WithRowsTest(base.TestCase):
@@ -280,10 +272,8 @@ class Upgrade0004WithRowsTest(base.TestCase):
         self.upgrade_0004_rows(f'sqlite:///{self.tmp}/old.sqlite')
 
     def test_postgresql(self):
-        database = f'vmcloud_migrations_0005_{os.getpid()}'
-        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
-        self.upgrade_0004_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
+        url = base.postgres_database(self.addCleanup, 'vmcloud_migrations_0005')
+        self.upgrade_0004_rows(url)
 
 
 class Upgrade0005WithRowsTest(base.TestCase):
@@ -324,11 +314,5 @@ class Upgrade0005WithRowsTest(base.TestCase):
         self.upgrade_0005_rows(f'sqlite:///{self.tmp}/old.sqlite')
 
     def test_postgresql(self):
-        database = f'vmcloud_migrations_0006_{os.getpid()}'
-        admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-        self.addCleanup(admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
-        self.upgrade_0005_rows(f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}')
-
-
-def admin(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=60)
+        url = base.postgres_database(self.addCleanup, 'vmcloud_migrations_0006')
+        self.upgrade_0005_rows(url)

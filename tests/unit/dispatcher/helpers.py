@@ -1,7 +1,6 @@
 """A whole cloud in the test's process: fake driver, fake:// transport, SQLite."""
 import logging
 import os
-import subprocess
 
 from oslo_messaging.notify import _impl_test as notifications_test_driver
 from oslo_messaging.notify import notifier
@@ -23,17 +22,9 @@ def write_image(directory: str, size: int = 1024 * 1024) -> str:
 
 
 def use_postgres(test: base.TestCase, prefix: str) -> None:
-    """Point ``test``'s [database] at a PostgreSQL database of its own, dropped after it
-    (tools/start-services.sh runs PostgreSQL; creating it needs root)."""
-    database = f'{prefix}_{os.getpid()}'
-    _admin('su', 'postgres', '-c', f'createdb -O vmcloud {database}')
-    test.addCleanup(_admin, 'su', 'postgres', '-c', f'dropdb --force {database}')
-    test.conf.set_override(
-        'connection', f'postgresql+psycopg://vmcloud:vmcloud@127.0.0.1/{database}', 'database')
-
-
-def _admin(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=60)
+    """Point ``test``'s [database] at a PostgreSQL database of its own, dropped after it."""
+    test.conf.set_override('connection', base.postgres_database(test.addCleanup, prefix),
+                           'database')
 
 
 class CloudTestCase(base.TestCase):

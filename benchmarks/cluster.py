@@ -66,8 +66,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -212,6 +214,9 @@ class SnapshotRun:
     #: the longest pause_ms among the qemu guests' items, and among all items
     qemu_pause_ms: float | None = None
     longest_pause_ms: float | None = None
+    #: of the qemu guests, the longest freeze alone (QMP stop: vCPUs stopped, I/O
+    #: drained and flushed), from their host's compute log (None: not logged)
+    qemu_freeze_ms: float | None = None
     #: IP bytes the repository host received on the warehouse's port, request to persistent
     repository_bytes: int = 0
     #: the distinct chunks the items' versions reference that their parents do not
@@ -337,6 +342,15 @@ def snapshot_progress(snapshots: list[dict], items: list[dict], snapshots_expect
     replicated = (all(s['state'] == states.AVAILABLE for s in snapshots)
                   and all(i['replicated'] for i in items))
     return replicated, replicated and all(i['persistent'] for i in items)
+
+
+FROZEN_LINE = re.compile(r'(\S+) frozen in ([0-9.]+) ms')
+
+
+def freeze_times(log: str) -> dict[str, float]:
+    """{guest name: ms its freeze took} from a compute service's log (its '... frozen in
+    X ms' lines; a guest frozen twice, its last)."""
+    return {m.group(1): float(m.group(2)) for m in FROZEN_LINE.finditer(log)}
 
 
 def sql_string(text: str) -> str:
@@ -625,7 +639,7 @@ class Harness:
         started = time.monotonic()
         try:
             return self.run(contender, n)
-        except (BenchError, self.cluster_mod.ClusterError, OSError) as exc:
+        except (BenchError, self.cluster_mod.netns.NetnsError, OSError) as exc:
             why = f'{type(exc).__name__}: {exc}'
             print(f'  the run failed: {why[-2000:]}', flush=True)
             return Run(contender, n, self.k, {}, {'(the run)': why[-500:]}, 0, 0, None,
@@ -787,6 +801,9 @@ class Harness:
             time.sleep(max(0.0, settled - time.time()))
         repository = self.counters()['warehouse_in']
         peers = self.peer_traffic()
+        compute_log = os.path.join(self.cloud.computes[self.qemu_node].state_dir,
+                                   f'compute-{self.qemu_node}.log')
+        log_start = os.path.getsize(compute_log)
         with concurrent.futures.ThreadPoolExecutor(len(deployments)) as pool:
             requests = [pool.submit(self.cloud.cli_json, 'snapshot', 'create', deployment)
                         for deployment in deployments]
@@ -801,6 +818,11 @@ class Harness:
                        if i['pause_ms'] is not None and i['name'] in qemu_guests]
         result.longest_pause_ms = max(pauses, default=None)
         result.qemu_pause_ms = max(qemu_pauses, default=None)
+        with open(compute_log, 'rb') as f:
+            f.seek(log_start)
+            freezes = freeze_times(f.read().decode('utf-8', 'replace'))
+        result.qemu_freeze_ms = max((ms for name, ms in freezes.items()
+                                     if name in qemu_guests), default=None)
         result.dirty_bytes = sum(i['dirty_bytes'] for i in items)
         result.uploaded_bytes = sum(i['uploaded_bytes'] for i in items)
         found = new_chunks(self.versions_of(items))
@@ -1024,8 +1046,15 @@ def _conf_of(path: str) -> cfg.ConfigOpts:
 
 # -- the worker of (a) and (b), inside one host -------------------------------------------
 
+_EMIT = threading.Lock()
+
+
 def emit(**event) -> None:
-    print(json.dumps(event), flush=True)
+    """One event a line on stdout; the boot threads emit at once, and print() writes a
+    line's text and its end apart, so one write under a lock keeps lines whole."""
+    with _EMIT:
+        sys.stdout.write(json.dumps(event) + '\n')
+        sys.stdout.flush()
 
 
 def pull_image(warehouse: warehouse_mod.Warehouse, image: str, path: str,
@@ -1056,13 +1085,14 @@ def pull_image(warehouse: warehouse_mod.Warehouse, image: str, path: str,
 
 def serve_overlay(overlay: str, socket_path: str) -> subprocess.Popen:
     """qemu-nbd serving the qcow2 ``overlay`` (and so its backing file) on a unix
-    socket, waited for (bounded). :raises: BenchError."""
+    socket, waited for until it accepts a connection (the socket's file exists from its
+    bind, before it listens), bounded. :raises: BenchError."""
     process = subprocess.Popen(
         ['qemu-nbd', f'--socket={socket_path}', '--export-name=disk', '--format=qcow2',
          '--shared=64', '--persistent', '--cache=writeback', overlay],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + SOCKET_TIMEOUT
-    while not os.path.exists(socket_path):
+    while not accepts(socket_path):
         if process.poll() is not None:
             raise BenchError(f'qemu-nbd for {overlay} exited: {process.stderr.read()[-500:]}')
         if time.monotonic() >= deadline:
@@ -1070,6 +1100,16 @@ def serve_overlay(overlay: str, socket_path: str) -> subprocess.Popen:
             raise BenchError(f'qemu-nbd for {overlay} did not listen in {SOCKET_TIMEOUT:g} s')
         time.sleep(0.02)
     return process
+
+
+def accepts(socket_path: str) -> bool:
+    """Whether a server listens on the unix socket ``socket_path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(socket_path)
+        except OSError:
+            return False
+    return True
 
 
 def worker(spec_path: str) -> None:
@@ -1168,7 +1208,8 @@ def rows_of(runs: list[Run]) -> list[tuple]:
 
 
 SNAPSHOT_COLUMNS = ('K', 'N', 'items', 'until replicated s', 'until persistent s',
-                    'longest pause ms: qemu guests / all', 'to repository',
+                    'longest pause ms: qemu guests / all', 'qemu guests\' freeze ms',
+                    'to repository',
                     'unique dirty: new chunks', 'repository / new chunks',
                     'unique dirty: 4 KiB blocks', 'repository / 4 KiB blocks',
                     'dirty (mirrors)', 'between peers', 'phase s')
@@ -1188,7 +1229,7 @@ def snapshot_rows_of(snapshots: list[SnapshotRun]) -> list[tuple]:
         blocks = s.written_block_bytes
         rows.append((s.k, s.n, s.items, seconds(s.replicated), seconds(s.persistent),
                      f'{milliseconds(s.qemu_pause_ms)} / {milliseconds(s.longest_pause_ms)}',
-                     common.mib(s.repository_bytes),
+                     milliseconds(s.qemu_freeze_ms), common.mib(s.repository_bytes),
                      f'{common.mib(s.new_chunk_bytes)} ({s.new_chunks} chunks)',
                      per(s.repository_bytes, s.new_chunk_bytes),
                      common.mib(blocks) if blocks is not None else 'n/a',
@@ -1226,8 +1267,9 @@ def snapshot_goals(snapshots: list[SnapshotRun]) -> list[str]:
         ok = all(s.qemu_pause_ms <= 100 for s in paused) and not failed
         lines.append(f'{"PASS" if ok else "FAIL"} longest pause of the qemu guests in the '
                      f'multi-snapshot <= 100 ms at every N and K snapshotted: worst '
-                     f'N={longest.n} K={longest.k}: {longest.qemu_pause_ms:.0f} ms (of all '
-                     f'its items: {milliseconds(longest.longest_pause_ms)} ms){also}')
+                     f'N={longest.n} K={longest.k}: {longest.qemu_pause_ms:.0f} ms, of which '
+                     f'the freeze {milliseconds(longest.qemu_freeze_ms)} ms (of all its items: '
+                     f'{milliseconds(longest.longest_pause_ms)} ms){also}')
     else:
         lines.append('not measured: longest pause of the qemu guests in the multi-snapshot '
                      '(no qemu guest: --qemu-guests 0)')
@@ -1313,7 +1355,10 @@ SNAPSHOT_TEXT = (
     f'{SNAPSHOT_POLL * 1000:g} ms; a time is when the answer of the first poll that saw it '
     'came back, so it is late by up to one poll and one query). The pauses are the items\' '
     'pause_ms: from a guest\'s freeze until its thaw, which includes waiting for every other '
-    'instance of its deployment to freeze. "to repository": IP bytes the repository host '
+    'instance of its deployment to freeze, the dispatcher\'s two calls to the host and '
+    'the barrier. "qemu guests\' freeze": the longest freeze alone among the qemu guests '
+    '(QMP stop: the vCPUs stop, the guest\'s I/O is drained and flushed to its mirror), as '
+    'their host\'s compute log says. "to repository": IP bytes the repository host '
     'received on the warehouse\'s port (nftables, headers included) from the requests until '
     'persistent: chunks, manifests and the protocol around them. "unique dirty: new chunks", '
     'the goal\'s measure: the distinct chunks the stored versions reference that the image '

@@ -1,6 +1,13 @@
 """benchmarks/cluster.py's multi-snapshot phase: what it counts as unique dirty data,
-when it calls a snapshot replicated and persistent, and the goal lines it writes."""
+when it calls a snapshot replicated and persistent, and the goal lines it writes; the
+workers' events and sockets of (a) and (b)."""
+import io
+import json
+import os
+import socket
 import sys
+import threading
+import time
 from unittest import mock
 
 from benchmarks import cluster
@@ -172,6 +179,61 @@ class GoalsTest(base.TestCase):
         self.assertEqual(1, len(rows))
         self.assertEqual(len(cluster.SNAPSHOT_COLUMNS), len(rows[0]))
         self.assertIn('n/a', rows[0])
+
+
+class FreezeTimesTest(base.TestCase):
+    def test_each_guest_s_last_freeze_from_the_compute_log(self):
+        log = ('2026-12-02 19:00:00.1 INFO vmcloud.compute.manager [-] q0 frozen in 12.5 ms\n'
+               '2026-12-02 19:00:00.2 INFO vmcloud.compute.manager [-] snapshot s froze 2\n'
+               '2026-12-02 19:00:01.0 INFO vmcloud.compute.manager [-] q1 frozen in 250.0 ms\n'
+               '2026-12-02 19:00:09.0 INFO vmcloud.compute.manager [-] q0 frozen in 7 ms\n')
+        self.assertEqual({'q0': 7.0, 'q1': 250.0}, cluster.freeze_times(log))
+
+    def test_a_snapshot_row_shows_the_qemu_guests_freeze(self):
+        row = cluster.snapshot_rows_of([snapshot_run(qemu_freeze_ms=23.4)])[0]
+        self.assertEqual('23', row[cluster.SNAPSHOT_COLUMNS.index("qemu guests' freeze ms")])
+        self.assertIn('of which the freeze 23 ms', self.pause_goal(qemu_freeze_ms=23.4))
+        self.assertIn('of which the freeze n/a ms', self.pause_goal(qemu_freeze_ms=None))
+
+    @staticmethod
+    def pause_goal(**fields) -> str:
+        return next(line for line in cluster.snapshot_goals([snapshot_run(**fields)])
+                    if 'longest pause' in line)
+
+
+class YieldingOutput(io.StringIO):
+    """A stdout that lets other threads run after each write, as a pipe may."""
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        time.sleep(0.0001)
+        return written
+
+
+class WorkerTest(base.TestCase):
+    def test_events_from_many_threads_stay_a_line_each(self):
+        out = YieldingOutput()
+        with mock.patch.object(sys, 'stdout', out):
+            threads = [threading.Thread(target=lambda i=i: [
+                cluster.emit(event='booted', name=f'r{i}-{j}', t=1.0) for j in range(50)])
+                for i in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        names = [json.loads(line)['name'] for line in out.getvalue().splitlines()]
+        self.assertEqual(400, len(set(names)))
+
+    def test_a_unix_socket_accepts_once_it_listens_not_once_it_is_bound(self):
+        path = os.path.join(self.tmp, 'disk.sock')
+        self.assertFalse(cluster.accepts(path))
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(path)
+        self.assertTrue(os.path.exists(path))
+        self.assertFalse(cluster.accepts(path))
+        server.listen()
+        self.assertTrue(cluster.accepts(path))
 
 
 class ArgumentsTest(base.TestCase):

@@ -18,7 +18,11 @@ instances (vmcloud/drivers/replay.py) replaying a block I/O trace recorded once 
 real boot of that guest (tools/record-boot-trace.py, cached in .cache/replay/), so their
 storage behaviour is a real guest's while their CPU is almost nothing; the other few are
 real qemu guests of the image, on the K-th host (its compute service runs the qemu
-driver), the replay instances on the other K - 1.
+driver), the replay instances on the other K - 1. The K hosts share the machine's CPUs;
+in a cluster the qemu host would have its own. So that the real guests get about a
+host's share when everything wants the CPU, every session the replay hosts run (their
+services, the workers of (a) and (b), and so the replays and qemu-nbd servers) has the
+CFS autogroup nice ``--replay-nice`` (10: about a tenth of a nice-0 session's weight).
 
 Contenders, the same hosts, links and instances each:
 
@@ -102,6 +106,8 @@ CENTRAL_PORT = 10809
 CENTRAL_EXPORT = 'base'
 REPLICAS = 2
 PREFETCH_THREADS = 2
+# The K hosts share 2 CPUs; the replay hosts' sessions yield to the real guests' host.
+REPLAY_NICE = 10
 # Chunks a Nova-style host pulls at once: a stream of the image at the link's speed.
 PULL_THREADS = 8
 REPLAY_MEMORY_MIB = 64
@@ -402,6 +408,8 @@ class Harness:
         self.trace = trace_mod.read(args.trace)
         self.profile_recorded = False
         self.clouds_made = False
+        #: why a replay host's process could not be given args.replay_nice, if it could not
+        self.nice_errors: set[str] = set()
         self.kernel = self.initrd = ''
         with open(os.path.join(guest.GUEST_DIR, 'realistic', 'cmdline')) as f:
             self.cmdline = f.read().strip()
@@ -593,6 +601,9 @@ class Harness:
             self.cloud.set_options(name, {'mirror': mirror})
         with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(self.cloud.start_compute, self.nodes))
+        for name in self.replay_nodes:
+            for service in (f'compute-{name}', f'mirrors-{name}'):
+                self.deprioritise(self.cloud.services[service].process.pid)
         self.cloud.wait_host_states({name: 'up' for name in self.nodes})
         if not self.clouds_made:
             # A cloud names hosts the dispatcher knows: after their first start.
@@ -612,6 +623,18 @@ class Harness:
                     raise BenchError(f'the hosts do not all know their {self.k} peers after '
                                      f'{PEERS_TIMEOUT:g} s: {known}')
                 time.sleep(POLL)
+
+    def deprioritise(self, pid: int) -> None:
+        """Give the session of a replay host's process ``pid`` (its CFS autogroup: the
+        process and all it starts) the nice value --replay-nice; a failure is noted in
+        ``nice_errors`` for the results, not raised."""
+        if not self.args.replay_nice:
+            return
+        try:
+            with open(f'/proc/{pid}/autogroup', 'w') as f:
+                f.write(str(self.args.replay_nice))
+        except OSError as exc:
+            self.nice_errors.add(f'{type(exc).__name__}: {exc}')
 
     # -- the runs --------------------------------------------------------------------------
 
@@ -990,6 +1013,8 @@ class Harness:
                 workers.append(host.popen([sys.executable, SCRIPT, '--worker', path],
                                           stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                           stderr=log, text=True))
+            if name != self.qemu_node:
+                self.deprioritise(workers[-1].pid)
 
         def listen(process: subprocess.Popen) -> None:
             for line in process.stdout:
@@ -1461,7 +1486,8 @@ def write_doc(runs: list[Run], facts: dict[str, str], args: argparse.Namespace) 
         ('Goals', goal_lines),
         ('Reading the numbers',
          'The real qemu guests boot under the CPU they emulate (TCG on this 2-core machine, '
-         'shared with every service and replay of the run): their boot time is mostly '
+         'shared with every service and replay of the run; the CPU fact above says what '
+         'share the replay hosts leave them): their boot time is mostly '
          'emulated CPU and varies from run to run by tens of seconds, and being the '
          'slowest they make p99, max and "all booted" at small N. "replays p50 / p99" '
          'shows the replay instances alone, whose time is the recorded think time (the '
@@ -1496,6 +1522,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument('--contenders', default='abcde', help='of a, b, c, d, e')
     parser.add_argument('--qemu-guests', type=int, default=2,
                         help='real qemu guests among the N instances (on the K-th host)')
+    parser.add_argument('--replay-nice', type=int, default=REPLAY_NICE,
+                        help='the nice value of the replay hosts\' processes\' sessions '
+                             '(CFS autogroups), so that the real guests\' host has about '
+                             'the CPU of a host of its own; 0 for none')
     parser.add_argument('--no-kill', action='store_true',
                         help='no extra run of (e) with a peer killed mid-deploy')
     parser.add_argument('--snapshot-n', default='',
@@ -1557,6 +1587,7 @@ def main() -> int:
         accelerator = accel.choose(CONF, shutil.which(CONF.qemu.binary),
                                    guest.spec('probe', guest.path('disk.img')))
     runs: list[Run] = []
+    nice_errors: set[str] = set()
     for k in args.ks:
         with Harness(k, args, accelerator, delay) as harness:
             for n in args.ns:
@@ -1569,6 +1600,7 @@ def main() -> int:
                 print(f'K={k} N={n} {CONTENDERS["e-kill"]}', flush=True)
                 runs.append(harness.attempt('e-kill', n))
                 report(runs[-1])
+            nice_errors |= harness.nice_errors
     trace = trace_mod.read(args.trace)
     facts = common.machine()
     facts.update({
@@ -1593,6 +1625,7 @@ def main() -> int:
         'real qemu guests per run': f'{args.qemu_guests} ({accelerator}), '
                                     f'{QEMU_MEMORY_MIB} MiB',
         'peers': f'R = {REPLICAS}, prefetch_threads {PREFETCH_THREADS} for (e)',
+        'CPU': cpu_fact(args.replay_nice, nice_errors),
         'whole benchmark': f'{time.monotonic() - begun:.0f} s',
     })
     path = write_doc(runs, facts, args)
@@ -1600,6 +1633,20 @@ def main() -> int:
     print('\n'.join(goals(runs)))
     print(f'\nwritten to {os.path.relpath(path, common.REPO)} and cluster.svg')
     return 0
+
+
+def cpu_fact(nice: int, errors: set[str]) -> str:
+    """The results' line on how the hosts share the machine's CPUs."""
+    shared = f'the K hosts share this machine\'s {os.cpu_count()} CPUs'
+    if not nice:
+        return f'{shared}, all at nice 0'
+    if errors:
+        return (f'{shared}; the replay hosts\' sessions were to run at autogroup nice {nice}, '
+                f'not applied to all: {"; ".join(sorted(errors))[:300]}')
+    return (f'{shared}; every session of the replay hosts (services, workers, and so their '
+            f'qemu-nbd and replays) runs at autogroup nice {nice}, the qemu host\'s and the '
+            'repository host\'s at 0, so that under contention the real guests\' host has '
+            'about the CPU of a host of its own')
 
 
 def marker_seconds(trace: trace_mod.Trace, marker: str) -> str:

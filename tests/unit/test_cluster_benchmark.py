@@ -236,6 +236,15 @@ class WorkerTest(base.TestCase):
         self.assertTrue(cluster.accepts(path))
 
 
+class CpuFactTest(base.TestCase):
+    def test_the_results_say_whether_the_replay_hosts_yielded_the_cpu(self):
+        self.assertIn('all at nice 0', cluster.cpu_fact(0, set()))
+        self.assertIn('runs at autogroup nice 10', cluster.cpu_fact(10, set()))
+        refused = cluster.cpu_fact(10, {'FileNotFoundError: /proc/7/autogroup'})
+        self.assertIn('not applied to all', refused)
+        self.assertIn('/proc/7/autogroup', refused)
+
+
 class ArgumentsTest(base.TestCase):
     def parse(self, *argv: str):
         with mock.patch.object(sys, 'argv', ['cluster.py', *argv]):

@@ -45,8 +45,10 @@ The server takes a thread per connection, at most ``threads *
 CONNECTIONS_PER_THREAD`` connections and ``connections_per_address`` from one
 address (more are answered 503 and closed), and handles at most ``threads`` requests
 at once. A request's line and headers are at most HEAD_LIMIT bytes and must arrive
-within HEAD_TIMEOUT s of its first byte; a connection is closed after IDLE_TIMEOUT s
-without a request, or IO_TIMEOUT s without progress in the middle of one. Chunk
+within HEAD_TIMEOUT s of its first byte, its body (a PUT's, a persisted's) within
+HEAD_TIMEOUT + length / SLOWEST_RATE s more (408 otherwise); a connection is closed
+after IDLE_TIMEOUT s without a request, or IO_TIMEOUT s without progress in the middle
+of one. Chunk
 bodies go out PIECE bytes at a time through one token bucket of ``upload_rate``
 bytes/s shared by every connection. The address served must be one the other nodes
 can reach (it is the node's advertised peer URL): a wildcard is refused.
@@ -807,6 +809,35 @@ class _Connection:
                 break
         return line
 
+    def _read_body(self, length: int) -> bytes:
+        """``length`` bytes of body (fewer: the client closed), within HEAD_TIMEOUT +
+        length / SLOWEST_RATE s: a client trickling its body holds a request slot no
+        longer than a slow honest one.
+
+        :raises: _Refused (408) once that passes; OSError.
+        """
+        allowed = HEAD_TIMEOUT + length / SLOWEST_RATE
+        deadline = time.monotonic() + allowed
+        pieces, got = [], 0
+        while got < length:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Refused(408, protocol.RequestRefused(
+                    f'the body of {length} bytes took over {allowed:.3g} s ({got} came)'))
+            self.sock.settimeout(min(IO_TIMEOUT, left))
+            try:
+                piece = self.rfile.read1(min(_READ_PIECE, length - got))
+            except TimeoutError:
+                if left < IO_TIMEOUT:  # the deadline cut this wait short
+                    continue
+                raise
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        self.sock.settimeout(IO_TIMEOUT)
+        return b''.join(pieces)
+
     def _answer(self, method: str, target: str, headers: http.client.HTTPMessage,
                 keep_alive: bool) -> bool:
         server = self.server
@@ -846,7 +877,10 @@ class _Connection:
                 '([mirror] peer_threads)'), open_after)
         try:
             if action in _BODY_LIMITS:
-                body = self.rfile.read(length)
+                try:
+                    body = self._read_body(length)
+                except _Refused as refused:
+                    return self._send_error(refused.status, refused.error, keep_alive=False)
                 if len(body) != length:
                     return False  # the client went in the middle of its body
                 return getattr(self, action)(chunk_id, keep_alive, body, headers)

@@ -661,6 +661,56 @@ class HeadDeadlineTest(PeerTestCase):
             self.assertBytesEqual(self.chunks[self.ids[0]], response.read())
 
 
+class BodyDeadlineTest(PeerTestCase):
+    def put_dribbled(self, server, chunk_id: str, pause: float) -> tuple[int, bytes, int]:
+        """A PUT of chunk ``chunk_id`` whose body is sent 64 bytes every ``pause`` s:
+        (status, body, body bytes sent before the answer)."""
+        host, port = server.url.removeprefix('http://').rsplit(':', 1)
+        data = self.chunks[chunk_id]
+        sent = [0]
+        with socket.create_connection((host, int(port)), 30) as sock:
+            sock.sendall(f'PUT /v1/chunks/{chunk_id} HTTP/1.1\r\n'
+                         f'Content-Length: {len(data)}\r\n\r\n'.encode())
+
+            def dribble():
+                try:
+                    for at in range(0, len(data), 64):
+                        sock.sendall(data[at:at + 64])
+                        sent[0] += 64
+                        time.sleep(pause)
+                except OSError:
+                    pass  # the server closed the connection
+            sender = threading.Thread(target=dribble)
+            sender.start()
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            body = response.read()
+            sent_before = sent[0]
+            sock.shutdown(socket.SHUT_RDWR)
+            sender.join(30)
+        return response.status, body, sent_before
+
+    def test_a_body_sent_a_little_at_a_time_is_cut_off_and_not_kept(self):
+        self.patch(peer_http, 'HEAD_TIMEOUT', 0.3)
+        self.patch(peer_http, 'SLOWEST_RATE', 1 << 40)  # the deadline: HEAD_TIMEOUT alone
+        server = self.serve()
+        status, body, sent = self.put_dribbled(server, self.ids[1], 0.01)
+        self.assertEqual(408, status)
+        self.assertEqual('RequestRefused', error_of(body))
+        self.assertIn('took over 0.3 s', json.loads(body)['message'])
+        self.assertLess(sent, len(self.chunks[self.ids[1]]))
+        self.assertNotIn(self.ids[1], self.cache)
+
+    def test_a_slow_body_within_its_deadline_is_kept(self):
+        self.patch(peer_http, 'HEAD_TIMEOUT', 0.3)
+        server = self.serve()
+        chunk_id = self.ids[1]
+        self.patch(peer_http, 'SLOWEST_RATE', len(self.chunks[chunk_id]) / 30)
+        status, body, _ = self.put_dribbled(server, chunk_id, 0.0005)
+        self.assertEqual(201, status, body)
+        self.assertIn(chunk_id, self.cache)
+
+
 class ConnectionsPerAddressTest(PeerTestCase):
     def test_connections_beyond_the_per_address_cap_are_refused(self):
         server = self.serve(connections_per_address=2)

@@ -15,6 +15,7 @@ from vmcloud.mirror import peer_http
 from vmcloud.mirror import peers
 from vmcloud.storage import warehouse
 from tests import base
+from tests import scripted_peer
 from tests.unit.mirror.test_peer_http import FakeClock
 
 CHUNK = 1024 ** 2
@@ -46,45 +47,6 @@ class Node:
         if self.gate is not None:
             self.gate.wait(60)
         return self._warehouse.read_chunk(chunk_id)
-
-
-class ScriptedPeer:
-    """Accepts connections, reads each request's head, then runs ``answer(sock)`` in a
-    thread of its own; connections stay open until the test ends."""
-
-    def __init__(self, test: base.TestCase, answer):
-        self.listener = socket.create_server(('127.0.0.1', 0))
-        self.url = f'http://127.0.0.1:{self.listener.getsockname()[1]}'
-        self.answer = answer
-        self.connections: list[socket.socket] = []
-        test.addCleanup(self.close)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            self.connections.append(sock)
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        head = b''
-        try:
-            while b'\r\n\r\n' not in head:
-                data = sock.recv(4096)
-                if not data:
-                    return
-                head += data
-            self.answer(sock)
-        except OSError:
-            pass  # the client gave up
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.connections:
-            sock.close()
 
 
 class PeerHttpTest(base.TestCase):
@@ -172,7 +134,7 @@ class RoundTripTest(PeerHttpTest):
     def test_a_corrupt_peer_is_caught_by_the_exchange(self):
         # The client hands back what the peer sent; the exchange hashes it.
         wrong = bytes(CHUNK)
-        liar = ScriptedPeer(self, lambda sock: sock.sendall(
+        liar = scripted_peer.ScriptedPeer(self, lambda sock: sock.sendall(
             b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n' % len(wrong) + wrong))
         node, = self.nodes('node2')
         chunk = next(c for c in self.ids if ownership.owners(c, ['liar', 'node2'], 2)[0]
@@ -194,7 +156,7 @@ class RoundTripTest(PeerHttpTest):
 
 class SlowPeerTest(PeerHttpTest):
     def test_a_silent_server_is_given_up_within_the_timeout(self):
-        silent = ScriptedPeer(self, lambda sock: None)
+        silent = scripted_peer.ScriptedPeer(self, lambda sock: None)
         client = self.client(timeout=0.3)
         # A chunk's first bytes get the longer answer wait (the peer may be reading it
         # from its repository), every other answer the timeout itself.
@@ -207,7 +169,7 @@ class SlowPeerTest(PeerHttpTest):
         self.assertEqual([], client._idle.get(silent.url, []))
 
     def test_a_silent_stage_is_given_up_within_its_timeout(self):
-        silent = ScriptedPeer(self, lambda sock: None)
+        silent = scripted_peer.ScriptedPeer(self, lambda sock: None)
         client = peer_http.PeerClient('', 0.2, stage_timeout=0.5)
         self.addCleanup(client.close)
         error = self.bounded(lambda: client.stage(silent.url, self.ids[0]))
@@ -221,7 +183,7 @@ class SlowPeerTest(PeerHttpTest):
                 sock.sendall(b'x')
                 time.sleep(0.02)  # always well within the client's timeout
 
-        peer = ScriptedPeer(self, trickle)
+        peer = scripted_peer.ScriptedPeer(self, trickle)
         error = self.bounded(lambda: self.client(timeout=0.5).get(peer.url, self.ids[0]))
         self.assertIsInstance(error, exception.PeerError)
         # 0.5 s * 4 + 1 MiB at 1 MiB/s
@@ -261,7 +223,7 @@ class BrokenAnswerTest(PeerHttpTest):
                 sock.sendall(answer)
                 sock.shutdown(socket.SHUT_WR)
 
-            peer = ScriptedPeer(self, send_and_close)
+            peer = scripted_peer.ScriptedPeer(self, send_and_close)
             client = self.client()
             error = self.bounded(lambda: client.get(peer.url, self.ids[0]))
             self.assertIsInstance(error, exception.PeerError, reason)
@@ -271,7 +233,7 @@ class BrokenAnswerTest(PeerHttpTest):
                 self.assertEqual([], client._idle.get(peer.url, []), reason)
 
     def test_a_short_answer_on_a_connection_kept_open_times_out(self):
-        peer = ScriptedPeer(self, lambda sock: sock.sendall(
+        peer = scripted_peer.ScriptedPeer(self, lambda sock: sock.sendall(
             b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + b'x' * 500))
         client = self.client(timeout=0.3)
         error = self.bounded(lambda: client.get(peer.url, self.ids[0]))

@@ -25,6 +25,7 @@ from vmcloud.mirror import peer_http
 from vmcloud.mirror import peers as peers_mod
 from vmcloud.storage import protocol
 from tests import base
+from tests import scripted_peer
 
 CHUNK = 64 * 1024
 STATS_KEYS = {'host', 'peers', 'replicas', 'served_chunks', 'served_bytes', 'staged_chunks',
@@ -109,37 +110,6 @@ def raw_request(url: str, request: bytes, timeout: float = 30.0
 
 def error_of(body: bytes) -> str:
     return json.loads(body)['error']
-
-
-class OneAnswerPeer:
-    """A raw peer: reads each request's head, then sends ``answer`` (None: nothing,
-    the connection held open until the test ends)."""
-
-    def __init__(self, test: base.TestCase, answer: bytes | None):
-        self.listener = socket.create_server(('127.0.0.1', 0))
-        self.url = f'http://127.0.0.1:{self.listener.getsockname()[1]}'
-        self.answer = answer
-        self.held: list[socket.socket] = []
-        test.addCleanup(self.close)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            self.held.append(sock)
-            with sock.makefile('rb') as rfile:
-                while rfile.readline() not in (b'\r\n', b'\n', b''):
-                    pass
-            if self.answer is not None:
-                sock.sendall(self.answer)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.held:
-            sock.close()
 
 
 class PeerTestCase(base.TestCase):
@@ -380,15 +350,15 @@ class FailureTest(PeerTestCase):
             self.assertIn('the repository is on fire', str(error))
         # The repository's error itself, when it is no FetchFailed, keeps its class.
         status, body = protocol.encode_error(exception.CorruptManifest('its store is hurt'))
-        peer = OneAnswerPeer(self, b'HTTP/1.1 502 Bad Gateway\r\nContent-Type: '
-                             b'application/json\r\nContent-Length: %d\r\n\r\n%s'
-                             % (len(body), body))
+        peer = scripted_peer.ScriptedPeer(self, scripted_peer.answer(
+            b'HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\n'
+            b'Content-Length: %d\r\n\r\n%s' % (len(body), body)))
         self.assertRaises(exception.CorruptManifest, self.client().get, peer.url,
                           self.ids[0])
 
     def test_a_502_that_is_no_error_of_the_protocol_is_the_peers_failure(self):
-        peer = OneAnswerPeer(self, b'HTTP/1.1 502 Bad Gateway\r\nContent-Length: 9\r\n'
-                                   b'\r\n<html/>\r\n')
+        peer = scripted_peer.ScriptedPeer(self, scripted_peer.answer(
+            b'HTTP/1.1 502 Bad Gateway\r\nContent-Length: 9\r\n\r\n<html/>\r\n'))
         error = self.assertRaises(exception.PeerError, self.client().get, peer.url,
                                   self.ids[0])
         self.assertIn('HTTP 502', error.reason)
@@ -609,7 +579,7 @@ class AnswerWaitTest(PeerTestCase):
         self.assertBytesEqual(self.chunks[self.ids[0]], client.get(server.url, self.ids[0]))
 
     def test_a_silent_peer_is_given_up_after_the_answer_timeout(self):
-        peer = OneAnswerPeer(self, None)
+        peer = scripted_peer.ScriptedPeer(self, lambda sock: None)
         for client, waited in ((self.client(timeout=0.1), '0.4'),
                                (peer_http.PeerClient('', 0.1, answer_timeout=0.2), '0.2')):
             self.addCleanup(client.close)

@@ -2,6 +2,7 @@
 import dataclasses
 import logging
 import os
+import secrets
 
 from oslo_config import cfg
 
@@ -54,6 +55,10 @@ class AllInOne:
         # Every node's server on loopback; port 0: several nodes on one machine.
         conf.set_override('peer_address', '127.0.0.1' if self.peers else '', 'mirror')
         conf.set_override('peer_port', 0, 'mirror')
+        if self.peers and not conf.mirror.peer_token:
+            # One process knows every node's token: a random one closes the loopback
+            # servers to the machine's other users at no cost.
+            conf.set_override('peer_token', secrets.token_urlsafe(32), 'mirror')
         if driver is not None:
             conf.set_override('driver', driver, 'compute')
         self.conf = conf

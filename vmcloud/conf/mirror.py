@@ -61,7 +61,8 @@ mirror_opts = [
                     'together; 0 is no limit.'),
     cfg.StrOpt('peer_token', default='', secret=True,
                help='Bearer token every peer chunk server of the cluster asks for and '
-                    'every node sends; empty: none.'),
+                    'every node sends; empty: none (the all-in-one cloud, left empty, '
+                    'makes a random one for its nodes).'),
     cfg.IntOpt('peer_threads', default=64, min=1,
                help='Peer requests the node serves at once; more are answered 503 (busy) '
                     'and the asking node goes on to the next owner.'),

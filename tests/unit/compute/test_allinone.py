@@ -6,6 +6,7 @@ from vmcloud import allinone
 from vmcloud import exception
 from vmcloud import polling
 from vmcloud.compute import manager
+from vmcloud.mirror import peer_http
 from tests import base
 from tests.unit.dispatcher import helpers
 
@@ -168,6 +169,20 @@ class AllInOneFetchedTest(FetchedTestCase):
                           after.peer_bytes - before.peer_bytes))
         self.assertEqual(2 * image_bytes, sum(c.mirrors.cache.stats.fetched_bytes
                                               for c in self.cloud.computes))
+
+    def test_the_nodes_peer_servers_answer_only_the_cloud_s_own_token(self):
+        token = self.conf.mirror.peer_token
+        self.assertGreaterEqual(len(token), 32)
+        chunk_id = sorted(self.cloud.warehouse.lookup('guest').data_chunk_ids())[0]
+        url = self.cloud.computes[0].peer_url
+        for stranger in ('', 'not-' + token):
+            client = peer_http.PeerClient(stranger, 10.0)
+            self.addCleanup(client.close)
+            error = self.assertRaises(exception.PeerError, client.get, url, chunk_id)
+            self.assertIn('HTTP 401', error.reason)
+        client = peer_http.PeerClient(token, 10.0)
+        self.addCleanup(client.close)
+        self.assertEqual(self.cloud.warehouse.read_chunk(chunk_id), client.get(url, chunk_id))
 
 
 class AllInOneAloneFetchedTest(FetchedTestCase):

@@ -85,6 +85,7 @@ class MultiProcessTest(base.TestCase):
         path = os.path.join(self.tmp, f'{name}.log')
         log = open(path, 'a')  # a restarted service's log follows its predecessor's
         self.addCleanup(log.close)
+        before = log.tell()  # where this start's lines begin: the predecessor said running
         self.addOnException(lambda _: self.addDetail(
             f'{name}.log', testtools.content.content_from_file(path, buffer_now=True)))
         configs = ['--config-file', self.config]
@@ -98,6 +99,7 @@ class MultiProcessTest(base.TestCase):
         # A call sent before the service's queue exists is lost and waits for its timeout.
         def started():
             with open(path) as f:
+                f.seek(before)
                 return process.poll() is not None or 'running\n' in f.read()
         polling.wait(started, bool, TIMEOUT, f'{name} to start')
         self.assertIsNone(process.poll(), f'{name} exited')

@@ -27,6 +27,19 @@ storage_opts = [
                     'with no data are not converted at all. Import is refused if '
                     'not even one window fits in the free space of the scratch '
                     'directory.'),
+    cfg.IntOpt('delta_block_size', default=4096, min=512, max=1 << 24,
+               help='Bytes of a block, the unit of change a snapshot stores: a chunk '
+                    'of which a guest changed only some blocks is stored as a delta, '
+                    'those blocks over its parent chunk. A power of two that divides '
+                    'chunk_size (refused otherwise).'),
+    cfg.IntOpt('delta_max_depth', default=4, min=0, max=64,
+               help='Most deltas stacked on one chunk: a snapshot that would stack '
+                    'more stores the chunk whole (compacted), so reading a chunk '
+                    'reads at most this many deltas whatever the number of snapshots. '
+                    '0 stores every change as a whole chunk.'),
+    cfg.FloatOpt('delta_max_ratio', default=0.5, min=0.0, max=1.0,
+                 help='Largest share of a chunk a delta may change: a change of more '
+                      'of its bytes is stored as a whole chunk instead.'),
     cfg.IntOpt('gc_lock_timeout', default=60, min=0,
                help='Seconds gc waits for in-progress writes to finish before it '
                     'gives up.'),

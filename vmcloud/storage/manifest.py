@@ -5,8 +5,11 @@ manifest is detected as surely as one in a chunk. Format 2 (written since the
 hardening of issue 12) is two lines: a header of the fixed fields, with its own
 checksum and the sha256 of the body, then the body, the chunk list, where a run
 of holes is one integer. Listing reads only the header, and an all-hole 4 TiB
-image stores a few hundred bytes instead of 84 MB. Format 1 (one JSON object,
-no newline) stays readable.
+image stores a few hundred bytes instead of 84 MB. Format 3 (issue 19) is format 2
+whose body may also hold delta chains, each a list of ids (see
+vmcloud.storage.delta); it is written only for a version with at least one chain,
+so readers of format 2 keep reading every other version. Formats 1 and 2 stay
+readable.
 """
 import dataclasses
 import datetime
@@ -18,7 +21,13 @@ from typing import Any
 from vmcloud import exception
 
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+"""The format of a manifest without delta chains."""
+DELTA_FORMAT_VERSION = 3
+"""The format of a manifest with at least one delta chain."""
+READABLE_FORMATS = (1, 2, 3)
+MAX_CHAIN_DELTAS = 64
+"""The most deltas a chain read back may hold: [storage] delta_max_depth bounds what is
+written, but a version written under a deeper limit must still read."""
 HASH_NAME = 'sha256'
 HEADER_LIMIT = 4096
 """Bytes ``list`` reads of each manifest: enough for the header of any manifest we write."""
@@ -30,6 +39,11 @@ _IMAGE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
 _VERSION = re.compile(r'[0-9]{1,18}')
 # What a chunk id looks like: a sha256 in lowercase hex.
 CHUNK_ID = re.compile(r'[0-9a-f]{64}')
+
+
+Entry = str | tuple[str | None, ...] | None
+"""A chunk's entry in a manifest: None (a hole), a plain chunk id, or a delta chain (a
+tuple of ids, newest delta first, its last element the base chunk id or None)."""
 
 
 def validate_image_name(name: str, what: str = 'image') -> str:
@@ -104,8 +118,9 @@ class Manifest:
     version: int
     size: int
     chunk_size: int
-    # One entry per chunk: its content hash, or None for an all-zero chunk (a hole).
-    chunks: tuple[str | None, ...]
+    # One entry per chunk: its content hash, None for an all-zero chunk (a hole), or a
+    # delta chain (Entry).
+    chunks: tuple[Entry, ...]
     parent: VersionRef | None = None
     created_at: str = ''
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -127,11 +142,39 @@ class Manifest:
         (a boot profile recorded for it, a node's copy of it as a boot artifact)."""
         digest = hashlib.sha256(repr((self.size, self.chunk_size, self.created_at)).encode())
         for chunk in self.chunks:
-            digest.update((chunk or '-').encode())
+            # A chain as its ids joined: a manifest without chains keeps its identity.
+            text = ','.join(c or '-' for c in chunk) if isinstance(chunk, tuple) else chunk
+            digest.update((text or '-').encode())
         return digest.hexdigest()
 
+    def object_ids(self, index: int) -> tuple[str, ...]:
+        """Every stored object chunk ``index`` needs to be read: none for a hole, its id
+        for a plain chunk, each delta and the base (unless a hole) of a chain."""
+        entry = self.chunks[index]
+        if entry is None:
+            return ()
+        if isinstance(entry, str):
+            return (entry,)
+        return tuple(c for c in entry if c is not None)
+
+    def is_delta(self, index: int) -> bool:
+        """Whether chunk ``index`` is a delta chain (not a hole or a plain chunk)."""
+        return isinstance(self.chunks[index], tuple)
+
+    @property
+    def has_deltas(self) -> bool:
+        return any(isinstance(c, tuple) for c in self.chunks)
+
     def data_chunk_ids(self) -> set[str]:
-        return {c for c in self.chunks if c is not None}
+        """Every stored object a read of this version needs: plain chunks, deltas and
+        the bases of chains (what gc keeps, staging fetches and verify checks)."""
+        ids: set[str] = set()
+        for entry in self.chunks:
+            if isinstance(entry, str):
+                ids.add(entry)
+            elif entry is not None:
+                ids.update(c for c in entry if c is not None)
+        return ids
 
     def summary(self) -> ManifestSummary:
         return ManifestSummary(
@@ -153,17 +196,21 @@ class Manifest:
         }
 
     def encode(self) -> bytes:
-        """Format 2: a checksummed header line, then the chunk list with runs of holes."""
-        runs: list[str | int] = []
+        """A checksummed header line, then the chunk list with runs of holes: format 3
+        if a chunk is a delta chain (a list of ids in the body), else format 2."""
+        runs: list[str | int | list[str | None]] = []
         for entry in self.chunks:
-            if entry is not None:
+            if isinstance(entry, tuple):
+                runs.append(list(entry))
+            elif entry is not None:
                 runs.append(entry)
             elif runs and isinstance(runs[-1], int):
                 runs[-1] += 1
             else:
                 runs.append(1)
         body = _canonical(runs)
-        header = dict(self._fields(), format=FORMAT_VERSION,
+        fmt = DELTA_FORMAT_VERSION if self.has_deltas else FORMAT_VERSION
+        header = dict(self._fields(), format=fmt,
                       data_chunks=sum(1 for c in self.chunks if c),
                       body=hashlib.sha256(body).hexdigest())
         header['checksum'] = hashlib.sha256(_canonical(header)).hexdigest()
@@ -177,7 +224,7 @@ class Manifest:
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> 'Manifest':
-        """Parse a stored manifest of either format.
+        """Parse a stored manifest of any readable format (READABLE_FORMATS).
 
         :raises: CorruptManifest naming ``where`` if it is unreadable, fails a
             checksum or holds fields of the wrong type or range.
@@ -185,10 +232,11 @@ class Manifest:
         try:
             header_line, newline, body_line = data.partition(b'\n')
             if newline:
-                header = _checked(header_line, 2)
+                header = _checked(header_line, 2, 3)
                 if hashlib.sha256(body_line).hexdigest() != header['body']:
                     raise ValueError('body checksum mismatch')
-                chunks = _expand(json.loads(body_line), _expected_chunks(header))
+                chunks = _expand(json.loads(body_line), _expected_chunks(header),
+                                 chains=header['format'] == DELTA_FORMAT_VERSION)
             else:
                 header = _checked(data, 1)
                 chunks = header['chunks']
@@ -197,8 +245,9 @@ class Manifest:
                 chunks = tuple(chunks)
             fields = _fields_of(header)
             for entry in chunks:
-                if entry is not None and not (isinstance(entry, str)
-                                              and CHUNK_ID.fullmatch(entry)):
+                # A chain (a tuple: format 3 only) was checked as it was read.
+                if entry is not None and not isinstance(entry, tuple) and not (
+                        isinstance(entry, str) and CHUNK_ID.fullmatch(entry)):
                     raise ValueError(f'invalid chunk id {entry!r}')
             manifest = cls(chunks=chunks, **fields)
             if newline and header['data_chunks'] != sum(1 for c in chunks if c):
@@ -227,7 +276,7 @@ class Manifest:
         if not newline:
             return Manifest.decode(prefix, where).summary() if complete else None
         try:
-            header = _checked(header_line, 2)
+            header = _checked(header_line, 2, 3)
             data_chunks = header['data_chunks']
             if not _is_count(data_chunks):
                 raise ValueError(f'invalid data chunk count {data_chunks!r}')
@@ -249,15 +298,15 @@ def _is_count(value: Any, least: int = 0) -> bool:
     return type(value) is int and value >= least
 
 
-def _checked(line: bytes, fmt: int) -> dict[str, Any]:
-    """A JSON object whose 'checksum' matches the rest of it, of format ``fmt``."""
+def _checked(line: bytes, *formats: int) -> dict[str, Any]:
+    """A JSON object whose 'checksum' matches the rest of it, of one of ``formats``."""
     body = json.loads(line)
     if not isinstance(body, dict):
         raise ValueError('not a JSON object')
     checksum = body.pop('checksum')
     if hashlib.sha256(_canonical(body)).hexdigest() != checksum:
         raise ValueError('checksum mismatch')
-    if body['format'] != fmt or body['hash'] != HASH_NAME:
+    if body['format'] not in formats or body['hash'] != HASH_NAME:
         raise ValueError(f"unsupported format {body['format']}/{body['hash']}")
     return body
 
@@ -288,11 +337,12 @@ def _expected_chunks(header: dict[str, Any]) -> int:
     return -(-header['size'] // header['chunk_size'])
 
 
-def _expand(runs: Any, expected: int) -> tuple[str | None, ...]:
-    """The chunk list with its runs of holes expanded; never longer than ``expected``."""
+def _expand(runs: Any, expected: int, chains: bool = False) -> tuple[Entry, ...]:
+    """The chunk list with its runs of holes expanded (and, if ``chains``, its delta
+    chains as tuples); never longer than ``expected``."""
     if not isinstance(runs, list):
         raise ValueError('chunk list is not a list')
-    chunks: list[str | None] = []
+    chunks: list[Entry] = []
     for entry in runs:
         if _is_count(entry, 1):
             if len(chunks) + entry > expected:
@@ -300,9 +350,28 @@ def _expand(runs: Any, expected: int) -> tuple[str | None, ...]:
             chunks.extend([None] * entry)
         elif isinstance(entry, str):
             chunks.append(entry)
+        elif chains and isinstance(entry, list):
+            chunks.append(_chain(entry, len(chunks)))
         else:
-            raise ValueError(f'invalid chunk list entry {entry!r}')
+            raise ValueError(f'invalid chunk list entry {entry!r:.200}')
     return tuple(chunks)
+
+
+def _chain(entry: list, index: int) -> tuple[str | None, ...]:
+    """A delta chain of the body, checked: deltas, then a base id or None.
+
+    Its length is checked against MAX_CHAIN_DELTAS only, not the configured depth: a
+    version written under a deeper limit must still read.
+    """
+    if not 2 <= len(entry) <= MAX_CHAIN_DELTAS + 1:
+        raise ValueError(f'delta chain of chunk {index} has {len(entry)} elements, not '
+                         f'2 to {MAX_CHAIN_DELTAS + 1}')
+    *deltas, base = entry
+    for element in deltas + ([] if base is None else [base]):
+        if not (isinstance(element, str) and CHUNK_ID.fullmatch(element)):
+            raise ValueError(f'invalid chunk id {element!r:.80} in the delta chain of '
+                             f'chunk {index}')
+    return tuple(entry)
 
 
 def now() -> str:

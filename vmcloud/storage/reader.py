@@ -2,11 +2,13 @@
 import io
 from typing import Callable
 
+from vmcloud.storage import delta
 from vmcloud.storage.manifest import Manifest
 
 
 class VersionReader(io.RawIOBase):
-    """A read-only file over a version's bytes; holes read as zeros.
+    """A read-only file over a version's bytes; holes read as zeros, delta chains
+    resolved (``read_chunk`` reads each object of a chain).
 
     Keeps the last chunk it read, so sequential reads smaller than a chunk
     fetch each chunk once.
@@ -39,11 +41,8 @@ class VersionReader(io.RawIOBase):
 
     def _chunk(self, index: int) -> bytes:
         if index != self._cached_index:
-            chunk_id = self._manifest.chunks[index]
-            if chunk_id is None:
-                self._cached = bytes(self._manifest.chunk_length(index))
-            else:
-                self._cached = self._read_chunk(chunk_id)
+            self._cached = delta.resolve(self._manifest.chunks[index], self._read_chunk,
+                                         self._manifest.chunk_length(index))
             self._cached_index = index
         return self._cached
 

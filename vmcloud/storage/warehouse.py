@@ -8,6 +8,12 @@ written with a ``ChunkSink`` (the compute nodes' peer replicas), on the disks th
 sink names, until they are written to the store in the background
 (``store_chunks``). Such a version says so in its source (``REPLICATED_CHUNKS``)
 and ``is_whole`` tells whether the store holds all of it yet.
+
+A snapshot may give, for a partly changed chunk, only its changed blocks
+(``delta.BlockChanges``): the chunk is then stored as a delta over its parent's entry,
+unless that delta would change more than ``[storage] delta_max_ratio`` of the chunk
+or stack more than ``[storage] delta_max_depth`` deltas, when the chunk is compacted
+(resolved, changed and stored whole). Every read resolves delta chains.
 """
 import collections
 import concurrent.futures
@@ -17,13 +23,14 @@ import os
 import shutil
 import stat
 import tempfile
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
 from oslo_config import cfg
 
 from vmcloud import exception
 from vmcloud.storage import backend as backend_mod
 from vmcloud.storage import chunker
+from vmcloud.storage import delta as delta_mod
 from vmcloud.storage import durable
 from vmcloud.storage import inspect as inspect_mod
 from vmcloud.storage import manifest as manifest_mod
@@ -34,6 +41,11 @@ from vmcloud.storage.manifest import VersionRef
 from vmcloud.storage.reader import VersionReader
 
 Progress = Callable[[int, int], None]
+Change = Union[bytes, memoryview, delta_mod.BlockChanges]
+"""What a snapshot gives for a changed chunk: its whole new bytes, or changed blocks."""
+Piece = tuple[manifest_mod.Entry, 'bytes | memoryview | None', 'str | None']
+"""One chunk of a version being written: (its manifest entry, the bytes of the object
+it adds, that object's id); the last two are None when it adds no object."""
 EXPORT_FORMATS = ('raw', 'qcow2')
 # Writers on other hosts that may take the version number a writer chose, one after another.
 MAX_VERSION_RACES = 64
@@ -127,6 +139,8 @@ class Stats:
     chunks: int = 0
     chunk_bytes: int = 0
     manifest_bytes: int = 0
+    delta_objects: int = 0
+    """Distinct delta objects the versions name (counted in ``chunks`` too)."""
     damaged_versions: int = 0
     """Versions whose manifest cannot be read, left out of the sums above."""
 
@@ -158,11 +172,14 @@ class _Uploader:
         # A chunk waiting for the answer must outlive the caller's buffer.
         self._copy = self._batch_size > 1
 
-    def feed(self, chunks: Iterable[chunker.Chunk], owner: int) -> list[str | None]:
-        """Send what the store lacks of ``chunks``. :returns: every chunk's id, in order."""
-        chunk_ids = []
-        for _index, data, chunk_id in chunks:
-            chunk_ids.append(chunk_id)
+    def feed(self, pieces: Iterable[Piece], owner: int) -> list[manifest_mod.Entry]:
+        """Send what the store lacks of the objects of ``pieces``.
+
+        :returns: every piece's entry, in order.
+        """
+        entries = []
+        for entry, data, chunk_id in pieces:
+            entries.append(entry)
             # A chunk the sink took is not in the session: the session would call it
             # missing again, and it would be placed twice.
             if data is not None and chunk_id not in self._batch and chunk_id not in self.taken:
@@ -171,7 +188,7 @@ class _Uploader:
                 if (len(self._batch) >= self._batch_size
                         or self._batch_bytes >= MISSING_BATCH_BYTES):
                     self.flush()
-        return chunk_ids
+        return entries
 
     def flush(self) -> None:
         """Ask about the batch, put what is missing (and the sink did not take).
@@ -197,6 +214,89 @@ class _Uploader:
         except BaseException:
             self.failed = True
             raise
+
+
+def _plain_piece(data: bytes | memoryview) -> Piece:
+    """The piece of a chunk stored whole: a hole if all zeros."""
+    if chunker.is_zero(data):
+        return None, None, None
+    chunk_id = manifest_mod.chunk_id(data)
+    return chunk_id, data, chunk_id
+
+
+def _plain_pieces(chunks: Iterable[chunker.Chunk]) -> Iterator[Piece]:
+    """The chunker's chunks as pieces: each its own entry and object."""
+    for _index, data, chunk_id in chunks:
+        yield chunk_id, data, chunk_id
+
+
+class _DeltaPolicy:
+    """Turns one chunk's BlockChanges into a piece: a delta on top of the parent's
+    entry, or the chunk compacted into a plain one (the resolved parent chunk with the
+    blocks applied) when the delta would change more than ``delta_max_ratio`` of the
+    chunk, stack more than ``delta_max_depth`` deltas, or be no smaller than the chunk.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, read_object: delta_mod.ReadObject):
+        self.max_depth = conf.storage.delta_max_depth
+        self.max_ratio = conf.storage.delta_max_ratio
+        self.read_object = read_object
+
+    def piece(self, base: Manifest, index: int, change: delta_mod.BlockChanges) -> Piece:
+        """:raises: InvalidRange for blocks that do not fit chunk ``index``; what
+        reading the parent's chunk raises, for a compaction."""
+        length = base.chunk_length(index)
+        blocks = change.blocks
+        delta_mod.check_blocks(length, change.block_size, blocks,
+                               f'chunk {index} of a snapshot of {base.ref}')
+        parent = base.chunks[index]
+        if not blocks:
+            return parent, None, None
+        if len(blocks) == delta_mod.block_count(length, change.block_size):
+            return _plain_piece(b''.join(blocks[i] for i in sorted(blocks)))
+        if parent is None and all(chunker.is_zero(data) for data in blocks.values()):
+            return None, None, None
+        chain = delta_mod.chain_of(parent)
+        changed = sum(len(data) for data in blocks.values())
+        if changed <= self.max_ratio * length and len(chain) <= self.max_depth:
+            encoded = delta_mod.encode_blocks(chain[0], length, change.block_size, blocks)
+            # A delta as large as its chunk saves nothing and costs every read.
+            if len(encoded) < length:
+                delta_id = manifest_mod.chunk_id(encoded)
+                return (delta_id,) + chain, encoded, delta_id
+        resolved = bytearray(delta_mod.resolve(parent, self.read_object, length))
+        if len(resolved) != length:
+            raise exception.StorageError(
+                f'chunk {index} of {base.ref} reads as {len(resolved)} bytes, not the '
+                f'{length} of its place')
+        for block, data in blocks.items():
+            start = block * change.block_size
+            resolved[start:start + len(data)] = data
+        return _plain_piece(bytes(resolved))
+
+
+def _expected_fits(manifest: Manifest,
+                   fits: dict[str, set[tuple[str | None, int]]]) -> None:
+    """Add to ``fits`` what each chain of ``manifest`` expects of its deltas."""
+    for index, entry in enumerate(manifest.chunks):
+        if isinstance(entry, tuple):
+            for position, delta_id in enumerate(entry[:-1]):
+                fits.setdefault(delta_id, set()).add(
+                    (entry[position + 1], manifest.chunk_length(index)))
+
+
+def _check_fit(delta_id: str, data: bytes, base: str | None, length: int) -> None:
+    """:raises: CorruptDelta unless ``data`` decodes as a delta on ``base`` that yields
+    ``length`` bytes."""
+    decoded = delta_mod.decode(data, delta_id)
+    if decoded.base != base:
+        raise delta_mod.CorruptDelta(
+            delta_id, f'its base is {decoded.base or "a hole"}, a chain names '
+                      f'{base or "a hole"}')
+    if decoded.chunk_length != length:
+        raise delta_mod.CorruptDelta(
+            delta_id, f'it yields {decoded.chunk_length} bytes, a chain places it in a '
+                      f'chunk of {length}')
 
 
 class Warehouse:
@@ -301,7 +401,7 @@ class Warehouse:
         with self._chunks_of(path, fmt, chunk_size, progress) as (inspected, chunks):
             return self._write_version(
                 image, parent=None, size=inspected.virtual_size,
-                chunk_size=chunk_size, chunks=chunks,
+                chunk_size=chunk_size, chunks=_plain_pieces(chunks),
                 source={'file': os.path.basename(path), 'format': inspected.format},
                 must_be_new=True)
 
@@ -316,27 +416,37 @@ class Warehouse:
         with self._chunks_of(path, fmt, base.chunk_size, progress) as (inspected, chunks):
             return self._write_version(
                 image or parent.image, parent=base.ref, size=inspected.virtual_size,
-                chunk_size=base.chunk_size, chunks=chunks,
+                chunk_size=base.chunk_size, chunks=_plain_pieces(chunks),
                 source={'file': os.path.basename(path), 'format': inspected.format})
 
-    def snapshot_chunks(self, parent: VersionRef, changes: Mapping[int, bytes],
-                        image: str | None = None) -> WriteResult:
+    def snapshot_chunks(self, parent: VersionRef, changes: Mapping[int, Change],
+                        image: str | None = None,
+                        read_object: delta_mod.ReadObject | None = None) -> WriteResult:
         """Store a snapshot of ``parent`` where chunk ``i`` is replaced by ``changes[i]``.
 
         This is what a mirror's dirty set turns into: only changed chunks are
-        passed, and everything else is the parent's.
+        passed, and everything else is the parent's. A change is the chunk's whole
+        new bytes, or a ``delta.BlockChanges`` of the blocks that changed (stored as a
+        delta over the parent's chunk, or compacted: see the module docstring).
+        ``read_object(id)`` reads what a compaction needs of the parent's chunk (the
+        store by default: a node that holds the parent's chunks a sink took passes
+        its own reader).
 
-        :raises: InvalidRange if a change lies outside the image or has the wrong length.
+        :raises: InvalidRange if a change lies outside the image or has the wrong
+            length (a block outside its chunk or of the wrong length); what reading
+            a parent's chunk for a compaction raises (ChunkNotFound, CorruptChunk).
         """
         base = self.manifest(parent.image, parent.version)
         return self._write_version(
             image or parent.image, parent=base.ref, size=base.size,
-            chunk_size=base.chunk_size, chunks=self._changed_chunks(base, changes),
+            chunk_size=base.chunk_size,
+            chunks=self._changed_chunks(base, changes, read_object=read_object),
             source={'changed_chunks': len(changes)})
 
-    def snapshot_many(self, items: Sequence[tuple[VersionRef, Mapping[int, bytes]]],
+    def snapshot_many(self, items: Sequence[tuple[VersionRef, Mapping[int, Change]]],
                       targets: Sequence[str] | None = None,
-                      chunk_sink: ChunkSink | None = None
+                      chunk_sink: ChunkSink | None = None,
+                      read_object: delta_mod.ReadObject | None = None
                       ) -> list[WriteResult | exception.StorageError]:
         """snapshot_chunks for several parents at once, in one write session.
 
@@ -363,6 +473,9 @@ class Warehouse:
         holds them durably. A result's ``pending`` names the chunks of its version
         the sink took, and its manifest's source counts them (``REPLICATED_CHUNKS``).
 
+        A change may be a ``delta.BlockChanges``, as in snapshot_chunks (with the same
+        ``read_object``); a parent's chunk a compaction cannot read fails its item alone.
+
         :raises: StorageError if ``targets`` does not name one image per item
             (before anything is written), or if the write session fails (no
             item's manifest is written then); what the sink raised.
@@ -388,7 +501,8 @@ class Warehouse:
                         base = bases[parent]
                         problems: list[exception.StorageError] = []
                         chunk_ids = uploader.feed(
-                            self._changed_chunks(base, changes, problems), number)
+                            self._changed_chunks(base, changes, problems, read_object),
+                            number)
                     except exception.StorageError as exc:
                         if uploader.failed:
                             raise
@@ -404,7 +518,8 @@ class Warehouse:
                 session.abort()
                 raise
             for number, target, base, chunk_ids, count in planned:
-                pending = frozenset(c for c in chunk_ids if c in uploader.taken)
+                pending = frozenset(c for entry in chunk_ids for c in delta_mod.chain_of(entry)
+                                    if c in uploader.taken)
                 source = {'changed_chunks': count}
                 if pending:
                     source[REPLICATED_CHUNKS] = len(pending)
@@ -529,17 +644,18 @@ class Warehouse:
                 known.add(manifest.ref)
         return whole
 
-    @staticmethod
-    def _changed_chunks(base: Manifest, changes: Mapping[int, bytes],
-                        problems: list[exception.StorageError] | None = None
-                        ) -> Iterator[chunker.Chunk]:
-        """The chunks of ``base`` with ``changes`` applied.
+    def _changed_chunks(self, base: Manifest, changes: Mapping[int, Change],
+                        problems: list[exception.StorageError] | None = None,
+                        read_object: delta_mod.ReadObject | None = None
+                        ) -> Iterator[Piece]:
+        """The pieces of ``base`` with ``changes`` applied.
 
         A change that does not fit raises InvalidRange, or, given ``problems``, is
-        appended there and ends the chunks early. Each change is read once, here
+        appended there and ends the pieces early. Each change is read once, here
         (a mirror's barrier reads it from disk).
 
-        :raises: InvalidRange for an index outside ``base`` before any chunk.
+        :raises: InvalidRange for an index outside ``base`` before any piece; while
+            iterating, what ``read_object`` raises for a compaction.
         """
         def misfit(index: int, length: int | None) -> exception.InvalidRange:
             size = '' if length is None else f' ({length} bytes)'
@@ -550,24 +666,29 @@ class Warehouse:
         for index in changes:
             if not 0 <= index < base.chunk_count:
                 raise misfit(index, None)
+        policy = _DeltaPolicy(self.conf, self.read_chunk if read_object is None
+                              else read_object)
 
-        def chunks() -> Iterator[chunker.Chunk]:
-            for index, chunk_id in enumerate(base.chunks):
+        def pieces() -> Iterator[Piece]:
+            for index, entry in enumerate(base.chunks):
                 data = changes.get(index)
-                if data is None:
-                    yield index, None, chunk_id
-                elif len(data) != base.chunk_length(index):
-                    # A wrong length aborts the write, so nothing of it becomes visible.
-                    if problems is None:
+                try:
+                    if data is None:
+                        yield entry, None, None
+                    elif isinstance(data, delta_mod.BlockChanges):
+                        yield policy.piece(base, index, data)
+                    elif len(data) != base.chunk_length(index):
+                        # A wrong length aborts the write, so nothing of it becomes visible.
                         raise misfit(index, len(data))
-                    problems.append(misfit(index, len(data)))
+                    else:
+                        yield _plain_piece(data)
+                except exception.InvalidRange as exc:
+                    if problems is None:
+                        raise
+                    problems.append(exc)
                     return
-                elif chunker.is_zero(data):
-                    yield index, None, None
-                else:
-                    yield index, data, manifest_mod.chunk_id(data)
 
-        return chunks()
+        return pieces()
 
     @contextlib.contextmanager
     def _chunks_of(self, path: str, fmt: str | None, chunk_size: int,
@@ -821,6 +942,16 @@ class Warehouse:
             raise exception.CorruptChunk(chunk_id, actual)
         return data
 
+    def chunk_data(self, manifest: Manifest, index: int) -> bytes:
+        """The bytes of chunk ``index`` of a version, its delta chain resolved; zeros
+        for a hole.
+
+        :raises: ChunkNotFound, CorruptChunk (a CorruptDelta for a delta that does not
+            decode or fit its chain).
+        """
+        return delta_mod.resolve(manifest.chunks[index], self.read_chunk,
+                                 manifest.chunk_length(index))
+
     def open(self, manifest: Manifest) -> VersionReader:
         """A seekable, read-only file object over the bytes of one version."""
         return VersionReader(self.read_chunk, manifest)
@@ -896,10 +1027,10 @@ class Warehouse:
 
     def _write_raw(self, manifest: Manifest, path: str, progress: Progress | None) -> None:
         with open(path, 'wb') as out:
-            for index, chunk_id in enumerate(manifest.chunks):
-                if chunk_id is not None:
+            for index, entry in enumerate(manifest.chunks):
+                if entry is not None:
                     out.seek(index * manifest.chunk_size)
-                    out.write(self.read_chunk(chunk_id))
+                    out.write(self.chunk_data(manifest, index))
                 if progress is not None:
                     progress(min(manifest.size, (index + 1) * manifest.chunk_size), manifest.size)
             out.truncate(manifest.size)
@@ -990,10 +1121,14 @@ class Warehouse:
 
         Every damaged item is reported and the check goes on: unreadable
         manifests, what the backend itself skipped as unreadable, and each
-        missing or corrupt chunk with the versions that use it.
+        missing or corrupt chunk with the versions that use it. A delta is checked
+        to decode and to fit each chain that names it (its base the next element,
+        its length the chunk's): one that does not is a corrupt chunk.
         """
         report = VerifyReport()
         users: dict[str, list[VersionRef]] = {}
+        # delta id -> the (base, chunk length) each chain naming it expects.
+        fits: dict[str, set[tuple[str | None, int]]] = {}
         damaged = set()
         for ref, manifest, problem in self._each_version(self.manifest):
             if manifest is None:
@@ -1003,11 +1138,15 @@ class Warehouse:
             report.versions += 1
             for chunk_id in manifest.data_chunk_ids():
                 users.setdefault(chunk_id, []).append(manifest.ref)
+            _expected_fits(manifest, fits)
         report.problems.extend(self.backend.damaged())
 
         def check(chunk_id: str) -> tuple[str, int, str | None]:
             try:
-                return chunk_id, len(self.read_chunk(chunk_id)), None
+                data = self.read_chunk(chunk_id)
+                for base, length in sorted(fits.get(chunk_id, ()), key=str):
+                    _check_fit(chunk_id, data, base, length)
+                return chunk_id, len(data), None
             except exception.StorageError as exc:
                 return chunk_id, 0, str(exc)
 
@@ -1057,14 +1196,19 @@ class Warehouse:
 
     def stats(self) -> Stats:
         stats = Stats()
+        deltas: set[str] = set()
         for _ref, manifest, _problem in self._each_version(self.manifest):
             if manifest is None:
                 stats.damaged_versions += 1
                 continue
+            for entry in manifest.chunks:
+                if isinstance(entry, tuple):
+                    deltas.update(entry[:-1])
             stats.versions += 1
             stats.logical_bytes += manifest.size
             stats.referenced_bytes += sum(manifest.chunk_length(i)
                                           for i, c in enumerate(manifest.chunks) if c)
+        stats.delta_objects = len(deltas)
         stats.images = len(self.backend.list_images())
         stats.chunks = sum(1 for _ in self.backend.iter_chunks())
         stats.chunk_bytes = self.backend.stored_chunk_bytes()

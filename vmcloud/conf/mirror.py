@@ -93,6 +93,13 @@ mirror_opts = [
                       'lacks whose uploader is gone is written by its primary owner. Also '
                       'how long an uploader that cannot reach the warehouse waits before it '
                       'tries again.'),
+    cfg.IntOpt('dirty_block_size', default=4096, min=512,
+               help='Bytes of the guest blocks a mirror tracks its writes in, within each '
+                    'chunk: a snapshot stores what the guest wrote in these, not whole '
+                    'chunks, and a write that covers whole blocks needs no fetch. A power '
+                    'of two that divides the image\'s chunk size (a mirror of an image '
+                    'whose chunk size it does not divide is refused). A mirror keeps the '
+                    'block size it was created with.'),
     cfg.StrOpt('trace_path', default='',
                help='Directory in which every mirror records its NBD block I/O, as '
                     '<trace_path>/<mirror name>.trace (the format is in doc/replay.md), '

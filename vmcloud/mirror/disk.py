@@ -1,10 +1,11 @@
 """One instance's copy-on-reference disk over one image version.
 
-Chunks the instance never wrote are read through the node's chunk cache (each
-fetched from the warehouse once per node); chunks it wrote live in its own
-sparse local file and are named in its persistent dirty map. A partial write
-to an unwritten chunk first fills the chunk from the image, so a dirty chunk is
-always whole.
+Blocks the instance never wrote are read through the node's chunk cache (each
+chunk fetched from the warehouse once per node); blocks it wrote (guest blocks of
+``[mirror] dirty_block_size`` within each chunk) live in its own sparse local
+file and are named in its persistent dirty map. A write that covers whole
+blocks needs nothing of the image; one that covers part of a block first fills
+the rest of that block from the image, so a dirty block is always whole.
 
 One disk object owns the mirror's directory at a time (the ``lock`` file in
 it): a second owner's dirty map would replace the first one's, and lose its
@@ -35,6 +36,11 @@ def _zeroes(length: int) -> bytes | memoryview:
     return memoryview(_ZEROES)[:length] if length <= len(_ZEROES) else bytes(length)
 
 
+def _bits(first: int, end: int) -> int:
+    """The bitmask of blocks ``first`` to ``end`` (exclusive)."""
+    return ((1 << (end - first)) - 1) << first
+
+
 def _preadv_all(fd: int, target: memoryview, offset: int) -> None:
     while target:
         count = os.preadv(fd, [target], offset)
@@ -54,12 +60,17 @@ class _Piece:
 class MirrorDisk(device.BlockDevice):
     """Thread safe, as the NBD server needs."""
 
-    def __init__(self, directory: str, manifest: Manifest, cache: cache_mod.ChunkCache):
+    def __init__(self, directory: str, manifest: Manifest, cache: cache_mod.ChunkCache,
+                 block_size: int = dirtymap.DEFAULT_BLOCK_SIZE):
         """Open the mirror in ``directory``, a new one if it holds none.
 
+        ``block_size`` is the dirty tracking's block for a new mirror; one
+        already written keeps the block size its dirty map has.
+
         :raises: StateLocked naming the owner if another disk object has the
-            directory; CorruptMirrorState if its dirty map cannot be trusted or
-            names chunks its overlay file does not hold.
+            directory; ConfigError if ``block_size`` is not a power of two
+            dividing the chunk size; CorruptMirrorState if its dirty map cannot
+            be trusted or names blocks its overlay file does not hold.
         """
         self.directory = directory
         self.manifest = manifest
@@ -70,7 +81,9 @@ class MirrorDisk(device.BlockDevice):
         self._owner = statelock.StateLock('mirror', os.path.join(directory, 'lock'))
         try:
             self.dirty = dirtymap.DirtyMap(os.path.join(directory, 'dirty'),
-                                           manifest.chunk_count)
+                                           manifest.chunk_count, manifest.chunk_size,
+                                           manifest.size, block_size)
+            self._block = self.dirty.block_size
             self._fd = self._open_overlay()
         except BaseException:
             self._owner.release()
@@ -88,7 +101,7 @@ class MirrorDisk(device.BlockDevice):
             cannot hold: served from a new or cut file, they would read as zeroes.
         """
         path = os.path.join(self.directory, 'overlay')
-        written = self.dirty.indexes()
+        written = self.dirty.masks()
         try:
             # A missing overlay is created only when no flushed write can be lost with it.
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (0 if written else os.O_CREAT), 0o600)
@@ -100,11 +113,12 @@ class MirrorDisk(device.BlockDevice):
             size = os.fstat(fd).st_size
             if written:
                 last = max(written)
-                end = last * self._chunk_size + self.manifest.chunk_length(last)
+                end = last * self._chunk_size + min(written[last].bit_length() * self._block,
+                                                    self.manifest.chunk_length(last))
                 if size < end:
                     raise exception.CorruptMirrorState(
                         f'mirror overlay {path} is {size} bytes, but the dirty map names '
-                        f'chunk {last}, which ends at byte {end}; the overlay was cut short')
+                        f'blocks of chunk {last} up to byte {end}; the overlay was cut short')
             if size != self.manifest.size:
                 os.ftruncate(fd, self.manifest.size)
         except BaseException:
@@ -127,22 +141,49 @@ class MirrorDisk(device.BlockDevice):
         pieces = list(self._pieces(offset, len(buffer)))
         for piece in pieces:
             target = buffer[piece.offset:piece.offset + piece.end - piece.start]
-            if piece.index in self.dirty:
-                _preadv_all(self._fd, target, piece.index * self._chunk_size + piece.start)
-            else:
-                self._base_into(piece.index, piece.start, target)
+            at = piece.index * self._chunk_size
+            for dirty, start, end in self._split(piece.start, piece.end,
+                                                 self.dirty.mask(piece.index)):
+                part = target[start - piece.start:end - piece.start]
+                if dirty:
+                    _preadv_all(self._fd, part, at + start)
+                else:
+                    self._base_into(piece.index, start, part)
         if pieces:
             self.recorder.touch(pieces[0].index, pieces[-1].index)
 
+    def read_chunk(self, index: int) -> bytes:
+        """Chunk ``index`` as the guest sees it now: its dirty blocks from the
+        overlay, the others from the image. :raises: FetchFailed."""
+        return self.read(index * self._chunk_size, self.manifest.chunk_length(index))
+
+    def _split(self, start: int, end: int, mask: int) -> Iterator[tuple[bool, int, int]]:
+        """``[start, end)`` of a chunk cut into (dirty, start, end) runs by ``mask``."""
+        position = start
+        for first, stop in dirtymap.runs(mask):
+            run_start, run_end = max(first * self._block, start), min(stop * self._block, end)
+            if run_start >= run_end:
+                continue
+            if position < run_start:
+                yield False, position, run_start
+            yield True, run_start, run_end
+            position = run_end
+        if position < end:
+            yield False, position, end
+
     def _base_into(self, index: int, start: int, target: memoryview) -> None:
+        """Bytes of the image version itself, noted as needed. :raises: FetchFailed."""
+        if index not in self._base_indexes and self.manifest.chunks[index] is not None:
+            with self._base_lock:
+                self._base_indexes.add(index)
+        self._image_into(index, start, target)
+
+    def _image_into(self, index: int, start: int, target: memoryview) -> None:
         """Bytes of the image version itself. :raises: FetchFailed."""
         chunk_id = self.manifest.chunks[index]
         if chunk_id is None:
             target[:] = _zeroes(len(target))
             return
-        if index not in self._base_indexes:
-            with self._base_lock:
-                self._base_indexes.add(index)
         self._cache.read_into(chunk_id, start, target)
 
     def _base(self, index: int, start: int, end: int) -> bytearray:
@@ -156,9 +197,12 @@ class MirrorDisk(device.BlockDevice):
             return set(self._base_indexes)
 
     def prefetch(self, index: int) -> None:
-        """Bring chunk ``index`` to the node unless it is there or written. :raises: FetchFailed."""
+        """Bring chunk ``index`` to the node unless it is there or written whole.
+
+        :raises: FetchFailed.
+        """
         chunk_id = self.manifest.chunks[index]
-        if chunk_id is not None and index not in self.dirty:
+        if chunk_id is not None and not self.dirty.is_whole(index):
             self._cache.ensure(chunk_id)
 
     # -- writes --------------------------------------------------------------------
@@ -171,33 +215,50 @@ class MirrorDisk(device.BlockDevice):
         if fua:
             self.flush()
 
+    def _blocks_of(self, piece: _Piece) -> tuple[int, int]:
+        """The blocks ``piece`` touches, (first, end) with end exclusive."""
+        return piece.start // self._block, -(-piece.end // self._block)
+
     def _write_piece(self, piece: _Piece, data) -> None:
         at = piece.index * self._chunk_size
+        first, stop = self._blocks_of(piece)
+        low = first * self._block
+        high = min(stop * self._block, self.manifest.chunk_length(piece.index))
         with self._stripe(piece.index):
-            self._preserve(piece.index)
-            if piece.index in self.dirty:
-                durable.write_all_at(self._fd, data, at + piece.start)
-                return
-            length = self.manifest.chunk_length(piece.index)
-            if piece.end - piece.start == length:
-                durable.write_all_at(self._fd, data, at)
-            else:
-                whole = self._base(piece.index, 0, length)
-                whole[piece.start:piece.end] = data
-                durable.write_all_at(self._fd, whole, at)
-            # Marked only once the whole chunk is in the local file.
-            self.dirty.add(piece.index)
+            self._preserve(piece.index, _bits(first, stop))
+            mask = self.dirty.mask(piece.index)
+            # Only a block the write covers in part, and not written before, needs the
+            # image: the rest of it is filled from there before the block is marked.
+            gaps = []
+            if piece.start > low and not mask >> first & 1:
+                gaps.append((low, min(low + self._block, piece.start)))
+            if piece.end < high and not mask >> (stop - 1) & 1:
+                gaps.append((max(high - self._block, piece.end), high))
+            for gap_start, gap_end in gaps:
+                durable.write_all_at(self._fd, self._base(piece.index, gap_start, gap_end),
+                                     at + gap_start)
+            durable.write_all_at(self._fd, data, at + piece.start)
+            # Marked only once the whole blocks are in the local file.
+            self.dirty.add_blocks(piece.index, first, stop)
 
     def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
         for piece in self._pieces(offset, length):
             chunk_length = self.manifest.chunk_length(piece.index)
-            if piece.end - piece.start < chunk_length:
-                self._write_piece(piece, bytes(piece.end - piece.start))
+            whole_start = -(-piece.start // self._block) * self._block
+            whole_end = (piece.end if piece.end == chunk_length
+                         else piece.end // self._block * self._block)
+            if whole_start >= whole_end:
+                self._write_piece(piece, _zeroes(piece.end - piece.start))
                 continue
+            for start, end in ((piece.start, whole_start), (whole_end, piece.end)):
+                if start < end:
+                    self._write_piece(_Piece(piece.index, start, end, 0), _zeroes(end - start))
+            first, stop = whole_start // self._block, -(-whole_end // self._block)
             with self._stripe(piece.index):
-                self._preserve(piece.index)
-                sparse.punch_hole(self._fd, piece.index * self._chunk_size, chunk_length)
-                self.dirty.add(piece.index)
+                self._preserve(piece.index, _bits(first, stop))
+                sparse.punch_hole(self._fd, piece.index * self._chunk_size + whole_start,
+                                  whole_end - whole_start)
+                self.dirty.add_blocks(piece.index, first, stop)
         self._touch(offset, length)
         if fua:
             self.flush()
@@ -226,19 +287,24 @@ class MirrorDisk(device.BlockDevice):
 
     def _chunk_flags(self, index: int) -> int:
         hole = device.STATE_HOLE | device.STATE_ZERO
-        if index in self.dirty:
-            at = index * self._chunk_size
-            return hole if sparse.is_hole(self._fd, at, self.manifest.chunk_length(index)) else 0
-        return hole if self.manifest.chunks[index] is None else 0
+        image_hole = self.manifest.chunks[index] is None
+        if index not in self.dirty:
+            return hole if image_hole else 0
+        if not image_hole and not self.dirty.is_whole(index):
+            return 0  # its clean blocks are the image's data
+        # Clean blocks of a hole chunk read as zeroes; if they hold stale bytes of a
+        # write lost in a crash, the chunk is reported as data, which is always allowed.
+        at = index * self._chunk_size
+        return hole if sparse.is_hole(self._fd, at, self.manifest.chunk_length(index)) else 0
 
     # -- snapshots -----------------------------------------------------------------
 
     def barrier(self) -> 'Barrier':
-        """The dirty chunks as of now, readable while the guest goes on writing.
+        """The dirty blocks as of now, readable while the guest goes on writing.
 
         Call it with the guest's I/O frozen. Until the barrier is closed, the
-        first write to one of its chunks first copies the chunk aside (copy
-        before overwrite), unless the chunk was already marked uploaded.
+        first write to one of its blocks first copies the block aside (copy
+        before overwrite), unless its chunk was already marked uploaded.
 
         :raises: MirrorError if another barrier is open.
         """
@@ -247,13 +313,13 @@ class MirrorDisk(device.BlockDevice):
                 stack.enter_context(lock)
             if self._barrier is not None:
                 raise exception.MirrorError(f'mirror {self.directory} already has a barrier open')
-            self._barrier = Barrier(self, frozenset(self.dirty.indexes()))
+            self._barrier = Barrier(self, self.dirty.masks())
             return self._barrier
 
-    def _preserve(self, index: int) -> None:
-        """Called with the chunk's stripe held, before it is overwritten."""
+    def _preserve(self, index: int, bits: int) -> None:
+        """Called with the chunk's stripe held, before its blocks ``bits`` are overwritten."""
         if self._barrier is not None:
-            self._barrier.preserve(index)
+            self._barrier.preserve(index, bits)
 
     def _end_barrier(self, barrier: 'Barrier') -> None:
         with contextlib.ExitStack() as stack:
@@ -303,45 +369,104 @@ class MirrorDisk(device.BlockDevice):
 
 
 class Barrier:
-    """The dirty chunks of a mirror at one instant, for a snapshot to upload."""
+    """The dirty blocks of a mirror at one instant, for a snapshot to upload."""
 
-    def __init__(self, disk: MirrorDisk, indexes: frozenset[int]):
-        self.indexes = indexes
+    def __init__(self, disk: MirrorDisk, masks: dict[int, int]):
+        self.indexes = frozenset(masks)
         self._disk = disk
-        self._pending = set(indexes)  # neither uploaded nor copied aside yet
-        self._copied: set[int] = set()
+        self._masks = masks
+        self._pending = dict(masks)  # blocks neither uploaded nor copied aside yet
+        self._copied: dict[int, int] = {}
         self._path = os.path.join(disk.directory, 'barrier-copies')
         self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
-    def preserve(self, index: int) -> None:
-        if index in self._pending:
-            at = index * self._disk.manifest.chunk_size
-            length = self._disk.manifest.chunk_length(index)
-            durable.write_all_at(self._fd, os.pread(self._disk._fd, length, at), at)
-            self._pending.discard(index)
-            self._copied.add(index)
+    def _range(self, index: int, first: int, end: int) -> tuple[int, int]:
+        """Disk offset and length of blocks ``first`` to ``end`` of chunk ``index``."""
+        manifest, block = self._disk.manifest, self._disk.dirty.block_size
+        start = index * manifest.chunk_size + first * block
+        return start, min(end * block, manifest.chunk_length(index)) - first * block
 
-    def read_chunk(self, index: int) -> bytes:
-        """Chunk ``index`` as it was at the barrier; one of ``indexes``."""
+    def preserve(self, index: int, bits: int) -> None:
+        """Copy aside the blocks ``bits`` of chunk ``index`` this barrier still needs;
+        called with the chunk's stripe held, before they are overwritten."""
+        taken = self._pending.get(index, 0) & bits
+        if not taken:
+            return
+        for first, end in dirtymap.runs(taken):
+            at, length = self._range(index, first, end)
+            durable.write_all_at(self._fd, os.pread(self._disk._fd, length, at), at)
+        self._pending[index] &= ~taken
+        self._copied[index] = self._copied.get(index, 0) | taken
+
+    def blocks(self, index: int) -> frozenset[int]:
+        """The dirty blocks of chunk ``index`` at the barrier; one of ``indexes``."""
+        mask = self._masks[index]
+        return frozenset(block for first, end in dirtymap.runs(mask)
+                         for block in range(first, end))
+
+    def read_blocks(self, index: int) -> dict[int, bytes]:
+        """{block: its bytes at the barrier} of chunk ``index``'s dirty blocks (the
+        last one of a short last chunk short); one of ``indexes``."""
         if index not in self.indexes:
             raise KeyError(index)
-        at = index * self._disk.manifest.chunk_size
-        length = self._disk.manifest.chunk_length(index)
+        block = self._disk.dirty.block_size
+        out = {}
         with self._disk._stripe(index):
-            fd = self._fd if index in self._copied else self._disk._fd
-            return os.pread(fd, length, at)
+            for first, end in dirtymap.runs(self._masks[index]):
+                data = self._read_dirty(index, first, end)
+                for number in range(first, end):
+                    offset = (number - first) * block
+                    out[number] = data[offset:offset + block]
+        return out
+
+    def read_chunk(self, index: int) -> bytes:
+        """Chunk ``index`` as it was at the barrier (its dirty blocks then, the image's
+        others); one of ``indexes``. :raises: FetchFailed."""
+        if index not in self.indexes:
+            raise KeyError(index)
+        disk, mask = self._disk, self._masks[index]
+        length = disk.manifest.chunk_length(index)
+        chunk = bytearray(length)
+        if mask != disk.dirty.whole_mask(index):
+            # Outside the stripe: the image never changes, and a fetch may take long.
+            disk._image_into(index, 0, memoryview(chunk))
+        block = disk.dirty.block_size
+        with disk._stripe(index):
+            for first, end in dirtymap.runs(mask):
+                data = self._read_dirty(index, first, end)
+                chunk[first * block:first * block + len(data)] = data
+        return bytes(chunk)
+
+    def _read_dirty(self, index: int, first: int, end: int) -> bytes:
+        """Blocks ``first`` to ``end`` of chunk ``index``, dirty at the barrier, as
+        they were then; called with the chunk's stripe held."""
+        at, length = self._range(index, first, end)
+        data = bytearray(os.pread(self._disk._fd, length, at))
+        copied = self._copied.get(index, 0) & _bits(first, end)
+        for copy_first, copy_end in dirtymap.runs(copied):
+            copy_at, copy_length = self._range(index, copy_first, copy_end)
+            data[copy_at - at:copy_at - at + copy_length] = os.pread(self._fd, copy_length,
+                                                                     copy_at)
+        return bytes(data)
 
     def uploaded(self, index: int) -> None:
         """Chunk ``index`` is safe elsewhere: later writes need not copy it aside."""
         with self._disk._stripe(index):
-            self._pending.discard(index)
-            if index in self._copied:
-                sparse.punch_hole(self._fd, index * self._disk.manifest.chunk_size,
-                                  self._disk.manifest.chunk_length(index))
+            self._pending.pop(index, None)
+            for first, end in dirtymap.runs(self._copied.get(index, 0)):
+                sparse.punch_hole(self._fd, *self._range(index, first, end))
 
     @property
     def copied_bytes(self) -> int:
-        return sum(self._disk.manifest.chunk_length(i) for i in self._copied)
+        """Bytes copied aside so far."""
+        return sum(self._range(index, first, end)[1] for index, mask in self._copied.items()
+                   for first, end in dirtymap.runs(mask))
+
+    @property
+    def dirty_bytes(self) -> int:
+        """Bytes of the blocks dirty at the barrier (what the guest wrote, to blocks)."""
+        return sum(self._range(index, first, end)[1] for index, mask in self._masks.items()
+                   for first, end in dirtymap.runs(mask))
 
     def close(self) -> None:
         self._disk._end_barrier(self)

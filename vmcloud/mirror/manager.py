@@ -179,7 +179,8 @@ class MirrorManager:
         return self._serve(name, directory, self.warehouse.lookup(ref))
 
     def _serve(self, name: str, directory: str, manifest: manifest_mod.Manifest) -> Mirror:
-        disk = disk_mod.MirrorDisk(directory, manifest, self.cache)
+        disk = disk_mod.MirrorDisk(directory, manifest, self.cache,
+                                   self.conf.mirror.dirty_block_size)
         trace = None
         try:
             profile = self.profiles.load(manifest)

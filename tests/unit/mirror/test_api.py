@@ -86,7 +86,8 @@ class LocalMirrorsTest(test_disk.MirrorTestCase):
 
         def on_disk() -> set[int]:
             return dirtymap.DirtyMap(os.path.join(self.directory('vm1'), 'dirty'),
-                                     self.manifest.chunk_count).indexes()
+                                     self.manifest.chunk_count, self.manifest.chunk_size,
+                                     self.manifest.size).indexes()
         self.assertEqual(set(), on_disk())  # acknowledged, not yet durable
         self.mirrors.sync('vm1')
         self.assertEqual({3}, on_disk())

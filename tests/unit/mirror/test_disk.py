@@ -17,6 +17,7 @@ from vmcloud.mirror import profile as profile_mod
 from vmcloud.nbd import device
 from vmcloud.storage import warehouse
 from tests import base
+from tests.unit.mirror import test_dirtymap
 
 CHUNK = 64 * 1024
 
@@ -156,10 +157,10 @@ class WriteTest(MirrorTestCase):
         disk = self.new_disk()
         disk.write(0, b'a' * CHUNK)
         path = os.path.join(self.tmp, 'mirror', 'dirty')
-        count = self.manifest.chunk_count
-        self.assertEqual(set(), dirtymap.DirtyMap(path, count).indexes())
+        shape = (self.manifest.chunk_count, CHUNK, self.manifest.size)
+        self.assertEqual(set(), dirtymap.DirtyMap(path, *shape).indexes())
         disk.flush()
-        self.assertEqual({0}, dirtymap.DirtyMap(path, count).indexes())
+        self.assertEqual({0}, dirtymap.DirtyMap(path, *shape).indexes())
         disk.close()
 
     def test_write_zeroes_makes_holes(self):
@@ -244,11 +245,261 @@ class BarrierTest(MirrorTestCase):
             disk.write(CHUNK + 10, b'new')  # chunk 1 was uploaded: no copy
             disk.write(2 * CHUNK, b'3')     # not dirty at the barrier
             self.assertEqual(b'1' * CHUNK, barrier.read_chunk(0))
-            self.assertEqual(CHUNK, barrier.copied_bytes)
+            self.assertEqual(4096, barrier.copied_bytes)  # the one block overwritten
             self.assertRaises(KeyError, barrier.read_chunk, 2)
             self.assertRaises(exception.MirrorError, disk.barrier)
         self.assertEqual(b'1' * 10 + b'new', disk.read(0, 13))
         disk.barrier().close()  # a new barrier once the last one closed
+
+
+class BlockTest(MirrorTestCase):
+    """Dirty tracking by guest blocks (4096 bytes) within 64 KiB chunks."""
+
+    def test_a_whole_block_write_to_a_chunk_never_read_fetches_nothing(self):
+        disk = self.new_disk()
+        disk.write(CHUNK + 4096, b'w' * 8192)
+        disk.write(7 * CHUNK, b'v' * 4096, fua=True)
+        self.assertEqual([], self.fetches)
+        self.assertEqual(frozenset({1, 2}), disk.dirty.blocks(1))
+        self.assertEqual(frozenset({0}), disk.dirty.blocks(7))
+        self.assertFalse(disk.dirty.is_whole(1))
+        # The written blocks read from the overlay: still no fetch.
+        self.assertEqual(b'w' * 8192, disk.read(CHUNK + 4096, 8192))
+        self.assertEqual([], self.fetches)
+        self.assertEqual(set(), disk.fetched_indexes())
+        # The rest of the chunk is the image's, fetched now.
+        expected = bytearray(self.image[CHUNK:2 * CHUNK])
+        expected[4096:12288] = b'w' * 8192
+        self.assertBytesEqual(bytes(expected), disk.read_chunk(1))
+        self.assertEqual([self.manifest.chunks[1]], self.fetches)
+        disk.close()
+
+    def test_a_512_byte_write_fetches_its_block(self):
+        disk = self.new_disk()
+        disk.write(CHUNK + 4096 + 512, b'p' * 512)
+        self.assertEqual([self.manifest.chunks[1]], self.fetches)
+        self.assertEqual({1}, disk.fetched_indexes())
+        self.assertEqual(frozenset({1}), disk.dirty.blocks(1))
+        expected = self.image[CHUNK + 4096:CHUNK + 4608] + b'p' * 512 + \
+            self.image[CHUNK + 5120:CHUNK + 8192]
+        self.assertBytesEqual(expected, disk.read(CHUNK + 4096, 4096))
+        # A second partial write to the now dirty block needs the image no more.
+        self.fetches.clear()
+        self.cache.close()
+        disk2_cache = self.new_cache(name='cache2')
+        disk.close()
+        disk = self.new_disk(disk2_cache)
+        disk.write(CHUNK + 4096 + 100, b'q' * 10)
+        self.assertEqual([], self.fetches)
+        disk.close()
+
+    def test_a_write_spanning_blocks_fetches_only_for_its_partial_ends(self):
+        disk = self.new_disk()
+        disk.write(4 * CHUNK, b'a' * 8192)  # blocks 0 and 1 whole
+        disk.write(4 * CHUNK + 8192 - 100, b'b' * 200)  # the end of block 1, part of 2
+        self.assertEqual([self.manifest.chunks[4]], self.fetches)
+        expected = bytearray(self.image)
+        expected[4 * CHUNK:4 * CHUNK + 8192] = b'a' * 8192
+        expected[4 * CHUNK + 8092:4 * CHUNK + 8292] = b'b' * 200
+        self.assertBytesEqual(bytes(expected), disk.read(0, len(expected)))
+        self.assertEqual(frozenset({0, 1, 2}), disk.dirty.blocks(4))
+
+    def test_the_short_last_block(self):
+        disk = self.new_disk()
+        tail = 8 * CHUNK + 5 * 4096  # chunk 8 is CHUNK // 3 bytes: its block 5 is short
+        disk.write(tail, b't' * (len(self.image) - tail))
+        self.assertEqual([], self.fetches)
+        self.assertEqual(frozenset({5}), disk.dirty.blocks(8))
+        disk.write(len(self.image) - 10, b'u' * 10)
+        self.assertEqual([], self.fetches)
+        disk.write(tail - 10, b'x' * 10)  # the end of block 4: a fetch
+        self.assertEqual([self.manifest.chunks[8]], self.fetches)
+        expected = bytearray(self.image)
+        expected[tail:] = b't' * (len(self.image) - tail)
+        expected[-10:] = b'u' * 10
+        expected[tail - 10:tail] = b'x' * 10
+        disk.close()
+        self.assertBytesEqual(bytes(expected), self.new_disk().read(0, len(expected)))
+
+    def test_write_zeroes_of_whole_blocks_fetches_nothing(self):
+        disk = self.new_disk()
+        disk.write_zeroes(CHUNK + 4096, 3 * 4096)
+        self.assertEqual([], self.fetches)
+        self.assertEqual(frozenset({1, 2, 3}), disk.dirty.blocks(1))
+        self.assertEqual(bytes(3 * 4096), disk.read(CHUNK + 4096, 3 * 4096))
+        disk.write_zeroes(4 * CHUNK + 4000, 200)  # inside blocks 0 and 1: the image's rest
+        self.assertEqual([self.manifest.chunks[4]], self.fetches)
+        expected = bytearray(self.image)
+        expected[CHUNK + 4096:CHUNK + 4 * 4096] = bytes(3 * 4096)
+        expected[4 * CHUNK + 4000:4 * CHUNK + 4200] = bytes(200)
+        self.assertBytesEqual(bytes(expected), disk.read(0, len(expected)))
+        # Not whole blocks at the ends, whole ones between them.
+        disk.write_zeroes(7 * CHUNK + 100, 3 * 4096)
+        expected[7 * CHUNK + 100:7 * CHUNK + 100 + 3 * 4096] = bytes(3 * 4096)
+        self.assertBytesEqual(bytes(expected), disk.read(0, len(expected)))
+        self.assertEqual(frozenset({0, 1, 2, 3}), disk.dirty.blocks(7))
+
+    def test_block_status_of_partly_written_chunks(self):
+        disk = self.new_disk()
+        hole = device.STATE_HOLE | device.STATE_ZERO
+        disk.write_zeroes(2 * CHUNK, 4096)  # a hole chunk, one block zeroed: still a hole
+        disk.write_zeroes(CHUNK, 4096)  # a data chunk, one block zeroed: still data
+        self.assertEqual([device.Extent(CHUNK, 0), device.Extent(CHUNK, hole)],
+                         disk.block_status(CHUNK, 2 * CHUNK))
+        disk.write(6 * CHUNK + 8192, b'd' * 4096)  # a hole chunk with one block of data
+        self.assertEqual([device.Extent(CHUNK, 0)], disk.block_status(6 * CHUNK, CHUNK))
+        disk.write_zeroes(6 * CHUNK + 8192, 4096)  # and zeroed again
+        self.assertEqual([device.Extent(CHUNK, hole)], disk.block_status(6 * CHUNK, CHUNK))
+        disk.write_zeroes(0, CHUNK)  # every block of a data chunk punched
+        self.assertEqual([device.Extent(CHUNK, hole)], disk.block_status(0, CHUNK))
+        tail = len(self.image) - 8 * CHUNK  # the short last chunk, its short block too
+        disk.write_zeroes(8 * CHUNK, tail)
+        self.assertEqual([device.Extent(tail, hole)], disk.block_status(8 * CHUNK, tail))
+        self.assertEqual([], self.fetches)
+
+    def test_prefetch_fetches_a_partly_written_chunk_not_a_whole_one(self):
+        disk = self.new_disk()
+        disk.write(0, b'w' * CHUNK)
+        disk.write(CHUNK, b'w' * 4096)
+        disk.prefetch(0)
+        self.assertEqual([], self.fetches)
+        disk.prefetch(1)
+        self.assertEqual([self.manifest.chunks[1]], self.fetches)
+
+    def test_a_bad_block_size_is_refused_and_leaves_nothing_locked(self):
+        directory = os.path.join(self.tmp, 'mirror')
+        for block_size in (3000, 128 * 1024):
+            error = self.assertRaises(exception.ConfigError, disk_mod.MirrorDisk, directory,
+                                      self.manifest, self.cache, block_size)
+            self.assertIn('dirty_block_size', str(error))
+        disk_mod.MirrorDisk(directory, self.manifest, self.cache, 512).close()
+
+    def test_a_mirror_keeps_its_block_size(self):
+        directory = os.path.join(self.tmp, 'mirror')
+        disk = disk_mod.MirrorDisk(directory, self.manifest, self.cache, 512)
+        disk.write(CHUNK + 512, b'k' * 512, fua=True)
+        disk.close()
+        disk = disk_mod.MirrorDisk(directory, self.manifest, self.cache, 4096)
+        self.assertEqual(512, disk.dirty.block_size)
+        self.assertEqual(frozenset({1}), disk.dirty.blocks(1))
+        self.assertEqual(b'k' * 512, disk.read(CHUNK + 512, 512))
+        disk.close()
+
+    def test_a_mirror_of_the_chunk_granular_format_still_reads(self):
+        """A mirror the chunk-granular code wrote: a VMDIRTY1 map, whole chunks in the
+        overlay; it reads back, takes block writes and is written in version 2."""
+        directory = os.path.join(self.tmp, 'mirror')
+        os.makedirs(directory)
+        expected = bytearray(self.image)
+        expected[CHUNK:2 * CHUNK] = b'1' * CHUNK
+        expected[8 * CHUNK:] = b'8' * (len(self.image) - 8 * CHUNK)
+        with open(os.path.join(directory, 'overlay'), 'wb') as f:
+            f.write(b'\0' * CHUNK + expected[CHUNK:2 * CHUNK])
+            f.seek(8 * CHUNK)
+            f.write(expected[8 * CHUNK:])
+        with open(os.path.join(directory, 'dirty'), 'wb') as f:
+            f.write(test_dirtymap.v1_map(self.manifest.chunk_count, [1, 8]))
+        disk = self.new_disk()
+        self.assertTrue(disk.dirty.is_whole(1))
+        self.assertTrue(disk.dirty.is_whole(8))
+        self.assertBytesEqual(bytes(expected), disk.read(0, len(expected)))
+        self.assertNotIn(self.manifest.chunks[1], self.fetches)
+        with disk.barrier() as barrier:
+            self.assertEqual(frozenset({1, 8}), barrier.indexes)
+            self.assertEqual(bytes(expected[CHUNK:2 * CHUNK]), barrier.read_chunk(1))
+        disk.write(3 * CHUNK, b'3' * 4096, fua=True)
+        expected[3 * CHUNK:3 * CHUNK + 4096] = b'3' * 4096
+        disk.close()
+        with open(os.path.join(directory, 'dirty'), 'rb') as f:
+            self.assertEqual(b'VMDIRTY2', f.read(8))
+        disk = self.new_disk()
+        self.assertTrue(disk.dirty.is_whole(1))
+        self.assertBytesEqual(bytes(expected), disk.read(0, len(expected)))
+        disk.close()
+
+    def test_barrier_copies_aside_only_the_blocks_it_needs(self):
+        disk = self.new_disk()
+        disk.write(CHUNK + 4096, b'1' * 8192)  # blocks 1 and 2 of chunk 1
+        disk.write(3 * CHUNK, b'3' * CHUNK)  # chunk 3 whole
+        at_barrier = disk.read(0, len(self.image))
+        with disk.barrier() as barrier:
+            self.assertEqual({1, 3}, barrier.indexes)
+            self.assertEqual(frozenset({1, 2}), barrier.blocks(1))
+            self.assertEqual(2 * 4096 + CHUNK, barrier.dirty_bytes)
+            disk.write(CHUNK + 4096 + 10, b'new')  # block 1: copied aside first
+            disk.write(CHUNK + 5 * 4096, b'n' * 4096)  # block 5, not dirty then: no copy
+            disk.write(CHUNK + 4096 + 20, b'again')  # block 1 again: copied once
+            disk.write_zeroes(3 * CHUNK + 4096, 2 * 4096)  # blocks 1 and 2 of chunk 3
+            self.assertEqual(3 * 4096, barrier.copied_bytes)
+            self.assertBytesEqual(at_barrier[CHUNK:2 * CHUNK], barrier.read_chunk(1))
+            self.assertBytesEqual(at_barrier[3 * CHUNK:4 * CHUNK], barrier.read_chunk(3))
+            self.assertEqual({1: b'1' * 4096, 2: b'1' * 4096}, barrier.read_blocks(1))
+            self.assertEqual(16, len(barrier.read_blocks(3)))
+            self.assertRaises(KeyError, barrier.read_chunk, 2)
+            self.assertRaises(KeyError, barrier.read_blocks, 2)
+            barrier.uploaded(3)
+            disk.write(3 * CHUNK, b'z')  # uploaded: no more copies
+            self.assertEqual(3 * 4096, barrier.copied_bytes)
+        now = bytearray(at_barrier)
+        now[CHUNK + 4096 + 10:CHUNK + 4096 + 13] = b'new'
+        now[CHUNK + 5 * 4096:CHUNK + 6 * 4096] = b'n' * 4096
+        now[CHUNK + 4096 + 20:CHUNK + 4096 + 25] = b'again'
+        now[3 * CHUNK + 4096:3 * CHUNK + 3 * 4096] = bytes(2 * 4096)
+        now[3 * CHUNK] = ord('z')
+        self.assertBytesEqual(bytes(now), disk.read(0, len(now)))
+        disk.close()
+
+
+class RandomIOTest(base.TestCase):
+    """Random reads and writes of 512 B to 1 MiB against a model, across reopens."""
+
+    def test_random_io_matches_a_model_across_reopens(self):
+        self.conf.set_override('chunk_size', CHUNK, 'storage')
+        store = warehouse.Warehouse(self.conf)
+        rng = random.Random(19)
+        size = 40 * CHUNK + 5000
+        image = bytearray(rng.randbytes(size))
+        for index in rng.sample(range(40), 12):
+            image[index * CHUNK:(index + 1) * CHUNK] = bytes(CHUNK)
+        path = os.path.join(self.tmp, 'image.raw')
+        with open(path, 'wb') as f:
+            f.write(image)
+        manifest = store.import_image(path, 'img').manifest
+        cache = cache_mod.ChunkCache(os.path.join(self.tmp, 'cache'), 1 << 30,
+                                     store.read_chunk)
+        self.addCleanup(cache.close)
+        directory = os.path.join(self.tmp, 'mirror')
+        model = bytearray(image)
+        disk = disk_mod.MirrorDisk(directory, manifest, cache)
+        for step in range(400):
+            length = rng.choice([512, 4096, 8192, 20 * 512, CHUNK, 1024 ** 2,
+                                 rng.randrange(1, 2049) * 512])
+            offset = rng.randrange(0, size - length + 1)
+            if rng.random() < 0.5:
+                offset = offset // 512 * 512
+            action = rng.random()
+            if action < 0.45:
+                data = rng.randbytes(length)
+                disk.write(offset, data, fua=rng.random() < 0.2)
+                model[offset:offset + length] = data
+            elif action < 0.55:
+                disk.write_zeroes(offset, length)
+                model[offset:offset + length] = bytes(length)
+            else:
+                self.assertBytesEqual(bytes(model[offset:offset + length]),
+                                      disk.read(offset, length))
+            if step % 50 == 49:
+                if rng.random() < 0.5:
+                    disk.close()
+                else:
+                    disk.flush()
+                    abandon(disk)  # a kill -9 after a flush
+                disk = disk_mod.MirrorDisk(directory, manifest, cache)
+                self.assertBytesEqual(bytes(model), disk.read(0, size))
+        self.assertBytesEqual(bytes(model), disk.read(0, size))
+        self.assertGreater(len(disk.dirty.indexes()), 20)
+        self.assertTrue(any(not disk.dirty.is_whole(i) for i in disk.dirty.indexes()))
+        disk.close()
 
 
 class CacheTest(MirrorTestCase):

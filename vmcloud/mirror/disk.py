@@ -459,7 +459,8 @@ class Barrier:
     @property
     def copied_bytes(self) -> int:
         """Bytes copied aside so far."""
-        return sum(self._range(index, first, end)[1] for index, mask in self._copied.items()
+        # A copy of the items: a writer's preserve may add one meanwhile.
+        return sum(self._range(index, first, end)[1] for index, mask in list(self._copied.items())
                    for first, end in dirtymap.runs(mask))
 
     @property

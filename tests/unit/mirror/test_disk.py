@@ -449,6 +449,30 @@ class BlockTest(MirrorTestCase):
         self.assertBytesEqual(bytes(now), disk.read(0, len(now)))
         disk.close()
 
+    def test_concurrent_writers_sharing_blocks(self):
+        """Threads writing 512-byte sectors of the same blocks, each its own sectors:
+        a block one of them fills from the image must not undo another's write."""
+        disk = self.new_disk()
+        model = bytearray(self.image)
+        threads_count, span = 8, 4 * CHUNK
+
+        def writer(number: int) -> None:
+            rng = random.Random(number)
+            for _ in range(60):
+                sector = rng.randrange(span // 512 // threads_count) * threads_count + number
+                data = bytes([number + 1]) * 512
+                disk.write(CHUNK + sector * 512, data)
+                model[CHUNK + sector * 512:CHUNK + sector * 512 + 512] = data
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(threads_count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertBytesEqual(bytes(model), disk.read(0, len(model)))
+        disk.close()
+        self.assertBytesEqual(bytes(model), self.new_disk().read(0, len(model)))
+
 
 class RandomIOTest(base.TestCase):
     """Random reads and writes of 512 B to 1 MiB against a model, across reopens."""

@@ -220,6 +220,11 @@ class MirrorDisk(device.BlockDevice):
         return piece.start // self._block, -(-piece.end // self._block)
 
     def _write_piece(self, piece: _Piece, data) -> None:
+        """Write ``data`` over ``piece`` and mark the blocks it touches dirty.
+
+        :raises: FetchFailed if a block it covers in part needs the image; OSError
+            of the overlay.
+        """
         at = piece.index * self._chunk_size
         first, stop = self._blocks_of(piece)
         low = first * self._block

@@ -275,14 +275,19 @@ class _DeltaPolicy:
         return _plain_piece(bytes(resolved))
 
 
-def _expected_fits(manifest: Manifest,
-                   fits: dict[str, set[tuple[str | None, int]]]) -> None:
+_Fits = dict[str, dict[tuple[str | None, int], list[VersionRef]]]
+"""delta id -> (base, chunk length) a chain expects of it -> the versions whose chains do."""
+
+
+def _expected_fits(manifest: Manifest, fits: _Fits) -> None:
     """Add to ``fits`` what each chain of ``manifest`` expects of its deltas."""
     for index, entry in enumerate(manifest.chunks):
         if isinstance(entry, tuple):
             for position, delta_id in enumerate(entry[:-1]):
-                fits.setdefault(delta_id, set()).add(
-                    (entry[position + 1], manifest.chunk_length(index)))
+                refs = fits.setdefault(delta_id, {}).setdefault(
+                    (entry[position + 1], manifest.chunk_length(index)), [])
+                if manifest.ref not in refs:
+                    refs.append(manifest.ref)
 
 
 def _check_fit(delta_id: str, data: bytes, base: str | None, length: int) -> None:
@@ -1123,12 +1128,12 @@ class Warehouse:
         manifests, what the backend itself skipped as unreadable, and each
         missing or corrupt chunk with the versions that use it. A delta is checked
         to decode and to fit each chain that names it (its base the next element,
-        its length the chunk's): one that does not is a corrupt chunk.
+        its length the chunk's): one that does not is reported like a corrupt chunk,
+        with the versions whose chains it does not fit.
         """
         report = VerifyReport()
         users: dict[str, list[VersionRef]] = {}
-        # delta id -> the (base, chunk length) each chain naming it expects.
-        fits: dict[str, set[tuple[str | None, int]]] = {}
+        fits: _Fits = {}
         damaged = set()
         for ref, manifest, problem in self._each_version(self.manifest):
             if manifest is None:
@@ -1141,23 +1146,28 @@ class Warehouse:
             _expected_fits(manifest, fits)
         report.problems.extend(self.backend.damaged())
 
-        def check(chunk_id: str) -> tuple[str, int, str | None]:
+        def check(chunk_id: str) -> tuple[str, int, list[tuple[str, list[VersionRef]]]]:
+            """(id, bytes read, [(problem, the versions it damages)])."""
             try:
                 data = self.read_chunk(chunk_id)
-                for base, length in sorted(fits.get(chunk_id, ()), key=str):
-                    _check_fit(chunk_id, data, base, length)
-                return chunk_id, len(data), None
             except exception.StorageError as exc:
-                return chunk_id, 0, str(exc)
+                return chunk_id, 0, [(str(exc), users[chunk_id])]
+            misfits = []
+            for (base, length), refs in sorted(fits.get(chunk_id, {}).items(), key=str):
+                try:
+                    _check_fit(chunk_id, data, base, length)
+                except exception.StorageError as exc:
+                    misfits.append((str(exc), refs))
+            return chunk_id, len(data), misfits
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            for chunk_id, size, problem in pool.map(check, users):
+            for chunk_id, size, problems in pool.map(check, users):
                 report.chunks += 1
                 report.bytes += size
-                if problem:
-                    used_by = ', '.join(str(ref) for ref in users[chunk_id])
+                for problem, refs in problems:
+                    used_by = ', '.join(str(ref) for ref in refs)
                     report.problems.append(f'{problem}; used by {used_by}')
-                    damaged.update(users[chunk_id])
+                    damaged.update(refs)
                 if progress is not None:
                     progress(report.chunks, len(users))
         report.damaged_versions = [str(ref) for ref in sorted(damaged)]

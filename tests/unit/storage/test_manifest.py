@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 from vmcloud import exception
 from vmcloud.storage import manifest as manifest_mod
 from vmcloud.storage.manifest import Manifest
@@ -127,3 +130,80 @@ class ManifestFormatTest(base.TestCase):
         data = _manifest(chunks=(None, None, None, None, None)).encode()
         error = self.assertRaises(exception.CorruptManifest, Manifest.decode, data, 'img:2')
         self.assertIn('more chunks than the 3 of its size', str(error))
+
+
+class DeltaChainFormatTest(base.TestCase):
+    """Format 3: chains in the body, written only when a version has one."""
+
+    CHAIN = ('d' * 64, 'e' * 64, 'a' * 64)
+
+    def test_a_manifest_with_a_chain_is_format_3_and_round_trips(self):
+        manifest = _manifest(chunks=(self.CHAIN, None, ('f' * 64, None)))
+        data = manifest.encode()
+        self.assertEqual(3, json.loads(data.partition(b'\n')[0])['format'])
+        back = Manifest.decode(data, 'img:2')
+        self.assertEqual(manifest, back)
+        self.assertEqual(self.CHAIN, back.chunks[0])
+        self.assertEqual(manifest.summary(), Manifest.decode_summary(data, 'img:2', True))
+        self.assertEqual(2, back.summary().data_chunks)
+
+    def test_a_manifest_without_chains_is_still_format_2(self):
+        data = _manifest().encode()
+        self.assertEqual(2, json.loads(data.partition(b'\n')[0])['format'])
+
+    def test_format_2_written_by_the_previous_code_reads_unchanged(self):
+        # The bytes the code before issue 19 wrote for _manifest(), and its identity().
+        old = (b'{"body":"0a79f1a17b5f638168a6440b08559186a227e6501b94fdb04d609b467e6ab0e6",'
+               b'"checksum":"f283bd50da87aecbf25ba97354031ab9968f1062f3336f57565ee5cdf21ae63e",'
+               b'"chunk_size":4,"created_at":"t","data_chunks":2,"format":2,"hash":"sha256",'
+               b'"image":"img","parent":{"image":"img","version":1},"size":10,'
+               b'"source":{"file":"x"},"version":2}\n'
+               b'["' + b'a' * 64 + b'",1,"' + b'b' * 64 + b'"]')
+        self.assertEqual(old, _manifest().encode())
+        self.assertEqual(_manifest(), Manifest.decode(old, 'img:2'))
+        self.assertEqual('d55ce4f8ec35d2bb657381321325f1e41f42195ac55c8750cee9817bc8bcc9f0',
+                         Manifest.decode(old, 'img:2').identity())
+
+    def test_helpers(self):
+        manifest = _manifest(chunks=(self.CHAIN, None, ('f' * 64, None)))
+        self.assertEqual(self.CHAIN, manifest.object_ids(0))
+        self.assertEqual((), manifest.object_ids(1))
+        self.assertEqual(('f' * 64,), manifest.object_ids(2))
+        self.assertEqual(('a' * 64,), _manifest().object_ids(0))
+        self.assertEqual([True, False, True], [manifest.is_delta(i) for i in range(3)])
+        self.assertEqual([False, False, False], [_manifest().is_delta(i) for i in range(3)])
+        self.assertEqual({'a' * 64, 'd' * 64, 'e' * 64, 'f' * 64}, manifest.data_chunk_ids())
+        self.assertNotEqual(manifest.identity(),
+                            _manifest(chunks=(self.CHAIN[1:], None, ('f' * 64, None)))
+                            .identity())
+
+    def test_chains_that_make_no_sense_are_corrupt(self):
+        for chunks, problem in (
+                ((('d' * 64,), None, None), 'has 1 elements, not 2 to 65'),
+                ((('d' * 64,) * 66, None, None), 'has 66 elements'),
+                ((('d' * 64, None, 'a' * 64), None, None), 'invalid chunk id None'),
+                ((('D' * 64, 'a' * 64), None, None), 'invalid chunk id'),
+                (((7, 'a' * 64), None, None), 'invalid chunk id 7')):
+            error = self.assertRaises(exception.CorruptManifest, Manifest.decode,
+                                      _manifest(chunks=chunks).encode(), 'img:2')
+            self.assertIn(problem, str(error))
+            self.assertIn('img:2', str(error))
+        # The hard cap, not the configured depth: a deep chain of an old config reads.
+        deep = (('d' * 64,) * 64 + (None,), None, None)
+        self.assertEqual(deep, Manifest.decode(_manifest(chunks=deep).encode(),
+                                               'img:2').chunks)
+
+    def test_a_chain_in_format_2_or_1_is_corrupt(self):
+        manifest = _manifest(chunks=(self.CHAIN, None, None))
+        header_line, _, body = manifest.encode().partition(b'\n')
+        header = json.loads(header_line)
+        del header['checksum']
+        header['format'] = 2
+        header['checksum'] = hashlib.sha256(
+            json.dumps(header, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+        data = json.dumps(header, sort_keys=True, separators=(',', ':')).encode() + b'\n' + body
+        error = self.assertRaises(exception.CorruptManifest, Manifest.decode, data, 'img:2')
+        self.assertIn('invalid chunk list entry', str(error))
+        error = self.assertRaises(exception.CorruptManifest, Manifest.decode,
+                                  manifest.encode_v1(), 'img:2')
+        self.assertIn('invalid chunk id', str(error))

@@ -111,6 +111,11 @@ LOG_TAIL = 3000
 # Fast heartbeats: a compute host that stopped is marked unknown in seconds.
 HEARTBEAT_INTERVAL = 1
 SERVICE_DOWN_TIME = 5
+# Seconds without AMQP heartbeats before a connection is taken for dead. oslo.messaging's
+# default, 60, leaves a connection that a healed link left half-open (the broker dropped
+# it meanwhile) unnoticed for up to a minute: a compute host's RPC server is deaf that
+# long after its link or the controller's comes back, and a snapshot's freeze times out.
+AMQP_HEARTBEAT_TIMEOUT = 10
 # Deadlines short enough that a fault of a minute crosses every one (the defaults are
 # for real clusters: doc/operations.md).
 DEADLINES = {
@@ -622,6 +627,7 @@ class Cluster:
                         'heartbeat_interval': HEARTBEAT_INTERVAL,
                         'service_down_time': SERVICE_DOWN_TIME, 'rpc_call_timeout': 60,
                         **DEADLINES},
+            'oslo_messaging_rabbit': {'heartbeat_timeout_threshold': AMQP_HEARTBEAT_TIMEOUT},
             'storage': {'backend': 'http'},
             'storage_http': {'url': self.warehouse_url, 'token': self.token},
         }

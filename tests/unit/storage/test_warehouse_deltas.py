@@ -168,8 +168,16 @@ class ChainShapeTest(DeltaTestCase):
         self.assertEqual(0, zeros.new_bytes)
 
     def test_every_block_changed_is_a_plain_chunk(self):
+        # Whatever the ratio allows: a delta of every block saves nothing; and the
+        # parent's chunk is not read for it.
+        self.conf.set_override('delta_max_ratio', 1.0, 'storage')
         blocks = {i: bytes([i]) * BLOCK for i in range(BLOCKS)}
-        result = self.snapshot(self.base, {0: delta.BlockChanges(BLOCK, blocks)})
+
+        def no_read(object_id):
+            raise AssertionError(f'read {object_id}')
+
+        result = self.warehouse.snapshot_chunks(
+            self.base.ref, {0: delta.BlockChanges(BLOCK, blocks)}, read_object=no_read)
         content = b''.join(blocks[i] for i in range(BLOCKS))
         self.assertEqual(manifest_mod.chunk_id(content), result.manifest.chunks[0])
         zeros = self.snapshot(self.base, {0: delta.BlockChanges(

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 from vmcloud import exception
 from vmcloud.nbd import statelock
+from vmcloud.storage import delta
 from vmcloud.storage import durable
 from vmcloud.storage import manifest as manifest_mod
 from vmcloud.storage import warehouse as warehouse_mod
@@ -182,32 +183,37 @@ class BootArtifacts:
 def _write_chunks(manifest: manifest_mod.Manifest, read_chunk: Callable[[str], bytes],
                   path: str) -> None:
     """Write the version into the new file ``path``, each distinct chunk read once with
-    ``read_chunk`` (holes left sparse), then fsync it.
+    ``read_chunk`` (holes left sparse, delta chains resolved), then fsync it.
 
     :raises: the StorageError of ``read_chunk`` (its OSError as a StorageError), or
-        one if a chunk is shorter than its place in the version; OSError writing.
+        one if a chunk is shorter than its place in the version; CorruptDelta for a
+        chain that does not resolve; OSError writing.
     """
-    first: dict[str, int] = {}  # chunk id -> the offset it was written at
+    first: dict[manifest_mod.Entry, int] = {}  # entry -> the offset it was written at
+
+    def read_object(object_id: str) -> bytes:
+        try:
+            return read_chunk(object_id)
+        except OSError as exc:  # the reader's, not this node's disk
+            raise exception.StorageError(
+                f'cannot read chunk {object_id} of {manifest.ref}: {exc}') from exc
+
     with open(path, 'x+b') as out:  # read too: a repeated chunk is read back
-        for index, chunk_id in enumerate(manifest.chunks):
-            if chunk_id is None:
+        for index, entry in enumerate(manifest.chunks):
+            if entry is None:
                 continue
             offset, length = index * manifest.chunk_size, manifest.chunk_length(index)
-            if chunk_id in first:
+            if entry in first:
                 # A chunk repeated within the artifact costs no second read of it.
                 out.flush()
-                data = os.pread(out.fileno(), length, first[chunk_id])
+                data = os.pread(out.fileno(), length, first[entry])
             else:
-                try:
-                    data = read_chunk(chunk_id)[:length]
-                except OSError as exc:  # the reader's, not this node's disk
-                    raise exception.StorageError(
-                        f'cannot read chunk {chunk_id} of {manifest.ref}: {exc}') from exc
-                first[chunk_id] = offset
+                data = delta.resolve(entry, read_object, length)[:length]
+                first[entry] = offset
             if len(data) != length:
                 raise exception.StorageError(
-                    f'chunk {chunk_id} of {manifest.ref} holds {len(data)} bytes, not the '
-                    f'{length} of its place at offset {offset}')
+                    f'chunk {index} ({entry}) of {manifest.ref} holds {len(data)} bytes, '
+                    f'not the {length} of its place at offset {offset}')
             out.seek(offset)
             out.write(data)
         out.truncate(manifest.size)

@@ -9,6 +9,7 @@ import time
 from vmcloud import exception
 from vmcloud.compute import artifacts
 from vmcloud.nbd import statelock
+from vmcloud.storage import delta
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
 
@@ -266,6 +267,21 @@ class ChunkByChunkTest(ArtifactTestCase):
         path = self.cache.path_of('repeating:1')
         self.assertBytesEqual(read(source), read(path))
         self.assertEqual([manifest.chunks[0], manifest.chunks[3]], reads)
+
+    def test_a_snapshot_of_deltas_is_resolved_from_the_reader(self):
+        expected = bytearray(read(self.source))
+        parent = self.warehouse.lookup('vmlinuz:1').ref
+        for generation, (index, block) in enumerate(((0, 1), (0, 3), (2, 0)), start=1):
+            data = bytes([generation]) * 512
+            change = delta.BlockChanges(512, {block: data})
+            parent = self.warehouse.snapshot_chunks(parent, {index: change}).manifest.ref
+            start = index * CHUNK + block * 512
+            expected[start:start + 512] = data
+        manifest = self.warehouse.lookup(str(parent))
+        self.assertTrue(manifest.is_delta(0) and manifest.is_delta(2))
+        reads = self.reader()
+        self.assertBytesEqual(bytes(expected), read(self.cache.path_of(str(parent))))
+        self.assertEqual(sorted(manifest.data_chunk_ids()), sorted(set(reads)))
 
     def test_a_reader_that_fails_fails_the_fetch_naming_the_artifact(self):
         for failure in (exception.ChunkNotFound('ab' * 32), OSError(5, 'the peer went')):

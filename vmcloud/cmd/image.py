@@ -253,8 +253,12 @@ def do_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             # A parent deleted or damaged since does not hide the version itself.
             record['chunks_shared_with_parent'] = f'unknown: {exc}'
         else:
+            # A chunk is shared when it needs no object its parent does not.
             shared = parent.data_chunk_ids()
-            record['chunks_shared_with_parent'] = sum(1 for c in manifest.chunks if c in shared)
+            record['chunks_shared_with_parent'] = sum(
+                1 for index in range(manifest.chunk_count)
+                if manifest.chunks[index] is not None
+                and shared.issuperset(manifest.object_ids(index)))
     record['source'] = manifest.source
     record['holders'] = warehouse.holders(manifest.ref.image, manifest.ref.version)
     output.emit_record(record, args.fmt)

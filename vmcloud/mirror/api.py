@@ -30,6 +30,7 @@ from vmcloud import rpc
 from vmcloud.mirror import disk as disk_mod
 from vmcloud.mirror import manager as manager_mod
 from vmcloud.mirror import persist as persist_mod
+from vmcloud.storage import delta as delta_mod
 from vmcloud.storage import warehouse as warehouse_mod
 
 LOG = logging.getLogger(__name__)
@@ -167,15 +168,17 @@ class Mirrors(abc.ABC):
 
 
 class _BarrierChanges(collections.abc.Mapping):
-    """A barrier's chunks as the warehouse's snapshot_many wants them, read on demand."""
+    """A barrier's chunks as the warehouse's snapshot_many wants them, read on demand:
+    the blocks the guest wrote, which the warehouse stores as a delta over the parent's
+    chunk, or as a plain chunk when they are all of it or too many."""
 
     def __init__(self, barrier: disk_mod.Barrier):
         self._barrier = barrier
 
-    def __getitem__(self, index: int) -> bytes:
+    def __getitem__(self, index: int) -> delta_mod.BlockChanges:
         if index not in self._barrier.indexes:
             raise KeyError(index)
-        return self._barrier.read_chunk(index)
+        return delta_mod.BlockChanges(self._barrier.block_size, self._barrier.read_blocks(index))
 
     def __iter__(self):
         return iter(sorted(self._barrier.indexes))
@@ -188,10 +191,6 @@ class _BarrierChanges(collections.abc.Mapping):
 class _Taken:
     disk: disk_mod.MirrorDisk
     barrier: disk_mod.Barrier
-
-
-def _dirty_bytes(taken: _Taken) -> int:
-    return sum(taken.disk.manifest.chunk_length(i) for i in taken.barrier.indexes)
 
 
 class LocalMirrors(manager_mod.MirrorManager, Mirrors):
@@ -245,7 +244,7 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
                 if alive and not ended:
                     self._taken.setdefault(key, {})[name] = taken
             if alive and not ended:
-                results[name] = {'dirty_bytes': _dirty_bytes(taken)}
+                results[name] = {'dirty_bytes': taken.barrier.dirty_bytes}
                 continue
             self._exit(name, taken)
             results[name] = {'error': f'snapshot {key} was discarded already'
@@ -264,7 +263,6 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
             else:
                 results[name] = {'error': f'mirror {name} has no barrier for snapshot {key}'}
         placer = self._placer()
-        # Without one, the call is the one of before peers (which the tests wrap).
         sink = {} if placer is None else {'chunk_sink': placer}
         try:
             with contextlib.ExitStack() as exits:
@@ -272,7 +270,9 @@ class LocalMirrors(manager_mod.MirrorManager, Mirrors):
                     exits.callback(self._exit, name, taken[name])
                 written = self.warehouse.snapshot_many(
                     [(t.disk.manifest.ref, _BarrierChanges(t.barrier)) for _, _, t in items],
-                    targets=[target for _, target, _ in items], **sink) if items else []
+                    targets=[target for _, target, _ in items],
+                    # A chunk compacted needs its parent's bytes: the node's cache has them.
+                    read_object=self.cache.read_chunk, **sink) if items else []
         except Exception as exc:  # the session failed, so every item did
             written = [exc] * len(items)
         finally:

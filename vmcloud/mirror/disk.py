@@ -1,9 +1,10 @@
 """One instance's copy-on-reference disk over one image version.
 
 Blocks the instance never wrote are read through the node's chunk cache (each
-chunk fetched from the warehouse once per node); blocks it wrote (guest blocks of
-``[mirror] dirty_block_size`` within each chunk) live in its own sparse local
-file and are named in its persistent dirty map. A write that covers whole
+chunk fetched from the warehouse once per node; a chunk the version stores as a
+chain of deltas is resolved from its objects, each fetched that way); blocks it
+wrote (guest blocks of ``[mirror] dirty_block_size`` within each chunk) live in
+its own sparse local file and are named in its persistent dirty map. A write that covers whole
 blocks needs nothing of the image; one that covers part of a block first fills
 the rest of that block from the image, so a dirty block is always whole.
 
@@ -11,6 +12,7 @@ One disk object owns the mirror's directory at a time (the ``lock`` file in
 it): a second owner's dirty map would replace the first one's, and lose its
 flushed writes.
 """
+import collections
 import contextlib
 import dataclasses
 import os
@@ -25,10 +27,14 @@ from vmcloud.mirror import dirtymap
 from vmcloud.mirror import profile as profile_mod
 from vmcloud.nbd import device
 from vmcloud.nbd import statelock
+from vmcloud.storage import delta as delta_mod
 from vmcloud.storage import durable
 from vmcloud.storage.manifest import Manifest
 
 _STRIPES = 64
+# Chunks of delta chains kept resolved per disk: a guest's reads of one chunk come in
+# many requests, each of which would otherwise decode and apply the whole chain.
+_RESOLVED_CHUNKS = 8
 _ZEROES = bytes(1024 * 1024)
 
 
@@ -93,6 +99,8 @@ class MirrorDisk(device.BlockDevice):
         self._barrier: Barrier | None = None
         self._base_lock = threading.Lock()
         self._base_indexes: set[int] = set()
+        self._resolved_lock = threading.Lock()
+        self._resolved_chunks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
 
     def _open_overlay(self) -> int:
         """The overlay's descriptor, sized to the image.
@@ -180,11 +188,33 @@ class MirrorDisk(device.BlockDevice):
 
     def _image_into(self, index: int, start: int, target: memoryview) -> None:
         """Bytes of the image version itself. :raises: FetchFailed."""
-        chunk_id = self.manifest.chunks[index]
-        if chunk_id is None:
+        entry = self.manifest.chunks[index]
+        if entry is None:
             target[:] = _zeroes(len(target))
-            return
-        self._cache.read_into(chunk_id, start, target)
+        elif isinstance(entry, str):
+            self._cache.read_into(entry, start, target)
+        else:
+            target[:] = memoryview(self._resolved(index, entry))[start:start + len(target)]
+
+    def _resolved(self, index: int, chain: tuple) -> bytes:
+        """The bytes chunk ``index``, a delta chain, resolves to; each object through
+        the node's cache, the last few chunks resolved kept (a guest reads a chunk in
+        many requests). :raises: FetchFailed, also for a delta that does not fit."""
+        with self._resolved_lock:
+            data = self._resolved_chunks.get(index)
+            if data is not None:
+                self._resolved_chunks.move_to_end(index)
+                return data
+        try:
+            data = delta_mod.resolve(chain, self._cache.read_chunk,
+                                     self.manifest.chunk_length(index))
+        except delta_mod.CorruptDelta as exc:
+            raise exception.FetchFailed(exc.chunk_id, 1, exc) from exc
+        with self._resolved_lock:
+            self._resolved_chunks[index] = data
+            while len(self._resolved_chunks) > _RESOLVED_CHUNKS:
+                self._resolved_chunks.popitem(last=False)
+        return data
 
     def _base(self, index: int, start: int, end: int) -> bytearray:
         buffer = bytearray(end - start)
@@ -201,9 +231,9 @@ class MirrorDisk(device.BlockDevice):
 
         :raises: FetchFailed.
         """
-        chunk_id = self.manifest.chunks[index]
-        if chunk_id is not None and not self.dirty.is_whole(index):
-            self._cache.ensure(chunk_id)
+        if not self.dirty.is_whole(index):
+            for object_id in self.manifest.object_ids(index):
+                self._cache.ensure(object_id)
 
     # -- writes --------------------------------------------------------------------
 
@@ -378,6 +408,7 @@ class Barrier:
 
     def __init__(self, disk: MirrorDisk, masks: dict[int, int]):
         self.indexes = frozenset(masks)
+        self.block_size = disk.dirty.block_size
         self._disk = disk
         self._masks = masks
         self._pending = dict(masks)  # blocks neither uploaded nor copied aside yet

@@ -97,8 +97,10 @@ class ReplicasUnknown(exception.MirrorError):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What to stage of a version: its chunk ids in the order to stage them, the bytes
-    of each, and where the list came from (BOOT_PROFILE or STORED_CHUNKS)."""
+    """What to stage of a version: the ids of its stored objects (plain chunks, and the
+    deltas and bases of chains) in the order to stage them, the bytes of each (of a
+    delta, the length of the chunk it yields: an upper bound, its stored size is not in
+    the manifest), and where the list came from (BOOT_PROFILE or STORED_CHUNKS)."""
     ref: str
     chunk_ids: list[str]
     sizes: dict[str, int]
@@ -123,27 +125,29 @@ class StageResult:
 
 
 def plan(warehouse: warehouse_mod.Warehouse, ref: str | manifest_mod.VersionRef) -> Plan:
-    """The chunks of version ``ref`` (IMAGE[:VERSION]) to stage: its image's boot profile
-    in phase order if it has one that fits the version and names a stored chunk, else
-    every distinct stored (non-hole) chunk in disk order; each chunk once.
+    """The objects of version ``ref`` (IMAGE[:VERSION]) to stage: those of the chunks of
+    its image's boot profile in phase order if it has one that fits the version and
+    names a stored chunk, else those of every stored (non-hole) chunk in disk order;
+    each object once, a chain's newest delta first.
 
     :raises: ImageNotFound, StorageError.
     """
     manifest = warehouse.lookup(str(ref))
     sizes: dict[str, int] = {}
-    for index, chunk_id in enumerate(manifest.chunks):
-        if chunk_id is not None:
+    for index in range(manifest.chunk_count):
+        for object_id in manifest.object_ids(index):
             # The last chunk may be short; an equal chunk elsewhere is a whole one.
-            sizes[chunk_id] = max(sizes.get(chunk_id, 0), manifest.chunk_length(index))
+            sizes[object_id] = max(sizes.get(object_id, 0), manifest.chunk_length(index))
     recorded = profile_mod.ProfileStore(warehouse).load(manifest)
     if recorded:
         indexes = [i for phase in profile_mod.PHASES for i in recorded.get(phase, [])]
-        chunk_ids = _distinct(manifest.chunks[i] for i in indexes)
-        if chunk_ids:
-            return Plan(str(manifest.ref), chunk_ids, sizes, BOOT_PROFILE)
+        object_ids = _objects_of(manifest, indexes)
+        if object_ids:
+            return Plan(str(manifest.ref), object_ids, sizes, BOOT_PROFILE)
         LOG.info('the boot profile of %s names only holes: staging every stored chunk',
                  manifest.ref)
-    return Plan(str(manifest.ref), _distinct(manifest.chunks), sizes, STORED_CHUNKS)
+    return Plan(str(manifest.ref), _objects_of(manifest, range(manifest.chunk_count)), sizes,
+                STORED_CHUNKS)
 
 
 def chunks_to_stage(warehouse: warehouse_mod.Warehouse,
@@ -152,9 +156,11 @@ def chunks_to_stage(warehouse: warehouse_mod.Warehouse,
     return plan(warehouse, ref).chunk_ids
 
 
-def _distinct(chunk_ids) -> list[str]:
-    """The ids in first-seen order, each once, holes (None) left out."""
-    return list(dict.fromkeys(c for c in chunk_ids if c is not None))
+def _objects_of(manifest: manifest_mod.Manifest, indexes) -> list[str]:
+    """The stored objects chunks ``indexes`` of ``manifest`` need, in first-seen order,
+    each once."""
+    return list(dict.fromkeys(object_id for index in indexes
+                              for object_id in manifest.object_ids(index)))
 
 
 def peer_replicas(peers: Mapping[str, str], client: Stager) -> int:

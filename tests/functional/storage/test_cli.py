@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 
+from vmcloud.storage import delta
 from vmcloud.storage import warehouse
 from tests import base
 from tests import damage
@@ -209,6 +210,20 @@ class ImageCliTest(base.TestCase):
             self.assert_one_line_error(self.vmcloud(*args), message)
         self.assertEqual([('disk', 1)], [(r['image'], r['version'])
                                          for r in self.json_of('image', 'list')])
+
+    def test_show_counts_a_chunk_stored_as_a_delta_as_not_shared(self):
+        self.json_of('image', 'import', self.raw, 'disk', '--format', 'raw')
+        store = warehouse.Warehouse(self.conf)
+        # Chunk 0 (data) changed in one block: a delta over the parent's chunk.
+        snap = store.snapshot_chunks(store.lookup('disk').ref,
+                                     {0: delta.BlockChanges(4096, {3: b'x' * 4096})}).manifest
+        self.assertTrue(snap.is_delta(0))
+        shown = self.json_of('image', 'show', str(snap.ref))
+        self.assertEqual(3, shown['chunks_shared_with_parent'])
+        # Its child shares the chain whole.
+        child = store.snapshot_chunks(snap.ref, {1: b'y' * (256 * 1024)}).manifest
+        self.assertEqual(3, self.json_of('image', 'show', str(child.ref))[
+            'chunks_shared_with_parent'])
 
     def test_show_of_a_version_whose_parent_is_damaged(self):
         self.json_of('image', 'import', self.raw, 'disk')

@@ -1225,9 +1225,9 @@ class ComputeManagerTest(base.TestCase):
         sessions = []
         snapshot_many = self.warehouse.snapshot_many
 
-        def one_of_them_fails(items, targets=None):
+        def one_of_them_fails(items, targets=None, **options):
             sessions.append(len(items))
-            results = snapshot_many(items, targets=targets)
+            results = snapshot_many(items, targets=targets, **options)
             results[2] = exception.InvalidRange('vm3 does not fit, on purpose')
             return results
         self.warehouse.snapshot_many = one_of_them_fails

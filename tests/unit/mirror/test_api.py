@@ -134,6 +134,52 @@ class LocalMirrorsTest(test_disk.MirrorTestCase):
         self.assertEqual({'vm2': {'error': 'mirror vm2 has no barrier for snapshot s1'}},
                          self.mirrors.upload('s1', {'vm2': 'vm2'}))
 
+    def scattered_writes(self) -> bytes:
+        """vm1 with 4 KiB written in chunks 0, 1 (data) and 2 (a hole) and chunk 4 written
+        whole, its barrier taken under 's1'; what the snapshot must read."""
+        self.mirrors.create('vm1', 'img')
+        disk = self.mirrors.get('vm1').disk
+        image = bytearray(self.image)
+        for offset, data in ((4096, b'a' * 4096), (CHUNK + 8192, b'b' * 4096),
+                             (2 * CHUNK, b'c' * 4096), (4 * CHUNK, b'd' * CHUNK)):
+            disk.write(offset, data)
+            image[offset:offset + len(data)] = data
+        self.assertEqual({'vm1': {'dirty_bytes': 3 * 4096 + CHUNK}},
+                         self.mirrors.barrier('s1', ['vm1']))
+        return bytes(image)
+
+    def test_small_writes_are_stored_as_deltas_of_the_blocks_written(self):
+        expected = self.scattered_writes()
+        stats = self.mirrors.cache.stats
+        self.assertEqual(0, stats.fetched_chunks)  # whole blocks: no fetch to write them
+        result = self.mirrors.upload('s1', {'vm1': 'vm1'})['vm1']
+        self.assertEqual(0, stats.fetched_chunks)  # nor to store them
+        manifest = self.warehouse.lookup(result['version'])
+        self.assertEqual([0, 1, 2], [i for i in range(manifest.chunk_count)
+                                     if manifest.is_delta(i)])
+        self.assertIsInstance(manifest.chunks[4], str)
+        deltas = sum(len(self.warehouse.read_chunk(manifest.chunks[i][0])) for i in (0, 1, 2))
+        self.assertEqual(CHUNK + deltas, result['uploaded_bytes'])
+        self.assertLess(deltas, 3 * (4096 + 128))  # the blocks and a small header each
+        self.assertBytesEqual(expected, self.version_bytes(result['version']))
+
+    def test_a_chunk_compacted_reads_its_parent_through_the_nodes_cache(self):
+        self.conf.set_override('delta_max_depth', 0, 'storage')
+        expected = self.scattered_writes()
+        cache = self.mirrors.cache
+        with mock.patch.object(self.warehouse, 'read_chunk',
+                               wraps=self.warehouse.read_chunk) as read_chunk:
+            result = self.mirrors.upload('s1', {'vm1': 'vm1'})['vm1']
+        manifest = self.warehouse.lookup(result['version'])
+        self.assertFalse(manifest.has_deltas)
+        # Chunks 0 and 1 needed their parent's bytes (the hole none): the node's cache
+        # fetched them, so they are on the node for its other guests; none was read
+        # around it.
+        self.assertEqual(2, cache.stats.fetched_chunks)
+        self.assertTrue(all(self.manifest.chunks[i] in cache for i in (0, 1)))
+        read_chunk.assert_not_called()
+        self.assertBytesEqual(expected, self.version_bytes(result['version']))
+
     def test_a_second_barrier_of_one_mirror_fails_it_alone(self):
         self.two_guests_with_a_barrier()
         results = self.mirrors.barrier('s2', ['vm1'])
@@ -148,8 +194,8 @@ class LocalMirrorsTest(test_disk.MirrorTestCase):
             results = self.mirrors.upload('s1', {'vm1': 'vm1', 'vm2': 'vm2'})
         self.assertEqual({name: {'error': 'WarehouseBusy: no session'} for name in ('vm1', 'vm2')},
                          results)
-        # vm2 wrote a second chunk after the first barrier
-        self.assertEqual({'vm1': {'dirty_bytes': CHUNK}, 'vm2': {'dirty_bytes': 2 * CHUNK}},
+        # vm2 wrote a block of a second chunk after the first barrier
+        self.assertEqual({'vm1': {'dirty_bytes': CHUNK}, 'vm2': {'dirty_bytes': CHUNK + 4096}},
                          self.mirrors.barrier('s2', ['vm1', 'vm2']))
 
     def test_discard_exits_the_barriers_without_storing(self):
@@ -172,7 +218,7 @@ class LocalMirrorsTest(test_disk.MirrorTestCase):
                           'vm2': {'error': 'snapshot s1 was discarded already'}},
                          self.mirrors.barrier('s1', ['vm1', 'vm2']))
         # The late barriers did not stay open: the next snapshot takes both.
-        self.assertEqual({'vm1': {'dirty_bytes': CHUNK}, 'vm2': {'dirty_bytes': 2 * CHUNK}},
+        self.assertEqual({'vm1': {'dirty_bytes': CHUNK}, 'vm2': {'dirty_bytes': CHUNK + 4096}},
                          self.mirrors.barrier('s3', ['vm1', 'vm2']))
 
     def test_remove_exits_the_mirrors_barriers(self):
@@ -188,10 +234,10 @@ class LocalMirrorsTest(test_disk.MirrorTestCase):
         reading, go_on = threading.Event(), threading.Event()
         real = self.warehouse.snapshot_many
 
-        def slow(items, targets=None):
+        def slow(items, targets=None, **options):
             reading.set()
             go_on.wait(30)
-            return real(items, targets=targets)
+            return real(items, targets=targets, **options)
         results = {}
         with mock.patch.object(self.warehouse, 'snapshot_many', side_effect=slow):
             upload = threading.Thread(target=lambda: results.update(
@@ -215,10 +261,10 @@ class LocalMirrorsTest(test_disk.MirrorTestCase):
         reading, go_on = threading.Event(), threading.Event()
         real = self.warehouse.snapshot_many
 
-        def slow(items, targets=None):
+        def slow(items, targets=None, **options):
             reading.set()
             go_on.wait(30)
-            return real(items, targets=targets)
+            return real(items, targets=targets, **options)
         results = {}
         with mock.patch.object(self.warehouse, 'snapshot_many', side_effect=slow):
             upload = threading.Thread(target=lambda: results.update(

@@ -1,4 +1,5 @@
 """The mirror's disk, cache, dirty map and profiles, without NBD."""
+import dataclasses
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ from vmcloud.mirror import disk as disk_mod
 from vmcloud.mirror import manager as manager_mod
 from vmcloud.mirror import profile as profile_mod
 from vmcloud.nbd import device
+from vmcloud.storage import delta
 from vmcloud.storage import warehouse
 from tests import base
 from tests.unit.mirror import test_dirtymap
@@ -523,6 +525,78 @@ class RandomIOTest(base.TestCase):
         self.assertBytesEqual(bytes(model), disk.read(0, size))
         self.assertGreater(len(disk.dirty.indexes()), 20)
         self.assertTrue(any(not disk.dirty.is_whole(i) for i in disk.dirty.indexes()))
+        disk.close()
+
+
+class DeltaChainTest(MirrorTestCase):
+    """A mirror of a version whose chunks are chains of deltas (issue 19)."""
+
+    BLOCK = 4096
+
+    def setUp(self):
+        super().setUp()
+        rng = random.Random(19)
+        self.expected = bytearray(self.image)
+        version = self.manifest
+        # Two generations: chunk 0 (data) and 2 (a hole) become chains of two deltas,
+        # the short last chunk one delta on its short last block, chunk 3 stays plain.
+        for generation in range(2):
+            changes = {}
+            for index, block in ((0, 1 + generation), (2, 3 * generation), (8, 5)):
+                if index == 8 and generation:
+                    continue
+                length = delta.block_length(block, version.chunk_length(index), self.BLOCK)
+                data = rng.randbytes(length)
+                at = index * CHUNK + block * self.BLOCK
+                self.expected[at:at + length] = data
+                changes[index] = delta.BlockChanges(self.BLOCK, {block: data})
+            version = self.warehouse.snapshot_chunks(version.ref, changes).manifest
+        self.assertEqual([0, 2, 8], [i for i in range(version.chunk_count)
+                                     if version.is_delta(i)])
+        self.assertEqual(3, len(version.chunks[0]))  # two deltas and the base
+        self.manifest = version
+
+    def test_reads_resolve_the_chains_byte_exact(self):
+        disk = self.new_disk()
+        self.assertBytesEqual(bytes(self.expected), disk.read(0, len(self.expected)))
+        self.assertBytesEqual(self.warehouse.read(self.manifest, 0, self.manifest.size),
+                              bytes(self.expected))
+        # Every object of every chain came through the cache, each once.
+        self.assertEqual(sorted(self.manifest.data_chunk_ids()), sorted(self.fetches))
+        # Reads across a chain chunk's blocks, in small requests.
+        for offset in range(0, CHUNK, 5000):
+            end = min(offset + 5000, CHUNK)
+            self.assertBytesEqual(bytes(self.expected[offset:end]),
+                                  disk.read(offset, end - offset))
+        disk.close()
+
+    def test_prefetch_brings_every_object_of_a_chain(self):
+        disk = self.new_disk()
+        disk.prefetch(0)
+        self.assertEqual(sorted(self.manifest.object_ids(0)), sorted(self.fetches))
+        self.assertEqual(3, len(self.fetches))
+        disk.read(0, CHUNK)
+        self.assertEqual(3, len(self.fetches))  # nothing more: all of it was brought
+        disk.close()
+
+    def test_a_partial_write_to_a_chain_chunk_fills_from_the_resolved_chunk(self):
+        disk = self.new_disk()
+        disk.write(CHUNK * 2 + 100, b'w' * 10)
+        self.expected[CHUNK * 2 + 100:CHUNK * 2 + 110] = b'w' * 10
+        self.assertBytesEqual(bytes(self.expected[2 * CHUNK:3 * CHUNK]),
+                              disk.read(2 * CHUNK, CHUNK))
+        disk.close()
+
+    def test_a_chain_whose_delta_does_not_fit_is_a_fetch_failure_naming_it(self):
+        newest, _middle, base = self.manifest.chunks[0]
+        spliced = dataclasses.replace(self.manifest,
+                                      chunks=((newest, base),) + self.manifest.chunks[1:])
+        disk = disk_mod.MirrorDisk(os.path.join(self.tmp, 'spliced'), spliced, self.cache)
+        error = self.assertRaises(exception.FetchFailed, disk.read, 0, 10)
+        self.assertEqual(newest, error.chunk_id)
+        self.assertIn('its chain names', str(error))
+        # The other chunks read on.
+        self.assertBytesEqual(bytes(self.expected[CHUNK:2 * CHUNK]), disk.read(CHUNK, CHUNK))
         disk.close()
 
 

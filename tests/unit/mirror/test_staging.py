@@ -10,6 +10,7 @@ from vmcloud import exception
 from vmcloud.mirror import ownership
 from vmcloud.mirror import profile as profile_mod
 from vmcloud.mirror import staging
+from vmcloud.storage import delta
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
 
@@ -86,6 +87,23 @@ class StagingTest(base.TestCase):
         planned = staging.plan(self.warehouse, 'disk:1')
         self.assertEqual(staging.BOOT_PROFILE, planned.source)
         self.assertEqual([self.ids[i] for i in (5, 2, 9, 0, 7)], planned.chunk_ids)
+
+    def test_a_version_of_deltas_stages_every_object_its_chains_need(self):
+        snapshot = self.warehouse.snapshot_chunks(self.manifest.ref, {
+            2: delta.BlockChanges(512, {0: b'd' * 512}),
+            8: delta.BlockChanges(512, {1: b'h' * 512})}).manifest  # over the hole
+        delta2, base2 = snapshot.chunks[2]
+        delta8, hole = snapshot.chunks[8]
+        self.assertEqual((self.ids[2], None), (base2, hole))
+        planned = staging.plan(self.warehouse, str(snapshot.ref))
+        self.assertEqual([self.ids[i] for i in (0, 1)] + [delta2, base2]
+                         + [self.ids[i] for i in (3, 4, 5, 6, 7)] + [delta8, self.ids[10]],
+                         planned.chunk_ids)
+        profile_mod.ProfileStore(self.warehouse).save(snapshot, {profile_mod.BOOT: [8, 2]})
+        planned = staging.plan(self.warehouse, str(snapshot.ref))
+        self.assertEqual([delta8, delta2, base2], planned.chunk_ids)
+        # A delta counts as the chunk it yields: its stored size is not in the manifest.
+        self.assertEqual(3 * CHUNK, planned.total_bytes)
 
     def test_a_profile_that_does_not_fit_the_version_is_not_used(self):
         # Naming a chunk the version does not have: another layout's.

@@ -78,6 +78,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 if __package__ in (None, ''):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -303,16 +304,22 @@ def replayed_events(trace: trace_mod.Trace) -> list[trace_mod.Event]:
     return [step.event for step in replay_driver.plan(trace).running]
 
 
-def new_chunks(manifests) -> dict[str, int]:
-    """{chunk id: its length} of the distinct chunks the ``(version, parent)`` manifest
-    pairs reference that their parents do not: the new data of a snapshot, each
-    distinct content once (holes are no data)."""
+def new_chunks(manifests, delta_bytes: Callable[[str], int] | None = None) -> dict[str, int]:
+    """{object id: its bytes} of the distinct stored objects (plain chunks, and the deltas
+    of chains) the ``(version, parent)`` manifest pairs need that their parents do not:
+    the new data of a snapshot, each distinct content once (holes are no data). A plain
+    chunk's bytes are its length; a delta's, ``delta_bytes(id)``, its stored size."""
     found: dict[str, int] = {}
     for version, parent in manifests:
         known = parent.data_chunk_ids() if parent is not None else set()
-        for index, chunk_id in enumerate(version.chunks):
-            if chunk_id is not None and chunk_id not in known:
-                found[chunk_id] = version.chunk_length(index)
+        for index, entry in enumerate(version.chunks):
+            for object_id in version.object_ids(index):
+                if object_id in known or object_id in found:
+                    continue
+                if isinstance(entry, str):
+                    found[object_id] = version.chunk_length(index)
+                else:
+                    found[object_id] = delta_bytes(object_id)
     return found
 
 
@@ -848,7 +855,9 @@ class Harness:
                                      if name in qemu_guests), default=None)
         result.dirty_bytes = sum(i['dirty_bytes'] for i in items)
         result.uploaded_bytes = sum(i['uploaded_bytes'] for i in items)
-        found = new_chunks(self.versions_of(items))
+        warehouse = self.warehouse()
+        found = new_chunks(self.versions_of(items, warehouse),
+                           lambda object_id: len(warehouse.read_chunk(object_id)))
         result.new_chunks, result.new_chunk_bytes = len(found), sum(found.values())
 
     def wait_snapshots(self, result: SnapshotRun, deployments: list[str], expected: int,
@@ -914,14 +923,16 @@ class Harness:
                               'version': r[10], 'name': r[11], 'reason': r[12]})
         return list(snapshots.values()), items
 
-    def versions_of(self, items: list[dict]) -> list[tuple]:
-        """(manifest, its parent's manifest or None) of every item's stored version, read
-        from the warehouse's files on the repository host.
+    def warehouse(self) -> warehouse_mod.Warehouse:
+        """The warehouse's files on the repository host, read here."""
+        return warehouse_mod.Warehouse(
+            _conf_of(os.path.join(self.controller.state_dir, 'warehouse.conf')))
+
+    def versions_of(self, items: list[dict], warehouse: warehouse_mod.Warehouse) -> list[tuple]:
+        """(manifest, its parent's manifest or None) of every item's stored version.
 
         :raises: VmcloudError (a version the warehouse does not have).
         """
-        conf = _conf_of(os.path.join(self.controller.state_dir, 'warehouse.conf'))
-        warehouse = warehouse_mod.Warehouse(conf)
         parents: dict[str, object] = {}
         pairs = []
         for item in items:
@@ -1386,18 +1397,20 @@ SNAPSHOT_TEXT = (
     'their host\'s compute log says. "to repository": IP bytes the repository host '
     'received on the warehouse\'s port (nftables, headers included) from the requests until '
     'persistent: chunks, manifests and the protocol around them. "unique dirty: new chunks", '
-    'the goal\'s measure: the distinct chunks the stored versions reference that the image '
-    'version they were deployed from does not, each content once: the least a '
-    'content-addressed repository of these chunks can receive. "unique dirty: 4 KiB blocks": '
+    'the goal\'s measure: the distinct objects the stored versions need that the image '
+    'version they were deployed from does not (plain chunks, and the deltas a partly '
+    'written chunk is stored as, each at its stored size), each content once: the least a '
+    'content-addressed repository of these objects can receive. "unique dirty: 4 KiB blocks": '
     'the distinct 4 KiB blocks each instance wrote data to (zeroes and trims left out), '
     'summed over the instances, from the traces: a replay instance writes its trace\'s '
     'writes up to the shutdown marker, each with bytes of its own (replay.write_data hashes '
     'the instance\'s name and the offset), so no two instances\' data deduplicate and '
     'this is what a repository that stored 4 KiB blocks would need; a qemu guest, what its '
     'mirror recorded until the power button (a little after the cut: an upper bound). A '
-    'chunk a 4 KiB write touches is new whole, so "new chunks" is the larger. "dirty '
-    '(mirrors)": the items\' dirty_bytes summed (whole dirty chunks, per instance). "between '
-    'peers": IP bytes in and out of the compute hosts\' peer chunk servers meanwhile (the '
+    'delta holds the blocks its chunk\'s writes touched, of [mirror] dirty_block_size (4 '
+    'KiB), and about a hundred bytes more, so "new chunks" is the larger. "dirty '
+    '(mirrors)": the items\' dirty_bytes summed (their dirty blocks, per instance). '
+    '"between peers": IP bytes in and out of the compute hosts\' peer chunk servers meanwhile (the '
     'replicas put, their persisted notices, any chunk fetched). "phase s": the whole phase, '
     'settling and collection included.')
 

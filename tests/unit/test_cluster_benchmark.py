@@ -64,6 +64,20 @@ class UniqueDirtyTest(base.TestCase):
         found = cluster.new_chunks([(first, parent), (second, parent), (holes, parent)])
         self.assertEqual({'b': chunk, 'c': 100}, found)
 
+    def test_a_chain_is_new_by_its_deltas_at_their_stored_size(self):
+        chunk = 256 * KIB
+        parent = manifest_mod.Manifest('realistic', 1, 2 * chunk, chunk, ('a', None))
+        ref = manifest_mod.VersionRef('realistic', 1)
+        # A delta over the image's chunk, one over a hole; a second instance's version
+        # stacks a delta on the first's chain and shares its first delta.
+        first = manifest_mod.Manifest('i1', 1, 2 * chunk, chunk, (('d1', 'a'), ('d2', None)),
+                                      ref)
+        second = manifest_mod.Manifest('i2', 1, 2 * chunk, chunk, (('d3', 'd1', 'a'), None),
+                                       ref)
+        sizes = {'d1': 4200, 'd2': 8300, 'd3': 4200}
+        found = cluster.new_chunks([(first, parent), (second, parent)], sizes.__getitem__)
+        self.assertEqual(sizes, found)
+
     def test_a_version_without_parent_is_new_whole(self):
         chunk = 256 * KIB
         alone = manifest_mod.Manifest('i1', 1, 2 * chunk, chunk, ('a', 'a'))

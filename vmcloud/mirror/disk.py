@@ -34,7 +34,7 @@ from vmcloud.storage.manifest import Manifest
 _STRIPES = 64
 # Chunks of delta chains kept resolved per disk: a guest's reads of one chunk come in
 # many requests, each of which would otherwise decode and apply the whole chain.
-_RESOLVED_CHUNKS = 8
+_RESOLVED_CHUNKS = 4
 _ZEROES = bytes(1024 * 1024)
 
 

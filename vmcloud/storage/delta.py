@@ -157,8 +157,9 @@ def encode_blocks(base_id: str | None, chunk_length: int, block_size: int,
     return body + hashlib.sha256(body).digest()
 
 
-def decode(data: bytes, delta_id: str) -> Delta:
-    """Parse and check a stored delta.
+def decode(data: bytes, delta_id: str, verified: bool = False) -> Delta:
+    """Parse and check a stored delta. ``verified``: its bytes were checked against
+    ``delta_id`` already (its sha256), so its own checksum need not be.
 
     :raises: CorruptDelta (a CorruptChunk) naming ``delta_id``: bad magic, format,
         flags, block size, length or checksum, a block beyond the chunk, no block.
@@ -180,15 +181,19 @@ def decode(data: bytes, delta_id: str) -> Delta:
     if not flags & _HAS_BASE and any(base):
         raise CorruptDelta(delta_id, 'a base id for a hole')
     body_length = len(view) - _CHECKSUM_BYTES
-    if hashlib.sha256(view[:body_length]).digest() != view[body_length:]:
+    if not verified and hashlib.sha256(view[:body_length]).digest() != view[body_length:]:
         raise CorruptDelta(delta_id, 'checksum mismatch')
     count = block_count(chunk_length, block_size)
     bitmap_end = _HEADER.size + -(-count // 8)
     if bitmap_end > body_length:
         raise CorruptDelta(delta_id, f'{len(view)} bytes cannot hold the bitmap of '
                                      f'{count} blocks')
-    bitmap = view[_HEADER.size:bitmap_end]
-    changed = [i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1]
+    bits = int.from_bytes(view[_HEADER.size:bitmap_end], 'little')
+    changed = []
+    while bits:
+        lowest = bits & -bits
+        changed.append(lowest.bit_length() - 1)
+        bits ^= lowest
     if changed and changed[-1] >= count:
         raise CorruptDelta(delta_id, f'block {changed[-1]} is beyond the chunk\'s {count}')
     if not changed:
@@ -212,14 +217,18 @@ def apply(base: bytes, delta: Delta, delta_id: str = '?') -> bytes:
 
     :raises: CorruptDelta naming ``delta_id`` if ``base`` is not as long as the chunk.
     """
-    if len(base) != delta.chunk_length:
-        raise CorruptDelta(delta_id, f'it changes a chunk of {delta.chunk_length} bytes, '
-                                     f'its base holds {len(base)}')
     result = bytearray(base)
+    _apply_in_place(result, delta, delta_id)
+    return bytes(result)
+
+
+def _apply_in_place(chunk: bytearray, delta: Delta, delta_id: str) -> None:
+    if len(chunk) != delta.chunk_length:
+        raise CorruptDelta(delta_id, f'it changes a chunk of {delta.chunk_length} bytes, '
+                                     f'its base holds {len(chunk)}')
     for index, data in delta.blocks.items():
         start = index * delta.block_size
-        result[start:start + len(data)] = data
-    return bytes(result)
+        chunk[start:start + len(data)] = data
 
 
 def chain_of(entry: manifest_mod.Entry) -> tuple[str | None, ...]:
@@ -250,7 +259,8 @@ def resolve(entry: manifest_mod.Entry, read_object: ReadObject,
         return read_object(entry)
     if len(entry) == 1:
         return resolve(entry[0], read_object, length)
-    deltas = [(delta_id, decode(read_object(delta_id), delta_id)) for delta_id in entry[:-1]]
+    deltas = [(delta_id, decode(read_object(delta_id), delta_id, verified=True))
+              for delta_id in entry[:-1]]
     for position, (delta_id, delta) in enumerate(deltas):
         if delta.base != entry[position + 1]:
             raise CorruptDelta(delta_id, f'its base is {delta.base or "a hole"}, its chain '
@@ -259,7 +269,7 @@ def resolve(entry: manifest_mod.Entry, read_object: ReadObject,
             raise CorruptDelta(delta_id, f'it yields {delta.chunk_length} bytes, its place '
                                          f'in the version holds {length}')
     base_id = entry[-1]
-    data = bytes(deltas[-1][1].chunk_length) if base_id is None else read_object(base_id)
+    chunk = bytearray(deltas[-1][1].chunk_length if base_id is None else read_object(base_id))
     for delta_id, delta in reversed(deltas):
-        data = apply(data, delta, delta_id)
-    return data
+        _apply_in_place(chunk, delta, delta_id)
+    return bytes(chunk)

@@ -7,8 +7,11 @@ checksum and the sha256 of the body, then the body, the chunk list, where a run
 of holes is one integer. Listing reads only the header, and an all-hole 4 TiB
 image stores a few hundred bytes instead of 84 MB. Format 3 (issue 19) is format 2
 whose body may also hold delta chains, each a list of ids (see
-vmcloud.storage.delta); it is written only for a version with at least one chain,
-so readers of format 2 keep reading every other version. Formats 1 and 2 stay
+vmcloud.storage.delta), and is stored zlib-compressed (its header names the length
+of the body uncompressed, ``body_bytes``): a snapshot of small writes changes little,
+and a chain of hex ids would otherwise cost the warehouse as much as a tenth of what
+it stores for them. It is written only for a version with at least one chain, so
+readers of format 2 keep reading every other version. Formats 1 and 2 stay
 readable.
 """
 import dataclasses
@@ -16,6 +19,7 @@ import datetime
 import hashlib
 import json
 import re
+import zlib
 from typing import Any
 
 from vmcloud import exception
@@ -25,6 +29,9 @@ FORMAT_VERSION = 2
 DELTA_FORMAT_VERSION = 3
 """The format of a manifest with at least one delta chain."""
 READABLE_FORMATS = (1, 2, 3)
+_ID_BYTES = 67
+"""The JSON of a chunk id in a body, quotes and comma: what bounds a body's length."""
+_BODY_LEVEL = 6
 MAX_CHAIN_DELTAS = 64
 """The most deltas a chain read back may hold: [storage] delta_max_depth bounds what is
 written, but a version written under a deeper limit must still read."""
@@ -209,8 +216,11 @@ class Manifest:
             else:
                 runs.append(1)
         body = _canonical(runs)
-        fmt = DELTA_FORMAT_VERSION if self.has_deltas else FORMAT_VERSION
-        header = dict(self._fields(), format=fmt,
+        extra: dict[str, Any] = {'format': FORMAT_VERSION}
+        if self.has_deltas:
+            extra = {'format': DELTA_FORMAT_VERSION, 'body_bytes': len(body)}
+            body = zlib.compress(body, _BODY_LEVEL)
+        header = dict(self._fields(), **extra,
                       data_chunks=sum(1 for c in self.chunks if c),
                       body=hashlib.sha256(body).hexdigest())
         header['checksum'] = hashlib.sha256(_canonical(header)).hexdigest()
@@ -235,8 +245,11 @@ class Manifest:
                 header = _checked(header_line, 2, 3)
                 if hashlib.sha256(body_line).hexdigest() != header['body']:
                     raise ValueError('body checksum mismatch')
-                chunks = _expand(json.loads(body_line), _expected_chunks(header),
-                                 chains=header['format'] == DELTA_FORMAT_VERSION)
+                expected = _expected_chunks(header)
+                chains = header['format'] == DELTA_FORMAT_VERSION
+                if chains:
+                    body_line = _inflated(body_line, header['body_bytes'], expected)
+                chunks = _expand(json.loads(body_line), expected, chains=chains)
             else:
                 header = _checked(data, 1)
                 chunks = header['chunks']
@@ -335,6 +348,22 @@ def _expected_chunks(header: dict[str, Any]) -> int:
         if not _is_count(header[name], least):
             raise ValueError(f'invalid {name} {header[name]!r}')
     return -(-header['size'] // header['chunk_size'])
+
+
+def _inflated(body: bytes, length: Any, expected: int) -> bytes:
+    """A format 3 body uncompressed: ``length`` bytes (its header's body_bytes), no
+    more than the longest list of ``expected`` chunks can take, whatever it claims."""
+    most = expected * (MAX_CHAIN_DELTAS + 1) * _ID_BYTES + 2
+    if not _is_count(length, 2) or length > most:
+        raise ValueError(f'invalid body length {length!r} for {expected} chunks')
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(body, length + 1)
+    except zlib.error as exc:
+        raise ValueError(f'body does not decompress: {exc}') from exc
+    if len(data) != length or not inflater.eof or inflater.unused_data:
+        raise ValueError(f'body decompresses to other than its {length} bytes')
+    return data
 
 
 def _expand(runs: Any, expected: int, chains: bool = False) -> tuple[Entry, ...]:

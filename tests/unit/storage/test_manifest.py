@@ -1,5 +1,6 @@
 import hashlib
 import json
+import zlib
 
 from vmcloud import exception
 from vmcloud.storage import manifest as manifest_mod
@@ -147,6 +148,37 @@ class DeltaChainFormatTest(base.TestCase):
         self.assertEqual(manifest.summary(), Manifest.decode_summary(data, 'img:2', True))
         self.assertEqual(2, back.summary().data_chunks)
 
+    def test_its_body_is_compressed_and_a_bad_one_is_corrupt(self):
+        chain = tuple(hashlib.sha256(bytes([i])).hexdigest() for i in range(3))
+        manifest = _manifest(chunks=(chain, None, None))
+        data = manifest.encode()
+        header_line, _, body = data.partition(b'\n')
+        header = json.loads(header_line)
+        plain = zlib.decompress(body)
+        self.assertEqual(len(plain), header['body_bytes'])
+        self.assertLess(len(body), len(plain))
+
+        def rewritten(new_body: bytes, **fields) -> bytes:
+            changed = dict(header, **fields, body=hashlib.sha256(new_body).hexdigest())
+            del changed['checksum']
+            changed['checksum'] = hashlib.sha256(
+                json.dumps(changed, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+            return json.dumps(changed, sort_keys=True, separators=(',', ':')).encode() + (
+                b'\n' + new_body)
+        bomb = zlib.compress(b' ' * (50 * 1024 * 1024))
+        for data, problem in (
+                (rewritten(plain), 'does not decompress'),
+                (rewritten(body + b'x'), 'decompresses to other than'),
+                (rewritten(body[:-3]), 'decompresses to other than'),
+                (rewritten(body, body_bytes=header['body_bytes'] - 1), 'other than'),
+                (rewritten(body, body_bytes='12'), "invalid body length '12'"),
+                # A small body that would inflate without end: refused by its bound.
+                (rewritten(bomb, body_bytes=50 * 1024 * 1024), 'invalid body length'),
+                (rewritten(bomb, body_bytes=1000), 'other than its 1000 bytes')):
+            error = self.assertRaises(exception.CorruptManifest, Manifest.decode, data, 'img:2')
+            self.assertIn(problem, str(error))
+        self.assertEqual(manifest, Manifest.decode(rewritten(body), 'img:2'))
+
     def test_a_manifest_without_chains_is_still_format_2(self):
         data = _manifest().encode()
         self.assertEqual(2, json.loads(data.partition(b'\n')[0])['format'])
@@ -197,8 +229,10 @@ class DeltaChainFormatTest(base.TestCase):
         manifest = _manifest(chunks=(self.CHAIN, None, None))
         header_line, _, body = manifest.encode().partition(b'\n')
         header = json.loads(header_line)
-        del header['checksum']
+        del header['checksum'], header['body_bytes']
+        body = zlib.decompress(body)  # as format 2 would hold it
         header['format'] = 2
+        header['body'] = hashlib.sha256(body).hexdigest()
         header['checksum'] = hashlib.sha256(
             json.dumps(header, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
         data = json.dumps(header, sort_keys=True, separators=(',', ':')).encode() + b'\n' + body

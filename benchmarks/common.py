@@ -95,9 +95,14 @@ def nested_state(conf, root: str):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def size_arguments(description: str) -> argparse.Namespace:
-    """--size MIB, --repeat N, --quick (128 MiB, one run) and --workdir, parsed."""
+def size_arguments(description: str,
+                   more: Callable[[argparse.ArgumentParser], None] | None = None
+                   ) -> argparse.Namespace:
+    """--size MIB, --repeat N, --quick (128 MiB, one run) and --workdir, and those
+    ``more`` adds, parsed."""
     parser = argparse.ArgumentParser(description=description)
+    if more is not None:
+        more(parser)
     parser.add_argument('--size', type=int, default=1024, help='image size in MiB')
     parser.add_argument('--repeat', type=int, default=3, help='runs per contender (median)')
     parser.add_argument('--quick', action='store_true', help='128 MiB, one run each')

@@ -4,8 +4,11 @@
 
 Import and export are timed against `cp` and `qemu-img convert` of the same image
 (speed ratio = baseline time / our time: above 1 means we are faster). Snapshot cost
-is the stored bytes a snapshot adds, against the bytes it actually changed.
+is the stored bytes a snapshot adds, against the bytes it actually changed, stored as
+whole chunks and as deltas side by side; and the read speed of the 10th snapshot of
+deltas against the base image's.
 """
+import hashlib
 import os
 import random
 import shutil
@@ -19,6 +22,12 @@ from oslo_config import cfg  # noqa: E402
 
 import vmcloud.conf  # noqa: E402,F401 - registers options
 from benchmarks import common  # noqa: E402
+from benchmarks import multisnapshot  # noqa: E402
+from tests import guest  # noqa: E402
+from vmcloud import allinone  # noqa: E402
+from vmcloud.drivers import base as driver_base  # noqa: E402
+from vmcloud.mirror import dirtymap  # noqa: E402
+from vmcloud.storage import delta as delta_mod  # noqa: E402
 from vmcloud.storage import warehouse as warehouse_mod  # noqa: E402
 
 MIB = 1024 * 1024
@@ -125,64 +134,152 @@ def _ratio_rows(label: str, times: dict[str, float], ours: str, size: int) -> li
              f'{times[name] / times[ours]:.2f}') for name, seconds in times.items()]
 
 
-def _changed_chunks(base: bytes, changed: bytearray, chunk_size: int) -> dict[int, bytes]:
-    return {i: bytes(changed[o:o + chunk_size])
-            for i, o in enumerate(range(0, len(base), chunk_size))
-            if base[o:o + chunk_size] != changed[o:o + chunk_size]}
+BLOCK = 4096
+WORKLOADS = ('(a) 1% scattered 4 KiB writes', '(b) 1% in 4 KiB-1 MiB writes',
+             '(c) 1% sequential writes')
+# Each contender turns the pages a snapshot wrote into the changes snapshot_chunks takes.
+CONTENDERS = ('whole chunks (before deltas)', 'deltas of 4 KiB blocks')
 
 
-def snapshot_cost(work: str, size: int, rounds: int = 10) -> tuple[list, list]:
+def _whole_chunks(data: bytearray, pages: set[int], chunk_size: int) -> dict:
+    per_chunk = chunk_size // BLOCK
+    return {index: bytes(data[index * chunk_size:(index + 1) * chunk_size])
+            for index in {page // per_chunk for page in pages}}
+
+
+def _block_changes(data: bytearray, pages: set[int], chunk_size: int) -> dict:
+    per_chunk = chunk_size // BLOCK
+    changes: dict[int, dict[int, bytes]] = {}
+    for page in pages:
+        changes.setdefault(page // per_chunk, {})[page % per_chunk] = bytes(
+            data[page * BLOCK:(page + 1) * BLOCK])
+    return {index: delta_mod.BlockChanges(BLOCK, blocks) for index, blocks in changes.items()}
+
+
+def _write_pages(data: bytearray, rng: random.Random, workload: str) -> set[int]:
+    """Write 1% of ``data`` with new random bytes as ``workload`` does; the 4 KiB pages
+    written (a page written twice counts once)."""
+    target = len(data) // 100 // BLOCK
+    total = len(data) // BLOCK
+    pages: set[int] = set()
+    while len(pages) < target:
+        if workload == WORKLOADS[0]:
+            count = 1
+        elif workload == WORKLOADS[1]:
+            count = rng.randint(1, 256)
+        else:
+            count = target - len(pages)  # one run
+        first = rng.randrange(total - count)
+        data[first * BLOCK:(first + count) * BLOCK] = rng.randbytes(count * BLOCK)
+        pages.update(range(first, first + count))
+    return pages
+
+
+def _read_seconds(store: warehouse_mod.Warehouse, manifest, repeat: int) -> float:
+    """Median seconds of reading the whole version, 4 MiB at a time."""
+    def read_all():
+        for offset in range(0, manifest.size, 4 * MIB):
+            store.read(manifest, offset, min(4 * MIB, manifest.size - offset))
+    return sorted(common.timed(read_all) for _ in range(repeat))[repeat // 2]
+
+
+def snapshot_cost(work: str, size: int, repeat: int, rounds: int = 10) -> tuple[list, list]:
+    """10 snapshots of each workload at 64 and 256 KiB chunks, stored as whole chunks
+    and as deltas side by side; with deltas, the 10th snapshot's read speed against the
+    base image's."""
     raw = os.path.join(work, 'image.raw')
     with open(raw, 'rb') as f:
         image = f.read()
-    rows = []
-    for workload in ('chunk-aligned', 'scattered 4 KiB-1 MiB'):
-        chunk_sizes = (256 * 1024,) if workload == 'chunk-aligned' else (
-            64 * 1024, 256 * 1024, 1024 * 1024)
-        for chunk_size in chunk_sizes:
-            rng = random.Random(7)
-            store = new_warehouse(os.path.join(work, 'snapstore'), chunk_size)
-            parent = store.import_image(raw, 'image').manifest
-            current = bytearray(image)
-            changed_total = added_total = 0
-            for _ in range(rounds):
-                before = store.stats().stored_bytes
-                previous = bytes(current)
-                changed = _apply_changes(current, rng, workload, chunk_size)
-                changes = _changed_chunks(previous, current, chunk_size)
-                parent = store.snapshot_chunks(parent.ref, changes).manifest
-                changed_total += changed
-                added_total += store.stats().stored_bytes - before
-            assert store.read(parent, 0, parent.size) == bytes(current)
-            rows.append((workload, f'{chunk_size // 1024} KiB', rounds,
-                         common.mib(changed_total), common.mib(added_total),
-                         f'{added_total / changed_total:.3f}'))
-    return rows, []
+    rows, reads = [], []
+    for workload in WORKLOADS:
+        for chunk_size in (64 * 1024, 256 * 1024):
+            for contender in CONTENDERS:
+                rng = random.Random(7)  # the same writes for both contenders
+                store = new_warehouse(os.path.join(work, 'snapstore'), chunk_size)
+                base = parent = store.import_image(raw, 'image').manifest
+                current = bytearray(image)
+                changed_total = added_total = 0
+                for _ in range(rounds):
+                    before = store.stats().stored_bytes
+                    pages = _write_pages(current, rng, workload)
+                    make = _whole_chunks if contender == CONTENDERS[0] else _block_changes
+                    parent = store.snapshot_chunks(
+                        parent.ref, make(current, pages, chunk_size)).manifest
+                    changed_total += len(pages) * BLOCK
+                    added_total += store.stats().stored_bytes - before
+                assert store.read(parent, 0, parent.size) == bytes(current)
+                rows.append((workload, f'{chunk_size // 1024} KiB', contender,
+                             common.mib(changed_total), common.mib(added_total),
+                             f'{added_total / changed_total:.3f}'))
+                if contender == CONTENDERS[1]:
+                    base_s = _read_seconds(store, base, repeat)
+                    last_s = _read_seconds(store, parent, repeat)
+                    chains = [len(e) - 1 for e in parent.chunks if isinstance(e, tuple)]
+                    reads.append((workload, f'{chunk_size // 1024} KiB', len(chains),
+                                  max(chains, default=0), f'{size / base_s / MIB:.0f}',
+                                  f'{size / last_s / MIB:.0f}', f'{base_s / last_s:.2f}'))
+    return rows, reads
 
 
-def _apply_changes(data: bytearray, rng: random.Random, workload: str, chunk_size: int) -> int:
-    """Change 1% of ``data``; return the number of bytes actually changed."""
-    target = len(data) // 100
-    if workload == 'chunk-aligned':
-        count = max(1, target // chunk_size)
-        for index in rng.sample(range(len(data) // chunk_size), count):
-            data[index * chunk_size:(index + 1) * chunk_size] = rng.randbytes(chunk_size)
-        return count * chunk_size
-    touched = bytearray(len(data) // 4096)
-    changed = 0
-    while changed < target:
-        pages = rng.randint(1, 256)
-        first = rng.randrange(len(touched) - pages)
-        data[first * 4096:(first + pages) * 4096] = rng.randbytes(pages * 4096)
-        for page in range(first, first + pages):
-            if not touched[page]:
-                touched[page] = 1
-                changed += 4096
-    return changed
+def _unique_dirty_blocks(node, names: list[str]) -> int:
+    """Bytes of the distinct non-zero blocks (the mirrors' dirty blocks, 4 KiB) the
+    guests wrote: the least a repository of these blocks could store."""
+    seen: dict[str, int] = {}
+    for name in names:
+        disk = node.mirrors.get(name).disk
+        block = disk.dirty.block_size
+        for index in disk.dirty.indexes():
+            for first, end in dirtymap.runs(disk.dirty.mask(index)):
+                start = index * disk.manifest.chunk_size + first * block
+                length = min(end * block, disk.manifest.chunk_length(index)) - first * block
+                data = disk.read(start, length)
+                for offset in range(0, length, block):
+                    piece = data[offset:offset + block]
+                    if piece.count(0) != len(piece):
+                        seen[hashlib.sha256(piece).hexdigest()] = len(piece)
+    return sum(seen.values())
+
+
+def guest_snapshots(count: int, small_writes: int) -> list:
+    """``count`` test guests on one node each write ``small_writes`` scattered 4 KiB
+    blocks, then one multi-snapshot of them all; beside it, the same guests paused and
+    exported to qcow2."""
+    CONF.clear_override('chunk_size', 'storage')
+    with common.scratch_state(CONF) as root, common.nested_state(CONF, root) as work:
+        with allinone.AllInOne(CONF, hosts=1, driver='qemu') as cloud:
+            node = cloud.computes[0]
+            cloud.warehouse.import_image(guest.path('disk.img'), 'guest')
+            boot = {'kernel': guest.path('vmlinuz'), 'initrd': guest.path('initrd.img'),
+                    'cmdline': f'{guest.CMDLINE} vmcloud.id={{name}} '
+                               f'vmcloud.small_writes={small_writes}'}
+            deployment = cloud.api.deploy('guest', count, boot=boot)
+            deployment = cloud.api.wait_deployment(deployment['id'], multisnapshot.TIMEOUT)
+            names = [i['name'] for i in deployment['instances']]
+            for name in names:
+                node.driver.wait_for_event(name, driver_base.APP_RUNNING, multisnapshot.TIMEOUT)
+            unique = _unique_dirty_blocks(node, names)
+            stored_before = cloud.warehouse.stats().stored_bytes
+            snapshot = cloud.api.snapshot(deployment['id'])
+            snapshot = cloud.api.wait_snapshot(snapshot['id'], multisnapshot.TIMEOUT)
+            if snapshot['state'] != 'available':
+                raise RuntimeError(f'snapshot failed: {snapshot}')
+            stored = cloud.warehouse.stats().stored_bytes - stored_before
+            dirty = sum(item['dirty_bytes'] for item in snapshot['items'])
+            pause = max(item['pause_ms'] for item in snapshot['items'])
+            export_pause, exported = multisnapshot.qcow2_exports(node, names, work)
+    return [(count, small_writes, 'vmcloud multi-snapshot', common.mib(unique),
+             common.mib(dirty), common.mib(stored), f'{stored / unique:.3f}', f'{pause:.0f}'),
+            (count, small_writes, 'qemu-img convert -O qcow2 of each', common.mib(unique), '',
+             common.mib(exported), f'{exported / unique:.3f}', f'{export_pause:.0f}')]
 
 
 def main() -> None:
-    args = common.size_arguments(__doc__.splitlines()[0])
+    def more(parser):
+        parser.add_argument('--guests', type=int, default=8,
+                            help='test guests of the multi-snapshot (0: none)')
+        parser.add_argument('--small-writes', type=int, default=256,
+                            help='scattered 4 KiB writes of each guest')
+    args = common.size_arguments(__doc__.splitlines()[0], more)
     CONF([], project='vmcloud', default_config_files=[])
     work = tempfile.mkdtemp(dir=args.workdir)
     try:
@@ -193,18 +290,26 @@ def main() -> None:
                                + ', '.join(f'{n} {k}' for k, n in mix.items()),
                       'chunk size': '256 KiB', 'runs per contender': str(args.repeat)})
         speed_rows, space_rows = throughput(work, size, args.repeat)
-        snapshot_rows, _ = snapshot_cost(work, size)
+        snapshot_rows, read_rows = snapshot_cost(work, size, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    guest_rows = guest_snapshots(args.guests, args.small_writes) if args.guests else []
 
     speed = common.table(('operation', 'contender', 'seconds', 'MiB/s',
                           'vmcloud speed / contender speed'), speed_rows)
     space = common.table(('what', 'bytes'), space_rows)
-    snapshots = common.table(('workload', 'chunk size', 'snapshots', 'bytes changed',
+    snapshots = common.table(('workload', 'chunk size', 'stored as', 'bytes changed',
                               'bytes stored', 'stored / changed'), snapshot_rows)
+    reads = common.table(('workload', 'chunk size', 'chunks as deltas', 'longest chain',
+                          'base MiB/s', '10th snapshot MiB/s', '10th / base'), read_rows)
+    guests = common.table(('guests', '4 KiB writes each', 'contender', 'unique dirty 4 KiB',
+                           'dirty (mirrors)', 'bytes stored', 'stored / unique dirty',
+                           'longest pause ms'), guest_rows)
     print(common.table(('fact', 'value'), list(facts.items())))
     for title, body in (('Throughput', speed), ('Space, base image', space),
-                        ('10 snapshots, each changing 1% of the image', snapshots)):
+                        ('10 snapshots, each changing 1% of the image', snapshots),
+                        ('Reading the 10th snapshot', reads),
+                        ('Multi-snapshot of guests writing small blocks', guests)):
         print(f'\n{title}\n{body}')
     path = common.write_results('warehouse', 'Warehouse benchmark', [
         ('Throughput', 'Median of the runs; every contender ends with sync(), caches dropped '
@@ -213,8 +318,30 @@ def main() -> None:
                        'virtual size.\n\n' + speed),
         ('Space, base image', space),
         ('10 snapshots, each changing 1% of the image',
-         'Stored = growth of chunk packs, pack indexes and manifests. Changed = distinct '
-         'bytes rewritten with new content.\n\n' + snapshots),
+         'Each workload\'s 10 snapshots, one on top of the other, write new random bytes '
+         'to 1% of the image: (a) in single 4 KiB pages at random, (b) in runs of 4 KiB to '
+         '1 MiB at random, (c) in one run. The same writes are stored twice side by side: '
+         'as the whole chunks they touched (what a snapshot stored before deltas) and as '
+         'the 4 KiB blocks they wrote (`delta.BlockChanges`, stored as deltas over the '
+         'parent\'s chunk, or compacted into a plain chunk past `[storage] '
+         'delta_max_ratio` (0.5) or `delta_max_depth` (4)). Stored = growth of chunk '
+         'packs, pack indexes and manifests. Changed = distinct 4 KiB pages written, in '
+         'bytes. Goal: stored / changed <= 1.2 with deltas.\n\n' + snapshots),
+        ('Reading the 10th snapshot',
+         'The whole version read through `Warehouse.read`, 4 MiB at a time, median of the '
+         'runs with a warm page cache, the 10th snapshot of deltas against the base image '
+         'in the same store. Goal: 10th / base >= 0.9.\n\n' + reads),
+        ('Multi-snapshot of guests writing small blocks',
+         f'{args.guests} test guests (qemu, one node, all in one process, the default chunk '
+         f'size) each write {args.small_writes} blocks of 4 KiB of random data at random '
+         'places of an 8 MiB file (`vmcloud.small_writes`), then one snapshot of them all. '
+         '"unique dirty 4 KiB": the distinct non-zero 4 KiB blocks their mirrors hold as '
+         'written, read just before the snapshot (the file system\'s own writes '
+         'included); "dirty (mirrors)": the snapshot items\' dirty_bytes summed; stored: '
+         'the growth of the warehouse. Beside it, the same guests paused and each disk '
+         'exported with `qemu-img convert -O qcow2` from its mirror, what a snapshot by '
+         'export stores. Goal: stored / unique dirty <= 1.2.\n\n'
+         + (guests if guest_rows else 'Not run (--guests 0).')),
     ], facts)
     print(f'\nwritten to {os.path.relpath(path, common.REPO)}')
 

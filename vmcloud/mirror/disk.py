@@ -4,9 +4,9 @@ Blocks the instance never wrote are read through the node's chunk cache (each
 chunk fetched from the warehouse once per node; a chunk the version stores as a
 chain of deltas is resolved from its objects, each fetched that way); blocks it
 wrote (guest blocks of ``[mirror] dirty_block_size`` within each chunk) live in
-its own sparse local file and are named in its persistent dirty map. A write that covers whole
-blocks needs nothing of the image; one that covers part of a block first fills
-the rest of that block from the image, so a dirty block is always whole.
+its own sparse local file and are named in its persistent dirty map. A write that
+covers whole blocks needs nothing of the image; one that covers part of a block
+first fills the rest of that block from the image, so a dirty block is always whole.
 
 One disk object owns the mirror's directory at a time (the ``lock`` file in
 it): a second owner's dirty map would replace the first one's, and lose its

@@ -32,10 +32,12 @@ storage_opts = [
                     'of which a guest changed only some blocks is stored as a delta, '
                     'those blocks over its parent chunk. A power of two that divides '
                     'chunk_size (refused otherwise).'),
-    cfg.IntOpt('delta_max_depth', default=4, min=0, max=64,
+    cfg.IntOpt('delta_max_depth', default=8, min=0, max=64,
                help='Most deltas stacked on one chunk: a snapshot that would stack '
-                    'more stores the chunk whole (compacted), so reading a chunk '
-                    'reads at most this many deltas whatever the number of snapshots. '
+                    'more squashes the chain into one delta over its base (every block '
+                    'written since), or stores the chunk whole if that delta would '
+                    'change more than delta_max_ratio of it, so reading a chunk reads '
+                    'at most this many deltas whatever the number of snapshots. '
                     '0 stores every change as a whole chunk.'),
     cfg.FloatOpt('delta_max_ratio', default=0.5, min=0.0, max=1.0,
                  help='Largest share of a chunk a delta may change: a change of more '

@@ -238,6 +238,27 @@ def chain_of(entry: manifest_mod.Entry) -> tuple[str | None, ...]:
     return (entry,)
 
 
+def chain_deltas(chain: tuple[str | None, ...], read_object: ReadObject,
+                 length: int | None = None) -> list[tuple[str, Delta]]:
+    """(id, decoded) of each delta of ``chain``, newest first, each checked to name the
+    next element of the chain as its base and (given ``length``) to yield ``length``
+    bytes.
+
+    :raises: CorruptDelta for one that does not decode or fit; what ``read_object``
+        raises.
+    """
+    deltas = [(delta_id, decode(read_object(delta_id), delta_id, verified=True))
+              for delta_id in chain[:-1]]
+    for position, (delta_id, delta) in enumerate(deltas):
+        if delta.base != chain[position + 1]:
+            raise CorruptDelta(delta_id, f'its base is {delta.base or "a hole"}, its chain '
+                                         f'names {chain[position + 1] or "a hole"}')
+        if length is not None and delta.chunk_length != length:
+            raise CorruptDelta(delta_id, f'it yields {delta.chunk_length} bytes, its place '
+                                         f'in the version holds {length}')
+    return deltas
+
+
 def resolve(entry: manifest_mod.Entry, read_object: ReadObject,
             length: int | None = None) -> bytes:
     """The bytes of a chunk a manifest entry names.
@@ -259,15 +280,7 @@ def resolve(entry: manifest_mod.Entry, read_object: ReadObject,
         return read_object(entry)
     if len(entry) == 1:
         return resolve(entry[0], read_object, length)
-    deltas = [(delta_id, decode(read_object(delta_id), delta_id, verified=True))
-              for delta_id in entry[:-1]]
-    for position, (delta_id, delta) in enumerate(deltas):
-        if delta.base != entry[position + 1]:
-            raise CorruptDelta(delta_id, f'its base is {delta.base or "a hole"}, its chain '
-                                         f'names {entry[position + 1] or "a hole"}')
-        if length is not None and delta.chunk_length != length:
-            raise CorruptDelta(delta_id, f'it yields {delta.chunk_length} bytes, its place '
-                                         f'in the version holds {length}')
+    deltas = chain_deltas(entry, read_object, length)
     base_id = entry[-1]
     chunk = bytearray(deltas[-1][1].chunk_length if base_id is None else read_object(base_id))
     for delta_id, delta in reversed(deltas):

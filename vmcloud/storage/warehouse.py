@@ -232,9 +232,11 @@ def _plain_pieces(chunks: Iterable[chunker.Chunk]) -> Iterator[Piece]:
 
 class _DeltaPolicy:
     """Turns one chunk's BlockChanges into a piece: a delta on top of the parent's
-    entry, or the chunk compacted into a plain one (the resolved parent chunk with the
-    blocks applied) when the delta would change more than ``delta_max_ratio`` of the
-    chunk, stack more than ``delta_max_depth`` deltas, or be no smaller than the chunk.
+    entry; past ``delta_max_depth`` deltas, the chain squashed into one delta over its
+    base of every block its deltas and the change wrote; or the chunk compacted into a
+    plain one (the resolved parent chunk with the blocks applied) when the delta (or
+    the squashed one) would change more than ``delta_max_ratio`` of the chunk or be no
+    smaller than it.
     """
 
     def __init__(self, conf: cfg.ConfigOpts, read_object: delta_mod.ReadObject):
@@ -257,13 +259,14 @@ class _DeltaPolicy:
         if parent is None and all(chunker.is_zero(data) for data in blocks.values()):
             return None, None, None
         chain = delta_mod.chain_of(parent)
-        changed = sum(len(data) for data in blocks.values())
-        if changed <= self.max_ratio * length and len(chain) <= self.max_depth:
-            encoded = delta_mod.encode_blocks(chain[0], length, change.block_size, blocks)
-            # A delta as large as its chunk saves nothing and costs every read.
-            if len(encoded) < length:
-                delta_id = manifest_mod.chunk_id(encoded)
-                return (delta_id,) + chain, encoded, delta_id
+        if len(chain) <= self.max_depth:
+            stacked = self._delta(chain, length, change.block_size, blocks)
+            if stacked is not None:
+                return stacked
+        elif self.max_depth:
+            squashed = self._squashed(chain, length, change)
+            if squashed is not None:
+                return squashed
         resolved = bytearray(delta_mod.resolve(parent, self.read_object, length))
         if len(resolved) != length:
             raise exception.StorageError(
@@ -273,6 +276,38 @@ class _DeltaPolicy:
             start = block * change.block_size
             resolved[start:start + len(data)] = data
         return _plain_piece(bytes(resolved))
+
+    def _delta(self, chain: tuple[str | None, ...], length: int, block_size: int,
+               blocks: Mapping[int, bytes]) -> Piece | None:
+        """``blocks`` as a delta on top of ``chain``, unless it changes more than the
+        ratio or is no smaller than the chunk."""
+        if sum(len(data) for data in blocks.values()) > self.max_ratio * length:
+            return None
+        encoded = delta_mod.encode_blocks(chain[0], length, block_size, blocks)
+        # A delta as large as its chunk saves nothing and costs every read.
+        if len(encoded) >= length:
+            return None
+        delta_id = manifest_mod.chunk_id(encoded)
+        return (delta_id,) + chain, encoded, delta_id
+
+    def _squashed(self, chain: tuple[str | None, ...], length: int,
+                  change: delta_mod.BlockChanges) -> Piece | None:
+        """One delta over the chain's base of every block its deltas and ``change``
+        wrote, the newest of each: what a chain too deep costs instead of a whole chunk
+        (only the blocks written since the base are stored again). None if a delta of
+        the chain has another block size, or the union is too large.
+
+        :raises: CorruptDelta for a delta that does not fit the chain; what reading
+            one raises.
+        """
+        blocks: dict[int, bytes] = {}
+        for _delta_id, decoded in reversed(delta_mod.chain_deltas(chain, self.read_object,
+                                                                  length)):
+            if decoded.block_size != change.block_size:
+                return None
+            blocks.update(decoded.blocks)
+        blocks.update(change.blocks)
+        return self._delta(chain[-1:], length, change.block_size, blocks)
 
 
 _Fits = dict[str, dict[tuple[str | None, int], list[VersionRef]]]

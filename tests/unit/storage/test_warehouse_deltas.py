@@ -205,25 +205,37 @@ class ChainShapeTest(DeltaTestCase):
         one = self.snapshot(self.base, {0: delta.BlockChanges(BLOCK, {0: b'q' * BLOCK})})
         self.assertFalse(one.manifest.is_delta(0))
 
-    def test_a_chain_deeper_than_the_limit_is_compacted(self):
+    def test_a_chain_deeper_than_the_limit_is_squashed_then_compacted(self):
         self.conf.set_override('delta_max_depth', 3, 'storage')
         manifest = self.base
-        lengths = []
-        for generation in range(8):
+        base_id = self.base.chunks[0]
+        lengths, stored = [], []
+        for generation in range(10):
             block = generation % BLOCKS
             data = self.rng.randbytes(BLOCK)
             self.model.data[block * BLOCK:(block + 1) * BLOCK] = data
+            before = self.warehouse.stats().chunk_bytes
             manifest = self.snapshot(manifest, {0: delta.BlockChanges(BLOCK, {block: data})}
                                      ).manifest
+            stored.append(self.warehouse.stats().chunk_bytes - before)
             entry = manifest.chunks[0]
             lengths.append(len(entry) - 1 if isinstance(entry, tuple) else 0)
+            if isinstance(entry, tuple):
+                self.assertEqual(base_id, entry[-1])  # squashed over the same base
             self.assertBytesEqual(bytes(self.model.data), self.read_all(manifest))
-        self.assertEqual([1, 2, 3, 0, 1, 2, 3, 0], lengths)
+        # Past 3 deltas, one delta of every block written since the base (4, then 7
+        # blocks); past the ratio (10 of 16 blocks), the chunk whole.
+        self.assertEqual([1, 2, 3, 1, 2, 3, 1, 2, 3, 0], lengths)
+        self.assertEqual(4, len(delta.decode(self.warehouse.read_chunk(
+            self.warehouse.manifest('img', 5).chunks[0][0]), 'd').blocks))
+        self.assertLess(stored[3], 5 * BLOCK)
+        self.assertLess(stored[6], 8 * BLOCK)
+        self.assertGreaterEqual(stored[9], CHUNK)
         self.conf.set_override('delta_max_depth', 0, 'storage')
         plain = self.snapshot(self.base, {0: delta.BlockChanges(BLOCK, {0: b'z' * BLOCK})})
         self.assertFalse(plain.manifest.is_delta(0))
 
-    def test_a_deeper_chain_of_an_old_config_reads_and_is_compacted_on_top(self):
+    def test_a_deeper_chain_of_an_old_config_reads_and_is_squashed_on_top(self):
         manifest = self.base
         for generation in range(4):
             manifest = self.snapshot(manifest, {0: delta.BlockChanges(
@@ -232,7 +244,7 @@ class ChainShapeTest(DeltaTestCase):
         self.conf.set_override('delta_max_depth', 2, 'storage')
         self.assertEqual(bytes([1]) * BLOCK, self.warehouse.read(manifest, 0, BLOCK))
         on_top = self.snapshot(manifest, {0: delta.BlockChanges(BLOCK, {5: b'5' * BLOCK})})
-        self.assertFalse(on_top.manifest.is_delta(0))
+        self.assertEqual(2, len(on_top.manifest.chunks[0]))
         self.assertEqual(b'5' * BLOCK, self.warehouse.read(on_top.manifest, 5 * BLOCK, BLOCK))
         self.assertEqual(bytes([4]) * BLOCK,
                          self.warehouse.read(on_top.manifest, 3 * BLOCK, BLOCK))

@@ -68,12 +68,13 @@ class BlockChanges:
 
 @dataclasses.dataclass(frozen=True)
 class Delta:
-    """A decoded delta: ``blocks`` maps each changed block index to its bytes."""
+    """A decoded delta: ``blocks`` maps each changed block index to its bytes (views of
+    the stored delta's)."""
 
     block_size: int
     chunk_length: int
     base: str | None
-    blocks: Mapping[int, bytes]
+    blocks: Mapping[int, bytes | memoryview]
 
     @property
     def changed_bytes(self) -> int:
@@ -206,7 +207,7 @@ def decode(data: bytes, delta_id: str, verified: bool = False) -> Delta:
     offset = bitmap_end
     for index in changed:
         length = block_length(index, chunk_length, block_size)
-        blocks[index] = bytes(view[offset:offset + length])
+        blocks[index] = view[offset:offset + length]  # no copy: apply copies it once
         offset += length
     return Delta(block_size=block_size, chunk_length=chunk_length,
                  base=base.hex() if flags & _HAS_BASE else None, blocks=blocks)

@@ -227,7 +227,8 @@ class FileBackend(backend.Backend):
     # -- the pack index --------------------------------------------------------
 
     def _pack_path(self, pack_id: str, suffix: str = '.pack') -> str:
-        return os.path.join(self.packs_dir, pack_id + suffix)
+        # Not os.path.join: this is on every chunk read, and a pack id is a plain name.
+        return f'{self.packs_dir}/{pack_id}{suffix}'
 
     def _published_packs(self) -> set[str]:
         try:

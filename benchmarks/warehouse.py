@@ -248,6 +248,22 @@ def _unique_dirty_blocks(node, names: list[str]) -> int:
     return sum(seen.values())
 
 
+def _scatter_disk(work: str) -> str:
+    """A data disk like the test guest's that also carries /scatter.bin, 8 MiB of
+    allocated zeros (holes in the warehouse), where vmcloud.small_writes writes."""
+    files = os.path.join(work, 'disk-files')
+    os.makedirs(files)
+    with open(os.path.join(files, 'data.txt'), 'w') as f:
+        f.writelines(f'{n}\n' for n in range(1, 20001))
+    with open(os.path.join(files, 'scatter.bin'), 'wb') as f:
+        f.write(bytes(8 * MIB))
+    path = os.path.join(work, 'scatter-disk.img')
+    with open(path, 'wb') as f:
+        f.truncate(64 * MIB)
+    common.run('/sbin/mkfs.ext4', '-q', '-F', '-L', 'vmcloud-scatter', '-d', files, path)
+    return path
+
+
 def guest_snapshots(count: int, small_writes: int) -> list:
     """``count`` test guests on one node each write ``small_writes`` scattered 4 KiB
     blocks, then one multi-snapshot of them all; beside it, the same guests paused and
@@ -256,7 +272,7 @@ def guest_snapshots(count: int, small_writes: int) -> list:
     with common.scratch_state(CONF) as root, common.nested_state(CONF, root) as work:
         with allinone.AllInOne(CONF, hosts=1, driver='qemu') as cloud:
             node = cloud.computes[0]
-            cloud.warehouse.import_image(guest.path('disk.img'), 'guest')
+            cloud.warehouse.import_image(_scatter_disk(work), 'guest')
             boot = {'kernel': guest.path('vmlinuz'), 'initrd': guest.path('initrd.img'),
                     'cmdline': f'{guest.CMDLINE} vmcloud.id={{name}} '
                                f'vmcloud.small_writes={small_writes}'}
@@ -342,8 +358,9 @@ def main() -> None:
          'Goal: 10th / base >= 0.9.\n\n' + reads),
         ('Multi-snapshot of guests writing small blocks',
          f'{args.guests} test guests (qemu, one node, all in one process, the default chunk '
-         f'size) each write {args.small_writes} blocks of 4 KiB of random data at random '
-         'places of an 8 MiB file (`vmcloud.small_writes`), then one snapshot of them all. '
+         f'size; their data disk the test guest\'s with an 8 MiB file of zeros added) each '
+         f'write {args.small_writes} blocks of 4 KiB of random data at random places of that '
+         'file (`vmcloud.small_writes`), then one snapshot of them all. '
          '"unique dirty 4 KiB": the distinct non-zero 4 KiB blocks their mirrors hold as '
          'written, read just before the snapshot (the file system\'s own writes '
          'included); "dirty (mirrors)": the snapshot items\' dirty_bytes summed; stored: '

@@ -66,8 +66,6 @@ install -m 0755 tools/guest/udhcpc.script tools/guest/http-count.cgi "$root/lib/
 # The data disk: files the guest reads, room for the file it writes.
 mkdir -p "$work/disk"
 seq 1 20000 > "$work/disk/data.txt"
-# Allocated, all zeros (holes in the warehouse): where vmcloud.small_writes writes.
-dd if=/dev/zero of="$work/disk/scatter.bin" bs=1M count=8 2>/dev/null
 echo "vmcloud test disk" > "$work/disk/README"
 truncate -s 64M "$work/disk.img"
 /sbin/mkfs.ext4 -q -F -L vmcloud-test -d "$work/disk" "$work/disk.img"

@@ -348,7 +348,8 @@ def main() -> None:
          'as the whole chunks they touched (what a snapshot stored before deltas) and as '
          'the 4 KiB blocks they wrote (`delta.BlockChanges`, stored as deltas over the '
          'parent\'s chunk, or compacted into a plain chunk past `[storage] '
-         'delta_max_ratio` (0.5) or `delta_max_depth` (4)). Stored = growth of chunk '
+         f'delta_max_ratio` ({CONF.storage.delta_max_ratio}) or `delta_max_depth` '
+         f'({CONF.storage.delta_max_depth})). Stored = growth of chunk '
          'packs, pack indexes and manifests. Changed = distinct 4 KiB pages written, in '
          'bytes. Goal: stored / changed <= 1.2 with deltas.\n\n' + snapshots),
         ('Reading the 10th snapshot',

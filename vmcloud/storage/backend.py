@@ -202,6 +202,17 @@ class Backend(abc.ABC):
             item); StorageError if it is stored but cannot be read.
         """
 
+    def read_chunks(self, chunk_ids: Iterable[str]) -> dict[str, bytes | memoryview]:
+        """The stored bytes of many chunks: read_chunk for each, at once.
+
+        A backend that can read neighbours in one call (chunks side by side in one
+        file) answers a read of many chunks with fewer calls; the bytes may then be
+        views of a larger buffer. Not checked against the ids, like read_chunk's.
+
+        :raises: what read_chunk raises, for the first chunk that cannot be read.
+        """
+        return {chunk_id: self.read_chunk(chunk_id) for chunk_id in chunk_ids}
+
     @abc.abstractmethod
     def iter_chunks(self) -> Iterator[tuple[str, int]]:
         """Every stored chunk as (chunk id, stored size in bytes).

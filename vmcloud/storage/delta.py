@@ -25,9 +25,10 @@ The checksum lets a delta be checked where its id is not known (a copy on a peer
 ``decode`` checks every field before any byte of data is used.
 """
 import dataclasses
+import functools
 import hashlib
 import struct
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 from vmcloud import exception
 from vmcloud.storage import manifest as manifest_mod
@@ -37,6 +38,8 @@ FORMAT = 1
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 24
 _HAS_BASE = 0x1
+_BLOCK_SIZES = frozenset(1 << shift for shift in range(
+    MIN_BLOCK_SIZE.bit_length() - 1, MAX_BLOCK_SIZE.bit_length()))
 _HEADER = struct.Struct('>8sHHIQ32s')
 _CHECKSUM_BYTES = 32
 
@@ -91,8 +94,7 @@ def block_length(index: int, chunk_length: int, block_size: int) -> int:
 
 
 def valid_block_size(block_size: int) -> bool:
-    return (type(block_size) is int and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
-            and block_size & (block_size - 1) == 0)
+    return type(block_size) is int and block_size in _BLOCK_SIZES
 
 
 def checked_block_size(block_size: int, chunk_size: int,
@@ -158,6 +160,15 @@ def encode_blocks(base_id: str | None, chunk_length: int, block_size: int,
     return body + hashlib.sha256(body).digest()
 
 
+class _Parsed(NamedTuple):
+    block_size: int
+    chunk_length: int
+    base: str | None
+    view: memoryview
+    spans: list[tuple[int, int, int]]
+    """(start in the chunk, offset in ``view``, length) of each changed block, in order."""
+
+
 def decode(data: bytes, delta_id: str, verified: bool = False) -> Delta:
     """Parse and check a stored delta. ``verified``: its bytes were checked against
     ``delta_id`` already (its sha256), so its own checksum need not be.
@@ -165,52 +176,72 @@ def decode(data: bytes, delta_id: str, verified: bool = False) -> Delta:
     :raises: CorruptDelta (a CorruptChunk) naming ``delta_id``: bad magic, format,
         flags, block size, length or checksum, a block beyond the chunk, no block.
     """
+    return _delta_of(_parse(data, delta_id, verified))
+
+
+def _delta_of(parsed: _Parsed) -> Delta:
+    return Delta(block_size=parsed.block_size, chunk_length=parsed.chunk_length,
+                 base=parsed.base,
+                 blocks={start // parsed.block_size: parsed.view[offset:offset + length]
+                         for start, offset, length in parsed.spans})
+
+
+def _parse(data: bytes, delta_id: str, verified: bool) -> _Parsed:
+    """``decode`` without building the block map: what a read of a chain needs of each
+    delta, as cheaply as every check allows (a read of a chunk parses each delta of
+    its chain)."""
     view = memoryview(data)
     if len(view) < _HEADER.size + _CHECKSUM_BYTES:
         raise CorruptDelta(delta_id, f'{len(view)} bytes is shorter than a delta header')
     magic, fmt, flags, block_size, chunk_length, base = _HEADER.unpack_from(view)
-    if magic != MAGIC:
-        raise CorruptDelta(delta_id, f'bad magic {magic!r}')
-    if fmt != FORMAT:
-        raise CorruptDelta(delta_id, f'unsupported format {fmt}')
-    if flags & ~_HAS_BASE:
-        raise CorruptDelta(delta_id, f'unknown flags {flags:#x}')
-    if not valid_block_size(block_size):
-        raise CorruptDelta(delta_id, f'invalid block size {block_size}')
-    if chunk_length < 1:
-        raise CorruptDelta(delta_id, 'a chunk length of 0')
-    if not flags & _HAS_BASE and any(base):
-        raise CorruptDelta(delta_id, 'a base id for a hole')
+    if (magic != MAGIC or fmt != FORMAT or flags & ~_HAS_BASE or chunk_length < 1
+            or block_size not in _BLOCK_SIZES or not flags & _HAS_BASE and any(base)):
+        raise CorruptDelta(delta_id, _header_problem(magic, fmt, flags, block_size,
+                                                     chunk_length, base))
     body_length = len(view) - _CHECKSUM_BYTES
     if not verified and hashlib.sha256(view[:body_length]).digest() != view[body_length:]:
         raise CorruptDelta(delta_id, 'checksum mismatch')
-    count = block_count(chunk_length, block_size)
+    count = -(-chunk_length // block_size)
     bitmap_end = _HEADER.size + -(-count // 8)
     if bitmap_end > body_length:
         raise CorruptDelta(delta_id, f'{len(view)} bytes cannot hold the bitmap of '
                                      f'{count} blocks')
     bits = int.from_bytes(view[_HEADER.size:bitmap_end], 'little')
-    changed = []
+    if not bits:
+        raise CorruptDelta(delta_id, 'it changes no block')
+    if bits.bit_length() > count:
+        raise CorruptDelta(delta_id, f'block {bits.bit_length() - 1} is beyond the '
+                                     f'chunk\'s {count}')
+    spans = []
+    offset = bitmap_end
     while bits:
         lowest = bits & -bits
-        changed.append(lowest.bit_length() - 1)
-        bits ^= lowest
-    if changed and changed[-1] >= count:
-        raise CorruptDelta(delta_id, f'block {changed[-1]} is beyond the chunk\'s {count}')
-    if not changed:
-        raise CorruptDelta(delta_id, 'it changes no block')
-    expected = sum(block_length(i, chunk_length, block_size) for i in changed)
-    if bitmap_end + expected != body_length:
-        raise CorruptDelta(delta_id, f'{body_length - bitmap_end} bytes of data for '
-                                     f'{len(changed)} blocks of {expected} bytes')
-    blocks = {}
-    offset = bitmap_end
-    for index in changed:
-        length = block_length(index, chunk_length, block_size)
-        blocks[index] = view[offset:offset + length]  # no copy: apply copies it once
+        start = (lowest.bit_length() - 1) * block_size
+        length = min(block_size, chunk_length - start)
+        spans.append((start, offset, length))
         offset += length
-    return Delta(block_size=block_size, chunk_length=chunk_length,
-                 base=base.hex() if flags & _HAS_BASE else None, blocks=blocks)
+        bits ^= lowest
+    if offset != body_length:
+        raise CorruptDelta(delta_id, f'{body_length - bitmap_end} bytes of data for '
+                                     f'{len(spans)} blocks of {offset - bitmap_end} bytes')
+    return _Parsed(block_size, chunk_length, base.hex() if flags & _HAS_BASE else None,
+                   view, spans)
+
+
+def _header_problem(magic: bytes, fmt: int, flags: int, block_size: int,
+                    chunk_length: int, base: bytes) -> str:
+    """What is wrong with a delta header that failed the check of ``_parse``."""
+    if magic != MAGIC:
+        return f'bad magic {magic!r}'
+    if fmt != FORMAT:
+        return f'unsupported format {fmt}'
+    if flags & ~_HAS_BASE:
+        return f'unknown flags {flags:#x}'
+    if not valid_block_size(block_size):
+        return f'invalid block size {block_size}'
+    if chunk_length < 1:
+        return 'a chunk length of 0'
+    return 'a base id for a hole'
 
 
 def apply(base: bytes, delta: Delta, delta_id: str = '?') -> bytes:
@@ -218,25 +249,14 @@ def apply(base: bytes, delta: Delta, delta_id: str = '?') -> bytes:
 
     :raises: CorruptDelta naming ``delta_id`` if ``base`` is not as long as the chunk.
     """
-    result = bytearray(base)
-    _apply_in_place(result, delta, delta_id)
-    return bytes(result)
-
-
-def _apply_in_place(chunk: bytearray, delta: Delta, delta_id: str) -> None:
-    if len(chunk) != delta.chunk_length:
+    if len(base) != delta.chunk_length:
         raise CorruptDelta(delta_id, f'it changes a chunk of {delta.chunk_length} bytes, '
-                                     f'its base holds {len(chunk)}')
+                                     f'its base holds {len(base)}')
+    result = bytearray(base)
     for index, data in delta.blocks.items():
         start = index * delta.block_size
-        chunk[start:start + len(data)] = data
-
-
-def chain_of(entry: manifest_mod.Entry) -> tuple[str | None, ...]:
-    """``entry`` as a chain: (None,) for a hole, (id,) for a plain chunk."""
-    if isinstance(entry, tuple):
-        return entry
-    return (entry,)
+        result[start:start + len(data)] = data
+    return bytes(result)
 
 
 def chain_deltas(chain: tuple[str | None, ...], read_object: ReadObject,
@@ -248,16 +268,23 @@ def chain_deltas(chain: tuple[str | None, ...], read_object: ReadObject,
     :raises: CorruptDelta for one that does not decode or fit; what ``read_object``
         raises.
     """
-    deltas = [(delta_id, decode(read_object(delta_id), delta_id, verified=True))
-              for delta_id in chain[:-1]]
-    for position, (delta_id, delta) in enumerate(deltas):
+    return [(delta_id, _delta_of(parsed))
+            for delta_id, parsed in _chain_parsed(chain, read_object, length)]
+
+
+def _chain_parsed(chain: tuple[str | None, ...], read_object: ReadObject,
+                  length: int | None) -> list[tuple[str, _Parsed]]:
+    parsed = []
+    for position, delta_id in enumerate(chain[:-1]):
+        delta = _parse(read_object(delta_id), delta_id, verified=True)
         if delta.base != chain[position + 1]:
             raise CorruptDelta(delta_id, f'its base is {delta.base or "a hole"}, its chain '
                                          f'names {chain[position + 1] or "a hole"}')
         if length is not None and delta.chunk_length != length:
             raise CorruptDelta(delta_id, f'it yields {delta.chunk_length} bytes, its place '
                                          f'in the version holds {length}')
-    return deltas
+        parsed.append((delta_id, delta))
+    return parsed
 
 
 def resolve(entry: manifest_mod.Entry, read_object: ReadObject,
@@ -267,23 +294,67 @@ def resolve(entry: manifest_mod.Entry, read_object: ReadObject,
     A hole is ``length`` zeros; a plain chunk is ``read_object(id)``; a chain is its
     base (zeros for a hole base), then each delta applied, oldest first, each checked
     to name the next element of the chain as its base. ``length`` (the chunk's length
-    in its version) is needed for a hole and checked against each delta.
+    in its version) is needed for a hole or a chain, and checked against each delta.
 
     :raises: CorruptDelta (a CorruptChunk) for a delta that does not decode or does not
         fit its chain or ``length``; what ``read_object`` raises (ChunkNotFound,
-        CorruptChunk); InvalidRange for a hole without ``length``.
+        CorruptChunk); InvalidRange for a hole or a chain without ``length``;
+        StorageError for a chain whose base is not ``length`` bytes long.
     """
-    if entry is None:
-        if length is None:
-            raise exception.InvalidRange('the length of a hole is needed to read it')
-        return bytes(length)
+    if isinstance(entry, tuple) and len(entry) == 1:
+        entry = entry[0]
     if isinstance(entry, str):
         return read_object(entry)
-    if len(entry) == 1:
-        return resolve(entry[0], read_object, length)
-    deltas = chain_deltas(entry, read_object, length)
-    base_id = entry[-1]
-    chunk = bytearray(deltas[-1][1].chunk_length if base_id is None else read_object(base_id))
-    for delta_id, delta in reversed(deltas):
-        _apply_in_place(chunk, delta, delta_id)
+    if length is None:
+        raise exception.InvalidRange('the length of a hole or a delta chain is needed to '
+                                     'read it')
+    chunk = bytearray(length)
+    resolve_into(memoryview(chunk), entry, read_object)
     return bytes(chunk)
+
+
+def resolve_into(chunk: memoryview, entry: manifest_mod.Entry,
+                 read_object: ReadObject) -> None:
+    """Write the bytes of the chunk ``entry`` names into ``chunk``, a writable buffer as
+    long as the chunk's place in its version: what ``resolve`` returns, without a
+    copy of the chunk (a read of many chunks resolves each into its place in the
+    reader's buffer). On an error, ``chunk`` holds anything.
+
+    :raises: what ``resolve`` raises; StorageError for a plain chunk (or a chain's
+        base) not as long as ``chunk``.
+    """
+    if entry is None:
+        chunk[:] = _zeros(len(chunk))
+        return
+    if isinstance(entry, str):
+        _copy_object(chunk, entry, read_object(entry))
+        return
+    deltas = _chain_parsed(entry, read_object, len(chunk))
+    if entry[-1] is None:
+        chunk[:] = _zeros(len(chunk))
+    else:
+        _copy_object(chunk, entry[-1], read_object(entry[-1]))
+    for _delta_id, delta in reversed(deltas):
+        view = delta.view
+        for start, offset, length in delta.spans:
+            chunk[start:start + length] = view[offset:offset + length]
+
+
+@functools.lru_cache(maxsize=4)
+def _zeros(length: int) -> bytes:
+    """``length`` zeros, made once for each of the few chunk lengths a store has."""
+    return bytes(length)
+
+
+def _copy_object(chunk: memoryview, object_id: str, data: bytes) -> None:
+    if len(data) != len(chunk):
+        raise exception.StorageError(f'chunk {object_id} holds {len(data)} bytes, its '
+                                     f'place in the version holds {len(chunk)}')
+    chunk[:] = data
+
+
+def chain_of(entry: manifest_mod.Entry) -> tuple[str | None, ...]:
+    """``entry`` as a chain: (None,) for a hole, (id,) for a plain chunk."""
+    if isinstance(entry, tuple):
+        return entry
+    return (entry,)

@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import os
 import shutil
 import stat
@@ -35,10 +36,10 @@ from vmcloud.storage import durable
 from vmcloud.storage import inspect as inspect_mod
 from vmcloud.storage import manifest as manifest_mod
 from vmcloud.storage import qemu_img
+from vmcloud.storage import reader as reader_mod
 from vmcloud.storage.manifest import Manifest
 from vmcloud.storage.manifest import ManifestSummary
 from vmcloud.storage.manifest import VersionRef
-from vmcloud.storage.reader import VersionReader
 
 Progress = Callable[[int, int], None]
 Change = Union[bytes, memoryview, delta_mod.BlockChanges]
@@ -982,6 +983,19 @@ class Warehouse:
             raise exception.CorruptChunk(chunk_id, actual)
         return data
 
+    def read_objects(self, object_ids: Iterable[str]) -> dict[str, bytes | memoryview]:
+        """Many stored objects (chunks or deltas) at once, each checked against its id
+        like read_chunk's.
+
+        :raises: ChunkNotFound, CorruptChunk, for the first that is missing or corrupt.
+        """
+        found = self.backend.read_chunks(object_ids)
+        for object_id, data in found.items():
+            actual = manifest_mod.chunk_id(data)
+            if actual != object_id:
+                raise exception.CorruptChunk(object_id, actual)
+        return found
+
     def chunk_data(self, manifest: Manifest, index: int) -> bytes:
         """The bytes of chunk ``index`` of a version, its delta chain resolved; zeros
         for a hole.
@@ -992,9 +1006,9 @@ class Warehouse:
         return delta_mod.resolve(manifest.chunks[index], self.read_chunk,
                                  manifest.chunk_length(index))
 
-    def open(self, manifest: Manifest) -> VersionReader:
+    def open(self, manifest: Manifest) -> reader_mod.VersionReader:
         """A seekable, read-only file object over the bytes of one version."""
-        return VersionReader(self.read_chunk, manifest)
+        return reader_mod.VersionReader(self.read_objects, manifest)
 
     def read(self, manifest: Manifest, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset + length)`` of a version.
@@ -1066,13 +1080,25 @@ class Warehouse:
                     os.unlink(tmp)
 
     def _write_raw(self, manifest: Manifest, path: str, progress: Progress | None) -> None:
-        with open(path, 'wb') as out:
-            for index, entry in enumerate(manifest.chunks):
-                if entry is not None:
-                    out.seek(index * manifest.chunk_size)
-                    out.write(self.chunk_data(manifest, index))
-                if progress is not None:
-                    progress(min(manifest.size, (index + 1) * manifest.chunk_size), manifest.size)
+        """Every run of chunks that are not holes, read a batch at a time; the holes
+        left unwritten (sparse)."""
+        with open(path, 'wb') as out, self.open(manifest) as reader:
+            for is_hole, run in itertools.groupby(range(manifest.chunk_count),
+                                                  lambda i: manifest.chunks[i] is None):
+                indexes = list(run)
+                offset = indexes[0] * manifest.chunk_size
+                end = min(manifest.size, (indexes[-1] + 1) * manifest.chunk_size)
+                if not is_hole:
+                    reader.seek(offset)
+                    out.seek(offset)
+                    while offset < end:
+                        block = reader.read(min(reader_mod.BATCH_BYTES, end - offset))
+                        out.write(block)
+                        offset += len(block)
+                        if progress is not None:
+                            progress(offset, manifest.size)
+                elif progress is not None:
+                    progress(end, manifest.size)
             out.truncate(manifest.size)
             out.flush()
             os.fsync(out.fileno())

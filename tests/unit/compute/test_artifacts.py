@@ -6,10 +6,13 @@ import sys
 import threading
 import time
 
+import fixtures
+
 from vmcloud import exception
 from vmcloud.compute import artifacts
 from vmcloud.nbd import statelock
 from vmcloud.storage import delta
+from vmcloud.storage import reader
 from vmcloud.storage import warehouse as warehouse_mod
 from tests import base
 
@@ -22,16 +25,17 @@ import os, signal, sys
 from oslo_config import cfg
 import vmcloud.conf
 from vmcloud.compute import artifacts
-from vmcloud.storage import warehouse
+from vmcloud.storage import reader, warehouse
 cfg.CONF(['--config-file', sys.argv[1]], project='vmcloud')
 store = warehouse.Warehouse(cfg.CONF)
-read_chunk, reads = store.read_chunk, []
-def dying(chunk_id):
-    reads.append(chunk_id)
+reader.BATCH_BYTES = 1  # a chunk a read: part of the file is written by the third
+read_objects, reads = store.read_objects, []
+def dying(object_ids):
+    reads.append(object_ids)
     if len(reads) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-    return read_chunk(chunk_id)
-store.read_chunk = dying
+    return read_objects(object_ids)
+store.read_objects = dying
 artifacts.BootArtifacts(sys.argv[2], store, 30).path_of('vmlinuz:1')
 """
 
@@ -145,21 +149,22 @@ class BootArtifactsTest(ArtifactTestCase):
             leaf for leaf in os.listdir(self.cache_dir) if not leaf.endswith('.lock')])
 
     def test_a_failed_fetch_leaves_nothing_and_names_the_artifact(self):
-        read_chunk = self.warehouse.read_chunk
+        read_objects = self.warehouse.read_objects
         reads = []
 
-        def failing(chunk_id):
-            reads.append(chunk_id)
+        def failing(object_ids):
+            reads.append(object_ids)
             if len(reads) == 2:  # part of the file is written by then
-                raise exception.ChunkNotFound(chunk_id)
-            return read_chunk(chunk_id)
-        self.warehouse.read_chunk = failing
+                raise exception.ChunkNotFound(object_ids[0])
+            return read_objects(object_ids)
+        self.warehouse.read_objects = failing
+        self.useFixture(fixtures.MockPatchObject(reader, 'BATCH_BYTES', 1))
         error = self.assertRaises(exception.BootArtifactError, self.cache.path_of, 'vmlinuz:1')
         self.assertIn('vmlinuz:1', str(error))
         self.assertIsInstance(error.__cause__, exception.ChunkNotFound)
         self.assertEqual([], [leaf for leaf in os.listdir(self.cache_dir)
                               if not leaf.endswith('.lock')])
-        self.warehouse.read_chunk = read_chunk
+        self.warehouse.read_objects = read_objects
         self.assertBytesEqual(read(self.source), read(self.cache.path_of('vmlinuz:1')))
 
     def test_an_unknown_image_or_version_is_named(self):

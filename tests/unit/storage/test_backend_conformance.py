@@ -237,6 +237,34 @@ class BackendContract:
                 gc.retain(keep)
         self.assertEqual(chunks[3][1], reader.read_chunk(chunks[3][0]))
 
+    def test_read_chunks_reads_many_from_several_writes_at_once(self):
+        first, second = [self.chunk() for _ in range(3)], [self.chunk() for _ in range(2)]
+        self.store(self.backend, *first)
+        self.store(self.backend, *second)
+        reader = self.make_backend()
+        wanted = [second[1], first[2], first[0], second[0], first[2]]  # one asked twice
+        found = reader.read_chunks([chunk_id for chunk_id, _ in wanted])
+        self.assertEqual({chunk_id: data for chunk_id, data in wanted},
+                         {chunk_id: bytes(data) for chunk_id, data in found.items()})
+        self.assertEqual({}, reader.read_chunks([]))
+        missing = 'cd' * 32
+        error = self.assertRaises(exception.ChunkNotFound, reader.read_chunks,
+                                  [first[0][0], missing])
+        self.assertEqual(missing, error.chunk_id)
+
+    def test_read_chunks_finds_chunks_gc_moved_in_another_instance(self):
+        a, b, c = self.chunk(), self.chunk(), self.chunk()
+        self.store(self.backend, a, b, c)
+        reader = self.make_backend()
+        reader.read_chunks([a[0], b[0], c[0]])  # the reader now knows where each one is
+        gc = self.make_backend()
+        with gc.exclusive_lock(5):
+            gc.retain({a[0], c[0]})
+        self.assertEqual({a[0]: a[1], c[0]: c[1]}, {
+            chunk_id: bytes(data) for chunk_id, data in reader.read_chunks(
+                [a[0], c[0]]).items()})
+        self.assertRaises(exception.ChunkNotFound, reader.read_chunks, [b[0]])
+
     def test_threads_keep_reading_while_gc_rewrites(self):
         live = [self.chunk() for _ in range(6)]
         dead = [self.chunk() for _ in range(5)]
@@ -688,6 +716,32 @@ class FileBackendTest(BackendContract, base.TestCase):
         os.unlink(os.path.join(self.backend.packs_dir, '0' * 32 + '.pack'))
         reader = self.make_backend()
         self.assertEqual(a[1], reader.read_chunk(a[0]))
+
+    def test_read_chunks_reads_neighbours_in_a_pack_in_one_call(self):
+        chunks = [self.chunk() for _ in range(8)]
+        self.store(self.backend, *chunks[:6])
+        self.store(self.backend, *chunks[6:])
+        reader = self.make_backend()
+        reader.refresh()
+        real_pread = os.pread
+        with mock.patch('os.pread', side_effect=real_pread) as pread:
+            # Every other chunk of the first pack: 4 KiB between them, still one run.
+            found = reader.read_chunks([c[0] for c in chunks[:6:2] + chunks[6:]])
+        self.assertEqual(2, pread.call_count)
+        self.assertEqual(dict(chunks[:6:2] + chunks[6:]),
+                         {chunk_id: bytes(data) for chunk_id, data in found.items()})
+
+    def test_read_chunks_falls_back_to_another_copy_of_a_short_or_lost_pack(self):
+        a, b, c = self.chunk(), self.chunk(), self.chunk()
+        self.store(self.backend, a, b, c)
+        self._copy_in_pack('0' * 32, a)
+        self._copy_in_pack('0' * 31 + '1', b)
+        reader = self.make_backend()
+        os.unlink(os.path.join(self.backend.packs_dir, '0' * 32 + '.pack'))
+        os.truncate(os.path.join(self.backend.packs_dir, '0' * 31 + '1.pack'), 10)
+        self.assertEqual({a[0]: a[1], b[0]: b[1], c[0]: c[1]}, {
+            chunk_id: bytes(data)
+            for chunk_id, data in reader.read_chunks([a[0], b[0], c[0]]).items()})
 
     def test_unreadable_first_copy_falls_back_to_the_other(self):
         a, b = self.chunk(), self.chunk()

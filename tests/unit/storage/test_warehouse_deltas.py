@@ -121,10 +121,21 @@ class RandomGenerationsTest(DeltaTestCase):
                 elif isinstance(parent.chunks[index], tuple) and index in changes:
                     plain_after_chain += 1
             versions.append((manifest, bytes(model.data)))
-        # Every generation still reads as it was written, deltas and compactions alike.
-        for manifest, expected in versions:
-            self.assertBytesEqual(expected, self.read_all(self.warehouse.lookup(
-                str(manifest.ref))))
+        # Every generation still reads as it was written, deltas and compactions alike:
+        # whole, any range, and in reads that end inside chunks.
+        for generation, (manifest, expected) in enumerate(versions):
+            manifest = self.warehouse.lookup(str(manifest.ref))
+            self.assertBytesEqual(expected, self.read_all(manifest))
+            for _ in range(3):
+                offset = self.rng.randrange(size)
+                length = self.rng.randrange(size - offset + 1)
+                self.assertBytesEqual(expected[offset:offset + length],
+                                      self.warehouse.read(manifest, offset, length))
+            if generation % 10 == 0:
+                with self.warehouse.open(manifest) as reader:
+                    reader.seek(generation * 1000)
+                    self.assertBytesEqual(expected[generation * 1000:], b''.join(
+                        iter(lambda: reader.read(10_000 + generation), b'')))
         # The test went through chains of every depth and through compactions.
         self.assertEqual(set(range(1, max_depth + 1)), seen_depths)
         self.assertGreater(plain_after_chain, 0)

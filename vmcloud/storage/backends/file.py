@@ -52,7 +52,7 @@ import struct
 import threading
 import time
 import uuid
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 from oslo_config import cfg
 
@@ -70,6 +70,9 @@ _MANIFEST_NAME = re.compile(r'([1-9][0-9]{0,17})\.json')
 # Each retry needs the list of packs to have changed since the last one, so
 # this only bounds how many gc rewrites in a row one read will chase.
 _READ_ATTEMPTS = 4
+# read_chunks takes two chunks of a pack in one read if at most this many bytes lie
+# between them: copying 4 KiB more costs less than another call.
+_RUN_GAP = 4096
 
 
 class Location(NamedTuple):
@@ -410,6 +413,60 @@ class FileBackend(backend.Backend):
             if not self.refresh() and self._places(chunk_id) == places:
                 break
         raise exception.ChunkNotFound(chunk_id)
+
+    def read_chunks(self, chunk_ids: Iterable[str]) -> dict[str, bytes | memoryview]:
+        """Each pack opened once, and each run of chunks that lie side by side in it
+        (a version's chunks as one import or snapshot wrote them) read in one call.
+        A chunk not read so (its pack gone, short or unreadable) is read by read_chunk,
+        which falls back to another copy, looks for where gc moved it, or says why it
+        cannot be read."""
+        if not self._index_loaded:
+            self.refresh()
+        by_pack: dict[str, list[tuple[Location, str]]] = {}
+        for chunk_id in dict.fromkeys(chunk_ids):
+            location = self._index.get(chunk_id)
+            by_pack.setdefault(location.pack if location else '', []).append(
+                (location, chunk_id))
+        found: dict[str, bytes | memoryview] = {}
+        for pack_id, wanted in by_pack.items():
+            if pack_id:
+                found.update(self._read_runs(pack_id, sorted(wanted)))
+            for _, chunk_id in wanted:
+                if chunk_id not in found:
+                    found[chunk_id] = self.read_chunk(chunk_id)
+        return found
+
+    def _read_runs(self, pack_id: str, wanted: list[tuple[Location, str]]
+                   ) -> dict[str, memoryview]:
+        """What pack ``pack_id`` holds of ``wanted`` (sorted by offset), a run of
+        neighbours a read: none if it cannot be opened, none past a read that fails."""
+        found: dict[str, memoryview] = {}
+        try:
+            fd = os.open(self._pack_path(pack_id), os.O_RDONLY)
+        except OSError:
+            return found
+        try:
+            first = 0
+            while first < len(wanted):
+                last = first
+                while last + 1 < len(wanted) and 0 <= (
+                        wanted[last + 1][0].offset - wanted[last][0].offset
+                        - wanted[last][0].length) <= _RUN_GAP:
+                    last += 1
+                start = wanted[first][0].offset
+                run = memoryview(os.pread(
+                    fd, wanted[last][0].offset + wanted[last][0].length - start, start))
+                for location, chunk_id in wanted[first:last + 1]:
+                    piece = run[location.offset - start:
+                                location.offset - start + location.length]
+                    if len(piece) == location.length:  # else the pack is short
+                        found[chunk_id] = piece
+                first = last + 1
+        except OSError:
+            return found  # read_chunk reads the rest, or says why it cannot
+        finally:
+            os.close(fd)
+        return found
 
     def iter_chunks(self) -> Iterator[tuple[str, int]]:
         self.refresh()

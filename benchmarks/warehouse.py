@@ -191,11 +191,11 @@ def _read_seconds(store: warehouse_mod.Warehouse, versions: dict, repeat: int) -
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
-def _stored_bytes_read(store: warehouse_mod.Warehouse, manifest) -> int:
-    """The stored bytes a whole read of ``manifest`` takes: each object of each chunk."""
+def _stored_bytes_read(store: warehouse_mod.Warehouse, *manifests) -> list[int]:
+    """The stored bytes a whole read of each manifest takes: each object of each chunk."""
     sizes = dict(store.backend.iter_chunks())
-    return sum(sizes[object_id] for index in range(manifest.chunk_count)
-               for object_id in manifest.object_ids(index))
+    return [sum(sizes[object_id] for index in range(manifest.chunk_count)
+                for object_id in manifest.object_ids(index)) for manifest in manifests]
 
 
 def snapshot_cost(work: str, size: int, repeat: int, rounds: int = 10) -> tuple[list, list]:
@@ -231,9 +231,10 @@ def snapshot_cost(work: str, size: int, repeat: int, rounds: int = 10) -> tuple[
                 speed[contender] = times['base'] / times['last']
             # The store of deltas, the last one made.
             chains = [len(e) - 1 for e in parent.chunks if isinstance(e, tuple)]
+            base_bytes, last_bytes = _stored_bytes_read(store, base, parent)
             reads.append((
                 workload, f'{chunk_size // 1024} KiB', len(chains), max(chains, default=0),
-                f'{_stored_bytes_read(store, base) / _stored_bytes_read(store, parent):.2f}',
+                f'{base_bytes / last_bytes:.2f}',
                 f'{size / times["base"] / MIB:.0f}', f'{size / times["last"] / MIB:.0f}',
                 f'{speed[CONTENDERS[0]]:.2f}', f'{speed[CONTENDERS[1]]:.2f}',
                 f'{speed[CONTENDERS[1]] / speed[CONTENDERS[0]]:.2f}'))

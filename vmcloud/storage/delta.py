@@ -201,7 +201,7 @@ def _parse(data: bytes, delta_id: str, verified: bool) -> _Parsed:
     body_length = len(view) - _CHECKSUM_BYTES
     if not verified and hashlib.sha256(view[:body_length]).digest() != view[body_length:]:
         raise CorruptDelta(delta_id, 'checksum mismatch')
-    count = -(-chunk_length // block_size)
+    count = block_count(chunk_length, block_size)
     bitmap_end = _HEADER.size + -(-count // 8)
     if bitmap_end > body_length:
         raise CorruptDelta(delta_id, f'{len(view)} bytes cannot hold the bitmap of '
@@ -257,6 +257,13 @@ def apply(base: bytes, delta: Delta, delta_id: str = '?') -> bytes:
         start = index * delta.block_size
         result[start:start + len(data)] = data
     return bytes(result)
+
+
+def chain_of(entry: manifest_mod.Entry) -> tuple[str | None, ...]:
+    """``entry`` as a chain: (None,) for a hole, (id,) for a plain chunk."""
+    if isinstance(entry, tuple):
+        return entry
+    return (entry,)
 
 
 def chain_deltas(chain: tuple[str | None, ...], read_object: ReadObject,
@@ -351,10 +358,3 @@ def _copy_object(chunk: memoryview, object_id: str, data: bytes) -> None:
         raise exception.StorageError(f'chunk {object_id} holds {len(data)} bytes, its '
                                      f'place in the version holds {len(chunk)}')
     chunk[:] = data
-
-
-def chain_of(entry: manifest_mod.Entry) -> tuple[str | None, ...]:
-    """``entry`` as a chain: (None,) for a hole, (id,) for a plain chunk."""
-    if isinstance(entry, tuple):
-        return entry
-    return (entry,)

@@ -326,6 +326,14 @@ def _expected_fits(manifest: Manifest, fits: _Fits) -> None:
                     refs.append(manifest.ref)
 
 
+def _verified(object_id: str, data: bytes | memoryview) -> bytes | memoryview:
+    """``data``, if it hashes to ``object_id``. :raises: CorruptChunk."""
+    actual = manifest_mod.chunk_id(data)
+    if actual != object_id:
+        raise exception.CorruptChunk(object_id, actual)
+    return data
+
+
 def _check_fit(delta_id: str, data: bytes, base: str | None, length: int) -> None:
     """:raises: CorruptDelta unless ``data`` decodes as a delta on ``base`` that yields
     ``length`` bytes."""
@@ -977,11 +985,7 @@ class Warehouse:
 
         :raises: ChunkNotFound, CorruptChunk.
         """
-        data = self.backend.read_chunk(chunk_id)
-        actual = manifest_mod.chunk_id(data)
-        if actual != chunk_id:
-            raise exception.CorruptChunk(chunk_id, actual)
-        return data
+        return _verified(chunk_id, self.backend.read_chunk(chunk_id))
 
     def read_objects(self, object_ids: Iterable[str]) -> dict[str, bytes | memoryview]:
         """Many stored objects (chunks or deltas) at once, each checked against its id
@@ -991,9 +995,7 @@ class Warehouse:
         """
         found = self.backend.read_chunks(object_ids)
         for object_id, data in found.items():
-            actual = manifest_mod.chunk_id(data)
-            if actual != object_id:
-                raise exception.CorruptChunk(object_id, actual)
+            _verified(object_id, data)
         return found
 
     def chunk_data(self, manifest: Manifest, index: int) -> bytes:
@@ -1082,6 +1084,7 @@ class Warehouse:
     def _write_raw(self, manifest: Manifest, path: str, progress: Progress | None) -> None:
         """Every run of chunks that are not holes, read a batch at a time; the holes
         left unwritten (sparse)."""
+        buffer = memoryview(bytearray(reader_mod.BATCH_BYTES))
         with open(path, 'wb') as out, self.open(manifest) as reader:
             for is_hole, run in itertools.groupby(range(manifest.chunk_count),
                                                   lambda i: manifest.chunks[i] is None):
@@ -1092,9 +1095,9 @@ class Warehouse:
                     reader.seek(offset)
                     out.seek(offset)
                     while offset < end:
-                        block = reader.read(min(reader_mod.BATCH_BYTES, end - offset))
-                        out.write(block)
-                        offset += len(block)
+                        length = reader.readinto(buffer[:min(len(buffer), end - offset)])
+                        out.write(buffer[:length])
+                        offset += length
                         if progress is not None:
                             progress(offset, manifest.size)
                 elif progress is not None:

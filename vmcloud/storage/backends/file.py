@@ -422,14 +422,14 @@ class FileBackend(backend.Backend):
         cannot be read."""
         if not self._index_loaded:
             self.refresh()
-        by_pack: dict[str, list[tuple[Location, str]]] = {}
+        by_pack: dict[str | None, list[tuple[Location, str]]] = {}  # None: not known
         for chunk_id in dict.fromkeys(chunk_ids):
             location = self._index.get(chunk_id)
-            by_pack.setdefault(location.pack if location else '', []).append(
+            by_pack.setdefault(None if location is None else location.pack, []).append(
                 (location, chunk_id))
         found: dict[str, bytes | memoryview] = {}
         for pack_id, wanted in by_pack.items():
-            if pack_id:
+            if pack_id is not None:
                 found.update(self._read_runs(pack_id, sorted(wanted)))
             for _, chunk_id in wanted:
                 if chunk_id not in found:
